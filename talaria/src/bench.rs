@@ -1,0 +1,105 @@
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Serialize;
+use talaria_engine::{GenerateRequest, PlainEngine, SamplingParams};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Prompt length in tokens for the prefill measurement.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens to decode for the decode measurement.
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Repetitions; the best and the median run are reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Also write the JSON to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Model file (default: the fetched SmolLM2-135M-Instruct).
+    #[arg(long)]
+    pub model_file: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Run {
+    prefill_ms: f64,
+    prefill_tok_per_s: f64,
+    decode_tok_per_s: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    engine: &'static str,
+    model: String,
+    threads: usize,
+    load_ms: f64,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    median_prefill_tok_per_s: f64,
+    median_decode_tok_per_s: f64,
+    runs: Vec<Run>,
+}
+
+/// A prompt of exactly `n` tokens from a fixed public text, so every engine sees the same ids.
+pub fn bench_prompt(engine: &PlainEngine, n: usize) -> Result<Vec<u32>> {
+    const TEXT: &str = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles \
+        begins with a single step. All that glitters is not gold. ";
+    let mut ids = engine.tokenizer.encode(TEXT)?;
+    while ids.len() < n {
+        let more = ids.clone();
+        ids.extend(more);
+    }
+    ids.truncate(n);
+    Ok(ids)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let model_path = crate::resolve_model(args.model_file.clone())?;
+    let t_load = Instant::now();
+    let mut engine = PlainEngine::load(&model_path)
+        .with_context(|| format!("loading {}", model_path.display()))?;
+    let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
+    let prompt = bench_prompt(&engine, args.prompt_tokens.max(1))?;
+    let mut runs = Vec::new();
+    for _ in 0..args.runs.max(1) {
+        let req = GenerateRequest {
+            prompt_ids: prompt.clone(),
+            max_tokens: args.gen_tokens.max(2),
+            sampling: SamplingParams::default(),
+            stop_ids: vec![],
+        };
+        let g = engine.generate(&req, |_| Ok(()))?;
+        runs.push(Run {
+            prefill_ms: g.prefill_ms,
+            prefill_tok_per_s: g.prefill_tok_per_s,
+            decode_tok_per_s: g.decode_tok_per_s,
+        });
+    }
+    let report = Report {
+        engine: "talaria-plain",
+        model: model_path.display().to_string(),
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load_ms,
+        prompt_tokens: prompt.len(),
+        gen_tokens: args.gen_tokens.max(2),
+        median_prefill_tok_per_s: median(runs.iter().map(|r| r.prefill_tok_per_s).collect()),
+        median_decode_tok_per_s: median(runs.iter().map(|r| r.decode_tok_per_s).collect()),
+        runs,
+    };
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(out) = &args.out {
+        std::fs::write(out, &json).with_context(|| format!("writing {}", out.display()))?;
+    }
+    println!("{json}");
+    Ok(())
+}

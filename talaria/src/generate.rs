@@ -1,0 +1,174 @@
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use talaria_engine::{
+    ChatMessage, GenerateRequest, Generation, PlainEngine, SamplingParams, chat_prompt,
+};
+
+/// Which engine answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// Both halves in one process, unmasked.
+    Plain,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Engine to run.
+    #[arg(long, value_enum, default_value = "plain")]
+    pub engine: EngineKind,
+    /// Prompt text.
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids, fed as they are.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    pub chat: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    /// Model file (default: the fetched SmolLM2-135M-Instruct).
+    #[arg(long)]
+    pub model_file: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct JsonOutput<'a> {
+    engine: EngineKind,
+    model: String,
+    prompt_ids: &'a [u32],
+    ids: &'a [u32],
+    text: String,
+    stop_reason: talaria_engine::StopReason,
+    prompt_tokens: usize,
+    generated_tokens: usize,
+    load_ms: f64,
+    prefill_ms: f64,
+    decode_ms: f64,
+    prefill_tok_per_s: f64,
+    decode_tok_per_s: f64,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let model_path = crate::resolve_model(args.model_file.clone())?;
+    let t_load = Instant::now();
+    let mut engine = PlainEngine::load(&model_path)
+        .with_context(|| format!("loading {}", model_path.display()))?;
+    let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
+
+    let prompt_ids = match (&args.prompt, &args.prompt_ids) {
+        (Some(text), _) => {
+            let text = if args.chat {
+                chat_prompt(&[ChatMessage {
+                    role: "user".into(),
+                    content: text.clone(),
+                }])
+            } else {
+                text.clone()
+            };
+            engine.tokenizer.encode(&text)?
+        }
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    let req = GenerateRequest {
+        prompt_ids,
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        stop_ids: if args.ignore_eos {
+            vec![]
+        } else {
+            vec![engine.tokenizer.eos()]
+        },
+    };
+
+    let generation: Generation = if args.json {
+        engine.generate(&req, |_| Ok(()))?
+    } else {
+        let PlainEngine {
+            tokenizer,
+            model,
+            weights,
+        } = &mut engine;
+        let mut stream = tokenizer.decode_stream();
+        let mut out = std::io::stdout().lock();
+        let generation = talaria_engine::generate(
+            model,
+            weights,
+            &req,
+            |id| {
+                if req.stop_ids.contains(&id) {
+                    return Ok(());
+                }
+                if let Some(piece) = stream.step(id)? {
+                    // A closed stdout (e.g. piped into `head`) ends the output, not the process.
+                    let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
+                }
+                Ok(())
+            },
+            None,
+        )?;
+        let _ = writeln!(out);
+        generation
+    };
+
+    if args.json {
+        // The text ends before the stop token; `ids` keeps it.
+        let shown = match generation.stop_reason {
+            talaria_engine::StopReason::Eos => &generation.ids[..generation.ids.len() - 1],
+            _ => &generation.ids[..],
+        };
+        let text = engine.tokenizer.decode(shown)?;
+        let out = JsonOutput {
+            engine: args.engine,
+            model: model_path.display().to_string(),
+            prompt_ids: &generation.prompt_ids,
+            ids: &generation.ids,
+            text,
+            stop_reason: generation.stop_reason,
+            prompt_tokens: generation.prompt_ids.len(),
+            generated_tokens: generation.ids.len(),
+            load_ms,
+            prefill_ms: generation.prefill_ms,
+            decode_ms: generation.decode_ms,
+            prefill_tok_per_s: generation.prefill_tok_per_s,
+            decode_tok_per_s: generation.decode_tok_per_s,
+        };
+        println!("{}", serde_json::to_string(&out)?);
+    }
+    Ok(())
+}
