@@ -5,6 +5,7 @@
 
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
+use rayon::prelude::*;
 use talaria_gguf::GgufFile;
 
 use crate::linear::{BlockOp, LinearOps, OpId, Rows};
@@ -14,21 +15,77 @@ use crate::{EngineError, ModelConfig};
 pub type CpuBackend = Flex;
 
 type Matrix = Tensor<CpuBackend, 2>;
+type Device = <CpuBackend as burn::tensor::backend::BackendTypes>::Device;
+
+/// A `[d_in, d_out]` projection split by output columns into shards that run in parallel.
+///
+/// burn's CPU matmul only goes multi-threaded for large products, so decode's one-row calls
+/// would use one core; column shards put every core on every call.
+struct Sharded {
+    shards: Vec<(Matrix, usize)>,
+    d_out: usize,
+}
+
+impl Sharded {
+    fn new(values: Vec<f32>, d_in: usize, d_out: usize, n_shards: usize, device: &Device) -> Self {
+        // Shard widths are multiples of 16 so each stays SIMD-friendly.
+        let step = d_out.div_ceil(n_shards.max(1)).div_ceil(16) * 16;
+        let mut shards = Vec::new();
+        let mut c0 = 0;
+        while c0 < d_out {
+            let w = step.min(d_out - c0);
+            let mut part = Vec::with_capacity(d_in * w);
+            for row in values.chunks_exact(d_out) {
+                part.extend_from_slice(&row[c0..c0 + w]);
+            }
+            shards.push((
+                Tensor::from_data(TensorData::new(part, [d_in, w]), device),
+                w,
+            ));
+            c0 += w;
+        }
+        Self { shards, d_out }
+    }
+
+    fn matmul(&self, x: Matrix, rows: usize) -> Result<Vec<f32>, EngineError> {
+        let parts: Vec<Vec<f32>> = self
+            .shards
+            .par_iter()
+            .map(|(w, _)| {
+                x.clone()
+                    .matmul(w.clone())
+                    .into_data()
+                    .into_vec::<f32>()
+                    .map_err(|e| EngineError::Backend(format!("{e:?}")))
+            })
+            .collect::<Result<_, _>>()?;
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().unwrap_or_default());
+        }
+        let mut out = Vec::with_capacity(rows * self.d_out);
+        for r in 0..rows {
+            for (part, (_, w)) in parts.iter().zip(&self.shards) {
+                out.extend_from_slice(&part[r * w..(r + 1) * w]);
+            }
+        }
+        Ok(out)
+    }
+}
 
 /// The projections of one decoder block, each `[d_in, d_out]`.
 struct BlockWeights {
-    qkv: Matrix,
-    attn_out: Matrix,
-    gate_up: Matrix,
-    down: Matrix,
+    qkv: Sharded,
+    attn_out: Sharded,
+    gate_up: Sharded,
+    down: Sharded,
 }
 
 /// Every weight-dependent projection of a model, ready for batched `x · W`.
 pub struct LinearWeights {
     config: ModelConfig,
     blocks: Vec<BlockWeights>,
-    lm_head: Matrix,
-    device: <CpuBackend as burn::tensor::backend::BackendTypes>::Device,
+    lm_head: Sharded,
+    device: Device,
 }
 
 /// A projection as stored in GGUF: `out` rows of `in` values each.
@@ -81,8 +138,9 @@ impl LinearWeights {
     pub fn load(f: &GgufFile, config: &ModelConfig) -> Result<Self, EngineError> {
         let device = Default::default();
         let c = config;
-        let matrix = |(values, d_out): (Vec<f32>, usize), d_in: usize| -> Matrix {
-            Tensor::from_data(TensorData::new(values, [d_in, d_out]), &device)
+        let n_shards = rayon::current_num_threads();
+        let matrix = |(values, d_out): (Vec<f32>, usize), d_in: usize| {
+            Sharded::new(values, d_in, d_out, n_shards, &device)
         };
         let mut blocks = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
@@ -129,7 +187,7 @@ impl LinearWeights {
         })
     }
 
-    fn weight(&self, op: OpId) -> Result<&Matrix, EngineError> {
+    fn weight(&self, op: OpId) -> Result<&Sharded, EngineError> {
         Ok(match op {
             OpId::LmHead => &self.lm_head,
             OpId::Block { layer, op: kind } => {
@@ -166,16 +224,11 @@ impl LinearOps for LinearWeights {
         if x.rows() == 0 {
             return Rows::new(0, d_out, Vec::new());
         }
-        let w = self.weight(op)?.clone();
+        let w = self.weight(op)?;
         let input: Matrix = Tensor::from_data(
             TensorData::new(x.data().to_vec(), [x.rows(), d_in]),
             &self.device,
         );
-        let y = input
-            .matmul(w)
-            .into_data()
-            .into_vec::<f32>()
-            .map_err(|e| EngineError::Backend(format!("{e:?}")))?;
-        Rows::new(x.rows(), d_out, y)
+        Rows::new(x.rows(), d_out, w.matmul(input, x.rows())?)
     }
 }

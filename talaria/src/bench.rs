@@ -43,6 +43,10 @@ struct Report {
     median_prefill_tok_per_s: f64,
     median_decode_tok_per_s: f64,
     runs: Vec<Run>,
+    /// The prompt, so another engine can be measured on the same ids.
+    prompt_ids: Vec<u32>,
+    /// Greedy ids of the first run, to check another engine computes the same thing.
+    ids: Vec<u32>,
 }
 
 /// A prompt of exactly `n` tokens from a fixed public text, so every engine sees the same ids.
@@ -71,6 +75,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
     let prompt = bench_prompt(&engine, args.prompt_tokens.max(1))?;
     let mut runs = Vec::new();
+    let mut first_ids = None;
     for _ in 0..args.runs.max(1) {
         let req = GenerateRequest {
             prompt_ids: prompt.clone(),
@@ -79,6 +84,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             stop_ids: vec![],
         };
         let g = engine.generate(&req, |_| Ok(()))?;
+        first_ids.get_or_insert(g.ids);
         runs.push(Run {
             prefill_ms: g.prefill_ms,
             prefill_tok_per_s: g.prefill_tok_per_s,
@@ -95,6 +101,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         median_prefill_tok_per_s: median(runs.iter().map(|r| r.prefill_tok_per_s).collect()),
         median_decode_tok_per_s: median(runs.iter().map(|r| r.decode_tok_per_s).collect()),
         runs,
+        prompt_ids: prompt,
+        ids: first_ids.unwrap_or_default(),
     };
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(out) = &args.out {

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test suite: formatting, the independent reference against the checked-in goldens, and every
+# Rust test (unit, tiny model, real model, real processes).
+source "$(dirname "$0")/lib.sh"
+ensure_rust
+ensure_venv
+cargo fmt --all -- --check
+build_release
+fetch_model
+echo "== reference forward pass (float64 numpy) against tests/golden/greedy.json"
+"$VENV/bin/python" tools/reference.py "$MODEL" tests/golden/prompts.json --check tests/golden/greedy.json
+echo "== cargo test"
+cargo test --release --workspace --locked
