@@ -1,10 +1,6 @@
-use talaria_gguf::GgufError;
-
 /// Everything the engine can fail at.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error(transparent)]
-    Gguf(#[from] GgufError),
     #[error("unsupported model: {0}")]
     Unsupported(String),
     #[error("invalid model: {0}")]
@@ -35,7 +31,6 @@ impl EngineError {
     /// A short machine-readable label for logs and metrics.
     pub fn error_type(&self) -> &'static str {
         match self {
-            EngineError::Gguf(_) => "model_file",
             EngineError::Unsupported(_) => "unsupported_model",
             EngineError::InvalidModel(_) => "invalid_model",
             EngineError::Tokenizer(_) => "tokenizer",

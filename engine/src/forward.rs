@@ -1,8 +1,6 @@
 //! The weight-free half of the forward pass: it holds the embedding table, runs the norms, RoPE,
 //! attention with the KV cache, SwiGLU and residuals, and asks [`LinearOps`] for every projection.
 
-use talaria_gguf::GgufFile;
-
 use crate::linear::{BlockOp, LinearOps, OpId, Rows};
 use crate::ops::{AttentionShape, Rope, add_into, attend, rms_norm, swiglu};
 use crate::{EngineError, ModelConfig};
@@ -49,13 +47,16 @@ pub struct Transformer {
 }
 
 impl Transformer {
-    /// Builds the weight-free half from a model's configuration and its token embedding table.
-    pub fn from_gguf(f: &GgufFile, config: &ModelConfig) -> Result<Self, EngineError> {
-        let (embeddings, dims) = f.dequantize("token_embd.weight")?;
-        if dims != [config.d_model as u64, config.vocab as u64] {
+    /// Builds the weight-free half from a model's configuration and its token embedding table
+    /// (`vocab` rows of `d_model` values).
+    pub fn new(config: &ModelConfig, embeddings: Vec<f32>) -> Result<Self, EngineError> {
+        config.validate()?;
+        if embeddings.len() != config.vocab * config.d_model {
             return Err(EngineError::InvalidModel(format!(
-                "token_embd.weight has dims {dims:?}, expected [{}, {}]",
-                config.d_model, config.vocab
+                "embedding table has {} values, expected {} x {}",
+                embeddings.len(),
+                config.vocab,
+                config.d_model
             )));
         }
         Ok(Self {

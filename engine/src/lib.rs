@@ -2,8 +2,9 @@
 //!
 //! The forward pass is cut in two along the line ReMO needs: [`Transformer`] is the weight-free
 //! half (embedding lookup, gain-free norms, RoPE, attention with the KV cache, SwiGLU, residuals)
-//! and [`LinearOps`] is the weight-dependent half (every projection, batched over rows), which
-//! [`LinearWeights`] answers in the clear with burn.
+//! and [`LinearOps`] is the weight-dependent half (every projection, batched over rows), answered
+//! by the gpu-node crate. This crate never reads a model file: the weight-free half is built from
+//! a [`CvmProvision`], the material the cloud provisions to an attested CVM.
 
 mod config;
 mod error;
@@ -11,17 +12,17 @@ mod forward;
 mod generate;
 mod linear;
 pub mod ops;
-mod plain;
+mod provision;
 mod sampling;
 mod tokenizer;
-mod weights;
 
 pub use config::ModelConfig;
 pub use error::EngineError;
 pub use forward::{KvCache, Transformer};
 pub use generate::{GenerateRequest, Generation, StopReason, generate};
 pub use linear::{BlockOp, LinearOps, OpId, Rows};
-pub use plain::PlainEngine;
+pub use provision::CvmProvision;
 pub use sampling::{Sampler, SamplingParams, argmax};
-pub use tokenizer::{ChatMessage, DEFAULT_SYSTEM_PROMPT, TextStream, Tokenizer, chat_prompt};
-pub use weights::{CpuBackend, LinearWeights};
+pub use tokenizer::{
+    ChatMessage, DEFAULT_SYSTEM_PROMPT, TextStream, Tokenizer, TokenizerSpec, chat_prompt,
+};

@@ -1,6 +1,5 @@
 //! The tokenizer, built from the GGUF's own `tokenizer.ggml.*` metadata, and the chat template.
 
-use talaria_gguf::{GgufFile, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -20,7 +19,7 @@ type Inner = TokenizerImpl<
 >;
 
 /// GGUF token types that mark special tokens: 3 = control, 4 = user-defined.
-const SPECIAL_TOKEN_TYPES: [i64; 2] = [3, 4];
+const SPECIAL_TOKEN_TYPES: [i32; 2] = [3, 4];
 
 /// Byte-level BPE tokenizer of a GGUF model.
 pub struct Tokenizer {
@@ -34,17 +33,35 @@ fn tok_err(e: impl std::fmt::Display) -> EngineError {
     EngineError::Tokenizer(e.to_string())
 }
 
+/// Everything needed to build the tokenizer, as a model file describes it (`tokenizer.ggml.*`).
+///
+/// The cloud extracts it from the model file and provisions it to the CVM.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TokenizerSpec {
+    /// `tokenizer.ggml.model`; only `gpt2` (byte-level BPE) is implemented.
+    pub model: String,
+    /// `tokenizer.ggml.pre`: the pre-tokenizer's name.
+    pub pre: String,
+    pub tokens: Vec<String>,
+    /// GGUF token types (1 normal, 3 control, 4 user-defined, ...).
+    pub token_types: Vec<i32>,
+    /// Merges as `"left right"`.
+    pub merges: Vec<String>,
+    pub eos: u32,
+    pub bos: Option<u32>,
+    pub add_bos: bool,
+}
+
 impl Tokenizer {
-    /// Builds the tokenizer described by a GGUF file's metadata.
-    pub fn from_gguf(f: &GgufFile) -> Result<Self, EngineError> {
-        let model = f.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
+    /// Builds the tokenizer a spec describes.
+    pub fn from_spec(spec: &TokenizerSpec) -> Result<Self, EngineError> {
+        if spec.model != "gpt2" {
             return Err(EngineError::Unsupported(format!(
-                "tokenizer model {model:?} (only byte-level BPE, \"gpt2\", is implemented)"
+                "tokenizer model {:?} (only byte-level BPE, \"gpt2\", is implemented)",
+                spec.model
             )));
         }
-        let pre = f.get_str("tokenizer.ggml.pre").unwrap_or("default");
-        let pre_tokenizer: PreTokenizerWrapper = match pre {
+        let pre_tokenizer: PreTokenizerWrapper = match spec.pre.as_str() {
             // SmolLM: every digit on its own, then the GPT-2 byte-level split.
             "smollm" => Sequence::new(vec![
                 Digits::new(true).into(),
@@ -58,20 +75,20 @@ impl Tokenizer {
                 )));
             }
         };
-        let tokens = f.get_string_array("tokenizer.ggml.tokens")?;
+        let tokens = &spec.tokens;
         let vocab: ahash::AHashMap<String, u32> = tokens
             .iter()
             .enumerate()
-            .map(|(i, t)| (t.to_string(), i as u32))
+            .map(|(i, t)| (t.clone(), i as u32))
             .collect();
         if vocab.len() != tokens.len() {
             return Err(EngineError::InvalidModel(
                 "duplicate tokens in vocabulary".into(),
             ));
         }
-        let merges = f
-            .get_string_array("tokenizer.ggml.merges")?
-            .into_iter()
+        let merges = spec
+            .merges
+            .iter()
             .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -87,46 +104,37 @@ impl Tokenizer {
             .with_pre_tokenizer(Some(pre_tokenizer))
             .with_decoder(Some(ByteLevelDecoder::default()));
 
-        let types = f.get_array("tokenizer.ggml.token_type")?;
-        if types.len() != tokens.len() {
+        if spec.token_types.len() != tokens.len() {
             return Err(EngineError::InvalidModel(format!(
                 "{} token types for {} tokens",
-                types.len(),
+                spec.token_types.len(),
                 tokens.len()
             )));
         }
-        let specials: Vec<u32> = types
+        let specials: Vec<u32> = spec
+            .token_types
             .iter()
             .enumerate()
-            .filter(|(_, t)| t.as_i64().is_some_and(|t| SPECIAL_TOKEN_TYPES.contains(&t)))
+            .filter(|(_, t)| SPECIAL_TOKEN_TYPES.contains(t))
             .map(|(i, _)| i as u32)
             .collect();
         let added: Vec<AddedToken> = specials
             .iter()
-            .map(|&i| AddedToken::from(tokens[i as usize].to_string(), true))
+            .map(|&i| AddedToken::from(tokens[i as usize].clone(), true))
             .collect();
         inner.add_special_tokens(&added);
-
-        let id = |key: &str| -> Result<Option<u32>, EngineError> {
-            match f.metadata().get(key) {
-                None => Ok(None),
-                Some(v) => match v.as_u64() {
-                    Some(i) if (i as usize) < tokens.len() => Ok(Some(i as u32)),
-                    _ => Err(EngineError::InvalidModel(format!("{key} = {v:?}"))),
-                },
+        for id in [Some(spec.eos), spec.bos].into_iter().flatten() {
+            if id as usize >= tokens.len() {
+                return Err(EngineError::InvalidModel(format!(
+                    "special token id {id} is outside the vocabulary of {}",
+                    tokens.len()
+                )));
             }
-        };
-        let eos = id("tokenizer.ggml.eos_token_id")?
-            .ok_or_else(|| EngineError::InvalidModel("no eos token id".into()))?;
-        let bos = id("tokenizer.ggml.bos_token_id")?;
-        let add_bos = matches!(
-            f.metadata().get("tokenizer.ggml.add_bos_token"),
-            Some(Value::Bool(true))
-        );
+        }
         Ok(Self {
             inner,
-            eos,
-            bos: if add_bos { bos } else { None },
+            eos: spec.eos,
+            bos: if spec.add_bos { spec.bos } else { None },
             specials,
         })
     }

@@ -4,7 +4,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
-use talaria_engine::{GenerateRequest, PlainEngine, SamplingParams};
+use talaria_engine::{GenerateRequest, SamplingParams};
+use talaria_gpu_node::PlainEngine;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {

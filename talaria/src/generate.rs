@@ -5,9 +5,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
-use talaria_engine::{
-    ChatMessage, GenerateRequest, Generation, PlainEngine, SamplingParams, chat_prompt,
-};
+use talaria_engine::{ChatMessage, GenerateRequest, Generation, SamplingParams, chat_prompt};
+use talaria_gpu_node::PlainEngine;
 
 /// Which engine answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]

@@ -3,7 +3,8 @@
 
 use std::sync::{Mutex, OnceLock};
 
-use talaria_engine::{ChatMessage, GenerateRequest, PlainEngine, SamplingParams, chat_prompt};
+use talaria_engine::{ChatMessage, GenerateRequest, SamplingParams, chat_prompt};
+use talaria_gpu_node::PlainEngine;
 use talaria_tests::{golden, ids, real_model};
 
 fn engine() -> &'static Mutex<PlainEngine> {

@@ -2,13 +2,13 @@
 //! every loader error.
 
 use talaria_engine::{
-    BlockOp, EngineError, GenerateRequest, LinearOps, LinearWeights, ModelConfig, OpId,
-    PlainEngine, Rows, SamplingParams, StopReason,
+    BlockOp, EngineError, GenerateRequest, LinearOps, OpId, Rows, SamplingParams, StopReason,
 };
 use talaria_gguf::GgufFile;
+use talaria_gpu_node::{LinearWeights, NodeError, PlainEngine, read_config};
 use talaria_tests::{TINY_D, TinyOptions, tiny_model};
 
-fn tiny(opts: &TinyOptions) -> Result<PlainEngine, EngineError> {
+fn tiny(opts: &TinyOptions) -> Result<PlainEngine, NodeError> {
     PlainEngine::from_gguf(&GgufFile::from_bytes(tiny_model(opts)).unwrap())
 }
 
@@ -147,7 +147,7 @@ fn wrong_input_shape_is_a_typed_error() {
 #[test]
 fn folded_projections_match_the_stored_tensors() {
     let f = GgufFile::from_bytes(tiny_model(&TinyOptions::default())).unwrap();
-    let config = ModelConfig::from_gguf(&f).unwrap();
+    let config = read_config(&f).unwrap();
     let mut w = LinearWeights::load(&f, &config).unwrap();
     let x: Vec<f32> = (0..2 * TINY_D)
         .map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0)
@@ -193,14 +193,14 @@ fn loader_errors_are_typed() {
         architecture: "qwen2".into(),
         ..Default::default()
     });
-    assert!(matches!(wrong_arch, Err(EngineError::Unsupported(_))));
+    assert!(matches!(wrong_arch, Err(NodeError::Unsupported(_))));
 
     let missing = tiny(&TinyOptions {
         drop_tensor: Some("blk.1.ffn_up.weight".into()),
         ..Default::default()
     });
     assert!(
-        matches!(missing, Err(EngineError::Gguf(talaria_gguf::GgufError::MissingTensor(ref n))) if n == "blk.1.ffn_up.weight")
+        matches!(missing, Err(NodeError::Gguf(talaria_gguf::GgufError::MissingTensor(ref n))) if n == "blk.1.ffn_up.weight")
     );
 
     for name in [
@@ -216,7 +216,7 @@ fn loader_errors_are_typed() {
             .err()
             .unwrap_or_else(|| panic!("misshapen {name} was accepted"));
         assert!(
-            matches!(err, EngineError::InvalidModel(ref m) if m.contains(name)),
+            matches!(err, NodeError::InvalidModel(ref m) if m.contains(name)),
             "{err}"
         );
     }

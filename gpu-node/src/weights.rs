@@ -8,8 +8,9 @@ use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 use talaria_gguf::GgufFile;
 
-use crate::linear::{BlockOp, LinearOps, OpId, Rows};
-use crate::{EngineError, ModelConfig};
+use talaria_engine::{BlockOp, EngineError, LinearOps, ModelConfig, OpId, Rows};
+
+use crate::NodeError;
 
 /// The tensor backend of the CPU build.
 pub type CpuBackend = Flex;
@@ -94,20 +95,20 @@ struct Stored {
     d_out: usize,
 }
 
-fn load_stored(f: &GgufFile, name: &str, d_in: usize, d_out: usize) -> Result<Stored, EngineError> {
+fn load_stored(f: &GgufFile, name: &str, d_in: usize, d_out: usize) -> Result<Stored, NodeError> {
     let (values, dims) = f.dequantize(name)?;
     if dims != [d_in as u64, d_out as u64] {
-        return Err(EngineError::InvalidModel(format!(
+        return Err(NodeError::InvalidModel(format!(
             "tensor {name:?} has dims {dims:?}, expected [{d_in}, {d_out}]"
         )));
     }
     Ok(Stored { values, d_out })
 }
 
-fn load_vector(f: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {
+fn load_vector(f: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, NodeError> {
     let (values, dims) = f.dequantize(name)?;
     if dims != [len as u64] {
-        return Err(EngineError::InvalidModel(format!(
+        return Err(NodeError::InvalidModel(format!(
             "tensor {name:?} has dims {dims:?}, expected [{len}]"
         )));
     }
@@ -135,7 +136,7 @@ fn fuse_transposed(parts: &[Stored], d_in: usize, gain: Option<&[f32]>) -> (Vec<
 impl LinearWeights {
     /// Loads the projections of layers `layers` (all of them for the plain engine) and the LM
     /// head from a GGUF file.
-    pub fn load(f: &GgufFile, config: &ModelConfig) -> Result<Self, EngineError> {
+    pub fn load(f: &GgufFile, config: &ModelConfig) -> Result<Self, NodeError> {
         let device = Default::default();
         let c = config;
         let n_shards = rayon::current_num_threads();

@@ -2,10 +2,9 @@ use std::path::Path;
 
 use talaria_gguf::GgufFile;
 
-use crate::{
-    EngineError, GenerateRequest, Generation, LinearWeights, ModelConfig, Tokenizer, Transformer,
-    generate,
-};
+use talaria_engine::{EngineError, GenerateRequest, Generation, Tokenizer, Transformer, generate};
+
+use crate::{LinearWeights, NodeError, read_provision};
 
 /// The unprotected engine: both halves of the model in one process, no masking.
 pub struct PlainEngine {
@@ -16,25 +15,19 @@ pub struct PlainEngine {
 
 impl PlainEngine {
     /// Loads a GGUF model file.
-    pub fn load(path: impl AsRef<Path>) -> Result<Self, EngineError> {
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, NodeError> {
         Self::from_gguf(&GgufFile::open(path)?)
     }
 
     /// Builds the engine from a parsed GGUF file.
-    pub fn from_gguf(f: &GgufFile) -> Result<Self, EngineError> {
-        let config = ModelConfig::from_gguf(f)?;
-        let tokenizer = Tokenizer::from_gguf(f)?;
-        if tokenizer.vocab_size() != config.vocab {
-            return Err(EngineError::InvalidModel(format!(
-                "tokenizer has {} tokens, model {}",
-                tokenizer.vocab_size(),
-                config.vocab
-            )));
-        }
+    pub fn from_gguf(f: &GgufFile) -> Result<Self, NodeError> {
+        let provision = read_provision(f)?;
+        let weights = LinearWeights::load(f, &provision.config)?;
+        let (tokenizer, model) = provision.build()?;
         Ok(Self {
-            model: Transformer::from_gguf(f, &config)?,
-            weights: LinearWeights::load(f, &config)?,
             tokenizer,
+            model,
+            weights,
         })
     }
 
