@@ -274,3 +274,19 @@ fn bench_writes_its_numbers() {
     let written: Value = serde_json::from_str(&std::fs::read_to_string(out_file).unwrap()).unwrap();
     assert_eq!(written, j);
 }
+
+#[test]
+fn fetch_model_is_idempotent_and_prints_only_the_path() {
+    let model = real_model();
+    let out = Command::new(env!("CARGO_BIN_EXE_talaria"))
+        .arg("fetch-model")
+        .env("TALARIA_HOME", model.parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim_end(),
+        model.to_str().unwrap()
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already present and verified"));
+}
