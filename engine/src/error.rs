@@ -25,6 +25,12 @@ pub enum EngineError {
     Sampling(String),
     #[error("tensor backend: {0}")]
     Backend(String),
+    /// A linear call answered by the other side (masked or remote) failed.
+    #[error("outsourced linear call: {message}")]
+    Outsourced {
+        error_type: &'static str,
+        message: String,
+    },
 }
 
 impl EngineError {
@@ -41,6 +47,7 @@ impl EngineError {
             EngineError::EmptyPrompt => "empty_prompt",
             EngineError::Sampling(_) => "sampling",
             EngineError::Backend(_) => "backend",
+            EngineError::Outsourced { error_type, .. } => error_type,
         }
     }
 }

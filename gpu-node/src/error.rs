@@ -12,6 +12,10 @@ pub enum NodeError {
     Unsupported(String),
     #[error("invalid model: {0}")]
     InvalidModel(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("tap: {0}")]
+    Tap(String),
 }
 
 impl NodeError {
@@ -22,6 +26,8 @@ impl NodeError {
             NodeError::Engine(e) => e.error_type(),
             NodeError::Unsupported(_) => "unsupported_model",
             NodeError::InvalidModel(_) => "invalid_model",
+            NodeError::BadRequest(_) => "bad_request",
+            NodeError::Tap(_) => "tap",
         }
     }
 }

@@ -2,12 +2,24 @@
 //! in) and answers linear calls. It extracts the material a CVM may be provisioned with, and
 //! offers the unprotected [`PlainEngine`] as the baseline every masked engine is compared with.
 
+mod cloud;
 mod error;
 mod model_file;
 mod plain;
+mod tap;
 mod weights;
 
+pub use cloud::CloudExecutor;
 pub use error::NodeError;
 pub use model_file::{read_config, read_provision, read_tokenizer_spec};
 pub use plain::PlainEngine;
+pub use tap::{NpyData, Tap, write_npy};
 pub use weights::{CpuBackend, LinearWeights};
+
+/// A file-name-safe name of an op: `l03-down`, `lm_head`.
+pub(crate) fn tap_op_name(op: talaria_engine::OpId) -> String {
+    match op {
+        talaria_engine::OpId::Block { layer, op } => format!("l{layer:02}-{}", op.name()),
+        talaria_engine::OpId::LmHead => "lm_head".into(),
+    }
+}

@@ -4,7 +4,9 @@
 //! weight-free half runs gain-free norms.
 
 use burn::backend::Flex;
-use burn::tensor::{Tensor, TensorData};
+use std::sync::OnceLock;
+
+use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 use talaria_gguf::GgufFile;
 
@@ -24,6 +26,9 @@ type Device = <CpuBackend as burn::tensor::backend::BackendTypes>::Device;
 /// would use one core; column shards put every core on every call.
 struct Sharded {
     shards: Vec<(Matrix, usize)>,
+    /// f64 copies, made on the first f64 call (the lossless mode's GEMM).
+    shards_f64: OnceLock<Vec<Matrix>>,
+    d_in: usize,
     d_out: usize,
 }
 
@@ -45,18 +50,28 @@ impl Sharded {
             ));
             c0 += w;
         }
-        Self { shards, d_out }
+        Self {
+            shards,
+            shards_f64: OnceLock::new(),
+            d_in,
+            d_out,
+        }
     }
 
-    fn matmul(&self, x: Matrix, rows: usize) -> Result<Vec<f32>, EngineError> {
-        let parts: Vec<Vec<f32>> = self
-            .shards
+    /// `x · W` for `rows` rows of `x`, in the element type `E` of `weights`.
+    fn run<E: burn::tensor::Element>(
+        &self,
+        weights: &[Matrix],
+        x: Matrix,
+        rows: usize,
+    ) -> Result<Vec<E>, EngineError> {
+        let parts: Vec<Vec<E>> = weights
             .par_iter()
-            .map(|(w, _)| {
+            .map(|w| {
                 x.clone()
                     .matmul(w.clone())
                     .into_data()
-                    .into_vec::<f32>()
+                    .into_vec::<E>()
                     .map_err(|e| EngineError::Backend(format!("{e:?}")))
             })
             .collect::<Result<_, _>>()?;
@@ -65,6 +80,42 @@ impl Sharded {
         }
         let mut out = Vec::with_capacity(rows * self.d_out);
         for r in 0..rows {
+            for (part, (_, w)) in parts.iter().zip(&self.shards) {
+                out.extend_from_slice(&part[r * w..(r + 1) * w]);
+            }
+        }
+        Ok(out)
+    }
+
+    fn matmul(&self, x: Matrix, rows: usize) -> Result<Vec<f32>, EngineError> {
+        let weights: Vec<Matrix> = self.shards.iter().map(|(w, _)| w.clone()).collect();
+        self.run(&weights, x, rows)
+    }
+
+    fn matmul_f64(&self, x: Matrix, rows: usize) -> Result<Vec<f64>, EngineError> {
+        let weights = self.shards_f64.get_or_init(|| {
+            self.shards
+                .iter()
+                .map(|(w, _)| w.clone().cast(DType::F64))
+                .collect()
+        });
+        self.run(weights, x, rows)
+    }
+
+    /// The whole matrix, row-major `[d_in, d_out]`.
+    fn dense(&self) -> Result<Vec<f32>, EngineError> {
+        let parts: Vec<Vec<f32>> = self
+            .shards
+            .iter()
+            .map(|(w, _)| {
+                w.clone()
+                    .into_data()
+                    .into_vec::<f32>()
+                    .map_err(|e| EngineError::Backend(format!("{e:?}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(self.d_in * self.d_out);
+        for r in 0..self.d_in {
             for (part, (_, w)) in parts.iter().zip(&self.shards) {
                 out.extend_from_slice(&part[r * w..(r + 1) * w]);
             }
@@ -210,18 +261,57 @@ impl LinearWeights {
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
+
+    /// The folded weight of `op` as a row-major `[d_in, d_out]` matrix.
+    pub fn dense(&self, op: OpId) -> Result<Vec<f32>, EngineError> {
+        self.weight(op)?.dense()
+    }
+
+    fn check_input(
+        &self,
+        op: OpId,
+        rows: usize,
+        cols: usize,
+        len: usize,
+    ) -> Result<(), EngineError> {
+        let (d_in, _) = op.shape(&self.config);
+        if cols != d_in {
+            return Err(EngineError::Shape {
+                op: op.to_string(),
+                expected: d_in,
+                found: cols,
+            });
+        }
+        if rows.checked_mul(cols) != Some(len) {
+            return Err(EngineError::BadOp {
+                op: op.to_string(),
+                reason: format!("{len} values cannot be {rows} x {cols}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// `x · W_op` in f64 (the lossless mode's GEMM) for `rows` row-major rows of `x`.
+    pub fn linear_f64(&self, op: OpId, rows: usize, x: &[f64]) -> Result<Vec<f64>, EngineError> {
+        let (d_in, d_out) = op.shape(&self.config);
+        self.check_input(op, rows, d_in, x.len())?;
+        let w = self.weight(op)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        debug_assert_eq!(w.d_out, d_out);
+        let input: Matrix = Tensor::from_data(
+            TensorData::new(x.to_vec(), [rows, d_in]),
+            (&self.device, DType::F64),
+        );
+        w.matmul_f64(input, rows)
+    }
 }
 
 impl LinearOps for LinearWeights {
     fn linear(&mut self, op: OpId, x: &Rows) -> Result<Rows, EngineError> {
         let (d_in, d_out) = op.shape(&self.config);
-        if x.cols() != d_in {
-            return Err(EngineError::Shape {
-                op: op.to_string(),
-                expected: d_in,
-                found: x.cols(),
-            });
-        }
+        self.check_input(op, x.rows(), x.cols(), x.data().len())?;
         if x.rows() == 0 {
             return Rows::new(0, d_out, Vec::new());
         }

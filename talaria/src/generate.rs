@@ -2,19 +2,12 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
-use clap::{Args, ValueEnum};
+use anyhow::{Result, bail};
+use clap::Args;
 use serde::Serialize;
 use talaria_engine::{ChatMessage, GenerateRequest, Generation, SamplingParams, chat_prompt};
-use talaria_gpu_node::PlainEngine;
 
-/// Which engine answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EngineKind {
-    /// Both halves in one process, unmasked.
-    Plain,
-}
+use crate::engines::{Engine, EngineKind, RemoArgs};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -58,6 +51,8 @@ pub struct GenerateArgs {
     /// Model file (default: the fetched SmolLM2-135M-Instruct).
     #[arg(long)]
     pub model_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub remo: RemoArgs,
 }
 
 #[derive(Serialize)]
@@ -80,8 +75,7 @@ struct JsonOutput<'a> {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let model_path = crate::resolve_model(args.model_file.clone())?;
     let t_load = Instant::now();
-    let mut engine = PlainEngine::load(&model_path)
-        .with_context(|| format!("loading {}", model_path.display()))?;
+    let mut engine = Engine::load(args.engine, &model_path, &args.remo)?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
 
     let prompt_ids = match (&args.prompt, &args.prompt_ids) {
@@ -94,7 +88,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             } else {
                 text.clone()
             };
-            engine.tokenizer.encode(&text)?
+            engine.tokenizer().encode(&text)?
         }
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --prompt or --prompt-ids"),
@@ -111,18 +105,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         stop_ids: if args.ignore_eos {
             vec![]
         } else {
-            vec![engine.tokenizer.eos()]
+            vec![engine.tokenizer().eos()]
         },
     };
 
     let generation: Generation = if args.json {
         engine.generate(&req, |_| Ok(()))?
     } else {
-        let PlainEngine {
-            tokenizer,
-            model,
-            weights,
-        } = &mut engine;
+        let (tokenizer, model, weights) = engine.parts();
         let mut stream = tokenizer.decode_stream();
         let mut out = std::io::stdout().lock();
         let generation = talaria_engine::generate(
@@ -145,13 +135,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         generation
     };
 
+    engine.finish()?;
     if args.json {
         // The text ends before the stop token; `ids` keeps it.
         let shown = match generation.stop_reason {
             talaria_engine::StopReason::Eos => &generation.ids[..generation.ids.len() - 1],
             _ => &generation.ids[..],
         };
-        let text = engine.tokenizer.decode(shown)?;
+        let text = engine.tokenizer().decode(shown)?;
         let out = JsonOutput {
             engine: args.engine,
             model: model_path.display().to_string(),

@@ -1,6 +1,8 @@
 //! `talaria`: fetch the model, generate text, and benchmark the engines.
 
 mod bench;
+mod calibrate;
+mod engines;
 mod generate;
 
 use std::path::PathBuf;
@@ -32,6 +34,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode speed on the real model; prints JSON.
     Bench(bench::BenchArgs),
+    /// Measure each op's input RMS quantile (ρ_op) on public text for ReMO's mask scale.
+    Calibrate(calibrate::CalibrateArgs),
 }
 
 /// Where the model file is: `--model-file` if given, else the default model in the cache.
@@ -74,5 +78,6 @@ fn main() -> Result<()> {
         }
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Calibrate(args) => calibrate::run(args),
     }
 }

@@ -1,0 +1,173 @@
+//! The CVM side of Talaria: the weight-free half of the model (tokenizer, norms, RoPE, attention
+//! with the KV cache, activations, sampling) whose every weight-dependent projection is sent to
+//! the cloud masked with ReMO and unmasked on return.
+
+use std::time::{Duration, Instant};
+
+use talaria_engine::{BlockOp, EngineError, LinearOps, ModelConfig, OpId, Rows};
+use talaria_remo::{Calibration, Masker, MaskerStats, RemoConfig, RemoError};
+use talaria_wire::{MaskedCall, MaskedReply, SessionId, SetupReply, SetupRequest};
+
+/// A failure of the link to the cloud, or of the cloud itself.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{error_type}: {message}")]
+pub struct LinkError {
+    /// A short machine-readable label.
+    pub error_type: &'static str,
+    pub message: String,
+}
+
+/// How the CVM reaches the cloud: in-process now, QUIC later. It carries only wire messages.
+pub trait CloudLink {
+    /// Asks for `R_pub` of one op.
+    fn setup(&mut self, req: &SetupRequest) -> Result<SetupReply, LinkError>;
+    /// Sends one masked call.
+    fn call(&mut self, call: &MaskedCall) -> Result<MaskedReply, LinkError>;
+}
+
+/// Everything the CVM side can fail at.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Remo(#[from] RemoError),
+    #[error("cloud: {0}")]
+    Link(#[from] LinkError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("reply {got} does not answer call {expected}")]
+    OutOfOrder { expected: u64, got: u64 },
+}
+
+impl AgentError {
+    /// A short machine-readable label for logs and metrics.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            AgentError::Remo(e) => e.error_type(),
+            AgentError::Link(e) => e.error_type,
+            AgentError::Engine(e) => e.error_type(),
+            AgentError::OutOfOrder { .. } => "out_of_order",
+        }
+    }
+}
+
+impl From<AgentError> for EngineError {
+    fn from(e: AgentError) -> Self {
+        EngineError::Outsourced {
+            error_type: e.error_type(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Every op of a model, in the order a forward pass calls them.
+pub fn all_ops(config: &ModelConfig) -> Vec<OpId> {
+    let mut ops: Vec<OpId> = (0..config.n_layers)
+        .flat_map(|layer| BlockOp::ALL.map(|op| OpId::Block { layer, op }))
+        .collect();
+    ops.push(OpId::LmHead);
+    ops
+}
+
+/// Time spent on each part of the masked calls.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct CallTimings {
+    /// Masking and unmasking on the critical path.
+    pub online_mask_s: f64,
+    /// Waiting for the cloud (its GEMM and the link).
+    pub cloud_s: f64,
+    /// The set-up round trips (R_pub for every op).
+    pub setup_s: f64,
+}
+
+/// [`LinearOps`] through ReMO: mask, send, check canaries, unmask.
+pub struct RemoLinear<L: CloudLink> {
+    masker: Masker,
+    link: L,
+    session: SessionId,
+    timings: CallTimings,
+}
+
+impl<L: CloudLink> RemoLinear<L> {
+    /// Sets up every op of the model with the cloud and starts the mask pool.
+    pub fn connect(
+        config: &ModelConfig,
+        remo: RemoConfig,
+        calibration: &Calibration,
+        session: SessionId,
+        seed: Option<[u8; 32]>,
+        mut link: L,
+    ) -> Result<Self, AgentError> {
+        let t0 = Instant::now();
+        let mut masker = Masker::new(remo, session, seed)?;
+        for op in all_ops(config) {
+            let (d_in, d_out) = op.shape(config);
+            if let Some(req) = masker.setup_request(op, d_in) {
+                let reply = link.setup(&req)?;
+                masker.install(&req, reply, d_in, d_out, calibration.rho(op)?)?;
+            }
+        }
+        masker.start_pool();
+        let timings = CallTimings {
+            setup_s: t0.elapsed().as_secs_f64(),
+            ..Default::default()
+        };
+        Ok(Self {
+            masker,
+            link,
+            session,
+            timings,
+        })
+    }
+
+    /// What the masker did so far.
+    pub fn stats(&self) -> &MaskerStats {
+        self.masker.stats()
+    }
+
+    /// Where the time went so far.
+    pub fn timings(&self) -> &CallTimings {
+        &self.timings
+    }
+
+    /// The link, e.g. to finish a tap.
+    pub fn link_mut(&mut self) -> &mut L {
+        &mut self.link
+    }
+
+    fn call(&mut self, op: OpId, x: &Rows) -> Result<Rows, AgentError> {
+        let t0 = Instant::now();
+        let (masked, pending) = self.masker.mask(op, x)?;
+        let call = MaskedCall {
+            session: self.session,
+            seq: pending.seq(),
+            op,
+            x: masked,
+        };
+        let t1 = Instant::now();
+        let reply = self.link.call(&call)?;
+        let t2 = Instant::now();
+        if reply.seq != call.seq {
+            return Err(AgentError::OutOfOrder {
+                expected: call.seq,
+                got: reply.seq,
+            });
+        }
+        let y = self.masker.unmask(pending, &reply.y)?;
+        let secs = |d: Duration| d.as_secs_f64();
+        self.timings.online_mask_s += secs(t1 - t0) + secs(t2.elapsed());
+        self.timings.cloud_s += secs(t2 - t1);
+        Ok(y)
+    }
+}
+
+impl<L: CloudLink> LinearOps for RemoLinear<L> {
+    fn linear(&mut self, op: OpId, x: &Rows) -> Result<Rows, EngineError> {
+        self.call(op, x).map_err(|e| {
+            tracing::warn!(
+                error_type = e.error_type(),
+                "masked call for {op} failed: {e}"
+            );
+            e.into()
+        })
+    }
+}

@@ -1,0 +1,118 @@
+//! The cloud's executor: answers ReMO set-up requests and masked linear calls from the weights.
+//! It sees exactly what the wire carries — masked rows and public bases — and can record all of
+//! it with a [`Tap`](crate::Tap).
+
+use talaria_engine::{EngineError, OpId, Rows};
+use talaria_wire::{
+    BasisSpec, MaskedCall, MaskedReply, SetupReply, SetupRequest, Tensor, expand_basis,
+};
+
+use crate::{LinearWeights, NodeError, Tap};
+
+/// Serves masked linear calls from a stage's weights.
+pub struct CloudExecutor {
+    weights: LinearWeights,
+    tap: Option<Tap>,
+}
+
+impl CloudExecutor {
+    /// An executor over `weights`, recording into `tap` if given.
+    pub fn new(weights: LinearWeights, tap: Option<Tap>) -> Self {
+        Self { weights, tap }
+    }
+
+    /// The weights served.
+    pub fn weights(&self) -> &LinearWeights {
+        &self.weights
+    }
+
+    /// Computes `R_pub = M_pub · W_op` for the requested public basis.
+    pub fn setup(&mut self, req: &SetupRequest) -> Result<SetupReply, NodeError> {
+        let (d_in, d_out) = req.op.shape(self.weights.config());
+        if let Some(tap) = &mut self.tap {
+            tap.record_setup(req, d_in)?;
+        }
+        let r_pub = match &req.basis {
+            BasisSpec::Identity => {
+                let w = self.weights.dense(req.op)?;
+                if req.f64 {
+                    Tensor::F64 {
+                        rows: d_in,
+                        cols: d_out,
+                        data: w.iter().map(|&v| f64::from(v)).collect(),
+                    }
+                } else {
+                    Tensor::F32 {
+                        rows: d_in,
+                        cols: d_out,
+                        data: w,
+                    }
+                }
+            }
+            spec @ BasisSpec::Orthonormal { m, .. } => {
+                let basis = expand_basis(spec, d_in).ok_or_else(|| {
+                    NodeError::BadRequest(format!("{}: basis rank {m} for width {d_in}", req.op))
+                })?;
+                let r = self.weights.linear_f64(req.op, *m, &basis)?;
+                if req.f64 {
+                    Tensor::F64 {
+                        rows: *m,
+                        cols: d_out,
+                        data: r,
+                    }
+                } else {
+                    Tensor::F32 {
+                        rows: *m,
+                        cols: d_out,
+                        data: r.iter().map(|&v| v as f32).collect(),
+                    }
+                }
+            }
+        };
+        Ok(SetupReply { op: req.op, r_pub })
+    }
+
+    /// Answers one masked call: `x̃ · W_op` in the precision the call came in.
+    pub fn call(&mut self, call: &MaskedCall) -> Result<MaskedReply, NodeError> {
+        call.x
+            .validate()
+            .map_err(|e| NodeError::BadRequest(format!("{}: {e}", call.op)))?;
+        if let Some(tap) = &mut self.tap {
+            tap.record_call(call)?;
+        }
+        let (rows, cols) = call.x.shape();
+        let y = match &call.x {
+            Tensor::F32 { data, .. } => {
+                let x = Rows::new(rows, cols, data.clone())?;
+                let y = talaria_engine::LinearOps::linear(&mut self.weights, call.op, &x)?;
+                let (rows, cols) = (y.rows(), y.cols());
+                Tensor::F32 {
+                    rows,
+                    cols,
+                    data: y.into_data(),
+                }
+            }
+            Tensor::F64 { data, .. } => {
+                let (_, d_out) = op_out(call.op, &self.weights)?;
+                Tensor::F64 {
+                    rows,
+                    cols: d_out,
+                    data: self.weights.linear_f64(call.op, rows, data)?,
+                }
+            }
+        };
+        Ok(MaskedReply { seq: call.seq, y })
+    }
+
+    /// Writes the tap's index, if recording.
+    pub fn finish_tap(&mut self) -> Result<(), NodeError> {
+        match &mut self.tap {
+            Some(t) => t.finish(),
+            None => Ok(()),
+        }
+    }
+}
+
+fn op_out(op: OpId, w: &LinearWeights) -> Result<(usize, usize), EngineError> {
+    Ok(op.shape(w.config()))
+}

@@ -1,0 +1,181 @@
+//! The tap: everything the cloud receives and knows, written as NumPy `.npy` files plus a JSON
+//! index (`docs/tap-format.md`), so that anyone can attack it with their own tools.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use talaria_engine::OpId;
+use talaria_wire::{BasisSpec, MaskedCall, SetupRequest, Tensor, expand_basis};
+
+use crate::NodeError;
+
+/// One recorded event, in arrival order.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Event {
+    Setup {
+        session: u64,
+        op: String,
+        layer: Option<usize>,
+        d_in: usize,
+        basis: &'static str,
+        rank: usize,
+        /// The expanded public basis (`rank × d_in`, f64), for orthonormal bases.
+        basis_file: Option<String>,
+    },
+    Call {
+        session: u64,
+        seq: u64,
+        op: String,
+        layer: Option<usize>,
+        rows: usize,
+        cols: usize,
+        dtype: &'static str,
+        file: String,
+    },
+}
+
+#[derive(Serialize)]
+struct Index<'a> {
+    format: &'static str,
+    events: &'a [Event],
+}
+
+/// Records the cloud's view into a directory.
+pub struct Tap {
+    dir: PathBuf,
+    events: Vec<Event>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
+    move |e| NodeError::Tap(format!("{}: {e}", path.display()))
+}
+
+fn op_parts(op: OpId) -> (String, Option<usize>) {
+    match op {
+        OpId::Block { layer, op } => (op.name().to_string(), Some(layer)),
+        OpId::LmHead => ("lm_head".into(), None),
+    }
+}
+
+/// Writes a row-major matrix as a NumPy `.npy` (format 1.0, little-endian).
+pub fn write_npy(
+    path: &Path,
+    rows: usize,
+    cols: usize,
+    data: NpyData<'_>,
+) -> Result<(), NodeError> {
+    let descr = match data {
+        NpyData::F32(_) => "<f4",
+        NpyData::F64(_) => "<f8",
+    };
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    // Magic (6) + version (2) + length (2) + header + '\n' is a multiple of 64.
+    let total = 10 + header.len() + 1;
+    header.push_str(&" ".repeat(total.div_ceil(64) * 64 - total));
+    header.push('\n');
+    let mut bytes = Vec::with_capacity(10 + header.len() + rows * cols * 8);
+    bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    match data {
+        NpyData::F32(v) => v
+            .iter()
+            .for_each(|x| bytes.extend_from_slice(&x.to_le_bytes())),
+        NpyData::F64(v) => v
+            .iter()
+            .for_each(|x| bytes.extend_from_slice(&x.to_le_bytes())),
+    }
+    let mut f = File::create(path).map_err(io(path))?;
+    f.write_all(&bytes).map_err(io(path))
+}
+
+/// Values for [`write_npy`].
+#[derive(Clone, Copy)]
+pub enum NpyData<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+impl Tap {
+    /// Starts recording into `dir` (created if needed).
+    pub fn create(dir: impl Into<PathBuf>) -> Result<Self, NodeError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        Ok(Self {
+            dir,
+            events: Vec::new(),
+        })
+    }
+
+    pub(crate) fn record_setup(
+        &mut self,
+        req: &SetupRequest,
+        d_in: usize,
+    ) -> Result<(), NodeError> {
+        let (op, layer) = op_parts(req.op);
+        let rank = req.basis.rank(d_in);
+        let (basis, basis_file) = match &req.basis {
+            BasisSpec::Identity => ("identity", None),
+            spec @ BasisSpec::Orthonormal { .. } => {
+                let name = format!("basis-s{}-{}.npy", req.session, crate::tap_op_name(req.op));
+                if let Some(b) = expand_basis(spec, d_in) {
+                    write_npy(&self.dir.join(&name), rank, d_in, NpyData::F64(&b))?;
+                }
+                ("orthonormal", Some(name))
+            }
+        };
+        self.events.push(Event::Setup {
+            session: req.session,
+            op,
+            layer,
+            d_in,
+            basis,
+            rank,
+            basis_file,
+        });
+        Ok(())
+    }
+
+    pub(crate) fn record_call(&mut self, call: &MaskedCall) -> Result<(), NodeError> {
+        let (op, layer) = op_parts(call.op);
+        let (rows, cols) = call.x.shape();
+        let file = format!("call-{:06}.npy", self.events.len());
+        let path = self.dir.join(&file);
+        let dtype = match &call.x {
+            Tensor::F32 { data, .. } => {
+                write_npy(&path, rows, cols, NpyData::F32(data))?;
+                "float32"
+            }
+            Tensor::F64 { data, .. } => {
+                write_npy(&path, rows, cols, NpyData::F64(data))?;
+                "float64"
+            }
+        };
+        self.events.push(Event::Call {
+            session: call.session,
+            seq: call.seq,
+            op,
+            layer,
+            rows,
+            cols,
+            dtype,
+            file,
+        });
+        Ok(())
+    }
+
+    /// Writes `index.json`.
+    pub fn finish(&mut self) -> Result<(), NodeError> {
+        let path = self.dir.join("index.json");
+        let index = Index {
+            format: "talaria-tap-1",
+            events: &self.events,
+        };
+        let json = serde_json::to_vec_pretty(&index).map_err(|e| NodeError::Tap(e.to_string()))?;
+        std::fs::write(&path, json).map_err(io(&path))
+    }
+}

@@ -1,0 +1,141 @@
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use talaria_engine::OpId;
+
+use crate::RemoError;
+
+/// Arithmetic of each side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// Masks, masked rows, the cloud's GEMM and unmasking all in f32.
+    F32,
+    /// The CVM builds `x̃` in f64 and rounds it once to f32; masks are f32-representable and
+    /// their products (`R_pub` in f64) are exact in f64. The cloud's GEMM stays f32.
+    F64Client,
+    /// Everything in f64, the cloud's GEMM included: lossless at any measured scale.
+    F64Gemm,
+}
+
+impl Precision {
+    /// Whether the cloud computes in f64.
+    pub fn gemm_f64(self) -> bool {
+        self == Precision::F64Gemm
+    }
+
+    /// Whether `R_pub` is kept in f64.
+    pub fn r_pub_f64(self) -> bool {
+        self != Precision::F32
+    }
+
+    /// Largest relative error a canary row may show before the reply is declared corrupt.
+    pub fn canary_tolerance(self) -> f64 {
+        match self {
+            Precision::F32 | Precision::F64Client => 1e-4,
+            Precision::F64Gemm => 1e-9,
+        }
+    }
+}
+
+/// Rank of the public mask basis.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Rank {
+    /// `m = d_in`, identity basis: fresh isotropic noise per row. The default, and the only
+    /// setting that hides rows.
+    Full,
+    /// `m = round(fraction · d_in) < d_in`, orthonormal basis: the published setting, kept for
+    /// comparison. **It leaks**: the part of each row outside the basis's span is sent unmasked.
+    Fraction(f64),
+}
+
+/// Every ReMO parameter, with defaults chosen from measurements (see `docs/remo.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemoConfig {
+    /// Whether to mask at all; off gives the plaintext split (the attack suite's control).
+    pub enabled: bool,
+    pub rank: Rank,
+    /// σ: the mask's scale in units of the op's calibrated input RMS ρ_op.
+    pub scale: f64,
+    pub precision: Precision,
+    /// Pure-mask rows added to every call; they hide the row count and double as canaries.
+    pub dummy_rows: usize,
+    /// Shuffle the rows of every call with a fresh permutation.
+    pub shuffle: bool,
+    /// Masks precomputed per op, ahead of the calls, on a background thread (0: on the spot).
+    pub pool: usize,
+}
+
+impl Default for RemoConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            rank: Rank::Full,
+            scale: 100.0,
+            precision: Precision::F64Gemm,
+            dummy_rows: 2,
+            shuffle: true,
+            pool: 16,
+        }
+    }
+}
+
+impl RemoConfig {
+    /// Checks every parameter.
+    pub fn validate(&self) -> Result<(), RemoError> {
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return Err(RemoError::Config(format!(
+                "scale {} must be positive",
+                self.scale
+            )));
+        }
+        if let Rank::Fraction(f) = self.rank {
+            if !(f > 0.0 && f < 1.0) {
+                return Err(RemoError::Config(format!(
+                    "rank fraction {f} must be in (0, 1); use full rank otherwise"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The basis rank for an op of input width `d_in`.
+    pub fn rank_for(&self, d_in: usize) -> usize {
+        match self.rank {
+            Rank::Full => d_in,
+            Rank::Fraction(f) => ((f * d_in as f64).round() as usize).clamp(1, d_in - 1),
+        }
+    }
+}
+
+/// ρ_op per op: a high quantile of the op's input RMS on public text, measured once per model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Which quantile of the row RMS was taken.
+    pub quantile: f64,
+    /// What text it was measured on.
+    pub corpus: String,
+    /// ρ by op key ([`op_key`]).
+    pub rho: BTreeMap<String, f64>,
+}
+
+/// The key of an op in a calibration file: `"<layer>.<op>"` or `"lm_head"`.
+pub fn op_key(op: OpId) -> String {
+    match op {
+        OpId::Block { layer, op } => format!("{layer}.{}", op.name()),
+        OpId::LmHead => "lm_head".into(),
+    }
+}
+
+impl Calibration {
+    /// ρ of an op; every op of the model must be calibrated.
+    pub fn rho(&self, op: OpId) -> Result<f64, RemoError> {
+        let key = op_key(op);
+        match self.rho.get(&key) {
+            Some(&r) if r.is_finite() && r > 0.0 => Ok(r),
+            Some(&r) => Err(RemoError::Config(format!("calibration of {key} is {r}"))),
+            None => Err(RemoError::Config(format!("no calibration for {key}"))),
+        }
+    }
+}

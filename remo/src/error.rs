@@ -1,0 +1,47 @@
+use talaria_engine::{EngineError, OpId};
+use talaria_wire::WireError;
+
+/// What can go wrong while masking or unmasking.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoError {
+    #[error("invalid ReMO configuration: {0}")]
+    Config(String),
+    #[error("ReMO set-up: {0}")]
+    Setup(String),
+    #[error("{0}: not set up")]
+    NotSetUp(OpId),
+    #[error("{op}: input has {found} columns, expected {expected}")]
+    Shape {
+        op: OpId,
+        expected: usize,
+        found: usize,
+    },
+    #[error("{op}: reply has {rows} rows, expected {expected}")]
+    ReplyShape {
+        op: OpId,
+        rows: usize,
+        expected: usize,
+    },
+    #[error("{op}: canary row off by {relative_error:e} (relative): the reply is corrupt")]
+    Canary { op: OpId, relative_error: f64 },
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl RemoError {
+    /// A short machine-readable label for logs and metrics.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            RemoError::Config(_) => "remo_config",
+            RemoError::Setup(_) => "remo_setup",
+            RemoError::NotSetUp(_) => "remo_not_set_up",
+            RemoError::Shape { .. } => "shape",
+            RemoError::ReplyShape { .. } => "reply_shape",
+            RemoError::Canary { .. } => "canary",
+            RemoError::Wire(_) => "wire",
+            RemoError::Engine(e) => e.error_type(),
+        }
+    }
+}

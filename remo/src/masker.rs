@@ -1,0 +1,543 @@
+//! The CVM's side of ReMO for one session: public set-up per op, private mask coefficients,
+//! the offline mask pool, masking with dummy rows and a shuffle, and unmasking with canary checks.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use rand_distr::{Distribution, StandardNormal};
+use talaria_engine::{OpId, Rows};
+use talaria_wire::{BasisSpec, SessionId, SetupReply, SetupRequest, Tensor, expand_basis};
+
+use crate::gemm::{matmul_f32, matmul_f64};
+use crate::{Precision, RemoConfig, RemoError};
+
+/// What the CVM knows of an op after set-up: all of it public.
+struct OpPublic {
+    d_in: usize,
+    d_out: usize,
+    /// `m × d_in` orthonormal rows, or `None` for the identity basis (`m = d_in`).
+    basis: Option<Vec<f64>>,
+    m: usize,
+    /// `R_pub = M_pub · W`, `m × d_out`, in the precision the mode keeps it.
+    r_pub_f32: Vec<f32>,
+    r_pub_f64: Vec<f64>,
+}
+
+/// A mask and its exact product with the op's weight.
+struct MaskPair {
+    mask: Vec<f64>,
+    product: Vec<f64>,
+}
+
+/// Private per-op state: the coefficient generator and the pool of precomputed pairs.
+struct OpState {
+    public: Arc<OpPublic>,
+    /// σ · ρ_op: constant and public, never derived from a row.
+    scale: f64,
+    rng: ChaCha20Rng,
+    pool: VecDeque<MaskPair>,
+}
+
+/// Draws `count` fresh masks with their products, as batched GEMMs.
+fn make_pairs(
+    public: &OpPublic,
+    scale: f64,
+    precision: Precision,
+    rng: &mut ChaCha20Rng,
+    count: usize,
+) -> Vec<MaskPair> {
+    let (d_in, d_out, m) = (public.d_in, public.d_out, public.m);
+    let coeffs: Vec<f64> = (0..count * m)
+        .map(|_| scale * Distribution::<f64>::sample(&StandardNormal, &mut *rng))
+        .collect();
+    let round32 = |v: &mut Vec<f64>| v.iter_mut().for_each(|x| *x = f64::from(*x as f32));
+    // The mask actually added, and the coefficients whose product with R_pub removes it.
+    let (masks, coeffs) = match (&public.basis, precision) {
+        (None, Precision::F64Gemm) => (coeffs.clone(), coeffs),
+        (None, _) => {
+            let mut c = coeffs;
+            round32(&mut c);
+            (c.clone(), c)
+        }
+        (Some(b), Precision::F64Gemm) => (matmul_f64(&coeffs, b, count, m, d_in), coeffs),
+        (Some(b), Precision::F32) => {
+            let mut r = matmul_f64(&coeffs, b, count, m, d_in);
+            round32(&mut r);
+            (r, coeffs)
+        }
+        (Some(b), Precision::F64Client) => {
+            // The exact coefficients of the rounded mask: project it back onto the basis.
+            let mut r = matmul_f64(&coeffs, b, count, m, d_in);
+            round32(&mut r);
+            let mut bt = vec![0f64; d_in * m];
+            for i in 0..m {
+                for j in 0..d_in {
+                    bt[j * m + i] = b[i * d_in + j];
+                }
+            }
+            let c = matmul_f64(&r, &bt, count, d_in, m);
+            (r, c)
+        }
+    };
+    let products: Vec<f64> = if precision.r_pub_f64() {
+        matmul_f64(&coeffs, &public.r_pub_f64, count, m, d_out)
+    } else {
+        let c32: Vec<f32> = coeffs.iter().map(|&x| x as f32).collect();
+        matmul_f32(&c32, &public.r_pub_f32, count, m, d_out)
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    };
+    masks
+        .chunks_exact(d_in)
+        .zip(products.chunks_exact(d_out))
+        .map(|(r, p)| MaskPair {
+            mask: r.to_vec(),
+            product: p.to_vec(),
+        })
+        .collect()
+}
+
+/// Fills every op's pool on a background thread, so the critical path pays only an add and a
+/// subtract per element.
+struct PoolWorker {
+    stop: Arc<AtomicBool>,
+    wake: Arc<(Mutex<bool>, Condvar)>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl PoolWorker {
+    fn start(ops: Vec<Arc<Mutex<OpState>>>, target: usize, precision: Precision) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new((Mutex::new(false), Condvar::new()));
+        let (stop2, wake2) = (stop.clone(), wake.clone());
+        let handle = std::thread::Builder::new()
+            .name("remo-pool".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Relaxed) {
+                    let mut worked = false;
+                    for op in &ops {
+                        // Draw coefficients under the lock, multiply outside it.
+                        let (public, scale, mut rng, need) = {
+                            let mut s = op.lock().unwrap_or_else(|e| e.into_inner());
+                            let need = target.saturating_sub(s.pool.len());
+                            if need == 0 {
+                                continue;
+                            }
+                            let fork = ChaCha20Rng::from_seed(s.rng.random());
+                            (s.public.clone(), s.scale, fork, need)
+                        };
+                        let pairs = make_pairs(&public, scale, precision, &mut rng, need);
+                        op.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .pool
+                            .extend(pairs);
+                        worked = true;
+                        if stop2.load(Ordering::Relaxed) {
+                            return;
+                        }
+                    }
+                    if !worked {
+                        let (lock, cv) = &*wake2;
+                        let mut woken = lock.lock().unwrap_or_else(|e| e.into_inner());
+                        if !*woken {
+                            woken = cv
+                                .wait_timeout(woken, Duration::from_millis(50))
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0;
+                        }
+                        *woken = false;
+                    }
+                }
+            })
+            .ok();
+        Self { stop, wake, handle }
+    }
+
+    fn nudge(&self) {
+        let (lock, cv) = &*self.wake;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_one();
+    }
+}
+
+impl Drop for PoolWorker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.nudge();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// What the CVM keeps between sending a masked call and receiving its reply.
+pub struct Pending {
+    op: OpId,
+    seq: u64,
+    n_real: usize,
+    /// `slots[j]`: where logical row `j` (real rows first, then dummies) sits in the sent batch.
+    slots: Vec<usize>,
+    /// Products of the masks of logical rows; empty when masking is off.
+    products: Vec<Vec<f64>>,
+    d_out: usize,
+}
+
+impl Pending {
+    /// The call's sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+/// Counts of what a session's masker did, for cost reports.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct MaskerStats {
+    pub calls: u64,
+    pub rows_sent: u64,
+    pub dummy_rows: u64,
+    pub pool_hits: u64,
+    pub pool_misses: u64,
+}
+
+/// One session's ReMO state.
+pub struct Masker {
+    config: RemoConfig,
+    session: SessionId,
+    rng: ChaCha20Rng,
+    ops: HashMap<OpId, Arc<Mutex<OpState>>>,
+    worker: Option<PoolWorker>,
+    seq: u64,
+    stats: MaskerStats,
+}
+
+impl Masker {
+    /// A masker whose private randomness comes from `seed` (tests, reproducible studies) or from
+    /// the operating system.
+    pub fn new(
+        config: RemoConfig,
+        session: SessionId,
+        seed: Option<[u8; 32]>,
+    ) -> Result<Self, RemoError> {
+        config.validate()?;
+        let seed = seed.unwrap_or_else(|| rand::rng().random());
+        Ok(Self {
+            config,
+            session,
+            rng: ChaCha20Rng::from_seed(seed),
+            ops: HashMap::new(),
+            worker: None,
+            seq: 0,
+            stats: MaskerStats::default(),
+        })
+    }
+
+    /// The parameters.
+    pub fn config(&self) -> &RemoConfig {
+        &self.config
+    }
+
+    /// What this masker has done so far.
+    pub fn stats(&self) -> &MaskerStats {
+        &self.stats
+    }
+
+    /// The public set-up request for an op of input width `d_in`; `None` when masking is off.
+    pub fn setup_request(&mut self, op: OpId, d_in: usize) -> Option<SetupRequest> {
+        if !self.config.enabled {
+            return None;
+        }
+        let m = self.config.rank_for(d_in);
+        let basis = if m == d_in {
+            BasisSpec::Identity
+        } else {
+            // The basis is public: its seed comes from a stream separate from the coefficients'.
+            BasisSpec::Orthonormal {
+                seed: self.rng.random(),
+                m,
+            }
+        };
+        Some(SetupRequest {
+            session: self.session,
+            op,
+            basis,
+            f64: self.config.precision.r_pub_f64(),
+        })
+    }
+
+    /// Installs the cloud's `R_pub` for an op, with the op's calibrated ρ.
+    pub fn install(
+        &mut self,
+        request: &SetupRequest,
+        reply: SetupReply,
+        d_in: usize,
+        d_out: usize,
+        rho: f64,
+    ) -> Result<(), RemoError> {
+        let op = request.op;
+        let m = request.basis.rank(d_in);
+        reply.r_pub.validate()?;
+        if reply.op != op || reply.r_pub.shape() != (m, d_out) {
+            return Err(RemoError::Setup(format!(
+                "{op}: R_pub for {} is {:?}, expected ({m}, {d_out})",
+                reply.op,
+                reply.r_pub.shape()
+            )));
+        }
+        let basis = expand_basis(&request.basis, d_in);
+        let (r_pub_f32, r_pub_f64) = match reply.r_pub {
+            Tensor::F32 { data, .. } if !self.config.precision.r_pub_f64() => (data, Vec::new()),
+            Tensor::F64 { data, .. } if self.config.precision.r_pub_f64() => (Vec::new(), data),
+            other => {
+                return Err(RemoError::Setup(format!(
+                    "{op}: R_pub arrived in {}",
+                    other.precision()
+                )));
+            }
+        };
+        let state = OpState {
+            public: Arc::new(OpPublic {
+                d_in,
+                d_out,
+                basis,
+                m,
+                r_pub_f32,
+                r_pub_f64,
+            }),
+            scale: self.config.scale * rho,
+            rng: ChaCha20Rng::from_seed(self.rng.random()),
+            pool: VecDeque::new(),
+        };
+        self.ops.insert(op, Arc::new(Mutex::new(state)));
+        Ok(())
+    }
+
+    /// Starts filling the pools in the background (a no-op with a pool size of 0).
+    pub fn start_pool(&mut self) {
+        if self.config.enabled && self.config.pool > 0 && self.worker.is_none() {
+            let ops = self.ops.values().cloned().collect();
+            self.worker = Some(PoolWorker::start(
+                ops,
+                self.config.pool,
+                self.config.precision,
+            ));
+        }
+    }
+
+    /// Masks `x` for `op`: returns the rows to send and what unmasking needs.
+    pub fn mask(&mut self, op: OpId, x: &Rows) -> Result<(Tensor, Pending), RemoError> {
+        self.seq += 1;
+        self.stats.calls += 1;
+        let n = x.rows();
+        if !self.config.enabled {
+            self.stats.rows_sent += n as u64;
+            let tensor = Tensor::F32 {
+                rows: n,
+                cols: x.cols(),
+                data: x.data().to_vec(),
+            };
+            let pending = Pending {
+                op,
+                seq: self.seq,
+                n_real: n,
+                slots: (0..n).collect(),
+                products: Vec::new(),
+                d_out: 0,
+            };
+            return Ok((tensor, pending));
+        }
+        let state = self.ops.get(&op).ok_or(RemoError::NotSetUp(op))?.clone();
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        let (d_in, d_out) = (s.public.d_in, s.public.d_out);
+        if x.cols() != d_in {
+            return Err(RemoError::Shape {
+                op,
+                expected: d_in,
+                found: x.cols(),
+            });
+        }
+        let k = self.config.dummy_rows;
+        let total = n + k;
+        let mut pairs = Vec::with_capacity(total);
+        while pairs.len() < total {
+            match s.pool.pop_front() {
+                Some(p) => {
+                    pairs.push(p);
+                    self.stats.pool_hits += 1;
+                }
+                None => {
+                    let need = total - pairs.len();
+                    self.stats.pool_misses += need as u64;
+                    let public = s.public.clone();
+                    let scale = s.scale;
+                    pairs.extend(make_pairs(
+                        &public,
+                        scale,
+                        self.config.precision,
+                        &mut s.rng,
+                        need,
+                    ));
+                }
+            }
+        }
+        drop(s);
+        if let Some(w) = &self.worker {
+            w.nudge();
+        }
+
+        let mut slots: Vec<usize> = (0..total).collect();
+        if self.config.shuffle {
+            for i in (1..total).rev() {
+                let j = self.rng.random_range(0..=i);
+                slots.swap(i, j);
+            }
+        }
+        let precision = self.config.precision;
+        let mut f64_rows = vec![
+            0f64;
+            if precision.gemm_f64() {
+                total * d_in
+            } else {
+                0
+            }
+        ];
+        let mut f32_rows = vec![
+            0f32;
+            if precision.gemm_f64() {
+                0
+            } else {
+                total * d_in
+            }
+        ];
+        for (j, pair) in pairs.iter().enumerate() {
+            let slot = slots[j];
+            let real = (j < n).then(|| x.row(j));
+            match precision {
+                Precision::F64Gemm => {
+                    let dst = &mut f64_rows[slot * d_in..(slot + 1) * d_in];
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        *d = real.map_or(0.0, |r| f64::from(r[i])) + pair.mask[i];
+                    }
+                }
+                Precision::F64Client => {
+                    let dst = &mut f32_rows[slot * d_in..(slot + 1) * d_in];
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        *d = (real.map_or(0.0, |r| f64::from(r[i])) + pair.mask[i]) as f32;
+                    }
+                }
+                Precision::F32 => {
+                    let dst = &mut f32_rows[slot * d_in..(slot + 1) * d_in];
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        *d = real.map_or(0.0, |r| r[i]) + pair.mask[i] as f32;
+                    }
+                }
+            }
+        }
+        self.stats.rows_sent += total as u64;
+        self.stats.dummy_rows += k as u64;
+        let tensor = if precision.gemm_f64() {
+            Tensor::F64 {
+                rows: total,
+                cols: d_in,
+                data: f64_rows,
+            }
+        } else {
+            Tensor::F32 {
+                rows: total,
+                cols: d_in,
+                data: f32_rows,
+            }
+        };
+        let pending = Pending {
+            op,
+            seq: self.seq,
+            n_real: n,
+            slots,
+            products: pairs.into_iter().map(|p| p.product).collect(),
+            d_out,
+        };
+        Ok((tensor, pending))
+    }
+
+    /// Removes the masks from the cloud's reply, after checking every canary row.
+    pub fn unmask(&self, pending: Pending, y: &Tensor) -> Result<Rows, RemoError> {
+        y.validate()?;
+        let op = pending.op;
+        let total = pending.slots.len();
+        if !self.config.enabled {
+            let (rows, cols) = y.shape();
+            if rows != total {
+                return Err(RemoError::ReplyShape {
+                    op,
+                    rows,
+                    expected: total,
+                });
+            }
+            let data = match y {
+                Tensor::F32 { data, .. } => data.clone(),
+                Tensor::F64 { data, .. } => data.iter().map(|&v| v as f32).collect(),
+            };
+            return Ok(Rows::new(rows, cols, data)?);
+        }
+        let d_out = pending.d_out;
+        if y.shape() != (total, d_out) {
+            return Err(RemoError::ReplyShape {
+                op,
+                rows: y.shape().0,
+                expected: total,
+            });
+        }
+        let precision = self.config.precision;
+        let want = if precision.gemm_f64() { "f64" } else { "f32" };
+        if y.precision() != want {
+            return Err(talaria_wire::WireError::WrongPrecision {
+                expected: want,
+                found: y.precision(),
+            }
+            .into());
+        }
+        let row = |slot: usize| -> Vec<f64> {
+            match y {
+                Tensor::F32 { data, .. } => data[slot * d_out..(slot + 1) * d_out]
+                    .iter()
+                    .map(|&v| f64::from(v))
+                    .collect(),
+                Tensor::F64 { data, .. } => data[slot * d_out..(slot + 1) * d_out].to_vec(),
+            }
+        };
+        // Canaries first: a reply that fails one is not used at all.
+        let tol = precision.canary_tolerance();
+        for j in pending.n_real..total {
+            let got = row(pending.slots[j]);
+            let expected = &pending.products[j];
+            let scale = expected.iter().fold(1f64, |a, v| a.max(v.abs()));
+            let err = got
+                .iter()
+                .zip(expected)
+                .fold(0f64, |a, (g, e)| a.max((g - e).abs()));
+            if !(err <= tol * scale) {
+                return Err(RemoError::Canary {
+                    op,
+                    relative_error: err / scale,
+                });
+            }
+        }
+        let mut out = Vec::with_capacity(pending.n_real * d_out);
+        for j in 0..pending.n_real {
+            let got = row(pending.slots[j]);
+            let p = &pending.products[j];
+            match precision {
+                Precision::F32 => {
+                    out.extend(got.iter().zip(p).map(|(&g, &e)| g as f32 - e as f32));
+                }
+                _ => out.extend(got.iter().zip(p).map(|(g, e)| (g - e) as f32)),
+            }
+        }
+        Ok(Rows::new(pending.n_real, d_out, out)?)
+    }
+}

@@ -1,0 +1,233 @@
+//! The engines the CLI can run, composed here from the CVM side and the cloud side.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use talaria_cvm_agent::{CloudLink, LinkError, RemoLinear};
+use talaria_engine::{
+    EngineError, GenerateRequest, Generation, LinearOps, Tokenizer, Transformer, generate,
+};
+use talaria_gguf::GgufFile;
+use talaria_gpu_node::{CloudExecutor, LinearWeights, PlainEngine, Tap, read_provision};
+use talaria_remo::{Calibration, Precision, Rank, RemoConfig};
+use talaria_wire::{MaskedCall, MaskedReply, SetupReply, SetupRequest};
+
+/// Which engine answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// Both halves in one process, unmasked.
+    Plain,
+    /// The CVM side and the cloud side in one process, joined only by ReMO-masked messages.
+    Remo,
+}
+
+/// The ReMO parameters, as flags. Defaults: `RemoConfig::default()` (see docs/remo.md).
+#[derive(Debug, Clone, Args)]
+pub struct RemoArgs {
+    /// Basis rank: `full` (identity basis), or a fraction of each op's input width for the
+    /// published m < d setting, which leaks.
+    #[arg(long, default_value = "full", value_parser = parse_rank)]
+    pub remo_rank: Rank,
+    /// σ: mask scale in units of each op's calibrated input RMS.
+    #[arg(long, default_value_t = RemoConfig::default().scale)]
+    pub remo_scale: f64,
+    /// Arithmetic: f32, f64-client, or f64-gemm (lossless).
+    #[arg(long, default_value = "f64-gemm", value_parser = parse_precision)]
+    pub remo_precision: Precision,
+    /// Dummy (canary) rows added to every call.
+    #[arg(long, default_value_t = RemoConfig::default().dummy_rows)]
+    pub remo_dummy_rows: usize,
+    /// Shuffle the rows of every call.
+    #[arg(long, default_value_t = RemoConfig::default().shuffle, action = clap::ArgAction::Set)]
+    pub remo_shuffle: bool,
+    /// Masks precomputed per op on a background thread (0: compute on the spot).
+    #[arg(long, default_value_t = RemoConfig::default().pool)]
+    pub remo_pool: usize,
+    /// No masking: the plaintext split (the attack suite's control).
+    #[arg(long)]
+    pub remo_off: bool,
+    /// Seed of the private mask generator (default: from the operating system).
+    #[arg(long)]
+    pub remo_seed: Option<u64>,
+    /// Record everything the cloud sees into this directory (docs/tap-format.md).
+    #[arg(long)]
+    pub tap: Option<PathBuf>,
+}
+
+fn parse_rank(s: &str) -> Result<Rank, String> {
+    if s == "full" {
+        return Ok(Rank::Full);
+    }
+    let f: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is neither `full` nor a fraction"))?;
+    if !(f > 0.0 && f < 1.0) {
+        return Err(format!("rank fraction {f} must be in (0, 1)"));
+    }
+    Ok(Rank::Fraction(f))
+}
+
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    match s {
+        "f32" => Ok(Precision::F32),
+        "f64-client" => Ok(Precision::F64Client),
+        "f64-gemm" => Ok(Precision::F64Gemm),
+        _ => Err(format!("{s:?}: expected f32, f64-client or f64-gemm")),
+    }
+}
+
+impl RemoArgs {
+    /// The configuration these flags describe.
+    pub fn config(&self) -> RemoConfig {
+        RemoConfig {
+            enabled: !self.remo_off,
+            rank: self.remo_rank,
+            scale: self.remo_scale,
+            precision: self.remo_precision,
+            dummy_rows: self.remo_dummy_rows,
+            shuffle: self.remo_shuffle,
+            pool: self.remo_pool,
+        }
+    }
+
+    fn seed(&self) -> Option<[u8; 32]> {
+        self.remo_seed.map(|s| {
+            let mut seed = [0u8; 32];
+            seed[..8].copy_from_slice(&s.to_le_bytes());
+            seed
+        })
+    }
+}
+
+/// The calibration of the default model, measured by `talaria calibrate` on
+/// `calibration/corpus.txt` and embedded in the binary.
+const DEFAULT_CALIBRATION: &str = include_str!("../../calibration/smollm2-135m.json");
+
+/// The embedded calibration.
+pub fn default_calibration() -> Result<Calibration> {
+    serde_json::from_str(DEFAULT_CALIBRATION).context("embedded calibration")
+}
+
+/// The in-process link: every message is encoded with postcard and decoded on the other side,
+/// exactly as the network will carry it.
+pub struct InProcessLink {
+    pub cloud: CloudExecutor,
+}
+
+fn through_wire<T: Serialize + serde::de::DeserializeOwned>(msg: &T) -> Result<T, LinkError> {
+    let bytes = postcard::to_allocvec(msg).map_err(|e| LinkError {
+        error_type: "encode",
+        message: e.to_string(),
+    })?;
+    postcard::from_bytes(&bytes).map_err(|e| LinkError {
+        error_type: "decode",
+        message: e.to_string(),
+    })
+}
+
+fn node_err(e: talaria_gpu_node::NodeError) -> LinkError {
+    LinkError {
+        error_type: e.error_type(),
+        message: e.to_string(),
+    }
+}
+
+impl CloudLink for InProcessLink {
+    fn setup(&mut self, req: &SetupRequest) -> Result<SetupReply, LinkError> {
+        let req = through_wire(req)?;
+        through_wire(&self.cloud.setup(&req).map_err(node_err)?)
+    }
+
+    fn call(&mut self, call: &MaskedCall) -> Result<MaskedReply, LinkError> {
+        let call = through_wire(call)?;
+        through_wire(&self.cloud.call(&call).map_err(node_err)?)
+    }
+}
+
+/// The masked engine: the CVM side driving the cloud side through ReMO.
+pub struct RemoEngine {
+    pub tokenizer: Tokenizer,
+    pub model: Transformer,
+    pub linear: RemoLinear<InProcessLink>,
+}
+
+impl RemoEngine {
+    /// Loads the model: the cloud side reads the file and provisions the CVM side.
+    pub fn load(path: &Path, args: &RemoArgs, calibration: &Calibration) -> Result<Self> {
+        let f = GgufFile::open(path)?;
+        let provision = read_provision(&f)?;
+        let weights = LinearWeights::load(&f, &provision.config)?;
+        drop(f);
+        let tap = args.tap.as_ref().map(Tap::create).transpose()?;
+        let config = provision.config.clone();
+        let (tokenizer, model) = provision.build()?;
+        let link = InProcessLink {
+            cloud: CloudExecutor::new(weights, tap),
+        };
+        let linear = RemoLinear::connect(&config, args.config(), calibration, 1, args.seed(), link)
+            .context("setting up ReMO with the cloud side")?;
+        Ok(Self {
+            tokenizer,
+            model,
+            linear,
+        })
+    }
+}
+
+/// Either engine, behind one interface.
+pub enum Engine {
+    Plain(PlainEngine),
+    Remo(Box<RemoEngine>),
+}
+
+impl Engine {
+    /// Loads the engine `kind` from a model file.
+    pub fn load(kind: EngineKind, path: &Path, remo: &RemoArgs) -> Result<Self> {
+        Ok(match kind {
+            EngineKind::Plain => Engine::Plain(
+                PlainEngine::load(path).with_context(|| format!("loading {}", path.display()))?,
+            ),
+            EngineKind::Remo => Engine::Remo(Box::new(
+                RemoEngine::load(path, remo, &default_calibration()?)
+                    .with_context(|| format!("loading {}", path.display()))?,
+            )),
+        })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        match self {
+            Engine::Plain(e) => &e.tokenizer,
+            Engine::Remo(e) => &e.tokenizer,
+        }
+    }
+
+    /// The weight-free half and the linear ops.
+    pub fn parts(&mut self) -> (&Tokenizer, &Transformer, &mut dyn LinearOps) {
+        match self {
+            Engine::Plain(e) => (&e.tokenizer, &e.model, &mut e.weights),
+            Engine::Remo(e) => (&e.tokenizer, &e.model, &mut e.linear),
+        }
+    }
+
+    /// Generates, calling `on_token` with each id (and its text piece, when complete).
+    pub fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        on_token: impl FnMut(u32) -> Result<(), EngineError>,
+    ) -> Result<Generation, EngineError> {
+        let (_, model, linear) = self.parts();
+        generate(model, linear, req, on_token, None)
+    }
+
+    /// Writes the tap's index, if one is recording.
+    pub fn finish(&mut self) -> Result<()> {
+        if let Engine::Remo(e) = self {
+            e.linear.link_mut().cloud.finish_tap()?;
+        }
+        Ok(())
+    }
+}

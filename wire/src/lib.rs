@@ -1,0 +1,50 @@
+//! What crosses between the CVM side and the cloud side: the ReMO set-up and the masked linear
+//! calls, as serde types that postcard encodes. Everything here is, by definition, seen by the
+//! cloud: no private coefficient, token or plaintext activation has a type in this crate.
+
+mod basis;
+mod tensor;
+
+pub use basis::{BasisSpec, expand_basis};
+pub use tensor::{Tensor, WireError};
+
+use serde::{Deserialize, Serialize};
+use talaria_engine::OpId;
+
+/// Identifies a session (one conversation) to the cloud side.
+pub type SessionId = u64;
+
+/// Asks the cloud for `R_pub = M_pub · W_op` for the public basis `basis`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetupRequest {
+    pub session: SessionId,
+    pub op: OpId,
+    pub basis: BasisSpec,
+    /// Answer in f64 (the f64 precision modes keep `R_pub` in f64).
+    pub f64: bool,
+}
+
+/// The cloud's answer to a [`SetupRequest`]: `R_pub`, `m × d_out`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetupReply {
+    pub op: OpId,
+    pub r_pub: Tensor,
+}
+
+/// One masked linear call: the cloud returns `x̃ · W_op` for every row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MaskedCall {
+    pub session: SessionId,
+    /// Per-session call counter, so replies can be matched and replays noticed.
+    pub seq: u64,
+    pub op: OpId,
+    /// Masked rows (`rows × d_in`): real rows and dummy rows, shuffled.
+    pub x: Tensor,
+}
+
+/// The cloud's answer to a [`MaskedCall`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MaskedReply {
+    pub seq: u64,
+    pub y: Tensor,
+}
