@@ -6,24 +6,8 @@ use std::time::{Duration, Instant};
 
 use talaria_engine::{BlockOp, EngineError, LinearOps, ModelConfig, OpId, Rows};
 use talaria_remo::{Calibration, Masker, MaskerStats, RemoConfig, RemoError};
-use talaria_wire::{MaskedCall, MaskedReply, SessionId, SetupReply, SetupRequest};
-
-/// A failure of the link to the cloud, or of the cloud itself.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{error_type}: {message}")]
-pub struct LinkError {
-    /// A short machine-readable label.
-    pub error_type: &'static str,
-    pub message: String,
-}
-
-/// How the CVM reaches the cloud: in-process now, QUIC later. It carries only wire messages.
-pub trait CloudLink {
-    /// Asks for `R_pub` of one op.
-    fn setup(&mut self, req: &SetupRequest) -> Result<SetupReply, LinkError>;
-    /// Sends one masked call.
-    fn call(&mut self, call: &MaskedCall) -> Result<MaskedReply, LinkError>;
-}
+pub use talaria_wire::{CloudLink, LinkError};
+use talaria_wire::{MaskedCall, SessionId};
 
 /// Everything the CVM side can fail at.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +104,7 @@ impl<L: CloudLink> RemoLinear<L> {
     }
 
     /// What the masker did so far.
-    pub fn stats(&self) -> &MaskerStats {
+    pub fn stats(&self) -> MaskerStats {
         self.masker.stats()
     }
 

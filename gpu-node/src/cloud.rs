@@ -4,7 +4,8 @@
 
 use talaria_engine::{EngineError, OpId, Rows};
 use talaria_wire::{
-    BasisSpec, MaskedCall, MaskedReply, SetupReply, SetupRequest, Tensor, expand_basis,
+    BasisSpec, CloudLink, LinkError, MaskedCall, MaskedReply, SetupReply, SetupRequest, Tensor,
+    expand_basis,
 };
 
 use crate::{LinearWeights, NodeError, Tap};
@@ -115,4 +116,22 @@ impl CloudExecutor {
 
 fn op_out(op: OpId, w: &LinearWeights) -> Result<(usize, usize), EngineError> {
     Ok(op.shape(w.config()))
+}
+
+fn link_err(e: NodeError) -> LinkError {
+    tracing::warn!(error_type = e.error_type(), "cloud call failed: {e}");
+    LinkError {
+        error_type: e.error_type(),
+        message: e.to_string(),
+    }
+}
+
+impl CloudLink for CloudExecutor {
+    fn setup(&mut self, req: &SetupRequest) -> Result<SetupReply, LinkError> {
+        CloudExecutor::setup(self, req).map_err(link_err)
+    }
+
+    fn call(&mut self, call: &MaskedCall) -> Result<MaskedReply, LinkError> {
+        CloudExecutor::call(self, call).map_err(link_err)
+    }
 }

@@ -103,6 +103,23 @@ fn make_pairs(
         .collect()
 }
 
+/// Nanoseconds spent drawing masks and multiplying them out (pool or on the spot).
+type OfflineClock = Arc<std::sync::atomic::AtomicU64>;
+
+fn timed_pairs(
+    clock: &OfflineClock,
+    public: &OpPublic,
+    scale: f64,
+    precision: Precision,
+    rng: &mut ChaCha20Rng,
+    count: usize,
+) -> Vec<MaskPair> {
+    let t0 = std::time::Instant::now();
+    let pairs = make_pairs(public, scale, precision, rng, count);
+    clock.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    pairs
+}
+
 /// Fills every op's pool on a background thread, so the critical path pays only an add and a
 /// subtract per element.
 struct PoolWorker {
@@ -112,7 +129,12 @@ struct PoolWorker {
 }
 
 impl PoolWorker {
-    fn start(ops: Vec<Arc<Mutex<OpState>>>, target: usize, precision: Precision) -> Self {
+    fn start(
+        ops: Vec<Arc<Mutex<OpState>>>,
+        target: usize,
+        precision: Precision,
+        clock: OfflineClock,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let wake = Arc::new((Mutex::new(false), Condvar::new()));
         let (stop2, wake2) = (stop.clone(), wake.clone());
@@ -132,7 +154,7 @@ impl PoolWorker {
                             let fork = ChaCha20Rng::from_seed(s.rng.random());
                             (s.public.clone(), s.scale, fork, need)
                         };
-                        let pairs = make_pairs(&public, scale, precision, &mut rng, need);
+                        let pairs = timed_pairs(&clock, &public, scale, precision, &mut rng, need);
                         op.lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .pool
@@ -203,6 +225,10 @@ pub struct MaskerStats {
     pub dummy_rows: u64,
     pub pool_hits: u64,
     pub pool_misses: u64,
+    /// Seconds spent making masks and their products, in the pool or on the spot.
+    pub mask_generation_s: f64,
+    /// Multiply-adds of mask generation per pair, summed over pairs made.
+    pub mask_generation_macs: u64,
 }
 
 /// One session's ReMO state.
@@ -214,6 +240,7 @@ pub struct Masker {
     worker: Option<PoolWorker>,
     seq: u64,
     stats: MaskerStats,
+    offline: OfflineClock,
 }
 
 impl Masker {
@@ -234,6 +261,7 @@ impl Masker {
             worker: None,
             seq: 0,
             stats: MaskerStats::default(),
+            offline: OfflineClock::default(),
         })
     }
 
@@ -243,8 +271,20 @@ impl Masker {
     }
 
     /// What this masker has done so far.
-    pub fn stats(&self) -> &MaskerStats {
-        &self.stats
+    pub fn stats(&self) -> MaskerStats {
+        let mut s = self.stats.clone();
+        s.mask_generation_s = self.offline.load(Ordering::Relaxed) as f64 * 1e-9;
+        s
+    }
+
+    /// Multiply-adds to make one mask and its product for an op of this masker.
+    fn pair_macs(public: &OpPublic) -> u64 {
+        let basis = if public.basis.is_some() {
+            public.m * public.d_in
+        } else {
+            0
+        };
+        (basis + public.m * public.d_out) as u64
     }
 
     /// The public set-up request for an op of input width `d_in`; `None` when masking is off.
@@ -325,6 +365,7 @@ impl Masker {
                 ops,
                 self.config.pool,
                 self.config.precision,
+                self.offline.clone(),
             ));
         }
     }
@@ -354,6 +395,7 @@ impl Masker {
         let state = self.ops.get(&op).ok_or(RemoError::NotSetUp(op))?.clone();
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         let (d_in, d_out) = (s.public.d_in, s.public.d_out);
+        let pair_macs = Self::pair_macs(&s.public);
         if x.cols() != d_in {
             return Err(RemoError::Shape {
                 op,
@@ -440,6 +482,7 @@ impl Masker {
         }
         self.stats.rows_sent += total as u64;
         self.stats.dummy_rows += k as u64;
+        self.stats.mask_generation_macs += pair_macs * total as u64;
         let tensor = if precision.gemm_f64() {
             Tensor::F64 {
                 rows: total,

@@ -5,14 +5,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
-use talaria_cvm_agent::{CloudLink, LinkError, RemoLinear};
+use talaria_cvm_agent::RemoLinear;
 use talaria_engine::{
     EngineError, GenerateRequest, Generation, LinearOps, Tokenizer, Transformer, generate,
 };
 use talaria_gguf::GgufFile;
 use talaria_gpu_node::{CloudExecutor, LinearWeights, PlainEngine, Tap, read_provision};
 use talaria_remo::{Calibration, Precision, Rank, RemoConfig};
-use talaria_wire::{MaskedCall, MaskedReply, SetupReply, SetupRequest};
+use talaria_wire::Loopback;
 
 /// Which engine answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -111,47 +111,11 @@ pub fn default_calibration() -> Result<Calibration> {
     serde_json::from_str(DEFAULT_CALIBRATION).context("embedded calibration")
 }
 
-/// The in-process link: every message is encoded with postcard and decoded on the other side,
-/// exactly as the network will carry it.
-pub struct InProcessLink {
-    pub cloud: CloudExecutor,
-}
-
-fn through_wire<T: Serialize + serde::de::DeserializeOwned>(msg: &T) -> Result<T, LinkError> {
-    let bytes = postcard::to_allocvec(msg).map_err(|e| LinkError {
-        error_type: "encode",
-        message: e.to_string(),
-    })?;
-    postcard::from_bytes(&bytes).map_err(|e| LinkError {
-        error_type: "decode",
-        message: e.to_string(),
-    })
-}
-
-fn node_err(e: talaria_gpu_node::NodeError) -> LinkError {
-    LinkError {
-        error_type: e.error_type(),
-        message: e.to_string(),
-    }
-}
-
-impl CloudLink for InProcessLink {
-    fn setup(&mut self, req: &SetupRequest) -> Result<SetupReply, LinkError> {
-        let req = through_wire(req)?;
-        through_wire(&self.cloud.setup(&req).map_err(node_err)?)
-    }
-
-    fn call(&mut self, call: &MaskedCall) -> Result<MaskedReply, LinkError> {
-        let call = through_wire(call)?;
-        through_wire(&self.cloud.call(&call).map_err(node_err)?)
-    }
-}
-
 /// The masked engine: the CVM side driving the cloud side through ReMO.
 pub struct RemoEngine {
     pub tokenizer: Tokenizer,
     pub model: Transformer,
-    pub linear: RemoLinear<InProcessLink>,
+    pub linear: RemoLinear<Loopback<CloudExecutor>>,
 }
 
 impl RemoEngine {
@@ -164,9 +128,7 @@ impl RemoEngine {
         let tap = args.tap.as_ref().map(Tap::create).transpose()?;
         let config = provision.config.clone();
         let (tokenizer, model) = provision.build()?;
-        let link = InProcessLink {
-            cloud: CloudExecutor::new(weights, tap),
-        };
+        let link = Loopback(CloudExecutor::new(weights, tap));
         let linear = RemoLinear::connect(&config, args.config(), calibration, 1, args.seed(), link)
             .context("setting up ReMO with the cloud side")?;
         Ok(Self {
@@ -226,7 +188,7 @@ impl Engine {
     /// Writes the tap's index, if one is recording.
     pub fn finish(&mut self) -> Result<()> {
         if let Engine::Remo(e) = self {
-            e.linear.link_mut().cloud.finish_tap()?;
+            e.linear.link_mut().0.finish_tap()?;
         }
         Ok(())
     }

@@ -4,6 +4,7 @@ mod bench;
 mod calibrate;
 mod engines;
 mod generate;
+mod lossless;
 
 use std::path::PathBuf;
 
@@ -36,6 +37,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Measure each op's input RMS quantile (ρ_op) on public text for ReMO's mask scale.
     Calibrate(calibrate::CalibrateArgs),
+    /// Compare the plain and ReMO engines: greedy agreement, logit drift, mask cost.
+    Lossless(lossless::LosslessArgs),
 }
 
 /// Where the model file is: `--model-file` if given, else the default model in the cache.
@@ -79,5 +82,6 @@ fn main() -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Calibrate(args) => calibrate::run(args),
+        Command::Lossless(args) => lossless::run(args),
     }
 }

@@ -220,3 +220,46 @@ pub fn write_tiny_model(dir: &Path, opts: &TinyOptions) -> PathBuf {
     std::fs::write(&path, tiny_model(opts)).unwrap();
     path
 }
+
+/// The calibration checked in for the default model.
+pub fn calibration() -> talaria_remo::Calibration {
+    let path = repo_root().join("calibration/smollm2-135m.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// The masked engine on a model file, composed as the CLI composes it: the cloud side reads the
+/// file and provisions the CVM side, and the two meet only through a postcard loopback.
+pub struct RemoSplit<L: talaria_wire::CloudLink> {
+    pub tokenizer: talaria_engine::Tokenizer,
+    pub model: talaria_engine::Transformer,
+    pub linear: talaria_cvm_agent::RemoLinear<L>,
+}
+
+/// Builds a [`RemoSplit`]; `wrap` may put something (a tamperer) between the two sides.
+pub fn remo_split<L: talaria_wire::CloudLink>(
+    path: &Path,
+    config: talaria_remo::RemoConfig,
+    tap: Option<&Path>,
+    wrap: impl FnOnce(talaria_gpu_node::CloudExecutor) -> L,
+) -> Result<RemoSplit<L>, talaria_cvm_agent::AgentError> {
+    let f = talaria_gguf::GgufFile::open(path).unwrap();
+    let provision = talaria_gpu_node::read_provision(&f).unwrap();
+    let weights = talaria_gpu_node::LinearWeights::load(&f, &provision.config).unwrap();
+    let tap = tap.map(|d| talaria_gpu_node::Tap::create(d).unwrap());
+    let cloud = talaria_gpu_node::CloudExecutor::new(weights, tap);
+    let config_model = provision.config.clone();
+    let (tokenizer, model) = provision.build().unwrap();
+    let linear = talaria_cvm_agent::RemoLinear::connect(
+        &config_model,
+        config,
+        &calibration(),
+        1,
+        Some([42; 32]),
+        wrap(cloud),
+    )?;
+    Ok(RemoSplit {
+        tokenizer,
+        model,
+        linear,
+    })
+}

@@ -3,9 +3,11 @@
 //! cloud: no private coefficient, token or plaintext activation has a type in this crate.
 
 mod basis;
+mod link;
 mod tensor;
 
 pub use basis::{BasisSpec, expand_basis};
+pub use link::{CloudLink, LinkError, Loopback};
 pub use tensor::{Tensor, WireError};
 
 use serde::{Deserialize, Serialize};

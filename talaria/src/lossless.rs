@@ -1,0 +1,218 @@
+//! `talaria lossless`: the plain and the masked engines on the same prompts in one run —
+//! greedy-token agreement, logit drift, and the mask's cost per token, per ReMO setting.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Serialize;
+use talaria_engine::{GenerateRequest, SamplingParams, argmax, generate};
+use talaria_gpu_node::PlainEngine;
+use talaria_remo::{Precision, RemoConfig};
+
+use crate::engines::{RemoArgs, RemoEngine, default_calibration};
+
+#[derive(Debug, Args)]
+pub struct LosslessArgs {
+    /// Prompts, one per line.
+    #[arg(long, default_value = "calibration/lossless-prompts.txt")]
+    pub prompts: PathBuf,
+    /// How many of them to run.
+    #[arg(long, default_value_t = 50)]
+    pub n_prompts: usize,
+    /// Greedy tokens per prompt.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Run the grid (f64-gemm at σ=1e4; f32 and f64-client at σ = 10, 30, 100, 1000)
+    /// instead of the one setting given by the --remo-* flags.
+    #[arg(long)]
+    pub grid: bool,
+    /// Also write the JSON report here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Model file (default: the fetched SmolLM2-135M-Instruct).
+    #[arg(long)]
+    pub model_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub remo: RemoArgs,
+}
+
+/// The plain engine's greedy run of one prompt, with the logits of every step.
+struct Reference {
+    prompt: Vec<u32>,
+    ids: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+}
+
+#[derive(Debug, Serialize)]
+struct SettingReport {
+    config: RemoConfig,
+    prompts: usize,
+    tokens: usize,
+    /// Steps whose greedy token equals the plain engine's, fed the plain engine's tokens.
+    token_agreement: f64,
+    /// Prompts whose whole greedy sequence equals the plain engine's.
+    sequence_agreement: f64,
+    max_abs_dlogit: f64,
+    mean_abs_dlogit: f64,
+    /// Critical-path seconds per token spent masking and unmasking.
+    online_mask_ms_per_token: f64,
+    /// Seconds per token spent making masks and their products (pool or on the spot).
+    offline_mask_ms_per_token: f64,
+    /// Multiply-adds per token to make masks and their products.
+    offline_mask_macs_per_token: f64,
+    /// Multiply-adds per token of the model's own projections (rows actually needed).
+    model_macs_per_token: f64,
+    cloud_ms_per_token: f64,
+    wall_s: f64,
+}
+
+fn grid(base: &RemoConfig) -> Vec<RemoConfig> {
+    let mut v = vec![RemoConfig {
+        precision: Precision::F64Gemm,
+        scale: 1e4,
+        shuffle: true,
+        dummy_rows: base.dummy_rows.max(1),
+        ..base.clone()
+    }];
+    for precision in [Precision::F32, Precision::F64Client] {
+        for scale in [10.0, 30.0, 100.0, 1000.0] {
+            v.push(RemoConfig {
+                precision,
+                scale,
+                ..base.clone()
+            });
+        }
+    }
+    v
+}
+
+pub fn run(args: LosslessArgs) -> Result<()> {
+    let path = crate::resolve_model(args.model_file.clone())?;
+    let text = std::fs::read_to_string(&args.prompts)
+        .with_context(|| format!("reading {}", args.prompts.display()))?;
+    let mut plain =
+        PlainEngine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let eos = plain.tokenizer.eos();
+    let mut refs = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(args.n_prompts)
+    {
+        let prompt = plain.tokenizer.encode(line)?;
+        let req = GenerateRequest {
+            prompt_ids: prompt.clone(),
+            max_tokens: args.max_tokens,
+            sampling: SamplingParams::default(),
+            stop_ids: vec![eos],
+        };
+        let mut logits = Vec::new();
+        let mut keep = |l: &[f32]| logits.push(l.to_vec());
+        let g = generate(
+            &plain.model,
+            &mut plain.weights,
+            &req,
+            |_| Ok(()),
+            Some(&mut keep),
+        )?;
+        refs.push(Reference {
+            prompt,
+            ids: g.ids,
+            logits,
+        });
+    }
+    let model_macs: f64 = {
+        let c = plain.model.config();
+        talaria_cvm_agent::all_ops(c)
+            .iter()
+            .map(|op| {
+                let (i, o) = op.shape(c);
+                (i * o) as f64
+            })
+            .sum()
+    };
+    drop(plain);
+
+    let calibration = default_calibration()?;
+    let settings = if args.grid {
+        grid(&args.remo.config())
+    } else {
+        vec![args.remo.config()]
+    };
+    let mut reports = Vec::new();
+    for config in settings {
+        let t0 = Instant::now();
+        let mut flags = args.remo.clone();
+        flags.remo_off = !config.enabled;
+        flags.remo_rank = config.rank;
+        flags.remo_scale = config.scale;
+        flags.remo_precision = config.precision;
+        flags.remo_dummy_rows = config.dummy_rows;
+        flags.remo_shuffle = config.shuffle;
+        flags.remo_pool = config.pool;
+        let mut engine = RemoEngine::load(&path, &flags, &calibration)?;
+        let (mut agree, mut tokens, mut same_seq) = (0usize, 0usize, 0usize);
+        let (mut max_d, mut sum_d, mut n_d) = (0f64, 0f64, 0usize);
+        for r in &refs {
+            let mut cache = engine.model.new_cache();
+            let mut all_agree = true;
+            for (step, want) in r.ids.iter().enumerate() {
+                // Teacher forcing: both engines see the same context at every step.
+                let input = if step == 0 {
+                    r.prompt.clone()
+                } else {
+                    vec![r.ids[step - 1]]
+                };
+                let logits = engine
+                    .model
+                    .forward(&mut engine.linear, &mut cache, &input)?;
+                for (a, b) in logits.iter().zip(&r.logits[step]) {
+                    let d = f64::from((a - b).abs());
+                    max_d = max_d.max(d);
+                    sum_d += d;
+                    n_d += 1;
+                }
+                let ok = argmax(&logits) == *want;
+                agree += usize::from(ok);
+                all_agree &= ok;
+                tokens += 1;
+            }
+            same_seq += usize::from(all_agree);
+        }
+        let stats = engine.linear.stats();
+        let timings = engine.linear.timings().clone();
+        let per_token = |x: f64| x / tokens.max(1) as f64;
+        let report = SettingReport {
+            prompts: refs.len(),
+            tokens,
+            token_agreement: agree as f64 / tokens.max(1) as f64,
+            sequence_agreement: same_seq as f64 / refs.len().max(1) as f64,
+            max_abs_dlogit: max_d,
+            mean_abs_dlogit: sum_d / n_d.max(1) as f64,
+            online_mask_ms_per_token: per_token(timings.online_mask_s * 1e3),
+            offline_mask_ms_per_token: per_token(stats.mask_generation_s * 1e3),
+            offline_mask_macs_per_token: per_token(stats.mask_generation_macs as f64),
+            model_macs_per_token: model_macs,
+            cloud_ms_per_token: per_token(timings.cloud_s * 1e3),
+            wall_s: t0.elapsed().as_secs_f64(),
+            config,
+        };
+        eprintln!(
+            "{:?} σ={} agreement {:.4} sequences {:.3} max|Δlogit| {:.2e}",
+            report.config.precision,
+            report.config.scale,
+            report.token_agreement,
+            report.sequence_agreement,
+            report.max_abs_dlogit
+        );
+        reports.push(report);
+    }
+    let json = serde_json::to_string_pretty(&reports)?;
+    if let Some(out) = &args.out {
+        std::fs::write(out, &json).with_context(|| format!("writing {}", out.display()))?;
+    }
+    println!("{json}");
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! The ReMO split on the real model: the same greedy answers as the plain engine, a tap that
+//! holds no plaintext, and a tampering cloud caught by the canaries.
+
+use talaria_engine::{EngineError, GenerateRequest, SamplingParams, generate};
+use talaria_gpu_node::CloudExecutor;
+use talaria_remo::{Precision, RemoConfig};
+use talaria_tests::{golden, ids, real_model, remo_split};
+use talaria_wire::{
+    CloudLink, LinkError, Loopback, MaskedCall, MaskedReply, SetupReply, SetupRequest, Tensor,
+};
+
+fn golden_ids_hold(config: RemoConfig) {
+    let mut split = remo_split(&real_model(), config, None, Loopback).unwrap();
+    let reference = golden("greedy.json");
+    let prompts = golden("prompts.json");
+    for (r, p) in reference["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(prompts["prompts"].as_array().unwrap())
+    {
+        let req = GenerateRequest {
+            prompt_ids: ids(&r["prompt_ids"]),
+            max_tokens: p["max_tokens"].as_u64().unwrap() as usize,
+            sampling: SamplingParams::default(),
+            stop_ids: vec![split.tokenizer.eos()],
+        };
+        let g = generate(&split.model, &mut split.linear, &req, |_| Ok(()), None).unwrap();
+        assert_eq!(g.ids, ids(&r["ids"]), "prompt {}", r["name"]);
+    }
+    let stats = split.linear.stats();
+    assert!(stats.calls > 0 && stats.dummy_rows > 0);
+}
+
+#[test]
+fn default_setting_gives_the_reference_greedy_ids() {
+    golden_ids_hold(RemoConfig::default());
+}
+
+#[test]
+fn f64_gemm_at_scale_1e4_with_shuffle_and_dummies_gives_the_reference_greedy_ids() {
+    golden_ids_hold(RemoConfig {
+        precision: Precision::F64Gemm,
+        scale: 1e4,
+        shuffle: true,
+        dummy_rows: 3,
+        ..Default::default()
+    });
+}
+
+/// Reads a `.npy` written by the tap: (rows, cols, values as f64).
+fn read_npy(path: &std::path::Path) -> (usize, usize, Vec<f64>) {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..6], b"\x93NUMPY");
+    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+    let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
+    assert_eq!((10 + hlen) % 64, 0, "header is padded to 64 bytes");
+    let shape = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    let dims: Vec<usize> = shape
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let data = &b[10 + hlen..];
+    let values = if header.contains("<f8") {
+        data.chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    } else {
+        data.chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap())))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(values.len(), dims[0] * dims[1]);
+    (dims[0], dims[1], values)
+}
+
+/// The first op's plaintext input rows: the gain-free norm of the prompt's embeddings.
+fn first_layer_inputs(
+    split: &talaria_tests::RemoSplit<impl CloudLink>,
+    prompt: &[u32],
+) -> Vec<Vec<f64>> {
+    let d = split.model.config().d_model;
+    let h = split.model.embed(prompt).unwrap();
+    let x = talaria_engine::ops::rms_norm(&h, d, split.model.config().norm_eps);
+    x.chunks(d)
+        .map(|r| r.iter().map(|&v| f64::from(v)).collect())
+        .collect()
+}
+
+fn tap_run(config: RemoConfig) -> (tempfile::TempDir, Vec<Vec<f64>>, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut split = remo_split(&real_model(), config, Some(dir.path()), Loopback).unwrap();
+    let prompt = split
+        .tokenizer
+        .encode("My secret password is hunter2")
+        .unwrap();
+    let req = GenerateRequest {
+        prompt_ids: prompt.clone(),
+        max_tokens: 2,
+        sampling: SamplingParams::default(),
+        stop_ids: vec![],
+    };
+    generate(&split.model, &mut split.linear, &req, |_| Ok(()), None).unwrap();
+    split.linear.link_mut().0.finish_tap().unwrap();
+    let plain_rows = first_layer_inputs(&split, &prompt);
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("index.json")).unwrap())
+            .unwrap();
+    (dir, plain_rows, index)
+}
+
+fn nearest(rows: &[f64], cols: usize, target: &[f64]) -> f64 {
+    rows.chunks(cols)
+        .map(|r| {
+            r.iter()
+                .zip(target)
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+#[test]
+fn the_tap_records_what_the_cloud_sees_and_no_plaintext() {
+    let (dir, plain_rows, index) = tap_run(RemoConfig {
+        precision: Precision::F32,
+        ..Default::default()
+    });
+    let events = index["events"].as_array().unwrap();
+    assert_eq!(index["format"], "talaria-tap-1");
+    assert_eq!(events.iter().filter(|e| e["kind"] == "setup").count(), 121);
+    let calls: Vec<_> = events.iter().filter(|e| e["kind"] == "call").collect();
+    assert_eq!(
+        calls.len(),
+        2 * 121,
+        "prefill and one decode step, every op"
+    );
+    let first = calls[0];
+    assert_eq!(
+        (first["op"].as_str(), first["layer"].as_u64()),
+        (Some("qkv"), Some(0))
+    );
+    let (rows, cols, values) = read_npy(&dir.path().join(first["file"].as_str().unwrap()));
+    assert_eq!(
+        (rows, cols),
+        (plain_rows.len() + 2, 576),
+        "prompt rows plus two dummies"
+    );
+    for x in &plain_rows {
+        // Masked rows are σ·ρ·√d ≈ 2400 away from the data; none is anywhere near it.
+        assert!(nearest(&values, cols, x) > 100.0);
+    }
+
+    // The control: with masking off the tap holds exactly the plaintext rows.
+    let (dir, plain_rows, index) = tap_run(RemoConfig {
+        enabled: false,
+        ..Default::default()
+    });
+    let first = index["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "call")
+        .unwrap()
+        .clone();
+    let (_, cols, values) = read_npy(&dir.path().join(first["file"].as_str().unwrap()));
+    for x in &plain_rows {
+        assert!(nearest(&values, cols, x) < 1e-6);
+    }
+}
+
+/// A cloud that adds a small error to every result it returns.
+struct Tamperer(CloudExecutor);
+
+impl CloudLink for Tamperer {
+    fn setup(&mut self, req: &SetupRequest) -> Result<SetupReply, LinkError> {
+        CloudLink::setup(&mut self.0, req)
+    }
+    fn call(&mut self, call: &MaskedCall) -> Result<MaskedReply, LinkError> {
+        let mut reply = CloudLink::call(&mut self.0, call)?;
+        match &mut reply.y {
+            Tensor::F32 { data, .. } => data.iter_mut().for_each(|v| *v += 0.05),
+            Tensor::F64 { data, .. } => data.iter_mut().for_each(|v| *v += 0.05),
+        }
+        Ok(reply)
+    }
+}
+
+#[test]
+fn a_tampering_cloud_is_caught_by_the_canaries() {
+    let mut split = remo_split(&real_model(), RemoConfig::default(), None, Tamperer).unwrap();
+    let req = GenerateRequest {
+        prompt_ids: vec![504, 3458],
+        max_tokens: 3,
+        sampling: SamplingParams::default(),
+        stop_ids: vec![],
+    };
+    let err = generate(&split.model, &mut split.linear, &req, |_| Ok(()), None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::Outsourced {
+                error_type: "canary",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn malformed_calls_get_typed_errors_from_the_cloud() {
+    let f = talaria_gguf::GgufFile::open(real_model()).unwrap();
+    let config = talaria_gpu_node::read_config(&f).unwrap();
+    let mut cloud = CloudExecutor::new(
+        talaria_gpu_node::LinearWeights::load(&f, &config).unwrap(),
+        None,
+    );
+    let op = talaria_engine::OpId::Block {
+        layer: 0,
+        op: talaria_engine::BlockOp::Down,
+    };
+    let bad = [
+        Tensor::F32 {
+            rows: 1,
+            cols: 576,
+            data: vec![0.0; 576],
+        }, // wrong width for down
+        Tensor::F64 {
+            rows: 2,
+            cols: 1536,
+            data: vec![0.0; 1536],
+        }, // length disagrees
+    ];
+    for x in bad {
+        let err = cloud
+            .call(&MaskedCall {
+                session: 1,
+                seq: 1,
+                op,
+                x,
+            })
+            .unwrap_err();
+        assert!(
+            ["shape", "bad_request", "bad_op"].contains(&err.error_type()),
+            "{err}"
+        );
+    }
+    let far = talaria_engine::OpId::Block {
+        layer: 30,
+        op: talaria_engine::BlockOp::Qkv,
+    };
+    let x = Tensor::F32 {
+        rows: 1,
+        cols: 576,
+        data: vec![0.0; 576],
+    };
+    assert!(
+        cloud
+            .call(&MaskedCall {
+                session: 1,
+                seq: 2,
+                op: far,
+                x
+            })
+            .is_err()
+    );
+    // The executor still serves a good call afterwards.
+    let x = Tensor::F32 {
+        rows: 1,
+        cols: 1536,
+        data: vec![0.0; 1536],
+    };
+    assert!(
+        cloud
+            .call(&MaskedCall {
+                session: 1,
+                seq: 3,
+                op,
+                x
+            })
+            .is_ok()
+    );
+}
