@@ -56,14 +56,18 @@ struct SettingReport {
     sequence_agreement: f64,
     max_abs_dlogit: f64,
     mean_abs_dlogit: f64,
-    /// Critical-path seconds per token spent masking and unmasking.
+    /// Positions run through the model (prompt tokens and fed-back tokens): the unit of the
+    /// per-token costs below.
+    positions: usize,
+    /// Critical-path milliseconds per position spent masking and unmasking.
     online_mask_ms_per_token: f64,
-    /// Seconds per token spent making masks and their products (pool or on the spot).
+    /// Milliseconds per position spent making masks and their products (pool or on the spot).
     offline_mask_ms_per_token: f64,
-    /// Multiply-adds per token to make masks and their products.
+    /// Multiply-adds per position to make masks and their products (dummy rows included).
     offline_mask_macs_per_token: f64,
-    /// Multiply-adds per token of the model's own projections (rows actually needed).
+    /// Multiply-adds per position of the model's own projections.
     model_macs_per_token: f64,
+    /// Milliseconds per position waiting for the cloud.
     cloud_ms_per_token: f64,
     wall_s: f64,
 }
@@ -153,7 +157,7 @@ pub fn run(args: LosslessArgs) -> Result<()> {
         flags.remo_shuffle = config.shuffle;
         flags.remo_pool = config.pool;
         let mut engine = RemoEngine::load(&path, &flags, &calibration)?;
-        let (mut agree, mut tokens, mut same_seq) = (0usize, 0usize, 0usize);
+        let (mut agree, mut tokens, mut same_seq, mut positions) = (0usize, 0usize, 0usize, 0usize);
         let (mut max_d, mut sum_d, mut n_d) = (0f64, 0f64, 0usize);
         for r in &refs {
             let mut cache = engine.model.new_cache();
@@ -165,6 +169,7 @@ pub fn run(args: LosslessArgs) -> Result<()> {
                 } else {
                     vec![r.ids[step - 1]]
                 };
+                positions += input.len();
                 let logits = engine
                     .model
                     .forward(&mut engine.linear, &mut cache, &input)?;
@@ -183,10 +188,11 @@ pub fn run(args: LosslessArgs) -> Result<()> {
         }
         let stats = engine.linear.stats();
         let timings = engine.linear.timings().clone();
-        let per_token = |x: f64| x / tokens.max(1) as f64;
+        let per_token = |x: f64| x / positions.max(1) as f64;
         let report = SettingReport {
             prompts: refs.len(),
             tokens,
+            positions,
             token_agreement: agree as f64 / tokens.max(1) as f64,
             sequence_agreement: same_seq as f64 / refs.len().max(1) as f64,
             max_abs_dlogit: max_d,
