@@ -290,3 +290,66 @@ fn fetch_model_is_idempotent_and_prints_only_the_path() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("already present and verified"));
 }
+
+#[test]
+fn remo_engine_through_the_cli() {
+    let model = real_model();
+    let model = model.to_str().unwrap();
+    let story = &golden("greedy.json")["results"][0];
+    let dir = tempfile::tempdir().unwrap();
+    let tap = dir.path().join("tap");
+    let j = ok_json(&[
+        "generate",
+        "--engine",
+        "remo",
+        "--prompt-ids",
+        &csv(&ids(&story["prompt_ids"])),
+        "--max-tokens",
+        "8",
+        "--remo-precision",
+        "f32",
+        "--remo-scale",
+        "30",
+        "--remo-seed",
+        "5",
+        "--json",
+        "--tap",
+        tap.to_str().unwrap(),
+        "--model-file",
+        model,
+    ]);
+    assert_eq!(ids(&j["ids"]), ids(&story["ids"])[..8]);
+    assert_eq!(j["engine"], "remo");
+    let index: Value =
+        serde_json::from_str(&std::fs::read_to_string(tap.join("index.json")).unwrap()).unwrap();
+    let calls = index["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "call")
+        .count();
+    assert_eq!(calls, 8 * 121);
+
+    for bad in [
+        ["--remo-rank", "1.5"],
+        ["--remo-precision", "f16"],
+        ["--remo-scale", "-3"],
+    ] {
+        let out = talaria(&[
+            "generate",
+            "--engine",
+            "remo",
+            "--prompt",
+            "hi",
+            "--model-file",
+            model,
+            bad[0],
+            bad[1],
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && !err.contains("panicked"),
+            "{bad:?}: {err}"
+        );
+    }
+}
