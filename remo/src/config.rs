@@ -76,7 +76,7 @@ impl Default for RemoConfig {
             precision: Precision::F64Gemm,
             dummy_rows: 2,
             shuffle: true,
-            pool: 16,
+            pool: 32,
         }
     }
 }

@@ -147,10 +147,12 @@ impl PoolWorker {
                         // Draw coefficients under the lock, multiply outside it.
                         let (public, scale, mut rng, need) = {
                             let mut s = op.lock().unwrap_or_else(|e| e.into_inner());
-                            let need = target.saturating_sub(s.pool.len());
-                            if need == 0 {
+                            // Refill only below half full, to the top: batches of at least
+                            // target/2 pairs amortise reading R_pub over many masks.
+                            if s.pool.len() * 2 > target {
                                 continue;
                             }
+                            let need = target - s.pool.len();
                             let fork = ChaCha20Rng::from_seed(s.rng.random());
                             (s.public.clone(), s.scale, fork, need)
                         };

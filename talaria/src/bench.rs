@@ -5,7 +5,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 use talaria_engine::{GenerateRequest, SamplingParams};
-use talaria_gpu_node::PlainEngine;
+
+use crate::engines::{Engine, EngineKind, RemoArgs};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -24,6 +25,11 @@ pub struct BenchArgs {
     /// Model file (default: the fetched SmolLM2-135M-Instruct).
     #[arg(long)]
     pub model_file: Option<PathBuf>,
+    /// Engine to measure.
+    #[arg(long, value_enum, default_value = "plain")]
+    pub engine: EngineKind,
+    #[command(flatten)]
+    pub remo: RemoArgs,
 }
 
 #[derive(Serialize)]
@@ -35,7 +41,9 @@ struct Run {
 
 #[derive(Serialize)]
 struct Report {
-    engine: &'static str,
+    engine: String,
+    /// The ReMO parameters, for `--engine remo`.
+    remo: Option<talaria_remo::RemoConfig>,
     model: String,
     threads: usize,
     load_ms: f64,
@@ -51,10 +59,10 @@ struct Report {
 }
 
 /// A prompt of exactly `n` tokens from a fixed public text, so every engine sees the same ids.
-pub fn bench_prompt(engine: &PlainEngine, n: usize) -> Result<Vec<u32>> {
+pub fn bench_prompt(engine: &Engine, n: usize) -> Result<Vec<u32>> {
     const TEXT: &str = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles \
         begins with a single step. All that glitters is not gold. ";
-    let mut ids = engine.tokenizer.encode(TEXT)?;
+    let mut ids = engine.tokenizer().encode(TEXT)?;
     while ids.len() < n {
         let more = ids.clone();
         ids.extend(more);
@@ -71,8 +79,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(args: BenchArgs) -> Result<()> {
     let model_path = crate::resolve_model(args.model_file.clone())?;
     let t_load = Instant::now();
-    let mut engine = PlainEngine::load(&model_path)
-        .with_context(|| format!("loading {}", model_path.display()))?;
+    let mut engine = Engine::load(args.engine, &model_path, &args.remo)?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
     let prompt = bench_prompt(&engine, args.prompt_tokens.max(1))?;
     let mut runs = Vec::new();
@@ -93,7 +100,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         });
     }
     let report = Report {
-        engine: "talaria-plain",
+        engine: format!("talaria-{}", serde_json::to_value(args.engine)?.as_str().unwrap_or("?")),
+        remo: (args.engine == EngineKind::Remo).then(|| args.remo.config()),
         model: model_path.display().to_string(),
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         load_ms,
