@@ -12,12 +12,12 @@ build_release
 fetch_model
 OUT="${OUT:-bench-results}"
 mkdir -p "$OUT"
-./target/release/talaria bench --prompt-tokens "${PROMPT_TOKENS:-128}" --gen-tokens "${GEN_TOKENS:-64}" \
+"$TALARIA" bench --prompt-tokens "${PROMPT_TOKENS:-128}" --gen-tokens "${GEN_TOKENS:-64}" \
   --runs "${RUNS:-3}" --out "$OUT/talaria-plain.json" > /dev/null
 "$VENV/bin/python" tools/bench_llamacpp.py "$MODEL" "$OUT/talaria-plain.json" > "$OUT/llama-cpp.json"
 # The masked engine in its three precision modes, on the same prompt.
 for mode in f32 f64-client f64-gemm; do
-  ./target/release/talaria bench --engine remo --remo-precision "$mode" \
+  "$TALARIA" bench --engine remo --remo-precision "$mode" \
     --prompt-tokens "${PROMPT_TOKENS:-128}" --gen-tokens "${GEN_TOKENS:-64}" --runs "${RUNS:-3}" \
     --out "$OUT/talaria-remo-$mode.json" > /dev/null
 done

@@ -6,4 +6,4 @@ ensure_venv
 build_release
 fetch_model
 PROMPT="${1:-Once upon a time, there was a little}"
-./target/release/talaria generate --engine plain --prompt "$PROMPT" --max-tokens "${MAX_TOKENS:-25}"
+"$TALARIA" generate --engine plain --prompt "$PROMPT" --max-tokens "${MAX_TOKENS:-25}"

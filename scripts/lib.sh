@@ -4,6 +4,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="${TALARIA_VENV:-$ROOT/.venv}"
+TALARIA="${CARGO_TARGET_DIR:-$ROOT/target}/release/talaria"
 
 ensure_rust() {
   command -v cargo >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
@@ -27,6 +28,6 @@ build_release() {
 }
 
 fetch_model() {
-  MODEL="$(./target/release/talaria fetch-model)"
+  MODEL="$("$TALARIA" fetch-model)"
   export MODEL
 }
