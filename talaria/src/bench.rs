@@ -100,7 +100,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         });
     }
     let report = Report {
-        engine: format!("talaria-{}", serde_json::to_value(args.engine)?.as_str().unwrap_or("?")),
+        engine: format!(
+            "talaria-{}",
+            serde_json::to_value(args.engine)?.as_str().unwrap_or("?")
+        ),
         remo: (args.engine == EngineKind::Remo).then(|| args.remo.config()),
         model: model_path.display().to_string(),
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
