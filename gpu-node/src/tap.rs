@@ -179,3 +179,12 @@ impl Tap {
         std::fs::write(&path, json).map_err(io(&path))
     }
 }
+
+impl Drop for Tap {
+    /// A run that ends early (an error, an interrupt) still leaves a readable index.
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            tracing::warn!("tap index not written: {e}");
+        }
+    }
+}
