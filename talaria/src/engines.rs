@@ -70,7 +70,7 @@ fn parse_rank(s: &str) -> Result<Rank, String> {
     Ok(Rank::Fraction(f))
 }
 
-fn parse_precision(s: &str) -> Result<Precision, String> {
+pub fn parse_precision(s: &str) -> Result<Precision, String> {
     match s {
         "f32" => Ok(Precision::F32),
         "f64-client" => Ok(Precision::F64Client),

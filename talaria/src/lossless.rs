@@ -26,8 +26,14 @@ pub struct LosslessArgs {
     pub max_tokens: usize,
     /// Run the grid (f64-gemm at σ=1e4; f32 and f64-client at σ = 10, 30, 100, 1000)
     /// instead of the one setting given by the --remo-* flags.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["precisions", "scales"])]
     pub grid: bool,
+    /// Run every combination of these precisions and --scales (other fields from --remo-*).
+    #[arg(long, value_delimiter = ',', value_parser = crate::engines::parse_precision)]
+    pub precisions: Vec<Precision>,
+    /// Scales σ for --precisions.
+    #[arg(long, value_delimiter = ',', requires = "precisions")]
+    pub scales: Vec<f64>,
     /// Also write the JSON report here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -214,11 +220,12 @@ pub fn run(args: LosslessArgs) -> Result<()> {
             report.max_abs_dlogit
         );
         reports.push(report);
+        // Written after every setting, so a long grid that is stopped keeps what it measured.
+        if let Some(out) = &args.out {
+            std::fs::write(out, serde_json::to_string_pretty(&reports)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+        }
     }
-    let json = serde_json::to_string_pretty(&reports)?;
-    if let Some(out) = &args.out {
-        std::fs::write(out, &json).with_context(|| format!("writing {}", out.display()))?;
-    }
-    println!("{json}");
+    println!("{}", serde_json::to_string_pretty(&reports)?);
     Ok(())
 }
