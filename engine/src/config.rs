@@ -32,13 +32,15 @@ impl ModelConfig {
         {
             return bad(format!("a zero dimension in {self:?}"));
         }
-        if self.d_model != self.n_heads * self.head_dim || self.n_heads % self.n_kv_heads != 0 {
+        if self.d_model != self.n_heads * self.head_dim
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             return bad(format!(
                 "{} heads of {} / {} kv heads do not make {}",
                 self.n_heads, self.head_dim, self.n_kv_heads, self.d_model
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("odd head dim {}", self.head_dim));
         }
         if !(self.rope_base > 0.0 && self.norm_eps > 0.0) {

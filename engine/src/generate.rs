@@ -55,6 +55,9 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
+/// Sees the logits each token was picked from.
+pub type LogitsHook<'a> = &'a mut dyn FnMut(&[f32]);
+
 /// Generates from `req`, calling `on_token` with each new id as soon as it is chosen.
 /// `on_logits`, if given, sees the logits each token was picked from.
 pub fn generate(
@@ -62,7 +65,7 @@ pub fn generate(
     linear: &mut dyn LinearOps,
     req: &GenerateRequest,
     mut on_token: impl FnMut(u32) -> Result<(), EngineError>,
-    mut on_logits: Option<&mut dyn FnMut(&[f32])>,
+    mut on_logits: Option<LogitsHook<'_>>,
 ) -> Result<Generation, EngineError> {
     if req.prompt_ids.is_empty() {
         return Err(EngineError::EmptyPrompt);

@@ -103,7 +103,7 @@ impl GgmlType {
     /// Bytes that `n_elems` elements take, or `None` if `n_elems` is not a whole number of blocks
     /// or the size overflows.
     pub fn bytes_for(self, n_elems: u64) -> Option<u64> {
-        if n_elems % self.block_elems() != 0 {
+        if !n_elems.is_multiple_of(self.block_elems()) {
             return None;
         }
         (n_elems / self.block_elems()).checked_mul(self.block_bytes())
@@ -158,7 +158,7 @@ pub fn dequantize(name: &str, ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, Gg
         reason,
     };
     let bb = ty.block_bytes() as usize;
-    if bytes.len() % bb != 0 {
+    if !bytes.len().is_multiple_of(bb) {
         return Err(bad(format!(
             "{} bytes is not a whole number of {ty} blocks",
             bytes.len()

@@ -90,12 +90,12 @@ impl RemoConfig {
                 self.scale
             )));
         }
-        if let Rank::Fraction(f) = self.rank {
-            if !(f > 0.0 && f < 1.0) {
-                return Err(RemoError::Config(format!(
-                    "rank fraction {f} must be in (0, 1); use full rank otherwise"
-                )));
-            }
+        if let Rank::Fraction(f) = self.rank
+            && !(f > 0.0 && f < 1.0)
+        {
+            return Err(RemoError::Config(format!(
+                "rank fraction {f} must be in (0, 1); use full rank otherwise"
+            )));
         }
         Ok(())
     }

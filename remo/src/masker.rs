@@ -565,7 +565,10 @@ impl Masker {
                 .iter()
                 .zip(expected)
                 .fold(0f64, |a, (g, e)| a.max((g - e).abs()));
-            if !(err <= tol * scale) {
+            // Written so that a NaN error fails the check too.
+            #[allow(clippy::neg_cmp_op_on_partial_ord)]
+            let corrupt = !(err <= tol * scale);
+            if corrupt {
                 return Err(RemoError::Canary {
                     op,
                     relative_error: err / scale,
