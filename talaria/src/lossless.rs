@@ -146,10 +146,28 @@ pub fn run(args: LosslessArgs) -> Result<()> {
     drop(plain);
 
     let calibration = default_calibration()?;
+    let base = args.remo.config();
     let settings = if args.grid {
-        grid(&args.remo.config())
+        grid(&base)
+    } else if !args.precisions.is_empty() {
+        let scales = if args.scales.is_empty() {
+            vec![base.scale]
+        } else {
+            args.scales.clone()
+        };
+        let mut v = Vec::new();
+        for &precision in &args.precisions {
+            for &scale in &scales {
+                v.push(RemoConfig {
+                    precision,
+                    scale,
+                    ..base.clone()
+                });
+            }
+        }
+        v
     } else {
-        vec![args.remo.config()]
+        vec![base]
     };
     let mut reports = Vec::new();
     for config in settings {
