@@ -353,3 +353,40 @@ fn remo_engine_through_the_cli() {
         );
     }
 }
+
+#[test]
+fn lossless_reports_agreement_drift_and_cost() {
+    let model = real_model();
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "The capital of France is\nOnce upon a time\n").unwrap();
+    let out = ok_json(&[
+        "lossless",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--n-prompts",
+        "2",
+        "--max-tokens",
+        "3",
+        "--precisions",
+        "f32,f64-gemm",
+        "--scales",
+        "10",
+        "--model-file",
+        model.to_str().unwrap(),
+    ]);
+    let reports = out.as_array().unwrap();
+    assert_eq!(reports.len(), 2);
+    for r in reports {
+        assert_eq!(r["prompts"], 2);
+        assert_eq!(r["token_agreement"], 1.0, "{r}");
+        assert!(r["max_abs_dlogit"].as_f64().unwrap() < 0.1);
+        assert!(r["online_mask_ms_per_token"].as_f64().unwrap() > 0.0);
+        assert!(
+            r["offline_mask_macs_per_token"].as_f64().unwrap()
+                > r["model_macs_per_token"].as_f64().unwrap()
+        );
+    }
+    assert_eq!(reports[1]["config"]["precision"], "f64-gemm");
+    assert!(reports[1]["max_abs_dlogit"].as_f64().unwrap() < 1e-3);
+}
