@@ -2,7 +2,7 @@
 //! It sees exactly what the wire carries — masked rows and public bases — and can record all of
 //! it with a [`Tap`](crate::Tap).
 
-use talaria_engine::{EngineError, OpId, Rows};
+use talaria_engine::Rows;
 use talaria_wire::{
     BasisSpec, CloudLink, LinkError, MaskedCall, MaskedReply, SetupReply, SetupRequest, Tensor,
     expand_basis,
@@ -94,7 +94,7 @@ impl CloudExecutor {
                 }
             }
             Tensor::F64 { data, .. } => {
-                let (_, d_out) = op_out(call.op, &self.weights)?;
+                let (_, d_out) = call.op.shape(self.weights.config());
                 Tensor::F64 {
                     rows,
                     cols: d_out,
@@ -112,10 +112,6 @@ impl CloudExecutor {
             None => Ok(()),
         }
     }
-}
-
-fn op_out(op: OpId, w: &LinearWeights) -> Result<(usize, usize), EngineError> {
-    Ok(op.shape(w.config()))
 }
 
 fn link_err(e: NodeError) -> LinkError {

@@ -75,8 +75,13 @@ impl Sharded {
                     .map_err(|e| EngineError::Backend(format!("{e:?}")))
             })
             .collect::<Result<_, _>>()?;
+        Ok(self.interleave(parts, rows))
+    }
+
+    /// Joins per-shard row-major outputs (`rows × width` each) into `rows × d_out`.
+    fn interleave<E: Copy>(&self, parts: Vec<Vec<E>>, rows: usize) -> Vec<E> {
         if parts.len() == 1 {
-            return Ok(parts.into_iter().next().unwrap_or_default());
+            return parts.into_iter().next().unwrap_or_default();
         }
         let mut out = Vec::with_capacity(rows * self.d_out);
         for r in 0..rows {
@@ -84,7 +89,7 @@ impl Sharded {
                 out.extend_from_slice(&part[r * w..(r + 1) * w]);
             }
         }
-        Ok(out)
+        out
     }
 
     fn matmul(&self, x: Matrix, rows: usize) -> Result<Vec<f32>, EngineError> {
@@ -114,13 +119,7 @@ impl Sharded {
                     .map_err(|e| EngineError::Backend(format!("{e:?}")))
             })
             .collect::<Result<_, _>>()?;
-        let mut out = Vec::with_capacity(self.d_in * self.d_out);
-        for r in 0..self.d_in {
-            for (part, (_, w)) in parts.iter().zip(&self.shards) {
-                out.extend_from_slice(&part[r * w..(r + 1) * w]);
-            }
-        }
-        Ok(out)
+        Ok(self.interleave(parts, self.d_in))
     }
 }
 
