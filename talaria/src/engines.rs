@@ -121,15 +121,26 @@ pub struct RemoEngine {
 impl RemoEngine {
     /// Loads the model: the cloud side reads the file and provisions the CVM side.
     pub fn load(path: &Path, args: &RemoArgs, calibration: &Calibration) -> Result<Self> {
+        Self::load_config(path, args.config(), args, calibration)
+    }
+
+    /// As [`RemoEngine::load`], with `config` in place of the flags' ReMO parameters (the seed
+    /// and the tap still come from `args`).
+    pub fn load_config(
+        path: &Path,
+        config: RemoConfig,
+        args: &RemoArgs,
+        calibration: &Calibration,
+    ) -> Result<Self> {
         let f = GgufFile::open(path)?;
         let provision = read_provision(&f)?;
         let weights = LinearWeights::load(&f, &provision.config)?;
         drop(f);
         let tap = args.tap.as_ref().map(Tap::create).transpose()?;
-        let config = provision.config.clone();
+        let model_config = provision.config.clone();
         let (tokenizer, model) = provision.build()?;
         let link = Loopback(CloudExecutor::new(weights, tap));
-        let linear = RemoLinear::connect(&config, args.config(), calibration, 1, args.seed(), link)
+        let linear = RemoLinear::connect(&model_config, config, calibration, 1, args.seed(), link)
             .context("setting up ReMO with the cloud side")?;
         Ok(Self {
             tokenizer,

@@ -172,15 +172,7 @@ pub fn run(args: LosslessArgs) -> Result<()> {
     let mut reports = Vec::new();
     for config in settings {
         let t0 = Instant::now();
-        let mut flags = args.remo.clone();
-        flags.remo_off = !config.enabled;
-        flags.remo_rank = config.rank;
-        flags.remo_scale = config.scale;
-        flags.remo_precision = config.precision;
-        flags.remo_dummy_rows = config.dummy_rows;
-        flags.remo_shuffle = config.shuffle;
-        flags.remo_pool = config.pool;
-        let mut engine = RemoEngine::load(&path, &flags, &calibration)?;
+        let mut engine = RemoEngine::load_config(&path, config.clone(), &args.remo, &calibration)?;
         let (mut agree, mut tokens, mut same_seq, mut positions) = (0usize, 0usize, 0usize, 0usize);
         let (mut max_d, mut sum_d, mut n_d) = (0f64, 0f64, 0usize);
         for r in &refs {
