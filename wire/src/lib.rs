@@ -1,13 +1,23 @@
 //! What crosses between the CVM side and the cloud side: the ReMO set-up and the masked linear
-//! calls, as serde types that postcard encodes. Everything here is, by definition, seen by the
+//! calls, as serde types that postcard encodes, the frames that carry them and the QUIC
+//! connections the frames travel on. Everything here is, by definition, seen by the
 //! cloud: no private coefficient, token or plaintext activation has a type in this crate.
 
 mod basis;
+pub mod frame;
 mod link;
+pub mod net;
+mod protocol;
 mod tensor;
 
 pub use basis::{BasisSpec, expand_basis};
+pub use frame::{DEFAULT_MAX_FRAME, FrameError};
 pub use link::{CloudLink, LinkError, Loopback};
+pub use net::{TlsError, TlsMaterial};
+pub use protocol::{
+    ALPN_CLOUD, ALPN_TENANT, ErrorReply, LatencySplit, Prompt, Provision, Reply, Request,
+    TenantEvent, TenantRequest,
+};
 pub use tensor::{Tensor, WireError};
 
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,618 @@
+//! The topology file: which processes make a cluster, where they listen, which layers each
+//! gpu-node stage owns, and the TLS material and limits they share.
+//!
+//! [`Topology::load`] reads and validates a file completely before anything starts, and reports
+//! every mistake it finds with its key path (`stage[1].layers: ...`). The format is documented in
+//! `topology/README.md`; `topology/examples/` holds a local and a multi-host file.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// One mistake in a topology file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where: `stage[0].listen`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Why a topology cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("{path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}: {} problem(s):\n  {}", problems.len(), problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+impl TopologyError {
+    /// A short machine-readable label for logs and metrics.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            TopologyError::Read { .. } => "topology_read",
+            TopologyError::Syntax { .. } => "topology_syntax",
+            TopologyError::Invalid { .. } => "topology_invalid",
+        }
+    }
+
+    /// The problems found, if the file parsed.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            TopologyError::Invalid { problems, .. } => problems,
+            _ => &[],
+        }
+    }
+}
+
+/// Where a gpu-node stage computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Cpu,
+    /// The CUDA device with this index.
+    Cuda(usize),
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Cpu => write!(f, "cpu"),
+            Backend::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// One gpu-node process: a contiguous range of layers, and maybe the LM head.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage {
+    pub name: String,
+    pub listen: SocketAddr,
+    /// The layers it owns, first and last included.
+    pub layers: RangeInclusive<usize>,
+    pub lm_head: bool,
+    pub backend: Backend,
+}
+
+impl Stage {
+    /// Whether this stage serves `layer`.
+    pub fn owns_layer(&self, layer: usize) -> bool {
+        self.layers.contains(&layer)
+    }
+}
+
+/// One tenant's cvm-agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agent {
+    pub tenant: String,
+    /// Where it serves its tenant.
+    pub listen: SocketAddr,
+}
+
+/// ReMO parameters the agents start with, as written (the cvm-agent interprets them; this crate
+/// carries no ReMO code).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoSection {
+    /// `full` or a fraction in (0, 1).
+    pub rank: Option<String>,
+    pub scale: Option<f64>,
+    /// `f32`, `f64-client` or `f64-gemm`.
+    pub precision: Option<String>,
+    pub dummy_rows: Option<usize>,
+    pub shuffle: Option<bool>,
+    pub pool: Option<usize>,
+    /// `false`: the plaintext split (attack-suite control only).
+    pub enabled: Option<bool>,
+}
+
+/// Where the cluster's TLS material comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TlsSource {
+    /// Generated at start-up by the launcher of a local cluster.
+    Generate,
+    /// PEM files provisioned by the operator.
+    Files {
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+    },
+}
+
+/// A validated topology.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology {
+    /// The file it was read from (relative paths in it are from its folder).
+    pub path: PathBuf,
+    pub model_file: PathBuf,
+    pub coordinator: SocketAddr,
+    pub stages: Vec<Stage>,
+    pub agents: Vec<Agent>,
+    pub remo: RemoSection,
+    pub tls: TlsSource,
+    /// The name in the servers' certificate, checked by clients.
+    pub server_name: String,
+    pub max_frame_bytes: usize,
+    /// Admit agents that present no hardware attestation (development only; logged loudly).
+    pub allow_insecure_agents: bool,
+}
+
+// The file as written, before validation.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopology {
+    model: RawModel,
+    coordinator: RawCoordinator,
+    #[serde(default)]
+    stage: Vec<RawStage>,
+    #[serde(default)]
+    agent: Vec<RawAgent>,
+    remo: Option<RemoSection>,
+    tls: RawTls,
+    limits: Option<RawLimits>,
+    admission: Option<RawAdmission>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: Option<String>,
+    file: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCoordinator {
+    listen: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    name: String,
+    listen: String,
+    layers: String,
+    #[serde(default)]
+    lm_head: bool,
+    #[serde(default = "default_backend")]
+    backend: String,
+}
+
+fn default_backend() -> String {
+    "cpu".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    tenant: String,
+    listen: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    #[serde(default)]
+    generate: bool,
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    server_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_frame_bytes: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmission {
+    #[serde(default)]
+    allow_insecure: bool,
+}
+
+/// Default largest frame: 256 MiB (the largest set-up reply of the default model fits).
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 256 << 20;
+/// Default server name in the cluster's certificates.
+pub const DEFAULT_SERVER_NAME: &str = "talaria.cluster";
+
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn addr(&mut self, key: String, text: &str) -> SocketAddr {
+        match text.parse::<SocketAddr>() {
+            Ok(a) if a.port() != 0 => a,
+            Ok(_) => {
+                self.problem(key, format!("{text:?} needs a port other than 0"));
+                unspecified()
+            }
+            Err(_) => {
+                self.problem(
+                    key,
+                    format!("{text:?} is not an IP socket address (ip:port, e.g. 127.0.0.1:7400)"),
+                );
+                unspecified()
+            }
+        }
+    }
+}
+
+fn unspecified() -> SocketAddr {
+    (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+}
+
+fn parse_layers(text: &str) -> Result<RangeInclusive<usize>, String> {
+    let bad = || format!("{text:?} is not a layer range \"first-last\" (e.g. \"0-14\")");
+    let (a, b) = text.split_once('-').ok_or_else(bad)?;
+    let first: usize = a.trim().parse().map_err(|_| bad())?;
+    let last: usize = b.trim().parse().map_err(|_| bad())?;
+    if first > last {
+        return Err(format!("first layer {first} is after last layer {last}"));
+    }
+    Ok(first..=last)
+}
+
+fn parse_backend(text: &str) -> Result<Backend, String> {
+    if text == "cpu" {
+        return Ok(Backend::Cpu);
+    }
+    if let Some(i) = text.strip_prefix("cuda:") {
+        if let Ok(i) = i.parse() {
+            return Ok(Backend::Cuda(i));
+        }
+    }
+    Err(format!(
+        "unknown backend {text:?} (expected \"cpu\" or \"cuda:N\")"
+    ))
+}
+
+fn check_remo(c: &mut Checker, r: &RemoSection) {
+    if let Some(rank) = &r.rank {
+        let ok = rank == "full" || rank.parse::<f64>().is_ok_and(|f| f > 0.0 && f < 1.0);
+        if !ok {
+            c.problem(
+                "remo.rank",
+                format!("{rank:?}: expected \"full\" or a fraction in (0, 1)"),
+            );
+        }
+    }
+    if let Some(p) = &r.precision {
+        if !["f32", "f64-client", "f64-gemm"].contains(&p.as_str()) {
+            c.problem(
+                "remo.precision",
+                format!("{p:?}: expected \"f32\", \"f64-client\" or \"f64-gemm\""),
+            );
+        }
+    }
+    if let Some(s) = r.scale {
+        if !(s.is_finite() && s > 0.0) {
+            c.problem("remo.scale", format!("{s}: must be a positive number"));
+        }
+    }
+}
+
+impl Topology {
+    /// Reads and validates a topology file (everything but the layer count of the model; see
+    /// [`Topology::check_layers`]).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, TopologyError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| TopologyError::Read {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates topology text as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, TopologyError> {
+        let raw: RawTopology = toml::from_str(text).map_err(|e| TopologyError::Syntax {
+            path: path.into(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &str| -> PathBuf {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.into()
+            } else {
+                base.join(p)
+            }
+        };
+        let mut c = Checker {
+            problems: Vec::new(),
+        };
+
+        let model_file = match (&raw.model.name, &raw.model.file) {
+            (Some(name), None) => match talaria_model_store::spec(name) {
+                Ok(spec) => talaria_model_store::model_path(&talaria_model_store::home(), spec),
+                Err(e) => {
+                    c.problem("model.name", e.to_string());
+                    PathBuf::new()
+                }
+            },
+            (None, Some(file)) => resolve(file),
+            _ => {
+                c.problem(
+                    "model",
+                    "give exactly one of `name` (a catalog model) or `file`",
+                );
+                PathBuf::new()
+            }
+        };
+        if !model_file.as_os_str().is_empty() && !model_file.is_file() {
+            let key = if raw.model.name.is_some() {
+                "model.name"
+            } else {
+                "model.file"
+            };
+            c.problem(
+                key,
+                format!(
+                    "model file {} does not exist (run `talaria fetch-model`)",
+                    model_file.display()
+                ),
+            );
+        }
+
+        let coordinator = c.addr("coordinator.listen".into(), &raw.coordinator.listen);
+        let mut listens: BTreeMap<SocketAddr, String> = BTreeMap::new();
+        listens.insert(coordinator, "coordinator.listen".into());
+        let mut note_listen = |c: &mut Checker, key: String, addr: SocketAddr| {
+            if addr.port() == 0 {
+                return;
+            }
+            if let Some(prev) = listens.get(&addr) {
+                c.problem(key, format!("{addr} is already used by {prev}"));
+            } else {
+                listens.insert(addr, key);
+            }
+        };
+
+        if raw.stage.is_empty() {
+            c.problem("stage", "a topology needs at least one [[stage]]");
+        }
+        let mut names = HashSet::new();
+        let mut stages = Vec::new();
+        for (i, s) in raw.stage.iter().enumerate() {
+            let key = |k: &str| format!("stage[{i}].{k}");
+            if s.name.is_empty() || !names.insert(s.name.clone()) {
+                c.problem(key("name"), format!("{:?} is empty or not unique", s.name));
+            }
+            let listen = c.addr(key("listen"), &s.listen);
+            note_listen(&mut c, key("listen"), listen);
+            let layers = parse_layers(&s.layers).unwrap_or_else(|m| {
+                c.problem(key("layers"), m);
+                1..=0
+            });
+            let backend = parse_backend(&s.backend).unwrap_or_else(|m| {
+                c.problem(key("backend"), m);
+                Backend::Cpu
+            });
+            stages.push(Stage {
+                name: s.name.clone(),
+                listen,
+                layers,
+                lm_head: s.lm_head,
+                backend,
+            });
+        }
+        for (i, a) in stages.iter().enumerate() {
+            for (j, b) in stages.iter().enumerate().skip(i + 1) {
+                let overlap =
+                    a.layers.start().max(b.layers.start())..=a.layers.end().min(b.layers.end());
+                if !a.layers.is_empty() && !b.layers.is_empty() && !overlap.is_empty() {
+                    c.problem(
+                        format!("stage[{j}].layers"),
+                        format!(
+                            "layers {}-{} are also served by stage[{i}] ({:?})",
+                            overlap.start(),
+                            overlap.end(),
+                            a.name
+                        ),
+                    );
+                }
+            }
+        }
+        match stages.iter().filter(|s| s.lm_head).count() {
+            1 => {}
+            0 if !stages.is_empty() => c.problem(
+                "stage",
+                "no stage has `lm_head = true`: one must serve the LM head",
+            ),
+            0 => {}
+            _ => c.problem("stage", "more than one stage has `lm_head = true`"),
+        }
+
+        let mut tenants = HashSet::new();
+        let mut agents = Vec::new();
+        for (i, a) in raw.agent.iter().enumerate() {
+            let key = |k: &str| format!("agent[{i}].{k}");
+            if a.tenant.is_empty() || !tenants.insert(a.tenant.clone()) {
+                c.problem(
+                    key("tenant"),
+                    format!("{:?} is empty or not unique", a.tenant),
+                );
+            }
+            let listen = c.addr(key("listen"), &a.listen);
+            note_listen(&mut c, key("listen"), listen);
+            agents.push(Agent {
+                tenant: a.tenant.clone(),
+                listen,
+            });
+        }
+
+        let remo = raw.remo.unwrap_or(RemoSection {
+            rank: None,
+            scale: None,
+            precision: None,
+            dummy_rows: None,
+            shuffle: None,
+            pool: None,
+            enabled: None,
+        });
+        check_remo(&mut c, &remo);
+
+        let t = &raw.tls;
+        let tls = match (t.generate, &t.ca, &t.cert, &t.key) {
+            (true, None, None, None) => TlsSource::Generate,
+            (false, Some(ca), Some(cert), Some(key)) => {
+                let files = [("tls.ca", ca), ("tls.cert", cert), ("tls.key", key)];
+                for (k, f) in files {
+                    if !resolve(f).is_file() {
+                        c.problem(k, format!("{} does not exist", resolve(f).display()));
+                    }
+                }
+                TlsSource::Files {
+                    ca: resolve(ca),
+                    cert: resolve(cert),
+                    key: resolve(key),
+                }
+            }
+            _ => {
+                c.problem(
+                    "tls",
+                    "set either `generate = true` (local cluster) or all of `ca`, `cert` and `key`",
+                );
+                TlsSource::Generate
+            }
+        };
+        if tls == TlsSource::Generate && !listens.keys().all(|a| a.ip().is_loopback()) {
+            c.problem(
+                "tls.generate",
+                "generated TLS material is only for clusters on loopback addresses; provision `ca`, `cert` and `key`",
+            );
+        }
+        let max_frame_bytes = raw
+            .limits
+            .and_then(|l| l.max_frame_bytes)
+            .unwrap_or(DEFAULT_MAX_FRAME_BYTES);
+        if !(1 << 16..=u32::MAX as usize).contains(&max_frame_bytes) {
+            c.problem(
+                "limits.max_frame_bytes",
+                format!("{max_frame_bytes} is outside 64 KiB ..= 4 GiB"),
+            );
+        }
+
+        if !c.problems.is_empty() {
+            return Err(TopologyError::Invalid {
+                path: path.into(),
+                problems: c.problems,
+            });
+        }
+        Ok(Self {
+            path: path.into(),
+            model_file,
+            coordinator,
+            stages,
+            agents,
+            remo,
+            tls,
+            server_name: t
+                .server_name
+                .clone()
+                .unwrap_or_else(|| DEFAULT_SERVER_NAME.into()),
+            max_frame_bytes,
+            allow_insecure_agents: raw.admission.is_some_and(|a| a.allow_insecure),
+        })
+    }
+
+    /// Checks that the stages cover the model's `n_layers` layers exactly.
+    pub fn check_layers(&self, n_layers: usize) -> Result<(), TopologyError> {
+        let mut problems = Vec::new();
+        for (i, s) in self.stages.iter().enumerate() {
+            if *s.layers.end() >= n_layers {
+                problems.push(Problem {
+                    key: format!("stage[{i}].layers"),
+                    message: format!(
+                        "layer {} does not exist: the model has layers 0-{}",
+                        s.layers.end(),
+                        n_layers.saturating_sub(1)
+                    ),
+                });
+            }
+        }
+        let missing: Vec<usize> = (0..n_layers)
+            .filter(|&l| !self.stages.iter().any(|s| s.owns_layer(l)))
+            .collect();
+        if !missing.is_empty() {
+            problems.push(Problem {
+                key: "stage".into(),
+                message: format!("no stage serves layer(s) {}", ranges(&missing)),
+            });
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(TopologyError::Invalid {
+                path: self.path.clone(),
+                problems,
+            })
+        }
+    }
+
+    /// The stage named `name`.
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// The agent of `tenant`.
+    pub fn agent(&self, tenant: &str) -> Option<&Agent> {
+        self.agents.iter().find(|a| a.tenant == tenant)
+    }
+
+    /// The index of the stage that serves `layer` (`None`: the LM head's stage).
+    pub fn stage_for(&self, layer: Option<usize>) -> Option<usize> {
+        match layer {
+            Some(l) => self.stages.iter().position(|s| s.owns_layer(l)),
+            None => self.stages.iter().position(|s| s.lm_head),
+        }
+    }
+}
+
+/// `[0, 1, 2, 7]` as `"0-2, 7"`.
+fn ranges(values: &[usize]) -> String {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < values.len() {
+        let mut j = i;
+        while j + 1 < values.len() && values[j + 1] == values[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            values[i].to_string()
+        } else {
+            format!("{}-{}", values[i], values[j])
+        });
+        i = j + 1;
+    }
+    out.join(", ")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,146 @@
+use super::*;
+
+fn model_file() -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), b"GGUF").unwrap();
+    f
+}
+
+fn local(model: &Path, stages: &str) -> String {
+    format!(
+        r#"
+[model]
+file = "{}"
+[coordinator]
+listen = "127.0.0.1:7400"
+{stages}
+[[agent]]
+tenant = "t"
+listen = "127.0.0.1:7420"
+[tls]
+generate = true
+"#,
+        model.display()
+    )
+}
+
+const TWO_STAGES: &str = r#"
+[[stage]]
+name = "a"
+listen = "127.0.0.1:7410"
+layers = "0-14"
+[[stage]]
+name = "b"
+listen = "127.0.0.1:7411"
+layers = "15-29"
+lm_head = true
+backend = "cuda:1"
+"#;
+
+fn problems(text: &str) -> Vec<Problem> {
+    match Topology::parse(text, Path::new("t.toml")) {
+        Err(e) => e.problems().to_vec(),
+        Ok(_) => vec![],
+    }
+}
+
+fn keys(text: &str) -> Vec<String> {
+    problems(text).into_iter().map(|p| p.key).collect()
+}
+
+#[test]
+fn a_good_topology_parses() {
+    let m = model_file();
+    let t = Topology::parse(&local(m.path(), TWO_STAGES), Path::new("t.toml")).unwrap();
+    assert_eq!(t.stages.len(), 2);
+    assert_eq!(t.stages[1].backend, Backend::Cuda(1));
+    assert_eq!(t.stage_for(Some(14)), Some(0));
+    assert_eq!(t.stage_for(Some(15)), Some(1));
+    assert_eq!(t.stage_for(None), Some(1));
+    assert_eq!(t.stage_for(Some(30)), None);
+    t.check_layers(30).unwrap();
+    assert_eq!(t.max_frame_bytes, DEFAULT_MAX_FRAME_BYTES);
+    assert!(!t.allow_insecure_agents);
+}
+
+#[test]
+fn every_mistake_is_reported_with_its_key_path() {
+    let m = model_file();
+    let bad = r#"
+[[stage]]
+name = "a"
+listen = "localhost"
+layers = "0-16"
+backend = "tpu"
+[[stage]]
+name = "a"
+listen = "127.0.0.1:7400"
+layers = "15-29"
+"#;
+    let k = keys(&local(m.path(), bad));
+    for want in [
+        "stage[0].listen",
+        "stage[0].backend",
+        "stage[1].name",
+        "stage[1].listen",
+        "stage[1].layers",
+        "stage",
+    ] {
+        assert!(k.contains(&want.to_string()), "{want} missing from {k:?}");
+    }
+    // The overlap names the layers.
+    let p = problems(&local(m.path(), bad));
+    let overlap = p.iter().find(|p| p.key == "stage[1].layers").unwrap();
+    assert!(overlap.message.contains("15-16"), "{}", overlap.message);
+}
+
+#[test]
+fn missing_and_nonexistent_layers_are_found_against_the_model() {
+    let m = model_file();
+    let gap = TWO_STAGES.replace("\"15-29\"", "\"17-31\"");
+    let t = Topology::parse(&local(m.path(), &gap), Path::new("t.toml")).unwrap();
+    let e = t.check_layers(30).unwrap_err();
+    let msgs: Vec<String> = e.problems().iter().map(|p| p.to_string()).collect();
+    assert!(msgs.iter().any(|m| m.contains("15-16")), "{msgs:?}");
+    assert!(
+        msgs.iter()
+            .any(|m| m.starts_with("stage[1].layers") && m.contains("31")),
+        "{msgs:?}"
+    );
+}
+
+#[test]
+fn missing_model_file_unknown_keys_and_bad_tls_are_refused() {
+    let text = local(Path::new("/nonexistent/model.gguf"), TWO_STAGES);
+    assert_eq!(keys(&text), vec!["model.file"]);
+    let typo = local(model_file().path(), TWO_STAGES).replace("[tls]", "[tls]\nsever_name = \"x\"");
+    let e = Topology::parse(&typo, Path::new("t.toml")).unwrap_err();
+    assert_eq!(e.error_type(), "topology_syntax");
+    assert!(e.to_string().contains("sever_name"), "{e}");
+    let m = model_file();
+    let half = local(m.path(), TWO_STAGES).replace("generate = true", "ca = \"ca.pem\"");
+    assert_eq!(keys(&half), vec!["tls"]);
+    let remote = local(m.path(), TWO_STAGES).replace("127.0.0.1:7411", "10.0.0.2:7411");
+    assert_eq!(keys(&remote), vec!["tls.generate"]);
+    let remo = format!(
+        "{}\n[remo]\nrank = \"1.5\"\nprecision = \"f16\"",
+        local(m.path(), TWO_STAGES)
+    );
+    assert_eq!(keys(&remo), vec!["remo.rank", "remo.precision"]);
+}
+
+#[test]
+fn the_example_files_are_valid_apart_from_files_this_machine_lacks() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    for name in ["local.toml", "multi-host.toml"] {
+        match Topology::load(dir.join(name)) {
+            Ok(t) => t.check_layers(30).unwrap(),
+            Err(e) => {
+                assert!(!e.problems().is_empty(), "{name}: {e}");
+                for p in e.problems() {
+                    assert!(p.message.contains("does not exist"), "{name}: {p}");
+                }
+            }
+        }
+    }
+}

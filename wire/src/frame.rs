@@ -1,0 +1,134 @@
+//! Frames: one postcard header, then the payload, behind a little-endian `u32` length prefix.
+//!
+//! The header is decoded on its own ([`split`]) so that a router can read where a frame goes and
+//! forward the payload untouched.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Largest frame accepted unless configured otherwise: the largest set-up reply of the default
+/// model (the LM head's `R_pub` at rank d − 1 in f64, 226 MB) fits.
+pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
+
+/// A frame that cannot be read or decoded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: u64, max: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("connection: {0}")]
+    Connection(String),
+}
+
+impl FrameError {
+    /// A short machine-readable label for logs and metrics.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            FrameError::TooLarge { .. } => "frame_too_large",
+            FrameError::Malformed(_) => "malformed_frame",
+            FrameError::Connection(_) => "connection",
+        }
+    }
+}
+
+fn malformed(e: postcard::Error) -> FrameError {
+    FrameError::Malformed(e.to_string())
+}
+
+/// A frame body: `head`, then `body` if any (without the length prefix).
+pub fn encode<H: Serialize, B: Serialize>(
+    head: &H,
+    body: Option<&B>,
+) -> Result<Vec<u8>, FrameError> {
+    let mut out = postcard::to_allocvec(head).map_err(malformed)?;
+    if let Some(b) = body {
+        out = postcard::to_extend(b, out).map_err(malformed)?;
+    }
+    Ok(out)
+}
+
+/// A frame body with an already-encoded payload (forwarding).
+pub fn encode_raw<H: Serialize>(head: &H, payload: &[u8]) -> Result<Vec<u8>, FrameError> {
+    let mut out = postcard::to_allocvec(head).map_err(malformed)?;
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+/// Decodes a frame's header and returns it with the undecoded payload.
+pub fn split<H: DeserializeOwned>(frame: &[u8]) -> Result<(H, &[u8]), FrameError> {
+    postcard::take_from_bytes(frame).map_err(malformed)
+}
+
+/// Decodes a payload that must be exactly one `B`.
+pub fn body<B: DeserializeOwned>(payload: &[u8]) -> Result<B, FrameError> {
+    let (b, rest) = postcard::take_from_bytes(payload).map_err(malformed)?;
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed(format!(
+            "{} trailing bytes after the payload",
+            rest.len()
+        )));
+    }
+    Ok(b)
+}
+
+/// Checks a length prefix against the limit before anything is allocated for it.
+pub fn check_len(prefix: [u8; 4], max: usize) -> Result<usize, FrameError> {
+    let len = u32::from_le_bytes(prefix) as u64;
+    if len > max as u64 {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok(len as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Tensor;
+
+    #[test]
+    fn header_splits_off_and_payload_round_trips() {
+        let t = Tensor::F32 {
+            rows: 2,
+            cols: 3,
+            data: vec![1.0, -2.5, 3.0, f32::MAX, f32::MIN_POSITIVE, 0.0],
+        };
+        let frame = encode(&(7u64, "route"), Some(&t)).unwrap();
+        let ((n, s), payload): ((u64, String), _) = split(&frame).unwrap();
+        assert_eq!((n, s.as_str()), (7, "route"));
+        assert_eq!(body::<Tensor>(payload).unwrap(), t);
+        // The values travel as raw bytes: 24 of them plus a few bytes of header.
+        assert!(payload.len() < 24 + 8, "payload is {} bytes", payload.len());
+    }
+
+    #[test]
+    fn garbage_and_trailing_bytes_are_typed_errors() {
+        assert_eq!(
+            split::<(u64, String)>(&[0xff; 3]).unwrap_err().error_type(),
+            "malformed_frame"
+        );
+        let mut frame = encode(&1u8, Some(&2u8)).unwrap();
+        frame.push(9);
+        let (_, payload): (u8, _) = split(&frame).unwrap();
+        assert_eq!(
+            body::<u8>(payload).unwrap_err().error_type(),
+            "malformed_frame"
+        );
+        let t = Tensor::F64 {
+            rows: 1,
+            cols: 1,
+            data: vec![1.0],
+        };
+        let mut bytes = encode(&(), Some(&t)).unwrap();
+        // Claim a dtype that does not exist.
+        bytes[0] = 9;
+        assert!(body::<Tensor>(&bytes).is_err());
+    }
+
+    #[test]
+    fn length_prefix_over_the_limit_is_refused() {
+        let err = check_len((1000u32).to_le_bytes(), 999).unwrap_err();
+        assert_eq!(err.error_type(), "frame_too_large");
+        assert_eq!(check_len(999u32.to_le_bytes(), 999).unwrap(), 999);
+    }
+}

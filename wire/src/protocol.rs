@@ -1,0 +1,141 @@
+//! The two protocols of a cluster, named by their ALPN strings.
+//!
+//! - **cloud** (`talaria-cloud/1`): cvm-agent → coordinator → gpu-node. Every request is one
+//!   QUIC bidirectional stream carrying one frame whose header is a [`Request`]; the answer is
+//!   one frame whose header is a [`Reply`]. The coordinator routes on the header alone.
+//! - **tenant** (`talaria-tenant/1`): tenant → cvm-agent. One stream per generation: a
+//!   [`TenantRequest`], answered by a sequence of [`TenantEvent`]s.
+
+use serde::{Deserialize, Serialize};
+use talaria_engine::{Generation, ModelConfig, OpId, SamplingParams, TokenizerSpec};
+
+use crate::{SessionId, Tensor};
+
+/// ALPN of the cloud protocol, version 1.
+pub const ALPN_CLOUD: &[u8] = b"talaria-cloud/1";
+/// ALPN of the tenant protocol, version 1.
+pub const ALPN_TENANT: &[u8] = b"talaria-tenant/1";
+
+/// The routing header of a request on the cloud protocol.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// agent → coordinator, first on a connection. Reply payload: [`Provision`].
+    Hello { tenant: String, agent: String },
+    /// agent → coordinator: a new session. Reply payload: its [`SessionId`].
+    OpenSession,
+    /// agent → coordinator → every stage: the session is over.
+    CloseSession { session: SessionId },
+    /// coordinator → stage: a session of `tenant` starts.
+    StageOpen { session: SessionId, tenant: String },
+    /// Payload: [`SetupRequest`](crate::SetupRequest); reply payload: [`SetupReply`](crate::SetupReply).
+    Setup { session: SessionId, op: OpId },
+    /// Payload: [`MaskedCall`](crate::MaskedCall); reply payload: [`MaskedReply`](crate::MaskedReply).
+    Call {
+        session: SessionId,
+        op: OpId,
+        seq: u64,
+    },
+}
+
+impl Request {
+    /// The session a request belongs to, if any.
+    pub fn session(&self) -> Option<SessionId> {
+        match *self {
+            Request::CloseSession { session }
+            | Request::StageOpen { session, .. }
+            | Request::Setup { session, .. }
+            | Request::Call { session, .. } => Some(session),
+            Request::Hello { .. } | Request::OpenSession => None,
+        }
+    }
+}
+
+/// The header of every answer on the cloud protocol.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Served; the payload follows. `compute_us`: time the gpu-node spent computing it.
+    Ok { compute_us: u64 },
+    /// Not served, and why.
+    Err(ErrorReply),
+}
+
+/// A typed refusal: a short machine-readable `error_type` and a message for people.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{error_type}: {message}")]
+pub struct ErrorReply {
+    pub error_type: String,
+    pub message: String,
+}
+
+impl ErrorReply {
+    /// An error reply of type `error_type`.
+    pub fn new(error_type: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            error_type: error_type.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What an admitted cvm-agent is provisioned with: no block weight is in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provision {
+    pub config: ModelConfig,
+    pub tokenizer: TokenizerSpec,
+    /// The token embedding table, `vocab × d_model`.
+    pub embeddings: Tensor,
+}
+
+/// The prompt of a tenant request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Prompt {
+    /// Text, wrapped in the chat template as one user message if `chat`.
+    Text { text: String, chat: bool },
+    /// Token ids, fed as they are.
+    Ids(Vec<u32>),
+}
+
+/// A tenant's generation request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantRequest {
+    pub prompt: Prompt,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Keep generating past the end-of-sequence token.
+    pub ignore_eos: bool,
+}
+
+/// Where one generation's time went, in seconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySplit {
+    /// The CVM's own work: norms, attention, activations, sampling.
+    pub cvm_compute_s: f64,
+    /// Masking and unmasking on the critical path.
+    pub masking_s: f64,
+    /// The gpu-nodes' matrix multiplies, as they report them.
+    pub gpu_compute_s: f64,
+    /// Waiting for replies minus the gpu compute: QUIC, routing, (de)serialisation.
+    pub network_s: f64,
+    /// Opening the session: ReMO set-up of every op.
+    pub setup_s: f64,
+    /// Masked calls made.
+    pub calls: u64,
+}
+
+/// The answer to a tenant: tokens as they come, then a summary or an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TenantEvent {
+    /// One generated token, with its text when the piece is complete.
+    Token {
+        id: u32,
+        piece: Option<String>,
+    },
+    /// The generation is over.
+    Done {
+        generation: Generation,
+        /// The generated text, without the stop token.
+        text: String,
+        latency: LatencySplit,
+    },
+    Error(ErrorReply),
+}
