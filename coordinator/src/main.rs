@@ -1,1 +1,126 @@
-fn main() {}
+//! `coordinator`: reads the topology, dials every gpu-node stage, admits cvm-agents and routes
+//! their masked calls to the stage that owns each layer. It reads frame headers only.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actix::Actor;
+use anyhow::{Context, Result};
+use clap::Parser;
+use talaria_actors::router::{Admission, IsConnected, NodeLink, RouteTable, Router};
+use talaria_gguf::GgufFile;
+use talaria_gpu_node::read_provision;
+use talaria_topology::Topology;
+use talaria_wire::{ErrorReply, Provision, Tensor};
+
+#[derive(Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "Route a Talaria cluster's masked calls"
+)]
+struct Args {
+    /// The cluster's topology file.
+    #[arg(long)]
+    topology: PathBuf,
+    /// Where `talaria up` generated the cluster's TLS material (topologies with `generate`).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+}
+
+/// Admission without hardware attestation: allowed only where the topology says so, and never
+/// silently.
+struct InsecureAdmission {
+    allowed: bool,
+}
+
+impl Admission for InsecureAdmission {
+    fn admit(&self, tenant: &str, agent: &str) -> Result<(), ErrorReply> {
+        if !self.allowed {
+            return Err(ErrorReply::new(
+                "attestation_required",
+                format!(
+                    "agent {agent:?} of tenant {tenant:?} presented no SEV-SNP attestation and the topology does not allow insecure agents"
+                ),
+            ));
+        }
+        tracing::warn!(
+            %tenant,
+            %agent,
+            "INSECURE: admitting an agent without attestation (topology: admission.allow_insecure)"
+        );
+        Ok(())
+    }
+}
+
+fn main() -> Result<()> {
+    talaria_actors::init_logging();
+    let args = Args::parse();
+    let topology = Topology::load(&args.topology)?;
+    let tls = talaria_actors::tls_material(&topology, args.tls_dir.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    let file = GgufFile::open(&topology.model_file)
+        .with_context(|| format!("reading {}", topology.model_file.display()))?;
+    let provision = read_provision(&file)?;
+    drop(file);
+    topology.check_layers(provision.config.n_layers)?;
+    let routes = RouteTable::new(&topology, provision.config.n_layers)
+        .context("the stages do not cover the model")?;
+    let (vocab, d_model) = (provision.config.vocab, provision.config.d_model);
+    let provision = talaria_wire::frame::encode::<_, ()>(
+        &Provision {
+            config: provision.config,
+            tokenizer: provision.tokenizer,
+            embeddings: Tensor::F32 {
+                rows: vocab,
+                cols: d_model,
+                data: provision.embeddings,
+            },
+        },
+        None,
+    )?;
+
+    actix::System::new().block_on(async move {
+        let client = tls.client(talaria_wire::ALPN_CLOUD)?;
+        let nodes = topology
+            .stages
+            .iter()
+            .map(|s| {
+                NodeLink::new(
+                    s.name.clone(),
+                    s.listen,
+                    tls.clone(),
+                    client.clone(),
+                    topology.max_frame_bytes,
+                )
+                .start()
+            })
+            .collect::<Vec<_>>();
+        // Ready means routable: every stage connected.
+        loop {
+            let mut up = 0;
+            for n in &nodes {
+                up += usize::from(n.send(IsConnected).await.unwrap_or(false));
+            }
+            if up == nodes.len() {
+                break;
+            }
+            tracing::debug!(
+                connected = up,
+                stages = nodes.len(),
+                "waiting for gpu-nodes"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        tracing::info!("every stage connected");
+        let admission = Arc::new(InsecureAdmission {
+            allowed: topology.allow_insecure_agents,
+        });
+        let router = Router::new(routes, nodes, admission, Arc::new(provision)).start();
+        let endpoint = tls.server(topology.coordinator, talaria_wire::ALPN_CLOUD)?;
+        tracing::info!(listen = %topology.coordinator, stages = topology.stages.len(), "serving");
+        println!("ready {}", topology.coordinator);
+        talaria_actors::router::serve(endpoint, router, topology.max_frame_bytes).await;
+        Ok(())
+    })
+}

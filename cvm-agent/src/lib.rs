@@ -2,12 +2,58 @@
 //! with the KV cache, activations, sampling) whose every weight-dependent projection is sent to
 //! the cloud masked with ReMO and unmasked on return.
 
+pub mod client;
+pub mod cluster;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use talaria_engine::{BlockOp, EngineError, LinearOps, ModelConfig, OpId, Rows};
-use talaria_remo::{Calibration, Masker, MaskerStats, RemoConfig, RemoError};
+use talaria_remo::{Calibration, Masker, MaskerStats, PublicOp, RemoConfig, RemoError};
 pub use talaria_wire::{CloudLink, LinkError};
 use talaria_wire::{MaskedCall, SessionId};
+
+/// The calibration of the default model, measured by `talaria calibrate` on
+/// `calibration/corpus.txt` and embedded in the binaries.
+const DEFAULT_CALIBRATION: &str = include_str!("../../calibration/smollm2-135m.json");
+
+/// The embedded calibration of the default model.
+pub fn default_calibration() -> Result<Calibration, serde_json::Error> {
+    serde_json::from_str(DEFAULT_CALIBRATION)
+}
+
+/// Public set-up material shared by an agent's sessions: with the identity basis, `R_pub` is
+/// the same for every session, so it is fetched once and held once.
+#[derive(Default)]
+pub struct PublicCache(Mutex<HashMap<OpId, PublicOp>>);
+
+impl PublicCache {
+    fn get(&self, op: OpId) -> Option<PublicOp> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&op)
+            .cloned()
+    }
+
+    fn put(&self, op: OpId, public: PublicOp) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(op, public);
+    }
+
+    /// Bytes of `R_pub` held.
+    pub fn bytes(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(PublicOp::bytes)
+            .sum()
+    }
+}
 
 /// Everything the CVM side can fail at.
 #[derive(Debug, thiserror::Error)]
@@ -79,15 +125,39 @@ impl<L: CloudLink> RemoLinear<L> {
         calibration: &Calibration,
         session: SessionId,
         seed: Option<[u8; 32]>,
+        link: L,
+    ) -> Result<Self, AgentError> {
+        Self::connect_shared(config, remo, calibration, session, seed, link, None)
+    }
+
+    /// As [`RemoLinear::connect`], taking identity-basis set-ups from `cache` (and adding the
+    /// ones it lacks), so that sessions of one agent share them. The cache must only ever be
+    /// used with one ReMO precision.
+    pub fn connect_shared(
+        config: &ModelConfig,
+        remo: RemoConfig,
+        calibration: &Calibration,
+        session: SessionId,
+        seed: Option<[u8; 32]>,
         mut link: L,
+        cache: Option<&PublicCache>,
     ) -> Result<Self, AgentError> {
         let t0 = Instant::now();
         let mut masker = Masker::new(remo, session, seed)?;
         for op in all_ops(config) {
             let (d_in, d_out) = op.shape(config);
+            let rho = calibration.rho(op)?;
+            if let Some(public) = cache.and_then(|c| c.get(op)) {
+                masker.install_public(op, public, rho);
+                continue;
+            }
             if let Some(req) = masker.setup_request(op, d_in) {
                 let reply = link.setup(&req)?;
-                masker.install(&req, reply, d_in, d_out, calibration.rho(op)?)?;
+                let public = masker.public_from_reply(&req, reply, d_in, d_out)?;
+                if let Some(c) = cache.filter(|_| public.is_identity()) {
+                    c.put(op, public.clone());
+                }
+                masker.install_public(op, public, rho);
             }
         }
         masker.start_pool();

@@ -2,7 +2,9 @@
 //! It sees exactly what the wire carries — masked rows and public bases — and can record all of
 //! it with a [`Tap`](crate::Tap).
 
-use talaria_engine::Rows;
+use std::sync::Mutex;
+
+use talaria_engine::{OpId, Rows};
 use talaria_wire::{
     BasisSpec, CloudLink, LinkError, MaskedCall, MaskedReply, SetupReply, SetupRequest, Tensor,
     expand_basis,
@@ -11,15 +13,32 @@ use talaria_wire::{
 use crate::{LinearWeights, NodeError, Tap};
 
 /// Serves masked linear calls from a stage's weights.
+///
+/// Its methods take `&self`: calls of many sessions may run at once on a thread pool.
 pub struct CloudExecutor {
     weights: LinearWeights,
-    tap: Option<Tap>,
+    tap: Option<Mutex<Tap>>,
 }
 
 impl CloudExecutor {
     /// An executor over `weights`, recording into `tap` if given.
     pub fn new(weights: LinearWeights, tap: Option<Tap>) -> Self {
-        Self { weights, tap }
+        Self {
+            weights,
+            tap: tap.map(Mutex::new),
+        }
+    }
+
+    fn tap(&self, record: impl FnOnce(&mut Tap) -> Result<(), NodeError>) -> Result<(), NodeError> {
+        match &self.tap {
+            Some(t) => record(&mut t.lock().unwrap_or_else(|e| e.into_inner())),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether this executor holds the weights of `op`.
+    pub fn holds(&self, op: OpId) -> bool {
+        self.weights.holds(op)
     }
 
     /// The weights served.
@@ -28,28 +47,18 @@ impl CloudExecutor {
     }
 
     /// Computes `R_pub = M_pub · W_op` for the requested public basis.
-    pub fn setup(&mut self, req: &SetupRequest) -> Result<SetupReply, NodeError> {
+    ///
+    /// For the identity basis `R_pub` is the weight itself, exact in f32: it is sent in f32
+    /// whatever precision was asked for, and widened by the receiver (half the bytes).
+    pub fn setup(&self, req: &SetupRequest) -> Result<SetupReply, NodeError> {
         let (d_in, d_out) = req.op.shape(self.weights.config());
-        if let Some(tap) = &mut self.tap {
-            tap.record_setup(req, d_in)?;
-        }
+        self.tap(|t| t.record_setup(req, d_in))?;
         let r_pub = match &req.basis {
-            BasisSpec::Identity => {
-                let w = self.weights.dense(req.op)?;
-                if req.f64 {
-                    Tensor::F64 {
-                        rows: d_in,
-                        cols: d_out,
-                        data: w.iter().map(|&v| f64::from(v)).collect(),
-                    }
-                } else {
-                    Tensor::F32 {
-                        rows: d_in,
-                        cols: d_out,
-                        data: w,
-                    }
-                }
-            }
+            BasisSpec::Identity => Tensor::F32 {
+                rows: d_in,
+                cols: d_out,
+                data: self.weights.dense(req.op)?,
+            },
             spec @ BasisSpec::Orthonormal { m, .. } => {
                 let basis = expand_basis(spec, d_in).ok_or_else(|| {
                     NodeError::BadRequest(format!("{}: basis rank {m} for width {d_in}", req.op))
@@ -74,18 +83,16 @@ impl CloudExecutor {
     }
 
     /// Answers one masked call: `x̃ · W_op` in the precision the call came in.
-    pub fn call(&mut self, call: &MaskedCall) -> Result<MaskedReply, NodeError> {
+    pub fn call(&self, call: &MaskedCall) -> Result<MaskedReply, NodeError> {
         call.x
             .validate()
             .map_err(|e| NodeError::BadRequest(format!("{}: {e}", call.op)))?;
-        if let Some(tap) = &mut self.tap {
-            tap.record_call(call)?;
-        }
+        self.tap(|t| t.record_call(call))?;
         let (rows, cols) = call.x.shape();
         let y = match &call.x {
             Tensor::F32 { data, .. } => {
                 let x = Rows::new(rows, cols, data.clone())?;
-                let y = talaria_engine::LinearOps::linear(&mut self.weights, call.op, &x)?;
+                let y = self.weights.matmul(call.op, &x)?;
                 let (rows, cols) = (y.rows(), y.cols());
                 Tensor::F32 {
                     rows,
@@ -106,11 +113,8 @@ impl CloudExecutor {
     }
 
     /// Writes the tap's index, if recording.
-    pub fn finish_tap(&mut self) -> Result<(), NodeError> {
-        match &mut self.tap {
-            Some(t) => t.finish(),
-            None => Ok(()),
-        }
+    pub fn finish_tap(&self) -> Result<(), NodeError> {
+        self.tap(|t| t.finish())
     }
 }
 

@@ -6,6 +6,7 @@ mod cloud;
 mod error;
 mod model_file;
 mod plain;
+mod stage;
 mod tap;
 mod weights;
 

@@ -131,11 +131,14 @@ struct BlockWeights {
     down: Sharded,
 }
 
-/// Every weight-dependent projection of a model, ready for batched `x · W`.
+/// The weight-dependent projections of a model, or of one pipeline stage (a range of layers,
+/// with or without the LM head), ready for batched `x · W`.
 pub struct LinearWeights {
     config: ModelConfig,
+    /// The first layer held; `blocks[i]` is layer `first_layer + i`.
+    first_layer: usize,
     blocks: Vec<BlockWeights>,
-    lm_head: Sharded,
+    lm_head: Option<Sharded>,
     device: Device,
 }
 
@@ -184,17 +187,36 @@ fn fuse_transposed(parts: &[Stored], d_in: usize, gain: Option<&[f32]>) -> (Vec<
 }
 
 impl LinearWeights {
-    /// Loads the projections of layers `layers` (all of them for the plain engine) and the LM
-    /// head from a GGUF file.
+    /// Loads every projection of the model and the LM head (the plain engine's weights).
     pub fn load(f: &GgufFile, config: &ModelConfig) -> Result<Self, NodeError> {
+        Self::load_stage(f, config, 0..=config.n_layers.saturating_sub(1), true)
+    }
+
+    /// Loads only the projections of `layers`, and the LM head if `lm_head`: a pipeline stage
+    /// holds nothing else in memory.
+    pub fn load_stage(
+        f: &GgufFile,
+        config: &ModelConfig,
+        layers: std::ops::RangeInclusive<usize>,
+        lm_head: bool,
+    ) -> Result<Self, NodeError> {
         let device = Default::default();
         let c = config;
+        if *layers.end() >= c.n_layers {
+            return Err(NodeError::InvalidModel(format!(
+                "layers {}-{} asked of a model with {} layers",
+                layers.start(),
+                layers.end(),
+                c.n_layers
+            )));
+        }
         let n_shards = rayon::current_num_threads();
         let matrix = |(values, d_out): (Vec<f32>, usize), d_in: usize| {
             Sharded::new(values, d_in, d_out, n_shards, &device)
         };
-        let mut blocks = Vec::with_capacity(c.n_layers);
-        for l in 0..c.n_layers {
+        let first_layer = *layers.start();
+        let mut blocks = Vec::with_capacity(layers.clone().count());
+        for l in layers {
             let name = |t: &str| format!("blk.{l}.{t}.weight");
             let attn_gain = load_vector(f, &name("attn_norm"), c.d_model)?;
             let ffn_gain = load_vector(f, &name("ffn_norm"), c.d_model)?;
@@ -218,34 +240,72 @@ impl LinearWeights {
                 down: matrix(fuse_transposed(&[down], c.d_ff, None), c.d_ff),
             });
         }
-        let out_gain = load_vector(f, "output_norm.weight", c.d_model)?;
-        // Tied embeddings: without output.weight the LM head is the token embedding table.
-        let head_name = if f.has_tensor("output.weight") {
-            "output.weight"
+        let lm_head = if lm_head {
+            let out_gain = load_vector(f, "output_norm.weight", c.d_model)?;
+            // Tied embeddings: without output.weight the LM head is the token embedding table.
+            let head_name = if f.has_tensor("output.weight") {
+                "output.weight"
+            } else {
+                "token_embd.weight"
+            };
+            let head = load_stored(f, head_name, c.d_model, c.vocab)?;
+            Some(matrix(
+                fuse_transposed(&[head], c.d_model, Some(&out_gain)),
+                c.d_model,
+            ))
         } else {
-            "token_embd.weight"
+            None
         };
-        let head = load_stored(f, head_name, c.d_model, c.vocab)?;
-        let lm_head = matrix(
-            fuse_transposed(&[head], c.d_model, Some(&out_gain)),
-            c.d_model,
-        );
         Ok(Self {
             config: c.clone(),
+            first_layer,
             blocks,
             lm_head,
             device,
         })
     }
 
+    /// Whether these weights include `op`.
+    pub fn holds(&self, op: OpId) -> bool {
+        self.weight(op).is_ok()
+    }
+
+    /// Bytes of weights held (f32 values; f64 copies made for the lossless mode are extra).
+    pub fn bytes(&self) -> usize {
+        let shard_bytes = |s: &Sharded| s.d_in * s.d_out * 4;
+        self.blocks
+            .iter()
+            .map(|b| {
+                shard_bytes(&b.qkv)
+                    + shard_bytes(&b.attn_out)
+                    + shard_bytes(&b.gate_up)
+                    + shard_bytes(&b.down)
+            })
+            .sum::<usize>()
+            + self.lm_head.as_ref().map_or(0, shard_bytes)
+    }
+
     fn weight(&self, op: OpId) -> Result<&Sharded, EngineError> {
+        let not_held = |reason: String| EngineError::BadOp {
+            op: op.to_string(),
+            reason,
+        };
         Ok(match op {
-            OpId::LmHead => &self.lm_head,
+            OpId::LmHead => self
+                .lm_head
+                .as_ref()
+                .ok_or_else(|| not_held("the LM head is not held here".into()))?,
             OpId::Block { layer, op: kind } => {
-                let b = self.blocks.get(layer).ok_or_else(|| EngineError::BadOp {
-                    op: op.to_string(),
-                    reason: format!("no such layer (the model has {})", self.blocks.len()),
-                })?;
+                let b = layer
+                    .checked_sub(self.first_layer)
+                    .and_then(|i| self.blocks.get(i))
+                    .ok_or_else(|| {
+                        not_held(format!(
+                            "layer not held (layers {}-{} are)",
+                            self.first_layer,
+                            (self.first_layer + self.blocks.len()).saturating_sub(1)
+                        ))
+                    })?;
                 match kind {
                     BlockOp::Qkv => &b.qkv,
                     BlockOp::AttnOut => &b.attn_out,
@@ -309,6 +369,13 @@ impl LinearWeights {
 
 impl LinearOps for LinearWeights {
     fn linear(&mut self, op: OpId, x: &Rows) -> Result<Rows, EngineError> {
+        self.matmul(op, x)
+    }
+}
+
+impl LinearWeights {
+    /// `x · W_op` in f32; shared access, so several calls may run at once.
+    pub fn matmul(&self, op: OpId, x: &Rows) -> Result<Rows, EngineError> {
         let (d_in, d_out) = op.shape(&self.config);
         self.check_input(op, x.rows(), x.cols(), x.data().len())?;
         if x.rows() == 0 {

@@ -50,6 +50,38 @@ pub enum Rank {
     Fraction(f64),
 }
 
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    /// `f32`, `f64-client` or `f64-gemm`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "f64-client" => Ok(Precision::F64Client),
+            "f64-gemm" => Ok(Precision::F64Gemm),
+            _ => Err(format!("{s:?}: expected f32, f64-client or f64-gemm")),
+        }
+    }
+}
+
+impl std::str::FromStr for Rank {
+    type Err = String;
+
+    /// `full`, or a fraction in (0, 1).
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "full" {
+            return Ok(Rank::Full);
+        }
+        let f: f64 = s
+            .parse()
+            .map_err(|_| format!("{s:?} is neither `full` nor a fraction"))?;
+        if !(f > 0.0 && f < 1.0) {
+            return Err(format!("rank fraction {f} must be in (0, 1)"));
+        }
+        Ok(Rank::Fraction(f))
+    }
+}
+
 /// Every ReMO parameter, with defaults chosen from measurements (see `docs/remo.md`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RemoConfig {

@@ -16,4 +16,4 @@ mod masker;
 
 pub use config::{Calibration, Precision, Rank, RemoConfig, op_key};
 pub use error::RemoError;
-pub use masker::{Masker, MaskerStats, Pending};
+pub use masker::{Masker, MaskerStats, Pending, PublicOp};

@@ -28,6 +28,26 @@ struct OpPublic {
     r_pub_f64: Vec<f64>,
 }
 
+/// An op's public set-up material (`R_pub` and the basis), shareable between sessions: with
+/// the identity basis it is the same for every session, so an agent fetches and holds it once.
+#[derive(Clone)]
+pub struct PublicOp {
+    public: Arc<OpPublic>,
+    identity: bool,
+}
+
+impl PublicOp {
+    /// Whether it was made for the identity basis (and so may be shared between sessions).
+    pub fn is_identity(&self) -> bool {
+        self.identity
+    }
+
+    /// Bytes of `R_pub` held.
+    pub fn bytes(&self) -> usize {
+        self.public.r_pub_f32.len() * 4 + self.public.r_pub_f64.len() * 8
+    }
+}
+
 /// A mask and its exact product with the op's weight.
 struct MaskPair {
     mask: Vec<f64>,
@@ -321,6 +341,19 @@ impl Masker {
         d_out: usize,
         rho: f64,
     ) -> Result<(), RemoError> {
+        let public = self.public_from_reply(request, reply, d_in, d_out)?;
+        self.install_public(request.op, public, rho);
+        Ok(())
+    }
+
+    /// Checks the cloud's `R_pub` for an op and keeps it as shareable public material.
+    pub fn public_from_reply(
+        &self,
+        request: &SetupRequest,
+        reply: SetupReply,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<PublicOp, RemoError> {
         let op = request.op;
         let m = request.basis.rank(d_in);
         reply.r_pub.validate()?;
@@ -335,6 +368,10 @@ impl Masker {
         let (r_pub_f32, r_pub_f64) = match reply.r_pub {
             Tensor::F32 { data, .. } if !self.config.precision.r_pub_f64() => (data, Vec::new()),
             Tensor::F64 { data, .. } if self.config.precision.r_pub_f64() => (Vec::new(), data),
+            // With the identity basis R_pub is W itself, exact in f32: widening loses nothing.
+            Tensor::F32 { data, .. } if basis.is_none() => {
+                (Vec::new(), data.iter().map(|&v| f64::from(v)).collect())
+            }
             other => {
                 return Err(RemoError::Setup(format!(
                     "{op}: R_pub arrived in {}",
@@ -342,7 +379,7 @@ impl Masker {
                 )));
             }
         };
-        let state = OpState {
+        Ok(PublicOp {
             public: Arc::new(OpPublic {
                 d_in,
                 d_out,
@@ -351,12 +388,20 @@ impl Masker {
                 r_pub_f32,
                 r_pub_f64,
             }),
+            identity: request.basis == BasisSpec::Identity,
+        })
+    }
+
+    /// Installs public material for `op`, possibly shared with other sessions, and draws this
+    /// session's private coefficient generator for it.
+    pub fn install_public(&mut self, op: OpId, public: PublicOp, rho: f64) {
+        let state = OpState {
+            public: public.public,
             scale: self.config.scale * rho,
             rng: ChaCha20Rng::from_seed(self.rng.random()),
             pool: VecDeque::new(),
         };
         self.ops.insert(op, Arc::new(Mutex::new(state)));
-        Ok(())
     }
 
     /// Starts filling the pools in the background (a no-op with a pool size of 0).

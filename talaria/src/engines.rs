@@ -22,6 +22,8 @@ pub enum EngineKind {
     Plain,
     /// The CVM side and the cloud side in one process, joined only by ReMO-masked messages.
     Remo,
+    /// A running cluster's cvm-agent, over QUIC (`talaria up`).
+    Cluster,
 }
 
 /// The ReMO parameters, as flags. Defaults: `RemoConfig::default()` (see docs/remo.md).
@@ -58,25 +60,11 @@ pub struct RemoArgs {
 }
 
 fn parse_rank(s: &str) -> Result<Rank, String> {
-    if s == "full" {
-        return Ok(Rank::Full);
-    }
-    let f: f64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is neither `full` nor a fraction"))?;
-    if !(f > 0.0 && f < 1.0) {
-        return Err(format!("rank fraction {f} must be in (0, 1)"));
-    }
-    Ok(Rank::Fraction(f))
+    s.parse()
 }
 
 pub fn parse_precision(s: &str) -> Result<Precision, String> {
-    match s {
-        "f32" => Ok(Precision::F32),
-        "f64-client" => Ok(Precision::F64Client),
-        "f64-gemm" => Ok(Precision::F64Gemm),
-        _ => Err(format!("{s:?}: expected f32, f64-client or f64-gemm")),
-    }
+    s.parse()
 }
 
 impl RemoArgs {
@@ -102,13 +90,9 @@ impl RemoArgs {
     }
 }
 
-/// The calibration of the default model, measured by `talaria calibrate` on
-/// `calibration/corpus.txt` and embedded in the binary.
-const DEFAULT_CALIBRATION: &str = include_str!("../../calibration/smollm2-135m.json");
-
-/// The embedded calibration.
+/// The embedded calibration of the default model.
 pub fn default_calibration() -> Result<Calibration> {
-    serde_json::from_str(DEFAULT_CALIBRATION).context("embedded calibration")
+    talaria_cvm_agent::default_calibration().context("embedded calibration")
 }
 
 /// The masked engine: the CVM side driving the cloud side through ReMO.
@@ -167,6 +151,9 @@ impl Engine {
                 RemoEngine::load(path, remo, &default_calibration()?)
                     .with_context(|| format!("loading {}", path.display()))?,
             )),
+            EngineKind::Cluster => {
+                anyhow::bail!("the cluster engine runs in the cluster's processes, not in this one")
+            }
         })
     }
 

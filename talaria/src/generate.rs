@@ -53,6 +53,8 @@ pub struct GenerateArgs {
     pub model_file: Option<PathBuf>,
     #[command(flatten)]
     pub remo: RemoArgs,
+    #[command(flatten)]
+    pub agent: crate::cluster::AgentArgs,
 }
 
 #[derive(Serialize)]
@@ -70,9 +72,71 @@ struct JsonOutput<'a> {
     decode_ms: f64,
     prefill_tok_per_s: f64,
     decode_tok_per_s: f64,
+    /// Where the time went (`--engine cluster`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency: Option<talaria_wire::LatencySplit>,
+}
+
+/// `--engine cluster`: the prompt goes to the agent, which tokenizes it; tokens come back.
+fn run_cluster(args: GenerateArgs) -> Result<()> {
+    let prompt = match (&args.prompt, &args.prompt_ids) {
+        (Some(text), _) => talaria_wire::Prompt::Text {
+            text: text.clone(),
+            chat: args.chat,
+        },
+        (None, Some(ids)) => talaria_wire::Prompt::Ids(ids.clone()),
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    let req = talaria_wire::TenantRequest {
+        prompt,
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        ignore_eos: args.ignore_eos,
+    };
+    let t0 = Instant::now();
+    let mut out = std::io::stdout().lock();
+    let json = args.json;
+    let answer = crate::cluster::generate(&args.agent, &req, |_, piece| {
+        if let (false, Some(p)) = (json, piece) {
+            let _ = out.write_all(p.as_bytes()).and_then(|_| out.flush());
+        }
+    })?;
+    let g = answer.generation;
+    if !json {
+        let _ = writeln!(out);
+        return Ok(());
+    }
+    let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let record = JsonOutput {
+        engine: EngineKind::Cluster,
+        model: "cluster".into(),
+        prompt_ids: &g.prompt_ids,
+        ids: &g.ids,
+        text: answer.text,
+        stop_reason: g.stop_reason,
+        prompt_tokens: g.prompt_ids.len(),
+        generated_tokens: g.ids.len(),
+        // Session set-up (connection, ReMO set-up) stands in for loading.
+        load_ms: (wall_ms - g.prefill_ms - g.decode_ms).max(0.0),
+        prefill_ms: g.prefill_ms,
+        decode_ms: g.decode_ms,
+        prefill_tok_per_s: g.prefill_tok_per_s,
+        decode_tok_per_s: g.decode_tok_per_s,
+        latency: Some(answer.latency),
+    };
+    println!("{}", serde_json::to_string(&record)?);
+    Ok(())
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    if args.engine == EngineKind::Cluster {
+        return run_cluster(args);
+    }
     let model_path = crate::resolve_model(args.model_file.clone())?;
     let t_load = Instant::now();
     let mut engine = Engine::load(args.engine, &model_path, &args.remo)?;
@@ -157,6 +221,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             decode_ms: generation.decode_ms,
             prefill_tok_per_s: generation.prefill_tok_per_s,
             decode_tok_per_s: generation.decode_tok_per_s,
+            latency: None,
         };
         println!("{}", serde_json::to_string(&out)?);
     }

@@ -1,7 +1,8 @@
-//! `talaria`: fetch the model, generate text, and benchmark the engines.
+//! `talaria`: fetch the model, generate text, benchmark the engines, run a local cluster.
 
 mod bench;
 mod calibrate;
+mod cluster;
 mod engines;
 mod generate;
 mod lossless;
@@ -39,6 +40,9 @@ enum Command {
     Calibrate(calibrate::CalibrateArgs),
     /// Compare the plain and ReMO engines: greedy agreement, logit drift, mask cost.
     Lossless(lossless::LosslessArgs),
+    /// Start a whole local cluster (gpu-nodes, coordinator, cvm-agents) from a topology and keep
+    /// it in the foreground until interrupted.
+    Up(cluster::UpArgs),
 }
 
 /// Where the model file is: `--model-file` if given, else the default model in the cache.
@@ -83,5 +87,6 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Calibrate(args) => calibrate::run(args),
         Command::Lossless(args) => lossless::run(args),
+        Command::Up(args) => cluster::up(args),
     }
 }

@@ -9,6 +9,8 @@ use rand_chacha::ChaCha8Rng;
 use talaria_gguf::{GgmlType, GgufWriter, TensorPayload, Value, quantize_q4_1, quantize_q8_0};
 use talaria_model_store as store;
 
+pub mod cluster;
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

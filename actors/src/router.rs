@@ -1,0 +1,444 @@
+//! The coordinator's actors: [`Router`] owns sessions and routes, [`NodeLink`] owns the
+//! connection to one gpu-node, [`AgentLink`] owns the connection of one cvm-agent.
+//!
+//! The router reads only frame headers; tensor payloads pass through undecoded.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use talaria_engine::OpId;
+use talaria_wire::frame;
+use talaria_wire::{ErrorReply, Request, SessionId, TlsMaterial};
+
+use crate::{err_frame, frame_error, ok_frame};
+
+/// Which stage serves each op: pure, built from the topology.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    /// `by_layer[l]`: the stage of layer `l`.
+    by_layer: Vec<usize>,
+    lm_head: usize,
+}
+
+impl RouteTable {
+    /// Routes from a validated topology whose stages cover `n_layers`.
+    pub fn new(topology: &talaria_topology::Topology, n_layers: usize) -> Option<Self> {
+        let by_layer = (0..n_layers)
+            .map(|l| topology.stage_for(Some(l)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self {
+            by_layer,
+            lm_head: topology.stage_for(None)?,
+        })
+    }
+
+    /// The stage of `op`, if any.
+    pub fn stage(&self, op: OpId) -> Option<usize> {
+        match op {
+            OpId::Block { layer, .. } => self.by_layer.get(layer).copied(),
+            OpId::LmHead => Some(self.lm_head),
+        }
+    }
+}
+
+/// Decides whether an agent may join. Issue #7 puts attestation behind this.
+pub trait Admission: Send + Sync + 'static {
+    /// `Ok(())` to admit `tenant`'s agent, or the reason for refusing it.
+    fn admit(&self, tenant: &str, agent: &str) -> Result<(), ErrorReply>;
+}
+
+/// Identifies one agent connection.
+pub type AgentId = u64;
+
+/// A frame from an agent, to be routed; the result is the answer frame.
+#[derive(Message)]
+#[rtype(result = "Vec<u8>")]
+pub struct Route {
+    pub agent: AgentId,
+    pub frame: Vec<u8>,
+}
+
+/// An agent's connection is gone: close its sessions.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AgentGone(pub AgentId);
+
+/// Owns the admitted agents, the sessions and which agent owns each, and the route table.
+pub struct Router {
+    routes: RouteTable,
+    nodes: Vec<Addr<NodeLink>>,
+    admission: Arc<dyn Admission>,
+    /// The encoded [`talaria_wire::Provision`] handed to admitted agents.
+    provision: Arc<Vec<u8>>,
+    agents: HashMap<AgentId, String>,
+    sessions: HashMap<SessionId, AgentId>,
+    next_session: SessionId,
+}
+
+impl Router {
+    /// A router over `nodes` (in topology order).
+    pub fn new(
+        routes: RouteTable,
+        nodes: Vec<Addr<NodeLink>>,
+        admission: Arc<dyn Admission>,
+        provision: Arc<Vec<u8>>,
+    ) -> Self {
+        Self {
+            routes,
+            nodes,
+            admission,
+            provision,
+            agents: HashMap::new(),
+            sessions: HashMap::new(),
+            next_session: 1,
+        }
+    }
+
+    /// Sends `head` to every stage; the first refusal wins.
+    fn broadcast(&self, head: &Request) -> ResponseFuture<Result<(), ErrorReply>> {
+        let frame = frame::encode::<_, ()>(head, None).map_err(|e| frame_error(&e));
+        let nodes = self.nodes.clone();
+        Box::pin(async move {
+            let frame = frame?;
+            let answers =
+                futures::future::join_all(nodes.iter().map(|n| n.send(Forward(frame.clone()))))
+                    .await;
+            for a in answers {
+                let a = a.map_err(|e| ErrorReply::new("internal", format!("node link: {e}")))?;
+                let (reply, _): (talaria_wire::Reply, &[u8]) =
+                    frame::split(&a).map_err(|e| frame_error(&e))?;
+                if let talaria_wire::Reply::Err(e) = reply {
+                    return Err(e);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn owned(&self, agent: AgentId, session: SessionId) -> Result<(), ErrorReply> {
+        match self.sessions.get(&session) {
+            Some(&owner) if owner == agent => Ok(()),
+            // Another tenant's session reads as unknown: its existence is not disclosed.
+            _ => Err(ErrorReply::new(
+                "unknown_session",
+                format!("no session {session} on this connection"),
+            )),
+        }
+    }
+
+    fn route(
+        &mut self,
+        agent: AgentId,
+        frame: Vec<u8>,
+    ) -> Result<ResponseFuture<Vec<u8>>, ErrorReply> {
+        let (head, _): (Request, &[u8]) = frame::split(&frame).map_err(|e| frame_error(&e))?;
+        if let Request::Hello {
+            tenant,
+            agent: name,
+        } = &head
+        {
+            self.admission.admit(tenant, name)?;
+            tracing::info!(agent, %tenant, name = %name, "agent admitted");
+            self.agents.insert(agent, tenant.clone());
+            let answer = ok_frame(0, &self.provision);
+            return Ok(Box::pin(async move { answer }));
+        }
+        let Some(tenant) = self.agents.get(&agent).cloned() else {
+            return Err(ErrorReply::new("not_admitted", "say Hello first"));
+        };
+        match head {
+            Request::Hello { .. } => unreachable!("handled above"),
+            Request::OpenSession => {
+                let session = self.next_session;
+                self.next_session += 1;
+                self.sessions.insert(session, agent);
+                let open = self.broadcast(&Request::StageOpen {
+                    session,
+                    tenant: tenant.clone(),
+                });
+                Ok(Box::pin(async move {
+                    match open.await {
+                        Ok(()) => {
+                            tracing::info!(session, %tenant, "session opened");
+                            let payload = postcard_u64(session);
+                            ok_frame(0, &payload)
+                        }
+                        Err(e) => err_frame(&e),
+                    }
+                }))
+            }
+            Request::CloseSession { session } => {
+                self.owned(agent, session)?;
+                self.sessions.remove(&session);
+                let close = self.broadcast(&Request::CloseSession { session });
+                Ok(Box::pin(async move {
+                    match close.await {
+                        Ok(()) => ok_frame(0, &[]),
+                        Err(e) => err_frame(&e),
+                    }
+                }))
+            }
+            Request::Setup { session, op } | Request::Call { session, op, .. } => {
+                self.owned(agent, session)?;
+                let stage = self
+                    .routes
+                    .stage(op)
+                    .ok_or_else(|| ErrorReply::new("no_route", format!("no stage serves {op}")))?;
+                let node = self.nodes[stage].clone();
+                Ok(Box::pin(async move {
+                    node.send(Forward(frame)).await.unwrap_or_else(|e| {
+                        err_frame(&ErrorReply::new("internal", format!("node link: {e}")))
+                    })
+                }))
+            }
+            Request::StageOpen { .. } => Err(ErrorReply::new(
+                "unexpected_request",
+                "StageOpen is the coordinator's to send",
+            )),
+        }
+    }
+}
+
+fn postcard_u64(v: u64) -> Vec<u8> {
+    frame::encode::<_, ()>(&v, None).unwrap_or_default()
+}
+
+impl Actor for Router {
+    type Context = Context<Self>;
+}
+
+impl Handler<Route> for Router {
+    type Result = ResponseFuture<Vec<u8>>;
+
+    fn handle(&mut self, msg: Route, _: &mut Context<Self>) -> Self::Result {
+        let agent = msg.agent;
+        match self.route(agent, msg.frame) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(agent, error_type = %e.error_type, "refused: {}", e.message);
+                let answer = err_frame(&e);
+                Box::pin(async move { answer })
+            }
+        }
+    }
+}
+
+impl Handler<AgentGone> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: AgentGone, ctx: &mut Context<Self>) {
+        let tenant = self.agents.remove(&msg.0);
+        let gone: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|&(_, &a)| a == msg.0)
+            .map(|(&s, _)| s)
+            .collect();
+        tracing::info!(
+            agent = msg.0,
+            ?tenant,
+            sessions = gone.len(),
+            "agent disconnected"
+        );
+        for session in gone {
+            self.sessions.remove(&session);
+            let close = self.broadcast(&Request::CloseSession { session });
+            ctx.spawn(
+                async move {
+                    if let Err(e) = close.await {
+                        tracing::warn!(session, "closing: {e}");
+                    }
+                }
+                .into_actor(self),
+            );
+        }
+    }
+}
+
+/// A frame for a gpu-node; the result is its answer frame.
+#[derive(Message)]
+#[rtype(result = "Vec<u8>")]
+pub struct Forward(pub Vec<u8>);
+
+/// Owns the connection to one gpu-node, reconnecting when it drops.
+pub struct NodeLink {
+    name: String,
+    addr: SocketAddr,
+    tls: TlsMaterial,
+    endpoint: quinn::Endpoint,
+    max_frame: usize,
+    conn: Option<quinn::Connection>,
+    connecting: bool,
+}
+
+impl NodeLink {
+    /// A link to stage `name` at `addr`, dialled from `endpoint`.
+    pub fn new(
+        name: String,
+        addr: SocketAddr,
+        tls: TlsMaterial,
+        endpoint: quinn::Endpoint,
+        max_frame: usize,
+    ) -> Self {
+        Self {
+            name,
+            addr,
+            tls,
+            endpoint,
+            max_frame,
+            conn: None,
+            connecting: false,
+        }
+    }
+
+    fn reconnect(&mut self, ctx: &mut Context<Self>) {
+        if self.connecting {
+            return;
+        }
+        self.connecting = true;
+        let (tls, endpoint, addr, name) = (
+            self.tls.clone(),
+            self.endpoint.clone(),
+            self.addr,
+            self.name.clone(),
+        );
+        let dial = async move {
+            let mut wait = Duration::from_millis(50);
+            loop {
+                match tls.connect(&endpoint, addr).await {
+                    Ok(c) => return c,
+                    Err(e) => {
+                        tracing::debug!(stage = %name, "dialling {addr}: {e}");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        };
+        ctx.spawn(dial.into_actor(self).map(|conn, act, _| {
+            tracing::info!(stage = %act.name, addr = %act.addr, "gpu-node connected");
+            act.conn = Some(conn);
+            act.connecting = false;
+        }));
+    }
+}
+
+impl Actor for NodeLink {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.reconnect(ctx);
+    }
+}
+
+/// Asks whether the link is connected.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct IsConnected;
+
+impl Handler<IsConnected> for NodeLink {
+    type Result = bool;
+
+    fn handle(&mut self, _: IsConnected, _: &mut Context<Self>) -> bool {
+        self.conn
+            .as_ref()
+            .is_some_and(|c| c.close_reason().is_none())
+    }
+}
+
+impl Handler<Forward> for NodeLink {
+    type Result = ResponseFuture<Vec<u8>>;
+
+    fn handle(&mut self, msg: Forward, ctx: &mut Context<Self>) -> Self::Result {
+        let live = self.conn.clone().filter(|c| c.close_reason().is_none());
+        let Some(conn) = live else {
+            self.conn = None;
+            self.reconnect(ctx);
+            let answer = err_frame(&ErrorReply::new(
+                "node_unavailable",
+                format!("gpu-node {} ({}) is not connected", self.name, self.addr),
+            ));
+            return Box::pin(async move { answer });
+        };
+        let max = self.max_frame;
+        let name = self.name.clone();
+        Box::pin(async move {
+            talaria_wire::net::request(&conn, &msg.0, max)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(stage = %name, error_type = e.error_type(), "forwarding: {e}");
+                    err_frame(&frame_error(&e))
+                })
+        })
+    }
+}
+
+/// Owns one cvm-agent's connection: every stream it opens goes to the router under its id.
+pub struct AgentLink {
+    id: AgentId,
+    conn: quinn::Connection,
+    router: Addr<Router>,
+    max_frame: usize,
+}
+
+impl AgentLink {
+    /// A link for connection `conn`, known to the router as `id`.
+    pub fn new(
+        id: AgentId,
+        conn: quinn::Connection,
+        router: Addr<Router>,
+        max_frame: usize,
+    ) -> Self {
+        Self {
+            id,
+            conn,
+            router,
+            max_frame,
+        }
+    }
+}
+
+impl Actor for AgentLink {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let (id, router) = (self.id, self.router.clone());
+        let serve = crate::serve_streams(self.conn.clone(), self.max_frame, move |frame| {
+            let router = router.clone();
+            async move {
+                router
+                    .send(Route { agent: id, frame })
+                    .await
+                    .unwrap_or_else(|e| {
+                        err_frame(&ErrorReply::new("internal", format!("router: {e}")))
+                    })
+            }
+        });
+        ctx.spawn(serve.into_actor(self).map(|(), act, ctx| {
+            act.router.do_send(AgentGone(act.id));
+            ctx.stop();
+        }));
+    }
+}
+
+/// Accepts cvm-agent connections on `endpoint`, one [`AgentLink`] each.
+pub async fn serve(endpoint: quinn::Endpoint, router: Addr<Router>, max_frame: usize) {
+    let mut next: AgentId = 1;
+    while let Some(incoming) = endpoint.accept().await {
+        let id = next;
+        next += 1;
+        let router = router.clone();
+        actix_rt::spawn(async move {
+            match incoming.await {
+                Ok(conn) => {
+                    tracing::info!(agent = id, peer = %conn.remote_address(), "agent connected");
+                    AgentLink::new(id, conn, router, max_frame).start();
+                }
+                Err(e) => tracing::warn!("agent handshake failed: {e}"),
+            }
+        });
+    }
+}

@@ -1,0 +1,340 @@
+//! The agent in a cluster: the link to the coordinator, and the conversation a `Session` actor
+//! runs.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use talaria_actors::session::{BlockingUplink, Conversation};
+use talaria_engine::{
+    ChatMessage, EngineError, GenerateRequest, ModelConfig, StopReason, Tokenizer, Transformer,
+    chat_prompt, generate,
+};
+use talaria_remo::{Calibration, Precision, Rank, RemoConfig};
+use talaria_topology::RemoSection;
+use talaria_wire::frame;
+use talaria_wire::{
+    CloudLink, ErrorReply, LatencySplit, LinkError, MaskedCall, MaskedReply, Prompt, Provision,
+    Reply, Request, SessionId, SetupReply, SetupRequest, TenantEvent, TenantRequest,
+};
+
+use crate::{AgentError, PublicCache, RemoLinear};
+
+/// The error types a peer may answer with, as static labels (anything else: `cloud_error`).
+const KNOWN_ERROR_TYPES: &[&str] = &[
+    "unknown_session",
+    "layer_not_owned",
+    "bad_request",
+    "malformed_frame",
+    "frame_too_large",
+    "node_unavailable",
+    "no_route",
+    "not_admitted",
+    "attestation_required",
+    "unexpected_request",
+    "connection",
+    "internal",
+    "shape",
+    "bad_op",
+];
+
+fn link_error(error_type: &str, message: String) -> LinkError {
+    LinkError {
+        error_type: KNOWN_ERROR_TYPES
+            .iter()
+            .find(|&&t| t == error_type)
+            .copied()
+            .unwrap_or("cloud_error"),
+        message,
+    }
+}
+
+/// One request on the uplink: `head` and `body` out, the answer payload decoded as `R`.
+/// Returns the gpu compute time the answer reports, in µs.
+pub fn exchange<B: Serialize, R: DeserializeOwned>(
+    uplink: &BlockingUplink,
+    head: &Request,
+    body: Option<&B>,
+) -> Result<(R, u64), LinkError> {
+    let frame = frame::encode(head, body).map_err(|e| link_error(e.error_type(), e.to_string()))?;
+    let answer = uplink
+        .exchange(frame)
+        .map_err(|e| link_error(e.error_type(), e.to_string()))?;
+    let (reply, payload): (Reply, &[u8]) =
+        frame::split(&answer).map_err(|e| link_error(e.error_type(), e.to_string()))?;
+    match reply {
+        Reply::Ok { compute_us } => {
+            let r = frame::body(payload).map_err(|e| link_error(e.error_type(), e.to_string()))?;
+            Ok((r, compute_us))
+        }
+        Reply::Err(e) => Err(link_error(&e.error_type, e.message)),
+    }
+}
+
+/// A session's link through the coordinator to the gpu-node stages. Closes the session when
+/// dropped.
+pub struct ClusterLink {
+    uplink: BlockingUplink,
+    session: SessionId,
+    /// Gpu compute time reported by the stages, µs.
+    gpu_us: u64,
+}
+
+impl ClusterLink {
+    /// Opens a new session with the coordinator.
+    pub fn open(uplink: BlockingUplink) -> Result<Self, LinkError> {
+        let (session, _) = exchange::<(), SessionId>(&uplink, &Request::OpenSession, None)?;
+        Ok(Self {
+            uplink,
+            session,
+            gpu_us: 0,
+        })
+    }
+
+    /// The session's id, assigned by the coordinator.
+    pub fn session(&self) -> SessionId {
+        self.session
+    }
+
+    /// Gpu compute time of this session's calls so far, in seconds.
+    pub fn gpu_seconds(&self) -> f64 {
+        self.gpu_us as f64 * 1e-6
+    }
+}
+
+impl CloudLink for ClusterLink {
+    fn setup(&mut self, req: &SetupRequest) -> Result<SetupReply, LinkError> {
+        let head = Request::Setup {
+            session: self.session,
+            op: req.op,
+        };
+        let (reply, us) = exchange(&self.uplink, &head, Some(req))?;
+        self.gpu_us += us;
+        Ok(reply)
+    }
+
+    fn call(&mut self, call: &MaskedCall) -> Result<MaskedReply, LinkError> {
+        let head = Request::Call {
+            session: self.session,
+            op: call.op,
+            seq: call.seq,
+        };
+        let (reply, us) = exchange(&self.uplink, &head, Some(call))?;
+        self.gpu_us += us;
+        Ok(reply)
+    }
+}
+
+impl Drop for ClusterLink {
+    fn drop(&mut self) {
+        let close = Request::CloseSession {
+            session: self.session,
+        };
+        if let Err(e) = exchange::<(), ()>(&self.uplink, &close, None) {
+            tracing::warn!(session = self.session, "closing the session: {e}");
+        }
+    }
+}
+
+/// The ReMO parameters a topology's `[remo]` section describes (defaults for what it omits).
+pub fn remo_config(section: &RemoSection) -> Result<RemoConfig, String> {
+    let d = RemoConfig::default();
+    let config = RemoConfig {
+        enabled: section.enabled.unwrap_or(d.enabled),
+        rank: section
+            .rank
+            .as_deref()
+            .map(str::parse::<Rank>)
+            .transpose()?
+            .unwrap_or(d.rank),
+        scale: section.scale.unwrap_or(d.scale),
+        precision: section
+            .precision
+            .as_deref()
+            .map(str::parse::<Precision>)
+            .transpose()?
+            .unwrap_or(d.precision),
+        dummy_rows: section.dummy_rows.unwrap_or(d.dummy_rows),
+        shuffle: section.shuffle.unwrap_or(d.shuffle),
+        pool: section.pool.unwrap_or(d.pool),
+    };
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+/// What every session of an agent shares: the provisioned model half, the ReMO parameters, the
+/// shared set-up material and the uplink.
+pub struct AgentShared {
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub model: Transformer,
+    pub remo: RemoConfig,
+    pub calibration: Calibration,
+    pub cache: PublicCache,
+    pub uplink: BlockingUplink,
+}
+
+impl AgentShared {
+    /// Builds the weight-free half from the coordinator's provision.
+    pub fn new(
+        provision: Provision,
+        remo: RemoConfig,
+        calibration: Calibration,
+        uplink: BlockingUplink,
+    ) -> Result<Self, AgentError> {
+        provision
+            .embeddings
+            .validate()
+            .map_err(|e| AgentError::Remo(e.into()))?;
+        let embeddings = match provision.embeddings {
+            talaria_wire::Tensor::F32 { data, .. } => data,
+            talaria_wire::Tensor::F64 { data, .. } => data.iter().map(|&v| v as f32).collect(),
+        };
+        let config = provision.config.clone();
+        let (tokenizer, model) = talaria_engine::CvmProvision {
+            config: provision.config,
+            tokenizer: provision.tokenizer,
+            embeddings,
+        }
+        .build()?;
+        Ok(Self {
+            config,
+            tokenizer,
+            model,
+            remo,
+            calibration,
+            cache: PublicCache::default(),
+            uplink,
+        })
+    }
+
+    /// Opens a session with the cloud and sets ReMO up for it.
+    pub fn open(self: &Arc<Self>) -> Result<AgentConversation, AgentError> {
+        let link = ClusterLink::open(self.uplink.clone())?;
+        let session = link.session();
+        let linear = RemoLinear::connect_shared(
+            &self.config,
+            self.remo.clone(),
+            &self.calibration,
+            session,
+            None,
+            link,
+            Some(&self.cache),
+        )?;
+        Ok(AgentConversation {
+            shared: self.clone(),
+            linear,
+        })
+    }
+
+    /// The token ids of a tenant's prompt.
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        match prompt {
+            Prompt::Text { text, chat: false } => self.tokenizer.encode(text),
+            Prompt::Text { text, chat: true } => {
+                self.tokenizer.encode(&chat_prompt(&[ChatMessage {
+                    role: "user".into(),
+                    content: text.clone(),
+                }]))
+            }
+            Prompt::Ids(ids) => Ok(ids.clone()),
+        }
+    }
+}
+
+/// One conversation on the agent: its session's masks and link.
+pub struct AgentConversation {
+    shared: Arc<AgentShared>,
+    linear: RemoLinear<ClusterLink>,
+}
+
+fn error_reply(e: &EngineError) -> ErrorReply {
+    ErrorReply::new(e.error_type(), e.to_string())
+}
+
+impl AgentConversation {
+    fn generate(
+        &mut self,
+        req: TenantRequest,
+        emit: &mut dyn FnMut(TenantEvent) -> bool,
+    ) -> Result<TenantEvent, EngineError> {
+        let shared = &self.shared;
+        let prompt_ids = shared.prompt_ids(&req.prompt)?;
+        let request = GenerateRequest {
+            prompt_ids,
+            max_tokens: req.max_tokens,
+            sampling: req.sampling,
+            stop_ids: if req.ignore_eos {
+                vec![]
+            } else {
+                vec![shared.tokenizer.eos()]
+            },
+        };
+        let before = self.linear.timings().clone();
+        let gpu_before = self.linear.link_mut().gpu_seconds();
+        let t0 = Instant::now();
+        let mut stream = shared.tokenizer.decode_stream();
+        let generation = generate(
+            &shared.model,
+            &mut self.linear,
+            &request,
+            |id| {
+                let piece = if request.stop_ids.contains(&id) {
+                    None
+                } else {
+                    stream.step(id)?
+                };
+                if emit(TenantEvent::Token { id, piece }) {
+                    Ok(())
+                } else {
+                    Err(EngineError::Outsourced {
+                        error_type: "cancelled",
+                        message: "the tenant went away".into(),
+                    })
+                }
+            },
+            None,
+        )?;
+        let wall = t0.elapsed().as_secs_f64();
+        let after = self.linear.timings().clone();
+        let gpu = self.linear.link_mut().gpu_seconds() - gpu_before;
+        let masking = after.online_mask_s - before.online_mask_s;
+        let cloud = after.cloud_s - before.cloud_s;
+        let shown = match generation.stop_reason {
+            StopReason::Eos => &generation.ids[..generation.ids.len().saturating_sub(1)],
+            _ => &generation.ids[..],
+        };
+        let text = shared.tokenizer.decode(shown)?;
+        Ok(TenantEvent::Done {
+            latency: LatencySplit {
+                cvm_compute_s: (wall - masking - cloud).max(0.0),
+                masking_s: masking,
+                gpu_compute_s: gpu,
+                network_s: (cloud - gpu).max(0.0),
+                setup_s: after.setup_s,
+                calls: self.linear.stats().calls,
+            },
+            generation,
+            text,
+        })
+    }
+}
+
+impl Conversation for AgentConversation {
+    fn run(&mut self, req: TenantRequest, emit: &mut dyn FnMut(TenantEvent) -> bool) {
+        let session = self.linear.link_mut().session();
+        let last = match self.generate(req, emit) {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!(
+                    session,
+                    error_type = e.error_type(),
+                    "generation failed: {e}"
+                );
+                TenantEvent::Error(error_reply(&e))
+            }
+        };
+        emit(last);
+    }
+}

@@ -1,0 +1,102 @@
+//! `cvm-agent`: one tenant's agent. Joins the cluster through the coordinator, receives the
+//! weight-free half of the model, and answers its tenant's prompts through ReMO-masked calls.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Actor;
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Parser;
+use talaria_actors::session::{BlockingUplink, Conversation, ConversationFactory, Uplink};
+use talaria_cvm_agent::cluster::{AgentShared, exchange, remo_config};
+use talaria_topology::Topology;
+use talaria_wire::{ErrorReply, Provision, Request};
+
+#[derive(Parser)]
+#[command(
+    name = "cvm-agent",
+    version,
+    about = "One tenant's agent in a Talaria cluster"
+)]
+struct Args {
+    /// The cluster's topology file.
+    #[arg(long)]
+    topology: PathBuf,
+    /// The tenant this agent serves (an `[[agent]]` of the topology).
+    #[arg(long)]
+    tenant: String,
+    /// Where `talaria up` generated the cluster's TLS material (topologies with `generate`).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// How long to keep trying to reach the coordinator, in seconds.
+    #[arg(long, default_value_t = 120)]
+    connect_timeout_s: u64,
+}
+
+fn main() -> Result<()> {
+    talaria_actors::init_logging();
+    let args = Args::parse();
+    let topology = Topology::load(&args.topology)?;
+    let Some(agent) = topology.agent(&args.tenant).cloned() else {
+        bail!(
+            "{}: no agent for tenant {:?}",
+            args.topology.display(),
+            args.tenant
+        );
+    };
+    let tls = talaria_actors::tls_material(&topology, args.tls_dir.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    let remo = remo_config(&topology.remo).map_err(|e| anyhow!("topology [remo]: {e}"))?;
+    if !remo.enabled {
+        tracing::warn!("INSECURE: ReMO is off: the cloud sees every activation in the clear");
+    }
+    let calibration = talaria_cvm_agent::default_calibration().context("embedded calibration")?;
+    let max_frame = topology.max_frame_bytes;
+
+    actix::System::new().block_on(async move {
+        let client = tls.client(talaria_wire::ALPN_CLOUD)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(args.connect_timeout_s);
+        let conn = loop {
+            match tls.connect(&client, topology.coordinator).await {
+                Ok(c) => break c,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!("coordinator not reachable yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => bail!("coordinator {}: {e}", topology.coordinator),
+            }
+        };
+        let uplink = BlockingUplink(Uplink::new(conn, max_frame).start());
+        let tenant = agent.tenant.clone();
+        // Admission and provisioning wait on the uplink: off the event loop.
+        let shared = tokio::task::spawn_blocking(move || -> Result<AgentShared> {
+            let hello = Request::Hello {
+                tenant,
+                agent: format!("cvm-agent pid {}", std::process::id()),
+            };
+            let (provision, _) = exchange::<(), Provision>(&uplink, &hello, None)
+                .context("admission by the coordinator")?;
+            Ok(AgentShared::new(provision, remo, calibration, uplink)?)
+        })
+        .await??;
+        let shared = Arc::new(shared);
+        tracing::info!(
+            tenant = %agent.tenant,
+            layers = shared.config.n_layers,
+            vocab = shared.config.vocab,
+            "admitted and provisioned"
+        );
+        let factory: ConversationFactory = Arc::new(move || {
+            shared
+                .open()
+                .map(|c| Box::new(c) as Box<dyn Conversation>)
+                .map_err(|e| ErrorReply::new(e.error_type(), e.to_string()))
+        });
+        let endpoint = tls.server(agent.listen, talaria_wire::ALPN_TENANT)?;
+        tracing::info!(listen = %agent.listen, "serving the tenant");
+        println!("ready {}", agent.listen);
+        talaria_actors::session::serve(endpoint, factory, max_frame).await;
+        Ok(())
+    })
+}

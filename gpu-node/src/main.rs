@@ -1,0 +1,86 @@
+//! `gpu-node`: serves one pipeline stage of a topology — only its layers' weights, masked
+//! linear calls over QUIC.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actix::Actor;
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use talaria_actors::stage::{GpuShard, LayerStage};
+use talaria_gguf::GgufFile;
+use talaria_gpu_node::{CloudExecutor, LinearWeights, Tap, read_config};
+use talaria_topology::{Backend, Topology};
+
+#[derive(Parser)]
+#[command(
+    name = "gpu-node",
+    version,
+    about = "Serve one stage of a Talaria cluster"
+)]
+struct Args {
+    /// The cluster's topology file.
+    #[arg(long)]
+    topology: PathBuf,
+    /// The name of the stage to serve (a `[[stage]]` of the topology).
+    #[arg(long)]
+    stage: String,
+    /// Where `talaria up` generated the cluster's TLS material (topologies with `generate`).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Record everything this node sees into this directory (docs/tap-format.md).
+    #[arg(long)]
+    tap: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    talaria_actors::init_logging();
+    let args = Args::parse();
+    let topology = Topology::load(&args.topology)?;
+    let Some(stage) = topology.stage(&args.stage).cloned() else {
+        bail!(
+            "{}: no stage named {:?}",
+            args.topology.display(),
+            args.stage
+        );
+    };
+    if let Backend::Cuda(_) = stage.backend {
+        bail!(
+            "stage {}: backend {} needs a build with the `cuda` feature",
+            stage.name,
+            stage.backend
+        );
+    }
+    let tls = talaria_actors::tls_material(&topology, args.tls_dir.as_deref())
+        .map_err(anyhow::Error::msg)?;
+
+    let t0 = std::time::Instant::now();
+    let file = GgufFile::open(&topology.model_file)
+        .with_context(|| format!("reading {}", topology.model_file.display()))?;
+    let config = read_config(&file)?;
+    topology.check_layers(config.n_layers)?;
+    let weights = LinearWeights::load_stage(&file, &config, stage.layers.clone(), stage.lm_head)?;
+    drop(file);
+    let weight_bytes = weights.bytes();
+    let tap = args.tap.as_ref().map(Tap::create).transpose()?;
+    let executor = Arc::new(CloudExecutor::new(weights, tap));
+    tracing::info!(
+        stage = %stage.name,
+        layers = ?stage.layers,
+        lm_head = stage.lm_head,
+        weight_mb = weight_bytes as f64 / 1e6,
+        rss_mb = talaria_actors::rss_bytes().unwrap_or(0) as f64 / 1e6,
+        load_s = t0.elapsed().as_secs_f64(),
+        "weights loaded"
+    );
+
+    actix::System::new().block_on(async move {
+        let endpoint = tls.server(stage.listen, talaria_wire::ALPN_CLOUD)?;
+        let shard = GpuShard::new(executor.clone()).start();
+        let layer_stage = LayerStage::new(stage.name.clone(), executor, shard).start();
+        tracing::info!(stage = %stage.name, listen = %stage.listen, "serving");
+        println!("ready {}", stage.listen);
+        talaria_actors::stage::serve(endpoint, layer_stage, topology.max_frame_bytes).await;
+        Ok(())
+    })
+}

@@ -1,0 +1,37 @@
+//! The executor as a cluster stage: what the `LayerStage` and `GpuShard` actors call.
+
+use talaria_actors::stage::StageCompute;
+use talaria_engine::OpId;
+use talaria_wire::{ErrorReply, MaskedCall, SessionId, SetupRequest, frame};
+
+use crate::{CloudExecutor, NodeError};
+
+fn reply_err(e: NodeError) -> ErrorReply {
+    tracing::warn!(error_type = e.error_type(), "{e}");
+    ErrorReply::new(e.error_type(), e.to_string())
+}
+
+fn encode<T: serde::Serialize>(msg: &T) -> Result<Vec<u8>, ErrorReply> {
+    frame::encode::<_, ()>(msg, None).map_err(|e| ErrorReply::new(e.error_type(), e.to_string()))
+}
+
+impl StageCompute for CloudExecutor {
+    fn owns(&self, op: OpId) -> bool {
+        self.holds(op)
+    }
+
+    fn setup(&self, req: &SetupRequest) -> Result<Vec<u8>, ErrorReply> {
+        encode(&CloudExecutor::setup(self, req).map_err(reply_err)?)
+    }
+
+    fn call(&self, call: &MaskedCall) -> Result<Vec<u8>, ErrorReply> {
+        encode(&CloudExecutor::call(self, call).map_err(reply_err)?)
+    }
+
+    fn close(&self, _session: SessionId) {
+        // A gpu-node is stopped by a signal: keep the tap's index current at every session end.
+        if let Err(e) = self.finish_tap() {
+            tracing::warn!("tap index not written: {e}");
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! `talaria up` (a whole local cluster as child processes) and the tenant side of
+//! `--engine cluster`.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use talaria_cvm_agent::client::{self, Answer};
+use talaria_gguf::GgufFile;
+use talaria_topology::{TlsSource, Topology};
+use talaria_wire::{TenantRequest, TlsMaterial};
+
+/// What a running local cluster tells its tenants: where the agents are and whom to trust.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub topology: PathBuf,
+    pub server_name: String,
+    pub ca: PathBuf,
+    /// `(tenant, address)` of each agent.
+    pub agents: Vec<(String, SocketAddr)>,
+    /// Process ids by name.
+    pub pids: Vec<(String, u32)>,
+    pub logs: PathBuf,
+}
+
+/// The default folder of a local cluster's run files (TLS material, logs, `cluster.json`).
+pub fn default_run_dir() -> PathBuf {
+    talaria_model_store::home().join("cluster")
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// The topology to start (e.g. topology/examples/local.toml).
+    #[arg(long)]
+    pub topology: PathBuf,
+    /// Where to keep the cluster's TLS material, logs and `cluster.json`.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Record what each gpu-node sees into `DIR/<stage>` (docs/tap-format.md).
+    #[arg(long)]
+    pub tap: Option<PathBuf>,
+    /// Seconds to wait for every process to be ready.
+    #[arg(long, default_value_t = 300)]
+    pub ready_timeout_s: u64,
+}
+
+/// A child process of the cluster, killed when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The path of a sibling binary of this executable.
+fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the talaria binary")?;
+    let path = exe.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: build the cluster binaries (`cargo build --release --workspace`)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Starts `bin` with `args`, its stderr in `log`; sends `name` on `ready` when it prints its
+/// ready line.
+fn spawn(
+    name: &str,
+    bin: &str,
+    args: &[String],
+    logs: &Path,
+    ready: &mpsc::Sender<String>,
+) -> Result<Proc> {
+    let log = logs.join(format!("{name}.log"));
+    let log_file = std::fs::File::create(&log).with_context(|| format!("{}", log.display()))?;
+    let mut cmd = Command::new(sibling(bin)?);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // Children die with the launcher, even if it is killed outright.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd.spawn().with_context(|| format!("starting {bin}"))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, name2) = (ready.clone(), name.to_string());
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Some(Ok(line)) = lines.next() {
+            if line.starts_with("ready") {
+                let _ = tx.send(name2.clone());
+            }
+        }
+    });
+    Ok(Proc {
+        name: name.into(),
+        child,
+        log,
+    })
+}
+
+/// Waits until every process in `procs[from..]` said it is ready.
+fn wait_ready(
+    procs: &mut [Proc],
+    from: usize,
+    ready: &mpsc::Receiver<String>,
+    deadline: Instant,
+) -> Result<()> {
+    let mut waiting: Vec<String> = procs[from..].iter().map(|p| p.name.clone()).collect();
+    while !waiting.is_empty() {
+        if let Ok(name) = ready.recv_timeout(Duration::from_millis(100)) {
+            waiting.retain(|n| n != &name);
+            eprintln!("  {name}: ready");
+        }
+        for p in procs.iter_mut() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                bail!(
+                    "{} exited ({status}) before the cluster was ready; its log ({}):\n{}",
+                    p.name,
+                    p.log.display(),
+                    tail(&p.log, 20)
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("not ready in time: {}", waiting.join(", "));
+        }
+    }
+    Ok(())
+}
+
+pub fn up(args: UpArgs) -> Result<()> {
+    let topology = Topology::load(&args.topology)?;
+    let config = talaria_gpu_node::read_config(&GgufFile::open(&topology.model_file)?)?;
+    topology.check_layers(config.n_layers)?;
+    let run_dir = args.run_dir.unwrap_or_else(default_run_dir);
+    let logs = run_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let topo = std::fs::canonicalize(&args.topology)?;
+    let mut common = vec!["--topology".to_string(), topo.display().to_string()];
+    let ca = match &topology.tls {
+        TlsSource::Generate => {
+            let dir = run_dir.join("tls");
+            let m = TlsMaterial::generate(&dir, &topology.server_name)?;
+            common.extend(["--tls-dir".into(), dir.display().to_string()]);
+            m.ca
+        }
+        TlsSource::Files { ca, .. } => ca.clone(),
+    };
+
+    let (tx, rx) = mpsc::channel();
+    let deadline = Instant::now() + Duration::from_secs(args.ready_timeout_s);
+    let mut procs = Vec::new();
+    eprintln!("starting {} gpu-node stage(s)", topology.stages.len());
+    for s in &topology.stages {
+        let mut a = common.clone();
+        a.extend(["--stage".into(), s.name.clone()]);
+        if let Some(tap) = &args.tap {
+            a.extend(["--tap".into(), tap.join(&s.name).display().to_string()]);
+        }
+        procs.push(spawn(&s.name, "gpu-node", &a, &logs, &tx)?);
+    }
+    wait_ready(&mut procs, 0, &rx, deadline)?;
+    eprintln!("starting the coordinator");
+    procs.push(spawn("coordinator", "coordinator", &common, &logs, &tx)?);
+    let last = procs.len() - 1;
+    wait_ready(&mut procs, last, &rx, deadline)?;
+    eprintln!("starting {} cvm-agent(s)", topology.agents.len());
+    let first_agent = procs.len();
+    for a in &topology.agents {
+        let mut args = common.clone();
+        args.extend(["--tenant".into(), a.tenant.clone()]);
+        procs.push(spawn(
+            &format!("agent-{}", a.tenant),
+            "cvm-agent",
+            &args,
+            &logs,
+            &tx,
+        )?);
+    }
+    wait_ready(&mut procs, first_agent, &rx, deadline)?;
+
+    let info = ClusterInfo {
+        topology: topo,
+        server_name: topology.server_name.clone(),
+        ca,
+        agents: topology
+            .agents
+            .iter()
+            .map(|a| (a.tenant.clone(), a.listen))
+            .collect(),
+        pids: procs
+            .iter()
+            .map(|p| (p.name.clone(), p.child.id()))
+            .collect(),
+        logs: logs.clone(),
+    };
+    let info_path = run_dir.join("cluster.json");
+    std::fs::write(&info_path, serde_json::to_string_pretty(&info)?)?;
+    for (tenant, addr) in &info.agents {
+        eprintln!("tenant {tenant}: agent at {addr}");
+    }
+    eprintln!("logs in {}; Ctrl-C stops the cluster", logs.display());
+    println!("ready {}", info_path.display());
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let exited = rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return Ok::<_, std::io::Error>(None),
+                _ = term.recv() => return Ok(None),
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                    for p in procs.iter_mut() {
+                        if let Ok(Some(status)) = p.child.try_wait() {
+                            return Ok(Some((p.name.clone(), status, p.log.clone())));
+                        }
+                    }
+                }
+            }
+        }
+    })?;
+    eprintln!("stopping the cluster");
+    // Agents first, then the coordinator, then the stages.
+    while let Some(p) = procs.pop() {
+        drop(p);
+    }
+    let _ = std::fs::remove_file(&info_path);
+    if let Some((name, status, log)) = exited {
+        bail!(
+            "{name} exited ({status}); its log ({}):\n{}",
+            log.display(),
+            tail(&log, 20)
+        );
+    }
+    Ok(())
+}
+
+/// How a tenant reaches a cluster's agent.
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// The cvm-agent's address (default: the first agent of the running local cluster).
+    #[arg(long)]
+    pub agent: Option<SocketAddr>,
+    /// The local cluster's run folder, for its CA and agent list (default: the model cache's
+    /// `cluster/`).
+    #[arg(long)]
+    pub cluster_dir: Option<PathBuf>,
+}
+
+impl AgentArgs {
+    /// The agent's address and the TLS trust to reach it with.
+    pub fn resolve(&self) -> Result<(SocketAddr, TlsMaterial)> {
+        let dir = self.cluster_dir.clone().unwrap_or_else(default_run_dir);
+        let path = dir.join("cluster.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (is a cluster up? start one with `talaria up --topology FILE`)",
+                path.display()
+            )
+        })?;
+        let info: ClusterInfo =
+            serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        let addr = match self.agent {
+            Some(a) => a,
+            None => info
+                .agents
+                .first()
+                .map(|(_, a)| *a)
+                .ok_or_else(|| anyhow!("the cluster has no agent"))?,
+        };
+        Ok((
+            addr,
+            TlsMaterial {
+                ca: info.ca,
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+                server_name: info.server_name,
+            },
+        ))
+    }
+}
+
+/// Sends one request to an agent and waits for the answer, streaming tokens to `on_token`.
+pub fn generate(
+    agent: &AgentArgs,
+    req: &TenantRequest,
+    on_token: impl FnMut(u32, Option<&str>),
+) -> Result<Answer> {
+    let (addr, tls) = agent.resolve()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(client::generate(&tls, addr, req, on_token))
+        .map_err(|e| anyhow!("agent {addr}: {e}"))
+}

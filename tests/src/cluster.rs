@@ -1,0 +1,231 @@
+//! A real local cluster for tests: `talaria up` as a child process on free loopback ports, and a
+//! raw cloud-protocol peer to send it whatever bytes a test wants.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use talaria_wire::frame;
+use talaria_wire::{ErrorReply, Reply, Request, TlsMaterial};
+
+/// A binary of the workspace, next to the test executable's folder (`target/<profile>/`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace first (`cargo build --release --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .port()
+}
+
+/// A local topology over `model` with `stages` (`(name, "first-last", lm_head)`) and `tenants`,
+/// on free ports.
+pub fn topology(model: &Path, stages: &[(&str, &str, bool)], tenants: &[&str]) -> String {
+    let mut t = format!(
+        "[model]\nfile = \"{}\"\n[coordinator]\nlisten = \"127.0.0.1:{}\"\n",
+        model.display(),
+        free_port()
+    );
+    for (name, layers, lm_head) in stages {
+        t += &format!(
+            "[[stage]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{}\"\nlayers = \"{layers}\"\nlm_head = {lm_head}\n",
+            free_port()
+        );
+    }
+    for tenant in tenants {
+        t += &format!(
+            "[[agent]]\ntenant = \"{tenant}\"\nlisten = \"127.0.0.1:{}\"\n",
+            free_port()
+        );
+    }
+    t + "[tls]\ngenerate = true\n[admission]\nallow_insecure = true\n"
+}
+
+/// A running `talaria up`, stopped when dropped.
+pub struct LocalCluster {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub info: serde_json::Value,
+}
+
+impl LocalCluster {
+    /// Writes `topology` and starts the cluster; returns once every process is ready.
+    pub fn start(topology: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let topo = dir.path().join("topology.toml");
+        std::fs::write(&topo, topology).unwrap();
+        let run = dir.path().join("run");
+        let mut child = Command::new(bin("talaria"))
+            .args(["up", "--topology"])
+            .arg(&topo)
+            .arg("--run-dir")
+            .arg(&run)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting talaria up");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        if !line.starts_with("ready") {
+            let status = child.wait().unwrap();
+            panic!("talaria up did not come up ({status}); stdout: {line:?}");
+        }
+        let info = std::fs::read_to_string(run.join("cluster.json")).unwrap();
+        Self {
+            child,
+            info: serde_json::from_str(&info).unwrap(),
+            dir,
+        }
+    }
+
+    /// The run folder (`--cluster-dir` for `talaria generate --engine cluster`).
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// The TLS trust a client of this cluster needs.
+    pub fn tls(&self) -> TlsMaterial {
+        TlsMaterial {
+            ca: self.info["ca"].as_str().unwrap().into(),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            server_name: self.info["server_name"].as_str().unwrap().into(),
+        }
+    }
+
+    /// The topology as started.
+    pub fn topology(&self) -> talaria_topology::Topology {
+        talaria_topology::Topology::load(self.dir.path().join("topology.toml")).unwrap()
+    }
+
+    /// The process id of `name` (a stage name, `coordinator`, `agent-<tenant>`).
+    pub fn pid(&self, name: &str) -> u32 {
+        self.info["pids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p[0] == name)
+            .unwrap_or_else(|| panic!("no process {name}"))[1]
+            .as_u64()
+            .unwrap() as u32
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        // SIGTERM lets the launcher stop its children.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident memory of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
+
+/// A raw peer on the cloud protocol: sends any bytes, decodes the answer's header.
+pub struct RawPeer {
+    pub rt: tokio::runtime::Runtime,
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+impl RawPeer {
+    /// Connects to `addr` (a coordinator or a gpu-node).
+    pub fn connect(tls: &TlsMaterial, addr: SocketAddr) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (endpoint, conn) = rt.block_on(async {
+            let endpoint = tls.client(talaria_wire::ALPN_CLOUD).unwrap();
+            let conn = tls.connect(&endpoint, addr).await.unwrap();
+            (endpoint, conn)
+        });
+        Self { rt, endpoint, conn }
+    }
+
+    /// Sends `bytes` as they are (length prefix included) on a new stream; returns the answer.
+    pub fn send_raw(&self, bytes: &[u8]) -> Result<(Reply, Vec<u8>), String> {
+        self.rt.block_on(async {
+            let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| e.to_string())?;
+            // A peer may stop reading an oversize frame: a failed write is part of the test.
+            let _ = send.write_all(bytes).await;
+            let _ = send.finish();
+            let answer = talaria_wire::net::read_frame(&mut recv, 1 << 30)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("no answer")?;
+            let (reply, payload): (Reply, &[u8]) =
+                frame::split(&answer).map_err(|e| e.to_string())?;
+            Ok((reply, payload.to_vec()))
+        })
+    }
+
+    /// Sends a well-formed request frame.
+    pub fn request<B: serde::Serialize>(
+        &self,
+        head: &Request,
+        body: Option<&B>,
+    ) -> Result<(Reply, Vec<u8>), String> {
+        let frame = frame::encode(head, body).unwrap();
+        let mut bytes = (frame.len() as u32).to_le_bytes().to_vec();
+        bytes.extend(frame);
+        self.send_raw(&bytes)
+    }
+
+    /// The error a request was refused with (panics if it was served).
+    pub fn refusal<B: serde::Serialize>(&self, head: &Request, body: Option<&B>) -> ErrorReply {
+        match self.request(head, body).unwrap() {
+            (Reply::Err(e), _) => e,
+            (Reply::Ok { .. }, _) => panic!("{head:?} was served"),
+        }
+    }
+}
+
+impl Drop for RawPeer {
+    fn drop(&mut self) {
+        self.conn.close(0u32.into(), b"bye");
+        let endpoint = self.endpoint.clone();
+        self.rt.block_on(async move { endpoint.wait_idle().await });
+    }
+}

@@ -1,0 +1,375 @@
+//! The cluster as real processes on loopback: `talaria up` starts two gpu-node stages, the
+//! coordinator and a cvm-agent; tenants and raw peers talk to them over real QUIC.
+
+use std::process::Command;
+
+use talaria_engine::{BlockOp, GenerateRequest, OpId, SamplingParams, generate};
+use talaria_gpu_node::PlainEngine;
+use talaria_tests::cluster::{LocalCluster, RawPeer, bin, rss_bytes, topology};
+use talaria_tests::{golden, ids, real_model};
+use talaria_wire::{
+    BasisSpec, MaskedCall, Prompt, Reply, Request, SetupRequest, TenantRequest, Tensor,
+};
+
+const STAGES: &[(&str, &str, bool)] = &[("stage-0", "0-14", false), ("stage-1", "15-29", true)];
+
+fn greedy(prompt: Prompt, max_tokens: usize) -> TenantRequest {
+    TenantRequest {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams::default(),
+        ignore_eos: false,
+    }
+}
+
+/// Generates through the agent of `tenant` with the library client.
+fn ask(cluster: &LocalCluster, tenant: &str, req: &TenantRequest) -> Result<Vec<u32>, String> {
+    let topo = cluster.topology();
+    let addr = topo.agent(tenant).unwrap().listen;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(talaria_cvm_agent::client::generate(
+        &cluster.tls(),
+        addr,
+        req,
+        |_, _| {},
+    ))
+    .map(|a| a.generation.ids)
+    .map_err(|e| e.to_string())
+}
+
+fn op(layer: usize) -> OpId {
+    OpId::Block {
+        layer,
+        op: BlockOp::AttnOut,
+    }
+}
+
+#[test]
+fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request() {
+    let model = real_model();
+    let cluster = LocalCluster::start(&topology(&model, STAGES, &["tenant-a"]));
+    let topo = cluster.topology();
+
+    // 1. Through the CLI, the greedy ids of the golden prompts equal the reference's (which the
+    //    plain engine reproduces: tests/real_model.rs).
+    let reference = golden("greedy.json");
+    let prompts = golden("prompts.json");
+    for (r, p) in reference["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(prompts["prompts"].as_array().unwrap())
+        .take(3)
+    {
+        let prompt_ids: Vec<String> = ids(&r["prompt_ids"])
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        let out = Command::new(bin("talaria"))
+            .args(["generate", "--engine", "cluster", "--json", "--prompt-ids"])
+            .arg(prompt_ids.join(","))
+            .args(["--max-tokens", &p["max_tokens"].to_string()])
+            .arg("--cluster-dir")
+            .arg(cluster.run_dir())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(ids(&json["ids"]), ids(&r["ids"]), "prompt {}", r["name"]);
+        assert_eq!(json["engine"], "cluster");
+        let latency = &json["latency"];
+        assert!(
+            latency["gpu_compute_s"].as_f64().unwrap() > 0.0,
+            "{latency}"
+        );
+        assert!(latency["calls"].as_u64().unwrap() >= 121, "{latency}");
+    }
+
+    // 2. A chat prompt as text: the agent tokenizes and templates it like the plain engine.
+    let mut plain = PlainEngine::load(&model).unwrap();
+    let text = "What is the capital of France?";
+    let prompt_ids = plain
+        .tokenizer
+        .encode(&talaria_engine::chat_prompt(&[
+            talaria_engine::ChatMessage {
+                role: "user".into(),
+                content: text.into(),
+            },
+        ]))
+        .unwrap();
+    let want = generate(
+        &plain.model,
+        &mut plain.weights,
+        &GenerateRequest {
+            prompt_ids,
+            max_tokens: 16,
+            sampling: SamplingParams::default(),
+            stop_ids: vec![plain.tokenizer.eos()],
+        },
+        |_| Ok(()),
+        None,
+    )
+    .unwrap();
+    let chat = greedy(
+        Prompt::Text {
+            text: text.into(),
+            chat: true,
+        },
+        16,
+    );
+    assert_eq!(ask(&cluster, "tenant-a", &chat).unwrap(), want.ids);
+
+    // 3. Each gpu-node serves its own layers and refuses the others'.
+    let tls = cluster.tls();
+    for (i, stage) in topo.stages.iter().enumerate() {
+        let peer = RawPeer::connect(&tls, stage.listen);
+        let session = 1_000_000 + i as u64;
+        let open = Request::StageOpen {
+            session,
+            tenant: "probe".into(),
+        };
+        assert!(matches!(
+            peer.request::<()>(&open, None).unwrap().0,
+            Reply::Ok { .. }
+        ));
+        for layer in [0, 14, 15, 29] {
+            let req = SetupRequest {
+                session,
+                op: op(layer),
+                basis: BasisSpec::Identity,
+                f64: false,
+            };
+            let head = Request::Setup {
+                session,
+                op: req.op,
+            };
+            let answer = peer.request(&head, Some(&req)).unwrap().0;
+            if stage.owns_layer(layer) {
+                assert!(
+                    matches!(answer, Reply::Ok { .. }),
+                    "{} layer {layer}: {answer:?}",
+                    stage.name
+                );
+            } else {
+                let Reply::Err(e) = answer else {
+                    panic!("{} served layer {layer}", stage.name)
+                };
+                assert_eq!(
+                    e.error_type, "layer_not_owned",
+                    "{} layer {layer}",
+                    stage.name
+                );
+            }
+        }
+        // The LM head lives on one stage only.
+        let head_req = SetupRequest {
+            session,
+            op: OpId::LmHead,
+            basis: BasisSpec::Identity,
+            f64: false,
+        };
+        let answer = peer
+            .request(
+                &Request::Setup {
+                    session,
+                    op: OpId::LmHead,
+                },
+                Some(&head_req),
+            )
+            .unwrap()
+            .0;
+        assert_eq!(
+            matches!(answer, Reply::Ok { .. }),
+            stage.lm_head,
+            "{}: {answer:?}",
+            stage.name
+        );
+        let rss = rss_bytes(cluster.pid(&stage.name));
+        eprintln!("{}: RSS {:.0} MB", stage.name, rss as f64 / 1e6);
+    }
+    eprintln!(
+        "agent: RSS {:.0} MB",
+        rss_bytes(cluster.pid("agent-tenant-a")) as f64 / 1e6
+    );
+    eprintln!(
+        "coordinator: RSS {:.0} MB",
+        rss_bytes(cluster.pid("coordinator")) as f64 / 1e6
+    );
+
+    // 4. Bad input on the coordinator while a good session runs: each bad request gets its
+    //    typed error, and the good session's answer is unharmed.
+    let good = {
+        let cluster_tls = cluster.tls();
+        let addr = topo.agent("tenant-a").unwrap().listen;
+        let req = greedy(Prompt::Ids(ids(&reference["results"][0]["prompt_ids"])), 32);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(talaria_cvm_agent::client::generate(
+                &cluster_tls,
+                addr,
+                &req,
+                |_, _| {},
+            ))
+            .map(|a| a.generation.ids)
+            .map_err(|e| e.to_string())
+        })
+    };
+    let intruder = RawPeer::connect(&tls, topo.coordinator);
+    let bystander = RawPeer::connect(&tls, topo.coordinator);
+    let hello = |tenant: &str| Request::Hello {
+        tenant: tenant.into(),
+        agent: "test".into(),
+    };
+    // Before Hello nothing is served.
+    let e = intruder.refusal::<()>(&Request::OpenSession, None);
+    assert_eq!(e.error_type, "not_admitted");
+    for (peer, tenant) in [(&intruder, "intruder"), (&bystander, "bystander")] {
+        assert!(matches!(
+            peer.request::<()>(&hello(tenant), None).unwrap().0,
+            Reply::Ok { .. }
+        ));
+    }
+    // Garbage: a length prefix and bytes that decode as no request.
+    let (reply, _) = intruder
+        .send_raw(&[4, 0, 0, 0, 0xff, 0xff, 0xff, 0xff])
+        .unwrap();
+    assert!(
+        matches!(&reply, Reply::Err(e) if e.error_type == "malformed_frame"),
+        "{reply:?}"
+    );
+    // A length prefix over the limit is refused before its body is read.
+    let mut oversize = (u32::MAX).to_le_bytes().to_vec();
+    oversize.extend([0u8; 1024]);
+    let (reply, _) = intruder.send_raw(&oversize).unwrap();
+    assert!(
+        matches!(&reply, Reply::Err(e) if e.error_type == "frame_too_large"),
+        "{reply:?}"
+    );
+    // A call for a session that does not exist.
+    let call = MaskedCall {
+        session: 424_242,
+        seq: 1,
+        op: op(3),
+        x: Tensor::F32 {
+            rows: 1,
+            cols: 576,
+            data: vec![0.5; 576],
+        },
+    };
+    let head = Request::Call {
+        session: call.session,
+        op: call.op,
+        seq: 1,
+    };
+    assert_eq!(
+        intruder.refusal(&head, Some(&call)).error_type,
+        "unknown_session"
+    );
+    // Another tenant's session reads as unknown too.
+    let (reply, payload) = bystander
+        .request::<()>(&Request::OpenSession, None)
+        .unwrap();
+    assert!(matches!(reply, Reply::Ok { .. }));
+    let theirs: u64 = talaria_wire::frame::body(&payload).unwrap();
+    let steal = MaskedCall {
+        session: theirs,
+        ..call.clone()
+    };
+    let head = Request::Call {
+        session: theirs,
+        op: steal.op,
+        seq: 1,
+    };
+    assert_eq!(
+        intruder.refusal(&head, Some(&steal)).error_type,
+        "unknown_session"
+    );
+    // The owner gets a shape error for a wrong-width tensor, typed, from the gpu-node.
+    let wrong = MaskedCall {
+        session: theirs,
+        x: Tensor::F32 {
+            rows: 1,
+            cols: 5,
+            data: vec![1.0; 5],
+        },
+        ..call.clone()
+    };
+    let e = bystander.refusal(&head, Some(&wrong));
+    assert_eq!(e.error_type, "shape", "{e}");
+    // A header and a payload that disagree.
+    let e = bystander.refusal(
+        &Request::Call {
+            session: theirs,
+            op: op(4),
+            seq: 1,
+        },
+        Some(&steal),
+    );
+    assert_eq!(e.error_type, "bad_request", "{e}");
+
+    let good = good.join().unwrap().expect("the good session completes");
+    assert_eq!(good, ids(&reference["results"][0]["ids"]));
+    drop((intruder, bystander));
+
+    // 5. The cluster is still healthy afterwards.
+    let again = ask(&cluster, "tenant-a", &chat).unwrap();
+    assert_eq!(again, want.ids);
+}
+
+#[test]
+fn a_bad_topology_is_refused_with_key_paths_before_anything_starts() {
+    let model = real_model();
+    let dir = tempfile::tempdir().unwrap();
+    let bad = topology(
+        &model,
+        &[("a", "0-20", false), ("b", "18-28", true)],
+        &["t"],
+    )
+    .replace(
+        "layers = \"0-20\"",
+        "layers = \"0-20\"\nbackend = \"tpu:0\"",
+    );
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, bad).unwrap();
+    let out = Command::new(bin("talaria"))
+        .args(["up", "--topology"])
+        .arg(&path)
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stage[0].backend"), "{err}");
+    assert!(
+        err.contains("stage[1].layers") && err.contains("18-20"),
+        "{err}"
+    );
+    // Nothing was started.
+    assert!(!dir.path().join("run/logs").exists(), "{err}");
+    // Coverage is checked against the model once the file parses.
+    let gap = topology(
+        &model,
+        &[("a", "0-10", false), ("b", "12-29", true)],
+        &["t"],
+    );
+    std::fs::write(&path, gap).unwrap();
+    let out = Command::new(bin("talaria"))
+        .args(["up", "--topology"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no stage serves layer(s) 11"), "{err}");
+}
