@@ -10,7 +10,7 @@ use clap::Parser;
 use talaria_actors::stage::{GpuShard, LayerStage};
 use talaria_gguf::GgufFile;
 use talaria_gpu_node::{CloudExecutor, LinearWeights, Tap, read_config};
-use talaria_topology::{Backend, Topology};
+use talaria_topology::Topology;
 
 #[derive(Parser)]
 #[command(
@@ -44,13 +44,6 @@ fn main() -> Result<()> {
             args.stage
         );
     };
-    if let Backend::Cuda(_) = stage.backend {
-        bail!(
-            "stage {}: backend {} needs a build with the `cuda` feature",
-            stage.name,
-            stage.backend
-        );
-    }
     let tls = talaria_actors::tls_material(&topology, args.tls_dir.as_deref())
         .map_err(anyhow::Error::msg)?;
 
@@ -59,7 +52,14 @@ fn main() -> Result<()> {
         .with_context(|| format!("reading {}", topology.model_file.display()))?;
     let config = read_config(&file)?;
     topology.check_layers(config.n_layers)?;
-    let weights = LinearWeights::load_stage(&file, &config, stage.layers.clone(), stage.lm_head)?;
+    let weights = LinearWeights::load_on(
+        &file,
+        &config,
+        stage.layers.clone(),
+        stage.lm_head,
+        stage.backend,
+    )
+    .with_context(|| format!("stage {} on {}", stage.name, stage.backend))?;
     drop(file);
     let weight_bytes = weights.bytes();
     let tap = args.tap.as_ref().map(Tap::create).transpose()?;
@@ -68,6 +68,7 @@ fn main() -> Result<()> {
         stage = %stage.name,
         layers = ?stage.layers,
         lm_head = stage.lm_head,
+        backend = %stage.backend,
         weight_mb = weight_bytes as f64 / 1e6,
         rss_mb = talaria_actors::rss_bytes().unwrap_or(0) as f64 / 1e6,
         load_s = t0.elapsed().as_secs_f64(),

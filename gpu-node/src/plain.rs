@@ -19,10 +19,23 @@ impl PlainEngine {
         Self::from_gguf(&GgufFile::open(path)?)
     }
 
+    /// Loads a GGUF model file with its weights on `placement`'s device.
+    pub fn load_on(
+        path: impl AsRef<Path>,
+        placement: talaria_topology::Backend,
+    ) -> Result<Self, NodeError> {
+        Self::from_gguf_on(&GgufFile::open(path)?, placement)
+    }
+
     /// Builds the engine from a parsed GGUF file.
     pub fn from_gguf(f: &GgufFile) -> Result<Self, NodeError> {
+        Self::from_gguf_on(f, talaria_topology::Backend::Cpu)
+    }
+
+    fn from_gguf_on(f: &GgufFile, placement: talaria_topology::Backend) -> Result<Self, NodeError> {
         let provision = read_provision(f)?;
-        let weights = LinearWeights::load(f, &provision.config)?;
+        let layers = 0..=provision.config.n_layers.saturating_sub(1);
+        let weights = LinearWeights::load_on(f, &provision.config, layers, true, placement)?;
         let (tokenizer, model) = provision.build()?;
         Ok(Self {
             tokenizer,

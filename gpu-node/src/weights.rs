@@ -6,9 +6,11 @@
 use burn::backend::Flex;
 use std::sync::OnceLock;
 
+use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 use talaria_gguf::GgufFile;
+use talaria_topology::Backend as Placement;
 
 use talaria_engine::{BlockOp, EngineError, LinearOps, ModelConfig, OpId, Rows};
 
@@ -17,23 +19,33 @@ use crate::NodeError;
 /// The tensor backend of the CPU build.
 pub type CpuBackend = Flex;
 
-type Matrix = Tensor<CpuBackend, 2>;
-type Device = <CpuBackend as burn::tensor::backend::BackendTypes>::Device;
+/// The tensor backend of the `cuda` build's GPU stages.
+#[cfg(feature = "cuda")]
+pub type CudaBackend = burn::backend::Cuda;
+
+type Matrix<B> = Tensor<B, 2>;
+type Device<B> = <B as burn::tensor::backend::BackendTypes>::Device;
 
 /// A `[d_in, d_out]` projection split by output columns into shards that run in parallel.
 ///
 /// burn's CPU matmul only goes multi-threaded for large products, so decode's one-row calls
 /// would use one core; column shards put every core on every call.
-struct Sharded {
-    shards: Vec<(Matrix, usize)>,
+struct Sharded<B: Backend> {
+    shards: Vec<(Matrix<B>, usize)>,
     /// f64 copies, made on the first f64 call (the lossless mode's GEMM).
-    shards_f64: OnceLock<Vec<Matrix>>,
+    shards_f64: OnceLock<Vec<Matrix<B>>>,
     d_in: usize,
     d_out: usize,
 }
 
-impl Sharded {
-    fn new(values: Vec<f32>, d_in: usize, d_out: usize, n_shards: usize, device: &Device) -> Self {
+impl<B: Backend> Sharded<B> {
+    fn new(
+        values: Vec<f32>,
+        d_in: usize,
+        d_out: usize,
+        n_shards: usize,
+        device: &Device<B>,
+    ) -> Self {
         // Shard widths are multiples of 16 so each stays SIMD-friendly.
         let step = d_out.div_ceil(n_shards.max(1)).div_ceil(16) * 16;
         let mut shards = Vec::new();
@@ -61,8 +73,8 @@ impl Sharded {
     /// `x · W` for `rows` rows of `x`, in the element type `E` of `weights`.
     fn run<E: burn::tensor::Element>(
         &self,
-        weights: &[Matrix],
-        x: Matrix,
+        weights: &[Matrix<B>],
+        x: Matrix<B>,
         rows: usize,
     ) -> Result<Vec<E>, EngineError> {
         let parts: Vec<Vec<E>> = weights
@@ -92,12 +104,12 @@ impl Sharded {
         out
     }
 
-    fn matmul(&self, x: Matrix, rows: usize) -> Result<Vec<f32>, EngineError> {
-        let weights: Vec<Matrix> = self.shards.iter().map(|(w, _)| w.clone()).collect();
+    fn matmul(&self, x: Matrix<B>, rows: usize) -> Result<Vec<f32>, EngineError> {
+        let weights: Vec<Matrix<B>> = self.shards.iter().map(|(w, _)| w.clone()).collect();
         self.run(&weights, x, rows)
     }
 
-    fn matmul_f64(&self, x: Matrix, rows: usize) -> Result<Vec<f64>, EngineError> {
+    fn matmul_f64(&self, x: Matrix<B>, rows: usize) -> Result<Vec<f64>, EngineError> {
         let weights = self.shards_f64.get_or_init(|| {
             self.shards
                 .iter()
@@ -124,22 +136,45 @@ impl Sharded {
 }
 
 /// The projections of one decoder block, each `[d_in, d_out]`.
-struct BlockWeights {
-    qkv: Sharded,
-    attn_out: Sharded,
-    gate_up: Sharded,
-    down: Sharded,
+struct BlockWeights<B: Backend> {
+    qkv: Sharded<B>,
+    attn_out: Sharded<B>,
+    gate_up: Sharded<B>,
+    down: Sharded<B>,
+}
+
+/// A stage's projections on one backend's device.
+struct Stack<B: Backend> {
+    /// The first layer held; `blocks[i]` is layer `first_layer + i`.
+    first_layer: usize,
+    blocks: Vec<BlockWeights<B>>,
+    lm_head: Option<Sharded<B>>,
+    device: Device<B>,
+}
+
+/// The stack on the device the topology chose.
+enum Placed {
+    Cpu(Stack<Flex>),
+    #[cfg(feature = "cuda")]
+    Cuda(Stack<CudaBackend>),
+}
+
+/// Runs `$body` with `$s` bound to the stack, whatever its backend.
+macro_rules! on_stack {
+    ($placed:expr, $s:ident => $body:expr) => {
+        match $placed {
+            Placed::Cpu($s) => $body,
+            #[cfg(feature = "cuda")]
+            Placed::Cuda($s) => $body,
+        }
+    };
 }
 
 /// The weight-dependent projections of a model, or of one pipeline stage (a range of layers,
-/// with or without the LM head), ready for batched `x · W`.
+/// with or without the LM head), ready for batched `x · W` on the CPU or a CUDA device.
 pub struct LinearWeights {
     config: ModelConfig,
-    /// The first layer held; `blocks[i]` is layer `first_layer + i`.
-    first_layer: usize,
-    blocks: Vec<BlockWeights>,
-    lm_head: Option<Sharded>,
-    device: Device,
+    placed: Placed,
 }
 
 /// A projection as stored in GGUF: `out` rows of `in` values each.
@@ -200,7 +235,69 @@ impl LinearWeights {
         layers: std::ops::RangeInclusive<usize>,
         lm_head: bool,
     ) -> Result<Self, NodeError> {
-        let device = Default::default();
+        Self::load_on(f, config, layers, lm_head, Placement::Cpu)
+    }
+
+    /// As [`LinearWeights::load_stage`], on the device `placement` names (`cuda:N` needs the
+    /// `cuda` feature).
+    pub fn load_on(
+        f: &GgufFile,
+        config: &ModelConfig,
+        layers: std::ops::RangeInclusive<usize>,
+        lm_head: bool,
+        placement: Placement,
+    ) -> Result<Self, NodeError> {
+        let placed = match placement {
+            Placement::Cpu => Placed::Cpu(Stack::load(
+                f,
+                config,
+                layers,
+                lm_head,
+                Default::default(),
+                rayon::current_num_threads(),
+            )?),
+            #[cfg(feature = "cuda")]
+            Placement::Cuda(index) => Placed::Cuda(Stack::load(
+                f,
+                config,
+                layers,
+                lm_head,
+                burn::backend::cuda::CudaDevice::new(index),
+                // One device: one shard, the GPU parallelises the product itself.
+                1,
+            )?),
+            #[cfg(not(feature = "cuda"))]
+            Placement::Cuda(_) => {
+                return Err(NodeError::Unsupported(format!(
+                    "backend {placement}: this build has no `cuda` feature"
+                )));
+            }
+        };
+        Ok(Self {
+            config: config.clone(),
+            placed,
+        })
+    }
+
+    /// The device the weights are on.
+    pub fn placement(&self) -> Placement {
+        match &self.placed {
+            Placed::Cpu(_) => Placement::Cpu,
+            #[cfg(feature = "cuda")]
+            Placed::Cuda(s) => Placement::Cuda(s.device.index),
+        }
+    }
+}
+
+impl<B: Backend> Stack<B> {
+    fn load(
+        f: &GgufFile,
+        config: &ModelConfig,
+        layers: std::ops::RangeInclusive<usize>,
+        lm_head: bool,
+        device: Device<B>,
+        n_shards: usize,
+    ) -> Result<Self, NodeError> {
         let c = config;
         if *layers.end() >= c.n_layers {
             return Err(NodeError::InvalidModel(format!(
@@ -210,7 +307,6 @@ impl LinearWeights {
                 c.n_layers
             )));
         }
-        let n_shards = rayon::current_num_threads();
         let matrix = |(values, d_out): (Vec<f32>, usize), d_in: usize| {
             Sharded::new(values, d_in, d_out, n_shards, &device)
         };
@@ -257,7 +353,6 @@ impl LinearWeights {
             None
         };
         Ok(Self {
-            config: c.clone(),
             first_layer,
             blocks,
             lm_head,
@@ -265,14 +360,9 @@ impl LinearWeights {
         })
     }
 
-    /// Whether these weights include `op`.
-    pub fn holds(&self, op: OpId) -> bool {
-        self.weight(op).is_ok()
-    }
-
     /// Bytes of weights held (f32 values; f64 copies made for the lossless mode are extra).
-    pub fn bytes(&self) -> usize {
-        let shard_bytes = |s: &Sharded| s.d_in * s.d_out * 4;
+    fn bytes(&self) -> usize {
+        let shard_bytes = |s: &Sharded<B>| s.d_in * s.d_out * 4;
         self.blocks
             .iter()
             .map(|b| {
@@ -285,7 +375,7 @@ impl LinearWeights {
             + self.lm_head.as_ref().map_or(0, shard_bytes)
     }
 
-    fn weight(&self, op: OpId) -> Result<&Sharded, EngineError> {
+    fn weight(&self, op: OpId) -> Result<&Sharded<B>, EngineError> {
         let not_held = |reason: String| EngineError::BadOp {
             op: op.to_string(),
             reason,
@@ -316,6 +406,42 @@ impl LinearWeights {
         })
     }
 
+    fn linear_f64(
+        &self,
+        op: OpId,
+        rows: usize,
+        d_in: usize,
+        x: &[f64],
+    ) -> Result<Vec<f64>, EngineError> {
+        let w = self.weight(op)?;
+        let input: Matrix<B> = Tensor::from_data(
+            TensorData::new(x.to_vec(), [rows, d_in]),
+            (&self.device, DType::F64),
+        );
+        w.matmul_f64(input, rows)
+    }
+
+    fn matmul(&self, op: OpId, x: &Rows, d_in: usize) -> Result<Vec<f32>, EngineError> {
+        let w = self.weight(op)?;
+        let input: Matrix<B> = Tensor::from_data(
+            TensorData::new(x.data().to_vec(), [x.rows(), d_in]),
+            &self.device,
+        );
+        w.matmul(input, x.rows())
+    }
+}
+
+impl LinearWeights {
+    /// Whether these weights include `op`.
+    pub fn holds(&self, op: OpId) -> bool {
+        on_stack!(&self.placed, s => s.weight(op).is_ok())
+    }
+
+    /// Bytes of weights held (f32 values; f64 copies made for the lossless mode are extra).
+    pub fn bytes(&self) -> usize {
+        on_stack!(&self.placed, s => s.bytes())
+    }
+
     /// The model's hyper-parameters.
     pub fn config(&self) -> &ModelConfig {
         &self.config
@@ -323,7 +449,7 @@ impl LinearWeights {
 
     /// The folded weight of `op` as a row-major `[d_in, d_out]` matrix.
     pub fn dense(&self, op: OpId) -> Result<Vec<f32>, EngineError> {
-        self.weight(op)?.dense()
+        on_stack!(&self.placed, s => s.weight(op)?.dense())
     }
 
     fn check_input(
@@ -352,18 +478,13 @@ impl LinearWeights {
 
     /// `x · W_op` in f64 (the lossless mode's GEMM) for `rows` row-major rows of `x`.
     pub fn linear_f64(&self, op: OpId, rows: usize, x: &[f64]) -> Result<Vec<f64>, EngineError> {
-        let (d_in, d_out) = op.shape(&self.config);
+        let (d_in, _) = op.shape(&self.config);
         self.check_input(op, rows, d_in, x.len())?;
-        let w = self.weight(op)?;
         if rows == 0 {
+            on_stack!(&self.placed, s => s.weight(op)?);
             return Ok(Vec::new());
         }
-        debug_assert_eq!(w.d_out, d_out);
-        let input: Matrix = Tensor::from_data(
-            TensorData::new(x.to_vec(), [rows, d_in]),
-            (&self.device, DType::F64),
-        );
-        w.matmul_f64(input, rows)
+        on_stack!(&self.placed, s => s.linear_f64(op, rows, d_in, x))
     }
 }
 
@@ -381,11 +502,7 @@ impl LinearWeights {
         if x.rows() == 0 {
             return Rows::new(0, d_out, Vec::new());
         }
-        let w = self.weight(op)?;
-        let input: Matrix = Tensor::from_data(
-            TensorData::new(x.data().to_vec(), [x.rows(), d_in]),
-            &self.device,
-        );
-        Rows::new(x.rows(), d_out, w.matmul(input, x.rows())?)
+        let y = on_stack!(&self.placed, s => s.matmul(op, x, d_in))?;
+        Rows::new(x.rows(), d_out, y)
     }
 }

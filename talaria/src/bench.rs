@@ -30,6 +30,8 @@ pub struct BenchArgs {
     pub engine: EngineKind,
     #[command(flatten)]
     pub remo: RemoArgs,
+    #[command(flatten)]
+    pub agent: crate::cluster::AgentArgs,
 }
 
 #[derive(Serialize)]
@@ -37,6 +39,9 @@ struct Run {
     prefill_ms: f64,
     prefill_tok_per_s: f64,
     decode_tok_per_s: f64,
+    /// Where the time went (`--engine cluster`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency: Option<talaria_wire::LatencySplit>,
 }
 
 #[derive(Serialize)]
@@ -59,10 +64,10 @@ struct Report {
 }
 
 /// A prompt of exactly `n` tokens from a fixed public text, so every engine sees the same ids.
-pub fn bench_prompt(engine: &Engine, n: usize) -> Result<Vec<u32>> {
+pub fn bench_prompt(tokenizer: &talaria_engine::Tokenizer, n: usize) -> Result<Vec<u32>> {
     const TEXT: &str = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles \
         begins with a single step. All that glitters is not gold. ";
-    let mut ids = engine.tokenizer().encode(TEXT)?;
+    let mut ids = tokenizer.encode(TEXT)?;
     while ids.len() < n {
         let more = ids.clone();
         ids.extend(more);
@@ -79,9 +84,23 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(args: BenchArgs) -> Result<()> {
     let model_path = crate::resolve_model(args.model_file.clone())?;
     let t_load = Instant::now();
-    let mut engine = Engine::load(args.engine, &model_path, &args.remo)?;
+    // The cluster engine runs elsewhere; here only the tokenizer is needed, for the prompt.
+    let mut engine = match args.engine {
+        EngineKind::Cluster => None,
+        kind => Some(Engine::load(kind, &model_path, &args.remo)?),
+    };
+    let prompt = match &engine {
+        Some(e) => bench_prompt(e.tokenizer(), args.prompt_tokens.max(1))?,
+        None => {
+            let f = talaria_gguf::GgufFile::open(&model_path)?;
+            let spec = talaria_gpu_node::read_tokenizer_spec(&f)?;
+            bench_prompt(
+                &talaria_engine::Tokenizer::from_spec(&spec)?,
+                args.prompt_tokens.max(1),
+            )?
+        }
+    };
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
-    let prompt = bench_prompt(&engine, args.prompt_tokens.max(1))?;
     let mut runs = Vec::new();
     let mut first_ids = None;
     for _ in 0..args.runs.max(1) {
@@ -91,12 +110,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
             sampling: SamplingParams::default(),
             stop_ids: vec![],
         };
-        let g = engine.generate(&req, |_| Ok(()))?;
+        let (g, latency) = match &mut engine {
+            Some(e) => (e.generate(&req, |_| Ok(()))?, None),
+            None => {
+                let tenant = talaria_wire::TenantRequest {
+                    prompt: talaria_wire::Prompt::Ids(req.prompt_ids.clone()),
+                    max_tokens: req.max_tokens,
+                    sampling: req.sampling.clone(),
+                    ignore_eos: true,
+                };
+                let a = crate::cluster::generate(&args.agent, &tenant, |_, _| {})?;
+                (a.generation, Some(a.latency))
+            }
+        };
         first_ids.get_or_insert(g.ids);
         runs.push(Run {
             prefill_ms: g.prefill_ms,
             prefill_tok_per_s: g.prefill_tok_per_s,
             decode_tok_per_s: g.decode_tok_per_s,
+            latency,
         });
     }
     let report = Report {
@@ -105,6 +137,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             serde_json::to_value(args.engine)?.as_str().unwrap_or("?")
         ),
         remo: (args.engine == EngineKind::Remo).then(|| args.remo.config()),
+        // The cluster's own [remo] section applies there (see its topology).
         model: model_path.display().to_string(),
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         load_ms,

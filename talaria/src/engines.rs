@@ -57,6 +57,9 @@ pub struct RemoArgs {
     /// Record everything the cloud sees into this directory (docs/tap-format.md).
     #[arg(long)]
     pub tap: Option<PathBuf>,
+    /// Device of the cloud side's weights: `cpu` or `cuda:N` (a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub backend: talaria_topology::Backend,
 }
 
 fn parse_rank(s: &str) -> Result<Rank, String> {
@@ -118,7 +121,8 @@ impl RemoEngine {
     ) -> Result<Self> {
         let f = GgufFile::open(path)?;
         let provision = read_provision(&f)?;
-        let weights = LinearWeights::load(&f, &provision.config)?;
+        let layers = 0..=provision.config.n_layers.saturating_sub(1);
+        let weights = LinearWeights::load_on(&f, &provision.config, layers, true, args.backend)?;
         drop(f);
         let tap = args.tap.as_ref().map(Tap::create).transpose()?;
         let model_config = provision.config.clone();
@@ -145,7 +149,8 @@ impl Engine {
     pub fn load(kind: EngineKind, path: &Path, remo: &RemoArgs) -> Result<Self> {
         Ok(match kind {
             EngineKind::Plain => Engine::Plain(
-                PlainEngine::load(path).with_context(|| format!("loading {}", path.display()))?,
+                PlainEngine::load_on(path, remo.backend)
+                    .with_context(|| format!("loading {}", path.display()))?,
             ),
             EngineKind::Remo => Engine::Remo(Box::new(
                 RemoEngine::load(path, remo, &default_calibration()?)

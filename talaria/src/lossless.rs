@@ -102,8 +102,8 @@ pub fn run(args: LosslessArgs) -> Result<()> {
     let path = crate::resolve_model(args.model_file.clone())?;
     let text = std::fs::read_to_string(&args.prompts)
         .with_context(|| format!("reading {}", args.prompts.display()))?;
-    let mut plain =
-        PlainEngine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let mut plain = PlainEngine::load_on(&path, args.remo.backend)
+        .with_context(|| format!("loading {}", path.display()))?;
     let eos = plain.tokenizer.eos();
     let mut refs = Vec::new();
     for line in text

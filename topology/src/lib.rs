@@ -77,6 +77,15 @@ impl fmt::Display for Backend {
     }
 }
 
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    /// `cpu` or `cuda:N`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_backend(s)
+    }
+}
+
 /// One gpu-node process: a contiguous range of layers, and maybe the LM head.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stage {

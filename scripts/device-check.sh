@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU checks (issue 9), in under 10 minutes on one GPU. Writes JSON into $OUT (default
+# device-results/):
+#   - the CUDA tests (a masked linear call on cuda:0 against the CPU backend, f32 and f64; a
+#     cuda:0 stage answering through a local cluster),
+#   - `talaria bench` for plain, remo f32 and remo f64-gemm with the cloud side's weights on the
+#     CPU and on cuda:0, in the same run,
+#   - `talaria lossless` (greedy agreement and logit drift against plain f32) on both backends.
+#
+# With cargo and the registry at hand it builds with `--features cuda`. On a machine without
+# them (the lent GPU machines reach no registry), set BIN_DIR to a folder holding release builds
+# made with the feature: talaria, gpu-node, coordinator, cvm-agent, and deps/cuda-* (the test
+# binary): see `scripts/device-pack.sh`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/device-results}"
+mkdir -p "$OUT"
+MODEL="${MODEL:-$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+export TALARIA_HOME="$(dirname "$MODEL")"
+
+if [ -z "${BIN_DIR:-}" ]; then
+  cargo build --release -p talaria -p talaria-gpu-node -p talaria-coordinator -p talaria-cvm-agent \
+    --features talaria/cuda,talaria-gpu-node/cuda
+  cargo test --release -p talaria-tests --features cuda --test cuda -- --test-threads 1 2>&1 \
+    | tee "$OUT/cuda-tests.log"
+  BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+else
+  test_bin="$(ls "$BIN_DIR"/deps/cuda-* | head -1)"
+  "$test_bin" --test-threads 1 2>&1 | tee "$OUT/cuda-tests.log"
+fi
+T="$BIN_DIR/talaria"
+(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true) > "$OUT/device.txt"
+nproc >> "$OUT/device.txt"
+
+B="--prompt-tokens ${PROMPT_TOKENS:-128} --gen-tokens ${GEN_TOKENS:-64} --runs ${RUNS:-2} --model-file $MODEL"
+for backend in cpu cuda:0; do
+  tag="${backend/:/}"
+  "$T" bench --engine plain --backend "$backend" $B --out "$OUT/bench-plain-$tag.json" >/dev/null
+  "$T" bench --engine remo --remo-precision f32 --backend "$backend" $B --out "$OUT/bench-remo-f32-$tag.json" >/dev/null
+  "$T" bench --engine remo --remo-precision f64-gemm --backend "$backend" $B --out "$OUT/bench-remo-f64-$tag.json" >/dev/null
+  "$T" lossless --precisions f32,f64-gemm --scales 100 --n-prompts "${N_PROMPTS:-10}" --max-tokens 32 \
+    --backend "$backend" --model-file "$MODEL" --out "$OUT/lossless-$tag.json" >/dev/null
+done
+python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+summary = {"device": (out / "device.txt").read_text().strip(), "bench": {}, "lossless": {}}
+for f in sorted(out.glob("bench-*.json")):
+    d = json.loads(f.read_text())
+    summary["bench"][f.stem] = {k: d[k] for k in ("median_prefill_tok_per_s", "median_decode_tok_per_s")}
+    summary["bench"][f.stem]["ids_head"] = d["ids"][:8]
+for f in sorted(out.glob("lossless-*.json")):
+    summary["lossless"][f.stem] = json.loads(f.read_text())
+(out / "summary.json").write_text(json.dumps(summary, indent=1))
+print(json.dumps(summary["bench"], indent=1))
+PY
