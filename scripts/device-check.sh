@@ -17,17 +17,21 @@ cd "$ROOT"
 OUT="${OUT:-$ROOT/device-results}"
 mkdir -p "$OUT"
 MODEL="${MODEL:-$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
-export TALARIA_HOME="$(dirname "$MODEL")"
+export TALARIA_HOME="$(dirname "$MODEL")" TALARIA_REPO_ROOT="$ROOT"
+# cudarc loads the CUDA libraries at run time: make every copy of NVRTC and the driver findable.
+for d in $(find /usr/local /usr/lib /opt -name 'libnvrtc.so*' -printf '%h\n' 2>/dev/null | sort -u); do
+  export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
 
 if [ -z "${BIN_DIR:-}" ]; then
   cargo build --release -p talaria -p talaria-gpu-node -p talaria-coordinator -p talaria-cvm-agent \
     --features talaria/cuda,talaria-gpu-node/cuda
-  cargo test --release -p talaria-tests --features cuda --test cuda -- --test-threads 1 2>&1 \
-    | tee "$OUT/cuda-tests.log"
+  cargo test --release -p talaria-tests --features cuda --test cuda -- --test-threads 1 --nocapture \
+    2>&1 | tee "$OUT/cuda-tests.log" || echo "CUDA TESTS FAILED"
   BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 else
   test_bin="$(ls "$BIN_DIR"/deps/cuda-* | head -1)"
-  "$test_bin" --test-threads 1 2>&1 | tee "$OUT/cuda-tests.log"
+  "$test_bin" --test-threads 1 --nocapture 2>&1 | tee "$OUT/cuda-tests.log" || echo "CUDA TESTS FAILED"
 fi
 T="$BIN_DIR/talaria"
 (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true) > "$OUT/device.txt"
@@ -36,11 +40,16 @@ nproc >> "$OUT/device.txt"
 B="--prompt-tokens ${PROMPT_TOKENS:-128} --gen-tokens ${GEN_TOKENS:-64} --runs ${RUNS:-2} --model-file $MODEL"
 for backend in cpu cuda:0; do
   tag="${backend/:/}"
-  "$T" bench --engine plain --backend "$backend" $B --out "$OUT/bench-plain-$tag.json" >/dev/null
-  "$T" bench --engine remo --remo-precision f32 --backend "$backend" $B --out "$OUT/bench-remo-f32-$tag.json" >/dev/null
-  "$T" bench --engine remo --remo-precision f64-gemm --backend "$backend" $B --out "$OUT/bench-remo-f64-$tag.json" >/dev/null
+  echo "== $backend"
+  "$T" bench --engine plain --backend "$backend" $B --out "$OUT/bench-plain-$tag.json" >/dev/null \
+    || echo "bench plain $backend FAILED"
+  "$T" bench --engine remo --remo-precision f32 --backend "$backend" $B \
+    --out "$OUT/bench-remo-f32-$tag.json" >/dev/null || echo "bench remo f32 $backend FAILED"
+  "$T" bench --engine remo --remo-precision f64-gemm --backend "$backend" $B \
+    --out "$OUT/bench-remo-f64-$tag.json" >/dev/null || echo "bench remo f64 $backend FAILED"
   "$T" lossless --precisions f32,f64-gemm --scales 100 --n-prompts "${N_PROMPTS:-10}" --max-tokens 32 \
-    --backend "$backend" --model-file "$MODEL" --out "$OUT/lossless-$tag.json" >/dev/null
+    --backend "$backend" --model-file "$MODEL" --out "$OUT/lossless-$tag.json" >/dev/null \
+    || echo "lossless $backend FAILED"
 done
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys

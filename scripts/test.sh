@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite: formatting, the independent reference against the checked-in goldens, and every
-# Rust test (unit, tiny model, real model, real processes).
+# Rust test (unit, tiny model, real model, real processes), and a compile check of the cuda feature.
 source "$(dirname "$0")/lib.sh"
 ensure_rust
 ensure_venv
@@ -11,3 +11,5 @@ echo "== reference forward pass (float64 numpy) against tests/golden/greedy.json
 "$VENV/bin/python" tools/reference.py "$MODEL" tests/golden/prompts.json --check tests/golden/greedy.json
 echo "== cargo test"
 cargo test --release --workspace --locked
+echo "== the cuda feature compiles (the GPU tests themselves run with scripts/device-check.sh)"
+cargo check --release --locked -p talaria -p talaria-tests --features talaria/cuda,talaria-tests/cuda --tests

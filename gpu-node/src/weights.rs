@@ -481,7 +481,7 @@ impl LinearWeights {
         let (d_in, _) = op.shape(&self.config);
         self.check_input(op, rows, d_in, x.len())?;
         if rows == 0 {
-            on_stack!(&self.placed, s => s.weight(op)?);
+            on_stack!(&self.placed, s => s.weight(op).map(|_| ()))?;
             return Ok(Vec::new());
         }
         on_stack!(&self.placed, s => s.linear_f64(op, rows, d_in, x))

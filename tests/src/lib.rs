@@ -11,8 +11,12 @@ use talaria_model_store as store;
 
 pub mod cluster;
 
-/// The repository root.
+/// The repository root: `$TALARIA_REPO_ROOT` (a test binary run from another checkout, as the
+/// device check does), else where this crate was built.
 pub fn repo_root() -> PathBuf {
+    if let Some(root) = std::env::var_os("TALARIA_REPO_ROOT") {
+        return root.into();
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
