@@ -19,7 +19,7 @@ mkdir -p "$OUT"
 MODEL="${MODEL:-$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 export TALARIA_HOME="$(dirname "$MODEL")" TALARIA_REPO_ROOT="$ROOT"
 # cudarc loads the CUDA libraries at run time: make every copy of NVRTC and the driver findable.
-for d in $(find /usr/local /usr/lib /opt -name 'libnvrtc.so*' -printf '%h\n' 2>/dev/null | sort -u); do
+for d in $(find /usr/local /usr/lib /opt -name 'libnvrtc.so*' -printf '%h\n' 2>/dev/null | grep -v stubs | sort -u); do
   export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
 
@@ -43,11 +43,14 @@ for backend in cpu cuda:0; do
   echo "== $backend"
   "$T" bench --engine plain --backend "$backend" $B --out "$OUT/bench-plain-$tag.json" >/dev/null \
     || echo "bench plain $backend FAILED"
-  "$T" bench --engine remo --remo-precision f32 --backend "$backend" $B \
-    --out "$OUT/bench-remo-f32-$tag.json" >/dev/null || echo "bench remo f32 $backend FAILED"
-  "$T" bench --engine remo --remo-precision f64-gemm --backend "$backend" $B \
-    --out "$OUT/bench-remo-f64-$tag.json" >/dev/null || echo "bench remo f64 $backend FAILED"
-  "$T" lossless --precisions f32,f64-gemm --scales 100 --n-prompts "${N_PROMPTS:-10}" --max-tokens 32 \
+  # f64-gemm needs an f64 GEMM, which burn-cuda 0.21 lacks: on cuda it is refused (typed error).
+  for p in f32 f64-client f64-gemm; do
+    "$T" bench --engine remo --remo-precision "$p" --backend "$backend" $B \
+      --out "$OUT/bench-remo-$p-$tag.json" >/dev/null || echo "bench remo $p $backend FAILED"
+  done
+  precisions=f32,f64-client,f64-gemm
+  [ "$backend" = cpu ] || precisions=f32,f64-client
+  "$T" lossless --precisions "$precisions" --scales 100 --n-prompts "${N_PROMPTS:-10}" --max-tokens 32 \
     --backend "$backend" --model-file "$MODEL" --out "$OUT/lossless-$tag.json" >/dev/null \
     || echo "lossless $backend FAILED"
 done

@@ -31,11 +31,46 @@ type Device<B> = <B as burn::tensor::backend::BackendTypes>::Device;
 /// burn's CPU matmul only goes multi-threaded for large products, so decode's one-row calls
 /// would use one core; column shards put every core on every call.
 struct Sharded<B: Backend> {
+    /// The weight, or with [`Split::Tf32`] its TF32-representable high part.
     shards: Vec<(Matrix<B>, usize)>,
+    /// With [`Split::Tf32`]: `W − hi`, exact in f32 (one shard).
+    lo: Option<Matrix<B>>,
     /// f64 copies, made on the first f64 call (the lossless mode's GEMM).
     shards_f64: OnceLock<Vec<Matrix<B>>>,
     d_in: usize,
     d_out: usize,
+}
+
+/// Rounds to the nearest TF32 value (10 explicit mantissa bits, ties to even).
+fn round_tf32(v: f32) -> f32 {
+    if !v.is_finite() {
+        return v;
+    }
+    let b = v.to_bits();
+    f32::from_bits(b.wrapping_add(0x0fff + ((b >> 13) & 1)) & !0x1fff)
+}
+
+/// Splits `v` into a TF32 high part and the exact f32 rest.
+fn split_tf32(v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    v.iter()
+        .map(|&x| {
+            let hi = round_tf32(x);
+            (hi, x - hi)
+        })
+        .unzip()
+}
+
+/// How a projection is laid out for its backend.
+#[derive(Clone, Copy, PartialEq)]
+enum Split {
+    /// As is: the CPU's f32 GEMM is exact f32 arithmetic.
+    None,
+    /// High and low parts for GPUs whose f32 GEMM runs on TF32 tensor cores (burn-cuda's matmul
+    /// always does on Ampere and later). TF32 keeps 10 mantissa bits: ~5e-4 relative error,
+    /// which masked rows (σ = 100 times the signal) turn into noise a hundred times the answer,
+    /// and the canaries reject it. `x·W ≈ x_hi·W_hi + x_hi·W_lo + x_lo·W_hi` (the 3xTF32 scheme)
+    /// brings the products back to f32 accuracy, every product exact in TF32, accumulated in f32.
+    Tf32,
 }
 
 impl<B: Backend> Sharded<B> {
@@ -45,7 +80,24 @@ impl<B: Backend> Sharded<B> {
         d_out: usize,
         n_shards: usize,
         device: &Device<B>,
+        split: Split,
     ) -> Self {
+        if split == Split::Tf32 {
+            let (hi, lo) = split_tf32(&values);
+            return Self {
+                shards: vec![(
+                    Tensor::from_data(TensorData::new(hi, [d_in, d_out]), device),
+                    d_out,
+                )],
+                lo: Some(Tensor::from_data(
+                    TensorData::new(lo, [d_in, d_out]),
+                    device,
+                )),
+                shards_f64: OnceLock::new(),
+                d_in,
+                d_out,
+            };
+        }
         // Shard widths are multiples of 16 so each stays SIMD-friendly.
         let step = d_out.div_ceil(n_shards.max(1)).div_ceil(16) * 16;
         let mut shards = Vec::new();
@@ -64,10 +116,35 @@ impl<B: Backend> Sharded<B> {
         }
         Self {
             shards,
+            lo: None,
             shards_f64: OnceLock::new(),
             d_in,
             d_out,
         }
+    }
+
+    /// `x · W` for `rows` row-major rows of `x` (host values), in f32.
+    fn matmul_host(
+        &self,
+        x: &[f32],
+        rows: usize,
+        device: &Device<B>,
+    ) -> Result<Vec<f32>, EngineError> {
+        let upload = |v: Vec<f32>| -> Matrix<B> {
+            Tensor::from_data(TensorData::new(v, [rows, self.d_in]), device)
+        };
+        let Some(lo) = &self.lo else {
+            return self.matmul(upload(x.to_vec()), rows);
+        };
+        let hi = &self.shards[0].0;
+        let (x_hi, x_lo) = split_tf32(x);
+        let (x_hi, x_lo) = (upload(x_hi), upload(x_lo));
+        // Small terms first, so they are not lost against the large one.
+        let small = x_hi.clone().matmul(lo.clone()) + x_lo.matmul(hi.clone());
+        (small + x_hi.matmul(hi.clone()))
+            .into_data()
+            .into_vec::<f32>()
+            .map_err(|e| EngineError::Backend(format!("{e:?}")))
     }
 
     /// `x · W` for `rows` rows of `x`, in the element type `E` of `weights`.
@@ -121,6 +198,17 @@ impl<B: Backend> Sharded<B> {
 
     /// The whole matrix, row-major `[d_in, d_out]`.
     fn dense(&self) -> Result<Vec<f32>, EngineError> {
+        if let Some(lo) = &self.lo {
+            let read = |m: &Matrix<B>| {
+                m.clone()
+                    .into_data()
+                    .into_vec::<f32>()
+                    .map_err(|e| EngineError::Backend(format!("{e:?}")))
+            };
+            // hi + lo is W exactly: lo was computed as W − hi in f32 without rounding.
+            let (hi, lo) = (read(&self.shards[0].0)?, read(lo)?);
+            return Ok(hi.iter().zip(&lo).map(|(h, l)| h + l).collect());
+        }
         let parts: Vec<Vec<f32>> = self
             .shards
             .iter()
@@ -150,6 +238,8 @@ struct Stack<B: Backend> {
     blocks: Vec<BlockWeights<B>>,
     lm_head: Option<Sharded<B>>,
     device: Device<B>,
+    /// Whether the backend has an f64 GEMM (burn-cuda 0.21's matmul does not).
+    f64_gemm: bool,
 }
 
 /// The stack on the device the topology chose.
@@ -255,6 +345,7 @@ impl LinearWeights {
                 lm_head,
                 Default::default(),
                 rayon::current_num_threads(),
+                Split::None,
             )?),
             #[cfg(feature = "cuda")]
             Placement::Cuda(index) => Placed::Cuda(Stack::load(
@@ -265,6 +356,7 @@ impl LinearWeights {
                 burn::backend::cuda::CudaDevice::new(index),
                 // One device: one shard, the GPU parallelises the product itself.
                 1,
+                Split::Tf32,
             )?),
             #[cfg(not(feature = "cuda"))]
             Placement::Cuda(_) => {
@@ -297,6 +389,7 @@ impl<B: Backend> Stack<B> {
         lm_head: bool,
         device: Device<B>,
         n_shards: usize,
+        split: Split,
     ) -> Result<Self, NodeError> {
         let c = config;
         if *layers.end() >= c.n_layers {
@@ -308,7 +401,7 @@ impl<B: Backend> Stack<B> {
             )));
         }
         let matrix = |(values, d_out): (Vec<f32>, usize), d_in: usize| {
-            Sharded::new(values, d_in, d_out, n_shards, &device)
+            Sharded::new(values, d_in, d_out, n_shards, &device, split)
         };
         let first_layer = *layers.start();
         let mut blocks = Vec::with_capacity(layers.clone().count());
@@ -357,6 +450,7 @@ impl<B: Backend> Stack<B> {
             blocks,
             lm_head,
             device,
+            f64_gemm: split == Split::None,
         })
     }
 
@@ -414,6 +508,14 @@ impl<B: Backend> Stack<B> {
         x: &[f64],
     ) -> Result<Vec<f64>, EngineError> {
         let w = self.weight(op)?;
+        if !self.f64_gemm {
+            return Err(EngineError::Backend(
+                "the f64 GEMM (the lossless f64-gemm mode, and R_pub of a rank < d basis) is not \
+                 available on CUDA: burn 0.21's matmul has no f64 kernel; use a cpu stage or \
+                 --remo-precision f32 / f64-client"
+                    .into(),
+            ));
+        }
         let input: Matrix<B> = Tensor::from_data(
             TensorData::new(x.to_vec(), [rows, d_in]),
             (&self.device, DType::F64),
@@ -421,13 +523,9 @@ impl<B: Backend> Stack<B> {
         w.matmul_f64(input, rows)
     }
 
-    fn matmul(&self, op: OpId, x: &Rows, d_in: usize) -> Result<Vec<f32>, EngineError> {
-        let w = self.weight(op)?;
-        let input: Matrix<B> = Tensor::from_data(
-            TensorData::new(x.data().to_vec(), [x.rows(), d_in]),
-            &self.device,
-        );
-        w.matmul(input, x.rows())
+    fn matmul(&self, op: OpId, x: &Rows) -> Result<Vec<f32>, EngineError> {
+        self.weight(op)?
+            .matmul_host(x.data(), x.rows(), &self.device)
     }
 }
 
@@ -497,12 +595,62 @@ impl LinearOps for LinearWeights {
 impl LinearWeights {
     /// `x · W_op` in f32; shared access, so several calls may run at once.
     pub fn matmul(&self, op: OpId, x: &Rows) -> Result<Rows, EngineError> {
-        let (d_in, d_out) = op.shape(&self.config);
+        let (_, d_out) = op.shape(&self.config);
         self.check_input(op, x.rows(), x.cols(), x.data().len())?;
         if x.rows() == 0 {
             return Rows::new(0, d_out, Vec::new());
         }
-        let y = on_stack!(&self.placed, s => s.matmul(op, x, d_in))?;
+        let y = on_stack!(&self.placed, s => s.matmul(op, x))?;
         Rows::new(x.rows(), d_out, y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn tf32_split_is_exact_and_high_parts_fit_tf32() {
+        for v in [
+            1.0f32,
+            -3.1415927,
+            1e-30,
+            6.0e7,
+            0.1,
+            f32::MIN_POSITIVE,
+            0.0,
+        ] {
+            let hi = round_tf32(v);
+            assert_eq!(hi.to_bits() & 0x1fff, 0, "{v}");
+            assert_eq!(hi + (v - hi), v, "{v}");
+            assert!((hi - v).abs() <= v.abs() * 2f32.powi(-11), "{v}");
+        }
+    }
+
+    #[test]
+    fn the_3xtf32_layout_matches_the_plain_f32_gemm() {
+        // The split layout's arithmetic, checked on the CPU backend (where TF32 is not involved,
+        // so this checks the decomposition; the device check runs it on CUDA).
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let (d_in, d_out, rows) = (64, 48, 5);
+        let w: Vec<f32> = (0..d_in * d_out)
+            .map(|_| rng.random_range(-0.1..0.1))
+            .collect();
+        let x: Vec<f32> = (0..rows * d_in)
+            .map(|_| rng.random_range(-300.0..300.0))
+            .collect();
+        let device = Default::default();
+        let plain = Sharded::<Flex>::new(w.clone(), d_in, d_out, 1, &device, Split::None);
+        let split = Sharded::<Flex>::new(w.clone(), d_in, d_out, 1, &device, Split::Tf32);
+        assert_eq!(split.dense().unwrap(), w);
+        let a = plain.matmul_host(&x, rows, &device).unwrap();
+        let b = split.matmul_host(&x, rows, &device).unwrap();
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(err <= 1e-5 * scale, "3xTF32 off by {err} of {scale}");
     }
 }

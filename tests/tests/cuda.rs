@@ -142,7 +142,9 @@ fn a_cuda_stage_answers_through_the_cluster() {
         &[("stage-0", "0-14", false), ("stage-1", "15-29", true)],
         &["tenant-a"],
     )
-    .replace("lm_head = true\n", "lm_head = true\nbackend = \"cuda:0\"\n");
+    .replace("lm_head = true\n", "lm_head = true\nbackend = \"cuda:0\"\n")
+        // The cloud's GEMM in f32 (f64-client): CUDA stages have no f64 GEMM.
+        + "[remo]\nprecision = \"f64-client\"\n";
     let cluster = LocalCluster::start(&text);
     let topo = cluster.topology();
     assert_eq!(topo.stages[1].backend, Backend::Cuda(0));
