@@ -1,0 +1,353 @@
+//! AMD SEV-SNP attestation for Talaria: the evidence a cvm-agent presents, and its verification
+//! against a policy — the ARK → ASK → VCEK chain, the report's signature, the guest policy (no
+//! debug), the minimum TCB, the VMPL, a measurement allowlist — and the binding of the report to
+//! the verifier's fresh nonce and the agent's key. See `docs/attestation.md`.
+//!
+//! Every check is a step of its own with a typed error, so a rejection always says which check
+//! failed. No field of a report is trusted before its signature is verified.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sev::certs::snp::{Certificate, Chain, Verifiable, ca};
+use sev::firmware::guest::AttestationReport;
+use sev::parser::ByteParser;
+use sha2::{Digest, Sha512};
+
+/// Size of an SNP attestation report.
+pub const REPORT_LEN: usize = 1184;
+/// Domain separation of the report-data binding.
+const BINDING_DOMAIN: &[u8] = b"talaria-attestation/1";
+
+/// What an agent presents to be admitted or trusted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Evidence {
+    /// A hardware report and the VCEK that signed it.
+    Snp {
+        #[serde(with = "serde_bytes")]
+        report: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        vcek_der: Vec<u8>,
+    },
+    /// No SEV-SNP hardware: accepted only by a verifier that opted in.
+    Insecure { reason: String },
+}
+
+/// Why evidence was rejected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AttestationError {
+    #[error(
+        "insecure agent (no SEV-SNP report: {0}) and this verifier does not allow insecure agents"
+    )]
+    InsecureRefused(String),
+    #[error("malformed evidence: {0}")]
+    Malformed(String),
+    #[error("certificate chain ARK -> ASK -> VCEK does not verify: {0}")]
+    Chain(String),
+    #[error("the VCEK's signature over the report does not verify: {0}")]
+    Signature(String),
+    #[error("the guest policy allows debugging")]
+    Debug,
+    #[error("VMPL {found} is above the allowed {max}")]
+    Vmpl { found: u32, max: u32 },
+    #[error("reported TCB {found} is below the minimum {min}")]
+    Tcb { found: String, min: String },
+    #[error("measurement {0} is not in the allowlist")]
+    Measurement(String),
+    #[error("report data does not bind this nonce and key (stale nonce, or another key)")]
+    Binding,
+    #[error("{path}: {message}")]
+    Provisioning { path: String, message: String },
+}
+
+impl AttestationError {
+    /// A short machine-readable label for logs and metrics.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            AttestationError::InsecureRefused(_) => "attestation_required",
+            AttestationError::Malformed(_) => "attestation_malformed",
+            AttestationError::Chain(_) => "attestation_chain",
+            AttestationError::Signature(_) => "attestation_signature",
+            AttestationError::Debug => "attestation_debug_policy",
+            AttestationError::Vmpl { .. } => "attestation_vmpl",
+            AttestationError::Tcb { .. } => "attestation_tcb",
+            AttestationError::Measurement(_) => "attestation_measurement",
+            AttestationError::Binding => "attestation_binding",
+            AttestationError::Provisioning { .. } => "attestation_provisioning",
+        }
+    }
+}
+
+/// A TCB level: the security version numbers a report carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tcb {
+    pub bootloader: u8,
+    pub tee: u8,
+    pub snp: u8,
+    pub microcode: u8,
+}
+
+impl Tcb {
+    /// Whether every component is at least `min`'s.
+    pub fn at_least(&self, min: &Tcb) -> bool {
+        self.bootloader >= min.bootloader
+            && self.tee >= min.tee
+            && self.snp >= min.snp
+            && self.microcode >= min.microcode
+    }
+}
+
+impl std::fmt::Display for Tcb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "bl {} tee {} snp {} ucode {}",
+            self.bootloader, self.tee, self.snp, self.microcode
+        )
+    }
+}
+
+/// What a verifier accepts.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    ark: Certificate,
+    ask: Certificate,
+    /// Launch measurements of the agent images trusted.
+    pub measurements: Vec<[u8; 48]>,
+    pub min_tcb: Tcb,
+    pub max_vmpl: u32,
+    /// Accept [`Evidence::Insecure`] (development without SEV hardware).
+    pub allow_insecure: bool,
+}
+
+fn read_cert(path: &Path) -> Result<Certificate, AttestationError> {
+    let err = |message: String| AttestationError::Provisioning {
+        path: path.display().to_string(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    if bytes.starts_with(b"-----BEGIN") {
+        Certificate::from_pem(&bytes)
+    } else {
+        Certificate::from_der(&bytes)
+    }
+    .map_err(|e| err(format!("not a certificate: {e}")))
+}
+
+/// Parses a measurement written in hex (96 digits).
+pub fn parse_measurement(hex_text: &str) -> Result<[u8; 48], String> {
+    let bytes = hex::decode(hex_text.trim()).map_err(|e| format!("{hex_text:?}: {e}"))?;
+    bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| format!("a measurement has 48 bytes, {hex_text:?} has {}", b.len()))
+}
+
+impl Policy {
+    /// A policy with AMD's ARK and ASK read from files (PEM or DER), provisioned by the operator:
+    /// nothing is fetched at run time.
+    pub fn new(
+        ark: &Path,
+        ask: &Path,
+        measurements: Vec<[u8; 48]>,
+        min_tcb: Tcb,
+        max_vmpl: u32,
+        allow_insecure: bool,
+    ) -> Result<Self, AttestationError> {
+        Ok(Self {
+            ark: read_cert(ark)?,
+            ask: read_cert(ask)?,
+            measurements,
+            min_tcb,
+            max_vmpl,
+            allow_insecure,
+        })
+    }
+
+    /// A policy that accepts only insecure agents, or none (no hardware root provisioned).
+    pub fn insecure_only(allow_insecure: bool) -> InsecurePolicy {
+        InsecurePolicy { allow_insecure }
+    }
+}
+
+/// The policy of a verifier with no provisioned AMD root: it can only accept insecure agents,
+/// and only if it opted in.
+#[derive(Debug, Clone, Copy)]
+pub struct InsecurePolicy {
+    pub allow_insecure: bool,
+}
+
+/// What verified evidence established.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified {
+    /// `None` for an insecure agent.
+    pub measurement: Option<[u8; 48]>,
+    pub report_data: [u8; 64],
+    pub reported_tcb: Tcb,
+    pub insecure: bool,
+}
+
+/// The report data that binds `nonce` and `key`: SHA-512 of a domain tag, the nonce and the key.
+pub fn binding(nonce: &[u8; 32], key: &[u8]) -> [u8; 64] {
+    let mut h = Sha512::new();
+    h.update(BINDING_DOMAIN);
+    h.update(nonce);
+    h.update((key.len() as u64).to_le_bytes());
+    h.update(key);
+    h.finalize().into()
+}
+
+/// Parses a raw report.
+pub fn parse_report(report: &[u8]) -> Result<AttestationReport, AttestationError> {
+    if report.len() != REPORT_LEN {
+        return Err(AttestationError::Malformed(format!(
+            "a report has {REPORT_LEN} bytes, this one {}",
+            report.len()
+        )));
+    }
+    AttestationReport::from_bytes(report).map_err(|e| AttestationError::Malformed(e.to_string()))
+}
+
+fn tcb_of(report: &AttestationReport) -> Tcb {
+    let t = &report.reported_tcb;
+    Tcb {
+        bootloader: t.bootloader,
+        tee: t.tee,
+        snp: t.snp,
+        microcode: t.microcode,
+    }
+}
+
+/// The checks on the report's contents, once its signature is verified.
+fn check_contents(report: &AttestationReport, policy: &Policy) -> Result<(), AttestationError> {
+    if report.policy.debug_allowed() {
+        return Err(AttestationError::Debug);
+    }
+    if report.vmpl > policy.max_vmpl {
+        return Err(AttestationError::Vmpl {
+            found: report.vmpl,
+            max: policy.max_vmpl,
+        });
+    }
+    let tcb = tcb_of(report);
+    if !tcb.at_least(&policy.min_tcb) {
+        return Err(AttestationError::Tcb {
+            found: tcb.to_string(),
+            min: policy.min_tcb.to_string(),
+        });
+    }
+    if !policy.measurements.contains(&report.measurement) {
+        return Err(AttestationError::Measurement(hex::encode(
+            report.measurement,
+        )));
+    }
+    Ok(())
+}
+
+/// Verifies evidence against `policy`: chain, signature, then contents. The binding is checked
+/// separately ([`check_binding`]) or together ([`verify`]).
+pub fn verify_evidence(evidence: &Evidence, policy: &Policy) -> Result<Verified, AttestationError> {
+    let (report_bytes, vcek_der) = match evidence {
+        Evidence::Insecure { reason } => return insecure(reason, policy.allow_insecure),
+        Evidence::Snp { report, vcek_der } => (report, vcek_der),
+    };
+    let report = parse_report(report_bytes)?;
+    let vcek = Certificate::from_der(vcek_der)
+        .map_err(|e| AttestationError::Malformed(format!("VCEK: {e}")))?;
+    let chain = Chain {
+        ca: ca::Chain {
+            ark: policy.ark.clone(),
+            ask: policy.ask.clone(),
+        },
+        vek: vcek,
+    };
+    chain
+        .verify()
+        .map_err(|e| AttestationError::Chain(e.to_string()))?;
+    (&chain, &report)
+        .verify()
+        .map_err(|e| AttestationError::Signature(e.to_string()))?;
+    check_contents(&report, policy)?;
+    Ok(Verified {
+        measurement: Some(report.measurement),
+        report_data: report.report_data,
+        reported_tcb: tcb_of(&report),
+        insecure: false,
+    })
+}
+
+fn insecure(reason: &str, allowed: bool) -> Result<Verified, AttestationError> {
+    if !allowed {
+        return Err(AttestationError::InsecureRefused(reason.into()));
+    }
+    tracing::warn!("INSECURE: accepting an agent without SEV-SNP attestation ({reason})");
+    Ok(Verified {
+        measurement: None,
+        report_data: [0; 64],
+        reported_tcb: Tcb::default(),
+        insecure: true,
+    })
+}
+
+/// Verifies evidence where no AMD root is provisioned: only insecure evidence, and only when
+/// allowed.
+pub fn verify_without_root(
+    evidence: &Evidence,
+    policy: InsecurePolicy,
+) -> Result<Verified, AttestationError> {
+    match evidence {
+        Evidence::Insecure { reason } => insecure(reason, policy.allow_insecure),
+        Evidence::Snp { .. } => Err(AttestationError::Provisioning {
+            path: "(policy)".into(),
+            message: "a hardware report arrived but no ARK/ASK is provisioned to verify it".into(),
+        }),
+    }
+}
+
+/// Checks that a verified report binds `nonce` and `key` (insecure evidence binds nothing).
+pub fn check_binding(
+    verified: &Verified,
+    nonce: &[u8; 32],
+    key: &[u8],
+) -> Result<(), AttestationError> {
+    if verified.insecure || verified.report_data == binding(nonce, key) {
+        Ok(())
+    } else {
+        Err(AttestationError::Binding)
+    }
+}
+
+/// [`verify_evidence`] and [`check_binding`] together.
+pub fn verify(
+    evidence: &Evidence,
+    policy: &Policy,
+    nonce: &[u8; 32],
+    key: &[u8],
+) -> Result<Verified, AttestationError> {
+    let v = verify_evidence(evidence, policy)?;
+    check_binding(&v, nonce, key)?;
+    Ok(v)
+}
+
+/// Asks the SEV-SNP guest device for a report binding `nonce` and `key`, with the VCEK from the
+/// host's extended report. Only inside an SNP guest (`/dev/sev-guest`).
+pub fn hardware_evidence(nonce: &[u8; 32], key: &[u8]) -> Result<Evidence, AttestationError> {
+    use sev::firmware::guest::Firmware;
+    let dev = |e: String| AttestationError::Provisioning {
+        path: "/dev/sev-guest".into(),
+        message: e,
+    };
+    let mut fw = Firmware::open().map_err(|e| dev(e.to_string()))?;
+    let (report, certs) = fw
+        .get_ext_report(None, Some(binding(nonce, key)), Some(0))
+        .map_err(|e| dev(e.to_string()))?;
+    let vcek_der = certs
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.cert_type == sev::firmware::host::CertType::VCEK)
+        .map(|c| c.data)
+        .ok_or_else(|| dev("the host provided no VCEK in the extended report".into()))?;
+    Ok(Evidence::Snp { report, vcek_der })
+}
+
+#[cfg(test)]
+mod tests;
