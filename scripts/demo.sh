@@ -28,9 +28,9 @@ done
 cat "$UP_LOG"
 
 echo "== tenant -> cvm-agent -> coordinator -> gpu-node stages (QUIC, ReMO-masked)"
-"$TALARIA" generate --engine cluster --cluster-dir "$RUN_DIR" --chat --prompt "$PROMPT" \
+"$TALARIA" generate --engine cluster --cluster-dir "$RUN_DIR" --allow-insecure-agent --chat --prompt "$PROMPT" \
   --max-tokens "$MAX_TOKENS"
-cluster_json="$("$TALARIA" generate --engine cluster --cluster-dir "$RUN_DIR" --chat \
+cluster_json="$("$TALARIA" generate --engine cluster --cluster-dir "$RUN_DIR" --allow-insecure-agent --chat \
   --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" --json)"
 plain_json="$("$TALARIA" generate --engine plain --chat --prompt "$PROMPT" \
   --max-tokens "$MAX_TOKENS" --json)"

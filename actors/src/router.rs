@@ -44,10 +44,18 @@ impl RouteTable {
     }
 }
 
-/// Decides whether an agent may join. Issue #7 puts attestation behind this.
+/// Decides whether an agent may join: the coordinator's attestation policy.
 pub trait Admission: Send + Sync + 'static {
-    /// `Ok(())` to admit `tenant`'s agent, or the reason for refusing it.
-    fn admit(&self, tenant: &str, agent: &str) -> Result<(), ErrorReply>;
+    /// `Ok(())` to admit `tenant`'s agent, whose `evidence` must bind `nonce` (issued on this
+    /// connection) and `key`, or the reason for refusing it.
+    fn admit(
+        &self,
+        tenant: &str,
+        agent: &str,
+        evidence: &[u8],
+        nonce: &[u8; 32],
+        key: &[u8],
+    ) -> Result<(), ErrorReply>;
 }
 
 /// Identifies one agent connection.
@@ -74,6 +82,8 @@ pub struct Router {
     /// The encoded [`talaria_wire::Provision`] handed to admitted agents.
     provision: Arc<Vec<u8>>,
     agents: HashMap<AgentId, String>,
+    /// The nonce issued to each connection that asked, used once.
+    challenges: HashMap<AgentId, [u8; 32]>,
     sessions: HashMap<SessionId, AgentId>,
     next_session: SessionId,
 }
@@ -92,6 +102,7 @@ impl Router {
             admission,
             provision,
             agents: HashMap::new(),
+            challenges: HashMap::new(),
             sessions: HashMap::new(),
             next_session: 1,
         }
@@ -135,12 +146,24 @@ impl Router {
         frame: Vec<u8>,
     ) -> Result<ResponseFuture<Vec<u8>>, ErrorReply> {
         let (head, _): (Request, &[u8]) = frame::split(&frame).map_err(|e| frame_error(&e))?;
+        if let Request::Challenge = head {
+            let nonce: [u8; 32] = rand::random();
+            self.challenges.insert(agent, nonce);
+            let answer = ok_frame(0, &frame::encode::<_, ()>(&nonce, None).unwrap_or_default());
+            return Ok(Box::pin(async move { answer }));
+        }
         if let Request::Hello {
             tenant,
             agent: name,
+            evidence,
+            key,
         } = &head
         {
-            self.admission.admit(tenant, name)?;
+            // A nonce is good for one Hello: a replayed report meets a fresh one.
+            let nonce = self.challenges.remove(&agent).ok_or_else(|| {
+                ErrorReply::new("attestation_binding", "ask for a Challenge before Hello")
+            })?;
+            self.admission.admit(tenant, name, evidence, &nonce, key)?;
             tracing::info!(agent, %tenant, name = %name, "agent admitted");
             self.agents.insert(agent, tenant.clone());
             let answer = ok_frame(0, &self.provision);
@@ -150,7 +173,7 @@ impl Router {
             return Err(ErrorReply::new("not_admitted", "say Hello first"));
         };
         match head {
-            Request::Hello { .. } => unreachable!("handled above"),
+            Request::Challenge | Request::Hello { .. } => unreachable!("handled above"),
             Request::OpenSession => {
                 let session = self.next_session;
                 self.next_session += 1;
@@ -231,6 +254,7 @@ impl Handler<AgentGone> for Router {
 
     fn handle(&mut self, msg: AgentGone, ctx: &mut Context<Self>) {
         let tenant = self.agents.remove(&msg.0);
+        self.challenges.remove(&msg.0);
         let gone: Vec<SessionId> = self
             .sessions
             .iter()

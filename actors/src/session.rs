@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use talaria_wire::frame::{self, FrameError};
-use talaria_wire::{ErrorReply, TenantEvent, TenantRequest};
+use talaria_wire::{ErrorReply, TenantEvent, TenantMessage, TenantRequest};
 use tokio::sync::mpsc;
 
 /// A request frame for the coordinator; the result is its answer frame.
@@ -123,11 +123,20 @@ impl Handler<Generate> for Session {
     }
 }
 
-/// Answers tenants on `endpoint`: each stream carries one [`TenantRequest`] and gets the
-/// generation's events back, from a [`Session`] of its own.
-pub async fn serve(endpoint: quinn::Endpoint, factory: ConversationFactory, max_frame: usize) {
+/// Makes attestation evidence over a tenant's nonce (encoded `Evidence`). Runs on a worker
+/// thread (the guest device's ioctl blocks).
+pub type Attestor = Arc<dyn Fn([u8; 32]) -> Result<Vec<u8>, ErrorReply> + Send + Sync>;
+
+/// Answers tenants on `endpoint`: each stream carries one [`TenantMessage`]: `Attest` gets
+/// evidence from `attestor`, `Generate` the generation's events from a [`Session`] of its own.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    factory: ConversationFactory,
+    attestor: Attestor,
+    max_frame: usize,
+) {
     while let Some(incoming) = endpoint.accept().await {
-        let factory = factory.clone();
+        let (factory, attestor) = (factory.clone(), attestor.clone());
         actix_rt::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -139,20 +148,33 @@ pub async fn serve(endpoint: quinn::Endpoint, factory: ConversationFactory, max_
             let peer = conn.remote_address();
             tracing::info!(%peer, "tenant connected");
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                let factory = factory.clone();
+                let (factory, attestor) = (factory.clone(), attestor.clone());
                 actix_rt::spawn(async move {
                     let first = match talaria_wire::net::read_frame(&mut recv, max_frame).await {
-                        Ok(Some(f)) => frame::body::<TenantRequest>(&f),
+                        Ok(Some(f)) => frame::body::<TenantMessage>(&f),
                         Ok(None) => return,
                         Err(e) => Err(e),
                     };
                     let (tx, mut rx) = mpsc::unbounded_channel();
                     match first {
-                        Ok(request) => {
+                        Ok(TenantMessage::Generate(request)) => {
                             Session::new(factory).start().do_send(Generate {
                                 request,
                                 events: tx,
                             });
+                        }
+                        Ok(TenantMessage::Attest { nonce }) => {
+                            let event = match tokio::task::spawn_blocking(move || attestor(nonce))
+                                .await
+                            {
+                                Ok(Ok(evidence)) => TenantEvent::Attestation { evidence },
+                                Ok(Err(e)) => TenantEvent::Error(e),
+                                Err(e) => {
+                                    TenantEvent::Error(ErrorReply::new("internal", e.to_string()))
+                                }
+                            };
+                            let _ = tx.send(event);
+                            drop(tx);
                         }
                         Err(e) => {
                             tracing::warn!(%peer, error_type = e.error_type(), "bad tenant request: {e}");

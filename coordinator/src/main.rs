@@ -8,6 +8,9 @@ use actix::Actor;
 use anyhow::{Context, Result};
 use clap::Parser;
 use talaria_actors::router::{Admission, IsConnected, NodeLink, RouteTable, Router};
+use talaria_attestation::{
+    AttestationError, Evidence, InsecurePolicy, Policy, Tcb, parse_measurement,
+};
 use talaria_gguf::GgufFile;
 use talaria_gpu_node::read_provision;
 use talaria_topology::Topology;
@@ -28,29 +31,84 @@ struct Args {
     tls_dir: Option<PathBuf>,
 }
 
-/// Admission without hardware attestation: allowed only where the topology says so, and never
-/// silently.
-struct InsecureAdmission {
-    allowed: bool,
+/// Admission by SEV-SNP attestation, with the topology's policy; agents without hardware only
+/// where the topology allows it, and never silently.
+struct AttestedAdmission {
+    policy: Option<Policy>,
+    allow_insecure: bool,
 }
 
-impl Admission for InsecureAdmission {
-    fn admit(&self, tenant: &str, agent: &str) -> Result<(), ErrorReply> {
-        if !self.allowed {
-            return Err(ErrorReply::new(
-                "attestation_required",
-                format!(
-                    "agent {agent:?} of tenant {tenant:?} presented no SEV-SNP attestation and the topology does not allow insecure agents"
-                ),
-            ));
+impl AttestedAdmission {
+    fn new(topology: &Topology) -> Result<Self> {
+        let policy = match &topology.attestation {
+            None => None,
+            Some(a) => Some(Policy::new(
+                &a.ark,
+                &a.ask,
+                a.measurements
+                    .iter()
+                    .map(|m| parse_measurement(m))
+                    .collect::<Result<_, _>>()
+                    .map_err(anyhow::Error::msg)?,
+                Tcb {
+                    bootloader: a.min_tcb[0],
+                    tee: a.min_tcb[1],
+                    snp: a.min_tcb[2],
+                    microcode: a.min_tcb[3],
+                },
+                a.max_vmpl,
+                topology.allow_insecure_agents,
+            )?),
+        };
+        if policy.is_none() && !topology.allow_insecure_agents {
+            tracing::warn!(
+                "no [attestation] policy and insecure agents not allowed: no agent can be admitted"
+            );
         }
-        tracing::warn!(
-            %tenant,
-            %agent,
-            "INSECURE: admitting an agent without attestation (topology: admission.allow_insecure)"
-        );
+        Ok(Self {
+            policy,
+            allow_insecure: topology.allow_insecure_agents,
+        })
+    }
+}
+
+impl Admission for AttestedAdmission {
+    fn admit(
+        &self,
+        tenant: &str,
+        agent: &str,
+        evidence: &[u8],
+        nonce: &[u8; 32],
+        key: &[u8],
+    ) -> Result<(), ErrorReply> {
+        let refuse = |e: AttestationError| {
+            tracing::warn!(%tenant, %agent, error_type = e.error_type(), "agent refused: {e}");
+            ErrorReply::new(e.error_type(), e.to_string())
+        };
+        let evidence: Evidence = talaria_wire::frame::body(evidence)
+            .map_err(|e| refuse(AttestationError::Malformed(e.to_string())))?;
+        let verified = match &self.policy {
+            Some(p) => talaria_attestation::verify(&evidence, p, nonce, key),
+            None => talaria_attestation::verify_without_root(
+                &evidence,
+                InsecurePolicy {
+                    allow_insecure: self.allow_insecure,
+                },
+            ),
+        }
+        .map_err(refuse)?;
+        match verified.measurement {
+            Some(m) => {
+                tracing::info!(%tenant, %agent, measurement = %hex_string(&m), "agent attested")
+            }
+            None => tracing::warn!(%tenant, %agent, "INSECURE: agent admitted without attestation"),
+        }
         Ok(())
     }
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn main() -> Result<()> {
@@ -113,9 +171,7 @@ fn main() -> Result<()> {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         tracing::info!("every stage connected");
-        let admission = Arc::new(InsecureAdmission {
-            allowed: topology.allow_insecure_agents,
-        });
+        let admission = Arc::new(AttestedAdmission::new(&topology)?);
         let router = Router::new(routes, nodes, admission, Arc::new(provision)).start();
         let endpoint = tls.server(topology.coordinator, talaria_wire::ALPN_CLOUD)?;
         tracing::info!(listen = %topology.coordinator, stages = topology.stages.len(), "serving");

@@ -9,6 +9,7 @@ use actix::Actor;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use talaria_actors::session::{BlockingUplink, Conversation, ConversationFactory, Uplink};
+use talaria_attestation::{Evidence, hardware_evidence};
 use talaria_cvm_agent::cluster::{AgentShared, exchange, remo_config};
 use talaria_topology::Topology;
 use talaria_wire::{ErrorReply, Provision, Request};
@@ -32,6 +33,30 @@ struct Args {
     /// How long to keep trying to reach the coordinator, in seconds.
     #[arg(long, default_value_t = 120)]
     connect_timeout_s: u64,
+    /// Run without SEV-SNP hardware, presenting no attestation report. Development only: the
+    /// coordinator and every tenant must opt in too, and it is logged loudly.
+    #[arg(long)]
+    insecure_no_attestation: bool,
+}
+
+/// Evidence binding `nonce` and `key`: a hardware report, or with the explicit insecure mode an
+/// `Insecure` marker.
+fn evidence(insecure: bool, nonce: &[u8; 32], key: &[u8]) -> Result<Vec<u8>, ErrorReply> {
+    let evidence = if insecure {
+        tracing::warn!("INSECURE: presenting no attestation (--insecure-no-attestation)");
+        Evidence::Insecure {
+            reason: "cvm-agent started with --insecure-no-attestation".into(),
+        }
+    } else {
+        hardware_evidence(nonce, key).map_err(|e| {
+            ErrorReply::new(
+                e.error_type(),
+                format!("{e} (outside an SEV-SNP guest, --insecure-no-attestation is the development mode)"),
+            )
+        })?
+    };
+    talaria_wire::frame::encode::<_, ()>(&evidence, None)
+        .map_err(|e| ErrorReply::new(e.error_type(), e.to_string()))
 }
 
 fn main() -> Result<()> {
@@ -69,11 +94,19 @@ fn main() -> Result<()> {
         };
         let uplink = BlockingUplink(Uplink::new(conn, max_frame).start());
         let tenant = agent.tenant.clone();
+        let insecure = args.insecure_no_attestation;
+        // The key the reports bind: the certificate this agent serves its tenant with.
+        let key = tls.cert_der()?;
+        let hello_key = key.clone();
         // Admission and provisioning wait on the uplink: off the event loop.
         let shared = tokio::task::spawn_blocking(move || -> Result<AgentShared> {
+            let (nonce, _) = exchange::<(), [u8; 32]>(&uplink, &Request::Challenge, None)
+                .context("asking the coordinator for a nonce")?;
             let hello = Request::Hello {
                 tenant,
                 agent: format!("cvm-agent pid {}", std::process::id()),
+                evidence: evidence(insecure, &nonce, &hello_key).map_err(|e| anyhow!("{e}"))?,
+                key: hello_key,
             };
             let (provision, _) = exchange::<(), Provision>(&uplink, &hello, None)
                 .context("admission by the coordinator")?;
@@ -93,10 +126,12 @@ fn main() -> Result<()> {
                 .map(|c| Box::new(c) as Box<dyn Conversation>)
                 .map_err(|e| ErrorReply::new(e.error_type(), e.to_string()))
         });
+        let attestor: talaria_actors::session::Attestor =
+            Arc::new(move |nonce| evidence(insecure, &nonce, &key));
         let endpoint = tls.server(agent.listen, talaria_wire::ALPN_TENANT)?;
         tracing::info!(listen = %agent.listen, "serving the tenant");
         println!("ready {}", agent.listen);
-        talaria_actors::session::serve(endpoint, factory, max_frame).await;
+        talaria_actors::session::serve(endpoint, factory, attestor, max_frame).await;
         Ok(())
     })
 }

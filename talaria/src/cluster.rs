@@ -201,6 +201,10 @@ pub fn up(args: UpArgs) -> Result<()> {
     for a in &topology.agents {
         let mut args = common.clone();
         args.extend(["--tenant".into(), a.tenant.clone()]);
+        if topology.allow_insecure_agents {
+            // No SEV-SNP hardware on a development machine: the topology opted in.
+            args.push("--insecure-no-attestation".into());
+        }
         procs.push(spawn(
             &format!("agent-{}", a.tenant),
             "cvm-agent",
@@ -279,9 +283,52 @@ pub struct AgentArgs {
     /// `cluster/`).
     #[arg(long)]
     pub cluster_dir: Option<PathBuf>,
+    /// Trust an agent that presents no SEV-SNP report (development only).
+    #[arg(long)]
+    pub allow_insecure_agent: bool,
+    /// AMD's root key (ARK), PEM or DER, for verifying the agent's report.
+    #[arg(long, requires_all = ["ask", "measurement"])]
+    pub ark: Option<PathBuf>,
+    /// AMD's signing key (ASK), PEM or DER.
+    #[arg(long, requires = "ark")]
+    pub ask: Option<PathBuf>,
+    /// The launch measurement (hex) of the agent image you expect; repeatable.
+    #[arg(long, requires = "ark")]
+    pub measurement: Vec<String>,
+    /// Minimum TCB of the agent's platform: bootloader,tee,snp,microcode.
+    #[arg(long, value_delimiter = ',', num_args = 4, default_values_t = [0u8, 0, 0, 0])]
+    pub min_tcb: Vec<u8>,
 }
 
 impl AgentArgs {
+    /// What this tenant trusts.
+    pub fn trust(&self) -> Result<client::Trust> {
+        let policy = match (&self.ark, &self.ask) {
+            (Some(ark), Some(ask)) => Some(talaria_attestation::Policy::new(
+                ark,
+                ask,
+                self.measurement
+                    .iter()
+                    .map(|m| talaria_attestation::parse_measurement(m))
+                    .collect::<Result<_, _>>()
+                    .map_err(anyhow::Error::msg)?,
+                talaria_attestation::Tcb {
+                    bootloader: self.min_tcb[0],
+                    tee: self.min_tcb[1],
+                    snp: self.min_tcb[2],
+                    microcode: self.min_tcb[3],
+                },
+                0,
+                self.allow_insecure_agent,
+            )?),
+            _ => None,
+        };
+        Ok(client::Trust {
+            policy,
+            allow_insecure: self.allow_insecure_agent,
+        })
+    }
+
     /// The agent's address and the TLS trust to reach it with.
     pub fn resolve(&self) -> Result<(SocketAddr, TlsMaterial)> {
         let dir = self.cluster_dir.clone().unwrap_or_else(default_run_dir);
@@ -324,6 +371,62 @@ pub fn generate(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(client::generate(&tls, addr, req, on_token))
+    let trust = agent.trust()?;
+    rt.block_on(client::generate(&tls, addr, &trust, req, on_token))
         .map_err(|e| anyhow!("agent {addr}: {e}"))
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub agent: AgentArgs,
+}
+
+#[derive(Serialize)]
+struct VerifyOutput {
+    agent: SocketAddr,
+    trusted: bool,
+    insecure: bool,
+    measurement: Option<String>,
+    error_type: Option<String>,
+    error: Option<String>,
+}
+
+/// `talaria verify`: asks the agent to attest over a fresh nonce and checks it, bound to the TLS
+/// certificate of the connection. Prints JSON; exits non-zero when the agent is not trusted.
+pub fn verify(args: VerifyArgs) -> Result<()> {
+    let (addr, tls) = args.agent.resolve()?;
+    let trust = args.agent.trust()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async {
+        let (endpoint, conn, verified) = client::connect(&tls, addr, &trust).await?;
+        conn.close(0u32.into(), b"verified");
+        endpoint.wait_idle().await;
+        Ok::<_, client::ClientError>(verified)
+    });
+    let out = match &result {
+        Ok(v) => VerifyOutput {
+            agent: addr,
+            trusted: true,
+            insecure: v.insecure,
+            measurement: v.measurement.map(hex::encode),
+            error_type: None,
+            error: None,
+        },
+        Err(e) => VerifyOutput {
+            agent: addr,
+            trusted: false,
+            insecure: false,
+            measurement: None,
+            error_type: Some(e.error_type().to_string()),
+            error: Some(e.to_string()),
+        },
+    };
+    println!("{}", serde_json::to_string(&out)?);
+    if let Err(e) = result {
+        bail!("agent {addr} is not trusted: {e}");
+    }
+    Ok(())
 }

@@ -43,6 +43,8 @@ enum Command {
     /// Start a whole local cluster (gpu-nodes, coordinator, cvm-agents) from a topology and keep
     /// it in the foreground until interrupted.
     Up(cluster::UpArgs),
+    /// Check a cvm-agent's SEV-SNP attestation (bound to its TLS certificate) before trusting it.
+    Verify(cluster::VerifyArgs),
 }
 
 /// Where the model file is: `--model-file` if given, else the default model in the cache.
@@ -88,5 +90,6 @@ fn main() -> Result<()> {
         Command::Calibrate(args) => calibrate::run(args),
         Command::Lossless(args) => lossless::run(args),
         Command::Up(args) => cluster::up(args),
+        Command::Verify(args) => cluster::verify(args),
     }
 }

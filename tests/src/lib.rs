@@ -36,6 +36,16 @@ pub fn real_model() -> PathBuf {
     .clone()
 }
 
+/// The bytes of a hex text file.
+pub fn hex_file(path: &Path) -> Vec<u8> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let text = text.trim();
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
+
 /// A golden file under `tests/golden/`, parsed.
 pub fn golden(name: &str) -> serde_json::Value {
     let path = repo_root().join("tests/golden").join(name);

@@ -3,6 +3,7 @@
 
 use std::process::Command;
 
+use talaria_cvm_agent::client::Trust;
 use talaria_engine::{BlockOp, GenerateRequest, OpId, SamplingParams, generate};
 use talaria_gpu_node::PlainEngine;
 use talaria_tests::cluster::{LocalCluster, RawPeer, bin, rss_bytes, topology};
@@ -33,11 +34,20 @@ fn ask(cluster: &LocalCluster, tenant: &str, req: &TenantRequest) -> Result<Vec<
     rt.block_on(talaria_cvm_agent::client::generate(
         &cluster.tls(),
         addr,
+        &insecure_ok(),
         req,
         |_, _| {},
     ))
     .map(|a| a.generation.ids)
     .map_err(|e| e.to_string())
+}
+
+/// The tenant's trust for a development cluster: an agent without SEV-SNP hardware is accepted.
+fn insecure_ok() -> Trust {
+    Trust {
+        policy: None,
+        allow_insecure: true,
+    }
 }
 
 fn op(layer: usize) -> OpId {
@@ -52,6 +62,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
     let model = real_model();
     let cluster = LocalCluster::start(&topology(&model, STAGES, &["tenant-a"]));
     let topo = cluster.topology();
+    let fixtures = talaria_tests::repo_root().join("attestation/fixtures");
 
     // 1. Through the CLI, the greedy ids of the golden prompts equal the reference's (which the
     //    plain engine reproduces: tests/real_model.rs).
@@ -69,7 +80,14 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
             .map(|i| i.to_string())
             .collect();
         let out = Command::new(bin("talaria"))
-            .args(["generate", "--engine", "cluster", "--json", "--prompt-ids"])
+            .args([
+                "generate",
+                "--engine",
+                "cluster",
+                "--allow-insecure-agent",
+                "--json",
+            ])
+            .arg("--prompt-ids")
             .arg(prompt_ids.join(","))
             .args(["--max-tokens", &p["max_tokens"].to_string()])
             .arg("--cluster-dir")
@@ -217,6 +235,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
             rt.block_on(talaria_cvm_agent::client::generate(
                 &cluster_tls,
                 addr,
+                &insecure_ok(),
                 &req,
                 |_, _| {},
             ))
@@ -226,16 +245,53 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
     };
     let intruder = RawPeer::connect(&tls, topo.coordinator);
     let bystander = RawPeer::connect(&tls, topo.coordinator);
-    let hello = |tenant: &str| Request::Hello {
+    let insecure = talaria_wire::frame::encode::<_, ()>(
+        &talaria_attestation::Evidence::Insecure {
+            reason: "test".into(),
+        },
+        None,
+    )
+    .unwrap();
+    let hello = |tenant: &str, evidence: &[u8]| Request::Hello {
         tenant: tenant.into(),
         agent: "test".into(),
+        evidence: evidence.to_vec(),
+        key: b"test key".to_vec(),
     };
-    // Before Hello nothing is served.
+    let challenge = |peer: &RawPeer| {
+        assert!(matches!(
+            peer.request::<()>(&Request::Challenge, None).unwrap().0,
+            Reply::Ok { .. }
+        ))
+    };
+    // Before Hello nothing is served; Hello needs a fresh Challenge first.
     let e = intruder.refusal::<()>(&Request::OpenSession, None);
     assert_eq!(e.error_type, "not_admitted");
+    let e = intruder.refusal::<()>(&hello("intruder", &insecure), None);
+    assert_eq!(e.error_type, "attestation_binding");
+    // A real SEV-SNP report, for which this coordinator has no AMD root provisioned, is refused.
+    let snp = talaria_wire::frame::encode::<_, ()>(
+        &talaria_attestation::Evidence::Snp {
+            report: talaria_tests::hex_file(&fixtures.join("report_milan.hex")),
+            vcek_der: std::fs::read(fixtures.join("vcek_milan.der")).unwrap(),
+        },
+        None,
+    )
+    .unwrap();
+    challenge(&intruder);
+    let e = intruder.refusal::<()>(&hello("intruder", &snp), None);
+    assert_eq!(e.error_type, "attestation_provisioning", "{e}");
+    // Garbage evidence is a typed refusal too.
+    challenge(&intruder);
+    let e = intruder.refusal::<()>(&hello("intruder", &[0xff, 0xff]), None);
+    assert_eq!(e.error_type, "attestation_malformed", "{e}");
+    // This topology allows insecure agents: with a fresh challenge each is admitted.
     for (peer, tenant) in [(&intruder, "intruder"), (&bystander, "bystander")] {
+        challenge(peer);
         assert!(matches!(
-            peer.request::<()>(&hello(tenant), None).unwrap().0,
+            peer.request::<()>(&hello(tenant, &insecure), None)
+                .unwrap()
+                .0,
             Reply::Ok { .. }
         ));
     }
@@ -324,6 +380,54 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
     // 5. The cluster is still healthy afterwards.
     let again = ask(&cluster, "tenant-a", &chat).unwrap();
     assert_eq!(again, want.ids);
+
+    // 6. The tenant verifies the agent before sending anything: an agent without SEV-SNP
+    //    hardware is refused unless the tenant opts in.
+    let verify = |extra: &[&str]| {
+        Command::new(bin("talaria"))
+            .arg("verify")
+            .args(extra)
+            .arg("--cluster-dir")
+            .arg(cluster.run_dir())
+            .output()
+            .unwrap()
+    };
+    let out = verify(&[]);
+    assert!(!out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["trusted"], false);
+    assert_eq!(json["error_type"], "attestation_required");
+    let out = verify(&["--allow-insecure-agent"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (json["trusted"].clone(), json["insecure"].clone()),
+        (true.into(), true.into())
+    );
+    // A tenant that expects a measured SEV-SNP image does not send its prompt to this agent.
+    let out = Command::new(bin("talaria"))
+        .args([
+            "generate", "--engine", "cluster", "--prompt", "secret", "--json",
+        ])
+        .arg("--cluster-dir")
+        .arg(cluster.run_dir())
+        .arg("--ark")
+        .arg(fixtures.join("ark.pem"))
+        .arg("--ask")
+        .arg(fixtures.join("ask.pem"))
+        .args(["--measurement", &"ab".repeat(48)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not trusted") && err.contains("insecure"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -372,4 +476,32 @@ fn a_bad_topology_is_refused_with_key_paths_before_anything_starts() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no stage serves layer(s) 11"), "{err}");
+}
+
+#[test]
+fn agents_without_hardware_are_not_admitted_unless_the_topology_allows_it() {
+    let model = real_model();
+    let strict = topology(&model, &[("only", "0-29", true)], &["t"])
+        .replace("allow_insecure = true", "allow_insecure = false");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("strict.toml");
+    std::fs::write(&path, strict).unwrap();
+    let out = Command::new(bin("talaria"))
+        .args(["up", "--topology"])
+        .arg(&path)
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .args(["--ready-timeout-s", "120"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The agent, started without --insecure-no-attestation, finds no SEV-SNP guest device and
+    // stops; nothing was admitted.
+    assert!(err.contains("agent-t exited"), "{err}");
+    let log = std::fs::read_to_string(dir.path().join("run/logs/agent-t.log")).unwrap();
+    assert!(
+        log.contains("sev-guest") && log.contains("--insecure-no-attestation"),
+        "{log}"
+    );
 }

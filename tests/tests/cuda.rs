@@ -164,6 +164,10 @@ fn a_cuda_stage_answers_through_the_cluster() {
         .block_on(talaria_cvm_agent::client::generate(
             &cluster.tls(),
             topo.agents[0].listen,
+            &talaria_cvm_agent::client::Trust {
+                policy: None,
+                allow_insecure: true,
+            },
             &req,
             |_, _| {},
         ))

@@ -142,6 +142,19 @@ pub enum TlsSource {
     },
 }
 
+/// The coordinator's SEV-SNP attestation policy: AMD's root and signing keys (files, provisioned
+/// by the operator) and the agent images it trusts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttestationSection {
+    pub ark: PathBuf,
+    pub ask: PathBuf,
+    /// Launch measurements (hex) of trusted agent images.
+    pub measurements: Vec<String>,
+    /// Minimum reported TCB: `[bootloader, tee, snp, microcode]`.
+    pub min_tcb: [u8; 4],
+    pub max_vmpl: u32,
+}
+
 /// A validated topology.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Topology {
@@ -158,6 +171,8 @@ pub struct Topology {
     pub max_frame_bytes: usize,
     /// Admit agents that present no hardware attestation (development only; logged loudly).
     pub allow_insecure_agents: bool,
+    /// The hardware attestation policy, if provisioned.
+    pub attestation: Option<AttestationSection>,
 }
 
 // The file as written, before validation.
@@ -175,6 +190,19 @@ struct RawTopology {
     tls: RawTls,
     limits: Option<RawLimits>,
     admission: Option<RawAdmission>,
+    attestation: Option<RawAttestation>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAttestation {
+    ark: String,
+    ask: String,
+    measurements: Vec<String>,
+    #[serde(default)]
+    min_tcb: [u8; 4],
+    #[serde(default)]
+    max_vmpl: u32,
 }
 
 #[derive(Deserialize)]
@@ -528,6 +556,35 @@ impl Topology {
             );
         }
 
+        let attestation = raw.attestation.map(|a| {
+            for (k, f) in [("attestation.ark", &a.ark), ("attestation.ask", &a.ask)] {
+                if !resolve(f).is_file() {
+                    c.problem(k, format!("{} does not exist", resolve(f).display()));
+                }
+            }
+            if a.measurements.is_empty() {
+                c.problem(
+                    "attestation.measurements",
+                    "list at least one trusted measurement",
+                );
+            }
+            for (i, m) in a.measurements.iter().enumerate() {
+                let ok = m.len() == 96 && m.chars().all(|ch| ch.is_ascii_hexdigit());
+                if !ok {
+                    c.problem(
+                        format!("attestation.measurements[{i}]"),
+                        format!("{m:?} is not 48 bytes of hex"),
+                    );
+                }
+            }
+            AttestationSection {
+                ark: resolve(&a.ark),
+                ask: resolve(&a.ask),
+                measurements: a.measurements,
+                min_tcb: a.min_tcb,
+                max_vmpl: a.max_vmpl,
+            }
+        });
         if !c.problems.is_empty() {
             return Err(TopologyError::Invalid {
                 path: path.into(),
@@ -548,6 +605,7 @@ impl Topology {
                 .unwrap_or_else(|| DEFAULT_SERVER_NAME.into()),
             max_frame_bytes,
             allow_insecure_agents: raw.admission.is_some_and(|a| a.allow_insecure),
+            attestation,
         })
     }
 

@@ -117,6 +117,12 @@ impl TlsMaterial {
         Ok(material)
     }
 
+    /// The DER of the certificate servers present (the first of the chain): what an agent's
+    /// attestation binds.
+    pub fn cert_der(&self) -> Result<Vec<u8>, TlsError> {
+        Ok(certs(&self.cert)?.remove(0).to_vec())
+    }
+
     /// A server endpoint on `addr` speaking `alpn`.
     pub fn server(&self, addr: SocketAddr, alpn: &[u8]) -> Result<Endpoint, TlsError> {
         let chain = certs(&self.cert)?;
@@ -241,4 +247,11 @@ pub async fn request(conn: &Connection, frame: &[u8], max: usize) -> Result<Vec<
     read_frame(&mut recv, max).await?.ok_or_else(|| {
         FrameError::Connection("the peer closed the stream without an answer".into())
     })
+}
+
+/// The DER of the certificate the peer of `conn` presented (its first), if any.
+pub fn peer_cert_der(conn: &Connection) -> Option<Vec<u8>> {
+    let identity = conn.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.first().map(|c| c.to_vec())
 }

@@ -19,8 +19,18 @@ pub const ALPN_TENANT: &[u8] = b"talaria-tenant/1";
 /// The routing header of a request on the cloud protocol.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
-    /// agent → coordinator, first on a connection. Reply payload: [`Provision`].
-    Hello { tenant: String, agent: String },
+    /// agent → coordinator, first on a connection: a fresh nonce to bind the agent's
+    /// attestation to. Reply payload: `[u8; 32]`.
+    Challenge,
+    /// agent → coordinator, after `Challenge`: the agent's attestation evidence (a postcard
+    /// `talaria_attestation::Evidence`) over the nonce and `key` (the DER of the TLS certificate
+    /// it serves its tenant with). Reply payload: [`Provision`].
+    Hello {
+        tenant: String,
+        agent: String,
+        evidence: Vec<u8>,
+        key: Vec<u8>,
+    },
     /// agent → coordinator: a new session. Reply payload: its [`SessionId`].
     OpenSession,
     /// agent → coordinator → every stage: the session is over.
@@ -45,7 +55,7 @@ impl Request {
             | Request::StageOpen { session, .. }
             | Request::Setup { session, .. }
             | Request::Call { session, .. } => Some(session),
-            Request::Hello { .. } | Request::OpenSession => None,
+            Request::Challenge | Request::Hello { .. } | Request::OpenSession => None,
         }
     }
 }
@@ -95,6 +105,16 @@ pub enum Prompt {
     Ids(Vec<u32>),
 }
 
+/// What a tenant asks an agent on a stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TenantMessage {
+    /// Prove what you are: answered by one [`TenantEvent::Attestation`] over `nonce` and the
+    /// agent's TLS certificate.
+    Attest { nonce: [u8; 32] },
+    /// Generate: answered by tokens, then `Done` or `Error`.
+    Generate(TenantRequest),
+}
+
 /// A tenant's generation request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantRequest {
@@ -125,6 +145,11 @@ pub struct LatencySplit {
 /// The answer to a tenant: tokens as they come, then a summary or an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TenantEvent {
+    /// Attestation evidence (a postcard `talaria_attestation::Evidence`) binding the tenant's
+    /// nonce and the DER of the certificate this connection presented.
+    Attestation {
+        evidence: Vec<u8>,
+    },
     /// One generated token, with its text when the piece is complete.
     Token {
         id: u32,
