@@ -219,7 +219,7 @@ fn a_tampering_cloud_is_caught_by_the_canaries() {
 fn malformed_calls_get_typed_errors_from_the_cloud() {
     let f = talaria_gguf::GgufFile::open(real_model()).unwrap();
     let config = talaria_gpu_node::read_config(&f).unwrap();
-    let mut cloud = CloudExecutor::new(
+    let cloud = CloudExecutor::new(
         talaria_gpu_node::LinearWeights::load(&f, &config).unwrap(),
         None,
     );
