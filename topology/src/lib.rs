@@ -304,6 +304,12 @@ fn unspecified() -> SocketAddr {
     (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
 }
 
+/// The empty layer range of a stage whose `layers` did not parse (already reported).
+#[allow(clippy::reversed_empty_ranges)]
+fn no_layers() -> RangeInclusive<usize> {
+    1..=0
+}
+
 fn parse_layers(text: &str) -> Result<RangeInclusive<usize>, String> {
     let bad = || format!("{text:?} is not a layer range \"first-last\" (e.g. \"0-14\")");
     let (a, b) = text.split_once('-').ok_or_else(bad)?;
@@ -319,10 +325,10 @@ fn parse_backend(text: &str) -> Result<Backend, String> {
     if text == "cpu" {
         return Ok(Backend::Cpu);
     }
-    if let Some(i) = text.strip_prefix("cuda:") {
-        if let Ok(i) = i.parse() {
-            return Ok(Backend::Cuda(i));
-        }
+    if let Some(i) = text.strip_prefix("cuda:")
+        && let Ok(i) = i.parse()
+    {
+        return Ok(Backend::Cuda(i));
     }
     Err(format!(
         "unknown backend {text:?} (expected \"cpu\" or \"cuda:N\")"
@@ -339,18 +345,18 @@ fn check_remo(c: &mut Checker, r: &RemoSection) {
             );
         }
     }
-    if let Some(p) = &r.precision {
-        if !["f32", "f64-client", "f64-gemm"].contains(&p.as_str()) {
-            c.problem(
-                "remo.precision",
-                format!("{p:?}: expected \"f32\", \"f64-client\" or \"f64-gemm\""),
-            );
-        }
+    if let Some(p) = &r.precision
+        && !["f32", "f64-client", "f64-gemm"].contains(&p.as_str())
+    {
+        c.problem(
+            "remo.precision",
+            format!("{p:?}: expected \"f32\", \"f64-client\" or \"f64-gemm\""),
+        );
     }
-    if let Some(s) = r.scale {
-        if !(s.is_finite() && s > 0.0) {
-            c.problem("remo.scale", format!("{s}: must be a positive number"));
-        }
+    if let Some(s) = r.scale
+        && !(s.is_finite() && s > 0.0)
+    {
+        c.problem("remo.scale", format!("{s}: must be a positive number"));
     }
 }
 
@@ -445,7 +451,7 @@ impl Topology {
             note_listen(&mut c, key("listen"), listen);
             let layers = parse_layers(&s.layers).unwrap_or_else(|m| {
                 c.problem(key("layers"), m);
-                1..=0
+                no_layers()
             });
             let backend = parse_backend(&s.backend).unwrap_or_else(|m| {
                 c.problem(key("backend"), m);
