@@ -37,12 +37,12 @@ pub fn read_config(f: &GgufFile) -> Result<ModelConfig, NodeError> {
         )));
     }
     let head_dim = d_model / n_heads;
-    if let Ok(rot) = f.get_u64("llama.rope.dimension_count") {
-        if rot as usize != head_dim {
-            return Err(NodeError::Unsupported(format!(
-                "partial RoPE ({rot} of {head_dim} dims)"
-            )));
-        }
+    if let Ok(rot) = f.get_u64("llama.rope.dimension_count")
+        && rot as usize != head_dim
+    {
+        return Err(NodeError::Unsupported(format!(
+            "partial RoPE ({rot} of {head_dim} dims)"
+        )));
     }
     let config = ModelConfig {
         n_layers,

@@ -612,15 +612,7 @@ mod tests {
 
     #[test]
     fn tf32_split_is_exact_and_high_parts_fit_tf32() {
-        for v in [
-            1.0f32,
-            -3.1415927,
-            1e-30,
-            6.0e7,
-            0.1,
-            f32::MIN_POSITIVE,
-            0.0,
-        ] {
+        for v in [1.0f32, -2.5, 1e-30, 6.0e7, 0.1, f32::MIN_POSITIVE, 0.0] {
             let hi = round_tf32(v);
             assert_eq!(hi.to_bits() & 0x1fff, 0, "{v}");
             assert_eq!(hi + (v - hi), v, "{v}");

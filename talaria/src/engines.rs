@@ -140,7 +140,7 @@ impl RemoEngine {
 
 /// Either engine, behind one interface.
 pub enum Engine {
-    Plain(PlainEngine),
+    Plain(Box<PlainEngine>),
     Remo(Box<RemoEngine>),
 }
 
@@ -148,10 +148,10 @@ impl Engine {
     /// Loads the engine `kind` from a model file.
     pub fn load(kind: EngineKind, path: &Path, remo: &RemoArgs) -> Result<Self> {
         Ok(match kind {
-            EngineKind::Plain => Engine::Plain(
+            EngineKind::Plain => Engine::Plain(Box::new(
                 PlainEngine::load_on(path, remo.backend)
                     .with_context(|| format!("loading {}", path.display()))?,
-            ),
+            )),
             EngineKind::Remo => Engine::Remo(Box::new(
                 RemoEngine::load(path, remo, &default_calibration()?)
                     .with_context(|| format!("loading {}", path.display()))?,
