@@ -137,7 +137,7 @@ fn unmasking_recovers_the_product_for_every_mode() {
                     scale: 30.0,
                     dummy_rows: 2,
                     shuffle: true,
-                    pool: if case % 2 == 0 { 4 } else { 0 },
+                    pool: if case.is_multiple_of(2) { 4 } else { 0 },
                     ..Default::default()
                 };
                 let mut m = masker(&cloud, config, case as u8);
