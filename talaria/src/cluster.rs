@@ -64,9 +64,18 @@ impl Drop for Proc {
     }
 }
 
+/// What to show of a child's log: its error and causes if it printed one (a backtrace after
+/// them is left out), else its last `lines` lines.
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
+    if let Some(start) = all.iter().position(|l| l.starts_with("Error:")) {
+        let end = all[start..]
+            .iter()
+            .position(|l| l.starts_with("Stack backtrace:"))
+            .map_or(all.len(), |n| start + n);
+        return all[start..end.min(start + lines)].join("\n");
+    }
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 

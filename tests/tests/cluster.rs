@@ -499,6 +499,11 @@ fn agents_without_hardware_are_not_admitted_unless_the_topology_allows_it() {
     // The agent, started without --insecure-no-attestation, finds no SEV-SNP guest device and
     // stops; nothing was admitted.
     assert!(err.contains("agent-t exited"), "{err}");
+    // The launcher shows the agent's error, not a backtrace.
+    assert!(
+        err.contains("Error: attestation_provisioning") && err.contains("sev-guest"),
+        "{err}"
+    );
     let log = std::fs::read_to_string(dir.path().join("run/logs/agent-t.log")).unwrap();
     assert!(
         log.contains("sev-guest") && log.contains("--insecure-no-attestation"),
