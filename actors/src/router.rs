@@ -149,7 +149,7 @@ impl Router {
         if let Request::Challenge = head {
             let nonce: [u8; 32] = rand::random();
             self.challenges.insert(agent, nonce);
-            let answer = ok_frame(0, &frame::encode::<_, ()>(&nonce, None).unwrap_or_default());
+            let answer = ok_frame(0, &encoded(&nonce));
             return Ok(Box::pin(async move { answer }));
         }
         if let Request::Hello {
@@ -186,8 +186,7 @@ impl Router {
                     match open.await {
                         Ok(()) => {
                             tracing::info!(session, %tenant, "session opened");
-                            let payload = postcard_u64(session);
-                            ok_frame(0, &payload)
+                            ok_frame(0, &encoded(&session))
                         }
                         Err(e) => err_frame(&e),
                     }
@@ -225,8 +224,9 @@ impl Router {
     }
 }
 
-fn postcard_u64(v: u64) -> Vec<u8> {
-    frame::encode::<_, ()>(&v, None).unwrap_or_default()
+/// A small reply payload (a nonce, a session id): encoding it into a Vec cannot fail.
+fn encoded<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    frame::encode::<_, ()>(v, None).unwrap_or_default()
 }
 
 impl Actor for Router {

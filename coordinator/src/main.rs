@@ -99,16 +99,12 @@ impl Admission for AttestedAdmission {
         .map_err(refuse)?;
         match verified.measurement {
             Some(m) => {
-                tracing::info!(%tenant, %agent, measurement = %hex_string(&m), "agent attested")
+                tracing::info!(%tenant, %agent, measurement = %hex::encode(m), "agent attested")
             }
             None => tracing::warn!(%tenant, %agent, "INSECURE: agent admitted without attestation"),
         }
         Ok(())
     }
-}
-
-fn hex_string(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn main() -> Result<()> {

@@ -314,21 +314,12 @@ fn fuse_transposed(parts: &[Stored], d_in: usize, gain: Option<&[f32]>) -> (Vec<
 impl LinearWeights {
     /// Loads every projection of the model and the LM head (the plain engine's weights).
     pub fn load(f: &GgufFile, config: &ModelConfig) -> Result<Self, NodeError> {
-        Self::load_stage(f, config, 0..=config.n_layers.saturating_sub(1), true)
+        let all = 0..=config.n_layers.saturating_sub(1);
+        Self::load_on(f, config, all, true, Placement::Cpu)
     }
 
-    /// Loads only the projections of `layers`, and the LM head if `lm_head`: a pipeline stage
-    /// holds nothing else in memory.
-    pub fn load_stage(
-        f: &GgufFile,
-        config: &ModelConfig,
-        layers: std::ops::RangeInclusive<usize>,
-        lm_head: bool,
-    ) -> Result<Self, NodeError> {
-        Self::load_on(f, config, layers, lm_head, Placement::Cpu)
-    }
-
-    /// As [`LinearWeights::load_stage`], on the device `placement` names (`cuda:N` needs the
+    /// Loads only the projections of `layers`, and the LM head if `lm_head` (a pipeline stage
+    /// holds nothing else in memory), on the device `placement` names (`cuda:N` needs the
     /// `cuda` feature).
     pub fn load_on(
         f: &GgufFile,

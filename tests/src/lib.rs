@@ -38,12 +38,7 @@ pub fn real_model() -> PathBuf {
 
 /// The bytes of a hex text file.
 pub fn hex_file(path: &Path) -> Vec<u8> {
-    let text = std::fs::read_to_string(path).unwrap();
-    let text = text.trim();
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
-        .collect()
+    hex::decode(std::fs::read_to_string(path).unwrap().trim()).unwrap()
 }
 
 /// A golden file under `tests/golden/`, parsed.
