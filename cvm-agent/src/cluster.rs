@@ -103,15 +103,26 @@ impl ClusterLink {
     }
 }
 
+impl ClusterLink {
+    /// One request of this session, counting the gpu compute its answer reports.
+    fn send<B: Serialize, R: DeserializeOwned>(
+        &mut self,
+        head: Request,
+        body: &B,
+    ) -> Result<R, LinkError> {
+        let (reply, us) = exchange(&self.uplink, &head, Some(body))?;
+        self.gpu_us += us;
+        Ok(reply)
+    }
+}
+
 impl CloudLink for ClusterLink {
     fn setup(&mut self, req: &SetupRequest) -> Result<SetupReply, LinkError> {
         let head = Request::Setup {
             session: self.session,
             op: req.op,
         };
-        let (reply, us) = exchange(&self.uplink, &head, Some(req))?;
-        self.gpu_us += us;
-        Ok(reply)
+        self.send(head, req)
     }
 
     fn call(&mut self, call: &MaskedCall) -> Result<MaskedReply, LinkError> {
@@ -120,9 +131,7 @@ impl CloudLink for ClusterLink {
             op: call.op,
             seq: call.seq,
         };
-        let (reply, us) = exchange(&self.uplink, &head, Some(call))?;
-        self.gpu_us += us;
-        Ok(reply)
+        self.send(head, call)
     }
 }
 
@@ -230,16 +239,20 @@ impl AgentShared {
 
     /// The token ids of a tenant's prompt.
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
-        match prompt {
-            Prompt::Text { text, chat: false } => self.tokenizer.encode(text),
-            Prompt::Text { text, chat: true } => {
-                self.tokenizer.encode(&chat_prompt(&[ChatMessage {
-                    role: "user".into(),
-                    content: text.clone(),
-                }]))
-            }
-            Prompt::Ids(ids) => Ok(ids.clone()),
-        }
+        prompt_ids(&self.tokenizer, prompt)
+    }
+}
+
+/// The token ids of a prompt: text is tokenized (in the chat template as one user message if
+/// asked), ids are taken as they are.
+pub fn prompt_ids(tokenizer: &Tokenizer, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+    match prompt {
+        Prompt::Text { text, chat: false } => tokenizer.encode(text),
+        Prompt::Text { text, chat: true } => tokenizer.encode(&chat_prompt(&[ChatMessage {
+            role: "user".into(),
+            content: text.clone(),
+        }])),
+        Prompt::Ids(ids) => Ok(ids.clone()),
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use clap::Args;
 use serde::Serialize;
-use talaria_engine::{ChatMessage, GenerateRequest, Generation, SamplingParams, chat_prompt};
+use talaria_engine::{GenerateRequest, Generation, SamplingParams};
 
 use crate::engines::{Engine, EngineKind, RemoArgs};
 
@@ -77,25 +77,36 @@ struct JsonOutput<'a> {
     latency: Option<talaria_wire::LatencySplit>,
 }
 
+impl GenerateArgs {
+    /// The prompt the flags describe.
+    fn prompt(&self) -> Result<talaria_wire::Prompt> {
+        Ok(match (&self.prompt, &self.prompt_ids) {
+            (Some(text), _) => talaria_wire::Prompt::Text {
+                text: text.clone(),
+                chat: self.chat,
+            },
+            (None, Some(ids)) => talaria_wire::Prompt::Ids(ids.clone()),
+            (None, None) => bail!("give --prompt or --prompt-ids"),
+        })
+    }
+
+    /// The sampling parameters the flags describe.
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
+}
+
 /// `--engine cluster`: the prompt goes to the agent, which tokenizes it; tokens come back.
 fn run_cluster(args: GenerateArgs) -> Result<()> {
-    let prompt = match (&args.prompt, &args.prompt_ids) {
-        (Some(text), _) => talaria_wire::Prompt::Text {
-            text: text.clone(),
-            chat: args.chat,
-        },
-        (None, Some(ids)) => talaria_wire::Prompt::Ids(ids.clone()),
-        (None, None) => bail!("give --prompt or --prompt-ids"),
-    };
     let req = talaria_wire::TenantRequest {
-        prompt,
+        prompt: args.prompt()?,
         max_tokens: args.max_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
+        sampling: args.sampling(),
         ignore_eos: args.ignore_eos,
     };
     let t0 = Instant::now();
@@ -142,30 +153,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut engine = Engine::load(args.engine, &model_path, &args.remo)?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
 
-    let prompt_ids = match (&args.prompt, &args.prompt_ids) {
-        (Some(text), _) => {
-            let text = if args.chat {
-                chat_prompt(&[ChatMessage {
-                    role: "user".into(),
-                    content: text.clone(),
-                }])
-            } else {
-                text.clone()
-            };
-            engine.tokenizer().encode(&text)?
-        }
-        (None, Some(ids)) => ids.clone(),
-        (None, None) => bail!("give --prompt or --prompt-ids"),
-    };
+    let prompt_ids = talaria_cvm_agent::cluster::prompt_ids(engine.tokenizer(), &args.prompt()?)?;
     let req = GenerateRequest {
         prompt_ids,
         max_tokens: args.max_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
+        sampling: args.sampling(),
         stop_ids: if args.ignore_eos {
             vec![]
         } else {
