@@ -24,10 +24,46 @@ pub trait StageCompute: Send + Sync + 'static {
     fn close(&self, _session: SessionId) {}
 }
 
-/// Work for a [`GpuShard`].
-pub enum Job {
-    Setup(SetupRequest),
-    Call(MaskedCall),
+/// Work for a [`GpuShard`]: a `Setup` or `Call` request frame whose header the stage admitted.
+/// Its payload (masked rows, up to megabytes) is decoded on the worker thread, not on the
+/// event loop.
+pub struct Job(pub Vec<u8>);
+
+/// Decodes an admitted request and runs it: the reply payload and the compute time in µs.
+fn run_job(compute: &dyn StageCompute, frame: &[u8]) -> Result<(Vec<u8>, u64), ErrorReply> {
+    let (head, payload): (Request, &[u8]) = frame::split(frame).map_err(|e| frame_error(&e))?;
+    let bad = |what: &str| {
+        ErrorReply::new(
+            "bad_request",
+            format!("payload {what} disagrees with its header"),
+        )
+    };
+    let t0;
+    let reply = match head {
+        Request::Setup { session, op } => {
+            let req: SetupRequest = frame::body(payload).map_err(|e| frame_error(&e))?;
+            if req.session != session || req.op != op {
+                return Err(bad("session or op"));
+            }
+            t0 = Instant::now();
+            compute.setup(&req)?
+        }
+        Request::Call { session, op, seq } => {
+            let call: MaskedCall = frame::body(payload).map_err(|e| frame_error(&e))?;
+            if call.session != session || call.op != op || call.seq != seq {
+                return Err(bad("session, op or seq"));
+            }
+            t0 = Instant::now();
+            compute.call(&call)?
+        }
+        other => {
+            return Err(ErrorReply::new(
+                "unexpected_request",
+                format!("a shard does not run {other:?}"),
+            ));
+        }
+    };
+    Ok((reply, t0.elapsed().as_micros() as u64))
 }
 
 /// One computation: the encoded reply payload and the compute time in µs.
@@ -58,16 +94,9 @@ impl Handler<Compute> for GpuShard {
     fn handle(&mut self, msg: Compute, _: &mut Context<Self>) -> Self::Result {
         let compute = self.compute.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                let t0 = Instant::now();
-                let payload = match &msg.0 {
-                    Job::Setup(req) => compute.setup(req),
-                    Job::Call(call) => compute.call(call),
-                }?;
-                Ok((payload, t0.elapsed().as_micros() as u64))
-            })
-            .await
-            .map_err(|e| ErrorReply::new("internal", format!("compute task failed: {e}")))?
+            tokio::task::spawn_blocking(move || run_job(compute.as_ref(), &msg.0.0))
+                .await
+                .map_err(|e| ErrorReply::new("internal", format!("compute task failed: {e}")))?
         })
     }
 }
@@ -114,15 +143,9 @@ impl LayerStage {
         Ok(())
     }
 
-    /// Checks a request; returns the job to run, or an immediate answer.
-    fn check(&mut self, frame: &[u8]) -> Result<Result<Job, Vec<u8>>, ErrorReply> {
-        let (head, payload): (Request, &[u8]) = frame::split(frame).map_err(|e| frame_error(&e))?;
-        let bad = |what: &str| {
-            Err(ErrorReply::new(
-                "bad_request",
-                format!("payload {what} disagrees with its header"),
-            ))
-        };
+    /// Checks a request's header; returns the job to run, or an immediate answer.
+    fn check(&mut self, frame: Vec<u8>) -> Result<Result<Job, Vec<u8>>, ErrorReply> {
+        let (head, _): (Request, &[u8]) = frame::split(&frame).map_err(|e| frame_error(&e))?;
         match head {
             Request::StageOpen { session, tenant } => {
                 tracing::info!(stage = %self.name, session, %tenant, "session opened");
@@ -140,21 +163,9 @@ impl LayerStage {
                 tracing::info!(stage = %self.name, session, "session closed");
                 Ok(Err(ok_frame(0, &[])))
             }
-            Request::Setup { session, op } => {
+            Request::Setup { session, op } | Request::Call { session, op, .. } => {
                 self.admit(session, op)?;
-                let req: SetupRequest = frame::body(payload).map_err(|e| frame_error(&e))?;
-                if req.session != session || req.op != op {
-                    return bad("session or op");
-                }
-                Ok(Ok(Job::Setup(req)))
-            }
-            Request::Call { session, op, seq } => {
-                self.admit(session, op)?;
-                let call: MaskedCall = frame::body(payload).map_err(|e| frame_error(&e))?;
-                if call.session != session || call.op != op || call.seq != seq {
-                    return bad("session, op or seq");
-                }
-                Ok(Ok(Job::Call(call)))
+                Ok(Ok(Job(frame)))
             }
             other => Err(ErrorReply::new(
                 "unexpected_request",
@@ -177,7 +188,7 @@ impl Handler<Serve> for LayerStage {
             tracing::warn!(stage = %name, error_type = %e.error_type, "refused: {}", e.message);
             err_frame(&e)
         };
-        match self.check(&msg.0) {
+        match self.check(msg.0) {
             Err(e) => {
                 let answer = refuse(e);
                 Box::pin(async move { answer })
