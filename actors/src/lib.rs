@@ -10,6 +10,8 @@
 //! - cvm-agent: [`session::Uplink`] (the connection to the coordinator) and
 //!   [`session::Session`] (one per conversation).
 
+pub mod metrics;
+pub mod openai;
 pub mod router;
 pub mod session;
 pub mod stage;

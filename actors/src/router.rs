@@ -13,7 +13,7 @@ use talaria_engine::OpId;
 use talaria_wire::frame;
 use talaria_wire::{ErrorReply, Request, SessionId, TlsMaterial};
 
-use crate::{err_frame, frame_error, ok_frame};
+use crate::{err_frame, frame_error, metrics, ok_frame};
 
 /// Which stage serves each op: pure, built from the topology.
 #[derive(Debug, Clone)]
@@ -84,19 +84,27 @@ pub struct Router {
     agents: HashMap<AgentId, String>,
     /// The nonce issued to each connection that asked, used once.
     challenges: HashMap<AgentId, [u8; 32]>,
-    sessions: HashMap<SessionId, AgentId>,
+    /// Each open session's agent and tenant.
+    sessions: HashMap<SessionId, (AgentId, String)>,
+    /// Open sessions per tenant, and the most each may hold.
+    open: HashMap<String, usize>,
+    limits: HashMap<String, usize>,
     next_session: SessionId,
 }
 
 impl Router {
-    /// A router over `nodes` (in topology order).
+    /// A router over `nodes` (in topology order); `limits` caps each tenant's open sessions
+    /// (a tenant not in it gets [`talaria_topology::DEFAULT_MAX_SESSIONS`]).
     pub fn new(
         routes: RouteTable,
         nodes: Vec<Addr<NodeLink>>,
         admission: Arc<dyn Admission>,
         provision: Arc<Vec<u8>>,
+        limits: HashMap<String, usize>,
     ) -> Self {
         Self {
+            open: HashMap::new(),
+            limits,
             routes,
             nodes,
             admission,
@@ -129,9 +137,19 @@ impl Router {
         })
     }
 
+    /// Drops a session from the tables (its stages are told by the caller).
+    fn forget(&mut self, session: SessionId) {
+        if let Some((_, tenant)) = self.sessions.remove(&session)
+            && let Some(n) = self.open.get_mut(&tenant)
+        {
+            *n = n.saturating_sub(1);
+        }
+        metrics::ROUTER_SESSIONS.set(self.sessions.len() as i64);
+    }
+
     fn owned(&self, agent: AgentId, session: SessionId) -> Result<(), ErrorReply> {
         match self.sessions.get(&session) {
-            Some(&owner) if owner == agent => Ok(()),
+            Some((owner, _)) if *owner == agent => Ok(()),
             // Another tenant's session reads as unknown: its existence is not disclosed.
             _ => Err(ErrorReply::new(
                 "unknown_session",
@@ -144,6 +162,7 @@ impl Router {
         &mut self,
         agent: AgentId,
         frame: Vec<u8>,
+        me: Addr<Router>,
     ) -> Result<ResponseFuture<Vec<u8>>, ErrorReply> {
         let (head, _): (Request, &[u8]) = frame::split(&frame).map_err(|e| frame_error(&e))?;
         if let Request::Challenge = head {
@@ -166,6 +185,7 @@ impl Router {
             self.admission.admit(tenant, name, evidence, &nonce, key)?;
             tracing::info!(agent, %tenant, name = %name, "agent admitted");
             self.agents.insert(agent, tenant.clone());
+            metrics::ROUTER_AGENTS.set(self.agents.len() as i64);
             let answer = ok_frame(0, &self.provision);
             return Ok(Box::pin(async move { answer }));
         }
@@ -175,9 +195,23 @@ impl Router {
         match head {
             Request::Challenge | Request::Hello { .. } => unreachable!("handled above"),
             Request::OpenSession => {
+                let limit = self
+                    .limits
+                    .get(&tenant)
+                    .copied()
+                    .unwrap_or(talaria_topology::DEFAULT_MAX_SESSIONS);
+                let open = self.open.entry(tenant.clone()).or_default();
+                if *open >= limit {
+                    return Err(ErrorReply::new(
+                        "too_many_sessions",
+                        format!("tenant {tenant} already has {limit} open sessions (its limit)"),
+                    ));
+                }
+                *open += 1;
                 let session = self.next_session;
                 self.next_session += 1;
-                self.sessions.insert(session, agent);
+                self.sessions.insert(session, (agent, tenant.clone()));
+                metrics::ROUTER_SESSIONS.set(self.sessions.len() as i64);
                 let open = self.broadcast(&Request::StageOpen {
                     session,
                     tenant: tenant.clone(),
@@ -188,13 +222,17 @@ impl Router {
                             tracing::info!(session, %tenant, "session opened");
                             ok_frame(0, &encoded(&session))
                         }
-                        Err(e) => err_frame(&e),
+                        Err(e) => {
+                            // The stages refused it: the tenant never gets the id.
+                            me.do_send(Forget(session));
+                            err_frame(&e)
+                        }
                     }
                 }))
             }
             Request::CloseSession { session } => {
                 self.owned(agent, session)?;
-                self.sessions.remove(&session);
+                self.forget(session);
                 let close = self.broadcast(&Request::CloseSession { session });
                 Ok(Box::pin(async move {
                     match close.await {
@@ -210,10 +248,14 @@ impl Router {
                     .stage(op)
                     .ok_or_else(|| ErrorReply::new("no_route", format!("no stage serves {op}")))?;
                 let node = self.nodes[stage].clone();
+                metrics::ROUTER_REQUESTS.inc();
+                let t0 = std::time::Instant::now();
                 Ok(Box::pin(async move {
-                    node.send(Forward(frame)).await.unwrap_or_else(|e| {
+                    let answer = node.send(Forward(frame)).await.unwrap_or_else(|e| {
                         err_frame(&ErrorReply::new("internal", format!("node link: {e}")))
-                    })
+                    });
+                    metrics::ROUTER_SECONDS.observe(t0.elapsed().as_secs_f64());
+                    answer
                 }))
             }
             Request::StageOpen { .. } => Err(ErrorReply::new(
@@ -236,16 +278,30 @@ impl Actor for Router {
 impl Handler<Route> for Router {
     type Result = ResponseFuture<Vec<u8>>;
 
-    fn handle(&mut self, msg: Route, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Route, ctx: &mut Context<Self>) -> Self::Result {
         let agent = msg.agent;
-        match self.route(agent, msg.frame) {
+        match self.route(agent, msg.frame, ctx.address()) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(agent, error_type = %e.error_type, "refused: {}", e.message);
+                metrics::error(&e.error_type);
                 let answer = err_frame(&e);
                 Box::pin(async move { answer })
             }
         }
+    }
+}
+
+/// A session the stages refused to open: forget it.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Forget(SessionId);
+
+impl Handler<Forget> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: Forget, _: &mut Context<Self>) {
+        self.forget(msg.0);
     }
 }
 
@@ -254,11 +310,12 @@ impl Handler<AgentGone> for Router {
 
     fn handle(&mut self, msg: AgentGone, ctx: &mut Context<Self>) {
         let tenant = self.agents.remove(&msg.0);
+        metrics::ROUTER_AGENTS.set(self.agents.len() as i64);
         self.challenges.remove(&msg.0);
         let gone: Vec<SessionId> = self
             .sessions
             .iter()
-            .filter(|&(_, &a)| a == msg.0)
+            .filter(|(_, (a, _))| *a == msg.0)
             .map(|(&s, _)| s)
             .collect();
         tracing::info!(
@@ -268,7 +325,7 @@ impl Handler<AgentGone> for Router {
             "agent disconnected"
         );
         for session in gone {
-            self.sessions.remove(&session);
+            self.forget(session);
             let close = self.broadcast(&Request::CloseSession { session });
             ctx.spawn(
                 async move {

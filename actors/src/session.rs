@@ -2,11 +2,14 @@
 //! one conversation, and [`serve`] answers tenants.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix::prelude::*;
 use talaria_wire::frame::{self, FrameError};
 use talaria_wire::{ErrorReply, TenantEvent, TenantMessage, TenantRequest};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use crate::metrics;
 
 /// A request frame for the coordinator; the result is its answer frame.
 #[derive(Message)]
@@ -64,12 +67,15 @@ pub trait Conversation: Send + 'static {
 pub type ConversationFactory =
     Arc<dyn Fn() -> Result<Box<dyn Conversation>, ErrorReply> + Send + Sync>;
 
-/// Asks a session to generate; events arrive on `events`.
+/// Asks a session to generate; events arrive on `events`. `slot` is held until it ends.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Generate {
     pub request: TenantRequest,
     pub events: mpsc::UnboundedSender<TenantEvent>,
+    /// When the tenant asked (time to first token counts from here, queueing included).
+    pub arrived: Instant,
+    pub slot: Option<OwnedSemaphorePermit>,
 }
 
 /// One conversation. Its state (KV cache, ReMO masks, sampler) lives on a worker thread while
@@ -94,6 +100,49 @@ impl Actor for Session {
     type Context = Context<Self>;
 }
 
+/// Counts a gauge up while it lives.
+struct Raised(&'static metrics::IntGaugeRef);
+
+impl Raised {
+    fn new(gauge: &'static metrics::IntGaugeRef) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Raised {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Sends `event` to the tenant and records it in the agent's metrics; `false` once the tenant
+/// is gone.
+fn deliver(
+    events: &mpsc::UnboundedSender<TenantEvent>,
+    event: TenantEvent,
+    arrived: Instant,
+    last: &mut Option<Instant>,
+) -> bool {
+    match &event {
+        TenantEvent::Token { .. } => {
+            let now = Instant::now();
+            match last {
+                None => metrics::AGENT_TTFT_SECONDS.observe((now - arrived).as_secs_f64()),
+                Some(t) => metrics::AGENT_ITL_SECONDS.observe((now - *t).as_secs_f64()),
+            }
+            *last = Some(now);
+            metrics::AGENT_TOKENS.inc();
+        }
+        TenantEvent::Done { generation, .. } => {
+            metrics::AGENT_PROMPT_TOKENS.inc_by(generation.prompt_ids.len() as u64);
+        }
+        TenantEvent::Error(e) => metrics::error(&e.error_type),
+        TenantEvent::Attestation { .. } => {}
+    }
+    events.send(event).is_ok()
+}
+
 impl Handler<Generate> for Session {
     type Result = ();
 
@@ -108,18 +157,65 @@ impl Handler<Generate> for Session {
         self.busy = true;
         let factory = self.factory.clone();
         let work = tokio::task::spawn_blocking(move || {
-            let events = msg.events;
+            let _active = Raised::new(&metrics::AGENT_ACTIVE);
+            let Generate {
+                request,
+                events,
+                arrived,
+                slot,
+            } = msg;
+            let mut last = None;
+            let mut emit = |event| deliver(&events, event, arrived, &mut last);
             match factory() {
-                Ok(mut conversation) => {
-                    conversation.run(msg.request, &mut |event| events.send(event).is_ok())
-                }
+                Ok(mut conversation) => conversation.run(request, &mut emit),
                 Err(e) => {
                     tracing::warn!(error_type = %e.error_type, "session not opened: {}", e.message);
-                    let _ = events.send(TenantEvent::Error(e));
+                    emit(TenantEvent::Error(e));
                 }
             }
+            drop(slot);
         });
         ctx.spawn(work.into_actor(self).map(|_, act, _| act.busy = false));
+    }
+}
+
+/// What an agent serves its tenant with: the conversations, and a cap on how many generations
+/// run at once (the topology's `max_sessions`); requests beyond it wait in arrival order.
+#[derive(Clone)]
+pub struct Tenancy {
+    factory: ConversationFactory,
+    slots: Arc<Semaphore>,
+}
+
+impl Tenancy {
+    /// At most `max_sessions` generations of `factory`'s conversations at once.
+    pub fn new(factory: ConversationFactory, max_sessions: usize) -> Self {
+        Self {
+            factory,
+            slots: Arc::new(Semaphore::new(max_sessions.max(1))),
+        }
+    }
+
+    /// Starts `request` in a session of its own once a slot is free. Its events arrive on the
+    /// receiver; dropping the receiver cancels the generation.
+    pub async fn generate(&self, request: TenantRequest) -> mpsc::UnboundedReceiver<TenantEvent> {
+        let arrived = Instant::now();
+        metrics::AGENT_REQUESTS.inc();
+        let slot = {
+            let _waiting = Raised::new(&metrics::AGENT_WAITING);
+            // The semaphore is never closed.
+            self.slots.clone().acquire_owned().await.ok()
+        };
+        let (events, rx) = mpsc::unbounded_channel();
+        Session::new(self.factory.clone())
+            .start()
+            .do_send(Generate {
+                request,
+                events,
+                arrived,
+                slot,
+            });
+        rx
     }
 }
 
@@ -131,12 +227,12 @@ pub type Attestor = Arc<dyn Fn([u8; 32]) -> Result<Vec<u8>, ErrorReply> + Send +
 /// evidence from `attestor`, `Generate` the generation's events from a [`Session`] of its own.
 pub async fn serve(
     endpoint: quinn::Endpoint,
-    factory: ConversationFactory,
+    tenancy: Tenancy,
     attestor: Attestor,
     max_frame: usize,
 ) {
     while let Some(incoming) = endpoint.accept().await {
-        let (factory, attestor) = (factory.clone(), attestor.clone());
+        let (tenancy, attestor) = (tenancy.clone(), attestor.clone());
         actix_rt::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -148,7 +244,7 @@ pub async fn serve(
             let peer = conn.remote_address();
             tracing::info!(%peer, "tenant connected");
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                let (factory, attestor) = (factory.clone(), attestor.clone());
+                let (tenancy, attestor) = (tenancy.clone(), attestor.clone());
                 actix_rt::spawn(async move {
                     let first = match talaria_wire::net::read_frame(&mut recv, max_frame).await {
                         Ok(Some(f)) => frame::body::<TenantMessage>(&f),
@@ -158,10 +254,7 @@ pub async fn serve(
                     let (tx, mut rx) = mpsc::unbounded_channel();
                     match first {
                         Ok(TenantMessage::Generate(request)) => {
-                            Session::new(factory).start().do_send(Generate {
-                                request,
-                                events: tx,
-                            });
+                            rx = tenancy.generate(request).await;
                         }
                         Ok(TenantMessage::Attest { nonce }) => {
                             let event = match tokio::task::spawn_blocking(move || attestor(nonce))

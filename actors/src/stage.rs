@@ -1,15 +1,19 @@
 //! The gpu-node's actors: [`LayerStage`] admits requests for its layers, [`GpuShard`] computes.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use actix::prelude::*;
 use talaria_engine::OpId;
+pub use talaria_topology::Batching;
 use talaria_wire::frame::{self};
 use talaria_wire::{ErrorReply, MaskedCall, Request, SessionId, SetupRequest};
 
-use crate::{err_frame, frame_error, ok_frame};
+use tokio::sync::oneshot;
+
+use crate::{err_frame, frame_error, metrics, ok_frame};
 
 /// The weight-dependent work of a stage, implemented by the gpu-node crate. Called on a thread
 /// pool, possibly from several threads at once.
@@ -20,67 +24,241 @@ pub trait StageCompute: Send + Sync + 'static {
     fn setup(&self, req: &SetupRequest) -> Result<Vec<u8>, ErrorReply>;
     /// `x̃ · W` for a masked call, encoded as a `MaskedReply` payload.
     fn call(&self, call: &MaskedCall) -> Result<Vec<u8>, ErrorReply>;
+    /// The answers to `calls` (all of one op, from any sessions and tenants), in their order.
+    /// An implementation should stack their rows into one matrix multiply.
+    fn call_batch(&self, calls: &[MaskedCall]) -> Vec<Result<Vec<u8>, ErrorReply>> {
+        calls.iter().map(|c| self.call(c)).collect()
+    }
     /// A session is over (e.g. to flush what a tap recorded for it).
     fn close(&self, _session: SessionId) {}
 }
 
 /// Work for a [`GpuShard`]: a `Setup` or `Call` request frame whose header the stage admitted.
-/// Its payload (masked rows, up to megabytes) is decoded on the worker thread, not on the
-/// event loop.
-pub struct Job(pub Vec<u8>);
+/// Its payload (masked rows, up to megabytes) is decoded on a worker thread, not on the event
+/// loop.
+pub struct Job {
+    pub frame: Vec<u8>,
+    pub op: OpId,
+    pub tenant: Arc<str>,
+    /// A set-up (run alone) rather than a masked call (batched with others of its op).
+    pub setup: bool,
+}
 
-/// Decodes an admitted request and runs it: the reply payload and the compute time in µs.
-fn run_job(compute: &dyn StageCompute, frame: &[u8]) -> Result<(Vec<u8>, u64), ErrorReply> {
+/// What a job answers: the encoded reply payload and the compute time in µs.
+pub type JobResult = Result<(Vec<u8>, u64), ErrorReply>;
+
+fn mismatch(what: &str) -> ErrorReply {
+    ErrorReply::new(
+        "bad_request",
+        format!("payload {what} disagrees with its header"),
+    )
+}
+
+/// Decodes an admitted set-up request and runs it.
+fn run_setup(compute: &dyn StageCompute, frame: &[u8]) -> JobResult {
     let (head, payload): (Request, &[u8]) = frame::split(frame).map_err(|e| frame_error(&e))?;
-    let bad = |what: &str| {
-        ErrorReply::new(
-            "bad_request",
-            format!("payload {what} disagrees with its header"),
-        )
+    let Request::Setup { session, op } = head else {
+        return Err(ErrorReply::new(
+            "unexpected_request",
+            format!("a shard does not run {head:?} as a set-up"),
+        ));
     };
-    let t0;
-    let reply = match head {
-        Request::Setup { session, op } => {
-            let req: SetupRequest = frame::body(payload).map_err(|e| frame_error(&e))?;
-            if req.session != session || req.op != op {
-                return Err(bad("session or op"));
-            }
-            t0 = Instant::now();
-            compute.setup(&req)?
-        }
-        Request::Call { session, op, seq } => {
-            let call: MaskedCall = frame::body(payload).map_err(|e| frame_error(&e))?;
-            if call.session != session || call.op != op || call.seq != seq {
-                return Err(bad("session, op or seq"));
-            }
-            t0 = Instant::now();
-            compute.call(&call)?
-        }
-        other => {
-            return Err(ErrorReply::new(
-                "unexpected_request",
-                format!("a shard does not run {other:?}"),
-            ));
-        }
-    };
+    let req: SetupRequest = frame::body(payload).map_err(|e| frame_error(&e))?;
+    if req.session != session || req.op != op {
+        return Err(mismatch("session or op"));
+    }
+    let t0 = Instant::now();
+    let reply = compute.setup(&req)?;
     Ok((reply, t0.elapsed().as_micros() as u64))
 }
 
-/// One computation: the encoded reply payload and the compute time in µs.
-#[derive(Message)]
-#[rtype(result = "Result<(Vec<u8>, u64), ErrorReply>")]
-pub struct Compute(pub Job);
+/// Decodes an admitted masked call.
+fn decode_call(frame: &[u8]) -> Result<MaskedCall, ErrorReply> {
+    let (head, payload): (Request, &[u8]) = frame::split(frame).map_err(|e| frame_error(&e))?;
+    let Request::Call { session, op, seq } = head else {
+        return Err(ErrorReply::new(
+            "unexpected_request",
+            format!("a shard does not run {head:?} as a call"),
+        ));
+    };
+    let call: MaskedCall = frame::body(payload).map_err(|e| frame_error(&e))?;
+    if call.session != session || call.op != op || call.seq != seq {
+        return Err(mismatch("session, op or seq"));
+    }
+    Ok(call)
+}
 
-/// Owns one device's compute and runs each job on the blocking thread pool, so the event loop
-/// only ever moves frames.
+struct Waiting {
+    job: Job,
+    since: Instant,
+    reply: oneshot::Sender<JobResult>,
+}
+
+/// The shard's queue, shared by the actor (which pushes) and the worker thread (which takes
+/// batches).
+struct Queue {
+    jobs: Mutex<VecDeque<Waiting>>,
+    ready: Condvar,
+    /// Live sessions of the stage: how many calls of one op could possibly arrive together.
+    sessions: AtomicUsize,
+    policy: Batching,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiting>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, w: Waiting) {
+        let mut jobs = self.lock();
+        jobs.push_back(w);
+        metrics::STAGE_QUEUE_DEPTH.set(jobs.len() as i64);
+        self.ready.notify_one();
+    }
+
+    /// The next batch: the oldest job, and for a masked call every waiting call of its op, up
+    /// to `max_calls`, each tenant limited to its fair share when several compete. Waits (at
+    /// most `max_wait` from the oldest job's arrival) for more calls of the op while other live
+    /// sessions could still send one. Blocks while the queue is empty.
+    fn next_batch(&self) -> Vec<Waiting> {
+        let mut jobs = self.lock();
+        while jobs.is_empty() {
+            jobs = self.ready.wait(jobs).unwrap_or_else(|e| e.into_inner());
+        }
+        let first = jobs.pop_front().expect("not empty");
+        if first.job.setup {
+            metrics::STAGE_QUEUE_DEPTH.set(jobs.len() as i64);
+            return vec![first];
+        }
+        let op = first.job.op;
+        let same = |w: &Waiting| !w.job.setup && w.job.op == op;
+        let deadline = first.since + self.policy.max_wait;
+        loop {
+            let possible = self
+                .sessions
+                .load(Ordering::Relaxed)
+                .min(self.policy.max_calls);
+            let have = 1 + jobs.iter().filter(|w| same(w)).count();
+            let now = Instant::now();
+            if have >= possible || now >= deadline {
+                break;
+            }
+            jobs = self
+                .ready
+                .wait_timeout(jobs, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        // Fair share: with T tenants waiting on this op, each gets at most ⌈max/T⌉ calls of
+        // this batch; the rest stay queued in arrival order for the next one.
+        let mut tenants: Vec<&str> = jobs
+            .iter()
+            .filter(|w| same(w))
+            .map(|w| &*w.job.tenant)
+            .chain([&*first.job.tenant])
+            .collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        let share = self.policy.max_calls.div_ceil(tenants.len()).max(1);
+        let mut taken: HashMap<Arc<str>, usize> = HashMap::from([(first.job.tenant.clone(), 1)]);
+        let mut batch = vec![first];
+        let mut rest = VecDeque::with_capacity(jobs.len());
+        for w in jobs.drain(..) {
+            let n = taken.entry(w.job.tenant.clone()).or_default();
+            if batch.len() < self.policy.max_calls && same(&w) && *n < share {
+                *n += 1;
+                batch.push(w);
+            } else {
+                rest.push_back(w);
+            }
+        }
+        *jobs = rest;
+        metrics::STAGE_QUEUE_DEPTH.set(jobs.len() as i64);
+        batch
+    }
+}
+
+/// Runs batches from `queue` until the shard is dropped (its sender side closes every reply).
+fn work(queue: Arc<Queue>, compute: Arc<dyn StageCompute>) {
+    loop {
+        let batch = queue.next_batch();
+        let started = Instant::now();
+        for w in &batch {
+            metrics::STAGE_QUEUE_SECONDS.observe((started - w.since).as_secs_f64());
+        }
+        if batch[0].job.setup {
+            let w = batch.into_iter().next().expect("one job");
+            let _ = w.reply.send(run_setup(compute.as_ref(), &w.job.frame));
+            continue;
+        }
+        // Decode every call; one that fails is answered alone, the others still run.
+        let mut calls = Vec::with_capacity(batch.len());
+        let mut owners = Vec::with_capacity(batch.len());
+        for w in batch {
+            match decode_call(&w.job.frame) {
+                Ok(call) => {
+                    calls.push(call);
+                    owners.push(w);
+                }
+                Err(e) => {
+                    let _ = w.reply.send(Err(e));
+                }
+            }
+        }
+        if calls.is_empty() {
+            continue;
+        }
+        let mut tenants: Vec<&str> = owners.iter().map(|w| &*w.job.tenant).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        let rows: usize = calls.iter().map(|c| c.x.shape().0).sum();
+        let t0 = Instant::now();
+        let mut replies = compute.call_batch(&calls);
+        let elapsed = t0.elapsed();
+        metrics::STAGE_BATCH_CALLS.observe(calls.len() as f64);
+        metrics::STAGE_BATCH_TENANTS.observe(tenants.len() as f64);
+        metrics::STAGE_BATCH_ROWS.observe(rows as f64);
+        metrics::STAGE_COMPUTE_SECONDS.observe(elapsed.as_secs_f64());
+        metrics::STAGE_CALLS.inc_by(calls.len() as u64);
+        metrics::STAGE_ROWS.inc_by(rows as u64);
+        if replies.len() != owners.len() {
+            replies = vec![
+                Err(ErrorReply::new(
+                    "internal",
+                    "the batch's answers do not match its calls",
+                ));
+                owners.len()
+            ];
+        }
+        let us = elapsed.as_micros() as u64;
+        // Answers go back to the call they answer, by position: each owner's reply channel
+        // leads to its own session's stream only.
+        for (w, reply) in owners.into_iter().zip(replies) {
+            let _ = w.reply.send(reply.map(|payload| (payload, us)));
+        }
+    }
+}
+
+/// Owns one device's compute: a queue of admitted jobs that a worker thread takes in batches,
+/// so the event loop only ever moves frames.
 pub struct GpuShard {
-    compute: Arc<dyn StageCompute>,
+    queue: Arc<Queue>,
 }
 
 impl GpuShard {
-    /// A shard computing with `compute`.
-    pub fn new(compute: Arc<dyn StageCompute>) -> Self {
-        Self { compute }
+    /// A shard computing with `compute`, batching as `policy` says.
+    pub fn new(compute: Arc<dyn StageCompute>, policy: Batching) -> std::io::Result<Self> {
+        let queue = Arc::new(Queue {
+            jobs: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+            sessions: AtomicUsize::new(0),
+            policy,
+        });
+        let q = queue.clone();
+        std::thread::Builder::new()
+            .name("gpu-shard".into())
+            .spawn(move || work(q, compute))?;
+        Ok(Self { queue })
     }
 }
 
@@ -88,16 +266,39 @@ impl Actor for GpuShard {
     type Context = Context<Self>;
 }
 
+/// One admitted job; answered when its batch has run.
+#[derive(Message)]
+#[rtype(result = "JobResult")]
+pub struct Compute(pub Job);
+
 impl Handler<Compute> for GpuShard {
-    type Result = ResponseFuture<Result<(Vec<u8>, u64), ErrorReply>>;
+    type Result = ResponseFuture<JobResult>;
 
     fn handle(&mut self, msg: Compute, _: &mut Context<Self>) -> Self::Result {
-        let compute = self.compute.clone();
+        let (tx, rx) = oneshot::channel();
+        self.queue.push(Waiting {
+            job: msg.0,
+            since: Instant::now(),
+            reply: tx,
+        });
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || run_job(compute.as_ref(), &msg.0.0))
-                .await
-                .map_err(|e| ErrorReply::new("internal", format!("compute task failed: {e}")))?
+            rx.await
+                .map_err(|_| ErrorReply::new("internal", "the shard's worker stopped"))?
         })
+    }
+}
+
+/// The stage's live-session count, for the shard's batching.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Sessions(pub usize);
+
+impl Handler<Sessions> for GpuShard {
+    type Result = ();
+
+    fn handle(&mut self, msg: Sessions, _: &mut Context<Self>) {
+        self.queue.sessions.store(msg.0, Ordering::Relaxed);
+        metrics::STAGE_SESSIONS.set(msg.0 as i64);
     }
 }
 
@@ -113,7 +314,7 @@ pub struct LayerStage {
     compute: Arc<dyn StageCompute>,
     shard: Addr<GpuShard>,
     /// Live sessions and their tenants.
-    sessions: HashMap<SessionId, String>,
+    sessions: HashMap<SessionId, Arc<str>>,
 }
 
 impl LayerStage {
@@ -127,20 +328,25 @@ impl LayerStage {
         }
     }
 
-    fn admit(&self, session: SessionId, op: OpId) -> Result<(), ErrorReply> {
-        if !self.sessions.contains_key(&session) {
+    /// The tenant of `session`, if it is live here and `op` is this stage's.
+    fn admit(&self, session: SessionId, op: OpId) -> Result<Arc<str>, ErrorReply> {
+        let Some(tenant) = self.sessions.get(&session) else {
             return Err(ErrorReply::new(
                 "unknown_session",
                 format!("stage {}: no session {session}", self.name),
             ));
-        }
+        };
         if !self.compute.owns(op) {
             return Err(ErrorReply::new(
                 "layer_not_owned",
                 format!("stage {} does not serve {op}", self.name),
             ));
         }
-        Ok(())
+        Ok(tenant.clone())
+    }
+
+    fn sessions_changed(&self) {
+        self.shard.do_send(Sessions(self.sessions.len()));
     }
 
     /// Checks a request's header; returns the job to run, or an immediate answer.
@@ -149,7 +355,8 @@ impl LayerStage {
         match head {
             Request::StageOpen { session, tenant } => {
                 tracing::info!(stage = %self.name, session, %tenant, "session opened");
-                self.sessions.insert(session, tenant);
+                self.sessions.insert(session, tenant.into());
+                self.sessions_changed();
                 Ok(Err(ok_frame(0, &[])))
             }
             Request::CloseSession { session } => {
@@ -159,14 +366,23 @@ impl LayerStage {
                         format!("stage {}: no session {session}", self.name),
                     ));
                 }
+                self.sessions_changed();
                 self.compute.close(session);
                 tracing::info!(stage = %self.name, session, "session closed");
                 Ok(Err(ok_frame(0, &[])))
             }
-            Request::Setup { session, op } | Request::Call { session, op, .. } => {
-                self.admit(session, op)?;
-                Ok(Ok(Job(frame)))
-            }
+            Request::Setup { session, op } => Ok(Ok(Job {
+                tenant: self.admit(session, op)?,
+                op,
+                setup: true,
+                frame,
+            })),
+            Request::Call { session, op, .. } => Ok(Ok(Job {
+                tenant: self.admit(session, op)?,
+                op,
+                setup: false,
+                frame,
+            })),
             other => Err(ErrorReply::new(
                 "unexpected_request",
                 format!("a gpu-node does not serve {other:?}"),
@@ -186,6 +402,7 @@ impl Handler<Serve> for LayerStage {
         let name = self.name.clone();
         let refuse = move |e: ErrorReply| {
             tracing::warn!(stage = %name, error_type = %e.error_type, "refused: {}", e.message);
+            metrics::error(&e.error_type);
             err_frame(&e)
         };
         match self.check(msg.0) {

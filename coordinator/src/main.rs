@@ -168,7 +168,15 @@ fn main() -> Result<()> {
         }
         tracing::info!("every stage connected");
         let admission = Arc::new(AttestedAdmission::new(&topology)?);
-        let router = Router::new(routes, nodes, admission, Arc::new(provision)).start();
+        let limits = topology
+            .agents
+            .iter()
+            .map(|a| (a.tenant.clone(), a.max_sessions))
+            .collect();
+        if let Some(addr) = topology.coordinator_metrics {
+            talaria_actors::metrics::serve(addr)?;
+        }
+        let router = Router::new(routes, nodes, admission, Arc::new(provision), limits).start();
         let endpoint = tls.server(topology.coordinator, talaria_wire::ALPN_CLOUD)?;
         tracing::info!(listen = %topology.coordinator, stages = topology.stages.len(), "serving");
         println!("ready {}", topology.coordinator);

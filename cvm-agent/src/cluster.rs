@@ -1,6 +1,7 @@
 //! The agent in a cluster: the link to the coordinator, and the conversation a `Session` actor
 //! runs.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -9,7 +10,7 @@ use serde::de::DeserializeOwned;
 use talaria_actors::session::{BlockingUplink, Conversation};
 use talaria_engine::{
     ChatMessage, EngineError, GenerateRequest, ModelConfig, StopReason, Tokenizer, Transformer,
-    chat_prompt, generate,
+    chat_prompt, generate_until,
 };
 use talaria_remo::{Calibration, Precision, Rank, RemoConfig};
 use talaria_topology::RemoSection;
@@ -253,6 +254,7 @@ pub fn prompt_ids(tokenizer: &Tokenizer, prompt: &Prompt) -> Result<Vec<u32>, En
             content: text.clone(),
         }])),
         Prompt::Ids(ids) => Ok(ids.clone()),
+        Prompt::Chat(messages) => tokenizer.encode(&chat_prompt(messages)),
     }
 }
 
@@ -288,7 +290,9 @@ impl AgentConversation {
         let gpu_before = self.linear.link_mut().gpu_seconds();
         let t0 = Instant::now();
         let mut stream = shared.tokenizer.decode_stream();
-        let generation = generate(
+        // The text so far, to find stop sequences in (only kept when there are any).
+        let mut text = String::new();
+        let generation = generate_until(
             &shared.model,
             &mut self.linear,
             &request,
@@ -298,14 +302,26 @@ impl AgentConversation {
                 } else {
                     stream.step(id)?
                 };
-                if emit(TenantEvent::Token { id, piece }) {
-                    Ok(())
-                } else {
-                    Err(EngineError::Outsourced {
+                let stop = match (&piece, req.stop.is_empty()) {
+                    (Some(p), false) => {
+                        text.push_str(p);
+                        req.stop
+                            .iter()
+                            .any(|s| !s.is_empty() && text.contains(s.as_str()))
+                    }
+                    _ => false,
+                };
+                if !emit(TenantEvent::Token { id, piece }) {
+                    return Err(EngineError::Outsourced {
                         error_type: "cancelled",
                         message: "the tenant went away".into(),
-                    })
+                    });
                 }
+                Ok(if stop {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                })
             },
             None,
         )?;
@@ -318,7 +334,17 @@ impl AgentConversation {
             StopReason::Eos => &generation.ids[..generation.ids.len().saturating_sub(1)],
             _ => &generation.ids[..],
         };
-        let text = shared.tokenizer.decode(shown)?;
+        let mut text = shared.tokenizer.decode(shown)?;
+        // The text ends before the first stop sequence it contains.
+        if let Some(cut) = req
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            text.truncate(cut);
+        }
         Ok(TenantEvent::Done {
             latency: LatencySplit {
                 cvm_compute_s: (wall - masking - cloud).max(0.0),

@@ -8,7 +8,8 @@ use std::time::Duration;
 use actix::Actor;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
-use talaria_actors::session::{BlockingUplink, Conversation, ConversationFactory, Uplink};
+use talaria_actors::openai::Api;
+use talaria_actors::session::{BlockingUplink, Conversation, ConversationFactory, Tenancy, Uplink};
 use talaria_attestation::{Evidence, hardware_evidence};
 use talaria_cvm_agent::cluster::{AgentShared, exchange, remo_config};
 use talaria_topology::Topology;
@@ -120,6 +121,7 @@ fn main() -> Result<()> {
             vocab = shared.config.vocab,
             "admitted and provisioned"
         );
+        let max_tokens = shared.config.max_seq;
         let factory: ConversationFactory = Arc::new(move || {
             shared
                 .open()
@@ -128,10 +130,19 @@ fn main() -> Result<()> {
         });
         let attestor: talaria_actors::session::Attestor =
             Arc::new(move |nonce| evidence(insecure, &nonce, &key));
+        let tenancy = Tenancy::new(factory, agent.max_sessions);
+        if let Some(addr) = agent.http {
+            let api = Api {
+                model: topology.model_name.clone(),
+                tenancy: tenancy.clone(),
+                max_tokens,
+            };
+            talaria_actors::openai::serve(addr, api, tls.server_config(b"http/1.1")?)?;
+        }
         let endpoint = tls.server(agent.listen, talaria_wire::ALPN_TENANT)?;
-        tracing::info!(listen = %agent.listen, "serving the tenant");
+        tracing::info!(listen = %agent.listen, max_sessions = agent.max_sessions, "serving the tenant");
         println!("ready {}", agent.listen);
-        talaria_actors::session::serve(endpoint, factory, attestor, max_frame).await;
+        talaria_actors::session::serve(endpoint, tenancy, attestor, max_frame).await;
         Ok(())
     })
 }

@@ -1,5 +1,6 @@
 //! The generation loop: prefill, then one decode step per token, with stop conditions and timings.
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,8 @@ pub enum StopReason {
     Length,
     /// The model's context is full.
     Context,
+    /// The caller stopped it (e.g. the text reached a stop sequence).
+    Stopped,
 }
 
 /// The generated tokens with timings.
@@ -65,6 +68,24 @@ pub fn generate(
     linear: &mut dyn LinearOps,
     req: &GenerateRequest,
     mut on_token: impl FnMut(u32) -> Result<(), EngineError>,
+    on_logits: Option<LogitsHook<'_>>,
+) -> Result<Generation, EngineError> {
+    generate_until(
+        model,
+        linear,
+        req,
+        |id| on_token(id).map(|()| ControlFlow::Continue(())),
+        on_logits,
+    )
+}
+
+/// As [`generate`], where `on_token` may also end the generation after a token
+/// ([`StopReason::Stopped`]) by answering `ControlFlow::Break`.
+pub fn generate_until(
+    model: &Transformer,
+    linear: &mut dyn LinearOps,
+    req: &GenerateRequest,
+    mut on_token: impl FnMut(u32) -> Result<ControlFlow<()>, EngineError>,
     mut on_logits: Option<LogitsHook<'_>>,
 ) -> Result<Generation, EngineError> {
     if req.prompt_ids.is_empty() {
@@ -94,9 +115,13 @@ pub fn generate(
             t_decode = Instant::now();
         }
         ids.push(next);
-        on_token(next)?;
+        let flow = on_token(next)?;
         if req.stop_ids.contains(&next) {
             stop_reason = StopReason::Eos;
+            break;
+        }
+        if flow.is_break() {
+            stop_reason = StopReason::Stopped;
             break;
         }
         input = vec![next];

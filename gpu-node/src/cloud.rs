@@ -84,37 +84,132 @@ impl CloudExecutor {
 
     /// Answers one masked call: `x̃ · W_op` in the precision the call came in.
     pub fn call(&self, call: &MaskedCall) -> Result<MaskedReply, NodeError> {
+        self.call_batch(std::slice::from_ref(call))
+            .pop()
+            .expect("one answer per call")
+    }
+
+    /// Answers masked calls of one op — any sessions, any tenants — with one GEMM per
+    /// precision over their stacked rows, and splits the product back, in order. Every row is
+    /// masked, so stacking them reveals nothing to anyone; a call that is malformed is
+    /// answered with its own error and leaves the others alone.
+    pub fn call_batch(&self, calls: &[MaskedCall]) -> Vec<Result<MaskedReply, NodeError>> {
+        let mut answers: Vec<Option<Result<MaskedReply, NodeError>>> =
+            calls.iter().map(|_| None).collect();
+        let (mut f32s, mut f64s) = (Vec::new(), Vec::new());
+        for (i, call) in calls.iter().enumerate() {
+            let checked = self.check_call(call, calls[0].op);
+            match checked {
+                Err(e) => answers[i] = Some(Err(e)),
+                Ok(()) if matches!(call.x, Tensor::F32 { .. }) => f32s.push(i),
+                Ok(()) => f64s.push(i),
+            }
+        }
+        let op = calls.first().map(|c| c.op);
+        if let Some(op) = op {
+            let (d_in, d_out) = op.shape(self.weights.config());
+            let stacked =
+                |group: &[usize]| -> usize { group.iter().map(|&i| calls[i].x.shape().0).sum() };
+            if !f32s.is_empty() {
+                let rows = stacked(&f32s);
+                let mut x = Vec::with_capacity(rows * d_in);
+                for &i in &f32s {
+                    if let Tensor::F32 { data, .. } = &calls[i].x {
+                        x.extend_from_slice(data);
+                    }
+                }
+                let y = Rows::new(rows, d_in, x)
+                    .and_then(|x| self.weights.matmul(op, &x))
+                    .map(|y| y.into_data());
+                split(calls, &f32s, d_out, y, &mut answers, |data, rows| {
+                    Tensor::F32 {
+                        rows,
+                        cols: d_out,
+                        data,
+                    }
+                });
+            }
+            if !f64s.is_empty() {
+                let rows = stacked(&f64s);
+                let mut x = Vec::with_capacity(rows * d_in);
+                for &i in &f64s {
+                    if let Tensor::F64 { data, .. } = &calls[i].x {
+                        x.extend_from_slice(data);
+                    }
+                }
+                let y = self.weights.linear_f64(op, rows, &x);
+                split(calls, &f64s, d_out, y, &mut answers, |data, rows| {
+                    Tensor::F64 {
+                        rows,
+                        cols: d_out,
+                        data,
+                    }
+                });
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.expect("every call answered"))
+            .collect()
+    }
+
+    /// Checks one call of a batch of `op` and records it on the tap.
+    fn check_call(&self, call: &MaskedCall, op: OpId) -> Result<(), NodeError> {
+        if call.op != op {
+            return Err(NodeError::BadRequest(format!(
+                "{} in a batch of {op}",
+                call.op
+            )));
+        }
         call.x
             .validate()
             .map_err(|e| NodeError::BadRequest(format!("{}: {e}", call.op)))?;
-        self.tap(|t| t.record_call(call))?;
         let (rows, cols) = call.x.shape();
-        let y = match &call.x {
-            Tensor::F32 { data, .. } => {
-                let x = Rows::new(rows, cols, data.clone())?;
-                let y = self.weights.matmul(call.op, &x)?;
-                let (rows, cols) = (y.rows(), y.cols());
-                Tensor::F32 {
-                    rows,
-                    cols,
-                    data: y.into_data(),
-                }
-            }
-            Tensor::F64 { data, .. } => {
-                let (_, d_out) = call.op.shape(self.weights.config());
-                Tensor::F64 {
-                    rows,
-                    cols: d_out,
-                    data: self.weights.linear_f64(call.op, rows, data)?,
-                }
-            }
+        let len = match &call.x {
+            Tensor::F32 { data, .. } => data.len(),
+            Tensor::F64 { data, .. } => data.len(),
         };
-        Ok(MaskedReply { seq: call.seq, y })
+        self.weights.check_input(op, rows, cols, len)?;
+        self.tap(|t| t.record_call(call))
     }
 
     /// Writes the tap's index, if recording.
     pub fn finish_tap(&self) -> Result<(), NodeError> {
         self.tap(|t| t.finish())
+    }
+}
+
+/// Splits a stacked product `y` (`d_out` wide) back into the answers of the calls `group`
+/// indexes, in order; an error of the GEMM answers each of them.
+fn split<E: Copy>(
+    calls: &[MaskedCall],
+    group: &[usize],
+    d_out: usize,
+    y: Result<Vec<E>, talaria_engine::EngineError>,
+    answers: &mut [Option<Result<MaskedReply, NodeError>>],
+    tensor: impl Fn(Vec<E>, usize) -> Tensor,
+) {
+    match y {
+        Ok(y) => {
+            let mut at = 0;
+            for &i in group {
+                let rows = calls[i].x.shape().0;
+                let part = y[at * d_out..(at + rows) * d_out].to_vec();
+                at += rows;
+                answers[i] = Some(Ok(MaskedReply {
+                    seq: calls[i].seq,
+                    y: tensor(part, rows),
+                }));
+            }
+        }
+        Err(e) => {
+            for &i in group {
+                answers[i] = Some(Err(NodeError::Batch {
+                    error_type: e.error_type(),
+                    message: e.to_string(),
+                }));
+            }
+        }
     }
 }
 

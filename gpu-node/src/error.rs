@@ -16,6 +16,12 @@ pub enum NodeError {
     BadRequest(String),
     #[error("tap: {0}")]
     Tap(String),
+    /// The GEMM of a batch failed, for every call in it.
+    #[error("batched GEMM: {message}")]
+    Batch {
+        error_type: &'static str,
+        message: String,
+    },
 }
 
 impl NodeError {
@@ -28,6 +34,7 @@ impl NodeError {
             NodeError::InvalidModel(_) => "invalid_model",
             NodeError::BadRequest(_) => "bad_request",
             NodeError::Tap(_) => "tap",
+            NodeError::Batch { error_type, .. } => error_type,
         }
     }
 }

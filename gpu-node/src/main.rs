@@ -77,7 +77,10 @@ fn main() -> Result<()> {
 
     actix::System::new().block_on(async move {
         let endpoint = tls.server(stage.listen, talaria_wire::ALPN_CLOUD)?;
-        let shard = GpuShard::new(executor.clone()).start();
+        if let Some(addr) = stage.metrics {
+            talaria_actors::metrics::serve(addr)?;
+        }
+        let shard = GpuShard::new(executor.clone(), topology.batching.clone())?.start();
         let layer_stage = LayerStage::new(stage.name.clone(), executor, shard).start();
         tracing::info!(stage = %stage.name, listen = %stage.listen, "serving");
         println!("ready {}", stage.listen);

@@ -28,6 +28,13 @@ impl StageCompute for CloudExecutor {
         encode(&CloudExecutor::call(self, call).map_err(reply_err)?)
     }
 
+    fn call_batch(&self, calls: &[MaskedCall]) -> Vec<Result<Vec<u8>, ErrorReply>> {
+        CloudExecutor::call_batch(self, calls)
+            .into_iter()
+            .map(|r| encode(&r.map_err(reply_err)?))
+            .collect()
+    }
+
     fn close(&self, _session: SessionId) {
         // A gpu-node is stopped by a signal: keep the tap's index current at every session end.
         if let Err(e) = self.finish_tap() {

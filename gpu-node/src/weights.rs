@@ -541,7 +541,8 @@ impl LinearWeights {
         on_stack!(&self.placed, s => s.weight(op)?.dense())
     }
 
-    fn check_input(
+    /// Checks that `len` values are `rows` rows of `op`'s input width.
+    pub fn check_input(
         &self,
         op: OpId,
         rows: usize,

@@ -118,6 +118,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     max_tokens: req.max_tokens,
                     sampling: req.sampling.clone(),
                     ignore_eos: true,
+                    stop: Vec::new(),
                 };
                 let a = crate::cluster::generate(&args.agent, &tenant, |_, _| {})?;
                 (a.generation, Some(a.latency))

@@ -108,6 +108,7 @@ fn run_cluster(args: GenerateArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         sampling: args.sampling(),
         ignore_eos: args.ignore_eos,
+        stop: Vec::new(),
     };
     let t0 = Instant::now();
     let mut out = std::io::stdout().lock();

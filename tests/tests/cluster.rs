@@ -20,6 +20,7 @@ fn greedy(prompt: Prompt, max_tokens: usize) -> TenantRequest {
         max_tokens,
         sampling: SamplingParams::default(),
         ignore_eos: false,
+        stop: Vec::new(),
     }
 }
 

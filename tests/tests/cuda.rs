@@ -155,6 +155,7 @@ fn a_cuda_stage_answers_through_the_cluster() {
         max_tokens: ids(&r["ids"]).len(),
         sampling: Default::default(),
         ignore_eos: false,
+        stop: Vec::new(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -10,6 +10,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -86,11 +87,32 @@ impl std::str::FromStr for Backend {
     }
 }
 
+/// How a gpu-node's shard batches the masked calls of many sessions and tenants.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batching {
+    /// Most masked calls in one batch (one GEMM).
+    pub max_calls: usize,
+    /// Longest the oldest call of a batch waits for calls of the same op from other live
+    /// sessions. A lone session never waits.
+    pub max_wait: Duration,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Self {
+            max_calls: 64,
+            max_wait: Duration::from_micros(1000),
+        }
+    }
+}
+
 /// One gpu-node process: a contiguous range of layers, and maybe the LM head.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stage {
     pub name: String,
     pub listen: SocketAddr,
+    /// Where it serves `/metrics` (plain HTTP), if anywhere.
+    pub metrics: Option<SocketAddr>,
     /// The layers it owns, first and last included.
     pub layers: RangeInclusive<usize>,
     pub lm_head: bool,
@@ -108,9 +130,17 @@ impl Stage {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Agent {
     pub tenant: String,
-    /// Where it serves its tenant.
+    /// Where it serves its tenant the QUIC protocol (`talaria-tenant/1`).
     pub listen: SocketAddr,
+    /// Where it serves its tenant the OpenAI-compatible HTTPS API and `/metrics`, if anywhere.
+    pub http: Option<SocketAddr>,
+    /// Most generations of this tenant running at once (the coordinator refuses more sessions;
+    /// the agent queues requests beyond it).
+    pub max_sessions: usize,
 }
+
+/// Default cap on a tenant's concurrent sessions.
+pub const DEFAULT_MAX_SESSIONS: usize = 16;
 
 /// ReMO parameters the agents start with, as written (the cvm-agent interprets them; this crate
 /// carries no ReMO code).
@@ -161,8 +191,13 @@ pub struct Topology {
     /// The file it was read from (relative paths in it are from its folder).
     pub path: PathBuf,
     pub model_file: PathBuf,
+    /// The model's id in the agents' APIs: its catalog name, or the file's stem.
+    pub model_name: String,
     pub coordinator: SocketAddr,
+    /// Where the coordinator serves `/metrics` (plain HTTP), if anywhere.
+    pub coordinator_metrics: Option<SocketAddr>,
     pub stages: Vec<Stage>,
+    pub batching: Batching,
     pub agents: Vec<Agent>,
     pub remo: RemoSection,
     pub tls: TlsSource,
@@ -189,6 +224,7 @@ struct RawTopology {
     remo: Option<RemoSection>,
     tls: RawTls,
     limits: Option<RawLimits>,
+    batching: Option<RawBatching>,
     admission: Option<RawAdmission>,
     attestation: Option<RawAttestation>,
 }
@@ -216,6 +252,14 @@ struct RawModel {
 #[serde(deny_unknown_fields)]
 struct RawCoordinator {
     listen: String,
+    metrics: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatching {
+    max_calls: Option<usize>,
+    max_wait_us: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -228,6 +272,7 @@ struct RawStage {
     lm_head: bool,
     #[serde(default = "default_backend")]
     backend: String,
+    metrics: Option<String>,
 }
 
 fn default_backend() -> String {
@@ -239,6 +284,8 @@ fn default_backend() -> String {
 struct RawAgent {
     tenant: String,
     listen: String,
+    http: Option<String>,
+    max_sessions: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -436,6 +483,19 @@ impl Topology {
                 listens.insert(addr, key);
             }
         };
+        // An optional listen address: parsed, and checked against every other.
+        let mut optional_listen = |c: &mut Checker, key: String, text: &Option<String>| {
+            text.as_deref().map(|t| {
+                let addr = c.addr(key.clone(), t);
+                note_listen(c, key, addr);
+                addr
+            })
+        };
+        let coordinator_metrics = optional_listen(
+            &mut c,
+            "coordinator.metrics".into(),
+            &raw.coordinator.metrics,
+        );
 
         if raw.stage.is_empty() {
             c.problem("stage", "a topology needs at least one [[stage]]");
@@ -447,8 +507,9 @@ impl Topology {
             if s.name.is_empty() || !names.insert(s.name.clone()) {
                 c.problem(key("name"), format!("{:?} is empty or not unique", s.name));
             }
-            let listen = c.addr(key("listen"), &s.listen);
-            note_listen(&mut c, key("listen"), listen);
+            let listen = optional_listen(&mut c, key("listen"), &Some(s.listen.clone()))
+                .unwrap_or_else(unspecified);
+            let metrics = optional_listen(&mut c, key("metrics"), &s.metrics);
             let layers = parse_layers(&s.layers).unwrap_or_else(|m| {
                 c.problem(key("layers"), m);
                 no_layers()
@@ -460,6 +521,7 @@ impl Topology {
             stages.push(Stage {
                 name: s.name.clone(),
                 listen,
+                metrics,
                 layers,
                 lm_head: s.lm_head,
                 backend,
@@ -502,11 +564,18 @@ impl Topology {
                     format!("{:?} is empty or not unique", a.tenant),
                 );
             }
-            let listen = c.addr(key("listen"), &a.listen);
-            note_listen(&mut c, key("listen"), listen);
+            let listen = optional_listen(&mut c, key("listen"), &Some(a.listen.clone()))
+                .unwrap_or_else(unspecified);
+            let http = optional_listen(&mut c, key("http"), &a.http);
+            let max_sessions = a.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS);
+            if max_sessions == 0 {
+                c.problem(key("max_sessions"), "must be at least 1");
+            }
             agents.push(Agent {
                 tenant: a.tenant.clone(),
                 listen,
+                http,
+                max_sessions,
             });
         }
 
@@ -562,6 +631,24 @@ impl Topology {
             );
         }
 
+        let d = Batching::default();
+        let batching = match raw.batching {
+            None => d,
+            Some(b) => Batching {
+                max_calls: b.max_calls.unwrap_or(d.max_calls),
+                max_wait: b.max_wait_us.map_or(d.max_wait, Duration::from_micros),
+            },
+        };
+        if batching.max_calls == 0 {
+            c.problem("batching.max_calls", "must be at least 1");
+        }
+        if batching.max_wait > Duration::from_secs(1) {
+            c.problem(
+                "batching.max_wait_us",
+                "more than a second per batch would stall every session",
+            );
+        }
+
         let attestation = raw.attestation.map(|a| {
             for (k, f) in [("attestation.ark", &a.ark), ("attestation.ask", &a.ask)] {
                 if !resolve(f).is_file() {
@@ -597,11 +684,19 @@ impl Topology {
                 problems: c.problems,
             });
         }
+        let model_name = raw.model.name.clone().unwrap_or_else(|| {
+            model_file
+                .file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+        });
         Ok(Self {
             path: path.into(),
             model_file,
+            model_name,
             coordinator,
+            coordinator_metrics,
             stages,
+            batching,
             agents,
             remo,
             tls,

@@ -94,7 +94,14 @@ impl TlsMaterial {
             .push(DnType::CommonName, "Talaria local cluster CA");
         let ca = ca_params.self_signed(&ca_key).map_err(err)?;
         let key = KeyPair::generate().map_err(err)?;
-        let mut params = CertificateParams::new(vec![server_name.to_string()]).map_err(err)?;
+        // Loopback clusters only: the cluster's name, and the loopback names an HTTPS client
+        // of an agent's API reaches it by.
+        let names = vec![
+            server_name.to_string(),
+            "localhost".into(),
+            "127.0.0.1".into(),
+        ];
+        let mut params = CertificateParams::new(names).map_err(err)?;
         params
             .distinguished_name
             .push(DnType::CommonName, server_name);
@@ -123,8 +130,9 @@ impl TlsMaterial {
         Ok(certs(&self.cert)?.remove(0).to_vec())
     }
 
-    /// A server endpoint on `addr` speaking `alpn`.
-    pub fn server(&self, addr: SocketAddr, alpn: &[u8]) -> Result<Endpoint, TlsError> {
+    /// The TLS 1.3 server configuration presenting this certificate and speaking `alpn`
+    /// (also what the agent's HTTPS API serves with: one key, one attestation binding).
+    pub fn server_config(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
         let chain = certs(&self.cert)?;
         let key_pem = read_file(&self.key)?;
         let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
@@ -141,6 +149,12 @@ impl TlsMaterial {
             .with_single_cert(chain, key)
             .map_err(|e| TlsError::Config(e.to_string()))?;
         tls.alpn_protocols = vec![alpn.to_vec()];
+        Ok(tls)
+    }
+
+    /// A server endpoint on `addr` speaking `alpn`.
+    pub fn server(&self, addr: SocketAddr, alpn: &[u8]) -> Result<Endpoint, TlsError> {
+        let tls = self.server_config(alpn)?;
         let crypto =
             QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));

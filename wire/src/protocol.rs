@@ -7,7 +7,7 @@
 //!   [`TenantRequest`], answered by a sequence of [`TenantEvent`]s.
 
 use serde::{Deserialize, Serialize};
-use talaria_engine::{Generation, ModelConfig, OpId, SamplingParams, TokenizerSpec};
+use talaria_engine::{ChatMessage, Generation, ModelConfig, OpId, SamplingParams, TokenizerSpec};
 
 use crate::{SessionId, Tensor};
 
@@ -103,6 +103,9 @@ pub enum Prompt {
     Text { text: String, chat: bool },
     /// Token ids, fed as they are.
     Ids(Vec<u32>),
+    /// A conversation, rendered with the model's chat template (a default system message is
+    /// added if it has none), the assistant's turn opened.
+    Chat(Vec<ChatMessage>),
 }
 
 /// What a tenant asks an agent on a stream.
@@ -123,6 +126,9 @@ pub struct TenantRequest {
     pub sampling: SamplingParams,
     /// Keep generating past the end-of-sequence token.
     pub ignore_eos: bool,
+    /// Stop as soon as the text contains one of these; the text ends before it.
+    #[serde(default)]
+    pub stop: Vec<String>,
 }
 
 /// Where one generation's time went, in seconds.

@@ -1,0 +1,209 @@
+//! Prometheus metrics of every binary, and the `/metrics` endpoint that serves them.
+//!
+//! Each binary registers only what it uses (the statics are created on first use) in the
+//! process-wide default registry. Names are `talaria_<part>_<what>`; every refused request counts
+//! in `talaria_errors_total{type=...}` with the same `error_type` label its log line carries.
+
+use std::net::SocketAddr;
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, TextEncoder,
+    exponential_buckets,
+};
+
+/// A registered gauge, as the statics hold it.
+pub type IntGaugeRef = LazyLock<IntGauge>;
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(c: C) -> C {
+    // Names are unique constants of this module, so registration cannot collide.
+    if let Err(e) = prometheus::register(Box::new(c.clone())) {
+        tracing::warn!("metric not registered: {e}");
+    }
+    c
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    register(IntCounter::new(name, help).expect("valid metric"))
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    register(IntGauge::new(name, help).expect("valid metric"))
+}
+
+fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    register(
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+            .expect("valid metric"),
+    )
+}
+
+/// Latency buckets from 100 µs to ~105 s.
+fn seconds() -> Vec<f64> {
+    exponential_buckets(1e-4, 2.0, 21).expect("valid buckets")
+}
+
+/// Size buckets 1, 2, 4, … 512.
+fn sizes() -> Vec<f64> {
+    exponential_buckets(1.0, 2.0, 10).expect("valid buckets")
+}
+
+/// Refused or failed requests by error type, in every binary.
+pub static ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "talaria_errors_total",
+                "Refused or failed requests by error type",
+            ),
+            &["type"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// Counts one error of `error_type`.
+pub fn error(error_type: &str) {
+    ERRORS.with_label_values(&[error_type]).inc();
+}
+
+// gpu-node: the shard's queue and batches.
+pub static STAGE_QUEUE_DEPTH: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "talaria_stage_queue_depth",
+        "Masked calls waiting for the shard",
+    )
+});
+pub static STAGE_SESSIONS: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("talaria_stage_sessions", "Live sessions on this stage"));
+pub static STAGE_BATCH_CALLS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "talaria_stage_batch_calls",
+        "Masked calls (sessions) per GEMM batch",
+        sizes(),
+    )
+});
+pub static STAGE_BATCH_TENANTS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "talaria_stage_batch_tenants",
+        "Distinct tenants per GEMM batch",
+        sizes(),
+    )
+});
+pub static STAGE_BATCH_ROWS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "talaria_stage_batch_rows",
+        "Masked rows per GEMM batch",
+        sizes(),
+    )
+});
+pub static STAGE_QUEUE_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "talaria_stage_queue_seconds",
+        "Time a call waited for its batch",
+        seconds(),
+    )
+});
+pub static STAGE_COMPUTE_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "talaria_stage_compute_seconds",
+        "Compute time of one batch",
+        seconds(),
+    )
+});
+pub static STAGE_CALLS: LazyLock<IntCounter> =
+    LazyLock::new(|| counter("talaria_stage_calls_total", "Masked calls answered"));
+pub static STAGE_ROWS: LazyLock<IntCounter> =
+    LazyLock::new(|| counter("talaria_stage_rows_total", "Masked rows multiplied"));
+
+// coordinator: sessions and routed requests.
+pub static ROUTER_SESSIONS: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("talaria_router_sessions", "Open sessions, all tenants"));
+pub static ROUTER_AGENTS: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("talaria_router_agents", "Admitted cvm-agents"));
+pub static ROUTER_REQUESTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "talaria_router_requests_total",
+        "Requests routed to a stage",
+    )
+});
+pub static ROUTER_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "talaria_router_request_seconds",
+        "Routed request to answer, at the coordinator",
+        seconds(),
+    )
+});
+
+// cvm-agent: generations for the tenant.
+pub static AGENT_ACTIVE: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "talaria_agent_active_generations",
+        "Generations running now",
+    )
+});
+pub static AGENT_WAITING: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "talaria_agent_waiting_generations",
+        "Requests waiting for a session slot",
+    )
+});
+pub static AGENT_REQUESTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "talaria_agent_requests_total",
+        "Generation requests received",
+    )
+});
+pub static AGENT_PROMPT_TOKENS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "talaria_agent_prompt_tokens_total",
+        "Prompt tokens processed",
+    )
+});
+pub static AGENT_TOKENS: LazyLock<IntCounter> =
+    LazyLock::new(|| counter("talaria_agent_generated_tokens_total", "Tokens generated"));
+pub static AGENT_TTFT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "talaria_agent_ttft_seconds",
+        "Request to first token",
+        seconds(),
+    )
+});
+pub static AGENT_ITL_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "talaria_agent_inter_token_seconds",
+        "Between consecutive tokens",
+        seconds(),
+    )
+});
+
+/// The registry in Prometheus' text format.
+pub fn render() -> String {
+    let mut out = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&prometheus::gather(), &mut out) {
+        tracing::warn!("encoding metrics: {e}");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// The `GET /metrics` route, for any actix-web app.
+pub async fn metrics_route() -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Ok()
+        .content_type(prometheus::TEXT_FORMAT)
+        .body(render())
+}
+
+/// Serves `GET /metrics` over plain HTTP on `addr` (cloud-internal: it carries counts and
+/// timings, no payloads). Runs until the process ends; must be called inside an actix `System`.
+pub fn serve(addr: SocketAddr) -> std::io::Result<()> {
+    let server = actix_web::HttpServer::new(|| {
+        actix_web::App::new().route("/metrics", actix_web::web::get().to(metrics_route))
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(addr)?
+    .run();
+    actix_rt::spawn(server);
+    tracing::info!(%addr, "serving /metrics");
+    Ok(())
+}

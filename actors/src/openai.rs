@@ -1,0 +1,630 @@
+//! The tenant-facing HTTP API of a cvm-agent, compatible with OpenAI's: `GET /v1/models`,
+//! `POST /v1/completions` and `POST /v1/chat/completions` (both with `stream: true` as
+//! server-sent events), plus `GET /metrics`.
+//!
+//! It is served over HTTPS with the same certificate (the same key) the agent's attestation
+//! binds, so a tenant that verified the agent knows whom it is talking to. Every request runs
+//! in a session of its own through [`Tenancy`]; errors come back in OpenAI's error shape.
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use actix_web::http::StatusCode;
+use actix_web::web::{self, Bytes, Json};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use talaria_engine::{ChatMessage, SamplingParams, StopReason};
+use talaria_wire::{ErrorReply, Prompt, TenantEvent, TenantRequest};
+use tokio::sync::mpsc;
+
+use crate::metrics;
+use crate::session::Tenancy;
+
+/// What the API serves: the model's id and the sessions.
+#[derive(Clone)]
+pub struct Api {
+    pub model: String,
+    pub tenancy: Tenancy,
+    /// Longest generation a request may ask for (and the default of chat completions).
+    pub max_tokens: usize,
+}
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: String,
+    message: String,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: "invalid_value".into(),
+            message: message.into(),
+            param: Some(param),
+        }
+    }
+
+    /// The HTTP form of an error the generation answered with.
+    fn from_reply(e: &ErrorReply) -> Self {
+        let (status, kind) = match e.error_type.as_str() {
+            "empty_prompt" | "context" | "tokenizer" | "sampling" | "bad_request" => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error")
+            }
+            "too_many_sessions" => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+            "node_unavailable" | "connection" | "no_route" | "not_admitted" => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server_error")
+            }
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+        };
+        Self {
+            status,
+            kind,
+            code: e.error_type.clone(),
+            message: e.message.clone(),
+            param: None,
+        }
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.status, self.code, self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        tracing::warn!(status = %self.status, error_type = %self.code, "API request refused: {}", self.message);
+        metrics::error(&self.code);
+        HttpResponse::build(self.status).json(self.body())
+    }
+}
+
+/// `stop`: a string or a list of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `prompt` of a completion: text, or token ids (one prompt per request).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CompletionPrompt {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+}
+
+/// `content` of a chat message: text, or a list of parts of which text parts are read.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The parameters both endpoints share (unknown fields are ignored, as OpenAI's clients send
+/// ones this server has no use for).
+#[derive(Deserialize)]
+struct Common {
+    model: String,
+    max_tokens: Option<usize>,
+    max_completion_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    n: Option<usize>,
+    #[serde(default)]
+    echo: bool,
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    prompt: CompletionPrompt,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    messages: Vec<Message>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+/// Which endpoint: it decides the JSON objects of the answer.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+impl Api {
+    /// The tenant request the common parameters describe.
+    fn request(
+        &self,
+        c: &Common,
+        prompt: Prompt,
+        default_max: usize,
+    ) -> Result<TenantRequest, ApiError> {
+        if c.model != self.model {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "invalid_request_error",
+                code: "model_not_found".into(),
+                message: format!(
+                    "The model `{}` does not exist (this agent serves `{}`)",
+                    c.model, self.model
+                ),
+                param: Some("model"),
+            });
+        }
+        if c.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid("n", "only n = 1 is supported"));
+        }
+        if c.echo {
+            return Err(ApiError::invalid("echo", "echo is not supported"));
+        }
+        let max_tokens = c
+            .max_completion_tokens
+            .or(c.max_tokens)
+            .unwrap_or(default_max);
+        if max_tokens == 0 || max_tokens > self.max_tokens {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!("max_tokens must be in 1..={}", self.max_tokens),
+            ));
+        }
+        let temperature = c.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::invalid(
+                "temperature",
+                "temperature must be in [0, 2]",
+            ));
+        }
+        let top_p = c.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::invalid("top_p", "top_p must be in (0, 1]"));
+        }
+        let stop = match &c.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) if v.len() <= 4 => v.clone(),
+            Some(Stop::Many(_)) => {
+                return Err(ApiError::invalid("stop", "at most 4 stop sequences"));
+            }
+        };
+        Ok(TenantRequest {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams {
+                temperature,
+                top_k: 0,
+                top_p,
+                seed: c.seed.map_or_else(rand::random, |s| s as u64),
+            },
+            ignore_eos: false,
+            stop,
+        })
+    }
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn finish_reason(reason: StopReason) -> &'static str {
+    match reason {
+        StopReason::Eos | StopReason::Stopped => "stop",
+        StopReason::Length | StopReason::Context => "length",
+    }
+}
+
+/// Holds back streamed text that could be the start of a stop sequence, so the stream never
+/// shows what the final text leaves out.
+struct StopFilter {
+    stops: Vec<String>,
+    held: String,
+    sent: String,
+    stopped: bool,
+}
+
+impl StopFilter {
+    fn new(stops: Vec<String>) -> Self {
+        Self {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            held: String::new(),
+            sent: String::new(),
+            stopped: false,
+        }
+    }
+
+    /// Takes a new piece; returns what may be sent now. A stop sequence never starts in what
+    /// was sent: any tail that could begin one is held back.
+    fn push(&mut self, piece: &str) -> String {
+        if self.stopped {
+            return String::new();
+        }
+        self.held.push_str(piece);
+        let held = &self.held;
+        let cut = match self
+            .stops
+            .iter()
+            .filter_map(|s| held.find(s.as_str()))
+            .min()
+        {
+            Some(at) => {
+                self.stopped = true;
+                at
+            }
+            None => {
+                let could_start = |s: &String| {
+                    (1..s.len().min(held.len() + 1))
+                        .rev()
+                        .find(|&k| {
+                            held.is_char_boundary(held.len() - k)
+                                && s.starts_with(&held[held.len() - k..])
+                        })
+                        .unwrap_or(0)
+                };
+                held.len() - self.stops.iter().map(could_start).max().unwrap_or(0)
+            }
+        };
+        let out: String = self.held[..cut].to_string();
+        self.held = if self.stopped {
+            String::new()
+        } else {
+            self.held[cut..].to_string()
+        };
+        self.sent.push_str(&out);
+        out
+    }
+
+    /// What is left to send of the generation's final `text`.
+    fn finish(&mut self, text: &str) -> String {
+        let rest = text
+            .strip_prefix(self.sent.as_str())
+            .unwrap_or("")
+            .to_string();
+        self.sent.push_str(&rest);
+        rest
+    }
+}
+
+/// One streamed chunk (or the whole answer's choice) of either endpoint.
+fn choice(kind: Kind, text: Option<&str>, finish: Option<&str>, whole: bool) -> Value {
+    match (kind, whole) {
+        (Kind::Completion, _) => json!({
+            "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
+        }),
+        (Kind::Chat, true) => json!({
+            "index": 0, "logprobs": null, "finish_reason": finish,
+            "message": {"role": "assistant", "content": text.unwrap_or(""), "refusal": null},
+        }),
+        (Kind::Chat, false) => {
+            let delta = match text {
+                Some(t) => json!({"content": t}),
+                None => json!({}),
+            };
+            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+        }
+    }
+}
+
+fn envelope(kind: Kind, id: &str, created: u64, model: &str, choices: Value, whole: bool) -> Value {
+    let object = match (kind, whole) {
+        (Kind::Completion, _) => "text_completion",
+        (Kind::Chat, true) => "chat.completion",
+        (Kind::Chat, false) => "chat.completion.chunk",
+    };
+    json!({
+        "id": id, "object": object, "created": created, "model": model,
+        "system_fingerprint": null, "choices": choices,
+    })
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// Runs one request: the whole answer as JSON, or its stream of server-sent events.
+async fn answer(
+    api: &Api,
+    kind: Kind,
+    common: &Common,
+    prompt: Prompt,
+    default_max: usize,
+) -> Result<HttpResponse, ApiError> {
+    let request = api.request(common, prompt, default_max)?;
+    let stops = request.stop.clone();
+    let mut events = api.tenancy.generate(request).await;
+    let prefix = if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
+    let id = format!("{prefix}-{:032x}", rand::random::<u128>());
+    let (created, model) = (now_s(), api.model.clone());
+    if !common.stream {
+        loop {
+            match events.recv().await {
+                Some(TenantEvent::Token { .. }) | Some(TenantEvent::Attestation { .. }) => {}
+                Some(TenantEvent::Done {
+                    generation, text, ..
+                }) => {
+                    let mut body = envelope(
+                        kind,
+                        &id,
+                        created,
+                        &model,
+                        json!([choice(
+                            kind,
+                            Some(&text),
+                            Some(finish_reason(generation.stop_reason)),
+                            true
+                        )]),
+                        true,
+                    );
+                    body["usage"] = usage(generation.prompt_ids.len(), generation.ids.len());
+                    return Ok(HttpResponse::Ok().json(body));
+                }
+                Some(TenantEvent::Error(e)) => return Err(ApiError::from_reply(&e)),
+                None => {
+                    return Err(ApiError::from_reply(&ErrorReply::new(
+                        "internal",
+                        "the session ended without an answer",
+                    )));
+                }
+            }
+        }
+    }
+    let include_usage = common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let chunk_of = move |choices: Value| envelope(kind, &id, created, &model, choices, false);
+    actix_rt::spawn(async move {
+        let mut filter = StopFilter::new(stops);
+        if kind == Kind::Chat {
+            let first = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+            let _ = tx.send(sse(&chunk_of(first)));
+        }
+        while let Some(event) = events.recv().await {
+            let sent = match event {
+                TenantEvent::Token { piece: Some(p), .. } => {
+                    let out = filter.push(&p);
+                    out.is_empty()
+                        || tx
+                            .send(sse(&chunk_of(json!([choice(
+                                kind,
+                                Some(&out),
+                                None,
+                                false
+                            )]))))
+                            .is_ok()
+                }
+                TenantEvent::Token { .. } | TenantEvent::Attestation { .. } => true,
+                TenantEvent::Done {
+                    generation, text, ..
+                } => {
+                    let rest = filter.finish(&text);
+                    if !rest.is_empty() {
+                        let _ = tx.send(sse(&chunk_of(json!([choice(
+                            kind,
+                            Some(&rest),
+                            None,
+                            false
+                        )]))));
+                    }
+                    let _ = tx.send(sse(&chunk_of(json!([choice(
+                        kind,
+                        None,
+                        Some(finish_reason(generation.stop_reason)),
+                        false
+                    )]))));
+                    if include_usage {
+                        let mut last = chunk_of(json!([]));
+                        last["usage"] = usage(generation.prompt_ids.len(), generation.ids.len());
+                        let _ = tx.send(sse(&last));
+                    }
+                    break;
+                }
+                TenantEvent::Error(e) => {
+                    // Headers are gone already: the error travels as an event of its own.
+                    let _ = tx.send(sse(&ApiError::from_reply(&e).body()));
+                    break;
+                }
+            };
+            if !sent {
+                // The client went away: dropping `events` cancels the generation.
+                return;
+            }
+        }
+        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n"));
+    });
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, actix_web::Error>(b), rx))
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .streaming(body))
+}
+
+async fn models(api: web::Data<Api>) -> HttpResponse {
+    HttpResponse::Ok().json(json!({"object": "list", "data": [
+        {"id": api.model, "object": "model", "created": 0, "owned_by": "talaria"}
+    ]}))
+}
+
+async fn completions(
+    api: web::Data<Api>,
+    body: Json<CompletionBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let prompt = match body.prompt {
+        CompletionPrompt::Text(text) => Prompt::Text { text, chat: false },
+        CompletionPrompt::Texts(mut v) if v.len() == 1 => Prompt::Text {
+            text: v.remove(0),
+            chat: false,
+        },
+        CompletionPrompt::Texts(_) => {
+            return Err(ApiError::invalid("prompt", "one prompt per request"));
+        }
+        CompletionPrompt::Ids(ids) => Prompt::Ids(ids),
+    };
+    // OpenAI's default for completions.
+    answer(
+        &api,
+        Kind::Completion,
+        &body.common,
+        prompt,
+        16.min(api.max_tokens),
+    )
+    .await
+}
+
+async fn chat(api: web::Data<Api>, body: Json<ChatBody>) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    if body.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "at least one message"));
+    }
+    let mut messages = Vec::with_capacity(body.messages.len());
+    for m in body.messages {
+        let role = match m.role.as_str() {
+            "developer" => "system".to_string(),
+            "system" | "user" | "assistant" => m.role,
+            other => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!("unsupported role {other:?}"),
+                ));
+            }
+        };
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::invalid(
+                                "messages",
+                                format!("unsupported content part {kind:?}"),
+                            ));
+                        }
+                    }
+                }
+                text
+            }
+        };
+        messages.push(ChatMessage { role, content });
+    }
+    answer(
+        &api,
+        Kind::Chat,
+        &body.common,
+        Prompt::Chat(messages),
+        api.max_tokens,
+    )
+    .await
+}
+
+/// A JSON body that does not parse: OpenAI's 400 shape, not actix's plain text.
+fn json_error(
+    err: actix_web::error::JsonPayloadError,
+    _: &actix_web::HttpRequest,
+) -> actix_web::Error {
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        kind: "invalid_request_error",
+        code: "invalid_json".into(),
+        message: format!("the body is not a valid request: {err}"),
+        param: None,
+    }
+    .into()
+}
+
+/// The app: the three OpenAI routes and `/metrics`.
+pub fn configure(api: Api) -> impl Fn(&mut web::ServiceConfig) + Clone {
+    move |cfg: &mut web::ServiceConfig| {
+        cfg.app_data(web::Data::new(api.clone()))
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(4 << 20)
+                    .error_handler(json_error),
+            )
+            .route("/v1/models", web::get().to(models))
+            .route("/v1/completions", web::post().to(completions))
+            .route("/v1/chat/completions", web::post().to(chat))
+            .route("/metrics", web::get().to(metrics::metrics_route));
+    }
+}
+
+/// Serves the API on `addr` over HTTPS with `tls`. Must be called inside an actix `System`.
+pub fn serve(addr: SocketAddr, api: Api, tls: rustls::ServerConfig) -> std::io::Result<()> {
+    let routes = configure(api);
+    let server =
+        actix_web::HttpServer::new(move || actix_web::App::new().configure(routes.clone()))
+            .workers(2)
+            .disable_signals()
+            .bind_rustls_0_23(addr, tls)?
+            .run();
+    actix_rt::spawn(server);
+    tracing::info!(%addr, "serving the OpenAI-compatible API over HTTPS");
+    Ok(())
+}
