@@ -13,7 +13,7 @@ use rand_distr::{Distribution, StandardNormal};
 use talaria_engine::{OpId, Rows};
 use talaria_wire::{BasisSpec, SessionId, SetupReply, SetupRequest, Tensor, expand_basis};
 
-use crate::gemm::{matmul_f32, matmul_f64};
+use crate::gemm::{matmul_f32, matmul_f64, matmul_f64_f32};
 use crate::{Precision, RemoConfig, RemoError};
 
 /// What the CVM knows of an op after set-up: all of it public.
@@ -23,7 +23,8 @@ struct OpPublic {
     /// `m × d_in` orthonormal rows, or `None` for the identity basis (`m = d_in`).
     basis: Option<Vec<f64>>,
     m: usize,
-    /// `R_pub = M_pub · W`, `m × d_out`, in the precision the mode keeps it.
+    /// `R_pub = M_pub · W`, `m × d_out`, in the precision the mode keeps it (f32 when it is
+    /// exact in f32: the identity basis; products are still made in f64 if the mode asks).
     r_pub_f32: Vec<f32>,
     r_pub_f64: Vec<f64>,
 }
@@ -104,7 +105,9 @@ fn make_pairs(
             (r, c)
         }
     };
-    let products: Vec<f64> = if precision.r_pub_f64() {
+    let products: Vec<f64> = if precision.r_pub_f64() && public.r_pub_f64.is_empty() {
+        matmul_f64_f32(&coeffs, &public.r_pub_f32, count, m, d_out)
+    } else if precision.r_pub_f64() {
         matmul_f64(&coeffs, &public.r_pub_f64, count, m, d_out)
     } else {
         let c32: Vec<f32> = coeffs.iter().map(|&x| x as f32).collect();
@@ -368,10 +371,9 @@ impl Masker {
         let (r_pub_f32, r_pub_f64) = match reply.r_pub {
             Tensor::F32 { data, .. } if !self.config.precision.r_pub_f64() => (data, Vec::new()),
             Tensor::F64 { data, .. } if self.config.precision.r_pub_f64() => (Vec::new(), data),
-            // With the identity basis R_pub is W itself, exact in f32: widening loses nothing.
-            Tensor::F32 { data, .. } if basis.is_none() => {
-                (Vec::new(), data.iter().map(|&v| f64::from(v)).collect())
-            }
+            // With the identity basis R_pub is W itself, exact in f32: it is kept in f32 (half
+            // the memory) and widened block by block when the f64 products are made.
+            Tensor::F32 { data, .. } if basis.is_none() => (data, Vec::new()),
             other => {
                 return Err(RemoError::Setup(format!(
                     "{op}: R_pub arrived in {}",
