@@ -116,56 +116,59 @@ impl Queue {
         self.ready.notify_one();
     }
 
-    /// The next batch: the oldest job, and for a masked call every waiting call of its op, up
-    /// to `max_calls`, each tenant limited to its fair share when several compete. Waits (at
-    /// most `max_wait` from the oldest job's arrival) for more calls of the op while other live
-    /// sessions could still send one. Blocks while the queue is empty.
+    /// The next batch. Set-ups go first, alone. Otherwise the calls of the earliest op (in
+    /// forward-pass order) among those queued: their sessions are the laggards, served at once
+    /// while others wait ahead, so sessions fall into step and later GEMMs serve all of them.
+    /// When every queued call is of one op, it waits (at most `max_wait` from the oldest's
+    /// arrival) while some live session has no call queued and may be about to send one of the
+    /// same op. At most `max_calls` calls, each tenant limited to its fair share when several
+    /// compete; the rest stay queued in arrival order. Blocks while the queue is empty.
     fn next_batch(&self) -> Vec<Waiting> {
         let mut jobs = self.lock();
-        while jobs.is_empty() {
-            jobs = self.ready.wait(jobs).unwrap_or_else(|e| e.into_inner());
-        }
-        let first = jobs.pop_front().expect("not empty");
-        if first.job.setup {
-            metrics::STAGE_QUEUE_DEPTH.set(jobs.len() as i64);
-            return vec![first];
-        }
-        let op = first.job.op;
-        let same = |w: &Waiting| !w.job.setup && w.job.op == op;
-        let deadline = first.since + self.policy.max_wait;
-        loop {
-            let possible = self
-                .sessions
-                .load(Ordering::Relaxed)
-                .min(self.policy.max_calls);
-            let have = 1 + jobs.iter().filter(|w| same(w)).count();
+        let op = loop {
+            while jobs.is_empty() {
+                jobs = self.ready.wait(jobs).unwrap_or_else(|e| e.into_inner());
+            }
+            if let Some(i) = jobs.iter().position(|w| w.job.setup) {
+                let setup = jobs.remove(i).expect("present");
+                metrics::STAGE_QUEUE_DEPTH.set(jobs.len() as i64);
+                return vec![setup];
+            }
+            let op = jobs.iter().map(|w| w.job.op).min().expect("not empty");
+            let group: Vec<&Waiting> = jobs.iter().filter(|w| w.job.op == op).collect();
+            let oldest = group.iter().map(|w| w.since).min().expect("not empty");
+            let live = self.sessions.load(Ordering::Relaxed);
             let now = Instant::now();
-            if have >= possible || now >= deadline {
-                break;
+            let deadline = oldest + self.policy.max_wait;
+            // A session has one call in flight at a time: once every live session has one
+            // queued, nothing more can arrive.
+            if group.len() < jobs.len()
+                || group.len() >= live.min(self.policy.max_calls)
+                || jobs.len() >= live
+                || now >= deadline
+            {
+                break op;
             }
             jobs = self
                 .ready
                 .wait_timeout(jobs, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
-        }
-        // Fair share: with T tenants waiting on this op, each gets at most ⌈max/T⌉ calls of
-        // this batch; the rest stay queued in arrival order for the next one.
+        };
         let mut tenants: Vec<&str> = jobs
             .iter()
-            .filter(|w| same(w))
+            .filter(|w| w.job.op == op)
             .map(|w| &*w.job.tenant)
-            .chain([&*first.job.tenant])
             .collect();
         tenants.sort_unstable();
         tenants.dedup();
         let share = self.policy.max_calls.div_ceil(tenants.len()).max(1);
-        let mut taken: HashMap<Arc<str>, usize> = HashMap::from([(first.job.tenant.clone(), 1)]);
-        let mut batch = vec![first];
+        let mut taken: HashMap<Arc<str>, usize> = HashMap::new();
+        let mut batch = Vec::new();
         let mut rest = VecDeque::with_capacity(jobs.len());
         for w in jobs.drain(..) {
             let n = taken.entry(w.job.tenant.clone()).or_default();
-            if batch.len() < self.policy.max_calls && same(&w) && *n < share {
+            if w.job.op == op && batch.len() < self.policy.max_calls && *n < share {
                 *n += 1;
                 batch.push(w);
             } else {

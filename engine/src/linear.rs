@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{EngineError, ModelConfig};
 
-/// A weight-dependent projection inside a decoder block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// A weight-dependent projection inside a decoder block (ordered as a forward pass calls them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum BlockOp {
     /// Fused query, key and value projection (attention norm gain folded in).
     Qkv,
@@ -38,8 +38,8 @@ impl BlockOp {
     }
 }
 
-/// Which weight a linear call uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Which weight a linear call uses (ordered as a forward pass calls them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum OpId {
     /// A projection of decoder block `layer`.
     Block { layer: usize, op: BlockOp },

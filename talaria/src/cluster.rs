@@ -169,11 +169,64 @@ fn wait_ready(
     Ok(())
 }
 
-pub fn up(args: UpArgs) -> Result<()> {
+/// A running local cluster: its processes (stopped when dropped: agents first, then the
+/// coordinator, then the stages) and what its tenants need to know.
+pub struct Running {
+    procs: Vec<Proc>,
+    pub info: ClusterInfo,
+    info_path: PathBuf,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        while let Some(p) = self.procs.pop() {
+            drop(p);
+        }
+        let _ = std::fs::remove_file(&self.info_path);
+    }
+}
+
+impl Running {
+    /// Waits until a signal asks to stop (`Ok`) or a process dies (its error).
+    fn wait(&mut self) -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let procs = &mut self.procs;
+        let exited = rt.block_on(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return Ok::<_, std::io::Error>(None),
+                    _ = term.recv() => return Ok(None),
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                        for p in procs.iter_mut() {
+                            if let Ok(Some(status)) = p.child.try_wait() {
+                                return Ok(Some((p.name.clone(), status, p.log.clone())));
+                            }
+                        }
+                    }
+                }
+            }
+        })?;
+        if let Some((name, status, log)) = exited {
+            bail!(
+                "{name} exited ({status}); its log ({}):\n{}",
+                log.display(),
+                tail(&log, 20)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Starts every process of `args.topology` and waits until each is ready.
+pub fn start(args: &UpArgs) -> Result<Running> {
     let topology = Topology::load(&args.topology)?;
     let config = talaria_gpu_node::read_config(&GgufFile::open(&topology.model_file)?)?;
     topology.check_layers(config.n_layers)?;
-    let run_dir = args.run_dir.unwrap_or_else(default_run_dir);
+    let run_dir = args.run_dir.clone().unwrap_or_else(default_run_dir);
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let topo = std::fs::canonicalize(&args.topology)?;
@@ -241,45 +294,27 @@ pub fn up(args: UpArgs) -> Result<()> {
     };
     let info_path = run_dir.join("cluster.json");
     std::fs::write(&info_path, serde_json::to_string_pretty(&info)?)?;
-    for (tenant, addr) in &info.agents {
+    Ok(Running {
+        procs,
+        info,
+        info_path,
+    })
+}
+
+pub fn up(args: UpArgs) -> Result<()> {
+    let mut cluster = start(&args)?;
+    for (tenant, addr) in &cluster.info.agents {
         eprintln!("tenant {tenant}: agent at {addr}");
     }
-    eprintln!("logs in {}; Ctrl-C stops the cluster", logs.display());
-    println!("ready {}", info_path.display());
-
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let exited = rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => return Ok::<_, std::io::Error>(None),
-                _ = term.recv() => return Ok(None),
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                    for p in procs.iter_mut() {
-                        if let Ok(Some(status)) = p.child.try_wait() {
-                            return Ok(Some((p.name.clone(), status, p.log.clone())));
-                        }
-                    }
-                }
-            }
-        }
-    })?;
+    eprintln!(
+        "logs in {}; Ctrl-C stops the cluster",
+        cluster.info.logs.display()
+    );
+    println!("ready {}", cluster.info_path.display());
+    let outcome = cluster.wait();
     eprintln!("stopping the cluster");
-    // Agents first, then the coordinator, then the stages.
-    while let Some(p) = procs.pop() {
-        drop(p);
-    }
-    let _ = std::fs::remove_file(&info_path);
-    if let Some((name, status, log)) = exited {
-        bail!(
-            "{name} exited ({status}); its log ({}):\n{}",
-            log.display(),
-            tail(&log, 20)
-        );
-    }
-    Ok(())
+    drop(cluster);
+    outcome
 }
 
 /// How a tenant reaches a cluster's agent.

@@ -5,6 +5,7 @@ mod calibrate;
 mod cluster;
 mod engines;
 mod generate;
+mod load;
 mod lossless;
 
 use std::path::PathBuf;
@@ -43,6 +44,10 @@ enum Command {
     /// Start a whole local cluster (gpu-nodes, coordinator, cvm-agents) from a topology and keep
     /// it in the foreground until interrupted.
     Up(cluster::UpArgs),
+    /// Load-test a local cluster: K tenants (one cvm-agent each) × S concurrent sessions, for
+    /// each K asked; writes tokens/s, TTFT and inter-token latency, and the gpu-nodes' batch
+    /// sizes as JSON.
+    Load(load::LoadArgs),
     /// Check a cvm-agent's SEV-SNP attestation (bound to its TLS certificate) before trusting it.
     Verify(cluster::VerifyArgs),
 }
@@ -92,5 +97,6 @@ fn main() -> Result<()> {
         Command::Lossless(args) => lossless::run(args),
         Command::Up(args) => cluster::up(args),
         Command::Verify(args) => cluster::verify(args),
+        Command::Load(args) => load::run(args),
     }
 }

@@ -1,0 +1,501 @@
+//! `talaria load`: the multi-tenant load generator. Brings up a local cluster with one
+//! cvm-agent per tenant, runs K tenants × S concurrent sessions for each K asked, and writes
+//! aggregate tokens/s, time-to-first-token and inter-token latency percentiles, and the batch
+//! sizes the gpu-nodes formed (from their `/metrics`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use serde::Serialize;
+use talaria_cvm_agent::client::{self, Trust};
+use talaria_engine::SamplingParams;
+use talaria_wire::{Prompt, TenantRequest, TlsMaterial};
+
+use crate::cluster::{Running, UpArgs};
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Tenant counts to measure, in one run on one cluster (each tenant its own cvm-agent).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub tenants: Vec<usize>,
+    /// Concurrent sessions per tenant.
+    #[arg(long, default_value_t = 1)]
+    pub sessions: usize,
+    /// Tokens each session generates (end-of-sequence ignored, so every session does the same
+    /// work).
+    #[arg(long, default_value_t = 32)]
+    pub gen_tokens: usize,
+    /// Write the results here as JSON (they are printed too).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Where the cluster's topology, TLS material and logs go.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// First port of the cluster (it uses a block of ports above it).
+    #[arg(long, default_value_t = 7600)]
+    pub base_port: u16,
+    /// The gpu-nodes' batching: most calls per GEMM.
+    #[arg(long, default_value_t = 64)]
+    pub max_calls: usize,
+    /// The gpu-nodes' batching: longest wait for a batch to fill, µs (0 batches only what
+    /// queued up while the shard was busy).
+    #[arg(long, default_value_t = 1000)]
+    pub max_wait_us: u64,
+    /// Seconds to wait for the cluster to be ready.
+    #[arg(long, default_value_t = 600)]
+    pub ready_timeout_s: u64,
+}
+
+/// Percentiles of a sample, in milliseconds.
+#[derive(Debug, Serialize)]
+struct Percentiles {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    mean: f64,
+    n: usize,
+}
+
+fn percentiles(mut v: Vec<f64>) -> Percentiles {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        if v.is_empty() {
+            0.0
+        } else {
+            v[((v.len() - 1) as f64 * q).round() as usize] * 1e3
+        }
+    };
+    Percentiles {
+        p50: at(0.5),
+        p90: at(0.9),
+        p99: at(0.99),
+        mean: if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64 * 1e3
+        },
+        n: v.len(),
+    }
+}
+
+/// A histogram as `/metrics` gives it: cumulative counts per upper bound, sum and count.
+#[derive(Debug, Clone, Default, Serialize)]
+struct Histogram {
+    /// Observations in each bucket (not cumulative), by upper bound.
+    buckets: BTreeMap<String, u64>,
+    sum: f64,
+    count: u64,
+    mean: f64,
+}
+
+/// Reads histogram `name` from a Prometheus text exposition.
+fn parse_histogram(text: &str, name: &str) -> Histogram {
+    let mut cumulative: Vec<(f64, String, u64)> = Vec::new();
+    let mut h = Histogram::default();
+    for line in text.lines() {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        if let Some(le) = key
+            .strip_prefix(&format!("{name}_bucket{{le=\""))
+            .and_then(|r| r.strip_suffix("\"}"))
+        {
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::INFINITY)
+            };
+            cumulative.push((bound, le.to_string(), value.parse().unwrap_or(0)));
+        } else if key == format!("{name}_sum") {
+            h.sum = value.parse().unwrap_or(0.0);
+        } else if key == format!("{name}_count") {
+            h.count = value.parse().unwrap_or(0);
+        }
+    }
+    cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut below = 0;
+    for (_, le, c) in cumulative {
+        h.buckets.insert(le, c.saturating_sub(below));
+        below = c;
+    }
+    h
+}
+
+/// `after − before`, bucket by bucket.
+fn delta(after: &Histogram, before: &Histogram) -> Histogram {
+    let buckets: BTreeMap<String, u64> = after
+        .buckets
+        .iter()
+        .map(|(k, &v)| {
+            (
+                k.clone(),
+                v.saturating_sub(*before.buckets.get(k).unwrap_or(&0)),
+            )
+        })
+        .filter(|&(_, v)| v > 0)
+        .collect();
+    let count = after.count.saturating_sub(before.count);
+    let sum = after.sum - before.sum;
+    Histogram {
+        buckets,
+        sum,
+        count,
+        mean: if count > 0 { sum / count as f64 } else { 0.0 },
+    }
+}
+
+/// `GET /metrics` over plain HTTP/1.0.
+fn scrape(addr: SocketAddr) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+const BATCH_METRICS: [&str; 3] = [
+    "talaria_stage_batch_calls",
+    "talaria_stage_batch_tenants",
+    "talaria_stage_batch_rows",
+];
+
+/// Every stage's batch histograms now.
+fn stage_histograms(stages: &[(String, SocketAddr)]) -> Result<Vec<Vec<Histogram>>> {
+    stages
+        .iter()
+        .map(|(name, addr)| {
+            let text = scrape(*addr).with_context(|| format!("scraping {name}'s /metrics"))?;
+            Ok(BATCH_METRICS
+                .iter()
+                .map(|m| parse_histogram(&text, m))
+                .collect())
+        })
+        .collect()
+}
+
+/// What one stage's shard did during a step.
+#[derive(Debug, Serialize)]
+struct StageBatches {
+    stage: String,
+    /// Masked calls (sessions) per GEMM.
+    calls_per_batch: Histogram,
+    /// Distinct tenants per GEMM.
+    tenants_per_batch: Histogram,
+    /// Masked rows per GEMM.
+    rows_per_batch: Histogram,
+}
+
+/// CPU seconds a process has used (user + system), from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at its closing ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz.max(1.0))
+}
+
+/// CPU seconds of each kind of process (`stage-*`, `coordinator`, `agent-*`).
+fn cpu_by_role(pids: &[(String, u32)]) -> BTreeMap<String, f64> {
+    let mut by = BTreeMap::new();
+    for (name, pid) in pids {
+        let role = if name.starts_with("agent-") {
+            "agents".to_string()
+        } else {
+            name.clone()
+        };
+        *by.entry(role).or_default() += cpu_seconds(*pid).unwrap_or(0.0);
+    }
+    by
+}
+
+/// One point of the curve.
+#[derive(Debug, Serialize)]
+struct Step {
+    tenants: usize,
+    sessions: usize,
+    generated_tokens: usize,
+    wall_s: f64,
+    /// Generated tokens of all sessions per second of wall time.
+    tokens_per_s: f64,
+    /// `tokens_per_s` over the one-tenant step's, if measured.
+    speedup_vs_one_tenant: Option<f64>,
+    ttft_ms: Percentiles,
+    inter_token_ms: Percentiles,
+    batches: Vec<StageBatches>,
+    /// CPU milliseconds per generated token, by process kind: where the machine's cores went.
+    cpu_ms_per_token: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    model: String,
+    gen_tokens: usize,
+    sessions_per_tenant: usize,
+    max_calls: usize,
+    max_wait_us: u64,
+    cores: usize,
+    steps: Vec<Step>,
+}
+
+/// The topology of the load cluster: two stages, `tenants` agents.
+fn topology_text(args: &LoadArgs, tenants: usize) -> String {
+    let p = args.base_port;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "# Written by `talaria load`.\n[model]\nname = \"smollm2-135m\"\n\n\
+         [coordinator]\nlisten = \"127.0.0.1:{p}\"\nmetrics = \"127.0.0.1:{}\"\n",
+        p + 1
+    );
+    for (i, (layers, head)) in [("0-14", false), ("15-29", true)].iter().enumerate() {
+        let _ = writeln!(
+            t,
+            "[[stage]]\nname = \"stage-{i}\"\nlisten = \"127.0.0.1:{}\"\nmetrics = \"127.0.0.1:{}\"\n\
+             layers = \"{layers}\"\nlm_head = {head}\n",
+            p + 10 + i as u16,
+            p + 20 + i as u16
+        );
+    }
+    for i in 0..tenants {
+        let _ = writeln!(
+            t,
+            "[[agent]]\ntenant = \"tenant-{i:02}\"\nlisten = \"127.0.0.1:{}\"\nmax_sessions = {}\n",
+            p + 100 + i as u16,
+            args.sessions
+        );
+    }
+    let _ = writeln!(
+        t,
+        "[batching]\nmax_calls = {}\nmax_wait_us = {}\n\n[tls]\ngenerate = true\n\n\
+         [admission]\nallow_insecure = true",
+        args.max_calls, args.max_wait_us
+    );
+    t
+}
+
+/// What one session saw: when it started, and when each token arrived.
+struct Trace {
+    start: Instant,
+    tokens: Vec<Instant>,
+}
+
+/// Runs one generation against `addr`, timing each token.
+fn session(tls: &TlsMaterial, addr: SocketAddr, req: &TenantRequest) -> Result<Trace> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow!("runtime: {e}"))?;
+    let trust = Trust {
+        policy: None,
+        allow_insecure: true,
+    };
+    let start = Instant::now();
+    let mut tokens = Vec::new();
+    rt.block_on(client::generate(tls, addr, &trust, req, |_, _| {
+        tokens.push(Instant::now())
+    }))
+    .map_err(|e| anyhow!("agent {addr}: {e}"))?;
+    Ok(Trace { start, tokens })
+}
+
+fn request(tenant: usize, session: usize, gen_tokens: usize) -> TenantRequest {
+    const TOPICS: [&str; 8] = [
+        "the sea",
+        "a lighthouse",
+        "winter in the mountains",
+        "a busy market",
+        "an old library",
+        "the first train",
+        "a garden at night",
+        "a long letter",
+    ];
+    TenantRequest {
+        prompt: Prompt::Text {
+            text: format!(
+                "Tenant {tenant}, session {session}: write a few sentences about {}.",
+                TOPICS[(tenant + session) % TOPICS.len()]
+            ),
+            chat: true,
+        },
+        max_tokens: gen_tokens,
+        sampling: SamplingParams::default(),
+        ignore_eos: true,
+        stop: Vec::new(),
+    }
+}
+
+/// Runs every session of `agents` at once; the traces of all of them.
+fn run_all(
+    tls: &TlsMaterial,
+    agents: &[SocketAddr],
+    sessions: usize,
+    gen_tokens: usize,
+) -> Result<Vec<Trace>> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = agents
+            .iter()
+            .enumerate()
+            .flat_map(|(t, &addr)| (0..sessions).map(move |s| (t, s, addr)))
+            .map(|(t, s, addr)| {
+                scope.spawn(move || {
+                    session(tls, addr, &request(t, s, gen_tokens))
+                        .with_context(|| format!("tenant {t} session {s}"))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow!("a session thread panicked"))?)
+            .collect()
+    })
+}
+
+pub fn run(args: LoadArgs) -> Result<()> {
+    if args.tenants.is_empty() || args.tenants.contains(&0) || args.sessions == 0 {
+        bail!("--tenants and --sessions must be positive");
+    }
+    let most = *args.tenants.iter().max().expect("not empty");
+    let run_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| talaria_model_store::home().join("load"));
+    std::fs::create_dir_all(&run_dir)?;
+    let topo_path = run_dir.join("load.toml");
+    std::fs::write(&topo_path, topology_text(&args, most))?;
+    let cluster: Running = crate::cluster::start(&UpArgs {
+        topology: topo_path.clone(),
+        run_dir: Some(run_dir.clone()),
+        tap: None,
+        ready_timeout_s: args.ready_timeout_s,
+    })?;
+    let topology = talaria_topology::Topology::load(&topo_path)?;
+    let tls = TlsMaterial {
+        ca: cluster.info.ca.clone(),
+        cert: PathBuf::new(),
+        key: PathBuf::new(),
+        server_name: cluster.info.server_name.clone(),
+    };
+    let agents: Vec<SocketAddr> = cluster.info.agents.iter().map(|(_, a)| *a).collect();
+    let stages: Vec<(String, SocketAddr)> = topology
+        .stages
+        .iter()
+        .filter_map(|s| s.metrics.map(|m| (s.name.clone(), m)))
+        .collect();
+
+    // Warm-up, not measured: each agent's first session fetches R_pub (once per agent).
+    eprintln!("warming up {most} agent(s)");
+    let t0 = Instant::now();
+    for chunk in agents.chunks(4) {
+        run_all(&tls, chunk, 1, 2)?;
+    }
+    eprintln!("  warm in {:.1} s", t0.elapsed().as_secs_f64());
+
+    let mut steps: Vec<Step> = Vec::new();
+    for &k in &args.tenants {
+        eprintln!(
+            "{k} tenant(s) × {} session(s) × {} tokens",
+            args.sessions, args.gen_tokens
+        );
+        let before = stage_histograms(&stages)?;
+        let cpu_before = cpu_by_role(&cluster.info.pids);
+        let t0 = Instant::now();
+        let traces = run_all(&tls, &agents[..k], args.sessions, args.gen_tokens)?;
+        let wall = t0.elapsed().as_secs_f64();
+        let after = stage_histograms(&stages)?;
+        let cpu_after = cpu_by_role(&cluster.info.pids);
+        let generated: usize = traces.iter().map(|t| t.tokens.len()).sum();
+        if generated != k * args.sessions * args.gen_tokens {
+            bail!(
+                "{generated} tokens arrived, {} expected: a response was cut short",
+                k * args.sessions * args.gen_tokens
+            );
+        }
+        let ttft = traces
+            .iter()
+            .filter_map(|t| t.tokens.first().map(|f| (*f - t.start).as_secs_f64()))
+            .collect();
+        let itl = traces
+            .iter()
+            .flat_map(|t| t.tokens.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()))
+            .collect();
+        let batches = stages
+            .iter()
+            .zip(before.iter().zip(&after))
+            .map(|((name, _), (b, a))| StageBatches {
+                stage: name.clone(),
+                calls_per_batch: delta(&a[0], &b[0]),
+                tenants_per_batch: delta(&a[1], &b[1]),
+                rows_per_batch: delta(&a[2], &b[2]),
+            })
+            .collect();
+        let tokens_per_s = generated as f64 / wall;
+        let one = steps
+            .iter()
+            .find(|s| s.tenants == 1)
+            .map(|s| s.tokens_per_s);
+        let step = Step {
+            tenants: k,
+            sessions: args.sessions,
+            generated_tokens: generated,
+            wall_s: wall,
+            tokens_per_s,
+            speedup_vs_one_tenant: one.map(|o| tokens_per_s / o),
+            ttft_ms: percentiles(ttft),
+            inter_token_ms: percentiles(itl),
+            batches,
+            cpu_ms_per_token: cpu_after
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        (v - cpu_before.get(k).unwrap_or(&0.0)) * 1e3 / generated as f64,
+                    )
+                })
+                .collect(),
+        };
+        eprintln!(
+            "  {:.2} tok/s in {:.1} s; TTFT p50 {:.0} ms; ITL p50 {:.0} ms; calls/batch {}",
+            step.tokens_per_s,
+            step.wall_s,
+            step.ttft_ms.p50,
+            step.inter_token_ms.p50,
+            step.batches
+                .iter()
+                .map(|b| format!("{} {:.2}", b.stage, b.calls_per_batch.mean))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        steps.push(step);
+    }
+    drop(cluster);
+
+    let report = Report {
+        model: topology.model_name.clone(),
+        gen_tokens: args.gen_tokens,
+        sessions_per_tenant: args.sessions,
+        max_calls: args.max_calls,
+        max_wait_us: args.max_wait_us,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        steps,
+    };
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = &args.json {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    println!("{json}");
+    Ok(())
+}
