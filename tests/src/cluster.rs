@@ -34,6 +34,31 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A loopback TCP port nobody listens on right now (HTTP endpoints).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free TCP port")
+        .port()
+}
+
+/// `GET /metrics` of a Prometheus endpoint, over plain HTTP/1.0.
+pub fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// The value of the metric line `name` (e.g. `talaria_stage_calls_total`), 0 if absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A local topology over `model` with `stages` (`(name, "first-last", lm_head)`) and `tenants`,
 /// on free ports.
 pub fn topology(model: &Path, stages: &[(&str, &str, bool)], tenants: &[&str]) -> String {

@@ -1,0 +1,78 @@
+"""Drives a cvm-agent's OpenAI-compatible API with the official `openai` client, unchanged:
+only its base URL and the cluster's CA are configured. Prints one JSON object with what each
+call returned; the Rust test compares it with the plain engine.
+
+usage: openai_client.py BASE_URL CA_PEM MODEL CHAT_MESSAGE MAX_TOKENS COMPLETION_PROMPT
+"""
+
+import json
+import ssl
+import sys
+
+import openai
+
+
+def main() -> None:
+    base_url, ca, model, prompt, max_tokens, completion_prompt = sys.argv[1:7]
+    max_tokens = int(max_tokens)
+    client = openai.OpenAI(
+        base_url=base_url,
+        api_key="unused",
+        http_client=openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=ca)),
+        max_retries=0,
+        timeout=600,
+    )
+    out = {"models": [m.id for m in client.models.list().data]}
+    messages = [{"role": "user", "content": prompt}]
+
+    chat = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0
+    )
+    out["chat"] = {
+        "text": chat.choices[0].message.content,
+        "finish_reason": chat.choices[0].finish_reason,
+        "usage": chat.usage.model_dump(),
+    }
+
+    pieces, finish, usage = [], None, None
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+        for c in chunk.choices:
+            if c.delta.content:
+                pieces.append(c.delta.content)
+            if c.finish_reason:
+                finish = c.finish_reason
+    out["chat_stream"] = {"text": "".join(pieces), "chunks": len(pieces), "finish_reason": finish, "usage": usage}
+
+    comp = client.completions.create(
+        model=model, prompt=completion_prompt, max_tokens=max_tokens, temperature=0
+    )
+    out["completion"] = {"text": comp.choices[0].text, "finish_reason": comp.choices[0].finish_reason}
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model=model, prompt=completion_prompt, max_tokens=max_tokens, temperature=0, stream=True
+        )
+        if c.choices
+    ]
+    out["completion_stream"] = {"text": "".join(pieces)}
+
+    try:
+        client.completions.create(model="no-such-model", prompt=prompt, max_tokens=1)
+        out["wrong_model"] = None
+    except openai.NotFoundError as e:
+        out["wrong_model"] = {"status": e.status_code, "code": e.code}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

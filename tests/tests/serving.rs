@@ -1,0 +1,250 @@
+//! Serving many tenants: the OpenAI-compatible API driven by the official `openai` Python client,
+//! and 64 concurrent sessions of 4 tenants whose masked rows the gpu-nodes batch together — each
+//! answer must reach its own session, equal to the plain engine's.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+
+use talaria_cvm_agent::client::Trust;
+use talaria_engine::{ChatMessage, GenerateRequest, SamplingParams, chat_prompt, generate};
+use talaria_gpu_node::PlainEngine;
+use talaria_tests::cluster::{LocalCluster, free_port, free_tcp_port, metric, scrape};
+use talaria_tests::{real_model, repo_root};
+use talaria_wire::{Prompt, TenantRequest};
+
+/// The plain engine's greedy ids for `prompt_ids` (stopping at end-of-sequence).
+fn plain_greedy(plain: &mut PlainEngine, prompt_ids: Vec<u32>, max_tokens: usize) -> Vec<u32> {
+    let eos = plain.tokenizer.eos();
+    generate(
+        &plain.model,
+        &mut plain.weights,
+        &GenerateRequest {
+            prompt_ids,
+            max_tokens,
+            sampling: SamplingParams::default(),
+            stop_ids: vec![eos],
+        },
+        |_| Ok(()),
+        None,
+    )
+    .unwrap()
+    .ids
+}
+
+/// The text the agent answers for generated `ids` (end-of-sequence left out).
+fn text_of(plain: &PlainEngine, ids: &[u32]) -> String {
+    let eos = plain.tokenizer.eos();
+    let shown: Vec<u32> = ids.iter().copied().filter(|&i| i != eos).collect();
+    plain.tokenizer.decode(&shown).unwrap()
+}
+
+struct Tenant {
+    name: String,
+    http: Option<u16>,
+    max_sessions: usize,
+}
+
+/// Two stages with `/metrics`, `tenants`, and a small mask pool (sessions open faster).
+fn serving_topology(tenants: &[Tenant]) -> (String, Vec<SocketAddr>) {
+    let metrics: Vec<SocketAddr> = (0..2)
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_tcp_port())))
+        .collect();
+    let mut t = format!(
+        "[model]\nfile = \"{}\"\n[coordinator]\nlisten = \"127.0.0.1:{}\"\n",
+        real_model().display(),
+        free_port()
+    );
+    for (i, (layers, head)) in [("0-14", false), ("15-29", true)].iter().enumerate() {
+        t += &format!(
+            "[[stage]]\nname = \"stage-{i}\"\nlisten = \"127.0.0.1:{}\"\nlayers = \"{layers}\"\n\
+             lm_head = {head}\nmetrics = \"{}\"\n",
+            free_port(),
+            metrics[i]
+        );
+    }
+    for a in tenants {
+        t += &format!(
+            "[[agent]]\ntenant = \"{}\"\nlisten = \"127.0.0.1:{}\"\nmax_sessions = {}\n",
+            a.name,
+            free_port(),
+            a.max_sessions
+        );
+        if let Some(port) = a.http {
+            t += &format!("http = \"127.0.0.1:{port}\"\n");
+        }
+    }
+    t += "[remo]\npool = 4\n[tls]\ngenerate = true\n[admission]\nallow_insecure = true\n";
+    (t, metrics)
+}
+
+fn python() -> PathBuf {
+    std::env::var_os("TALARIA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/python"))
+}
+
+#[test]
+fn the_openai_client_gets_the_plain_engines_greedy_answer_streamed_and_whole() {
+    let port = free_tcp_port();
+    let (topology, _) = serving_topology(&[Tenant {
+        name: "tenant-a".into(),
+        http: Some(port),
+        max_sessions: 4,
+    }]);
+    let cluster = LocalCluster::start(&topology);
+    let question = "What is the capital of France?";
+    let completion = "The three primary colours are";
+    let max_tokens = 12;
+
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/python/openai_client.py"))
+        .arg(format!("https://127.0.0.1:{port}/v1"))
+        .arg(cluster.tls().ca)
+        .arg("SmolLM2-135M-Instruct.Q4_1")
+        .arg(question)
+        .arg(max_tokens.to_string())
+        .arg(completion)
+        .output()
+        .expect("running the openai client (scripts/test.sh installs it in .venv)");
+    assert!(
+        out.status.success(),
+        "openai client failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let mut plain = PlainEngine::load(&real_model()).unwrap();
+    let chat_ids = plain
+        .tokenizer
+        .encode(&chat_prompt(&[ChatMessage {
+            role: "user".into(),
+            content: question.into(),
+        }]))
+        .unwrap();
+    let prompt_len = chat_ids.len();
+    let want_chat = plain_greedy(&mut plain, chat_ids, max_tokens);
+    let raw_ids = plain.tokenizer.encode(completion).unwrap();
+    let want_completion = plain_greedy(&mut plain, raw_ids, max_tokens);
+
+    assert_eq!(
+        got["models"],
+        serde_json::json!(["SmolLM2-135M-Instruct.Q4_1"])
+    );
+    let chat_text = text_of(&plain, &want_chat);
+    assert!(chat_text.contains("Paris"), "{chat_text:?}");
+    for key in ["chat", "chat_stream"] {
+        assert_eq!(got[key]["text"], chat_text.as_str(), "{key}: {got}");
+        assert_eq!(got[key]["finish_reason"], "stop", "{key}");
+        assert_eq!(got[key]["usage"]["prompt_tokens"], prompt_len, "{key}");
+        assert_eq!(
+            got[key]["usage"]["completion_tokens"],
+            want_chat.len(),
+            "{key}"
+        );
+    }
+    assert!(got["chat_stream"]["chunks"].as_u64().unwrap() > 1, "{got}");
+    let completion_text = text_of(&plain, &want_completion);
+    assert!(!completion_text.is_empty());
+    assert_eq!(got["completion"]["text"], completion_text.as_str(), "{got}");
+    assert_eq!(got["completion_stream"]["text"], completion_text.as_str());
+    assert_eq!(
+        got["wrong_model"],
+        serde_json::json!({"status": 404, "code": "model_not_found"})
+    );
+}
+
+#[test]
+fn sixty_four_concurrent_sessions_of_four_tenants_are_batched_and_each_gets_its_own_answer() {
+    const TENANTS: usize = 4;
+    const SESSIONS: usize = 16;
+    const MAX_TOKENS: usize = 4;
+    // Each agent runs 8 generations at once: the other 8 of its tenant wait in line.
+    let tenants: Vec<Tenant> = (0..TENANTS)
+        .map(|i| Tenant {
+            name: format!("tenant-{i}"),
+            http: None,
+            max_sessions: 8,
+        })
+        .collect();
+    let (topology, metrics) = serving_topology(&tenants);
+    let cluster = LocalCluster::start(&topology);
+    let topo = cluster.topology();
+    let tls = cluster.tls();
+
+    // 64 different prompts, and what the plain engine answers to each.
+    let mut plain = PlainEngine::load(&real_model()).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..TENANTS * SESSIONS)
+        .map(|i| {
+            // The continuation carries the numbers on: every session's answer is its own.
+            let a = 100 + 7 * i;
+            let text = format!("Count on: {a}, {}, {},", a + 1, a + 2);
+            plain.tokenizer.encode(&text).unwrap()
+        })
+        .collect();
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| plain_greedy(&mut plain, p.clone(), MAX_TOKENS))
+        .collect();
+    let distinct: std::collections::HashSet<&Vec<u32>> = want.iter().collect();
+    assert!(
+        distinct.len() >= 48,
+        "answers too alike to tell sessions apart"
+    );
+
+    let got: Vec<Result<Vec<u32>, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, prompt)| {
+                let addr = topo.agents[i / SESSIONS].listen;
+                let tls = &tls;
+                s.spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    let req = TenantRequest {
+                        prompt: Prompt::Ids(prompt.clone()),
+                        max_tokens: MAX_TOKENS,
+                        sampling: SamplingParams::default(),
+                        ignore_eos: false,
+                        stop: Vec::new(),
+                    };
+                    let trust = Trust {
+                        policy: None,
+                        allow_insecure: true,
+                    };
+                    rt.block_on(talaria_cvm_agent::client::generate(
+                        tls,
+                        addr,
+                        &trust,
+                        &req,
+                        |_, _| {},
+                    ))
+                    .map(|a| a.generation.ids)
+                    .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.as_ref(), Ok(w), "session {i} of tenant {}", i / SESSIONS);
+    }
+
+    // The gpu-nodes did batch: some GEMMs carried rows of several sessions and tenants.
+    for addr in metrics {
+        let text = scrape(addr);
+        let calls = metric(&text, "talaria_stage_calls_total");
+        let batches = metric(&text, "talaria_stage_batch_calls_count");
+        let multi_tenant = metric(&text, "talaria_stage_batch_tenants_count")
+            - metric(&text, "talaria_stage_batch_tenants_bucket{le=\"1\"}");
+        eprintln!(
+            "stage {addr}: {calls} calls in {batches} batches, {multi_tenant} of them with several tenants"
+        );
+        assert!(calls > batches, "no batch held more than one call");
+        assert!(multi_tenant > 0.0, "no batch mixed tenants");
+        assert_eq!(metric(&text, "talaria_stage_sessions"), 0.0);
+    }
+}
