@@ -114,7 +114,7 @@ fn the_openai_client_gets_the_plain_engines_greedy_answer_streamed_and_whole() {
     );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
 
-    let mut plain = PlainEngine::load(&real_model()).unwrap();
+    let mut plain = PlainEngine::load(real_model()).unwrap();
     let chat_ids = plain
         .tokenizer
         .encode(&chat_prompt(&[ChatMessage {
@@ -173,7 +173,7 @@ fn sixty_four_concurrent_sessions_of_four_tenants_are_batched_and_each_gets_its_
     let tls = cluster.tls();
 
     // 64 different prompts, and what the plain engine answers to each.
-    let mut plain = PlainEngine::load(&real_model()).unwrap();
+    let mut plain = PlainEngine::load(real_model()).unwrap();
     let prompts: Vec<Vec<u32>> = (0..TENANTS * SESSIONS)
         .map(|i| {
             // The continuation carries the numbers on: every session's answer is its own.
