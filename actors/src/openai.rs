@@ -628,3 +628,30 @@ pub fn serve(addr: SocketAddr, api: Api, tls: rustls::ServerConfig) -> std::io::
     tracing::info!(%addr, "serving the OpenAI-compatible API over HTTPS");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::StopFilter;
+
+    #[test]
+    fn text_that_may_start_a_stop_sequence_is_held_back() {
+        let mut f = StopFilter::new(vec!["END".into(), String::new()]);
+        assert_eq!(f.push("Hello E"), "Hello ");
+        assert_eq!(f.push("N"), "");
+        // "E", "N", "D": the stop sequence is complete; nothing from it on is sent.
+        assert_eq!(f.push("Dless"), "");
+        assert!(f.stopped);
+        // The generation's text ends before the stop sequence; nothing is left to send.
+        assert_eq!(f.finish("Hello "), "");
+    }
+
+    #[test]
+    fn a_false_start_is_released_and_the_final_text_completes_the_stream() {
+        let mut f = StopFilter::new(vec!["\n\n".into()]);
+        assert_eq!(f.push("one\n"), "one");
+        assert_eq!(f.push("two"), "\ntwo");
+        assert_eq!(f.finish("one\ntwo three"), " three");
+        let mut plain = StopFilter::new(vec![]);
+        assert_eq!(plain.push("as is\n"), "as is\n");
+    }
+}

@@ -453,3 +453,108 @@ pub async fn serve(endpoint: quinn::Endpoint, stage: Addr<LayerStage>, max_frame
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use talaria_engine::BlockOp;
+
+    use super::*;
+
+    fn op(layer: usize) -> OpId {
+        OpId::Block {
+            layer,
+            op: BlockOp::Qkv,
+        }
+    }
+
+    fn queue(sessions: usize, max_calls: usize, max_wait: Duration) -> Queue {
+        Queue {
+            jobs: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+            sessions: AtomicUsize::new(sessions),
+            policy: Batching {
+                max_calls,
+                max_wait,
+            },
+        }
+    }
+
+    /// Queues a job; its tag (in the frame) tells the batches apart.
+    fn push(q: &Queue, tag: u8, op: OpId, tenant: &str, setup: bool) {
+        let (reply, _) = oneshot::channel();
+        q.push(Waiting {
+            job: Job {
+                frame: vec![tag],
+                op,
+                tenant: tenant.into(),
+                setup,
+            },
+            since: Instant::now(),
+            reply,
+        });
+    }
+
+    fn tags(batch: &[Waiting]) -> Vec<u8> {
+        batch.iter().map(|w| w.job.frame[0]).collect()
+    }
+
+    #[test]
+    fn set_ups_go_first_and_alone() {
+        let q = queue(2, 8, Duration::ZERO);
+        push(&q, 1, op(3), "a", false);
+        push(&q, 2, op(3), "b", true);
+        assert_eq!(tags(&q.next_batch()), [2]);
+        assert_eq!(tags(&q.next_batch()), [1]);
+    }
+
+    #[test]
+    fn the_session_behind_goes_first_and_calls_of_one_op_go_together() {
+        let q = queue(3, 8, Duration::from_secs(10));
+        push(&q, 1, op(5), "a", false);
+        push(&q, 2, op(2), "b", false);
+        push(&q, 3, op(5), "c", false);
+        let t0 = Instant::now();
+        // Layer 2 is behind layer 5: served at once, alone, while layer 5 waits.
+        assert_eq!(tags(&q.next_batch()), [2]);
+        // The session behind catches up; with every live session's call queued, the three go
+        // in one batch, without waiting.
+        push(&q, 4, op(5), "b", false);
+        assert_eq!(tags(&q.next_batch()), [1, 3, 4]);
+        assert!(t0.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_lone_session_never_waits() {
+        let q = queue(1, 8, Duration::from_secs(10));
+        push(&q, 1, op(0), "a", false);
+        let t0 = Instant::now();
+        assert_eq!(tags(&q.next_batch()), [1]);
+        assert!(t0.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_batch_waits_a_bounded_time_for_sessions_that_may_join() {
+        let wait = Duration::from_millis(50);
+        let q = queue(4, 8, wait);
+        push(&q, 1, op(0), "a", false);
+        let t0 = Instant::now();
+        assert_eq!(tags(&q.next_batch()), [1]);
+        assert!(t0.elapsed() >= wait - Duration::from_millis(5));
+        assert!(t0.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn each_tenant_gets_a_fair_share_of_a_full_batch() {
+        let q = queue(16, 4, Duration::ZERO);
+        for tag in 1..=6 {
+            push(&q, tag, op(1), "greedy", false);
+        }
+        push(&q, 7, op(1), "small", false);
+        push(&q, 8, op(1), "small", false);
+        // Four calls at most, two tenants: two each, in arrival order.
+        assert_eq!(tags(&q.next_batch()), [1, 2, 7, 8]);
+        assert_eq!(tags(&q.next_batch()), [3, 4, 5, 6]);
+    }
+}

@@ -289,3 +289,87 @@ fn malformed_calls_get_typed_errors_from_the_cloud() {
             .is_ok()
     );
 }
+
+#[test]
+fn a_batch_of_calls_from_several_sessions_answers_each_as_if_alone() {
+    let f = talaria_gguf::GgufFile::open(real_model()).unwrap();
+    let config = talaria_gpu_node::read_config(&f).unwrap();
+    let cloud = CloudExecutor::new(
+        talaria_gpu_node::LinearWeights::load(&f, &config).unwrap(),
+        None,
+    );
+    let op = talaria_engine::OpId::Block {
+        layer: 3,
+        op: talaria_engine::BlockOp::GateUp,
+    };
+    let rows = |n: usize, salt: f64| -> Vec<f64> {
+        (0..n * 576)
+            .map(|i| ((i as f64 + salt) * 0.731).sin() * 100.0)
+            .collect()
+    };
+    let call = |session: u64, x: Tensor| MaskedCall {
+        session,
+        seq: session * 10,
+        op,
+        x,
+    };
+    let calls = vec![
+        call(
+            1,
+            Tensor::F64 {
+                rows: 3,
+                cols: 576,
+                data: rows(3, 1.0),
+            },
+        ),
+        // A malformed call in the middle of the batch.
+        call(
+            2,
+            Tensor::F64 {
+                rows: 1,
+                cols: 100,
+                data: vec![0.0; 100],
+            },
+        ),
+        call(
+            3,
+            Tensor::F32 {
+                rows: 2,
+                cols: 576,
+                data: rows(2, 2.0).iter().map(|&v| v as f32).collect(),
+            },
+        ),
+        call(
+            4,
+            Tensor::F64 {
+                rows: 5,
+                cols: 576,
+                data: rows(5, 3.0),
+            },
+        ),
+    ];
+    let batch = cloud.call_batch(&calls);
+    assert_eq!(batch.len(), calls.len());
+    assert_eq!(batch[1].as_ref().unwrap_err().error_type(), "shape");
+    for i in [0, 2, 3] {
+        let alone = cloud.call(&calls[i]).unwrap();
+        let together = batch[i].as_ref().unwrap();
+        assert_eq!(together.seq, calls[i].seq);
+        assert_eq!(together.y.shape(), alone.y.shape(), "call {i}");
+        let (a, b): (Vec<f64>, Vec<f64>) = match (&together.y, &alone.y) {
+            (Tensor::F64 { data: a, .. }, Tensor::F64 { data: b, .. }) => (a.clone(), b.clone()),
+            (Tensor::F32 { data: a, .. }, Tensor::F32 { data: b, .. }) => (
+                a.iter().map(|&v| f64::from(v)).collect(),
+                b.iter().map(|&v| f64::from(v)).collect(),
+            ),
+            _ => panic!("call {i}: the precision changed"),
+        };
+        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        // The same GEMM over more rows: equal up to the summation order of the backend.
+        assert!(worst <= scale * 1e-6, "call {i}: off by {worst} of {scale}");
+    }
+}
