@@ -296,6 +296,29 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
             Reply::Ok { .. }
         ));
     }
+    // A tenant holds at most its cap of open sessions (the default for a tenant the topology
+    // does not list); closing one makes room again.
+    let open = |peer: &RawPeer| -> u64 {
+        let (reply, payload) = peer.request::<()>(&Request::OpenSession, None).unwrap();
+        assert!(matches!(reply, Reply::Ok { .. }), "{reply:?}");
+        talaria_wire::frame::body(&payload).unwrap()
+    };
+    let close = |peer: &RawPeer, session: u64| {
+        let (reply, _) = peer
+            .request::<()>(&Request::CloseSession { session }, None)
+            .unwrap();
+        assert!(matches!(reply, Reply::Ok { .. }), "{reply:?}");
+    };
+    let mine: Vec<u64> = (0..talaria_topology::DEFAULT_MAX_SESSIONS)
+        .map(|_| open(&intruder))
+        .collect();
+    let e = intruder.refusal::<()>(&Request::OpenSession, None);
+    assert_eq!(e.error_type, "too_many_sessions", "{e}");
+    close(&intruder, mine[0]);
+    let again = open(&intruder);
+    for session in mine[1..].iter().copied().chain([again]) {
+        close(&intruder, session);
+    }
     // Garbage: a length prefix and bytes that decode as no request.
     let (reply, _) = intruder
         .send_raw(&[4, 0, 0, 0, 0xff, 0xff, 0xff, 0xff])
