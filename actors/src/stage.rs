@@ -15,20 +15,17 @@ use tokio::sync::oneshot;
 
 use crate::{err_frame, frame_error, metrics, ok_frame};
 
-/// The weight-dependent work of a stage, implemented by the gpu-node crate. Called on a thread
-/// pool, possibly from several threads at once.
+/// The weight-dependent work of a stage, implemented by the gpu-node crate. Computes on the
+/// shard's worker thread; the stage's event loop asks it only `owns` and `close`.
 pub trait StageCompute: Send + Sync + 'static {
     /// Whether this stage holds the weights of `op`.
     fn owns(&self, op: OpId) -> bool;
     /// `R_pub` for a public basis, encoded as a `SetupReply` payload.
     fn setup(&self, req: &SetupRequest) -> Result<Vec<u8>, ErrorReply>;
-    /// `x̃ · W` for a masked call, encoded as a `MaskedReply` payload.
-    fn call(&self, call: &MaskedCall) -> Result<Vec<u8>, ErrorReply>;
-    /// The answers to `calls` (all of one op, from any sessions and tenants), in their order.
-    /// An implementation should stack their rows into one matrix multiply.
-    fn call_batch(&self, calls: &[MaskedCall]) -> Vec<Result<Vec<u8>, ErrorReply>> {
-        calls.iter().map(|c| self.call(c)).collect()
-    }
+    /// `x̃ · W` for each of `calls` (all of one op, from any sessions and tenants), each encoded
+    /// as a `MaskedReply` payload, in their order. An implementation should stack their rows
+    /// into one matrix multiply.
+    fn call_batch(&self, calls: &[MaskedCall]) -> Vec<Result<Vec<u8>, ErrorReply>>;
     /// A session is over (e.g. to flush what a tap recorded for it).
     fn close(&self, _session: SessionId) {}
 }
@@ -140,11 +137,11 @@ impl Queue {
             let live = self.sessions.load(Ordering::Relaxed);
             let now = Instant::now();
             let deadline = oldest + self.policy.max_wait;
-            // A session has one call in flight at a time: once every live session has one
-            // queued, nothing more can arrive.
+            // Serve at once when other ops wait behind this one, when the batch is full, or when
+            // every live session has its call in it: a session has one call in flight at a time,
+            // so nothing more can arrive.
             if group.len() < jobs.len()
                 || group.len() >= live.min(self.policy.max_calls)
-                || jobs.len() >= live
                 || now >= deadline
             {
                 break op;
@@ -155,14 +152,8 @@ impl Queue {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         };
-        let mut tenants: Vec<&str> = jobs
-            .iter()
-            .filter(|w| w.job.op == op)
-            .map(|w| &*w.job.tenant)
-            .collect();
-        tenants.sort_unstable();
-        tenants.dedup();
-        let share = self.policy.max_calls.div_ceil(tenants.len()).max(1);
+        let tenants = distinct_tenants(jobs.iter().filter(|w| w.job.op == op));
+        let share = self.policy.max_calls.div_ceil(tenants).max(1);
         let mut taken: HashMap<Arc<str>, usize> = HashMap::new();
         let mut batch = Vec::new();
         let mut rest = VecDeque::with_capacity(jobs.len());
@@ -181,7 +172,15 @@ impl Queue {
     }
 }
 
-/// Runs batches from `queue` until the shard is dropped (its sender side closes every reply).
+/// How many tenants the jobs belong to.
+fn distinct_tenants<'a>(jobs: impl Iterator<Item = &'a Waiting>) -> usize {
+    let mut tenants: Vec<&str> = jobs.map(|w| &*w.job.tenant).collect();
+    tenants.sort_unstable();
+    tenants.dedup();
+    tenants.len()
+}
+
+/// Runs batches from `queue` for the life of the process.
 fn work(queue: Arc<Queue>, compute: Arc<dyn StageCompute>) {
     loop {
         let batch = queue.next_batch();
@@ -211,15 +210,13 @@ fn work(queue: Arc<Queue>, compute: Arc<dyn StageCompute>) {
         if calls.is_empty() {
             continue;
         }
-        let mut tenants: Vec<&str> = owners.iter().map(|w| &*w.job.tenant).collect();
-        tenants.sort_unstable();
-        tenants.dedup();
+        let tenants = distinct_tenants(owners.iter());
         let rows: usize = calls.iter().map(|c| c.x.shape().0).sum();
         let t0 = Instant::now();
         let mut replies = compute.call_batch(&calls);
         let elapsed = t0.elapsed();
         metrics::STAGE_BATCH_CALLS.observe(calls.len() as f64);
-        metrics::STAGE_BATCH_TENANTS.observe(tenants.len() as f64);
+        metrics::STAGE_BATCH_TENANTS.observe(tenants as f64);
         metrics::STAGE_BATCH_ROWS.observe(rows as f64);
         metrics::STAGE_COMPUTE_SECONDS.observe(elapsed.as_secs_f64());
         metrics::STAGE_CALLS.inc_by(calls.len() as u64);

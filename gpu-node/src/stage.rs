@@ -24,10 +24,6 @@ impl StageCompute for CloudExecutor {
         encode(&CloudExecutor::setup(self, req).map_err(reply_err)?)
     }
 
-    fn call(&self, call: &MaskedCall) -> Result<Vec<u8>, ErrorReply> {
-        encode(&CloudExecutor::call(self, call).map_err(reply_err)?)
-    }
-
     fn call_batch(&self, calls: &[MaskedCall]) -> Vec<Result<Vec<u8>, ErrorReply>> {
         CloudExecutor::call_batch(self, calls)
             .into_iter()
