@@ -105,19 +105,13 @@ impl CloudExecutor {
                 Ok(()) => f64s.push(i),
             }
         }
-        let op = calls.first().map(|c| c.op);
-        if let Some(op) = op {
+        if let Some(op) = calls.first().map(|c| c.op) {
             let (d_in, d_out) = op.shape(self.weights.config());
-            let stacked =
-                |group: &[usize]| -> usize { group.iter().map(|&i| calls[i].x.shape().0).sum() };
             if !f32s.is_empty() {
-                let rows = stacked(&f32s);
-                let mut x = Vec::with_capacity(rows * d_in);
-                for &i in &f32s {
-                    if let Tensor::F32 { data, .. } = &calls[i].x {
-                        x.extend_from_slice(data);
-                    }
-                }
+                let (rows, x) = stack(calls, &f32s, d_in, |t| match t {
+                    Tensor::F32 { data, .. } => Some(data),
+                    Tensor::F64 { .. } => None,
+                });
                 let y = Rows::new(rows, d_in, x)
                     .and_then(|x| self.weights.matmul(op, &x))
                     .map(|y| y.into_data());
@@ -130,13 +124,10 @@ impl CloudExecutor {
                 });
             }
             if !f64s.is_empty() {
-                let rows = stacked(&f64s);
-                let mut x = Vec::with_capacity(rows * d_in);
-                for &i in &f64s {
-                    if let Tensor::F64 { data, .. } = &calls[i].x {
-                        x.extend_from_slice(data);
-                    }
-                }
+                let (rows, x) = stack(calls, &f64s, d_in, |t| match t {
+                    Tensor::F64 { data, .. } => Some(data),
+                    Tensor::F32 { .. } => None,
+                });
                 let y = self.weights.linear_f64(op, rows, &x);
                 split(calls, &f64s, d_out, y, &mut answers, |data, rows| {
                     Tensor::F64 {
@@ -164,12 +155,9 @@ impl CloudExecutor {
         call.x
             .validate()
             .map_err(|e| NodeError::BadRequest(format!("{}: {e}", call.op)))?;
+        // `validate` checked the length against the shape; this checks the shape against the op.
         let (rows, cols) = call.x.shape();
-        let len = match &call.x {
-            Tensor::F32 { data, .. } => data.len(),
-            Tensor::F64 { data, .. } => data.len(),
-        };
-        self.weights.check_input(op, rows, cols, len)?;
+        self.weights.check_input(op, rows, cols, rows * cols)?;
         self.tap(|t| t.record_call(call))
     }
 
@@ -177,6 +165,22 @@ impl CloudExecutor {
     pub fn finish_tap(&self) -> Result<(), NodeError> {
         self.tap(|t| t.finish())
     }
+}
+
+/// The rows of the calls `group` indexes (all `d_in` wide, of the precision `data` reads),
+/// stacked in order: their count and values.
+fn stack<E: Copy>(
+    calls: &[MaskedCall],
+    group: &[usize],
+    d_in: usize,
+    data: impl Fn(&Tensor) -> Option<&Vec<E>>,
+) -> (usize, Vec<E>) {
+    let rows = group.iter().map(|&i| calls[i].x.shape().0).sum();
+    let mut x = Vec::with_capacity(rows * d_in);
+    for values in group.iter().filter_map(|&i| data(&calls[i].x)) {
+        x.extend_from_slice(values);
+    }
+    (rows, x)
 }
 
 /// Splits a stacked product `y` (`d_out` wide) back into the answers of the calls `group`

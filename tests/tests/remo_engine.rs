@@ -215,14 +215,19 @@ fn a_tampering_cloud_is_caught_by_the_canaries() {
     );
 }
 
-#[test]
-fn malformed_calls_get_typed_errors_from_the_cloud() {
+/// The cloud's executor over all of the real model's weights, recording nothing.
+fn real_cloud() -> CloudExecutor {
     let f = talaria_gguf::GgufFile::open(real_model()).unwrap();
     let config = talaria_gpu_node::read_config(&f).unwrap();
-    let cloud = CloudExecutor::new(
+    CloudExecutor::new(
         talaria_gpu_node::LinearWeights::load(&f, &config).unwrap(),
         None,
-    );
+    )
+}
+
+#[test]
+fn malformed_calls_get_typed_errors_from_the_cloud() {
+    let cloud = real_cloud();
     let op = talaria_engine::OpId::Block {
         layer: 0,
         op: talaria_engine::BlockOp::Down,
@@ -292,12 +297,7 @@ fn malformed_calls_get_typed_errors_from_the_cloud() {
 
 #[test]
 fn a_batch_of_calls_from_several_sessions_answers_each_as_if_alone() {
-    let f = talaria_gguf::GgufFile::open(real_model()).unwrap();
-    let config = talaria_gpu_node::read_config(&f).unwrap();
-    let cloud = CloudExecutor::new(
-        talaria_gpu_node::LinearWeights::load(&f, &config).unwrap(),
-        None,
-    );
+    let cloud = real_cloud();
     let op = talaria_engine::OpId::Block {
         layer: 3,
         op: talaria_engine::BlockOp::GateUp,
@@ -356,14 +356,8 @@ fn a_batch_of_calls_from_several_sessions_answers_each_as_if_alone() {
         let together = batch[i].as_ref().unwrap();
         assert_eq!(together.seq, calls[i].seq);
         assert_eq!(together.y.shape(), alone.y.shape(), "call {i}");
-        let (a, b): (Vec<f64>, Vec<f64>) = match (&together.y, &alone.y) {
-            (Tensor::F64 { data: a, .. }, Tensor::F64 { data: b, .. }) => (a.clone(), b.clone()),
-            (Tensor::F32 { data: a, .. }, Tensor::F32 { data: b, .. }) => (
-                a.iter().map(|&v| f64::from(v)).collect(),
-                b.iter().map(|&v| f64::from(v)).collect(),
-            ),
-            _ => panic!("call {i}: the precision changed"),
-        };
+        assert_eq!(together.y.precision(), alone.y.precision(), "call {i}");
+        let (a, b) = (together.y.to_f64(), alone.y.to_f64());
         let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
         let worst = a
             .iter()
