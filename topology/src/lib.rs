@@ -483,19 +483,17 @@ impl Topology {
                 listens.insert(addr, key);
             }
         };
-        // An optional listen address: parsed, and checked against every other.
-        let mut optional_listen = |c: &mut Checker, key: String, text: &Option<String>| {
-            text.as_deref().map(|t| {
-                let addr = c.addr(key.clone(), t);
-                note_listen(c, key, addr);
-                addr
-            })
+        // A listen address: parsed, and checked against every other.
+        let mut listen_at = |c: &mut Checker, key: String, text: &str| {
+            let addr = c.addr(key.clone(), text);
+            note_listen(c, key, addr);
+            addr
         };
-        let coordinator_metrics = optional_listen(
-            &mut c,
-            "coordinator.metrics".into(),
-            &raw.coordinator.metrics,
-        );
+        let coordinator_metrics = raw
+            .coordinator
+            .metrics
+            .as_deref()
+            .map(|t| listen_at(&mut c, "coordinator.metrics".into(), t));
 
         if raw.stage.is_empty() {
             c.problem("stage", "a topology needs at least one [[stage]]");
@@ -507,9 +505,11 @@ impl Topology {
             if s.name.is_empty() || !names.insert(s.name.clone()) {
                 c.problem(key("name"), format!("{:?} is empty or not unique", s.name));
             }
-            let listen = optional_listen(&mut c, key("listen"), &Some(s.listen.clone()))
-                .unwrap_or_else(unspecified);
-            let metrics = optional_listen(&mut c, key("metrics"), &s.metrics);
+            let listen = listen_at(&mut c, key("listen"), &s.listen);
+            let metrics = s
+                .metrics
+                .as_deref()
+                .map(|t| listen_at(&mut c, key("metrics"), t));
             let layers = parse_layers(&s.layers).unwrap_or_else(|m| {
                 c.problem(key("layers"), m);
                 no_layers()
@@ -564,9 +564,8 @@ impl Topology {
                     format!("{:?} is empty or not unique", a.tenant),
                 );
             }
-            let listen = optional_listen(&mut c, key("listen"), &Some(a.listen.clone()))
-                .unwrap_or_else(unspecified);
-            let http = optional_listen(&mut c, key("http"), &a.http);
+            let listen = listen_at(&mut c, key("listen"), &a.listen);
+            let http = a.http.as_deref().map(|t| listen_at(&mut c, key("http"), t));
             let max_sessions = a.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS);
             if max_sessions == 0 {
                 c.problem(key("max_sessions"), "must be at least 1");
