@@ -86,8 +86,7 @@ pub struct Router {
     challenges: HashMap<AgentId, [u8; 32]>,
     /// Each open session's agent and tenant.
     sessions: HashMap<SessionId, (AgentId, String)>,
-    /// Open sessions per tenant, and the most each may hold.
-    open: HashMap<String, usize>,
+    /// The most open sessions each tenant may hold.
     limits: HashMap<String, usize>,
     next_session: SessionId,
 }
@@ -103,7 +102,6 @@ impl Router {
         limits: HashMap<String, usize>,
     ) -> Self {
         Self {
-            open: HashMap::new(),
             limits,
             routes,
             nodes,
@@ -139,11 +137,7 @@ impl Router {
 
     /// Drops a session from the tables (its stages are told by the caller).
     fn forget(&mut self, session: SessionId) {
-        if let Some((_, tenant)) = self.sessions.remove(&session)
-            && let Some(n) = self.open.get_mut(&tenant)
-        {
-            *n = n.saturating_sub(1);
-        }
+        self.sessions.remove(&session);
         metrics::ROUTER_SESSIONS.set(self.sessions.len() as i64);
     }
 
@@ -200,14 +194,14 @@ impl Router {
                     .get(&tenant)
                     .copied()
                     .unwrap_or(talaria_topology::DEFAULT_MAX_SESSIONS);
-                let open = self.open.entry(tenant.clone()).or_default();
-                if *open >= limit {
+                // Opening is not the hot path: the count is derived, not kept.
+                let open = self.sessions.values().filter(|(_, t)| *t == tenant).count();
+                if open >= limit {
                     return Err(ErrorReply::new(
                         "too_many_sessions",
                         format!("tenant {tenant} already has {limit} open sessions (its limit)"),
                     ));
                 }
-                *open += 1;
                 let session = self.next_session;
                 self.next_session += 1;
                 self.sessions.insert(session, (agent, tenant.clone()));
