@@ -223,6 +223,13 @@ impl Tenancy {
 /// thread (the guest device's ioctl blocks).
 pub type Attestor = Arc<dyn Fn([u8; 32]) -> Result<Vec<u8>, ErrorReply> + Send + Sync>;
 
+/// A stream of one event.
+fn only(event: TenantEvent) -> mpsc::UnboundedReceiver<TenantEvent> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let _ = tx.send(event);
+    rx
+}
+
 /// Answers tenants on `endpoint`: each stream carries one [`TenantMessage`]: `Attest` gets
 /// evidence from `attestor`, `Generate` the generation's events from a [`Session`] of its own.
 pub async fn serve(
@@ -251,30 +258,22 @@ pub async fn serve(
                         Ok(None) => return,
                         Err(e) => Err(e),
                     };
-                    let (tx, mut rx) = mpsc::unbounded_channel();
-                    match first {
-                        Ok(TenantMessage::Generate(request)) => {
-                            rx = tenancy.generate(request).await;
-                        }
-                        Ok(TenantMessage::Attest { nonce }) => {
-                            let event = match tokio::task::spawn_blocking(move || attestor(nonce))
-                                .await
-                            {
+                    let mut rx = match first {
+                        Ok(TenantMessage::Generate(request)) => tenancy.generate(request).await,
+                        Ok(TenantMessage::Attest { nonce }) => only(
+                            match tokio::task::spawn_blocking(move || attestor(nonce)).await {
                                 Ok(Ok(evidence)) => TenantEvent::Attestation { evidence },
                                 Ok(Err(e)) => TenantEvent::Error(e),
                                 Err(e) => {
                                     TenantEvent::Error(ErrorReply::new("internal", e.to_string()))
                                 }
-                            };
-                            let _ = tx.send(event);
-                            drop(tx);
-                        }
+                            },
+                        ),
                         Err(e) => {
                             tracing::warn!(%peer, error_type = e.error_type(), "bad tenant request: {e}");
-                            let _ = tx.send(TenantEvent::Error(crate::frame_error(&e)));
-                            drop(tx);
+                            only(TenantEvent::Error(crate::frame_error(&e)))
                         }
-                    }
+                    };
                     while let Some(event) = rx.recv().await {
                         let bytes = match frame::encode::<_, ()>(&event, None) {
                             Ok(b) => b,
