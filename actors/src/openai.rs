@@ -15,7 +15,7 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use talaria_engine::{ChatMessage, SamplingParams, StopReason};
-use talaria_wire::{ErrorReply, Prompt, TenantEvent, TenantRequest};
+use talaria_wire::{ErrorReply, Prompt, TenantEvent, TenantRequest, first_stop};
 use tokio::sync::mpsc;
 
 use crate::metrics;
@@ -294,12 +294,7 @@ impl StopFilter {
         }
         self.held.push_str(piece);
         let held = &self.held;
-        let cut = match self
-            .stops
-            .iter()
-            .filter_map(|s| held.find(s.as_str()))
-            .min()
-        {
+        let cut = match first_stop(&self.stops, held) {
             Some(at) => {
                 self.stopped = true;
                 at

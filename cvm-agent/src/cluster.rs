@@ -17,7 +17,7 @@ use talaria_topology::RemoSection;
 use talaria_wire::frame;
 use talaria_wire::{
     CloudLink, ErrorReply, LatencySplit, LinkError, MaskedCall, MaskedReply, Prompt, Provision,
-    Reply, Request, SessionId, SetupReply, SetupRequest, TenantEvent, TenantRequest,
+    Reply, Request, SessionId, SetupReply, SetupRequest, TenantEvent, TenantRequest, first_stop,
 };
 
 use crate::{AgentError, PublicCache, RemoLinear};
@@ -305,9 +305,7 @@ impl AgentConversation {
                 let stop = match (&piece, req.stop.is_empty()) {
                     (Some(p), false) => {
                         text.push_str(p);
-                        req.stop
-                            .iter()
-                            .any(|s| !s.is_empty() && text.contains(s.as_str()))
+                        first_stop(&req.stop, &text).is_some()
                     }
                     _ => false,
                 };
@@ -336,13 +334,7 @@ impl AgentConversation {
         };
         let mut text = shared.tokenizer.decode(shown)?;
         // The text ends before the first stop sequence it contains.
-        if let Some(cut) = req
-            .stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
+        if let Some(cut) = first_stop(&req.stop, &text) {
             text.truncate(cut);
         }
         Ok(TenantEvent::Done {

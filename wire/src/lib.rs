@@ -16,7 +16,7 @@ pub use link::{CloudLink, LinkError, Loopback};
 pub use net::{TlsError, TlsMaterial};
 pub use protocol::{
     ALPN_CLOUD, ALPN_TENANT, ErrorReply, LatencySplit, Prompt, Provision, Reply, Request,
-    TenantEvent, TenantMessage, TenantRequest,
+    TenantEvent, TenantMessage, TenantRequest, first_stop,
 };
 pub use tensor::{Tensor, WireError};
 

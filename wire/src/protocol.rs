@@ -131,6 +131,16 @@ pub struct TenantRequest {
     pub stop: Vec<String>,
 }
 
+/// Where the first of `stops` (empty ones ignored) begins in `text`, if any: where a
+/// generation's text ends.
+pub fn first_stop(stops: &[String], text: &str) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+}
+
 /// Where one generation's time went, in seconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LatencySplit {
