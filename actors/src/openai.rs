@@ -227,10 +227,6 @@ impl Api {
                 "temperature must be in [0, 2]",
             ));
         }
-        let top_p = c.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ApiError::invalid("top_p", "top_p must be in (0, 1]"));
-        }
         let stop = match &c.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -239,15 +235,21 @@ impl Api {
                 return Err(ApiError::invalid("stop", "at most 4 stop sequences"));
             }
         };
+        let sampling = SamplingParams {
+            temperature,
+            top_k: 0,
+            top_p: c.top_p.unwrap_or(1.0),
+            seed: c.seed.map_or_else(rand::random, |s| s as u64),
+        };
+        // The engine's own check; the temperature passed the stricter one above, so what it
+        // can still refuse is top_p.
+        sampling
+            .validate()
+            .map_err(|e| ApiError::invalid("top_p", e.to_string()))?;
         Ok(TenantRequest {
             prompt,
             max_tokens,
-            sampling: SamplingParams {
-                temperature,
-                top_k: 0,
-                top_p,
-                seed: c.seed.map_or_else(rand::random, |s| s as u64),
-            },
+            sampling,
             ignore_eos: false,
             stop,
         })
