@@ -54,9 +54,8 @@ impl ApiError {
     /// The HTTP form of an error the generation answered with.
     fn from_reply(e: &ErrorReply) -> Self {
         let (status, kind) = match e.error_type.as_str() {
-            "empty_prompt" | "context" | "tokenizer" | "sampling" | "bad_request" => {
-                (StatusCode::BAD_REQUEST, "invalid_request_error")
-            }
+            "empty_prompt" | "token_out_of_range" | "context_full" | "tokenizer" | "sampling"
+            | "bad_request" => (StatusCode::BAD_REQUEST, "invalid_request_error"),
             "too_many_sessions" => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
             "node_unavailable" | "connection" | "no_route" | "not_admitted" => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_error")
