@@ -193,6 +193,18 @@ pub async fn metrics_route() -> actix_web::HttpResponse {
         .body(render())
 }
 
+/// Reads a plain-HTTP `/metrics` endpoint (HTTP/1.0): the whole response, headers included
+/// (the metric lines are what a reader looks for).
+pub fn scrape(addr: SocketAddr) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
 /// Serves `GET /metrics` over plain HTTP on `addr` (cloud-internal: it carries counts and
 /// timings, no payloads). Runs until the process ends; must be called inside an actix `System`.
 pub fn serve(addr: SocketAddr) -> std::io::Result<()> {

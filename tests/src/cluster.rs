@@ -34,6 +34,32 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Generates through the agent at `addr` as a development tenant (an agent without SEV-SNP
+/// hardware is trusted): the generated ids, or the error's text.
+pub fn ask_agent(
+    tls: &TlsMaterial,
+    addr: SocketAddr,
+    req: &talaria_wire::TenantRequest,
+) -> Result<Vec<u32>, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let trust = talaria_cvm_agent::client::Trust {
+        policy: None,
+        allow_insecure: true,
+    };
+    rt.block_on(talaria_cvm_agent::client::generate(
+        tls,
+        addr,
+        &trust,
+        req,
+        |_, _| {},
+    ))
+    .map(|a| a.generation.ids)
+    .map_err(|e| e.to_string())
+}
+
 /// A loopback TCP port nobody listens on right now (HTTP endpoints).
 pub fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -42,14 +68,9 @@ pub fn free_tcp_port() -> u16 {
         .port()
 }
 
-/// `GET /metrics` of a Prometheus endpoint, over plain HTTP/1.0.
+/// `GET /metrics` of a Prometheus endpoint.
 pub fn scrape(addr: SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
+    talaria_actors::metrics::scrape(addr).expect("metrics endpoint")
 }
 
 /// The value of the metric line `name` (e.g. `talaria_stage_calls_total`), 0 if absent.

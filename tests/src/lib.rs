@@ -274,3 +274,27 @@ pub fn remo_split<L: talaria_wire::CloudLink>(
         linear,
     })
 }
+
+/// The plain engine's greedy ids for `prompt_ids`, stopping at end-of-sequence: what every
+/// other engine must answer.
+pub fn plain_greedy(
+    plain: &mut talaria_gpu_node::PlainEngine,
+    prompt_ids: Vec<u32>,
+    max_tokens: usize,
+) -> Vec<u32> {
+    let eos = plain.tokenizer.eos();
+    talaria_engine::generate(
+        &plain.model,
+        &mut plain.weights,
+        &talaria_engine::GenerateRequest {
+            prompt_ids,
+            max_tokens,
+            sampling: talaria_engine::SamplingParams::default(),
+            stop_ids: vec![eos],
+        },
+        |_| Ok(()),
+        None,
+    )
+    .unwrap()
+    .ids
+}

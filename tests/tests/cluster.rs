@@ -3,11 +3,10 @@
 
 use std::process::Command;
 
-use talaria_cvm_agent::client::Trust;
-use talaria_engine::{BlockOp, GenerateRequest, OpId, SamplingParams, generate};
+use talaria_engine::{BlockOp, OpId, SamplingParams};
 use talaria_gpu_node::PlainEngine;
-use talaria_tests::cluster::{LocalCluster, RawPeer, bin, rss_bytes, topology};
-use talaria_tests::{golden, ids, real_model};
+use talaria_tests::cluster::{LocalCluster, RawPeer, ask_agent, bin, rss_bytes, topology};
+use talaria_tests::{golden, ids, plain_greedy, real_model};
 use talaria_wire::{
     BasisSpec, MaskedCall, Prompt, Reply, Request, SetupRequest, TenantRequest, Tensor,
 };
@@ -26,29 +25,11 @@ fn greedy(prompt: Prompt, max_tokens: usize) -> TenantRequest {
 
 /// Generates through the agent of `tenant` with the library client.
 fn ask(cluster: &LocalCluster, tenant: &str, req: &TenantRequest) -> Result<Vec<u32>, String> {
-    let topo = cluster.topology();
-    let addr = topo.agent(tenant).unwrap().listen;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(talaria_cvm_agent::client::generate(
+    ask_agent(
         &cluster.tls(),
-        addr,
-        &insecure_ok(),
+        cluster.topology().agent(tenant).unwrap().listen,
         req,
-        |_, _| {},
-    ))
-    .map(|a| a.generation.ids)
-    .map_err(|e| e.to_string())
-}
-
-/// The tenant's trust for a development cluster: an agent without SEV-SNP hardware is accepted.
-fn insecure_ok() -> Trust {
-    Trust {
-        policy: None,
-        allow_insecure: true,
-    }
+    )
 }
 
 fn op(layer: usize) -> OpId {
@@ -123,19 +104,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
             },
         ]))
         .unwrap();
-    let want = generate(
-        &plain.model,
-        &mut plain.weights,
-        &GenerateRequest {
-            prompt_ids,
-            max_tokens: 16,
-            sampling: SamplingParams::default(),
-            stop_ids: vec![plain.tokenizer.eos()],
-        },
-        |_| Ok(()),
-        None,
-    )
-    .unwrap();
+    let want = plain_greedy(&mut plain, prompt_ids, 16);
     let chat = greedy(
         Prompt::Text {
             text: text.into(),
@@ -143,7 +112,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
         },
         16,
     );
-    assert_eq!(ask(&cluster, "tenant-a", &chat).unwrap(), want.ids);
+    assert_eq!(ask(&cluster, "tenant-a", &chat).unwrap(), want);
 
     // 3. Each gpu-node serves its own layers and refuses the others'.
     let tls = cluster.tls();
@@ -228,21 +197,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
         let cluster_tls = cluster.tls();
         let addr = topo.agent("tenant-a").unwrap().listen;
         let req = greedy(Prompt::Ids(ids(&reference["results"][0]["prompt_ids"])), 32);
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(talaria_cvm_agent::client::generate(
-                &cluster_tls,
-                addr,
-                &insecure_ok(),
-                &req,
-                |_, _| {},
-            ))
-            .map(|a| a.generation.ids)
-            .map_err(|e| e.to_string())
-        })
+        std::thread::spawn(move || ask_agent(&cluster_tls, addr, &req))
     };
     let intruder = RawPeer::connect(&tls, topo.coordinator);
     let bystander = RawPeer::connect(&tls, topo.coordinator);
@@ -403,7 +358,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
 
     // 5. The cluster is still healthy afterwards.
     let again = ask(&cluster, "tenant-a", &chat).unwrap();
-    assert_eq!(again, want.ids);
+    assert_eq!(again, want);
 
     // 6. The tenant verifies the agent before sending anything: an agent without SEV-SNP
     //    hardware is refused unless the tenant opts in.

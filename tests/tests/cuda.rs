@@ -157,21 +157,6 @@ fn a_cuda_stage_answers_through_the_cluster() {
         ignore_eos: false,
         stop: Vec::new(),
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let answer = rt
-        .block_on(talaria_cvm_agent::client::generate(
-            &cluster.tls(),
-            topo.agents[0].listen,
-            &talaria_cvm_agent::client::Trust {
-                policy: None,
-                allow_insecure: true,
-            },
-            &req,
-            |_, _| {},
-        ))
-        .unwrap();
-    assert_eq!(answer.generation.ids, ids(&r["ids"]));
+    let answer = talaria_tests::cluster::ask_agent(&cluster.tls(), topo.agents[0].listen, &req);
+    assert_eq!(answer, Ok(ids(&r["ids"])));
 }

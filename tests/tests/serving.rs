@@ -6,31 +6,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 
-use talaria_cvm_agent::client::Trust;
-use talaria_engine::{ChatMessage, GenerateRequest, SamplingParams, chat_prompt, generate};
+use talaria_engine::{ChatMessage, SamplingParams, chat_prompt};
 use talaria_gpu_node::PlainEngine;
-use talaria_tests::cluster::{LocalCluster, free_port, free_tcp_port, metric, scrape};
-use talaria_tests::{real_model, repo_root};
+use talaria_tests::cluster::{LocalCluster, ask_agent, free_port, free_tcp_port, metric, scrape};
+use talaria_tests::{plain_greedy, real_model, repo_root};
 use talaria_wire::{Prompt, TenantRequest};
-
-/// The plain engine's greedy ids for `prompt_ids` (stopping at end-of-sequence).
-fn plain_greedy(plain: &mut PlainEngine, prompt_ids: Vec<u32>, max_tokens: usize) -> Vec<u32> {
-    let eos = plain.tokenizer.eos();
-    generate(
-        &plain.model,
-        &mut plain.weights,
-        &GenerateRequest {
-            prompt_ids,
-            max_tokens,
-            sampling: SamplingParams::default(),
-            stop_ids: vec![eos],
-        },
-        |_| Ok(()),
-        None,
-    )
-    .unwrap()
-    .ids
-}
 
 /// The text the agent answers for generated `ids` (end-of-sequence left out).
 fn text_of(plain: &PlainEngine, ids: &[u32]) -> String {
@@ -200,10 +180,6 @@ fn sixty_four_concurrent_sessions_of_four_tenants_are_batched_and_each_gets_its_
                 let addr = topo.agents[i / SESSIONS].listen;
                 let tls = &tls;
                 s.spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .unwrap();
                     let req = TenantRequest {
                         prompt: Prompt::Ids(prompt.clone()),
                         max_tokens: MAX_TOKENS,
@@ -211,19 +187,7 @@ fn sixty_four_concurrent_sessions_of_four_tenants_are_batched_and_each_gets_its_
                         ignore_eos: false,
                         stop: Vec::new(),
                     };
-                    let trust = Trust {
-                        policy: None,
-                        allow_insecure: true,
-                    };
-                    rt.block_on(talaria_cvm_agent::client::generate(
-                        tls,
-                        addr,
-                        &trust,
-                        &req,
-                        |_, _| {},
-                    ))
-                    .map(|a| a.generation.ids)
-                    .map_err(|e| e.to_string())
+                    ask_agent(tls, addr, &req)
                 })
             })
             .collect();
