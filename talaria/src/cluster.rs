@@ -173,6 +173,8 @@ fn wait_ready(
 /// coordinator, then the stages) and what its tenants need to know.
 pub struct Running {
     procs: Vec<Proc>,
+    /// The topology it was started from, as validated.
+    pub topology: Topology,
     pub info: ClusterInfo,
     info_path: PathBuf,
 }
@@ -296,6 +298,7 @@ pub fn start(args: &UpArgs) -> Result<Running> {
     std::fs::write(&info_path, serde_json::to_string_pretty(&info)?)?;
     Ok(Running {
         procs,
+        topology,
         info,
         info_path,
     })

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
@@ -149,17 +149,6 @@ fn delta(after: &Histogram, before: &Histogram) -> Histogram {
     }
 }
 
-/// `GET /metrics` over plain HTTP/1.0.
-fn scrape(addr: SocketAddr) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
-}
-
 const BATCH_METRICS: [&str; 3] = [
     "talaria_stage_batch_calls",
     "talaria_stage_batch_tenants",
@@ -171,7 +160,8 @@ fn stage_histograms(stages: &[(String, SocketAddr)]) -> Result<Vec<Vec<Histogram
     stages
         .iter()
         .map(|(name, addr)| {
-            let text = scrape(*addr).with_context(|| format!("scraping {name}'s /metrics"))?;
+            let text = talaria_actors::metrics::scrape(*addr)
+                .with_context(|| format!("scraping {name}'s /metrics"))?;
             Ok(BATCH_METRICS
                 .iter()
                 .map(|m| parse_histogram(&text, m))
@@ -378,7 +368,6 @@ pub fn run(args: LoadArgs) -> Result<()> {
         tap: None,
         ready_timeout_s: args.ready_timeout_s,
     })?;
-    let topology = talaria_topology::Topology::load(&topo_path)?;
     let tls = TlsMaterial {
         ca: cluster.info.ca.clone(),
         cert: PathBuf::new(),
@@ -386,7 +375,8 @@ pub fn run(args: LoadArgs) -> Result<()> {
         server_name: cluster.info.server_name.clone(),
     };
     let agents: Vec<SocketAddr> = cluster.info.agents.iter().map(|(_, a)| *a).collect();
-    let stages: Vec<(String, SocketAddr)> = topology
+    let stages: Vec<(String, SocketAddr)> = cluster
+        .topology
         .stages
         .iter()
         .filter_map(|s| s.metrics.map(|m| (s.name.clone(), m)))
@@ -477,10 +467,11 @@ pub fn run(args: LoadArgs) -> Result<()> {
         );
         steps.push(step);
     }
+    let model = cluster.topology.model_name.clone();
     drop(cluster);
 
     let report = Report {
-        model: topology.model_name.clone(),
+        model,
         gen_tokens: args.gen_tokens,
         sessions_per_tenant: args.sessions,
         max_calls: args.max_calls,
