@@ -188,6 +188,11 @@ impl<L: CloudLink> RemoLinear<L> {
         &mut self.link
     }
 
+    /// Ends the session (its mask pool stops) and hands the link back for another.
+    pub fn into_link(self) -> L {
+        self.link
+    }
+
     fn call(&mut self, op: OpId, x: &Rows) -> Result<Rows, AgentError> {
         let t0 = Instant::now();
         let (masked, pending) = self.masker.mask(op, x)?;

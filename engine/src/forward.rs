@@ -1,6 +1,8 @@
 //! The weight-free half of the forward pass: it holds the embedding table, runs the norms, RoPE,
 //! attention with the KV cache, SwiGLU and residuals, and asks [`LinearOps`] for every projection.
 
+use std::ops::ControlFlow;
+
 use crate::linear::{BlockOp, LinearOps, OpId, Rows};
 use crate::ops::{AttentionShape, Rope, add_into, attend, rms_norm, swiglu};
 use crate::{EngineError, ModelConfig};
@@ -109,6 +111,24 @@ impl Transformer {
         cache: &mut KvCache,
         tokens: &[u32],
     ) -> Result<Vec<f32>, EngineError> {
+        let logits =
+            self.forward_observed(linear, cache, tokens, &mut |_, _| ControlFlow::Continue(()))?;
+        logits.ok_or_else(|| EngineError::BadOp {
+            op: "forward".into(),
+            reason: "stopped without an observer asking".into(),
+        })
+    }
+
+    /// As [`Transformer::forward`], showing `observe` the input rows of every projection before
+    /// it is called. When `observe` breaks, the pass stops there, the cache is left as it was
+    /// and `None` is returned. (The attack suite uses this to see what a cloud would see.)
+    pub fn forward_observed(
+        &self,
+        linear: &mut dyn LinearOps,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        observe: &mut dyn FnMut(OpId, &Rows) -> ControlFlow<()>,
+    ) -> Result<Option<Vec<f32>>, EngineError> {
         if tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -119,11 +139,15 @@ impl Transformer {
                 max: cache.max,
             });
         }
-        let result = self.forward_inner(linear, cache, tokens);
+        let result = self.forward_inner(linear, Context::Causal(cache), tokens, observe);
         match result {
-            Ok(logits) => {
+            Ok(Some(logits)) => {
                 cache.len = needed;
-                Ok(logits)
+                Ok(Some(logits))
+            }
+            Ok(None) => {
+                cache.rollback();
+                Ok(None)
             }
             Err(e) => {
                 cache.rollback();
@@ -132,15 +156,55 @@ impl Transformer {
         }
     }
 
+    /// Runs each of `tokens` as its own one-token continuation of `cache` — every branch sits at
+    /// position `cache.len()` and attends to the cached positions and itself only — showing
+    /// `observe` the input rows of every projection (one row per branch) until it breaks. The
+    /// cache is not changed. This is how an attacker simulates every candidate for the next token
+    /// in one batch.
+    pub fn forward_branches(
+        &self,
+        linear: &mut dyn LinearOps,
+        cache: &KvCache,
+        tokens: &[u32],
+        observe: &mut dyn FnMut(OpId, &Rows) -> ControlFlow<()>,
+    ) -> Result<(), EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if cache.len + 1 > cache.max {
+            return Err(EngineError::ContextFull {
+                needed: cache.len + 1,
+                max: cache.max,
+            });
+        }
+        self.forward_inner(linear, Context::Branches(cache), tokens, observe)
+            .map(|_| ())
+    }
+
+    /// One linear call, shown to `observe` first; `None` when it breaks.
+    fn project(
+        linear: &mut dyn LinearOps,
+        observe: &mut dyn FnMut(OpId, &Rows) -> ControlFlow<()>,
+        op: OpId,
+        x: &Rows,
+        cols: usize,
+    ) -> Result<Option<Rows>, EngineError> {
+        if observe(op, x).is_break() {
+            return Ok(None);
+        }
+        expect_shape(linear.linear(op, x)?, x.rows(), cols).map(Some)
+    }
+
     fn forward_inner(
         &self,
         linear: &mut dyn LinearOps,
-        cache: &mut KvCache,
+        mut context: Context<'_>,
         tokens: &[u32],
-    ) -> Result<Vec<f32>, EngineError> {
+        observe: &mut dyn FnMut(OpId, &Rows) -> ControlFlow<()>,
+    ) -> Result<Option<Vec<f32>>, EngineError> {
         let c = &self.config;
         let (d, kv_dim, n) = (c.d_model, c.kv_dim(), tokens.len());
-        let start = cache.len;
+        let start = context.cached();
         let shape = AttentionShape {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
@@ -148,46 +212,84 @@ impl Transformer {
         };
         let mut h = self.embed(tokens)?;
         let mut scores = Vec::new();
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        macro_rules! project {
+            ($op:expr, $x:expr, $cols:expr) => {
+                match Self::project(linear, observe, $op, &$x, $cols)? {
+                    Some(y) => y,
+                    None => return Ok(None),
+                }
+            };
+        }
         for layer in 0..c.n_layers {
             let block = |op| OpId::Block { layer, op };
             let x = Rows::new(n, d, rms_norm(&h, d, c.norm_eps))?;
-            let qkv = expect_shape(linear.linear(block(BlockOp::Qkv), &x)?, n, d + 2 * kv_dim)?;
-            let mut q = Vec::with_capacity(n * d);
+            let qkv = project!(block(BlockOp::Qkv), x, d + 2 * kv_dim);
+            let mut attn = vec![0f32; n * d];
             for (t, row) in qkv.data().chunks_exact(d + 2 * kv_dim).enumerate() {
                 let (q_row, kv) = row.split_at(d);
                 let (k_row, v_row) = kv.split_at(kv_dim);
+                let pos = match context {
+                    Context::Causal(_) => start + t,
+                    Context::Branches(_) => start,
+                };
                 let mut q_row = q_row.to_vec();
                 let mut k_row = k_row.to_vec();
-                self.rope.apply(&mut q_row, start + t);
-                self.rope.apply(&mut k_row, start + t);
-                q.extend_from_slice(&q_row);
-                cache.keys[layer].extend_from_slice(&k_row);
-                cache.values[layer].extend_from_slice(v_row);
+                self.rope.apply(&mut q_row, pos);
+                self.rope.apply(&mut k_row, pos);
+                let out = &mut attn[t * d..(t + 1) * d];
+                match &mut context {
+                    Context::Causal(cache) => {
+                        cache.keys[layer].extend_from_slice(&k_row);
+                        cache.values[layer].extend_from_slice(v_row);
+                        let (k, v) = (&cache.keys[layer], &cache.values[layer]);
+                        attend(shape, &q_row, k, v, pos, out, &mut scores);
+                    }
+                    Context::Branches(cache) => {
+                        let prefix = start * kv_dim;
+                        keys.clear();
+                        keys.extend_from_slice(&cache.keys[layer][..prefix]);
+                        keys.extend_from_slice(&k_row);
+                        values.clear();
+                        values.extend_from_slice(&cache.values[layer][..prefix]);
+                        values.extend_from_slice(v_row);
+                        attend(shape, &q_row, &keys, &values, pos, out, &mut scores);
+                    }
+                }
             }
-            let mut attn = vec![0f32; n * d];
-            for t in 0..n {
-                attend(
-                    shape,
-                    &q[t * d..(t + 1) * d],
-                    &cache.keys[layer],
-                    &cache.values[layer],
-                    start + t,
-                    &mut attn[t * d..(t + 1) * d],
-                    &mut scores,
-                );
-            }
-            let o = linear.linear(block(BlockOp::AttnOut), &Rows::new(n, d, attn)?)?;
-            add_into(&mut h, expect_shape(o, n, d)?.data());
+            let o = project!(block(BlockOp::AttnOut), Rows::new(n, d, attn)?, d);
+            add_into(&mut h, o.data());
 
             let x = Rows::new(n, d, rms_norm(&h, d, c.norm_eps))?;
-            let gu = expect_shape(linear.linear(block(BlockOp::GateUp), &x)?, n, 2 * c.d_ff)?;
+            let gu = project!(block(BlockOp::GateUp), x, 2 * c.d_ff);
             let z = Rows::new(n, c.d_ff, swiglu(gu.data(), c.d_ff))?;
-            let down = linear.linear(block(BlockOp::Down), &z)?;
-            add_into(&mut h, expect_shape(down, n, d)?.data());
+            let down = project!(block(BlockOp::Down), z, d);
+            add_into(&mut h, down.data());
         }
-        let last = Rows::new(1, d, rms_norm(&h[(n - 1) * d..], d, c.norm_eps))?;
-        let logits = expect_shape(linear.linear(OpId::LmHead, &last)?, 1, c.vocab)?;
-        Ok(logits.into_data())
+        // A causal pass needs the last position's logits; every branch is a last position.
+        let last = match context {
+            Context::Causal(_) => Rows::new(1, d, rms_norm(&h[(n - 1) * d..], d, c.norm_eps))?,
+            Context::Branches(_) => Rows::new(n, d, rms_norm(&h, d, c.norm_eps))?,
+        };
+        let logits = project!(OpId::LmHead, last, c.vocab);
+        Ok(Some(logits.into_data()))
+    }
+}
+
+/// What the positions of a forward pass attend to.
+enum Context<'a> {
+    /// A causal sequence: its keys and values are appended to the cache.
+    Causal(&'a mut KvCache),
+    /// Independent one-token branches after the cache, which is only read.
+    Branches(&'a KvCache),
+}
+
+impl Context<'_> {
+    fn cached(&self) -> usize {
+        match self {
+            Context::Causal(c) => c.len,
+            Context::Branches(c) => c.len,
+        }
     }
 }
 

@@ -52,17 +52,22 @@ impl CloudExecutor {
     /// whatever precision was asked for, and widened by the receiver (half the bytes).
     pub fn setup(&self, req: &SetupRequest) -> Result<SetupReply, NodeError> {
         let (d_in, d_out) = req.op.shape(self.weights.config());
-        self.tap(|t| t.record_setup(req, d_in))?;
-        let r_pub = match &req.basis {
-            BasisSpec::Identity => Tensor::F32 {
+        let basis = match &req.basis {
+            BasisSpec::Identity => None,
+            spec @ BasisSpec::Orthonormal { m, .. } => {
+                Some(expand_basis(spec, d_in).ok_or_else(|| {
+                    NodeError::BadRequest(format!("{}: basis rank {m} for width {d_in}", req.op))
+                })?)
+            }
+        };
+        self.tap(|t| t.record_setup(req, d_in, basis.as_deref()))?;
+        let r_pub = match (&req.basis, basis) {
+            (BasisSpec::Identity, _) | (_, None) => Tensor::F32 {
                 rows: d_in,
                 cols: d_out,
                 data: self.weights.dense(req.op)?,
             },
-            spec @ BasisSpec::Orthonormal { m, .. } => {
-                let basis = expand_basis(spec, d_in).ok_or_else(|| {
-                    NodeError::BadRequest(format!("{}: basis rank {m} for width {d_in}", req.op))
-                })?;
+            (BasisSpec::Orthonormal { m, .. }, Some(basis)) => {
                 let r = self.weights.linear_f64(req.op, *m, &basis)?;
                 if req.f64 {
                     Tensor::F64 {

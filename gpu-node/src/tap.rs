@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use talaria_engine::OpId;
-use talaria_wire::{BasisSpec, MaskedCall, SetupRequest, Tensor, expand_basis};
+use talaria_wire::{BasisSpec, MaskedCall, SetupRequest, Tensor};
 
 use crate::NodeError;
 
@@ -115,15 +115,16 @@ impl Tap {
         &mut self,
         req: &SetupRequest,
         d_in: usize,
+        expanded: Option<&[f64]>,
     ) -> Result<(), NodeError> {
         let (op, layer) = op_parts(req.op);
         let rank = req.basis.rank(d_in);
         let (basis, basis_file) = match &req.basis {
             BasisSpec::Identity => ("identity", None),
-            spec @ BasisSpec::Orthonormal { .. } => {
+            BasisSpec::Orthonormal { .. } => {
                 let name = format!("basis-s{}-{}.npy", req.session, crate::tap_op_name(req.op));
-                if let Some(b) = expand_basis(spec, d_in) {
-                    write_npy(&self.dir.join(&name), rank, d_in, NpyData::F64(&b))?;
+                if let Some(b) = expanded {
+                    write_npy(&self.dir.join(&name), rank, d_in, NpyData::F64(b))?;
                 }
                 ("orthonormal", Some(name))
             }

@@ -11,7 +11,7 @@
 
 mod config;
 mod error;
-mod gemm;
+pub use talaria_wire::gemm;
 mod masker;
 
 pub use config::{Calibration, Precision, Rank, RemoConfig, op_key};

@@ -7,7 +7,8 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 use talaria_cvm_agent::RemoLinear;
 use talaria_engine::{
-    EngineError, GenerateRequest, Generation, LinearOps, Tokenizer, Transformer, generate,
+    EngineError, GenerateRequest, Generation, LinearOps, ModelConfig, Tokenizer, Transformer,
+    generate,
 };
 use talaria_gguf::GgufFile;
 use talaria_gpu_node::{CloudExecutor, LinearWeights, PlainEngine, Tap, read_provision};
@@ -71,6 +72,23 @@ pub fn parse_precision(s: &str) -> Result<Precision, String> {
 }
 
 impl RemoArgs {
+    /// The flags' defaults: `RemoConfig::default()`, no seed, no tap, the CPU.
+    pub fn defaults() -> Self {
+        let c = RemoConfig::default();
+        Self {
+            remo_rank: c.rank,
+            remo_scale: c.scale,
+            remo_precision: c.precision,
+            remo_dummy_rows: c.dummy_rows,
+            remo_shuffle: c.shuffle,
+            remo_pool: c.pool,
+            remo_off: !c.enabled,
+            remo_seed: None,
+            tap: None,
+            backend: talaria_topology::Backend::Cpu,
+        }
+    }
+
     /// The configuration these flags describe.
     pub fn config(&self) -> RemoConfig {
         RemoConfig {
@@ -84,7 +102,7 @@ impl RemoArgs {
         }
     }
 
-    fn seed(&self) -> Option<[u8; 32]> {
+    pub fn seed(&self) -> Option<[u8; 32]> {
         self.remo_seed.map(|s| {
             let mut seed = [0u8; 32];
             seed[..8].copy_from_slice(&s.to_le_bytes());
@@ -119,21 +137,53 @@ impl RemoEngine {
         args: &RemoArgs,
         calibration: &Calibration,
     ) -> Result<Self> {
+        let cloud = Cloud::load(path, &config, args)?;
+        let linear = RemoLinear::connect(
+            &cloud.config,
+            config,
+            calibration,
+            1,
+            args.seed(),
+            cloud.link,
+        )
+        .context("setting up ReMO with the cloud side")?;
+        Ok(Self {
+            tokenizer: cloud.tokenizer,
+            model: cloud.model,
+            linear,
+        })
+    }
+}
+
+/// The cloud side in this process (the weights, and the tap if one is asked for) and the CVM
+/// side it provisions, not yet joined by a ReMO session.
+pub struct Cloud {
+    pub tokenizer: Tokenizer,
+    pub model: Transformer,
+    pub config: ModelConfig,
+    pub link: Loopback<CloudExecutor>,
+}
+
+impl Cloud {
+    /// Loads the model file; starts the tap (with the public parameters `config` beside it).
+    pub fn load(path: &Path, config: &RemoConfig, args: &RemoArgs) -> Result<Self> {
         let f = GgufFile::open(path)?;
         let provision = read_provision(&f)?;
         let layers = 0..=provision.config.n_layers.saturating_sub(1);
         let weights = LinearWeights::load_on(&f, &provision.config, layers, true, args.backend)?;
         drop(f);
         let tap = args.tap.as_ref().map(Tap::create).transpose()?;
+        if let Some(dir) = &args.tap {
+            // The ReMO parameters are public: the attacks read them beside the tap.
+            talaria_attacks::Public::write(dir, config)?;
+        }
         let model_config = provision.config.clone();
         let (tokenizer, model) = provision.build()?;
-        let link = Loopback(CloudExecutor::new(weights, tap));
-        let linear = RemoLinear::connect(&model_config, config, calibration, 1, args.seed(), link)
-            .context("setting up ReMO with the cloud side")?;
         Ok(Self {
             tokenizer,
             model,
-            linear,
+            config: model_config,
+            link: Loopback(CloudExecutor::new(weights, tap)),
         })
     }
 }

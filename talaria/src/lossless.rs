@@ -1,7 +1,7 @@
 //! `talaria lossless`: the plain and the masked engines on the same prompts in one run —
 //! greedy-token agreement, logit drift, and the mask's cost per token, per ReMO setting.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -9,7 +9,7 @@ use clap::Args;
 use serde::Serialize;
 use talaria_engine::{GenerateRequest, SamplingParams, argmax, generate};
 use talaria_gpu_node::PlainEngine;
-use talaria_remo::{Precision, RemoConfig};
+use talaria_remo::{Calibration, Precision, RemoConfig};
 
 use crate::engines::{RemoArgs, RemoEngine, default_calibration};
 
@@ -45,37 +45,37 @@ pub struct LosslessArgs {
 }
 
 /// The plain engine's greedy run of one prompt, with the logits of every step.
-struct Reference {
+pub(crate) struct Reference {
     prompt: Vec<u32>,
     ids: Vec<u32>,
     logits: Vec<Vec<f32>>,
 }
 
-#[derive(Debug, Serialize)]
-struct SettingReport {
-    config: RemoConfig,
-    prompts: usize,
-    tokens: usize,
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SettingReport {
+    pub(crate) config: RemoConfig,
+    pub(crate) prompts: usize,
+    pub(crate) tokens: usize,
     /// Steps whose greedy token equals the plain engine's, fed the plain engine's tokens.
-    token_agreement: f64,
+    pub(crate) token_agreement: f64,
     /// Prompts whose whole greedy sequence equals the plain engine's.
-    sequence_agreement: f64,
-    max_abs_dlogit: f64,
-    mean_abs_dlogit: f64,
+    pub(crate) sequence_agreement: f64,
+    pub(crate) max_abs_dlogit: f64,
+    pub(crate) mean_abs_dlogit: f64,
     /// Positions run through the model (prompt tokens and fed-back tokens): the unit of the
     /// per-token costs below.
-    positions: usize,
+    pub(crate) positions: usize,
     /// Critical-path milliseconds per position spent masking and unmasking.
-    online_mask_ms_per_token: f64,
+    pub(crate) online_mask_ms_per_token: f64,
     /// Milliseconds per position spent making masks and their products (pool or on the spot).
-    offline_mask_ms_per_token: f64,
+    pub(crate) offline_mask_ms_per_token: f64,
     /// Multiply-adds per position to make masks and their products (dummy rows included).
-    offline_mask_macs_per_token: f64,
+    pub(crate) offline_mask_macs_per_token: f64,
     /// Multiply-adds per position of the model's own projections.
-    model_macs_per_token: f64,
+    pub(crate) model_macs_per_token: f64,
     /// Milliseconds per position waiting for the cloud.
-    cloud_ms_per_token: f64,
-    wall_s: f64,
+    pub(crate) cloud_ms_per_token: f64,
+    pub(crate) wall_s: f64,
 }
 
 fn grid(base: &RemoConfig) -> Vec<RemoConfig> {
@@ -98,23 +98,24 @@ fn grid(base: &RemoConfig) -> Vec<RemoConfig> {
     v
 }
 
-pub fn run(args: LosslessArgs) -> Result<()> {
-    let path = crate::resolve_model(args.model_file.clone())?;
-    let text = std::fs::read_to_string(&args.prompts)
-        .with_context(|| format!("reading {}", args.prompts.display()))?;
-    let mut plain = PlainEngine::load_on(&path, args.remo.backend)
+/// The plain engine's greedy answers and logits for the first `n` prompts of `text`, and the
+/// model's multiply-adds per position.
+pub(crate) fn references(
+    path: &Path,
+    text: &str,
+    n: usize,
+    max_tokens: usize,
+    backend: talaria_topology::Backend,
+) -> Result<(Vec<Reference>, f64)> {
+    let mut plain = PlainEngine::load_on(path, backend)
         .with_context(|| format!("loading {}", path.display()))?;
     let eos = plain.tokenizer.eos();
     let mut refs = Vec::new();
-    for line in text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .take(args.n_prompts)
-    {
+    for line in text.lines().filter(|l| !l.trim().is_empty()).take(n) {
         let prompt = plain.tokenizer.encode(line)?;
         let req = GenerateRequest {
             prompt_ids: prompt.clone(),
-            max_tokens: args.max_tokens,
+            max_tokens,
             sampling: SamplingParams::default(),
             stop_ids: vec![eos],
         };
@@ -133,17 +134,89 @@ pub fn run(args: LosslessArgs) -> Result<()> {
             logits,
         });
     }
-    let model_macs: f64 = {
-        let c = plain.model.config();
-        talaria_cvm_agent::all_ops(c)
-            .iter()
-            .map(|op| {
-                let (i, o) = op.shape(c);
-                (i * o) as f64
-            })
-            .sum()
-    };
-    drop(plain);
+    let c = plain.model.config();
+    let model_macs = talaria_cvm_agent::all_ops(c)
+        .iter()
+        .map(|op| {
+            let (i, o) = op.shape(c);
+            (i * o) as f64
+        })
+        .sum();
+    Ok((refs, model_macs))
+}
+
+/// Teacher-forces the ReMO engine with `config` along the references: agreement, drift, cost.
+pub(crate) fn measure(
+    path: &Path,
+    config: RemoConfig,
+    remo: &RemoArgs,
+    calibration: &Calibration,
+    refs: &[Reference],
+    model_macs: f64,
+) -> Result<SettingReport> {
+    let t0 = Instant::now();
+    let mut engine = RemoEngine::load_config(path, config.clone(), remo, calibration)?;
+    let (mut agree, mut tokens, mut same_seq, mut positions) = (0usize, 0usize, 0usize, 0usize);
+    let (mut max_d, mut sum_d, mut n_d) = (0f64, 0f64, 0usize);
+    for r in refs {
+        let mut cache = engine.model.new_cache();
+        let mut all_agree = true;
+        for (step, want) in r.ids.iter().enumerate() {
+            // Teacher forcing: both engines see the same context at every step.
+            let input = if step == 0 {
+                r.prompt.clone()
+            } else {
+                vec![r.ids[step - 1]]
+            };
+            positions += input.len();
+            let logits = engine
+                .model
+                .forward(&mut engine.linear, &mut cache, &input)?;
+            for (a, b) in logits.iter().zip(&r.logits[step]) {
+                let d = f64::from((a - b).abs());
+                max_d = max_d.max(d);
+                sum_d += d;
+                n_d += 1;
+            }
+            let ok = argmax(&logits) == *want;
+            agree += usize::from(ok);
+            all_agree &= ok;
+            tokens += 1;
+        }
+        same_seq += usize::from(all_agree);
+    }
+    let stats = engine.linear.stats();
+    let timings = engine.linear.timings().clone();
+    let per_token = |x: f64| x / positions.max(1) as f64;
+    Ok(SettingReport {
+        prompts: refs.len(),
+        tokens,
+        positions,
+        token_agreement: agree as f64 / tokens.max(1) as f64,
+        sequence_agreement: same_seq as f64 / refs.len().max(1) as f64,
+        max_abs_dlogit: max_d,
+        mean_abs_dlogit: sum_d / n_d.max(1) as f64,
+        online_mask_ms_per_token: per_token(timings.online_mask_s * 1e3),
+        offline_mask_ms_per_token: per_token(stats.mask_generation_s * 1e3),
+        offline_mask_macs_per_token: per_token(stats.mask_generation_macs as f64),
+        model_macs_per_token: model_macs,
+        cloud_ms_per_token: per_token(timings.cloud_s * 1e3),
+        wall_s: t0.elapsed().as_secs_f64(),
+        config,
+    })
+}
+
+pub fn run(args: LosslessArgs) -> Result<()> {
+    let path = crate::resolve_model(args.model_file.clone())?;
+    let text = std::fs::read_to_string(&args.prompts)
+        .with_context(|| format!("reading {}", args.prompts.display()))?;
+    let (refs, model_macs) = references(
+        &path,
+        &text,
+        args.n_prompts,
+        args.max_tokens,
+        args.remo.backend,
+    )?;
 
     let calibration = default_calibration()?;
     let base = args.remo.config();
@@ -171,56 +244,7 @@ pub fn run(args: LosslessArgs) -> Result<()> {
     };
     let mut reports = Vec::new();
     for config in settings {
-        let t0 = Instant::now();
-        let mut engine = RemoEngine::load_config(&path, config.clone(), &args.remo, &calibration)?;
-        let (mut agree, mut tokens, mut same_seq, mut positions) = (0usize, 0usize, 0usize, 0usize);
-        let (mut max_d, mut sum_d, mut n_d) = (0f64, 0f64, 0usize);
-        for r in &refs {
-            let mut cache = engine.model.new_cache();
-            let mut all_agree = true;
-            for (step, want) in r.ids.iter().enumerate() {
-                // Teacher forcing: both engines see the same context at every step.
-                let input = if step == 0 {
-                    r.prompt.clone()
-                } else {
-                    vec![r.ids[step - 1]]
-                };
-                positions += input.len();
-                let logits = engine
-                    .model
-                    .forward(&mut engine.linear, &mut cache, &input)?;
-                for (a, b) in logits.iter().zip(&r.logits[step]) {
-                    let d = f64::from((a - b).abs());
-                    max_d = max_d.max(d);
-                    sum_d += d;
-                    n_d += 1;
-                }
-                let ok = argmax(&logits) == *want;
-                agree += usize::from(ok);
-                all_agree &= ok;
-                tokens += 1;
-            }
-            same_seq += usize::from(all_agree);
-        }
-        let stats = engine.linear.stats();
-        let timings = engine.linear.timings().clone();
-        let per_token = |x: f64| x / positions.max(1) as f64;
-        let report = SettingReport {
-            prompts: refs.len(),
-            tokens,
-            positions,
-            token_agreement: agree as f64 / tokens.max(1) as f64,
-            sequence_agreement: same_seq as f64 / refs.len().max(1) as f64,
-            max_abs_dlogit: max_d,
-            mean_abs_dlogit: sum_d / n_d.max(1) as f64,
-            online_mask_ms_per_token: per_token(timings.online_mask_s * 1e3),
-            offline_mask_ms_per_token: per_token(stats.mask_generation_s * 1e3),
-            offline_mask_macs_per_token: per_token(stats.mask_generation_macs as f64),
-            model_macs_per_token: model_macs,
-            cloud_ms_per_token: per_token(timings.cloud_s * 1e3),
-            wall_s: t0.elapsed().as_secs_f64(),
-            config,
-        };
+        let report = measure(&path, config, &args.remo, &calibration, &refs, model_macs)?;
         eprintln!(
             "{:?} σ={} agreement {:.4} sequences {:.3} max|Δlogit| {:.2e}",
             report.config.precision,

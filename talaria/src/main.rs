@@ -1,5 +1,6 @@
 //! `talaria`: fetch the model, generate text, benchmark the engines, run a local cluster.
 
+mod attack;
 mod bench;
 mod calibrate;
 mod cluster;
@@ -48,6 +49,12 @@ enum Command {
     /// each K asked; writes tokens/s, TTFT and inter-token latency, and the gpu-nodes' batch
     /// sizes as JSON.
     Load(load::LoadArgs),
+    /// Attack a tap as the honest-but-curious cloud would: how many prompt tokens each attack
+    /// reconstructs (scored against the tap's truth.json when there is one).
+    Attack(attack::AttackArgs),
+    /// Victims through a grid of ReMO settings, every attack on each, next to each setting's
+    /// drift and cost: JSON, a Markdown table and a PNG plot.
+    AttackReport(attack::ReportArgs),
     /// Check a cvm-agent's SEV-SNP attestation (bound to its TLS certificate) before trusting it.
     Verify(cluster::VerifyArgs),
 }
@@ -98,5 +105,7 @@ fn main() -> Result<()> {
         Command::Up(args) => cluster::up(args),
         Command::Verify(args) => cluster::verify(args),
         Command::Load(args) => load::run(args),
+        Command::Attack(args) => attack::run(args),
+        Command::AttackReport(args) => attack::report(args),
     }
 }

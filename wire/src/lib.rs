@@ -5,6 +5,7 @@
 
 mod basis;
 pub mod frame;
+pub mod gemm;
 mod link;
 pub mod net;
 mod protocol;

@@ -1,0 +1,318 @@
+//! Reading a tap directory (`docs/tap-format.md`): the cloud's view and the public parameters,
+//! nothing else. `truth.json`, which an experiment may leave beside a tap, is never read here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use talaria_engine::{BlockOp, ModelConfig, OpId};
+use talaria_remo::RemoConfig;
+
+use crate::AttackError;
+
+/// The tap's file of public parameters, written beside `index.json` by whoever runs the cloud:
+/// the ReMO configuration is public (the coordinator's topology carries it).
+pub const PUBLIC_FILE: &str = "public.json";
+
+/// What the cloud knows about the protocol besides what it receives.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Public {
+    pub format: String,
+    pub remo: RemoConfig,
+}
+
+impl Public {
+    pub const FORMAT: &'static str = "talaria-public-1";
+
+    /// Writes `public.json` into a tap directory.
+    pub fn write(dir: &Path, remo: &RemoConfig) -> Result<(), AttackError> {
+        let public = Public {
+            format: Self::FORMAT.into(),
+            remo: remo.clone(),
+        };
+        let path = dir.join(PUBLIC_FILE);
+        std::fs::create_dir_all(dir).map_err(AttackError::io(dir))?;
+        let json = serde_json::to_vec_pretty(&public).map_err(AttackError::json(&path))?;
+        std::fs::write(&path, json).map_err(AttackError::io(&path))
+    }
+
+    /// Whether rows of a call arrive in position order: masking off (no shuffle, no dummies),
+    /// or shuffling off (dummies are appended after the real rows).
+    pub fn ordered(&self) -> bool {
+        !self.remo.enabled || !self.remo.shuffle
+    }
+
+    /// Rows of a call that carry real positions, given the rows received.
+    pub fn real_rows(&self, rows: usize) -> usize {
+        if self.remo.enabled {
+            rows.saturating_sub(self.remo.dummy_rows)
+        } else {
+            rows
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Event {
+    Setup {
+        session: u64,
+        op: String,
+        layer: Option<usize>,
+        basis_file: Option<String>,
+    },
+    Call {
+        session: u64,
+        seq: u64,
+        op: String,
+        layer: Option<usize>,
+        rows: usize,
+        cols: usize,
+        file: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct Index {
+    format: String,
+    events: Vec<Event>,
+}
+
+/// A row-major matrix of f64 values.
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f64>,
+}
+
+impl Matrix {
+    pub fn row(&self, i: usize) -> &[f64] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+}
+
+/// One recorded call.
+#[derive(Debug, Clone)]
+pub struct CallRef {
+    pub seq: u64,
+    pub op: OpId,
+    pub rows: usize,
+    pub cols: usize,
+    pub file: PathBuf,
+}
+
+/// The events of one session.
+#[derive(Debug, Clone, Default)]
+pub struct SessionTap {
+    pub id: u64,
+    calls: BTreeMap<u64, CallRef>,
+    bases: HashMap<OpId, PathBuf>,
+}
+
+impl SessionTap {
+    /// The calls of the session's first forward pass (the prefill, which carries the prompt):
+    /// one per op, in forward order.
+    pub fn prefill(&self, config: &ModelConfig) -> Result<BTreeMap<OpId, CallRef>, AttackError> {
+        let ops = 4 * config.n_layers + 1;
+        let calls: Vec<&CallRef> = self.calls.values().take(ops).collect();
+        if calls.len() < ops {
+            return Err(AttackError::Format(format!(
+                "session {} has {} calls, a forward pass makes {ops}",
+                self.id,
+                calls.len()
+            )));
+        }
+        let mut out = BTreeMap::new();
+        for c in calls {
+            if out.insert(c.op, c.clone()).is_some() {
+                return Err(AttackError::Format(format!(
+                    "session {}: {} twice in its first forward pass",
+                    self.id, c.op
+                )));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The file of an op's public basis (`None` for the identity basis, or no masking).
+    pub fn basis(&self, op: OpId) -> Option<&Path> {
+        self.bases.get(&op).map(PathBuf::as_path)
+    }
+}
+
+/// A tap directory, opened.
+#[derive(Debug, Clone)]
+pub struct Tap {
+    pub dir: PathBuf,
+    pub public: Public,
+    sessions: BTreeMap<u64, SessionTap>,
+}
+
+fn parse_op(op: &str, layer: Option<usize>) -> Result<OpId, AttackError> {
+    let block = |op| {
+        layer
+            .map(|layer| OpId::Block { layer, op })
+            .ok_or_else(|| AttackError::Format(format!("op {op:?} without a layer")))
+    };
+    match op {
+        "lm_head" => Ok(OpId::LmHead),
+        other => BlockOp::ALL
+            .into_iter()
+            .find(|b| b.name() == other)
+            .map_or_else(
+                || Err(AttackError::Format(format!("unknown op {other:?}"))),
+                block,
+            ),
+    }
+}
+
+/// A file named by the index, kept inside the tap directory.
+fn inside(dir: &Path, name: &str) -> Result<PathBuf, AttackError> {
+    let p = Path::new(name);
+    if p.components().count() != 1 || p.is_absolute() {
+        return Err(AttackError::Format(format!(
+            "file {name:?} is not a plain name inside the tap"
+        )));
+    }
+    Ok(dir.join(p))
+}
+
+impl Tap {
+    /// Opens a tap: `index.json` and `public.json`.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, AttackError> {
+        let dir = dir.into();
+        let path = dir.join("index.json");
+        let bytes = std::fs::read(&path).map_err(AttackError::io(&path))?;
+        let index: Index = serde_json::from_slice(&bytes).map_err(AttackError::json(&path))?;
+        if index.format != "talaria-tap-1" {
+            return Err(AttackError::Format(format!(
+                "{}: format {:?}, expected talaria-tap-1",
+                path.display(),
+                index.format
+            )));
+        }
+        let ppath = dir.join(PUBLIC_FILE);
+        let bytes = std::fs::read(&ppath).map_err(AttackError::io(&ppath))?;
+        let public: Public = serde_json::from_slice(&bytes).map_err(AttackError::json(&ppath))?;
+        if public.format != Public::FORMAT {
+            return Err(AttackError::Format(format!(
+                "{}: format {:?}, expected {}",
+                ppath.display(),
+                public.format,
+                Public::FORMAT
+            )));
+        }
+        let mut sessions: BTreeMap<u64, SessionTap> = BTreeMap::new();
+        for e in index.events {
+            match e {
+                Event::Setup {
+                    session,
+                    op,
+                    layer,
+                    basis_file,
+                } => {
+                    let op = parse_op(&op, layer)?;
+                    if let Some(f) = basis_file {
+                        let s = sessions.entry(session).or_default();
+                        s.bases.insert(op, inside(&dir, &f)?);
+                    }
+                }
+                Event::Call {
+                    session,
+                    seq,
+                    op,
+                    layer,
+                    rows,
+                    cols,
+                    file,
+                } => {
+                    let call = CallRef {
+                        seq,
+                        op: parse_op(&op, layer)?,
+                        rows,
+                        cols,
+                        file: inside(&dir, &file)?,
+                    };
+                    let s = sessions.entry(session).or_default();
+                    s.id = session;
+                    if s.calls.insert(seq, call).is_some() {
+                        return Err(AttackError::Format(format!(
+                            "session {session}: call {seq} recorded twice"
+                        )));
+                    }
+                }
+            }
+        }
+        sessions.retain(|_, s| !s.calls.is_empty());
+        Ok(Self {
+            dir,
+            public,
+            sessions,
+        })
+    }
+
+    /// The sessions recorded, by id.
+    pub fn sessions(&self) -> impl Iterator<Item = &SessionTap> {
+        self.sessions.values()
+    }
+}
+
+/// Reads a 2-D little-endian f32 or f64 `.npy` (format 1.0 or 2.0, C order) as f64.
+pub fn read_npy(path: &Path) -> Result<Matrix, AttackError> {
+    let bytes = std::fs::read(path).map_err(AttackError::io(path))?;
+    let bad = |why: &str| AttackError::Format(format!("{}: {why}", path.display()));
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad("not a .npy file"));
+    }
+    let (hlen, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        _ => return Err(bad("unsupported .npy version")),
+    };
+    let header = bytes
+        .get(start..start + hlen)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| bad("truncated header"))?;
+    let width = if header.contains("'<f4'") {
+        4
+    } else if header.contains("'<f8'") {
+        8
+    } else {
+        return Err(bad("dtype is neither <f4 nor <f8"));
+    };
+    if header.contains("'fortran_order': True") {
+        return Err(bad("Fortran order"));
+    }
+    let shape = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| bad("no shape"))?;
+    let dims: Vec<usize> = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|_| bad("bad shape")))
+        .collect::<Result<_, _>>()?;
+    let [rows, cols] = dims[..] else {
+        return Err(bad("not a matrix"));
+    };
+    let body = &bytes[start + hlen..];
+    if body.len() != rows * cols * width {
+        return Err(bad("data size does not match the shape"));
+    }
+    let data = if width == 4 {
+        body.chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect()
+    } else {
+        body.chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect()
+    };
+    Ok(Matrix { rows, cols, data })
+}

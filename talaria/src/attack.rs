@@ -1,0 +1,565 @@
+//! `talaria attack` (attack one tap) and `talaria attack-report` (victims through a grid of ReMO
+//! settings, every attack on each, next to the setting's drift and cost).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::Serialize;
+use talaria_attacks::eval::{TRUTH_FILE, VictimTruth, score};
+use talaria_attacks::score::Distance;
+use talaria_attacks::{
+    AttackKind, AttackScore, Attacker, Options, SessionGuess, Simulator, Tap, Truth,
+};
+use talaria_cvm_agent::{PublicCache, RemoLinear};
+use talaria_engine::{BlockOp, OpId};
+use talaria_remo::{Precision, Rank, RemoConfig};
+
+use crate::engines::{Cloud, RemoArgs, default_calibration};
+use crate::lossless::{self, SettingReport};
+
+fn parse_attack(s: &str) -> Result<AttackKind, String> {
+    s.parse()
+}
+
+/// An op as the calibration names it: `<layer>.<op>` or `lm_head`.
+fn parse_op(s: &str) -> Result<OpId, String> {
+    if s == "lm_head" {
+        return Ok(OpId::LmHead);
+    }
+    let (layer, op) = s
+        .split_once('.')
+        .ok_or_else(|| format!("{s:?}: expected <layer>.<op> or lm_head"))?;
+    let layer = layer.parse().map_err(|_| format!("{s:?}: bad layer"))?;
+    let op = BlockOp::ALL
+        .into_iter()
+        .find(|b| b.name() == op)
+        .ok_or_else(|| format!("{s:?}: op is one of qkv, attn_out, gate_up, down"))?;
+    Ok(OpId::Block { layer, op })
+}
+
+fn parse_distance(s: &str) -> Result<Distance, String> {
+    match s {
+        "l2" => Ok(Distance::L2),
+        "sorted" => Ok(Distance::Sorted),
+        _ => Err(format!("{s:?}: expected l2 or sorted")),
+    }
+}
+
+/// The attacks' knobs.
+#[derive(Debug, Clone, Args)]
+pub struct Knobs {
+    /// Candidates the sequential attacks simulate per position.
+    #[arg(long, default_value_t = Options::default().shortlist)]
+    pub shortlist: usize,
+    /// The op whose input the forward-simulation attacks match (`<layer>.<op>`).
+    #[arg(long, default_value = "1.qkv", value_parser = parse_op)]
+    pub forward_view: OpId,
+    /// Row distance of the matching attacks: `l2`, or `sorted` (blind to feature permutations).
+    #[arg(long, default_value = "l2", value_parser = parse_distance)]
+    pub distance: Distance,
+    /// Seed of the learned attacker's own masks.
+    #[arg(long, default_value_t = Options::default().seed)]
+    pub attack_seed: u64,
+}
+
+impl Knobs {
+    fn options(&self) -> Options {
+        Options {
+            shortlist: self.shortlist,
+            forward_view: self.forward_view,
+            distance: self.distance,
+            seed: self.attack_seed,
+            ..Options::default()
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct AttackArgs {
+    /// A tap directory (docs/tap-format.md) with its public.json.
+    #[arg(long)]
+    pub tap: PathBuf,
+    /// Run only this attack (default: all): prior, nn, forward, projection, gaussian,
+    /// multi-view, learned.
+    #[arg(long, value_parser = parse_attack)]
+    pub attack: Option<AttackKind>,
+    /// Score against this truth file (default: the tap's truth.json, when there is one).
+    #[arg(long)]
+    pub truth: Option<PathBuf>,
+    /// Print JSON (scores and every guess) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub model_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub knobs: Knobs,
+}
+
+#[derive(Serialize)]
+struct AttackRun {
+    attack: &'static str,
+    seconds: f64,
+    score: Option<AttackScore>,
+    guesses: Vec<SessionGuess>,
+}
+
+pub fn run(args: AttackArgs) -> Result<()> {
+    let path = crate::resolve_model(args.model_file.clone())?;
+    let tap = Tap::open(&args.tap).with_context(|| format!("opening {}", args.tap.display()))?;
+    let truth_path = args.truth.clone().or_else(|| {
+        let p = args.tap.join(TRUTH_FILE);
+        p.exists().then_some(p)
+    });
+    let truth = truth_path.as_deref().map(Truth::read).transpose()?;
+    let mut sim = Simulator::load(&path)?;
+    let mut attacker = Attacker::new(&mut sim, args.knobs.options(), default_calibration()?)?;
+    let kinds = args.attack.map_or(AttackKind::ALL.to_vec(), |k| vec![k]);
+    let mut runs = Vec::new();
+    for kind in kinds {
+        let t0 = Instant::now();
+        let guesses = attacker
+            .run(kind, &tap)
+            .with_context(|| format!("attack {}", kind.name()))?;
+        let seconds = t0.elapsed().as_secs_f64();
+        let score = truth
+            .as_ref()
+            .map(|t| score(kind.name(), &guesses, t, seconds));
+        if !args.json {
+            match &score {
+                Some(s) => println!(
+                    "{:<11} {:>5}/{:<5} {:>6.2} %  [{:.2} – {:.2}]  {:.1} s",
+                    kind.name(),
+                    s.recovered,
+                    s.total,
+                    100.0 * s.accuracy,
+                    100.0 * s.ci95[0],
+                    100.0 * s.ci95[1],
+                    seconds
+                ),
+                None => println!(
+                    "{:<11} {} session(s) guessed, {seconds:.1} s (no truth to score against)",
+                    kind.name(),
+                    guesses.len()
+                ),
+            }
+        }
+        runs.push(AttackRun {
+            attack: kind.name(),
+            seconds,
+            score,
+            guesses,
+        });
+    }
+    if args.json {
+        let out = serde_json::json!({
+            "tap": args.tap,
+            "public": tap.public,
+            "truth": truth_path,
+            "runs": runs,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Where the report goes: attack-report.json, attack-report.md, attack-report.png.
+    #[arg(long, default_value = "docs/attacks")]
+    pub out: PathBuf,
+    /// Victim prompts, one per line.
+    #[arg(long, default_value = "calibration/lossless-prompts.txt")]
+    pub prompts: PathBuf,
+    /// Victim sessions per setting (the first prompts of the file).
+    #[arg(long, default_value_t = 16)]
+    pub victims: usize,
+    /// The small grid the tests run (plaintext, the default, rank 1/2, σ = 1) instead of the
+    /// full one.
+    #[arg(long)]
+    pub small: bool,
+    /// Attacks to run (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = parse_attack)]
+    pub attacks: Vec<AttackKind>,
+    /// Prompts and tokens per prompt of the drift measurement (`talaria lossless`) of each
+    /// setting; 0 prompts skips it.
+    #[arg(long, default_value_t = 4)]
+    pub drift_prompts: usize,
+    #[arg(long, default_value_t = 16)]
+    pub drift_tokens: usize,
+    /// Where the victims' taps are written (each removed after its setting is attacked unless
+    /// --keep-taps).
+    #[arg(long)]
+    pub taps: Option<PathBuf>,
+    #[arg(long)]
+    pub keep_taps: bool,
+    /// Seed of the victims' private masks (fixed by default so a report can be reproduced; the
+    /// attacks never see it).
+    #[arg(long, default_value_t = 1)]
+    pub victim_seed: u64,
+    /// Skip the PNG plot (it needs Python with matplotlib: tools/requirements.txt).
+    #[arg(long)]
+    pub no_plot: bool,
+    #[arg(long)]
+    pub model_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub knobs: Knobs,
+}
+
+/// One column of the grid.
+#[derive(Debug, Clone, Serialize)]
+struct Setting {
+    name: String,
+    config: RemoConfig,
+}
+
+fn grid(small: bool) -> Vec<Setting> {
+    let base = RemoConfig::default();
+    let s = |name: &str, config: RemoConfig| Setting {
+        name: name.into(),
+        config,
+    };
+    let mut v = vec![
+        s(
+            "plaintext (--remo-off)",
+            RemoConfig {
+                enabled: false,
+                ..base.clone()
+            },
+        ),
+        s("default (full, σ=100, f64-gemm)", base.clone()),
+    ];
+    let rank = |f: f64| RemoConfig {
+        rank: Rank::Fraction(f),
+        ..base.clone()
+    };
+    let scale = |x: f64| RemoConfig {
+        scale: x,
+        ..base.clone()
+    };
+    if small {
+        v.push(s("rank 1/2", rank(0.5)));
+        v.push(s("σ=1", scale(1.0)));
+        return v;
+    }
+    v.push(s("rank d−1", rank(1.0 - 1.0 / 576.0)));
+    v.push(s("rank 3/4", rank(0.75)));
+    v.push(s("rank 1/2", rank(0.5)));
+    v.push(s("rank 1/4", rank(0.25)));
+    for x in [1.0, 3.0, 10.0, 30.0, 1000.0, 1e4] {
+        v.push(s(&format!("σ={x}"), scale(x)));
+    }
+    for (name, p) in [
+        ("f32", Precision::F32),
+        ("f64-client", Precision::F64Client),
+    ] {
+        v.push(s(
+            &format!("{name}, σ=100"),
+            RemoConfig {
+                precision: p,
+                ..base.clone()
+            },
+        ));
+    }
+    v.push(s(
+        "no shuffle",
+        RemoConfig {
+            shuffle: false,
+            ..base.clone()
+        },
+    ));
+    v.push(s(
+        "no dummy rows",
+        RemoConfig {
+            dummy_rows: 0,
+            ..base.clone()
+        },
+    ));
+    v
+}
+
+/// Runs the victims' prompts through ReMO with `config`, one session each (prefill only: the
+/// prompt is what is attacked), recording the cloud's view into `dir` and the truth beside it.
+fn record_victims(
+    path: &Path,
+    config: &RemoConfig,
+    prompts: &[(String, Vec<u32>)],
+    dir: &Path,
+    seed: u64,
+) -> Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    let args = RemoArgs {
+        tap: Some(dir.to_path_buf()),
+        ..RemoArgs::defaults()
+    };
+    let calibration = default_calibration()?;
+    let Cloud {
+        model,
+        config: model_config,
+        mut link,
+        ..
+    } = Cloud::load(path, config, &args)?;
+    let shared = PublicCache::default();
+    let mut truth = Truth {
+        format: Truth::FORMAT.into(),
+        sessions: Vec::new(),
+    };
+    for (i, (text, prompt)) in prompts.iter().enumerate() {
+        let session = i as u64 + 1;
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&seed.to_le_bytes());
+        key[8..16].copy_from_slice(&session.to_le_bytes());
+        let mut linear = RemoLinear::connect_shared(
+            &model_config,
+            config.clone(),
+            &calibration,
+            session,
+            Some(key),
+            link,
+            Some(&shared),
+        )
+        .context("setting up ReMO")?;
+        let mut cache = model.new_cache();
+        model.forward(&mut linear, &mut cache, prompt)?;
+        link = linear.into_link();
+        truth.sessions.push(VictimTruth {
+            session,
+            prompt: prompt.clone(),
+            text: text.clone(),
+        });
+    }
+    link.0.finish_tap()?;
+    truth.write(&dir.join(TRUTH_FILE))?;
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct SettingResult {
+    name: String,
+    config: RemoConfig,
+    attacks: Vec<AttackScore>,
+    /// Whether some attack's interval lies wholly above the prior's.
+    leaks: bool,
+    lossless: Option<SettingReport>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    format: &'static str,
+    command: String,
+    victims: usize,
+    victim_tokens: usize,
+    prompts: PathBuf,
+    options: Options,
+    settings: Vec<SettingResult>,
+}
+
+pub fn report(args: ReportArgs) -> Result<()> {
+    let path = crate::resolve_model(args.model_file.clone())?;
+    let text = std::fs::read_to_string(&args.prompts)
+        .with_context(|| format!("reading {}", args.prompts.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let taps = args.taps.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("talaria-taps-{}", std::process::id()))
+    });
+    let mut sim = Simulator::load(&path)?;
+    let prompts: Vec<(String, Vec<u32>)> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(args.victims)
+        .map(|l| Ok((l.to_string(), sim.tokenizer().encode(l)?)))
+        .collect::<Result<_>>()?;
+    if prompts.is_empty() {
+        bail!("{} has no prompts", args.prompts.display());
+    }
+    let victim_tokens = prompts.iter().map(|p| p.1.len()).sum();
+    let drift = if args.drift_prompts > 0 {
+        Some(lossless::references(
+            &path,
+            &text,
+            args.drift_prompts,
+            args.drift_tokens,
+            talaria_topology::Backend::Cpu,
+        )?)
+    } else {
+        None
+    };
+    let kinds = if args.attacks.is_empty() {
+        AttackKind::ALL.to_vec()
+    } else {
+        args.attacks.clone()
+    };
+    let options = args.knobs.options();
+    let calibration = default_calibration()?;
+    let mut attacker = Attacker::new(&mut sim, options.clone(), calibration.clone())?;
+    let mut report = Report {
+        format: "talaria-attack-report-1",
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        victims: prompts.len(),
+        victim_tokens,
+        prompts: args.prompts.clone(),
+        options,
+        settings: Vec::new(),
+    };
+    for setting in grid(args.small) {
+        let t0 = Instant::now();
+        let dir = taps.join(slug(&setting.name));
+        record_victims(&path, &setting.config, &prompts, &dir, args.victim_seed)?;
+        let tap = Tap::open(&dir)?;
+        let truth = Truth::read(&dir.join(TRUTH_FILE))?;
+        let mut scores = Vec::new();
+        for &kind in &kinds {
+            let t = Instant::now();
+            let guesses = attacker
+                .run(kind, &tap)
+                .with_context(|| format!("attack {} on {}", kind.name(), setting.name))?;
+            let s = score(kind.name(), &guesses, &truth, t.elapsed().as_secs_f64());
+            eprintln!(
+                "{:<34} {:<11} {:>6.2} % [{:.2} – {:.2}] {:.1} s",
+                setting.name,
+                s.attack,
+                100.0 * s.accuracy,
+                100.0 * s.ci95[0],
+                100.0 * s.ci95[1],
+                s.seconds
+            );
+            scores.push(s);
+        }
+        if !args.keep_taps {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let lossless = match &drift {
+            Some((refs, macs)) if setting.config.enabled => Some(lossless::measure(
+                &path,
+                setting.config.clone(),
+                &RemoArgs::defaults(),
+                &calibration,
+                refs,
+                *macs,
+            )?),
+            _ => None,
+        };
+        let prior_hi = scores
+            .iter()
+            .find(|s| s.attack == AttackKind::Prior.name())
+            .map(|s| s.ci95[1]);
+        let leaks = prior_hi.is_some_and(|hi| scores.iter().any(|s| s.ci95[0] > hi));
+        eprintln!("{}: {:.0} s", setting.name, t0.elapsed().as_secs_f64());
+        report.settings.push(SettingResult {
+            name: setting.name,
+            config: setting.config,
+            attacks: scores,
+            leaks,
+            lossless,
+        });
+        // Written after every setting: a long grid that is stopped keeps what it measured.
+        write_report(&args.out, &report)?;
+    }
+    if !args.no_plot {
+        plot(&args.out)?;
+    }
+    println!("{}", args.out.join("attack-report.md").display());
+    Ok(())
+}
+
+fn slug(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect()
+}
+
+fn write_report(out: &Path, report: &Report) -> Result<()> {
+    let json = out.join("attack-report.json");
+    std::fs::write(&json, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let md = out.join("attack-report.md");
+    std::fs::write(&md, markdown(report)).with_context(|| format!("writing {}", md.display()))
+}
+
+fn markdown(r: &Report) -> String {
+    let attacks: Vec<&str> = r
+        .settings
+        .first()
+        .map(|s| s.attacks.iter().map(|a| a.attack.as_str()).collect())
+        .unwrap_or_default();
+    let mut s = format!(
+        "# Token reconstruction by the cloud\n\n`{}`\n\n{} victim prompts ({} tokens) from `{}`, \
+         one session each; accuracy is the share of prompt tokens recovered (order-free), with \
+         its 95 % Wilson interval. \"leaks\": some attack's interval lies wholly above the \
+         prior's. Drift and cost: `talaria lossless` on the same setting (teacher-forced, {}).\n\n",
+        r.command,
+        r.victims,
+        r.victim_tokens,
+        r.prompts.display(),
+        r.settings.iter().find_map(|s| s.lossless.as_ref()).map_or(
+            "not measured".to_string(),
+            |l| format!("{} prompts, {} tokens", l.prompts, l.tokens)
+        ),
+    );
+    s.push_str("| setting |");
+    for a in &attacks {
+        s.push_str(&format!(" {a} |"));
+    }
+    s.push_str(
+        " verdict | greedy agreement | max \\|Δlogit\\| | online ms/pos | offline ms/pos |\n|---|",
+    );
+    for _ in &attacks {
+        s.push_str("---|");
+    }
+    s.push_str("---|---|---|---|---|\n");
+    for set in &r.settings {
+        s.push_str(&format!("| {} |", set.name));
+        for a in &set.attacks {
+            s.push_str(&format!(
+                " {:.1} % ({:.1}–{:.1}) |",
+                100.0 * a.accuracy,
+                100.0 * a.ci95[0],
+                100.0 * a.ci95[1]
+            ));
+        }
+        s.push_str(if set.leaks {
+            " **leaks** |"
+        } else {
+            " at chance |"
+        });
+        match &set.lossless {
+            Some(l) => s.push_str(&format!(
+                " {:.2} % | {:.1e} | {:.1} | {:.0} |\n",
+                100.0 * l.token_agreement,
+                l.max_abs_dlogit,
+                l.online_mask_ms_per_token,
+                l.offline_mask_ms_per_token
+            )),
+            None => s.push_str(" – | – | – | – |\n"),
+        }
+    }
+    s
+}
+
+/// Draws the PNG with the project's Python helper (matplotlib, pinned in tools/requirements.txt).
+fn plot(out: &Path) -> Result<()> {
+    let python = std::env::var_os("TALARIA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/plot_attacks.py");
+    let status = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(out.join("attack-report.json"))
+        .arg(out.join("attack-report.png"))
+        .status()
+        .with_context(|| {
+            format!(
+                "running {} (set TALARIA_PYTHON, or make the venv: scripts/test.sh does; \
+                 --no-plot skips the plot)",
+                python.display()
+            )
+        })?;
+    if !status.success() {
+        bail!("{} failed ({status})", script.display());
+    }
+    Ok(())
+}
