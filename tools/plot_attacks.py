@@ -29,8 +29,8 @@ def main(src, dst):
                 continue
             xs.append(i - 0.4 + width * (k + 0.5))
             ys.append(100 * a["accuracy"])
-            lo.append(100 * (a["accuracy"] - a["ci95"][0]))
-            hi.append(100 * (a["ci95"][1] - a["accuracy"]))
+            lo.append(max(0.0, 100 * (a["accuracy"] - a["ci95"][0])))
+            hi.append(max(0.0, 100 * (a["ci95"][1] - a["accuracy"])))
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", ms=4, capsize=2, label=attack)
     for i, s in enumerate(settings):
         prior = next((a for a in s["attacks"] if a["attack"] == "prior"), None)
@@ -52,7 +52,7 @@ def main(src, dst):
         f"{report['victim_tokens']} tokens (grey: the prior's 95 % interval)"
     )
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=4, loc="upper right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
 
