@@ -1,11 +1,11 @@
-//! The attacks. Each works on the prefill (the first forward pass) of every recorded session,
-//! where the prompt's rows sit, and guesses as many tokens as the call had real rows (the number
-//! of dummy rows is public).
+//! The attacks. Each works on every forward pass of every recorded session — the prefill, where
+//! the prompt's rows sit, then one pass per generated token — and guesses as many tokens as a
+//! pass's calls had real rows (the number of dummy rows is public).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
-use talaria_engine::{BlockOp, OpId};
+use talaria_engine::{BlockOp, KvCache, OpId};
 use talaria_remo::Calibration;
 
 use crate::score::{self, Distance, Space, log_sum_exp, matrix_f32};
@@ -104,11 +104,14 @@ impl Default for Options {
     }
 }
 
-/// An attack's guesses for one session's prompt.
+/// An attack's guesses for one session.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionGuess {
     pub session: u64,
+    /// The prompt (from the prefill).
     pub tokens: Vec<u32>,
+    /// The generated tokens that went back into the model (one per decode pass).
+    pub response: Vec<u32>,
 }
 
 /// What the masks of an op look like to the cloud.
@@ -131,13 +134,13 @@ impl Geometry {
     }
 }
 
-/// One op's observed rows in a session's prefill.
+/// One op's observed rows in a forward pass.
 pub(crate) struct Observed {
     pub rows: Matrix,
     pub geometry: Geometry,
 }
 
-/// The prefill of one session.
+/// One forward pass of a session.
 pub(crate) struct Pass<'t> {
     pub session: &'t SessionTap,
     pub calls: BTreeMap<OpId, CallRef>,
@@ -151,9 +154,8 @@ impl<'t> Pass<'t> {
     pub(crate) fn new_public(
         session: &'t SessionTap,
         public: &'t Public,
-        sim: &Simulator,
+        calls: BTreeMap<OpId, CallRef>,
     ) -> Result<Self, AttackError> {
-        let calls = session.prefill(sim.config())?;
         let first = calls
             .values()
             .next()
@@ -216,7 +218,7 @@ impl<'t> Pass<'t> {
     /// The rows of `op` that may hold position `i` (`None`: the op does not see it).
     fn rows_for(&self, op: OpId, i: usize, total: usize) -> Option<Vec<usize>> {
         if op == OpId::LmHead {
-            // The LM head sees only the last position of the prefill.
+            // The LM head sees only the last position of a pass.
             if i + 1 != self.n_real {
                 return None;
             }
@@ -391,28 +393,45 @@ impl<'s> Attacker<'s> {
 
     /// Runs one attack on every session of a tap.
     pub fn run(&mut self, kind: AttackKind, tap: &Tap) -> Result<Vec<SessionGuess>, AttackError> {
-        if kind == AttackKind::Learned {
-            return learned::run(self, tap);
-        }
         let mut out = Vec::new();
         for session in tap.sessions() {
-            let mut pass = Pass::new_public(session, &tap.public, self.sim)?;
-            let tokens = self.attack_pass(kind, &mut pass)?;
+            let mut guess = SessionGuess {
+                session: session.id,
+                tokens: Vec::new(),
+                response: Vec::new(),
+            };
+            // The context recovered so far: the sequential attacks simulate after it.
+            let mut context = self.sim.empty();
+            for (p, calls) in session.passes(self.sim.config())?.into_iter().enumerate() {
+                let mut pass = Pass::new_public(session, &tap.public, calls)?;
+                let tokens = if kind == AttackKind::Learned {
+                    learned::attack_pass(self, tap, &mut pass)?
+                } else {
+                    self.attack_pass(kind, &mut pass, &mut context)?
+                };
+                if p == 0 {
+                    guess.tokens = tokens;
+                } else {
+                    guess.response.extend(tokens);
+                }
+            }
             tracing::debug!(
                 session = session.id,
                 attack = kind.name(),
-                ?tokens,
+                ?guess,
                 "guessed"
             );
-            out.push(SessionGuess {
-                session: session.id,
-                tokens,
-            });
+            out.push(guess);
         }
         Ok(out)
     }
 
-    fn attack_pass(&mut self, kind: AttackKind, pass: &mut Pass) -> Result<Vec<u32>, AttackError> {
+    fn attack_pass(
+        &mut self,
+        kind: AttackKind,
+        pass: &mut Pass,
+        context: &mut KvCache,
+    ) -> Result<Vec<u32>, AttackError> {
         let n = pass.n_real;
         let full = Scorer::Match {
             space: Space::Full,
@@ -435,27 +454,27 @@ impl<'s> Attacker<'s> {
             },
             AttackKind::Forward => {
                 let list = self.shortlist(pass, full)?;
-                self.sequential(pass, &[view], full, &list)?
+                self.sequential(pass, &[view], full, &list, context)?
             }
             AttackKind::Projection => match self.scan_l0(pass, comp)? {
                 // The basis spans everything (full rank): there is no complement to attack.
                 None => self.prior.guess(n),
                 Some(_) => {
                     let list = self.shortlist(pass, comp)?;
-                    self.sequential(pass, &[view], comp, &list)?
+                    self.sequential(pass, &[view], comp, &list, context)?
                 }
             },
             AttackKind::Gaussian => {
                 let list = self.shortlist(pass, Scorer::Gauss)?;
-                self.sequential(pass, &layer0, Scorer::Gauss, &list)?
+                self.sequential(pass, &layer0, Scorer::Gauss, &list, context)?
             }
             AttackKind::MultiView => {
                 let list = self.shortlist(pass, Scorer::Gauss)?;
                 let mut views = all_ops(self.sim);
                 views.sort();
-                self.sequential(pass, &views, Scorer::Gauss, &list)?
+                self.sequential(pass, &views, Scorer::Gauss, &list, context)?
             }
-            AttackKind::Learned => unreachable!("handled by learned::run"),
+            AttackKind::Learned => unreachable!("handled by learned::attack_pass"),
         })
     }
 
@@ -513,13 +532,13 @@ impl<'s> Attacker<'s> {
         views: &[OpId],
         scorer: Scorer,
         candidates: &[u32],
+        cache: &mut KvCache,
     ) -> Result<Vec<u32>, AttackError> {
         const CHUNK: usize = 128;
         let observed: Vec<_> = views
             .iter()
             .map(|&op| pass.observed(op, self.sim).map(|o| (op, o)))
             .collect::<Result<_, _>>()?;
-        let mut cache = self.sim.empty();
         let mut out = Vec::with_capacity(pass.n_real);
         // Rows already given to a position: a shuffled call's rows are each one position (or a
         // dummy), so a row matched once is not matched again.
@@ -547,7 +566,7 @@ impl<'s> Attacker<'s> {
             let (mut best, mut second) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
             let mut winner: Option<(u32, Vec<(usize, usize)>)> = None;
             for chunk in candidates.chunks(CHUNK) {
-                let rows = self.sim.branches(&cache, chunk, &ops)?;
+                let rows = self.sim.branches(cache, chunk, &ops)?;
                 let mut evidence: Vec<f64> = match scorer {
                     Scorer::Gauss => chunk.iter().map(|&t| self.prior.log_prob(t)).collect(),
                     Scorer::Match { .. } => vec![0.0; chunk.len()],
@@ -597,7 +616,7 @@ impl<'s> Attacker<'s> {
                 None => self.prior.guess(1)[0],
             };
             out.push(t);
-            self.sim.extend(&mut cache, t)?;
+            self.sim.extend(cache, t)?;
         }
         Ok(out)
     }

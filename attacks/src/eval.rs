@@ -20,6 +20,10 @@ pub struct VictimTruth {
     pub session: u64,
     pub prompt: Vec<u32>,
     pub text: String,
+    /// The generated tokens that went back into the model, one per decode pass (all but the
+    /// last generated token).
+    #[serde(default)]
+    pub response: Vec<u32>,
 }
 
 /// The file beside a tap that holds the truth.
@@ -62,41 +66,74 @@ pub struct AttackScore {
     pub ci95: [f64; 2],
     pub sessions: usize,
     pub seconds: f64,
+    /// The same for the response tokens, when the victims generated more than one token.
+    pub response: Option<Counts>,
+}
+
+/// Tokens recovered of a total, with the 95 % Wilson interval.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Counts {
+    pub recovered: usize,
+    pub total: usize,
+    pub accuracy: f64,
+    pub ci95: [f64; 2],
+}
+
+impl Counts {
+    fn new(recovered: usize, total: usize) -> Self {
+        Self {
+            recovered,
+            total,
+            accuracy: if total == 0 {
+                0.0
+            } else {
+                recovered as f64 / total as f64
+            },
+            ci95: wilson(recovered, total),
+        }
+    }
+}
+
+/// The size of the multiset intersection of `guesses` and `truth`.
+fn overlap(guesses: &[u32], truth: &[u32]) -> usize {
+    let mut left: HashMap<u32, usize> = HashMap::new();
+    for &t in truth {
+        *left.entry(t).or_default() += 1;
+    }
+    guesses
+        .iter()
+        .filter(|t| match left.get_mut(t) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        })
+        .count()
 }
 
 /// Scores `guesses` against `truth`; a session without guesses counts as nothing recovered.
 pub fn score(attack: &str, guesses: &[SessionGuess], truth: &Truth, seconds: f64) -> AttackScore {
     let by_session: HashMap<u64, &SessionGuess> = guesses.iter().map(|g| (g.session, g)).collect();
-    let (mut recovered, mut total) = (0, 0);
+    let (mut recovered, mut total, mut r_recovered, mut r_total) = (0, 0, 0, 0);
     for v in &truth.sessions {
         total += v.prompt.len();
-        let Some(g) = by_session.get(&v.session) else {
-            continue;
-        };
-        let mut left: HashMap<u32, usize> = HashMap::new();
-        for &t in &v.prompt {
-            *left.entry(t).or_default() += 1;
-        }
-        for t in &g.tokens {
-            if let Some(n) = left.get_mut(t).filter(|n| **n > 0) {
-                *n -= 1;
-                recovered += 1;
-            }
+        r_total += v.response.len();
+        if let Some(g) = by_session.get(&v.session) {
+            recovered += overlap(&g.tokens, &v.prompt);
+            r_recovered += overlap(&g.response, &v.response);
         }
     }
-    let accuracy = if total == 0 {
-        0.0
-    } else {
-        recovered as f64 / total as f64
-    };
+    let prompt = Counts::new(recovered, total);
     AttackScore {
         attack: attack.into(),
         recovered,
         total,
-        accuracy,
-        ci95: wilson(recovered, total),
+        accuracy: prompt.accuracy,
+        ci95: prompt.ci95,
         sessions: truth.sessions.len(),
         seconds,
+        response: (r_total > 0).then(|| Counts::new(r_recovered, r_total)),
     }
 }
 
@@ -125,14 +162,18 @@ mod tests {
                 session: 7,
                 prompt: vec![1, 2, 2, 3],
                 text: String::new(),
+                response: vec![5, 6],
             }],
         };
         let g = [SessionGuess {
             session: 7,
             tokens: vec![2, 2, 2, 9],
+            response: vec![6, 6],
         }];
         let s = score("x", &g, &truth, 0.0);
         assert_eq!((s.recovered, s.total), (2, 4));
+        let r = s.response.unwrap();
+        assert_eq!((r.recovered, r.total), (1, 2));
         let none = score("x", &[], &truth, 0.0);
         assert_eq!(none.recovered, 0);
     }

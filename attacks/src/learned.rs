@@ -12,14 +12,18 @@ use talaria_engine::{BlockOp, OpId};
 use talaria_remo::gemm::{matmul_f32, matmul_f64};
 
 use crate::AttackError;
-use crate::attack::{Attacker, Geometry, Pass, SessionGuess, keep_rows};
+use crate::attack::{Attacker, Geometry, Pass, keep_rows};
 use crate::tap::Tap;
 
 /// Plaintext recordings of public text, kept across taps (they do not depend on the masks).
 #[derive(Default)]
 pub(crate) struct Cache {
     rec: Option<Recordings>,
+    /// The decoder fitted for a tap (its directory and parameters): the op it reads and the fit.
+    fitted: Option<(Fitted, OpId, Ridge)>,
 }
+
+type Fitted = (std::path::PathBuf, talaria_remo::RemoConfig);
 
 struct Recordings {
     /// Per op: rows (`tokens.len() × d_in`).
@@ -244,15 +248,22 @@ fn mask(rows: &mut [f64], d: usize, geometry: &Geometry, scale: f64, rng: &mut C
     }
 }
 
-pub(crate) fn run(a: &mut Attacker, tap: &Tap) -> Result<Vec<SessionGuess>, AttackError> {
+/// Fits the decoder for a tap's masks (the public parameters and the first session's bases).
+fn fit(a: &mut Attacker, tap: &Tap) -> Result<(OpId, Ridge), AttackError> {
     let config = a.sim.config().clone();
     if a.learned.rec.is_none() {
         a.learned.rec = Some(record(a)?);
     }
-    let Some(first) = tap.sessions().next() else {
-        return Ok(Vec::new());
-    };
-    let mut probe = Pass::new_public(first, &tap.public, a.sim)?;
+    let first = tap
+        .sessions()
+        .next()
+        .ok_or_else(|| AttackError::Format("the tap holds no session".into()))?;
+    let calls = first
+        .passes(&config)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| AttackError::Format("no forward pass".into()))?;
+    let mut probe = Pass::new_public(first, &tap.public, calls)?;
     let mut rng = ChaCha20Rng::seed_from_u64(a.opts.seed);
     let rec = a.learned.rec.as_ref().expect("recorded");
     let n = rec.tokens.len();
@@ -311,20 +322,27 @@ pub(crate) fn run(a: &mut Attacker, tap: &Tap) -> Result<Vec<SessionGuess>, Atta
     let Some(op) = best_view else {
         return Err(AttackError::Format("no decoder could be fitted".into()));
     };
-    let ridge = &fitted[&op];
-    let mut out = Vec::new();
-    for session in tap.sessions() {
-        let mut pass = Pass::new_public(session, &tap.public, a.sim)?;
-        let obs = pass.observed(op, a.sim)?;
-        let per_row = decode(
-            a,
-            &ridge.predict(&obs.rows.data, obs.rows.rows),
-            obs.rows.rows,
-        );
-        out.push(SessionGuess {
-            session: session.id,
-            tokens: keep_rows(&per_row, pass.n_real, pass.ordered),
-        });
+    let ridge = fitted.remove(&op).expect("fitted with the best accuracy");
+    Ok((op, ridge))
+}
+
+/// Decodes one forward pass's rows at the op the decoder was fitted for.
+pub(crate) fn attack_pass(
+    a: &mut Attacker,
+    tap: &Tap,
+    pass: &mut Pass,
+) -> Result<Vec<u32>, AttackError> {
+    let key = (tap.dir.clone(), tap.public.remo.clone());
+    if a.learned.fitted.as_ref().is_none_or(|f| f.0 != key) {
+        let (op, ridge) = fit(a, tap)?;
+        a.learned.fitted = Some((key, op, ridge));
     }
-    Ok(out)
+    let (_, op, ridge) = a.learned.fitted.as_ref().expect("fitted");
+    let obs = pass.observed(*op, a.sim)?;
+    let per_row = decode(
+        a,
+        &ridge.predict(&obs.rows.data, obs.rows.rows),
+        obs.rows.rows,
+    );
+    Ok(keep_rows(&per_row, pass.n_real, pass.ordered))
 }

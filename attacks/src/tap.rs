@@ -111,11 +111,14 @@ pub struct SessionTap {
 }
 
 impl SessionTap {
-    /// The calls of the session's first forward pass (the prefill, which carries the prompt):
-    /// one per op, in forward order.
-    pub fn prefill(&self, config: &ModelConfig) -> Result<BTreeMap<OpId, CallRef>, AttackError> {
+    /// The session's complete forward passes, in order, each one call per op in forward order:
+    /// the prefill (the prompt's rows) first, then one pass per generated token but the last.
+    pub fn passes(
+        &self,
+        config: &ModelConfig,
+    ) -> Result<Vec<BTreeMap<OpId, CallRef>>, AttackError> {
         let ops = 4 * config.n_layers + 1;
-        let calls: Vec<&CallRef> = self.calls.values().take(ops).collect();
+        let calls: Vec<&CallRef> = self.calls.values().collect();
         if calls.len() < ops {
             return Err(AttackError::Format(format!(
                 "session {} has {} calls, a forward pass makes {ops}",
@@ -123,14 +126,18 @@ impl SessionTap {
                 calls.len()
             )));
         }
-        let mut out = BTreeMap::new();
-        for c in calls {
-            if out.insert(c.op, c.clone()).is_some() {
-                return Err(AttackError::Format(format!(
-                    "session {}: {} twice in its first forward pass",
-                    self.id, c.op
-                )));
+        let mut out = Vec::new();
+        for chunk in calls.chunks_exact(ops) {
+            let mut pass = BTreeMap::new();
+            for c in chunk {
+                if pass.insert(c.op, (*c).clone()).is_some() {
+                    return Err(AttackError::Format(format!(
+                        "session {}: {} twice in one forward pass (call {})",
+                        self.id, c.op, c.seq
+                    )));
+                }
             }
+            out.push(pass);
         }
         Ok(out)
     }
@@ -302,7 +309,7 @@ pub fn read_npy(path: &Path) -> Result<Matrix, AttackError> {
         return Err(bad("not a matrix"));
     };
     let body = &bytes[start + hlen..];
-    if body.len() != rows * cols * width {
+    if rows.checked_mul(cols).and_then(|n| n.checked_mul(width)) != Some(body.len()) {
         return Err(bad("data size does not match the shape"));
     }
     let data = if width == 4 {

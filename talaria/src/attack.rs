@@ -13,7 +13,7 @@ use talaria_attacks::{
     AttackKind, AttackScore, Attacker, Options, SessionGuess, Simulator, Tap, Truth,
 };
 use talaria_cvm_agent::{PublicCache, RemoLinear};
-use talaria_engine::{BlockOp, OpId};
+use talaria_engine::{BlockOp, GenerateRequest, OpId, SamplingParams, generate};
 use talaria_remo::{Precision, Rank, RemoConfig};
 
 use crate::engines::{Cloud, RemoArgs, default_calibration};
@@ -128,16 +128,28 @@ pub fn run(args: AttackArgs) -> Result<()> {
             .map(|t| score(kind.name(), &guesses, t, seconds));
         if !args.json {
             match &score {
-                Some(s) => println!(
-                    "{:<11} {:>5}/{:<5} {:>6.2} %  [{:.2} – {:.2}]  {:.1} s",
-                    kind.name(),
-                    s.recovered,
-                    s.total,
-                    100.0 * s.accuracy,
-                    100.0 * s.ci95[0],
-                    100.0 * s.ci95[1],
-                    seconds
-                ),
+                Some(s) => {
+                    print!(
+                        "{:<11} prompt {:>5}/{:<5} {:>6.2} %  [{:.2} – {:.2}]",
+                        kind.name(),
+                        s.recovered,
+                        s.total,
+                        100.0 * s.accuracy,
+                        100.0 * s.ci95[0],
+                        100.0 * s.ci95[1],
+                    );
+                    if let Some(r) = &s.response {
+                        print!(
+                            "  response {}/{} {:.2} % [{:.2} – {:.2}]",
+                            r.recovered,
+                            r.total,
+                            100.0 * r.accuracy,
+                            100.0 * r.ci95[0],
+                            100.0 * r.ci95[1]
+                        );
+                    }
+                    println!("  {seconds:.1} s");
+                }
                 None => println!(
                     "{:<11} {} session(s) guessed, {seconds:.1} s (no truth to score against)",
                     kind.name(),
@@ -166,7 +178,7 @@ pub fn run(args: AttackArgs) -> Result<()> {
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {
-    /// Where the report goes: attack-report.json, attack-report.md, attack-report.png.
+    /// Where the report goes (see --stem).
     #[arg(long, default_value = "docs/attacks")]
     pub out: PathBuf,
     /// Victim prompts, one per line.
@@ -175,10 +187,20 @@ pub struct ReportArgs {
     /// Victim sessions per setting (the first prompts of the file).
     #[arg(long, default_value_t = 16)]
     pub victims: usize,
+    /// Tokens each victim generates (greedy): the first comes from the prefill, every further
+    /// one makes a decode pass whose input, the token before, is attacked as the response.
+    #[arg(long, default_value_t = 1)]
+    pub gen_tokens: usize,
     /// The small grid the tests run (plaintext, the default, rank 1/2, σ = 1) instead of the
     /// full one.
     #[arg(long)]
     pub small: bool,
+    /// Run only the settings whose names start with one of these (e.g. `rank`, `σ=`, `default`).
+    #[arg(long, value_delimiter = ',')]
+    pub settings: Vec<String>,
+    /// File name stem of the report: STEM.json, STEM.md, STEM.png.
+    #[arg(long, default_value = "attack-report")]
+    pub stem: String,
     /// Attacks to run (default: all).
     #[arg(long, value_delimiter = ',', value_parser = parse_attack)]
     pub attacks: Vec<AttackKind>,
@@ -285,6 +307,7 @@ fn record_victims(
     path: &Path,
     config: &RemoConfig,
     prompts: &[(String, Vec<u32>)],
+    gen_tokens: usize,
     dir: &Path,
     seed: u64,
 ) -> Result<()> {
@@ -322,13 +345,20 @@ fn record_victims(
             Some(&shared),
         )
         .context("setting up ReMO")?;
-        let mut cache = model.new_cache();
-        model.forward(&mut linear, &mut cache, prompt)?;
+        let req = GenerateRequest {
+            prompt_ids: prompt.clone(),
+            max_tokens: gen_tokens.max(1),
+            sampling: SamplingParams::default(),
+            stop_ids: Vec::new(),
+        };
+        let g = generate(&model, &mut linear, &req, |_| Ok(()), None)?;
         link = linear.into_link();
         truth.sessions.push(VictimTruth {
             session,
             prompt: prompt.clone(),
             text: text.clone(),
+            // The last generated token never goes back into the model.
+            response: g.ids[..g.ids.len().saturating_sub(1)].to_vec(),
         });
     }
     link.0.finish_tap()?;
@@ -405,10 +435,24 @@ pub fn report(args: ReportArgs) -> Result<()> {
         options,
         settings: Vec::new(),
     };
-    for setting in grid(args.small) {
+    let settings: Vec<Setting> = grid(args.small)
+        .into_iter()
+        .filter(|s| args.settings.is_empty() || args.settings.iter().any(|p| s.name.starts_with(p)))
+        .collect();
+    if settings.is_empty() {
+        bail!("no setting of the grid matches {:?}", args.settings);
+    }
+    for setting in settings {
         let t0 = Instant::now();
         let dir = taps.join(slug(&setting.name));
-        record_victims(&path, &setting.config, &prompts, &dir, args.victim_seed)?;
+        record_victims(
+            &path,
+            &setting.config,
+            &prompts,
+            args.gen_tokens,
+            &dir,
+            args.victim_seed,
+        )?;
         let tap = Tap::open(&dir)?;
         let truth = Truth::read(&dir.join(TRUTH_FILE))?;
         let mut scores = Vec::new();
@@ -443,11 +487,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
             )?),
             _ => None,
         };
-        let prior_hi = scores
-            .iter()
-            .find(|s| s.attack == AttackKind::Prior.name())
-            .map(|s| s.ci95[1]);
-        let leaks = prior_hi.is_some_and(|hi| scores.iter().any(|s| s.ci95[0] > hi));
+        let leaks = leaks(&scores);
         eprintln!("{}: {:.0} s", setting.name, t0.elapsed().as_secs_f64());
         report.settings.push(SettingResult {
             name: setting.name,
@@ -457,13 +497,24 @@ pub fn report(args: ReportArgs) -> Result<()> {
             lossless,
         });
         // Written after every setting: a long grid that is stopped keeps what it measured.
-        write_report(&args.out, &report)?;
+        write_report(&args.out, &args.stem, &report)?;
     }
     if !args.no_plot {
-        plot(&args.out)?;
+        plot(&args.out, &args.stem)?;
     }
-    println!("{}", args.out.join("attack-report.md").display());
+    println!("{}", args.out.join(format!("{}.md", args.stem)).display());
     Ok(())
+}
+
+/// Whether some attack's interval lies wholly above the prior's, on the prompt or the response.
+fn leaks(scores: &[AttackScore]) -> bool {
+    let Some(prior) = scores.iter().find(|s| s.attack == AttackKind::Prior.name()) else {
+        return false;
+    };
+    scores.iter().any(|s| {
+        s.ci95[0] > prior.ci95[1]
+            || matches!((&s.response, &prior.response), (Some(r), Some(p)) if r.ci95[0] > p.ci95[1])
+    })
 }
 
 fn slug(name: &str) -> String {
@@ -472,11 +523,11 @@ fn slug(name: &str) -> String {
         .collect()
 }
 
-fn write_report(out: &Path, report: &Report) -> Result<()> {
-    let json = out.join("attack-report.json");
+fn write_report(out: &Path, stem: &str, report: &Report) -> Result<()> {
+    let json = out.join(format!("{stem}.json"));
     std::fs::write(&json, serde_json::to_string_pretty(report)?)
         .with_context(|| format!("writing {}", json.display()))?;
-    let md = out.join("attack-report.md");
+    let md = out.join(format!("{stem}.md"));
     std::fs::write(&md, markdown(report)).with_context(|| format!("writing {}", md.display()))
 }
 
@@ -514,17 +565,12 @@ fn markdown(r: &Report) -> String {
     for set in &r.settings {
         s.push_str(&format!("| {} |", set.name));
         for a in &set.attacks {
-            s.push_str(&format!(
-                " {:.1} % ({:.1}–{:.1}) |",
-                100.0 * a.accuracy,
-                100.0 * a.ci95[0],
-                100.0 * a.ci95[1]
-            ));
+            s.push_str(&cell(a.accuracy, a.ci95));
         }
         s.push_str(if set.leaks {
             " **leaks** |"
         } else {
-            " at chance |"
+            " not above the prior |"
         });
         match &set.lossless {
             Some(l) => s.push_str(&format!(
@@ -537,19 +583,53 @@ fn markdown(r: &Report) -> String {
             None => s.push_str(" – | – | – | – |\n"),
         }
     }
+    if r.settings
+        .iter()
+        .any(|set| set.attacks.iter().any(|a| a.response.is_some()))
+    {
+        s.push_str("\nResponse tokens (the generated tokens that went back into the model):\n\n| setting |");
+        for a in &attacks {
+            s.push_str(&format!(" {a} |"));
+        }
+        s.push_str("\n|---|");
+        for _ in &attacks {
+            s.push_str("---|");
+        }
+        s.push('\n');
+        for set in &r.settings {
+            s.push_str(&format!("| {} |", set.name));
+            for a in &set.attacks {
+                match &a.response {
+                    Some(c) => s.push_str(&cell(c.accuracy, c.ci95)),
+                    None => s.push_str(" – |"),
+                }
+            }
+            s.push('\n');
+        }
+    }
     s
 }
 
+/// A table cell: accuracy and its interval, in percent.
+fn cell(accuracy: f64, ci95: [f64; 2]) -> String {
+    format!(
+        " {:.1} % ({:.1}–{:.1}) |",
+        100.0 * accuracy,
+        100.0 * ci95[0],
+        100.0 * ci95[1]
+    )
+}
+
 /// Draws the PNG with the project's Python helper (matplotlib, pinned in tools/requirements.txt).
-fn plot(out: &Path) -> Result<()> {
+fn plot(out: &Path, stem: &str) -> Result<()> {
     let python = std::env::var_os("TALARIA_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(".venv/bin/python"));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/plot_attacks.py");
     let status = std::process::Command::new(&python)
         .arg(&script)
-        .arg(out.join("attack-report.json"))
-        .arg(out.join("attack-report.png"))
+        .arg(out.join(format!("{stem}.json")))
+        .arg(out.join(format!("{stem}.png")))
         .status()
         .with_context(|| {
             format!(

@@ -52,8 +52,10 @@ fn the_small_grid_finds_every_leak_and_nothing_at_the_default() {
         "--small",
         "--victims",
         "4",
+        "--gen-tokens",
+        "3",
         "--shortlist",
-        "64",
+        "32",
         "--drift-prompts",
         "1",
         "--drift-tokens",
@@ -130,6 +132,10 @@ fn the_small_grid_finds_every_leak_and_nothing_at_the_default() {
         "{run}"
     );
     assert_eq!(run["runs"][0]["guesses"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        run["runs"][0]["score"]["response"]["accuracy"].as_f64(),
+        Some(1.0)
+    );
 
     malformed_taps_get_clear_errors(&plain_tap, dir.path());
 }
