@@ -33,17 +33,7 @@ impl Truth {
     pub const FORMAT: &'static str = "talaria-truth-1";
 
     pub fn read(path: &Path) -> Result<Self, AttackError> {
-        let bytes = std::fs::read(path).map_err(AttackError::io(path))?;
-        let t: Truth = serde_json::from_slice(&bytes).map_err(AttackError::json(path))?;
-        if t.format != Self::FORMAT {
-            return Err(AttackError::Format(format!(
-                "{}: format {:?}, expected {}",
-                path.display(),
-                t.format,
-                Self::FORMAT
-            )));
-        }
-        Ok(t)
+        crate::read_versioned(path, Self::FORMAT, |t: &Truth| &t.format)
     }
 
     pub fn write(&self, path: &Path) -> Result<(), AttackError> {

@@ -59,6 +59,24 @@ impl AttackError {
     }
 }
 
+/// Reads a JSON file whose `format` field must be `want` (each file here names its version).
+fn read_versioned<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    want: &str,
+    format: impl Fn(&T) -> &str,
+) -> Result<T, AttackError> {
+    let bytes = std::fs::read(path).map_err(AttackError::io(path))?;
+    let value: T = serde_json::from_slice(&bytes).map_err(AttackError::json(path))?;
+    let found = format(&value);
+    if found != want {
+        return Err(AttackError::Format(format!(
+            "{}: format {found:?}, expected {want}",
+            path.display()
+        )));
+    }
+    Ok(value)
+}
+
 /// Public text the attacker learns from: the calibration corpus (written for this project,
 /// `calibration/corpus.txt`), one sequence per line.
 pub const PUBLIC_TEXT: &str = include_str!("../../calibration/corpus.txt");

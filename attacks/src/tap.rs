@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use talaria_engine::{BlockOp, ModelConfig, OpId};
 use talaria_remo::RemoConfig;
 
-use crate::AttackError;
+use crate::{AttackError, read_versioned};
 
 /// The tap's file of public parameters, written beside `index.json` by whoever runs the cloud:
 /// the ReMO configuration is public (the coordinator's topology carries it).
@@ -189,27 +189,14 @@ impl Tap {
     /// Opens a tap: `index.json` and `public.json`.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, AttackError> {
         let dir = dir.into();
-        let path = dir.join("index.json");
-        let bytes = std::fs::read(&path).map_err(AttackError::io(&path))?;
-        let index: Index = serde_json::from_slice(&bytes).map_err(AttackError::json(&path))?;
-        if index.format != "talaria-tap-1" {
-            return Err(AttackError::Format(format!(
-                "{}: format {:?}, expected talaria-tap-1",
-                path.display(),
-                index.format
-            )));
-        }
-        let ppath = dir.join(PUBLIC_FILE);
-        let bytes = std::fs::read(&ppath).map_err(AttackError::io(&ppath))?;
-        let public: Public = serde_json::from_slice(&bytes).map_err(AttackError::json(&ppath))?;
-        if public.format != Public::FORMAT {
-            return Err(AttackError::Format(format!(
-                "{}: format {:?}, expected {}",
-                ppath.display(),
-                public.format,
-                Public::FORMAT
-            )));
-        }
+        let index: Index =
+            read_versioned(&dir.join("index.json"), "talaria-tap-1", |i: &Index| {
+                &i.format
+            })?;
+        let public: Public =
+            read_versioned(&dir.join(PUBLIC_FILE), Public::FORMAT, |p: &Public| {
+                &p.format
+            })?;
         let mut sessions: BTreeMap<u64, SessionTap> = BTreeMap::new();
         for e in index.events {
             match e {

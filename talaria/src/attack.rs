@@ -551,17 +551,17 @@ fn markdown(r: &Report) -> String {
             |l| format!("{} prompts, {} tokens", l.prompts, l.tokens)
         ),
     );
-    s.push_str("| setting |");
-    for a in &attacks {
-        s.push_str(&format!(" {a} |"));
-    }
-    s.push_str(
-        " verdict | greedy agreement | max \\|Δlogit\\| | online ms/pos | offline ms/pos |\n|---|",
+    header(
+        &mut s,
+        &attacks,
+        &[
+            "verdict",
+            "greedy agreement",
+            "max \\|Δlogit\\|",
+            "online ms/pos",
+            "offline ms/pos",
+        ],
     );
-    for _ in &attacks {
-        s.push_str("---|");
-    }
-    s.push_str("---|---|---|---|---|\n");
     for set in &r.settings {
         s.push_str(&format!("| {} |", set.name));
         for a in &set.attacks {
@@ -587,15 +587,8 @@ fn markdown(r: &Report) -> String {
         .iter()
         .any(|set| set.attacks.iter().any(|a| a.response.is_some()))
     {
-        s.push_str("\nResponse tokens (the generated tokens that went back into the model):\n\n| setting |");
-        for a in &attacks {
-            s.push_str(&format!(" {a} |"));
-        }
-        s.push_str("\n|---|");
-        for _ in &attacks {
-            s.push_str("---|");
-        }
-        s.push('\n');
+        s.push_str("\nResponse tokens (the generated tokens that went back into the model):\n\n");
+        header(&mut s, &attacks, &[]);
         for set in &r.settings {
             s.push_str(&format!("| {} |", set.name));
             for a in &set.attacks {
@@ -608,6 +601,16 @@ fn markdown(r: &Report) -> String {
         }
     }
     s
+}
+
+/// A table's header and separator rows: the setting, one column per attack, then `extra`.
+fn header(s: &mut String, attacks: &[&str], extra: &[&str]) {
+    let columns: Vec<&str> = std::iter::once("setting")
+        .chain(attacks.iter().copied())
+        .chain(extra.iter().copied())
+        .collect();
+    s.push_str(&format!("| {} |\n", columns.join(" | ")));
+    s.push_str(&format!("|{}\n", "---|".repeat(columns.len())));
 }
 
 /// A table cell: accuracy and its interval, in percent.
