@@ -27,10 +27,11 @@ pub enum AttackKind {
     Forward,
     /// `nn` then `forward` on the part of each row outside its public basis's span.
     Projection,
-    /// Gaussian maximum likelihood over the four ops of layer 0, mask scale estimated from
-    /// each row's norm, whitened by the basis.
+    /// Gaussian maximum a posteriori over the four ops of layer 0: mask scale estimated from
+    /// each row's norm, whitened by the basis, with the public-text prior.
     Gaussian,
-    /// The Gaussian evidence of every op of the pass (4 per layer and the LM head) summed.
+    /// The Gaussian evidence of every op of the pass (4 per layer and the LM head) summed, with
+    /// the same prior.
     MultiView,
     /// A ridge decoder from masked rows to embeddings, trained on public text masked with the
     /// attacker's own keys.
