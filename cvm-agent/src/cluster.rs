@@ -168,6 +168,7 @@ pub fn remo_config(section: &RemoSection) -> Result<RemoConfig, String> {
         dummy_rows: section.dummy_rows.unwrap_or(d.dummy_rows),
         shuffle: section.shuffle.unwrap_or(d.shuffle),
         pool: section.pool.unwrap_or(d.pool),
+        frac_bits: section.frac_bits.unwrap_or(d.frac_bits),
     };
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)
@@ -199,7 +200,15 @@ impl AgentShared {
             .map_err(|e| AgentError::Remo(e.into()))?;
         let embeddings = match provision.embeddings {
             talaria_wire::Tensor::F32 { data, .. } => data,
-            talaria_wire::Tensor::F64 { data, .. } => data.iter().map(|&v| v as f32).collect(),
+            other => {
+                return Err(AgentError::Remo(
+                    talaria_wire::WireError::WrongPrecision {
+                        expected: "f32",
+                        found: other.precision(),
+                    }
+                    .into(),
+                ));
+            }
         };
         let config = provision.config.clone();
         let (tokenizer, model) = talaria_engine::CvmProvision {

@@ -11,7 +11,9 @@ mod value;
 mod writer;
 
 pub use error::GgufError;
-pub use quant::{GgmlType, dequantize, quantize_q4_1, quantize_q8_0};
+pub use quant::{
+    GgmlType, IntBlocks, dequantize, exact_shift, integer_blocks, quantize_q4_1, quantize_q8_0,
+};
 pub use reader::{GgufFile, TensorInfo};
 pub use value::Value;
 pub use writer::{GgufWriter, TensorPayload};

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 
 use talaria_engine::{OpId, Rows};
 use talaria_wire::{
-    BasisSpec, CloudLink, LinkError, MaskedCall, MaskedReply, SetupReply, SetupRequest, Tensor,
-    expand_basis,
+    BasisSpec, CloudLink, LinkError, MaskedCall, MaskedReply, RPub, SetupReply, SetupRequest,
+    Tensor, expand_basis,
 };
 
 use crate::{LinearWeights, NodeError, Tap};
@@ -52,6 +52,22 @@ impl CloudExecutor {
     /// whatever precision was asked for, and widened by the receiver (half the bytes).
     pub fn setup(&self, req: &SetupRequest) -> Result<SetupReply, NodeError> {
         let (d_in, d_out) = req.op.shape(self.weights.config());
+        if req.integer {
+            // The integer mode's pads are uniform residues: no basis, and the CVM removes their
+            // products with the integer weight itself.
+            if req.basis != BasisSpec::Identity {
+                return Err(NodeError::BadRequest(format!(
+                    "{}: the integer mode takes the identity basis only",
+                    req.op
+                )));
+            }
+            self.tap(|t| t.record_setup(req, d_in, None))?;
+            let w = self.weights.int_weight(req.op)?.clone();
+            return Ok(SetupReply {
+                op: req.op,
+                r_pub: RPub::Int(w),
+            });
+        }
         let basis = match &req.basis {
             BasisSpec::Identity => None,
             spec @ BasisSpec::Orthonormal { m, .. } => {
@@ -84,7 +100,10 @@ impl CloudExecutor {
                 }
             }
         };
-        Ok(SetupReply { op: req.op, r_pub })
+        Ok(SetupReply {
+            op: req.op,
+            r_pub: RPub::Float(r_pub),
+        })
     }
 
     /// Answers one masked call: `x̃ · W_op` in the precision the call came in.
@@ -101,13 +120,14 @@ impl CloudExecutor {
     pub fn call_batch(&self, calls: &[MaskedCall]) -> Vec<Result<MaskedReply, NodeError>> {
         let mut answers: Vec<Option<Result<MaskedReply, NodeError>>> =
             calls.iter().map(|_| None).collect();
-        let (mut f32s, mut f64s) = (Vec::new(), Vec::new());
+        let (mut f32s, mut f64s, mut u64s) = (Vec::new(), Vec::new(), Vec::new());
         for (i, call) in calls.iter().enumerate() {
             let checked = self.check_call(call, calls[0].op);
-            match checked {
-                Err(e) => answers[i] = Some(Err(e)),
-                Ok(()) if matches!(call.x, Tensor::F32 { .. }) => f32s.push(i),
-                Ok(()) => f64s.push(i),
+            match (checked, &call.x) {
+                (Err(e), _) => answers[i] = Some(Err(e)),
+                (Ok(()), Tensor::F32 { .. }) => f32s.push(i),
+                (Ok(()), Tensor::F64 { .. }) => f64s.push(i),
+                (Ok(()), Tensor::U64 { .. }) => u64s.push(i),
             }
         }
         if let Some(op) = calls.first().map(|c| c.op) {
@@ -115,7 +135,7 @@ impl CloudExecutor {
             if !f32s.is_empty() {
                 let (rows, x) = stack(calls, &f32s, d_in, |t| match t {
                     Tensor::F32 { data, .. } => Some(data),
-                    Tensor::F64 { .. } => None,
+                    _ => None,
                 });
                 let y = Rows::new(rows, d_in, x)
                     .and_then(|x| self.weights.matmul(op, &x))
@@ -131,11 +151,25 @@ impl CloudExecutor {
             if !f64s.is_empty() {
                 let (rows, x) = stack(calls, &f64s, d_in, |t| match t {
                     Tensor::F64 { data, .. } => Some(data),
-                    Tensor::F32 { .. } => None,
+                    _ => None,
                 });
                 let y = self.weights.linear_f64(op, rows, &x);
                 split(calls, &f64s, d_out, y, &mut answers, |data, rows| {
                     Tensor::F64 {
+                        rows,
+                        cols: d_out,
+                        data,
+                    }
+                });
+            }
+            if !u64s.is_empty() {
+                let (rows, x) = stack(calls, &u64s, d_in, |t| match t {
+                    Tensor::U64 { data, .. } => Some(data),
+                    _ => None,
+                });
+                let y = self.weights.int_matmul(op, rows, &x);
+                split(calls, &u64s, d_out, y, &mut answers, |data, rows| {
+                    Tensor::U64 {
                         rows,
                         cols: d_out,
                         data,

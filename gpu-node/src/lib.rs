@@ -4,6 +4,7 @@
 
 mod cloud;
 mod error;
+mod int_weights;
 mod model_file;
 mod plain;
 mod stage;

@@ -52,7 +52,7 @@ fn main() -> Result<()> {
         .with_context(|| format!("reading {}", topology.model_file.display()))?;
     let config = read_config(&file)?;
     topology.check_layers(config.n_layers)?;
-    let weights = LinearWeights::load_on(
+    let mut weights = LinearWeights::load_on(
         &file,
         &config,
         stage.layers.clone(),
@@ -60,6 +60,12 @@ fn main() -> Result<()> {
         stage.backend,
     )
     .with_context(|| format!("stage {} on {}", stage.name, stage.backend))?;
+    if topology.remo.precision.as_deref() == Some("int") {
+        // The integer mode's exact weights, for this stage's layers only.
+        weights
+            .load_int(&file)
+            .with_context(|| format!("stage {}: integer weights", stage.name))?;
+    }
     drop(file);
     let weight_bytes = weights.bytes();
     let tap = args.tap.as_ref().map(Tap::create).transpose()?;

@@ -70,6 +70,7 @@ pub fn write_npy(
     let descr = match data {
         NpyData::F32(_) => "<f4",
         NpyData::F64(_) => "<f8",
+        NpyData::U64(_) => "<u8",
     };
     let mut header =
         format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
@@ -88,6 +89,9 @@ pub fn write_npy(
         NpyData::F64(v) => v
             .iter()
             .for_each(|x| bytes.extend_from_slice(&x.to_le_bytes())),
+        NpyData::U64(v) => v
+            .iter()
+            .for_each(|x| bytes.extend_from_slice(&x.to_le_bytes())),
     }
     let mut f = File::create(path).map_err(io(path))?;
     f.write_all(&bytes).map_err(io(path))
@@ -98,6 +102,8 @@ pub fn write_npy(
 pub enum NpyData<'a> {
     F32(&'a [f32]),
     F64(&'a [f64]),
+    /// The integer mode's residues modulo 2^64.
+    U64(&'a [u64]),
 }
 
 impl Tap {
@@ -154,6 +160,10 @@ impl Tap {
             Tensor::F64 { data, .. } => {
                 write_npy(&path, rows, cols, NpyData::F64(data))?;
                 "float64"
+            }
+            Tensor::U64 { data, .. } => {
+                write_npy(&path, rows, cols, NpyData::U64(data))?;
+                "uint64"
             }
         };
         self.events.push(Event::Call {

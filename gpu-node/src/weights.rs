@@ -15,6 +15,8 @@ use talaria_topology::Backend as Placement;
 use talaria_engine::{BlockOp, EngineError, LinearOps, ModelConfig, OpId, Rows};
 
 use crate::NodeError;
+use crate::int_weights::IntStack;
+use talaria_wire::IntWeight;
 
 /// The tensor backend of the CPU build.
 pub type CpuBackend = Flex;
@@ -265,6 +267,8 @@ macro_rules! on_stack {
 pub struct LinearWeights {
     config: ModelConfig,
     placed: Placed,
+    /// The integer mode's exact forms, when loaded ([`LinearWeights::load_int`]).
+    int: Option<IntStack>,
 }
 
 /// A projection as stored in GGUF: `out` rows of `in` values each.
@@ -359,7 +363,42 @@ impl LinearWeights {
         Ok(Self {
             config: config.clone(),
             placed,
+            int: None,
         })
+    }
+
+    /// Also loads the exact integer form of the same projections (the integer mode), from the
+    /// same file. It is held on the host: the integer product runs on the CPU.
+    pub fn load_int(&mut self, f: &GgufFile) -> Result<(), NodeError> {
+        let (layers, lm_head) = on_stack!(&self.placed, s => (
+            s.first_layer..s.first_layer + s.blocks.len(),
+            s.lm_head.is_some(),
+        ));
+        self.int = Some(IntStack::load(f, &self.config, layers, lm_head)?);
+        Ok(())
+    }
+
+    /// The integer form of `op`'s weight.
+    pub fn int_weight(&self, op: OpId) -> Result<&IntWeight, EngineError> {
+        self.int
+            .as_ref()
+            .ok_or_else(|| EngineError::BadOp {
+                op: op.to_string(),
+                reason: "this stage holds no integer weights (its topology is not in the \
+                         integer mode)"
+                    .into(),
+            })?
+            .weight(op)
+    }
+
+    /// `x̃ · W_int` modulo `2^64` for `rows` row-major rows (the integer mode's product).
+    pub fn int_matmul(&self, op: OpId, rows: usize, x: &[u64]) -> Result<Vec<u64>, EngineError> {
+        let (d_in, _) = op.shape(&self.config);
+        self.check_input(op, rows, d_in, x.len())?;
+        match &self.int {
+            Some(int) => int.matmul(op, rows, x),
+            None => self.int_weight(op).map(|_| Vec::new()),
+        }
     }
 
     /// The device the weights are on.
@@ -526,9 +565,10 @@ impl LinearWeights {
         on_stack!(&self.placed, s => s.weight(op).is_ok())
     }
 
-    /// Bytes of weights held (f32 values; f64 copies made for the lossless mode are extra).
+    /// Bytes of weights held (f32 values and integer forms; f64 copies made for the lossless
+    /// mode are extra).
     pub fn bytes(&self) -> usize {
-        on_stack!(&self.placed, s => s.bytes())
+        on_stack!(&self.placed, s => s.bytes()) + self.int.as_ref().map_or(0, IntStack::bytes)
     }
 
     /// The model's hyper-parameters.

@@ -16,6 +16,10 @@ pub enum Precision {
     F64Client,
     /// Everything in f64, the cloud's GEMM included: lossless at any measured scale.
     F64Gemm,
+    /// The integer one-time pad: fixed-point rows plus uniform pads modulo `2^64`, the cloud's
+    /// product in wrapping 64-bit integers over the exact integer weight; exact, and the cloud's
+    /// view is independent of the data. Full rank only; the scale σ does not apply.
+    Int,
 }
 
 impl Precision {
@@ -26,7 +30,12 @@ impl Precision {
 
     /// Whether `R_pub` is kept in f64.
     pub fn r_pub_f64(self) -> bool {
-        self != Precision::F32
+        matches!(self, Precision::F64Client | Precision::F64Gemm)
+    }
+
+    /// Whether this is the integer mode.
+    pub fn is_int(self) -> bool {
+        self == Precision::Int
     }
 
     /// Largest relative error a canary row may show before the reply is declared corrupt.
@@ -34,6 +43,7 @@ impl Precision {
         match self {
             Precision::F32 | Precision::F64Client => 1e-4,
             Precision::F64Gemm => 1e-9,
+            Precision::Int => 0.0,
         }
     }
 }
@@ -53,13 +63,14 @@ pub enum Rank {
 impl std::str::FromStr for Precision {
     type Err = String;
 
-    /// `f32`, `f64-client` or `f64-gemm`.
+    /// `f32`, `f64-client`, `f64-gemm` or `int`.
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "f32" => Ok(Precision::F32),
             "f64-client" => Ok(Precision::F64Client),
             "f64-gemm" => Ok(Precision::F64Gemm),
-            _ => Err(format!("{s:?}: expected f32, f64-client or f64-gemm")),
+            "int" => Ok(Precision::Int),
+            _ => Err(format!("{s:?}: expected f32, f64-client, f64-gemm or int")),
         }
     }
 }
@@ -97,6 +108,14 @@ pub struct RemoConfig {
     pub shuffle: bool,
     /// Masks precomputed per op, ahead of the calls, on a background thread (0: on the spot).
     pub pool: usize,
+    /// The integer mode's fractional bits `f` (the most a row is encoded with; a row whose
+    /// product could overflow 63 bits gets fewer).
+    #[serde(default = "default_frac_bits")]
+    pub frac_bits: u32,
+}
+
+fn default_frac_bits() -> u32 {
+    RemoConfig::default().frac_bits
 }
 
 impl Default for RemoConfig {
@@ -109,6 +128,7 @@ impl Default for RemoConfig {
             dummy_rows: 2,
             shuffle: true,
             pool: 32,
+            frac_bits: 32,
         }
     }
 }
@@ -128,6 +148,23 @@ impl RemoConfig {
             return Err(RemoError::Config(format!(
                 "rank fraction {f} must be in (0, 1); use full rank otherwise"
             )));
+        }
+        if self.precision.is_int() {
+            if self.rank != Rank::Full {
+                return Err(RemoError::Config(
+                    "the integer mode is full rank only (its pads are uniform residues)".into(),
+                ));
+            }
+            if !(crate::fixed::MIN_FRAC_BITS..=crate::fixed::MAX_FRAC_BITS)
+                .contains(&self.frac_bits)
+            {
+                return Err(RemoError::Config(format!(
+                    "frac_bits {} must be in {}..={}",
+                    self.frac_bits,
+                    crate::fixed::MIN_FRAC_BITS,
+                    crate::fixed::MAX_FRAC_BITS
+                )));
+            }
         }
         Ok(())
     }

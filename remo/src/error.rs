@@ -24,6 +24,10 @@ pub enum RemoError {
     },
     #[error("{op}: canary row off by {relative_error:e} (relative): the reply is corrupt")]
     Canary { op: OpId, relative_error: f64 },
+    #[error("{op}: {wrong} values of the canary rows differ: the reply is corrupt")]
+    IntCanary { op: OpId, wrong: usize },
+    #[error("{op}: cannot encode in fixed point without overflow: {reason}")]
+    Overflow { op: OpId, reason: String },
     #[error(transparent)]
     Wire(#[from] WireError),
     #[error(transparent)]
@@ -39,7 +43,8 @@ impl RemoError {
             RemoError::NotSetUp(_) => "remo_not_set_up",
             RemoError::Shape { .. } => "shape",
             RemoError::ReplyShape { .. } => "reply_shape",
-            RemoError::Canary { .. } => "canary",
+            RemoError::Canary { .. } | RemoError::IntCanary { .. } => "canary",
+            RemoError::Overflow { .. } => "fixed_point_overflow",
             RemoError::Wire(_) => "wire",
             RemoError::Engine(e) => e.error_type(),
         }

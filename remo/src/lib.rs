@@ -11,9 +11,11 @@
 
 mod config;
 mod error;
+pub mod fixed;
 pub use talaria_wire::gemm;
 mod masker;
 
 pub use config::{Calibration, Precision, Rank, RemoConfig, op_key};
 pub use error::RemoError;
+pub use fixed::{FixedPointLinear, IntProduct};
 pub use masker::{Masker, MaskerStats, Pending, PublicOp};

@@ -11,8 +11,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
 use talaria_engine::{OpId, Rows};
-use talaria_wire::{BasisSpec, SessionId, SetupReply, SetupRequest, Tensor, expand_basis};
+use talaria_wire::{
+    BasisSpec, RPub, SessionId, SetupReply, SetupRequest, Tensor, expand_basis, int_matmul,
+};
 
+use crate::fixed::{IntOp, IntProduct};
 use crate::gemm::{matmul_f32, matmul_f64, matmul_f64_f32};
 use crate::{Precision, RemoConfig, RemoError};
 
@@ -27,6 +30,8 @@ struct OpPublic {
     /// exact in f32: the identity basis; products are still made in f64 if the mode asks).
     r_pub_f32: Vec<f32>,
     r_pub_f64: Vec<f64>,
+    /// The integer mode's weight (then the basis is the identity and `R_pub` is empty).
+    int: Option<IntOp>,
 }
 
 /// An op's public set-up material (`R_pub` and the basis), shareable between sessions: with
@@ -43,16 +48,40 @@ impl PublicOp {
         self.identity
     }
 
-    /// Bytes of `R_pub` held.
+    /// Bytes of `R_pub` (or the integer weight) held.
     pub fn bytes(&self) -> usize {
-        self.public.r_pub_f32.len() * 4 + self.public.r_pub_f64.len() * 8
+        self.public.r_pub_f32.len() * 4
+            + self.public.r_pub_f64.len() * 8
+            + self.public.int.as_ref().map_or(0, |i| i.weight.bytes())
     }
 }
 
 /// A mask and its exact product with the op's weight.
-struct MaskPair {
-    mask: Vec<f64>,
-    product: Vec<f64>,
+enum MaskPair {
+    Float {
+        mask: Vec<f64>,
+        product: Vec<f64>,
+    },
+    /// A uniform pad and its product modulo `2^64`.
+    Int {
+        pad: Vec<u64>,
+        product: Vec<u64>,
+    },
+}
+
+/// Draws `count` uniform pads (ChaCha20: the top bits of a padded row are the pad's, so only a
+/// cryptographic generator hides them) and their products with the integer weight.
+fn int_pairs(int: &IntOp, rng: &mut ChaCha20Rng, count: usize) -> Vec<MaskPair> {
+    let (d_in, d_out) = (int.weight.d_in, int.weight.d_out);
+    let pads: Vec<u64> = (0..count * d_in).map(|_| rng.random()).collect();
+    let products = int_matmul(&pads, count, &int.weight);
+    pads.chunks_exact(d_in)
+        .zip(products.chunks_exact(d_out))
+        .map(|(p, y)| MaskPair::Int {
+            pad: p.to_vec(),
+            product: y.to_vec(),
+        })
+        .collect()
 }
 
 /// Private per-op state: the coefficient generator and the pool of precomputed pairs.
@@ -72,6 +101,9 @@ fn make_pairs(
     rng: &mut ChaCha20Rng,
     count: usize,
 ) -> Vec<MaskPair> {
+    if let Some(int) = &public.int {
+        return int_pairs(int, rng, count);
+    }
     let (d_in, d_out, m) = (public.d_in, public.d_out, public.m);
     let coeffs: Vec<f64> = (0..count * m)
         .map(|_| scale * Distribution::<f64>::sample(&StandardNormal, &mut *rng))
@@ -86,7 +118,7 @@ fn make_pairs(
             (c.clone(), c)
         }
         (Some(b), Precision::F64Gemm) => (matmul_f64(&coeffs, b, count, m, d_in), coeffs),
-        (Some(b), Precision::F32) => {
+        (Some(b), Precision::F32 | Precision::Int) => {
             let mut r = matmul_f64(&coeffs, b, count, m, d_in);
             round32(&mut r);
             (r, coeffs)
@@ -119,7 +151,7 @@ fn make_pairs(
     masks
         .chunks_exact(d_in)
         .zip(products.chunks_exact(d_out))
-        .map(|(r, p)| MaskPair {
+        .map(|(r, p)| MaskPair::Float {
             mask: r.to_vec(),
             product: p.to_vec(),
         })
@@ -231,8 +263,19 @@ pub struct Pending {
     /// `slots[j]`: where logical row `j` (real rows first, then dummies) sits in the sent batch.
     slots: Vec<usize>,
     /// Products of the masks of logical rows; empty when masking is off.
-    products: Vec<Vec<f64>>,
+    products: Products,
     d_out: usize,
+}
+
+/// What unmasking a call needs besides the reply.
+enum Products {
+    Float(Vec<Vec<f64>>),
+    Int {
+        products: Vec<Vec<u64>>,
+        /// Fractional bits of each real row.
+        frac_bits: Vec<u32>,
+        shift: u32,
+    },
 }
 
 impl Pending {
@@ -254,6 +297,8 @@ pub struct MaskerStats {
     pub mask_generation_s: f64,
     /// Multiply-adds of mask generation per pair, summed over pairs made.
     pub mask_generation_macs: u64,
+    /// Integer mode: rows encoded with fewer fractional bits than configured, to fit 63 bits.
+    pub downshifted_rows: u64,
 }
 
 /// One session's ReMO state.
@@ -304,6 +349,9 @@ impl Masker {
 
     /// Multiply-adds to make one mask and its product for an op of this masker.
     fn pair_macs(public: &OpPublic) -> u64 {
+        if public.int.is_some() {
+            return (public.d_in * public.d_out) as u64;
+        }
         let basis = if public.basis.is_some() {
             public.m * public.d_in
         } else {
@@ -332,6 +380,7 @@ impl Masker {
             op,
             basis,
             f64: self.config.precision.r_pub_f64(),
+            integer: self.config.precision.is_int(),
         })
     }
 
@@ -359,16 +408,48 @@ impl Masker {
     ) -> Result<PublicOp, RemoError> {
         let op = request.op;
         let m = request.basis.rank(d_in);
-        reply.r_pub.validate()?;
-        if reply.op != op || reply.r_pub.shape() != (m, d_out) {
+        if reply.op != op {
             return Err(RemoError::Setup(format!(
-                "{op}: R_pub for {} is {:?}, expected ({m}, {d_out})",
-                reply.op,
-                reply.r_pub.shape()
+                "{op}: the reply is for {}",
+                reply.op
+            )));
+        }
+        let r_pub = match (reply.r_pub, self.config.precision.is_int()) {
+            (RPub::Int(w), true) if request.basis == BasisSpec::Identity => {
+                return Ok(PublicOp {
+                    public: Arc::new(OpPublic {
+                        d_in,
+                        d_out,
+                        basis: None,
+                        m: d_in,
+                        r_pub_f32: Vec::new(),
+                        r_pub_f64: Vec::new(),
+                        int: Some(IntOp::new(op, w, d_in, d_out)?),
+                    }),
+                    identity: true,
+                });
+            }
+            (RPub::Float(t), false) => t,
+            (other, _) => {
+                return Err(RemoError::Setup(format!(
+                    "{op}: the reply carries {} for a {:?} session",
+                    match other {
+                        RPub::Float(_) => "a float R_pub",
+                        RPub::Int(_) => "an integer weight",
+                    },
+                    self.config.precision
+                )));
+            }
+        };
+        r_pub.validate()?;
+        if r_pub.shape() != (m, d_out) {
+            return Err(RemoError::Setup(format!(
+                "{op}: R_pub is {:?}, expected ({m}, {d_out})",
+                r_pub.shape()
             )));
         }
         let basis = expand_basis(&request.basis, d_in);
-        let (r_pub_f32, r_pub_f64) = match reply.r_pub {
+        let (r_pub_f32, r_pub_f64) = match r_pub {
             Tensor::F32 { data, .. } if !self.config.precision.r_pub_f64() => (data, Vec::new()),
             Tensor::F64 { data, .. } if self.config.precision.r_pub_f64() => (Vec::new(), data),
             // With the identity basis R_pub is W itself, exact in f32: it is kept in f32 (half
@@ -389,6 +470,7 @@ impl Masker {
                 m,
                 r_pub_f32,
                 r_pub_f64,
+                int: None,
             }),
             identity: request.basis == BasisSpec::Identity,
         })
@@ -436,7 +518,7 @@ impl Masker {
                 seq: self.seq,
                 n_real: n,
                 slots: (0..n).collect(),
-                products: Vec::new(),
+                products: Products::Float(Vec::new()),
                 d_out: 0,
             };
             return Ok((tensor, pending));
@@ -452,6 +534,20 @@ impl Masker {
                 found: x.cols(),
             });
         }
+        // Encode first: a row that cannot be encoded costs no pads.
+        let encoded = match &s.public.int {
+            Some(int) => {
+                let mut enc = vec![0u64; n * d_in];
+                let mut frac_bits = Vec::with_capacity(n);
+                for (r, row) in enc.chunks_exact_mut(d_in).enumerate() {
+                    let f = int.encode(op, x.row(r), self.config.frac_bits, row)?;
+                    self.stats.downshifted_rows += u64::from(f < self.config.frac_bits);
+                    frac_bits.push(f);
+                }
+                Some((enc, frac_bits, int.weight.shift))
+            }
+            None => None,
+        };
         let k = self.config.dummy_rows;
         let total = n + k;
         let mut pairs = Vec::with_capacity(total);
@@ -488,7 +584,35 @@ impl Masker {
                 slots.swap(i, j);
             }
         }
-        let precision = self.config.precision;
+        self.stats.rows_sent += total as u64;
+        self.stats.dummy_rows += k as u64;
+        self.stats.mask_generation_macs += pair_macs * total as u64;
+        let (tensor, products) = match encoded {
+            Some((enc, frac_bits, shift)) => {
+                Self::pad_rows(&pairs, &slots, n, &enc, d_in, frac_bits, shift)
+            }
+            None => Self::mask_rows(self.config.precision, &pairs, &slots, x, d_in),
+        };
+        let pending = Pending {
+            op,
+            seq: self.seq,
+            n_real: n,
+            slots,
+            products,
+            d_out,
+        };
+        Ok((tensor, pending))
+    }
+
+    /// The float modes' rows: real rows plus their masks, dummy rows pure masks, in slot order.
+    fn mask_rows(
+        precision: Precision,
+        pairs: &[MaskPair],
+        slots: &[usize],
+        x: &Rows,
+        d_in: usize,
+    ) -> (Tensor, Products) {
+        let (n, total) = (x.rows(), pairs.len());
         let mut f64_rows = vec![
             0f64;
             if precision.gemm_f64() {
@@ -505,33 +629,35 @@ impl Masker {
                 total * d_in
             }
         ];
+        let mut products = Vec::with_capacity(total);
         for (j, pair) in pairs.iter().enumerate() {
+            let MaskPair::Float { mask, product } = pair else {
+                unreachable!("a float session draws float masks")
+            };
+            products.push(product.clone());
             let slot = slots[j];
             let real = (j < n).then(|| x.row(j));
             match precision {
                 Precision::F64Gemm => {
                     let dst = &mut f64_rows[slot * d_in..(slot + 1) * d_in];
                     for (i, d) in dst.iter_mut().enumerate() {
-                        *d = real.map_or(0.0, |r| f64::from(r[i])) + pair.mask[i];
+                        *d = real.map_or(0.0, |r| f64::from(r[i])) + mask[i];
                     }
                 }
                 Precision::F64Client => {
                     let dst = &mut f32_rows[slot * d_in..(slot + 1) * d_in];
                     for (i, d) in dst.iter_mut().enumerate() {
-                        *d = (real.map_or(0.0, |r| f64::from(r[i])) + pair.mask[i]) as f32;
+                        *d = (real.map_or(0.0, |r| f64::from(r[i])) + mask[i]) as f32;
                     }
                 }
-                Precision::F32 => {
+                Precision::F32 | Precision::Int => {
                     let dst = &mut f32_rows[slot * d_in..(slot + 1) * d_in];
                     for (i, d) in dst.iter_mut().enumerate() {
-                        *d = real.map_or(0.0, |r| r[i]) + pair.mask[i] as f32;
+                        *d = real.map_or(0.0, |r| r[i]) + mask[i] as f32;
                     }
                 }
             }
         }
-        self.stats.rows_sent += total as u64;
-        self.stats.dummy_rows += k as u64;
-        self.stats.mask_generation_macs += pair_macs * total as u64;
         let tensor = if precision.gemm_f64() {
             Tensor::F64 {
                 rows: total,
@@ -545,15 +671,51 @@ impl Masker {
                 data: f32_rows,
             }
         };
-        let pending = Pending {
-            op,
-            seq: self.seq,
-            n_real: n,
-            slots,
-            products: pairs.into_iter().map(|p| p.product).collect(),
-            d_out,
+        (tensor, Products::Float(products))
+    }
+
+    /// The integer mode's rows: encoded real rows plus their pads modulo `2^64`, dummy rows
+    /// pure pads, in slot order.
+    fn pad_rows(
+        pairs: &[MaskPair],
+        slots: &[usize],
+        n: usize,
+        enc: &[u64],
+        d_in: usize,
+        frac_bits: Vec<u32>,
+        shift: u32,
+    ) -> (Tensor, Products) {
+        let total = pairs.len();
+        let mut rows = vec![0u64; total * d_in];
+        let mut products = Vec::with_capacity(total);
+        for (j, pair) in pairs.iter().enumerate() {
+            let MaskPair::Int { pad, product } = pair else {
+                unreachable!("an integer session draws pads")
+            };
+            products.push(product.clone());
+            let dst = &mut rows[slots[j] * d_in..(slots[j] + 1) * d_in];
+            if j < n {
+                let src = &enc[j * d_in..(j + 1) * d_in];
+                for ((d, &v), &p) in dst.iter_mut().zip(src).zip(pad) {
+                    *d = v.wrapping_add(p);
+                }
+            } else {
+                dst.copy_from_slice(pad);
+            }
+        }
+        let tensor = Tensor::U64 {
+            rows: total,
+            cols: d_in,
+            data: rows,
         };
-        Ok((tensor, pending))
+        (
+            tensor,
+            Products::Int {
+                products,
+                frac_bits,
+                shift,
+            },
+        )
     }
 
     /// Removes the masks from the cloud's reply, after checking every canary row.
@@ -572,27 +734,17 @@ impl Masker {
             }
             let data = match y {
                 Tensor::F32 { data, .. } => data.clone(),
-                Tensor::F64 { data, .. } => data.iter().map(|&v| v as f32).collect(),
+                other => other.to_f64().into_iter().map(|v| v as f32).collect(),
             };
             return Ok(Rows::new(rows, cols, data)?);
         }
+        self.check_reply(&pending, y)?;
+        let products = match &pending.products {
+            Products::Float(p) => p,
+            Products::Int { .. } => return self.unmask_exact(pending, y)?.decode(),
+        };
         let d_out = pending.d_out;
-        if y.shape() != (total, d_out) {
-            return Err(RemoError::ReplyShape {
-                op,
-                rows: y.shape().0,
-                expected: total,
-            });
-        }
         let precision = self.config.precision;
-        let want = if precision.gemm_f64() { "f64" } else { "f32" };
-        if y.precision() != want {
-            return Err(talaria_wire::WireError::WrongPrecision {
-                expected: want,
-                found: y.precision(),
-            }
-            .into());
-        }
         let row = |slot: usize| -> Vec<f64> {
             match y {
                 Tensor::F32 { data, .. } => data[slot * d_out..(slot + 1) * d_out]
@@ -600,13 +752,13 @@ impl Masker {
                     .map(|&v| f64::from(v))
                     .collect(),
                 Tensor::F64 { data, .. } => data[slot * d_out..(slot + 1) * d_out].to_vec(),
+                Tensor::U64 { .. } => unreachable!("checked: the reply is in the call's precision"),
             }
         };
         // Canaries first: a reply that fails one is not used at all.
         let tol = precision.canary_tolerance();
-        for j in pending.n_real..total {
-            let got = row(pending.slots[j]);
-            let expected = &pending.products[j];
+        for (&slot, expected) in pending.slots.iter().zip(products).skip(pending.n_real) {
+            let got = row(slot);
             let scale = expected.iter().fold(1f64, |a, v| a.max(v.abs()));
             let err = got
                 .iter()
@@ -623,9 +775,8 @@ impl Masker {
             }
         }
         let mut out = Vec::with_capacity(pending.n_real * d_out);
-        for j in 0..pending.n_real {
-            let got = row(pending.slots[j]);
-            let p = &pending.products[j];
+        for (&slot, p) in pending.slots.iter().zip(products).take(pending.n_real) {
+            let got = row(slot);
             match precision {
                 Precision::F32 => {
                     out.extend(got.iter().zip(p).map(|(&g, &e)| g as f32 - e as f32));
@@ -634,5 +785,79 @@ impl Masker {
             }
         }
         Ok(Rows::new(pending.n_real, d_out, out)?)
+    }
+
+    /// Checks a reply's shape and precision against its call.
+    fn check_reply(&self, pending: &Pending, y: &Tensor) -> Result<(), RemoError> {
+        let total = pending.slots.len();
+        if y.shape() != (total, pending.d_out) {
+            return Err(RemoError::ReplyShape {
+                op: pending.op,
+                rows: y.shape().0,
+                expected: total,
+            });
+        }
+        let want = match self.config.precision {
+            Precision::Int => "u64",
+            Precision::F64Gemm => "f64",
+            Precision::F32 | Precision::F64Client => "f32",
+        };
+        if y.precision() != want {
+            return Err(talaria_wire::WireError::WrongPrecision {
+                expected: want,
+                found: y.precision(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// The integer mode's unmasking: the exact product `X · W_int` of the encoded real rows,
+    /// after checking that every canary row is its pad's product bit for bit.
+    pub fn unmask_exact(&self, pending: Pending, y: &Tensor) -> Result<IntProduct, RemoError> {
+        y.validate()?;
+        self.check_reply(&pending, y)?;
+        let op = pending.op;
+        let (
+            Products::Int {
+                products,
+                frac_bits,
+                shift,
+            },
+            Tensor::U64 { data, .. },
+        ) = (pending.products, y)
+        else {
+            return Err(RemoError::Setup(format!("{op}: not an integer-mode call")));
+        };
+        let d_out = pending.d_out;
+        let row = |slot: usize| &data[slot * d_out..(slot + 1) * d_out];
+        let wrong: usize = (pending.n_real..pending.slots.len())
+            .map(|j| {
+                row(pending.slots[j])
+                    .iter()
+                    .zip(&products[j])
+                    .filter(|(g, e)| g != e)
+                    .count()
+            })
+            .sum();
+        if wrong > 0 {
+            return Err(RemoError::IntCanary { op, wrong });
+        }
+        let mut values = Vec::with_capacity(pending.n_real * d_out);
+        for (j, p) in products.iter().enumerate().take(pending.n_real) {
+            values.extend(
+                row(pending.slots[j])
+                    .iter()
+                    .zip(p)
+                    .map(|(&g, &e)| g.wrapping_sub(e) as i64),
+            );
+        }
+        Ok(IntProduct {
+            rows: pending.n_real,
+            cols: d_out,
+            values,
+            frac_bits,
+            shift,
+        })
     }
 }

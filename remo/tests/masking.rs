@@ -5,7 +5,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use talaria_engine::{BlockOp, OpId, Rows};
 use talaria_remo::{Masker, Precision, Rank, RemoConfig, RemoError};
-use talaria_wire::{SetupReply, SetupRequest, Tensor, expand_basis};
+use talaria_wire::{RPub, SetupReply, SetupRequest, Tensor, expand_basis};
 
 const OP: OpId = OpId::Block {
     layer: 3,
@@ -63,12 +63,16 @@ impl Cloud {
                 data: r.iter().map(|&v| v as f32).collect(),
             }
         };
-        SetupReply { op: req.op, r_pub }
+        SetupReply {
+            op: req.op,
+            r_pub: RPub::Float(r_pub),
+        }
     }
 
     fn call(&self, x: &Tensor) -> Tensor {
         let (rows, _) = x.shape();
         match x {
+            Tensor::U64 { .. } => unreachable!("integer calls: tests/integer.rs"),
             Tensor::F64 { .. } => Tensor::F64 {
                 rows,
                 cols: self.d_out,
@@ -288,6 +292,7 @@ fn a_corrupted_canary_row_is_detected() {
             match &mut y {
                 Tensor::F32 { data, cols, .. } => data[row * *cols] += 0.5,
                 Tensor::F64 { data, cols, .. } => data[row * *cols] += 0.5,
+                Tensor::U64 { .. } => unreachable!("a float session"),
             }
             y
         };

@@ -12,7 +12,7 @@ use talaria_engine::{
 };
 use talaria_gguf::GgufFile;
 use talaria_gpu_node::{CloudExecutor, LinearWeights, PlainEngine, Tap, read_provision};
-use talaria_remo::{Calibration, Precision, Rank, RemoConfig};
+use talaria_remo::{Calibration, FixedPointLinear, Precision, Rank, RemoConfig};
 use talaria_wire::Loopback;
 
 /// Which engine answers.
@@ -23,6 +23,9 @@ pub enum EngineKind {
     Plain,
     /// The CVM side and the cloud side in one process, joined only by ReMO-masked messages.
     Remo,
+    /// Both halves in one process, unmasked, in the integer mode's fixed-point arithmetic
+    /// (`--remo-frac-bits`): the exactness reference of `--remo-precision int`.
+    Fixed,
     /// A running cluster's cvm-agent, over QUIC (`talaria up`).
     Cluster,
 }
@@ -37,9 +40,13 @@ pub struct RemoArgs {
     /// σ: mask scale in units of each op's calibrated input RMS.
     #[arg(long, default_value_t = RemoConfig::default().scale)]
     pub remo_scale: f64,
-    /// Arithmetic: f32, f64-client, or f64-gemm (lossless).
+    /// Arithmetic: f32, f64-client, f64-gemm (lossless), or int (the exact integer one-time
+    /// pad: fixed point, uniform pads mod 2^64; full rank only, σ unused).
     #[arg(long, default_value = "f64-gemm", value_parser = parse_precision)]
     pub remo_precision: Precision,
+    /// The integer mode's fractional bits f (rows that could overflow 63 bits get fewer).
+    #[arg(long, default_value_t = RemoConfig::default().frac_bits)]
+    pub remo_frac_bits: u32,
     /// Dummy (canary) rows added to every call.
     #[arg(long, default_value_t = RemoConfig::default().dummy_rows)]
     pub remo_dummy_rows: usize,
@@ -82,6 +89,7 @@ impl RemoArgs {
             remo_dummy_rows: c.dummy_rows,
             remo_shuffle: c.shuffle,
             remo_pool: c.pool,
+            remo_frac_bits: c.frac_bits,
             remo_off: !c.enabled,
             remo_seed: None,
             tap: None,
@@ -99,6 +107,7 @@ impl RemoArgs {
             dummy_rows: self.remo_dummy_rows,
             shuffle: self.remo_shuffle,
             pool: self.remo_pool,
+            frac_bits: self.remo_frac_bits,
         }
     }
 
@@ -170,7 +179,11 @@ impl Cloud {
         let f = GgufFile::open(path)?;
         let provision = read_provision(&f)?;
         let layers = 0..=provision.config.n_layers.saturating_sub(1);
-        let weights = LinearWeights::load_on(&f, &provision.config, layers, true, args.backend)?;
+        let mut weights =
+            LinearWeights::load_on(&f, &provision.config, layers, true, args.backend)?;
+        if config.precision.is_int() {
+            weights.load_int(&f)?;
+        }
         drop(f);
         let tap = args.tap.as_ref().map(Tap::create).transpose()?;
         if let Some(dir) = &args.tap {
@@ -188,10 +201,47 @@ impl Cloud {
     }
 }
 
-/// Either engine, behind one interface.
+/// The plain fixed-point engine: the integer weights and the integer mode's encoding, no masks.
+pub struct FixedEngine {
+    pub tokenizer: Tokenizer,
+    pub model: Transformer,
+    pub linear: FixedPointLinear,
+}
+
+impl FixedEngine {
+    /// Loads the model's integer weights; rows are encoded with at most `frac_bits` bits.
+    pub fn load(path: &Path, frac_bits: u32) -> Result<Self> {
+        let f = GgufFile::open(path)?;
+        let provision = read_provision(&f)?;
+        let c = provision.config.clone();
+        let mut weights = LinearWeights::load_on(
+            &f,
+            &c,
+            0..=c.n_layers.saturating_sub(1),
+            true,
+            talaria_topology::Backend::Cpu,
+        )?;
+        weights.load_int(&f)?;
+        drop(f);
+        let mut linear = FixedPointLinear::new(frac_bits);
+        for op in talaria_cvm_agent::all_ops(&c) {
+            let (d_in, d_out) = op.shape(&c);
+            linear.install(op, weights.int_weight(op)?.clone(), d_in, d_out)?;
+        }
+        let (tokenizer, model) = provision.build()?;
+        Ok(Self {
+            tokenizer,
+            model,
+            linear,
+        })
+    }
+}
+
+/// Any engine, behind one interface.
 pub enum Engine {
     Plain(Box<PlainEngine>),
     Remo(Box<RemoEngine>),
+    Fixed(Box<FixedEngine>),
 }
 
 impl Engine {
@@ -206,6 +256,10 @@ impl Engine {
                 RemoEngine::load(path, remo, &default_calibration()?)
                     .with_context(|| format!("loading {}", path.display()))?,
             )),
+            EngineKind::Fixed => Engine::Fixed(Box::new(
+                FixedEngine::load(path, remo.remo_frac_bits)
+                    .with_context(|| format!("loading {}", path.display()))?,
+            )),
             EngineKind::Cluster => {
                 anyhow::bail!("the cluster engine runs in the cluster's processes, not in this one")
             }
@@ -217,6 +271,7 @@ impl Engine {
         match self {
             Engine::Plain(e) => &e.tokenizer,
             Engine::Remo(e) => &e.tokenizer,
+            Engine::Fixed(e) => &e.tokenizer,
         }
     }
 
@@ -225,6 +280,7 @@ impl Engine {
         match self {
             Engine::Plain(e) => (&e.tokenizer, &e.model, &mut e.weights),
             Engine::Remo(e) => (&e.tokenizer, &e.model, &mut e.linear),
+            Engine::Fixed(e) => (&e.tokenizer, &e.model, &mut e.linear),
         }
     }
 

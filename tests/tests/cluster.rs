@@ -133,6 +133,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
                 op: op(layer),
                 basis: BasisSpec::Identity,
                 f64: false,
+                integer: false,
             };
             let head = Request::Setup {
                 session,
@@ -162,6 +163,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
             op: OpId::LmHead,
             basis: BasisSpec::Identity,
             f64: false,
+            integer: false,
         };
         let answer = peer
             .request(

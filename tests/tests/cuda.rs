@@ -129,6 +129,7 @@ fn masked_linear_calls_on_cuda_match_the_cpu_backend() {
         },
         basis: talaria_wire::BasisSpec::Identity,
         f64: true,
+        integer: false,
     };
     assert_eq!(cpu.setup(&req).unwrap(), gpu.setup(&req).unwrap());
 }

@@ -188,6 +188,7 @@ impl CloudLink for Tamperer {
         match &mut reply.y {
             Tensor::F32 { data, .. } => data.iter_mut().for_each(|v| *v += 0.05),
             Tensor::F64 { data, .. } => data.iter_mut().for_each(|v| *v += 0.05),
+            Tensor::U64 { data, .. } => data.iter_mut().for_each(|v| *v ^= 1),
         }
         Ok(reply)
     }

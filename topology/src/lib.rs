@@ -150,8 +150,10 @@ pub struct RemoSection {
     /// `full` or a fraction in (0, 1).
     pub rank: Option<String>,
     pub scale: Option<f64>,
-    /// `f32`, `f64-client` or `f64-gemm`.
+    /// `f32`, `f64-client`, `f64-gemm` or `int`.
     pub precision: Option<String>,
+    /// The integer mode's fractional bits.
+    pub frac_bits: Option<u32>,
     pub dummy_rows: Option<usize>,
     pub shuffle: Option<bool>,
     pub pool: Option<usize>,
@@ -393,12 +395,20 @@ fn check_remo(c: &mut Checker, r: &RemoSection) {
         }
     }
     if let Some(p) = &r.precision
-        && !["f32", "f64-client", "f64-gemm"].contains(&p.as_str())
+        && !["f32", "f64-client", "f64-gemm", "int"].contains(&p.as_str())
     {
         c.problem(
             "remo.precision",
-            format!("{p:?}: expected \"f32\", \"f64-client\" or \"f64-gemm\""),
+            format!("{p:?}: expected \"f32\", \"f64-client\", \"f64-gemm\" or \"int\""),
         );
+    }
+    if r.precision.as_deref() == Some("int") && r.rank.as_deref().is_some_and(|k| k != "full") {
+        c.problem("remo.rank", "the integer mode is full rank only");
+    }
+    if let Some(f) = r.frac_bits
+        && !(10..=60).contains(&f)
+    {
+        c.problem("remo.frac_bits", format!("{f}: must be in 10..=60"));
     }
     if let Some(s) = r.scale
         && !(s.is_finite() && s > 0.0)
@@ -586,6 +596,7 @@ impl Topology {
             shuffle: None,
             pool: None,
             enabled: None,
+            frac_bits: None,
         });
         check_remo(&mut c, &remo);
 

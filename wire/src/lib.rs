@@ -9,6 +9,7 @@ pub mod gemm;
 mod link;
 pub mod net;
 mod protocol;
+pub mod ring;
 mod tensor;
 
 pub use basis::{BasisSpec, expand_basis};
@@ -19,6 +20,7 @@ pub use protocol::{
     ALPN_CLOUD, ALPN_TENANT, ErrorReply, LatencySplit, Prompt, Provision, Reply, Request,
     TenantEvent, TenantMessage, TenantRequest, first_stop,
 };
+pub use ring::{INT_BLOCK, IntWeight, int_matmul};
 pub use tensor::{Tensor, WireError};
 
 use serde::{Deserialize, Serialize};
@@ -35,13 +37,24 @@ pub struct SetupRequest {
     pub basis: BasisSpec,
     /// Answer in f64 (the f64 precision modes keep `R_pub` in f64).
     pub f64: bool,
+    /// Answer with the exact integer form of the weight (the integer mode; identity basis only).
+    pub integer: bool,
 }
 
-/// The cloud's answer to a [`SetupRequest`]: `R_pub`, `m × d_out`.
+/// The cloud's answer to a [`SetupRequest`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SetupReply {
     pub op: OpId,
-    pub r_pub: Tensor,
+    pub r_pub: RPub,
+}
+
+/// What removes the masks' products: `R_pub = M_pub · W`, or the integer weight itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RPub {
+    /// `m × d_out` (for the identity basis, `W` itself in f32).
+    Float(Tensor),
+    /// The integer mode's weight (identity basis: the pads are uniform residues).
+    Int(IntWeight),
 }
 
 /// One masked linear call: the cloud returns `x̃ · W_op` for every row.

@@ -14,6 +14,8 @@ pub enum WireError {
         expected: &'static str,
         found: &'static str,
     },
+    #[error("integer weight: {0}")]
+    BadIntWeight(String),
 }
 
 /// A row-major matrix in the precision the call asked for.
@@ -32,21 +34,30 @@ pub enum Tensor {
         cols: usize,
         data: Vec<f64>,
     },
+    /// Residues modulo `2^64`: the integer mode's padded rows and their products.
+    U64 {
+        rows: usize,
+        cols: usize,
+        data: Vec<u64>,
+    },
 }
 
 impl Tensor {
     /// Rows and columns.
     pub fn shape(&self) -> (usize, usize) {
         match *self {
-            Tensor::F32 { rows, cols, .. } | Tensor::F64 { rows, cols, .. } => (rows, cols),
+            Tensor::F32 { rows, cols, .. }
+            | Tensor::F64 { rows, cols, .. }
+            | Tensor::U64 { rows, cols, .. } => (rows, cols),
         }
     }
 
-    /// `"f32"` or `"f64"`.
+    /// `"f32"`, `"f64"` or `"u64"`.
     pub fn precision(&self) -> &'static str {
         match self {
             Tensor::F32 { .. } => "f32",
             Tensor::F64 { .. } => "f64",
+            Tensor::U64 { .. } => "u64",
         }
     }
 
@@ -56,6 +67,7 @@ impl Tensor {
         let len = match self {
             Tensor::F32 { data, .. } => data.len(),
             Tensor::F64 { data, .. } => data.len(),
+            Tensor::U64 { data, .. } => data.len(),
         };
         if rows.checked_mul(cols) != Some(len) {
             return Err(WireError::BadLength { rows, cols, len });
@@ -63,11 +75,12 @@ impl Tensor {
         Ok(())
     }
 
-    /// The values widened to f64.
+    /// The values widened to f64 (residues read as signed integers).
     pub fn to_f64(&self) -> Vec<f64> {
         match self {
             Tensor::F32 { data, .. } => data.iter().map(|&v| f64::from(v)).collect(),
             Tensor::F64 { data, .. } => data.clone(),
+            Tensor::U64 { data, .. } => data.iter().map(|&v| v as i64 as f64).collect(),
         }
     }
 }
@@ -75,7 +88,7 @@ impl Tensor {
 /// The wire form of a [`Tensor`].
 #[derive(Serialize, Deserialize)]
 struct RawTensor<'a> {
-    /// 0: f32, 1: f64.
+    /// 0: f32, 1: f64, 2: u64.
     dtype: u8,
     rows: u64,
     cols: u64,
@@ -102,6 +115,7 @@ impl Serialize for Tensor {
             Tensor::F64 { data, .. } => {
                 (1, le_bytes(data, |v| f64::from_bits(v.to_bits().to_le())))
             }
+            Tensor::U64 { data, .. } => (2, le_bytes(data, u64::to_le)),
         };
         RawTensor {
             dtype,
@@ -122,7 +136,7 @@ impl<'de> Deserialize<'de> for Tensor {
         let (rows, cols) = (dim(raw.rows)?, dim(raw.cols)?);
         let width = match raw.dtype {
             0 => 4,
-            1 => 8,
+            1 | 2 => 8,
             t => return Err(D::Error::custom(format!("unknown tensor dtype {t}"))),
         };
         if raw.bytes.len() % width != 0 {
@@ -141,13 +155,22 @@ impl<'de> Deserialize<'de> for Tensor {
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect(),
             },
-            _ => Tensor::F64 {
+            1 => Tensor::F64 {
                 rows,
                 cols,
                 data: raw
                     .bytes
                     .chunks_exact(8)
                     .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                    .collect(),
+            },
+            _ => Tensor::U64 {
+                rows,
+                cols,
+                data: raw
+                    .bytes
+                    .chunks_exact(8)
+                    .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
                     .collect(),
             },
         })

@@ -1,0 +1,175 @@
+//! The integer mode's weights: each projection's exact integer form, built from the stored Q4_1
+//! and Q8_0 blocks without rounding. Unlike the float weights, norm gains are not folded in (an
+//! f32 gain times an f16 scale is no longer a block scale); each op carries its gain for the CVM
+//! to apply.
+
+use talaria_engine::{BlockOp, EngineError, ModelConfig, OpId};
+use talaria_gguf::{GgufFile, exact_shift, integer_blocks};
+use talaria_wire::{INT_BLOCK, IntWeight, int_matmul};
+
+use crate::NodeError;
+
+/// A stage's projections in integer form.
+pub(crate) struct IntStack {
+    first_layer: usize,
+    /// `blocks[i][k]`: layer `first_layer + i`, op `BlockOp::ALL[k]`.
+    blocks: Vec<[IntWeight; 4]>,
+    lm_head: Option<IntWeight>,
+}
+
+/// One fused op from its stored parts (`[d_in, d_out_k]` each, side by side), at the smallest
+/// shift that is exact for every part.
+fn fuse(
+    f: &GgufFile,
+    parts: &[&str],
+    d_in: usize,
+    gain: Option<Vec<f32>>,
+) -> Result<IntWeight, NodeError> {
+    let mut shift = 0;
+    let mut d_out = 0;
+    for name in parts {
+        let t = f.tensor(name)?;
+        if t.dims.len() != 2 || t.dims[0] != d_in as u64 {
+            return Err(NodeError::InvalidModel(format!(
+                "tensor {name:?} has dims {:?}, expected [{d_in}, _]",
+                t.dims
+            )));
+        }
+        d_out += t.dims[1] as usize;
+        shift = shift.max(exact_shift(name, t.ty, f.tensor_bytes(name)?)?);
+    }
+    let nb = d_in / INT_BLOCK;
+    let mut w = IntWeight {
+        d_in,
+        d_out,
+        codes: vec![0; d_in * d_out],
+        scales: vec![0; nb * d_out],
+        mins: vec![0; nb * d_out],
+        shift,
+        gain,
+    };
+    let mut col0 = 0;
+    for name in parts {
+        let t = f.tensor(name)?;
+        let part_out = t.dims[1] as usize;
+        let ib = integer_blocks(name, t.ty, f.tensor_bytes(name)?, shift)?;
+        // Stored `[out][in]` with blocks along `in`; the product wants `[in][out]`.
+        for o in 0..part_out {
+            let col = col0 + o;
+            for (i, &q) in ib.codes[o * d_in..(o + 1) * d_in].iter().enumerate() {
+                w.codes[i * d_out + col] = q;
+            }
+            for b in 0..nb {
+                w.scales[b * d_out + col] = ib.scales[o * nb + b] as u64;
+                w.mins[b * d_out + col] = ib.mins[o * nb + b] as u64;
+            }
+        }
+        col0 += part_out;
+    }
+    w.validate()
+        .map_err(|e| NodeError::InvalidModel(e.to_string()))?;
+    Ok(w)
+}
+
+fn gain(f: &GgufFile, name: &str, len: usize) -> Result<Option<Vec<f32>>, NodeError> {
+    let (values, dims) = f.dequantize(name)?;
+    if dims != [len as u64] {
+        return Err(NodeError::InvalidModel(format!(
+            "tensor {name:?} has dims {dims:?}, expected [{len}]"
+        )));
+    }
+    Ok(Some(values))
+}
+
+impl IntStack {
+    /// The integer forms of `layers` (and the LM head if `lm_head`).
+    pub(crate) fn load(
+        f: &GgufFile,
+        c: &ModelConfig,
+        layers: std::ops::Range<usize>,
+        lm_head: bool,
+    ) -> Result<Self, NodeError> {
+        if !c.d_model.is_multiple_of(INT_BLOCK) || !c.d_ff.is_multiple_of(INT_BLOCK) {
+            return Err(NodeError::Unsupported(
+                "the integer mode needs widths that are multiples of 32".into(),
+            ));
+        }
+        let first_layer = layers.start;
+        let mut blocks = Vec::with_capacity(layers.len());
+        for l in layers {
+            let n = |t: &str| format!("blk.{l}.{t}.weight");
+            let (q, k, v) = (n("attn_q"), n("attn_k"), n("attn_v"));
+            let (gate, up) = (n("ffn_gate"), n("ffn_up"));
+            blocks.push([
+                fuse(
+                    f,
+                    &[&q, &k, &v],
+                    c.d_model,
+                    gain(f, &n("attn_norm"), c.d_model)?,
+                )?,
+                fuse(f, &[&n("attn_output")], c.d_model, None)?,
+                fuse(
+                    f,
+                    &[&gate, &up],
+                    c.d_model,
+                    gain(f, &n("ffn_norm"), c.d_model)?,
+                )?,
+                fuse(f, &[&n("ffn_down")], c.d_ff, None)?,
+            ]);
+        }
+        let lm_head = if lm_head {
+            let head = if f.has_tensor("output.weight") {
+                "output.weight"
+            } else {
+                "token_embd.weight"
+            };
+            Some(fuse(
+                f,
+                &[head],
+                c.d_model,
+                gain(f, "output_norm.weight", c.d_model)?,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            first_layer,
+            blocks,
+            lm_head,
+        })
+    }
+
+    /// The integer weight of `op`.
+    pub(crate) fn weight(&self, op: OpId) -> Result<&IntWeight, EngineError> {
+        let not_held = || EngineError::BadOp {
+            op: op.to_string(),
+            reason: "not held in integer form by this stage".into(),
+        };
+        match op {
+            OpId::LmHead => self.lm_head.as_ref().ok_or_else(not_held),
+            OpId::Block { layer, op: kind } => {
+                let k = BlockOp::ALL.iter().position(|&o| o == kind).unwrap_or(0);
+                layer
+                    .checked_sub(self.first_layer)
+                    .and_then(|i| self.blocks.get(i))
+                    .map(|b| &b[k])
+                    .ok_or_else(not_held)
+            }
+        }
+    }
+
+    /// `x̃ · W_int` modulo `2^64`.
+    pub(crate) fn matmul(&self, op: OpId, rows: usize, x: &[u64]) -> Result<Vec<u64>, EngineError> {
+        Ok(int_matmul(x, rows, self.weight(op)?))
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .flatten()
+            .chain(&self.lm_head)
+            .map(IntWeight::bytes)
+            .sum()
+    }
+}

@@ -1,0 +1,356 @@
+//! The integer mode's arithmetic, shared by both sides: the exact integer form of a
+//! block-quantized weight and the wrapping 64-bit product with it.
+//!
+//! A weight of the integer mode is `W_int[i][j] = D[b][j] · q[i][j] + M[b][j]` for input `i` in
+//! block `b = i / 32`, with 8-bit codes `q` and per-block integers `D`, `M` (a GGUF block's f16
+//! scale and minimum times `2^shift`, exact). Every product here is taken modulo `2^64`: the cloud
+//! multiplies one-time-padded rows, the CVM multiplies the pads, and the difference is the true
+//! product whenever it fits in 63 bits.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::WireError;
+
+/// Inputs per block of an integer weight (a GGUF Q4_1 / Q8_0 block).
+pub const INT_BLOCK: usize = 32;
+
+/// The exact integer form of one op's weight, `d_in × d_out`, as the cloud holds it and sends it
+/// to an attested CVM at set-up (the integer mode's `R_pub`: it is the weight).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntWeight {
+    pub d_in: usize,
+    pub d_out: usize,
+    /// Codes, row-major `[d_in][d_out]`.
+    #[serde(with = "serde_bytes")]
+    pub codes: Vec<u8>,
+    /// Per block and column, row-major `[d_in / 32][d_out]`: the scale times `2^shift`
+    /// (two's complement).
+    pub scales: Vec<u64>,
+    /// The same for the block minimum (the offset every code of the block carries).
+    pub mins: Vec<u64>,
+    /// `W = W_int · 2^-shift` exactly.
+    pub shift: u32,
+    /// The norm gain in front of this op, which the integer form cannot fold in: the CVM applies
+    /// it to the rows before encoding them.
+    pub gain: Option<Vec<f32>>,
+}
+
+impl IntWeight {
+    /// Checks every length against the shape: a peer may send anything.
+    pub fn validate(&self) -> Result<(), WireError> {
+        let bad = |what: &str| {
+            WireError::BadIntWeight(format!("{what} ({} x {})", self.d_in, self.d_out))
+        };
+        if self.d_in == 0 || !self.d_in.is_multiple_of(INT_BLOCK) {
+            return Err(bad("input width is not a positive multiple of 32"));
+        }
+        let cells = self
+            .d_in
+            .checked_mul(self.d_out)
+            .ok_or_else(|| bad("size overflows"))?;
+        let blocks = self.d_in / INT_BLOCK * self.d_out;
+        if self.codes.len() != cells {
+            return Err(bad(&format!("{} codes", self.codes.len())));
+        }
+        if self.scales.len() != blocks || self.mins.len() != blocks {
+            return Err(bad(&format!(
+                "{} scales and {} minimums",
+                self.scales.len(),
+                self.mins.len()
+            )));
+        }
+        if self.shift > 62 {
+            return Err(bad(&format!("shift {}", self.shift)));
+        }
+        if let Some(g) = &self.gain
+            && (g.len() != self.d_in || g.iter().any(|v| !v.is_finite()))
+        {
+            return Err(bad(&format!("gain of {} values, or not finite", g.len())));
+        }
+        Ok(())
+    }
+
+    /// `W_int[i][j]`.
+    pub fn at(&self, i: usize, j: usize) -> i64 {
+        let b = (i / INT_BLOCK) * self.d_out + j;
+        (self.scales[b] as i64)
+            .wrapping_mul(i64::from(self.codes[i * self.d_out + j]))
+            .wrapping_add(self.mins[b] as i64)
+    }
+
+    /// The largest Euclidean norm of a column of `W_int` (at least 1), which bounds every
+    /// product: `|X·W_int[:, j]| ≤ ‖X‖₂ · this`.
+    pub fn column_norm_bound(&self) -> f64 {
+        let mut sq = vec![0f64; self.d_out];
+        for i in 0..self.d_in {
+            for (j, s) in sq.iter_mut().enumerate() {
+                let w = self.at(i, j) as f64;
+                *s += w * w;
+            }
+        }
+        // f64 rounding of the sum is far below the bit of headroom callers keep.
+        sq.into_iter().fold(1f64, |m, s| m.max(s.sqrt()))
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + 8 * (self.scales.len() + self.mins.len())
+    }
+}
+
+/// Columns per tile of the product: one tile's accumulators stay in vector registers.
+const TILE: usize = 64;
+
+/// `x (rows × d_in) · W_int` modulo `2^64`, row-major, on every core.
+///
+/// Per block, `Σ_i x_i (D q_i + M) = D · Σ_i x_i q_i + M · Σ_i x_i`: the inner sums multiply
+/// 64-bit values by 8-bit codes, the block sums of `x` are shared by every column.
+pub fn int_matmul(x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64> {
+    let (d_in, d_out) = (w.d_in, w.d_out);
+    assert_eq!(x.len(), rows * d_in, "lhs shape");
+    let nb = d_in / INT_BLOCK;
+    let sums: Vec<u64> = x
+        .chunks_exact(INT_BLOCK)
+        .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+        .collect();
+    let operands = Operands {
+        x,
+        rows,
+        w,
+        sums: &sums,
+        nb,
+    };
+    let tiles: Vec<usize> = (0..d_out).step_by(TILE).collect();
+    let parts: Vec<Vec<u64>> = tiles
+        .par_iter()
+        .map(|&j0| {
+            let width = TILE.min(d_out - j0);
+            let mut out = vec![0u64; rows * width];
+            tile(&operands, j0, width, &mut out);
+            out
+        })
+        .collect();
+    let mut y = vec![0u64; rows * d_out];
+    for (&j0, part) in tiles.iter().zip(&parts) {
+        let width = TILE.min(d_out - j0);
+        for (r, src) in part.chunks_exact(width).enumerate() {
+            y[r * d_out + j0..r * d_out + j0 + width].copy_from_slice(src);
+        }
+    }
+    y
+}
+
+/// The operands every tile of one product shares.
+struct Operands<'a> {
+    x: &'a [u64],
+    rows: usize,
+    w: &'a IntWeight,
+    /// Per row and block, `Σ_i x_i` of the block.
+    sums: &'a [u64],
+    nb: usize,
+}
+
+/// One tile of columns, compiled for the widest vector unit the CPU has.
+fn tile(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512dq") {
+            // SAFETY: the CPU has the features the function is compiled for (checked above).
+            return unsafe { tile_avx512(a, j0, width, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { tile_avx2(a, j0, width, out) };
+        }
+    }
+    tile_portable(a, j0, width, out)
+}
+
+/// The portable tile, compiled again with the named target features enabled.
+macro_rules! tile_for {
+    ($name:ident, $features:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        fn $name(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
+            tile_portable(a, j0, width, out)
+        }
+    };
+}
+
+tile_for!(tile_avx512, "avx512f,avx512dq,avx512vl,avx512bw");
+tile_for!(tile_avx2, "avx2");
+
+#[inline(always)]
+fn tile_portable(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
+    if width == TILE {
+        return tile_fixed::<TILE>(a, j0, out);
+    }
+    let w = a.w;
+    for r in 0..a.rows {
+        for (jj, o) in out[r * width..(r + 1) * width].iter_mut().enumerate() {
+            let j = j0 + jj;
+            let mut acc = 0u64;
+            for b in 0..a.nb {
+                let mut t = 0u64;
+                for i in b * INT_BLOCK..(b + 1) * INT_BLOCK {
+                    let q = u64::from(w.codes[i * w.d_out + j]);
+                    t = t.wrapping_add(a.x[r * w.d_in + i].wrapping_mul(q));
+                }
+                let k = b * w.d_out + j;
+                acc = acc
+                    .wrapping_add(w.scales[k].wrapping_mul(t))
+                    .wrapping_add(w.mins[k].wrapping_mul(a.sums[r * a.nb + b]));
+            }
+            *o = acc;
+        }
+    }
+}
+
+/// A full tile of `N` columns: the code rows of a block stay in L1 while every row uses them.
+#[inline(always)]
+fn tile_fixed<const N: usize>(a: &Operands, j0: usize, out: &mut [u64]) {
+    let Operands {
+        x,
+        rows,
+        w,
+        sums,
+        nb,
+    } = *a;
+    let (d_in, d_out) = (w.d_in, w.d_out);
+    for b in 0..nb {
+        let scales: &[u64; N] = w.scales[b * d_out + j0..][..N].try_into().expect("tile");
+        let mins: &[u64; N] = w.mins[b * d_out + j0..][..N].try_into().expect("tile");
+        for r in 0..rows {
+            let mut t = [0u64; N];
+            let xs = &x[r * d_in + b * INT_BLOCK..][..INT_BLOCK];
+            for (ii, &xi) in xs.iter().enumerate() {
+                let q: &[u8; N] = w.codes[(b * INT_BLOCK + ii) * d_out + j0..][..N]
+                    .try_into()
+                    .expect("tile");
+                for j in 0..N {
+                    t[j] = t[j].wrapping_add(xi.wrapping_mul(u64::from(q[j])));
+                }
+            }
+            let s = sums[r * nb + b];
+            let o: &mut [u64; N] = (&mut out[r * N..(r + 1) * N]).try_into().expect("tile");
+            for j in 0..N {
+                o[j] = o[j]
+                    .wrapping_add(scales[j].wrapping_mul(t[j]))
+                    .wrapping_add(mins[j].wrapping_mul(s));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random_weight(rng: &mut impl Rng, d_in: usize, d_out: usize) -> IntWeight {
+        let blocks = d_in / INT_BLOCK * d_out;
+        IntWeight {
+            d_in,
+            d_out,
+            codes: (0..d_in * d_out).map(|_| rng.random()).collect(),
+            scales: (0..blocks)
+                .map(|_| rng.random_range(-1i64 << 40..1 << 40) as u64)
+                .collect(),
+            mins: (0..blocks).map(|_| rng.random::<u64>()).collect(),
+            shift: 18,
+            gain: None,
+        }
+    }
+
+    /// The product by definition, in 128-bit arithmetic, reduced mod 2^64 at the end.
+    fn naive(x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64> {
+        let mut y = vec![0u64; rows * w.d_out];
+        for r in 0..rows {
+            for j in 0..w.d_out {
+                let mut acc = 0u128;
+                for i in 0..w.d_in {
+                    acc = acc.wrapping_add(
+                        u128::from(x[r * w.d_in + i]).wrapping_mul(w.at(i, j) as u64 as u128),
+                    );
+                }
+                y[r * w.d_out + j] = acc as u64;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn the_tiled_product_is_the_product_mod_2_64() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        // Full tiles, a ragged last tile, one row and several.
+        for (rows, d_in, d_out) in [(1, 64, 128), (3, 96, 130), (5, 32, 7), (0, 32, 64)] {
+            let w = random_weight(&mut rng, d_in, d_out);
+            let x: Vec<u64> = (0..rows * d_in).map(|_| rng.random()).collect();
+            assert_eq!(
+                int_matmul(&x, rows, &w),
+                naive(&x, rows, &w),
+                "{rows} x {d_in} x {d_out}"
+            );
+        }
+    }
+
+    #[test]
+    fn padded_rows_unmask_to_the_exact_signed_product() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        let w = random_weight(&mut rng, 64, 64);
+        let w = IntWeight {
+            scales: w.scales.iter().map(|&s| (s as i64 >> 30) as u64).collect(),
+            mins: w.mins.iter().map(|&m| (m as i64 >> 40) as u64).collect(),
+            ..w
+        };
+        let x: Vec<i64> = (0..64)
+            .map(|_| rng.random_range(-1i64 << 20..1 << 20))
+            .collect();
+        let pad: Vec<u64> = (0..64).map(|_| rng.random()).collect();
+        let masked: Vec<u64> = x
+            .iter()
+            .zip(&pad)
+            .map(|(&v, &p)| (v as u64).wrapping_add(p))
+            .collect();
+        let y = int_matmul(&masked, 1, &w);
+        let r = int_matmul(&pad, 1, &w);
+        for j in 0..64 {
+            let exact: i128 = (0..64)
+                .map(|i| i128::from(x[i]) * i128::from(w.at(i, j)))
+                .sum();
+            assert_eq!(y[j].wrapping_sub(r[j]) as i64 as i128, exact);
+        }
+    }
+
+    #[test]
+    fn malformed_weights_are_refused() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let good = random_weight(&mut rng, 64, 8);
+        assert!(good.validate().is_ok());
+        for bad in [
+            IntWeight {
+                d_in: 48,
+                ..good.clone()
+            },
+            IntWeight {
+                codes: vec![0; 3],
+                ..good.clone()
+            },
+            IntWeight {
+                mins: vec![],
+                ..good.clone()
+            },
+            IntWeight {
+                shift: 70,
+                ..good.clone()
+            },
+            IntWeight {
+                gain: Some(vec![f32::NAN; 64]),
+                ..good.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err());
+        }
+    }
+}
