@@ -255,7 +255,10 @@ pub fn remo_split<L: talaria_wire::CloudLink>(
 ) -> Result<RemoSplit<L>, talaria_cvm_agent::AgentError> {
     let f = talaria_gguf::GgufFile::open(path).unwrap();
     let provision = talaria_gpu_node::read_provision(&f).unwrap();
-    let weights = talaria_gpu_node::LinearWeights::load(&f, &provision.config).unwrap();
+    let mut weights = talaria_gpu_node::LinearWeights::load(&f, &provision.config).unwrap();
+    if config.precision.is_int() {
+        weights.load_int(&f).unwrap();
+    }
     let tap = tap.map(|d| talaria_gpu_node::Tap::create(d).unwrap());
     let cloud = talaria_gpu_node::CloudExecutor::new(weights, tap);
     let config_model = provision.config.clone();

@@ -1,12 +1,14 @@
 //! The ReMO split on the real model: the same greedy answers as the plain engine, a tap that
 //! holds no plaintext, and a tampering cloud caught by the canaries.
 
-use talaria_engine::{EngineError, GenerateRequest, SamplingParams, generate};
+use talaria_engine::{
+    EngineError, GenerateRequest, LinearOps, OpId, Rows, SamplingParams, generate,
+};
 use talaria_gpu_node::CloudExecutor;
-use talaria_remo::{Precision, RemoConfig};
+use talaria_remo::{FixedPointLinear, Masker, Precision, RemoConfig};
 use talaria_tests::{golden, ids, real_model, remo_split};
 use talaria_wire::{
-    CloudLink, LinkError, Loopback, MaskedCall, MaskedReply, SetupReply, SetupRequest, Tensor,
+    CloudLink, LinkError, Loopback, MaskedCall, MaskedReply, RPub, SetupReply, SetupRequest, Tensor,
 };
 
 fn golden_ids_hold(config: RemoConfig) {
@@ -46,6 +48,126 @@ fn f64_gemm_at_scale_1e4_with_shuffle_and_dummies_gives_the_reference_greedy_ids
         dummy_rows: 3,
         ..Default::default()
     });
+}
+
+#[test]
+fn the_integer_mode_gives_the_reference_greedy_ids() {
+    golden_ids_hold(RemoConfig {
+        precision: Precision::Int,
+        ..Default::default()
+    });
+}
+
+/// The integer mode's session, checking every call against the plain fixed-point engine.
+struct ExactnessCheck {
+    masker: Masker,
+    cloud: Loopback<CloudExecutor>,
+    reference: FixedPointLinear,
+    seen: std::collections::BTreeSet<OpId>,
+    rows: usize,
+}
+
+impl LinearOps for ExactnessCheck {
+    fn linear(&mut self, op: OpId, x: &Rows) -> Result<Rows, EngineError> {
+        let (sent, pending) = self.masker.mask(op, x).unwrap();
+        let call = MaskedCall {
+            session: 7,
+            seq: pending.seq(),
+            op,
+            x: sent,
+        };
+        let reply = self.cloud.call(&call).unwrap();
+        let got = self.masker.unmask_exact(pending, &reply.y).unwrap();
+        let want = self.reference.product(op, x).unwrap();
+        assert_eq!(got.frac_bits, want.frac_bits, "{op}");
+        assert!(
+            got.values == want.values,
+            "{op}: the integer products differ"
+        );
+        self.seen.insert(op);
+        self.rows += x.rows();
+        Ok(got.decode().unwrap())
+    }
+}
+
+#[test]
+fn every_masked_integer_product_equals_the_plain_fixed_point_product_bit_for_bit() {
+    let f = talaria_gguf::GgufFile::open(real_model()).unwrap();
+    let provision = talaria_gpu_node::read_provision(&f).unwrap();
+    let c = provision.config.clone();
+    let mut weights = talaria_gpu_node::LinearWeights::load(&f, &c).unwrap();
+    weights.load_int(&f).unwrap();
+    let config = RemoConfig {
+        precision: Precision::Int,
+        ..Default::default()
+    };
+    let mut masker = Masker::new(config.clone(), 7, Some([5; 32])).unwrap();
+    let mut reference = FixedPointLinear::new(config.frac_bits);
+    let cloud = Loopback(CloudExecutor::new(weights, None));
+    for op in talaria_cvm_agent::all_ops(&c) {
+        let (d_in, d_out) = op.shape(&c);
+        let req = masker.setup_request(op, d_in).unwrap();
+        let reply = cloud.0.setup(&req).unwrap();
+        let RPub::Int(w) = &reply.r_pub else {
+            panic!("{op}: a float R_pub for an integer session")
+        };
+        reference.install(op, w.clone(), d_in, d_out).unwrap();
+        masker.install(&req, reply, d_in, d_out, 1.0).unwrap();
+    }
+    masker.start_pool();
+    let mut check = ExactnessCheck {
+        masker,
+        cloud,
+        reference,
+        seen: Default::default(),
+        rows: 0,
+    };
+    let (tokenizer, model) = provision.build().unwrap();
+    let mut plain = talaria_gpu_node::PlainEngine::load(real_model()).unwrap();
+    // A long prompt (its first position carries the massive activations) and a short one.
+    for text in [
+        "The history of the Roman Empire spans many centuries, from the founding of the city to \
+         the fall of Constantinople, and historians still argue about its causes.",
+        "2 + 2 =",
+    ] {
+        let prompt = tokenizer.encode(text).unwrap();
+        let req = GenerateRequest {
+            prompt_ids: prompt.clone(),
+            max_tokens: 6,
+            sampling: SamplingParams::default(),
+            stop_ids: vec![],
+        };
+        let g = generate(&model, &mut check, &req, |_| Ok(()), None).unwrap();
+        let want = plain_greedy_all(&mut plain, prompt, 6);
+        assert_eq!(
+            g.ids, want,
+            "{text:?}: greedy ids differ from the plain engine"
+        );
+    }
+    assert_eq!(check.seen.len(), c.n_layers * 4 + 1, "every op was checked");
+    eprintln!(
+        "{} rows checked bit for bit; {} encoded with fewer than {} fractional bits",
+        check.rows,
+        check.masker.stats().downshifted_rows,
+        config.frac_bits
+    );
+}
+
+/// The plain engine's greedy ids, not stopping at end-of-sequence.
+fn plain_greedy_all(
+    plain: &mut talaria_gpu_node::PlainEngine,
+    prompt_ids: Vec<u32>,
+    max_tokens: usize,
+) -> Vec<u32> {
+    let req = GenerateRequest {
+        prompt_ids,
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop_ids: vec![],
+    };
+    generate(&plain.model, &mut plain.weights, &req, |_| Ok(()), None)
+        .unwrap()
+        .ids
 }
 
 /// Reads a `.npy` written by the tap: (rows, cols, values as f64).
