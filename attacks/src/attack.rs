@@ -185,7 +185,14 @@ impl<'t> Pass<'t> {
             .calls
             .get(&op)
             .ok_or_else(|| AttackError::Format(format!("no {op} call in the pass")))?;
-        let rows = read_npy(&call.file)?;
+        let mut rows = read_npy(&call.file)?;
+        let remo = &self.public.remo;
+        if remo.enabled && remo.precision.is_int() {
+            // Residues read as signed fixed point with the public f: what the data would be
+            // without the pad.
+            let scale = 2f64.powi(-(remo.frac_bits as i32));
+            rows.data.iter_mut().for_each(|v| *v *= scale);
+        }
         let (d_in, _) = op.shape(sim.config());
         if rows.cols != d_in || rows.rows != call.rows {
             return Err(AttackError::Format(format!(

@@ -252,7 +252,8 @@ impl Tap {
     }
 }
 
-/// Reads a 2-D little-endian f32 or f64 `.npy` (format 1.0 or 2.0, C order) as f64.
+/// Reads a 2-D little-endian f32, f64 or u64 `.npy` (format 1.0 or 2.0, C order) as f64; u64
+/// values (the integer mode's residues) are read as signed integers.
 pub fn read_npy(path: &Path) -> Result<Matrix, AttackError> {
     let bytes = std::fs::read(path).map_err(AttackError::io(path))?;
     let bad = |why: &str| AttackError::Format(format!("{}: {why}", path.display()));
@@ -271,12 +272,14 @@ pub fn read_npy(path: &Path) -> Result<Matrix, AttackError> {
         .get(start..start + hlen)
         .and_then(|h| std::str::from_utf8(h).ok())
         .ok_or_else(|| bad("truncated header"))?;
-    let width = if header.contains("'<f4'") {
-        4
+    let (width, residues) = if header.contains("'<f4'") {
+        (4, false)
     } else if header.contains("'<f8'") {
-        8
+        (8, false)
+    } else if header.contains("'<u8'") {
+        (8, true)
     } else {
-        return Err(bad("dtype is neither <f4 nor <f8"));
+        return Err(bad("dtype is neither <f4, <f8 nor <u8"));
     };
     if header.contains("'fortran_order': True") {
         return Err(bad("Fortran order"));
@@ -302,6 +305,10 @@ pub fn read_npy(path: &Path) -> Result<Matrix, AttackError> {
     let data = if width == 4 {
         body.chunks_exact(4)
             .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect()
+    } else if residues {
+        body.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as i64 as f64)
             .collect()
     } else {
         body.chunks_exact(8)

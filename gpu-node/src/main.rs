@@ -62,9 +62,15 @@ fn main() -> Result<()> {
     .with_context(|| format!("stage {} on {}", stage.name, stage.backend))?;
     if topology.remo.precision.as_deref() == Some("int") {
         // The integer mode's exact weights, for this stage's layers only.
+        let before = weights.bytes();
         weights
             .load_int(&file)
             .with_context(|| format!("stage {}: integer weights", stage.name))?;
+        tracing::info!(
+            stage = %stage.name,
+            int_weight_mb = (weights.bytes() - before) as f64 / 1e6,
+            "integer weights loaded"
+        );
     }
     drop(file);
     let weight_bytes = weights.bytes();

@@ -260,11 +260,17 @@ fn grid(small: bool) -> Vec<Setting> {
         scale: x,
         ..base.clone()
     };
+    let int = RemoConfig {
+        precision: Precision::Int,
+        ..base.clone()
+    };
     if small {
         v.push(s("rank 1/2", rank(0.5)));
         v.push(s("σ=1", scale(1.0)));
+        v.push(s("int (one-time pad, f=32)", int));
         return v;
     }
+    v.push(s("int (one-time pad, f=32)", int));
     v.push(s("rank d−1", rank(1.0 - 1.0 / 576.0)));
     v.push(s("rank 3/4", rank(0.75)));
     v.push(s("rank 1/2", rank(0.5)));

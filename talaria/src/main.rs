@@ -2,6 +2,7 @@
 
 mod attack;
 mod bench;
+mod bench_gemm;
 mod calibrate;
 mod cluster;
 mod engines;
@@ -38,6 +39,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode speed on the real model; prints JSON.
     Bench(bench::BenchArgs),
+    /// Time the cloud side's products for one forward pass in f32, f64 and the integer mode's
+    /// wrapping u64, on the same weights; prints JSON.
+    BenchGemm(bench_gemm::BenchGemmArgs),
     /// Measure each op's input RMS quantile (ρ_op) on public text for ReMO's mask scale.
     Calibrate(calibrate::CalibrateArgs),
     /// Compare the plain and ReMO engines: greedy agreement, logit drift, mask cost.
@@ -100,6 +104,7 @@ fn main() -> Result<()> {
         }
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::BenchGemm(args) => bench_gemm::run(args),
         Command::Calibrate(args) => calibrate::run(args),
         Command::Lossless(args) => lossless::run(args),
         Command::Up(args) => cluster::up(args),

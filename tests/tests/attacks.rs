@@ -99,6 +99,17 @@ fn the_small_grid_finds_every_leak_and_nothing_at_the_default() {
             "{a} above the prior"
         );
     }
+    // The integer one-time pad: the cloud's view is independent of the data.
+    let int = setting(&report, "int");
+    assert_eq!(int["leaks"], false, "{int}");
+    let int_prior_hi = attack(int, "prior")["ci95"][1].as_f64().unwrap();
+    for a in int["attacks"].as_array().unwrap() {
+        assert!(
+            a["ci95"][0].as_f64().unwrap() <= int_prior_hi,
+            "{a} above the prior on the integer mode's tap"
+        );
+    }
+    assert_eq!(int["lossless"]["token_agreement"].as_f64(), Some(1.0));
     // Drift and cost of the masked settings, from `talaria lossless` in the same run.
     assert_eq!(default["lossless"]["token_agreement"].as_f64(), Some(1.0));
     assert!(plain["lossless"].is_null());

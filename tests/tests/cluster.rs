@@ -412,6 +412,30 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
 }
 
 #[test]
+fn a_cluster_in_the_integer_mode_answers_like_the_plain_engine() {
+    let model = real_model();
+    let text = topology(&model, STAGES, &["tenant-i"]) + "[remo]\nprecision = \"int\"\n";
+    let cluster = LocalCluster::start(&text);
+    let reference = golden("greedy.json");
+    let r = &reference["results"][0];
+    let prompts = golden("prompts.json");
+    let max_tokens = prompts["prompts"][0]["max_tokens"].as_u64().unwrap() as usize;
+    let got = ask(
+        &cluster,
+        "tenant-i",
+        &greedy(Prompt::Ids(ids(&r["prompt_ids"])), max_tokens),
+    )
+    .unwrap();
+    assert_eq!(got, ids(&r["ids"]), "prompt {}", r["name"]);
+    // Each stage loaded the integer form of its own layers.
+    for stage in ["stage-0", "stage-1"] {
+        let log = std::fs::read_to_string(cluster.run_dir().join(format!("logs/{stage}.log")))
+            .unwrap_or_default();
+        assert!(log.contains("integer weights loaded"), "{stage}: {log}");
+    }
+}
+
+#[test]
 fn a_bad_topology_is_refused_with_key_paths_before_anything_starts() {
     let model = real_model();
     let dir = tempfile::tempdir().unwrap();
