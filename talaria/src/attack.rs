@@ -191,8 +191,8 @@ pub struct ReportArgs {
     /// one makes a decode pass whose input, the token before, is attacked as the response.
     #[arg(long, default_value_t = 1)]
     pub gen_tokens: usize,
-    /// The small grid the tests run (plaintext, the default, rank 1/2, σ = 1) instead of the
-    /// full one.
+    /// The small grid the tests run (plaintext, the default, rank 1/2, σ = 1, the integer
+    /// mode) instead of the full one.
     #[arg(long)]
     pub small: bool,
     /// Run only the settings whose names start with one of these (e.g. `rank`, `σ=`, `default`).

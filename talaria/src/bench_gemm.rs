@@ -55,6 +55,8 @@ struct Report {
     /// Bytes the cloud holds: the f32 weights and the integer forms.
     f32_weight_bytes: usize,
     int_weight_bytes: usize,
+    /// The smallest exact shift `s` of each op kind's integer weights: `[min, max]` over layers.
+    shifts: BTreeMap<String, [u32; 2]>,
     passes: Vec<PassCost>,
 }
 
@@ -99,6 +101,12 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
     weights.load_int(&f)?;
     let int_weight_bytes = weights.bytes() - f32_weight_bytes;
     drop(f);
+    let mut shifts: BTreeMap<String, [u32; 2]> = BTreeMap::new();
+    for op in talaria_cvm_agent::all_ops(&c) {
+        let s = weights.int_weight(op)?.shift;
+        let e = shifts.entry(kind(op)).or_insert([s, s]);
+        *e = [e[0].min(s), e[1].max(s)];
+    }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let mut passes = Vec::new();
     for &rows in &args.rows {
@@ -154,6 +162,7 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
         runs: args.runs,
         f32_weight_bytes,
         int_weight_bytes,
+        shifts,
         passes,
     };
     let json = serde_json::to_string_pretty(&report)?;
