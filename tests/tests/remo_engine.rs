@@ -50,14 +50,6 @@ fn f64_gemm_at_scale_1e4_with_shuffle_and_dummies_gives_the_reference_greedy_ids
     });
 }
 
-#[test]
-fn the_integer_mode_gives_the_reference_greedy_ids() {
-    golden_ids_hold(RemoConfig {
-        precision: Precision::Int,
-        ..Default::default()
-    });
-}
-
 /// The integer mode's session, checking every call against the plain fixed-point engine.
 struct ExactnessCheck {
     masker: Masker,
@@ -91,7 +83,7 @@ impl LinearOps for ExactnessCheck {
 }
 
 #[test]
-fn every_masked_integer_product_equals_the_plain_fixed_point_product_bit_for_bit() {
+fn the_integer_mode_gives_the_golden_ids_through_products_equal_to_plain_fixed_point_bit_for_bit() {
     let f = talaria_gguf::GgufFile::open(real_model()).unwrap();
     let provision = talaria_gpu_node::read_provision(&f).unwrap();
     let c = provision.config.clone();
@@ -123,26 +115,23 @@ fn every_masked_integer_product_equals_the_plain_fixed_point_product_bit_for_bit
         rows: 0,
     };
     let (tokenizer, model) = provision.build().unwrap();
-    let mut plain = talaria_gpu_node::PlainEngine::load(real_model()).unwrap();
-    // A long prompt (its first position carries the massive activations) and a short one.
-    for text in [
-        "The history of the Roman Empire spans many centuries, from the founding of the city to \
-         the fall of Constantinople, and historians still argue about its causes.",
-        "2 + 2 =",
-    ] {
-        let prompt = tokenizer.encode(text).unwrap();
+    // Every golden prompt: the greedy ids of the reference, through bit-exact products.
+    let reference = golden("greedy.json");
+    let prompts = golden("prompts.json");
+    for (r, p) in reference["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(prompts["prompts"].as_array().unwrap())
+    {
         let req = GenerateRequest {
-            prompt_ids: prompt.clone(),
-            max_tokens: 6,
+            prompt_ids: ids(&r["prompt_ids"]),
+            max_tokens: p["max_tokens"].as_u64().unwrap() as usize,
             sampling: SamplingParams::default(),
-            stop_ids: vec![],
+            stop_ids: vec![tokenizer.eos()],
         };
         let g = generate(&model, &mut check, &req, |_| Ok(()), None).unwrap();
-        let want = plain_greedy_all(&mut plain, prompt, 6);
-        assert_eq!(
-            g.ids, want,
-            "{text:?}: greedy ids differ from the plain engine"
-        );
+        assert_eq!(g.ids, ids(&r["ids"]), "prompt {}", r["name"]);
     }
     assert_eq!(check.seen.len(), c.n_layers * 4 + 1, "every op was checked");
     eprintln!(
@@ -151,23 +140,6 @@ fn every_masked_integer_product_equals_the_plain_fixed_point_product_bit_for_bit
         check.masker.stats().downshifted_rows,
         config.frac_bits
     );
-}
-
-/// The plain engine's greedy ids, not stopping at end-of-sequence.
-fn plain_greedy_all(
-    plain: &mut talaria_gpu_node::PlainEngine,
-    prompt_ids: Vec<u32>,
-    max_tokens: usize,
-) -> Vec<u32> {
-    let req = GenerateRequest {
-        prompt_ids,
-        max_tokens,
-        sampling: SamplingParams::default(),
-        stop_ids: vec![],
-    };
-    generate(&plain.model, &mut plain.weights, &req, |_| Ok(()), None)
-        .unwrap()
-        .ids
 }
 
 /// Reads a `.npy` written by the tap: (rows, cols, values as f64).
