@@ -81,6 +81,30 @@ impl IntOp {
         }
         Ok(f)
     }
+
+    /// Encodes every row of `x` (`d_in` wide, checked): the residues and each row's fractional
+    /// bits.
+    pub fn encode_rows(
+        &self,
+        op: OpId,
+        x: &Rows,
+        f_max: u32,
+    ) -> Result<(Vec<u64>, Vec<u32>), RemoError> {
+        let d_in = self.weight.d_in;
+        if x.cols() != d_in {
+            return Err(RemoError::Shape {
+                op,
+                expected: d_in,
+                found: x.cols(),
+            });
+        }
+        let mut enc = vec![0u64; x.rows() * d_in];
+        let mut frac_bits = Vec::with_capacity(x.rows());
+        for (r, row) in enc.chunks_exact_mut(d_in).enumerate() {
+            frac_bits.push(self.encode(op, x.row(r), f_max, row)?);
+        }
+        Ok((enc, frac_bits))
+    }
 }
 
 /// The largest `f ≤ f_max` with `(norm · 2^f + √d / 2) · bound < 2^62`, if it is at least
@@ -162,28 +186,15 @@ impl FixedPointLinear {
     /// `X · W_int` exactly, for the encoding of `x`.
     pub fn product(&mut self, op: OpId, x: &Rows) -> Result<IntProduct, RemoError> {
         let int = self.ops.get(&op).ok_or(RemoError::NotSetUp(op))?;
-        let (d_in, d_out) = (int.weight.d_in, int.weight.d_out);
-        if x.cols() != d_in {
-            return Err(RemoError::Shape {
-                op,
-                expected: d_in,
-                found: x.cols(),
-            });
-        }
-        let mut enc = vec![0u64; x.rows() * d_in];
-        let mut frac_bits = Vec::with_capacity(x.rows());
-        for (r, row) in enc.chunks_exact_mut(d_in).enumerate() {
-            let f = int.encode(op, x.row(r), self.frac_bits, row)?;
-            self.downshifted_rows += u64::from(f < self.frac_bits);
-            frac_bits.push(f);
-        }
+        let (enc, frac_bits) = int.encode_rows(op, x, self.frac_bits)?;
+        self.downshifted_rows += frac_bits.iter().filter(|&&f| f < self.frac_bits).count() as u64;
         let values = int_matmul(&enc, x.rows(), &int.weight)
             .into_iter()
             .map(|v| v as i64)
             .collect();
         Ok(IntProduct {
             rows: x.rows(),
-            cols: d_out,
+            cols: int.weight.d_out,
             values,
             frac_bits,
             shift: int.weight.shift,

@@ -537,13 +537,10 @@ impl Masker {
         // Encode first: a row that cannot be encoded costs no pads.
         let encoded = match &s.public.int {
             Some(int) => {
-                let mut enc = vec![0u64; n * d_in];
-                let mut frac_bits = Vec::with_capacity(n);
-                for (r, row) in enc.chunks_exact_mut(d_in).enumerate() {
-                    let f = int.encode(op, x.row(r), self.config.frac_bits, row)?;
-                    self.stats.downshifted_rows += u64::from(f < self.config.frac_bits);
-                    frac_bits.push(f);
-                }
+                let f_max = self.config.frac_bits;
+                let (enc, frac_bits) = int.encode_rows(op, x, f_max)?;
+                self.stats.downshifted_rows +=
+                    frac_bits.iter().filter(|&&f| f < f_max).count() as u64;
                 Some((enc, frac_bits, int.weight.shift))
             }
             None => None,
@@ -589,9 +586,9 @@ impl Masker {
         self.stats.mask_generation_macs += pair_macs * total as u64;
         let (tensor, products) = match encoded {
             Some((enc, frac_bits, shift)) => {
-                Self::pad_rows(&pairs, &slots, n, &enc, d_in, frac_bits, shift)
+                Self::pad_rows(pairs, &slots, n, &enc, d_in, frac_bits, shift)
             }
-            None => Self::mask_rows(self.config.precision, &pairs, &slots, x, d_in),
+            None => Self::mask_rows(self.config.precision, pairs, &slots, x, d_in),
         };
         let pending = Pending {
             op,
@@ -607,7 +604,7 @@ impl Masker {
     /// The float modes' rows: real rows plus their masks, dummy rows pure masks, in slot order.
     fn mask_rows(
         precision: Precision,
-        pairs: &[MaskPair],
+        pairs: Vec<MaskPair>,
         slots: &[usize],
         x: &Rows,
         d_in: usize,
@@ -630,11 +627,10 @@ impl Masker {
             }
         ];
         let mut products = Vec::with_capacity(total);
-        for (j, pair) in pairs.iter().enumerate() {
+        for (j, pair) in pairs.into_iter().enumerate() {
             let MaskPair::Float { mask, product } = pair else {
                 unreachable!("a float session draws float masks")
             };
-            products.push(product.clone());
             let slot = slots[j];
             let real = (j < n).then(|| x.row(j));
             match precision {
@@ -657,6 +653,7 @@ impl Masker {
                     }
                 }
             }
+            products.push(product);
         }
         let tensor = if precision.gemm_f64() {
             Tensor::F64 {
@@ -677,7 +674,7 @@ impl Masker {
     /// The integer mode's rows: encoded real rows plus their pads modulo `2^64`, dummy rows
     /// pure pads, in slot order.
     fn pad_rows(
-        pairs: &[MaskPair],
+        pairs: Vec<MaskPair>,
         slots: &[usize],
         n: usize,
         enc: &[u64],
@@ -688,20 +685,20 @@ impl Masker {
         let total = pairs.len();
         let mut rows = vec![0u64; total * d_in];
         let mut products = Vec::with_capacity(total);
-        for (j, pair) in pairs.iter().enumerate() {
+        for (j, pair) in pairs.into_iter().enumerate() {
             let MaskPair::Int { pad, product } = pair else {
                 unreachable!("an integer session draws pads")
             };
-            products.push(product.clone());
             let dst = &mut rows[slots[j] * d_in..(slots[j] + 1) * d_in];
             if j < n {
                 let src = &enc[j * d_in..(j + 1) * d_in];
-                for ((d, &v), &p) in dst.iter_mut().zip(src).zip(pad) {
+                for ((d, &v), &p) in dst.iter_mut().zip(src).zip(&pad) {
                     *d = v.wrapping_add(p);
                 }
             } else {
-                dst.copy_from_slice(pad);
+                dst.copy_from_slice(&pad);
             }
+            products.push(product);
         }
         let tensor = Tensor::U64 {
             rows: total,
@@ -741,7 +738,7 @@ impl Masker {
         self.check_reply(&pending, y)?;
         let products = match &pending.products {
             Products::Float(p) => p,
-            Products::Int { .. } => return self.unmask_exact(pending, y)?.decode(),
+            Products::Int { .. } => return Self::unpad(pending, y)?.decode(),
         };
         let d_out = pending.d_out;
         let precision = self.config.precision;
@@ -817,6 +814,11 @@ impl Masker {
     pub fn unmask_exact(&self, pending: Pending, y: &Tensor) -> Result<IntProduct, RemoError> {
         y.validate()?;
         self.check_reply(&pending, y)?;
+        Self::unpad(pending, y)
+    }
+
+    /// [`Masker::unmask_exact`] on a reply already checked against its call.
+    fn unpad(pending: Pending, y: &Tensor) -> Result<IntProduct, RemoError> {
         let op = pending.op;
         let (
             Products::Int {
