@@ -8,9 +8,10 @@ use talaria_gguf::{GgufFile, exact_shift, integer_blocks};
 use talaria_wire::{INT_BLOCK, IntWeight, int_matmul};
 
 use crate::NodeError;
+use crate::weights::{OpSource, block_sources, lm_head_source, load_vector};
 
-/// A stage's projections in integer form.
-pub(crate) struct IntStack {
+/// A stage's projections in integer form (the integer mode's weights).
+pub struct IntWeights {
     first_layer: usize,
     /// `blocks[i][k]`: layer `first_layer + i`, op `BlockOp::ALL[k]`.
     blocks: Vec<[IntWeight; 4]>,
@@ -71,19 +72,9 @@ fn fuse(
     Ok(w)
 }
 
-fn gain(f: &GgufFile, name: &str, len: usize) -> Result<Option<Vec<f32>>, NodeError> {
-    let (values, dims) = f.dequantize(name)?;
-    if dims != [len as u64] {
-        return Err(NodeError::InvalidModel(format!(
-            "tensor {name:?} has dims {dims:?}, expected [{len}]"
-        )));
-    }
-    Ok(Some(values))
-}
-
-impl IntStack {
+impl IntWeights {
     /// The integer forms of `layers` (and the LM head if `lm_head`).
-    pub(crate) fn load(
+    pub fn load(
         f: &GgufFile,
         c: &ModelConfig,
         layers: std::ops::Range<usize>,
@@ -94,41 +85,23 @@ impl IntStack {
                 "the integer mode needs widths that are multiples of 32".into(),
             ));
         }
+        let load = |src: &OpSource| -> Result<IntWeight, NodeError> {
+            let parts: Vec<&str> = src.parts.iter().map(|(name, _)| name.as_str()).collect();
+            let gain = src
+                .gain
+                .as_ref()
+                .map(|g| load_vector(f, g, src.d_in))
+                .transpose()?;
+            fuse(f, &parts, src.d_in, gain)
+        };
         let first_layer = layers.start;
         let mut blocks = Vec::with_capacity(layers.len());
         for l in layers {
-            let n = |t: &str| format!("blk.{l}.{t}.weight");
-            let (q, k, v) = (n("attn_q"), n("attn_k"), n("attn_v"));
-            let (gate, up) = (n("ffn_gate"), n("ffn_up"));
-            blocks.push([
-                fuse(
-                    f,
-                    &[&q, &k, &v],
-                    c.d_model,
-                    gain(f, &n("attn_norm"), c.d_model)?,
-                )?,
-                fuse(f, &[&n("attn_output")], c.d_model, None)?,
-                fuse(
-                    f,
-                    &[&gate, &up],
-                    c.d_model,
-                    gain(f, &n("ffn_norm"), c.d_model)?,
-                )?,
-                fuse(f, &[&n("ffn_down")], c.d_ff, None)?,
-            ]);
+            let [qkv, attn_out, gate_up, down] = block_sources(c, l);
+            blocks.push([load(&qkv)?, load(&attn_out)?, load(&gate_up)?, load(&down)?]);
         }
         let lm_head = if lm_head {
-            let head = if f.has_tensor("output.weight") {
-                "output.weight"
-            } else {
-                "token_embd.weight"
-            };
-            Some(fuse(
-                f,
-                &[head],
-                c.d_model,
-                gain(f, "output_norm.weight", c.d_model)?,
-            )?)
+            Some(load(&lm_head_source(f, c))?)
         } else {
             None
         };
@@ -140,7 +113,7 @@ impl IntStack {
     }
 
     /// The integer weight of `op`.
-    pub(crate) fn weight(&self, op: OpId) -> Result<&IntWeight, EngineError> {
+    pub fn weight(&self, op: OpId) -> Result<&IntWeight, EngineError> {
         let not_held = || EngineError::BadOp {
             op: op.to_string(),
             reason: "not held in integer form by this stage".into(),

@@ -13,6 +13,7 @@ mod weights;
 
 pub use cloud::CloudExecutor;
 pub use error::NodeError;
+pub use int_weights::IntWeights;
 pub use model_file::{read_config, read_provision, read_tokenizer_spec};
 pub use plain::PlainEngine;
 pub use tap::{NpyData, Tap, write_npy};

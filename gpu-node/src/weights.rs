@@ -15,7 +15,7 @@ use talaria_topology::Backend as Placement;
 use talaria_engine::{BlockOp, EngineError, LinearOps, ModelConfig, OpId, Rows};
 
 use crate::NodeError;
-use crate::int_weights::IntStack;
+use crate::int_weights::IntWeights;
 use talaria_wire::IntWeight;
 
 /// The tensor backend of the CPU build.
@@ -268,7 +268,7 @@ pub struct LinearWeights {
     config: ModelConfig,
     placed: Placed,
     /// The integer mode's exact forms, when loaded ([`LinearWeights::load_int`]).
-    int: Option<IntStack>,
+    int: Option<IntWeights>,
 }
 
 /// A projection as stored in GGUF: `out` rows of `in` values each.
@@ -287,7 +287,60 @@ fn load_stored(f: &GgufFile, name: &str, d_in: usize, d_out: usize) -> Result<St
     Ok(Stored { values, d_out })
 }
 
-fn load_vector(f: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, NodeError> {
+/// Where one op's weight is stored: its parts (name, output width), fused side by side, its input
+/// width, and the norm gain in front of it — folded in by the float weights, sent along by the
+/// integer ones.
+pub(crate) struct OpSource {
+    pub(crate) parts: Vec<(String, usize)>,
+    pub(crate) d_in: usize,
+    pub(crate) gain: Option<String>,
+}
+
+/// The sources of layer `l`'s ops, in [`BlockOp::ALL`] order.
+pub(crate) fn block_sources(c: &ModelConfig, l: usize) -> [OpSource; 4] {
+    let name = |t: &str| format!("blk.{l}.{t}.weight");
+    let op = |parts: &[(&str, usize)], d_in: usize, gain: Option<&str>| OpSource {
+        parts: parts.iter().map(|&(t, d)| (name(t), d)).collect(),
+        d_in,
+        gain: gain.map(name),
+    };
+    [
+        op(
+            &[
+                ("attn_q", c.d_model),
+                ("attn_k", c.kv_dim()),
+                ("attn_v", c.kv_dim()),
+            ],
+            c.d_model,
+            Some("attn_norm"),
+        ),
+        op(&[("attn_output", c.d_model)], c.d_model, None),
+        op(
+            &[("ffn_gate", c.d_ff), ("ffn_up", c.d_ff)],
+            c.d_model,
+            Some("ffn_norm"),
+        ),
+        op(&[("ffn_down", c.d_model)], c.d_ff, None),
+    ]
+}
+
+/// The LM head's source. Tied embeddings: without `output.weight` the LM head is the token
+/// embedding table.
+pub(crate) fn lm_head_source(f: &GgufFile, c: &ModelConfig) -> OpSource {
+    let head = if f.has_tensor("output.weight") {
+        "output.weight"
+    } else {
+        "token_embd.weight"
+    };
+    OpSource {
+        parts: vec![(head.into(), c.vocab)],
+        d_in: c.d_model,
+        gain: Some("output_norm.weight".into()),
+    }
+}
+
+/// A norm gain of `len` values.
+pub(crate) fn load_vector(f: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, NodeError> {
     let (values, dims) = f.dequantize(name)?;
     if dims != [len as u64] {
         return Err(NodeError::InvalidModel(format!(
@@ -374,7 +427,7 @@ impl LinearWeights {
             s.first_layer..s.first_layer + s.blocks.len(),
             s.lm_head.is_some(),
         ));
-        self.int = Some(IntStack::load(f, &self.config, layers, lm_head)?);
+        self.int = Some(IntWeights::load(f, &self.config, layers, lm_head)?);
         Ok(())
     }
 
@@ -430,48 +483,36 @@ impl<B: Backend> Stack<B> {
                 c.n_layers
             )));
         }
-        let matrix = |(values, d_out): (Vec<f32>, usize), d_in: usize| {
-            Sharded::new(values, d_in, d_out, n_shards, &device, split)
+        // One op: its parts, the gain folded in, laid out for the backend.
+        let load = |s: &OpSource| -> Result<Sharded<B>, NodeError> {
+            let parts = s
+                .parts
+                .iter()
+                .map(|(name, d_out)| load_stored(f, name, s.d_in, *d_out))
+                .collect::<Result<Vec<_>, _>>()?;
+            let gain = s
+                .gain
+                .as_ref()
+                .map(|g| load_vector(f, g, s.d_in))
+                .transpose()?;
+            let (values, d_out) = fuse_transposed(&parts, s.d_in, gain.as_deref());
+            Ok(Sharded::new(
+                values, s.d_in, d_out, n_shards, &device, split,
+            ))
         };
         let first_layer = *layers.start();
         let mut blocks = Vec::with_capacity(layers.clone().count());
         for l in layers {
-            let name = |t: &str| format!("blk.{l}.{t}.weight");
-            let attn_gain = load_vector(f, &name("attn_norm"), c.d_model)?;
-            let ffn_gain = load_vector(f, &name("ffn_norm"), c.d_model)?;
-            let q = load_stored(f, &name("attn_q"), c.d_model, c.d_model)?;
-            let k = load_stored(f, &name("attn_k"), c.d_model, c.kv_dim())?;
-            let v = load_stored(f, &name("attn_v"), c.d_model, c.kv_dim())?;
-            let o = load_stored(f, &name("attn_output"), c.d_model, c.d_model)?;
-            let gate = load_stored(f, &name("ffn_gate"), c.d_model, c.d_ff)?;
-            let up = load_stored(f, &name("ffn_up"), c.d_model, c.d_ff)?;
-            let down = load_stored(f, &name("ffn_down"), c.d_ff, c.d_model)?;
+            let [qkv, attn_out, gate_up, down] = block_sources(c, l);
             blocks.push(BlockWeights {
-                qkv: matrix(
-                    fuse_transposed(&[q, k, v], c.d_model, Some(&attn_gain)),
-                    c.d_model,
-                ),
-                attn_out: matrix(fuse_transposed(&[o], c.d_model, None), c.d_model),
-                gate_up: matrix(
-                    fuse_transposed(&[gate, up], c.d_model, Some(&ffn_gain)),
-                    c.d_model,
-                ),
-                down: matrix(fuse_transposed(&[down], c.d_ff, None), c.d_ff),
+                qkv: load(&qkv)?,
+                attn_out: load(&attn_out)?,
+                gate_up: load(&gate_up)?,
+                down: load(&down)?,
             });
         }
         let lm_head = if lm_head {
-            let out_gain = load_vector(f, "output_norm.weight", c.d_model)?;
-            // Tied embeddings: without output.weight the LM head is the token embedding table.
-            let head_name = if f.has_tensor("output.weight") {
-                "output.weight"
-            } else {
-                "token_embd.weight"
-            };
-            let head = load_stored(f, head_name, c.d_model, c.vocab)?;
-            Some(matrix(
-                fuse_transposed(&[head], c.d_model, Some(&out_gain)),
-                c.d_model,
-            ))
+            Some(load(&lm_head_source(f, c))?)
         } else {
             None
         };
@@ -568,7 +609,7 @@ impl LinearWeights {
     /// Bytes of weights held (f32 values and integer forms; f64 copies made for the lossless
     /// mode are extra).
     pub fn bytes(&self) -> usize {
-        on_stack!(&self.placed, s => s.bytes()) + self.int.as_ref().map_or(0, IntStack::bytes)
+        on_stack!(&self.placed, s => s.bytes()) + self.int.as_ref().map_or(0, IntWeights::bytes)
     }
 
     /// The model's hyper-parameters.

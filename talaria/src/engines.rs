@@ -11,7 +11,9 @@ use talaria_engine::{
     generate,
 };
 use talaria_gguf::GgufFile;
-use talaria_gpu_node::{CloudExecutor, LinearWeights, PlainEngine, Tap, read_provision};
+use talaria_gpu_node::{
+    CloudExecutor, IntWeights, LinearWeights, PlainEngine, Tap, read_provision,
+};
 use talaria_remo::{Calibration, FixedPointLinear, Precision, Rank, RemoConfig};
 use talaria_wire::Loopback;
 
@@ -214,19 +216,13 @@ impl FixedEngine {
         let f = GgufFile::open(path)?;
         let provision = read_provision(&f)?;
         let c = provision.config.clone();
-        let mut weights = LinearWeights::load_on(
-            &f,
-            &c,
-            0..=c.n_layers.saturating_sub(1),
-            true,
-            talaria_topology::Backend::Cpu,
-        )?;
-        weights.load_int(&f)?;
+        // The integer forms alone: the float weights are not needed here.
+        let weights = IntWeights::load(&f, &c, 0..c.n_layers, true)?;
         drop(f);
         let mut linear = FixedPointLinear::new(frac_bits);
         for op in talaria_cvm_agent::all_ops(&c) {
             let (d_in, d_out) = op.shape(&c);
-            linear.install(op, weights.int_weight(op)?.clone(), d_in, d_out)?;
+            linear.install(op, weights.weight(op)?.clone(), d_in, d_out)?;
         }
         let (tokenizer, model) = provision.build()?;
         Ok(Self {
