@@ -49,6 +49,46 @@ pub fn golden(name: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// One golden prompt and the reference's greedy answer to it (`tests/golden/`).
+pub struct GoldenCase {
+    pub name: String,
+    pub prompt_ids: Vec<u32>,
+    pub max_tokens: usize,
+    /// The greedy ids of the float64 reference forward pass.
+    pub ids: Vec<u32>,
+}
+
+impl GoldenCase {
+    /// Its greedy request, stopping at `eos`.
+    pub fn request(&self, eos: u32) -> talaria_engine::GenerateRequest {
+        talaria_engine::GenerateRequest {
+            prompt_ids: self.prompt_ids.clone(),
+            max_tokens: self.max_tokens,
+            sampling: talaria_engine::SamplingParams::default(),
+            stop_ids: vec![eos],
+        }
+    }
+}
+
+/// Every golden prompt with its reference answer, in file order.
+pub fn golden_cases() -> Vec<GoldenCase> {
+    let reference = golden("greedy.json");
+    let prompts = golden("prompts.json");
+    let results = reference["results"].as_array().expect("results");
+    let prompts = prompts["prompts"].as_array().expect("prompts");
+    assert_eq!(results.len(), prompts.len(), "one result per golden prompt");
+    results
+        .iter()
+        .zip(prompts)
+        .map(|(r, p)| GoldenCase {
+            name: r["name"].as_str().unwrap_or_default().to_string(),
+            prompt_ids: ids(&r["prompt_ids"]),
+            max_tokens: p["max_tokens"].as_u64().expect("max_tokens") as usize,
+            ids: ids(&r["ids"]),
+        })
+        .collect()
+}
+
 /// Token ids of a JSON array.
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()

@@ -6,7 +6,7 @@ use std::process::Command;
 use talaria_engine::{BlockOp, OpId, SamplingParams};
 use talaria_gpu_node::PlainEngine;
 use talaria_tests::cluster::{LocalCluster, RawPeer, ask_agent, bin, rss_bytes, topology};
-use talaria_tests::{golden, ids, plain_greedy, real_model};
+use talaria_tests::{golden_cases, ids, plain_greedy, real_model};
 use talaria_wire::{
     BasisSpec, MaskedCall, Prompt, Reply, Request, SetupRequest, TenantRequest, Tensor,
 };
@@ -48,19 +48,9 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
 
     // 1. Through the CLI, the greedy ids of the golden prompts equal the reference's (which the
     //    plain engine reproduces: tests/real_model.rs).
-    let reference = golden("greedy.json");
-    let prompts = golden("prompts.json");
-    for (r, p) in reference["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(prompts["prompts"].as_array().unwrap())
-        .take(3)
-    {
-        let prompt_ids: Vec<String> = ids(&r["prompt_ids"])
-            .iter()
-            .map(|i| i.to_string())
-            .collect();
+    let cases = golden_cases();
+    for case in cases.iter().take(3) {
+        let prompt_ids: Vec<String> = case.prompt_ids.iter().map(|i| i.to_string()).collect();
         let out = Command::new(bin("talaria"))
             .args([
                 "generate",
@@ -71,7 +61,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
             ])
             .arg("--prompt-ids")
             .arg(prompt_ids.join(","))
-            .args(["--max-tokens", &p["max_tokens"].to_string()])
+            .args(["--max-tokens", &case.max_tokens.to_string()])
             .arg("--cluster-dir")
             .arg(cluster.run_dir())
             .output()
@@ -82,7 +72,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
             String::from_utf8_lossy(&out.stderr)
         );
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(ids(&json["ids"]), ids(&r["ids"]), "prompt {}", r["name"]);
+        assert_eq!(ids(&json["ids"]), case.ids, "prompt {}", case.name);
         assert_eq!(json["engine"], "cluster");
         let latency = &json["latency"];
         assert!(
@@ -198,7 +188,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
     let good = {
         let cluster_tls = cluster.tls();
         let addr = topo.agent("tenant-a").unwrap().listen;
-        let req = greedy(Prompt::Ids(ids(&reference["results"][0]["prompt_ids"])), 32);
+        let req = greedy(Prompt::Ids(cases[0].prompt_ids.clone()), 32);
         std::thread::spawn(move || ask_agent(&cluster_tls, addr, &req))
     };
     let intruder = RawPeer::connect(&tls, topo.coordinator);
@@ -355,7 +345,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
     assert_eq!(e.error_type, "bad_request", "{e}");
 
     let good = good.join().unwrap().expect("the good session completes");
-    assert_eq!(good, ids(&reference["results"][0]["ids"]));
+    assert_eq!(good, cases[0].ids);
     drop((intruder, bystander));
 
     // 5. The cluster is still healthy afterwards.
@@ -416,17 +406,14 @@ fn a_cluster_in_the_integer_mode_answers_like_the_plain_engine() {
     let model = real_model();
     let text = topology(&model, STAGES, &["tenant-i"]) + "[remo]\nprecision = \"int\"\n";
     let cluster = LocalCluster::start(&text);
-    let reference = golden("greedy.json");
-    let r = &reference["results"][0];
-    let prompts = golden("prompts.json");
-    let max_tokens = prompts["prompts"][0]["max_tokens"].as_u64().unwrap() as usize;
+    let case = &golden_cases()[0];
     let got = ask(
         &cluster,
         "tenant-i",
-        &greedy(Prompt::Ids(ids(&r["prompt_ids"])), max_tokens),
+        &greedy(Prompt::Ids(case.prompt_ids.clone()), case.max_tokens),
     )
     .unwrap();
-    assert_eq!(got, ids(&r["ids"]), "prompt {}", r["name"]);
+    assert_eq!(got, case.ids, "prompt {}", case.name);
     // Each stage loaded the integer form of its own layers.
     for stage in ["stage-0", "stage-1"] {
         let log = std::fs::read_to_string(cluster.run_dir().join(format!("logs/{stage}.log")))

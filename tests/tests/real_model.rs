@@ -3,9 +3,9 @@
 
 use std::sync::{Mutex, OnceLock};
 
-use talaria_engine::{ChatMessage, GenerateRequest, SamplingParams, chat_prompt};
+use talaria_engine::{ChatMessage, chat_prompt};
 use talaria_gpu_node::PlainEngine;
-use talaria_tests::{golden, ids, real_model};
+use talaria_tests::{golden, golden_cases, ids, real_model};
 
 fn engine() -> &'static Mutex<PlainEngine> {
     static ENGINE: OnceLock<Mutex<PlainEngine>> = OnceLock::new();
@@ -62,19 +62,9 @@ fn chat_template_matches_the_golden_prompts() {
 fn greedy_ids_match_the_reference_forward_pass() {
     let mut e = engine().lock().unwrap();
     let eos = e.tokenizer.eos();
-    let reference = golden("greedy.json");
-    let prompts = golden("prompts.json");
-    let results = reference["results"].as_array().unwrap();
-    assert_eq!(results.len(), prompts["prompts"].as_array().unwrap().len());
-    for (r, p) in results.iter().zip(prompts["prompts"].as_array().unwrap()) {
-        let req = GenerateRequest {
-            prompt_ids: ids(&r["prompt_ids"]),
-            max_tokens: p["max_tokens"].as_u64().unwrap() as usize,
-            sampling: SamplingParams::default(),
-            stop_ids: vec![eos],
-        };
-        let g = e.generate(&req, |_| Ok(())).unwrap();
-        assert_eq!(g.ids, ids(&r["ids"]), "prompt {}", r["name"]);
+    for case in golden_cases() {
+        let g = e.generate(&case.request(eos), |_| Ok(())).unwrap();
+        assert_eq!(g.ids, case.ids, "prompt {}", case.name);
     }
 }
 

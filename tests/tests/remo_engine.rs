@@ -2,34 +2,27 @@
 //! holds no plaintext, and a tampering cloud caught by the canaries.
 
 use talaria_engine::{
-    EngineError, GenerateRequest, LinearOps, OpId, Rows, SamplingParams, generate,
+    EngineError, GenerateRequest, LinearOps, OpId, Rows, SamplingParams, Transformer, generate,
 };
 use talaria_gpu_node::CloudExecutor;
 use talaria_remo::{FixedPointLinear, Masker, Precision, RemoConfig};
-use talaria_tests::{golden, ids, real_model, remo_split};
+use talaria_tests::{golden_cases, real_model, remo_split};
 use talaria_wire::{
     CloudLink, LinkError, Loopback, MaskedCall, MaskedReply, RPub, SetupReply, SetupRequest, Tensor,
 };
 
+/// Every golden prompt, greedy through `linear`, gives the reference's ids.
+fn assert_golden_ids(model: &Transformer, linear: &mut dyn LinearOps, eos: u32) {
+    for case in golden_cases() {
+        let g = generate(model, linear, &case.request(eos), |_| Ok(()), None).unwrap();
+        assert_eq!(g.ids, case.ids, "prompt {}", case.name);
+    }
+}
+
 fn golden_ids_hold(config: RemoConfig) {
     let mut split = remo_split(&real_model(), config, None, Loopback).unwrap();
-    let reference = golden("greedy.json");
-    let prompts = golden("prompts.json");
-    for (r, p) in reference["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(prompts["prompts"].as_array().unwrap())
-    {
-        let req = GenerateRequest {
-            prompt_ids: ids(&r["prompt_ids"]),
-            max_tokens: p["max_tokens"].as_u64().unwrap() as usize,
-            sampling: SamplingParams::default(),
-            stop_ids: vec![split.tokenizer.eos()],
-        };
-        let g = generate(&split.model, &mut split.linear, &req, |_| Ok(()), None).unwrap();
-        assert_eq!(g.ids, ids(&r["ids"]), "prompt {}", r["name"]);
-    }
+    let eos = split.tokenizer.eos();
+    assert_golden_ids(&split.model, &mut split.linear, eos);
     let stats = split.linear.stats();
     assert!(stats.calls > 0 && stats.dummy_rows > 0);
 }
@@ -116,23 +109,7 @@ fn the_integer_mode_gives_the_golden_ids_through_products_equal_to_plain_fixed_p
     };
     let (tokenizer, model) = provision.build().unwrap();
     // Every golden prompt: the greedy ids of the reference, through bit-exact products.
-    let reference = golden("greedy.json");
-    let prompts = golden("prompts.json");
-    for (r, p) in reference["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(prompts["prompts"].as_array().unwrap())
-    {
-        let req = GenerateRequest {
-            prompt_ids: ids(&r["prompt_ids"]),
-            max_tokens: p["max_tokens"].as_u64().unwrap() as usize,
-            sampling: SamplingParams::default(),
-            stop_ids: vec![tokenizer.eos()],
-        };
-        let g = generate(&model, &mut check, &req, |_| Ok(()), None).unwrap();
-        assert_eq!(g.ids, ids(&r["ids"]), "prompt {}", r["name"]);
-    }
+    assert_golden_ids(&model, &mut check, tokenizer.eos());
     assert_eq!(check.seen.len(), c.n_layers * 4 + 1, "every op was checked");
     eprintln!(
         "{} rows checked bit for bit; {} encoded with fewer than {} fractional bits",
