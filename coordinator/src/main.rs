@@ -12,8 +12,8 @@ use talaria_attestation::{
     AttestationError, Evidence, InsecurePolicy, Policy, Tcb, parse_measurement,
 };
 use talaria_gguf::GgufFile;
-use talaria_gpu_node::read_provision;
-use talaria_topology::Topology;
+use talaria_gpu_node::{Part, read_provision};
+use talaria_topology::{Role, Topology};
 use talaria_wire::{ErrorReply, Provision, Tensor};
 
 #[derive(Parser)]
@@ -110,11 +110,14 @@ impl Admission for AttestedAdmission {
 fn main() -> Result<()> {
     talaria_actors::init_logging();
     let args = Args::parse();
-    let topology = Topology::load(&args.topology)?;
+    let topology = Topology::load_for(&args.topology, Role::Coordinator)?;
     let tls = talaria_actors::tls_material(&topology, args.tls_dir.as_deref())
         .map_err(anyhow::Error::msg)?;
-    let file = GgufFile::open(&topology.model_file)
-        .with_context(|| format!("reading {}", topology.model_file.display()))?;
+    let path = topology.coordinator_file();
+    let file = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
+    Part::Coordinator
+        .check_file(&file)
+        .with_context(|| format!("{}", path.display()))?;
     let provision = read_provision(&file)?;
     drop(file);
     topology.check_layers(provision.config.n_layers)?;

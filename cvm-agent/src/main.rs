@@ -12,7 +12,7 @@ use talaria_actors::openai::Api;
 use talaria_actors::session::{BlockingUplink, Conversation, ConversationFactory, Tenancy, Uplink};
 use talaria_attestation::{Evidence, hardware_evidence};
 use talaria_cvm_agent::cluster::{AgentShared, exchange, remo_config};
-use talaria_topology::Topology;
+use talaria_topology::{Role, Topology};
 use talaria_wire::{ErrorReply, Provision, Request};
 
 #[derive(Parser)]
@@ -63,7 +63,8 @@ fn evidence(insecure: bool, nonce: &[u8; 32], key: &[u8]) -> Result<Vec<u8>, Err
 fn main() -> Result<()> {
     talaria_actors::init_logging();
     let args = Args::parse();
-    let topology = Topology::load(&args.topology)?;
+    // An agent's host holds no weights: the coordinator provisions what the agent needs.
+    let topology = Topology::load_for(&args.topology, Role::Agent(&args.tenant))?;
     let Some(agent) = topology.agent(&args.tenant).cloned() else {
         bail!(
             "{}: no agent for tenant {:?}",

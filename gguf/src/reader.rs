@@ -2,7 +2,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::quant::{GgmlType, dequantize};
-use crate::{DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GgufError, Value};
+use crate::{
+    DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GgufError, GgufWriter, TensorPayload, Value,
+};
 
 /// Most dimensions a GGML tensor can have.
 const MAX_DIMS: u32 = 4;
@@ -337,6 +339,35 @@ impl GgufFile {
         let t = self.tensor(name)?;
         let start = self.data_start + t.offset as usize;
         Ok(&self.data[start..start + t.n_bytes as usize])
+    }
+
+    /// A file with this file's metadata (and `extra`, which replaces keys of the same name) and
+    /// only the tensors `names`, their stored bytes copied unchanged: a part of a model that
+    /// computes exactly what the whole does. The data is re-aligned to the default alignment.
+    pub fn subset(
+        &self,
+        names: &[String],
+        extra: Vec<(String, Value)>,
+    ) -> Result<GgufWriter, GgufError> {
+        let mut w = GgufWriter::new();
+        for (key, value) in &self.metadata {
+            if key != "general.alignment" && !extra.iter().any(|(k, _)| k == key) {
+                w.kv(key.clone(), value.clone());
+            }
+        }
+        for (key, value) in extra {
+            w.kv(key, value);
+        }
+        for name in names {
+            let t = self.tensor(name)?;
+            w.tensor(TensorPayload {
+                name: name.clone(),
+                dims: t.dims.clone(),
+                ty: t.ty,
+                bytes: self.tensor_bytes(name)?.to_vec(),
+            });
+        }
+        Ok(w)
     }
 
     /// A tensor decoded to f32 in storage order (`dims[0]` fastest), with its dimensions.

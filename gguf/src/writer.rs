@@ -58,7 +58,14 @@ impl GgufWriter {
             out.extend(value.type_code().to_le_bytes());
             put_value(&mut out, value);
         }
-        let align = DEFAULT_ALIGNMENT;
+        // Aligned as the file says it is (`general.alignment`), as a reader will expect.
+        let align = self
+            .metadata
+            .iter()
+            .find(|(k, _)| k == "general.alignment")
+            .and_then(|(_, v)| v.as_u64())
+            .filter(|a| a.is_power_of_two())
+            .unwrap_or(DEFAULT_ALIGNMENT);
         let mut offset = 0u64;
         let mut offsets = Vec::with_capacity(self.tensors.len());
         for t in &self.tensors {

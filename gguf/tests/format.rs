@@ -195,3 +195,42 @@ fn unsupported_dequantization_is_a_typed_error() {
         Err(GgufError::MissingTensor(_))
     ));
 }
+
+#[test]
+fn a_subset_keeps_the_metadata_and_the_named_tensors_byte_for_byte() {
+    let mut w = sample();
+    w.kv("general.alignment", Value::U32(64));
+    let whole = GgufFile::from_bytes(w.to_bytes()).unwrap();
+    let part = whole
+        .subset(
+            &["q4".into(), "norm".into()],
+            vec![
+                ("extra.key".into(), Value::String("x".into())),
+                ("some.float".into(), Value::F32(2.5)),
+            ],
+        )
+        .unwrap();
+    let part = GgufFile::from_bytes(part.to_bytes()).unwrap();
+    let names: Vec<&str> = part.tensors().iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["q4", "norm"]);
+    for name in ["q4", "norm"] {
+        assert_eq!(
+            part.tensor_bytes(name).unwrap(),
+            whole.tensor_bytes(name).unwrap()
+        );
+        assert_eq!(
+            part.tensor(name).unwrap().dims,
+            whole.tensor(name).unwrap().dims
+        );
+    }
+    assert!(!part.has_tensor("q8"));
+    assert_eq!(part.get_u64("llama.block_count").unwrap(), 2);
+    assert_eq!(part.get_str("extra.key").unwrap(), "x");
+    assert_eq!(part.get_f64("some.float").unwrap(), 2.5);
+    // Re-aligned to the default: the source's alignment key is not carried over.
+    assert!(part.get("general.alignment").is_err());
+    assert!(matches!(
+        whole.subset(&["nope".into()], vec![]),
+        Err(GgufError::MissingTensor(_))
+    ));
+}

@@ -7,6 +7,7 @@ mod error;
 mod int_weights;
 mod model_file;
 mod plain;
+mod shard;
 mod stage;
 mod tap;
 mod weights;
@@ -16,6 +17,7 @@ pub use error::NodeError;
 pub use int_weights::IntWeights;
 pub use model_file::{read_config, read_provision, read_tokenizer_spec};
 pub use plain::PlainEngine;
+pub use shard::{Part, SHARD_LAYERS, SHARD_LM_HEAD, SHARD_PART, SHARD_SOURCE_SHA256};
 pub use tap::{NpyData, Tap, write_npy};
 pub use weights::{CpuBackend, LinearWeights};
 

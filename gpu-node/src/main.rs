@@ -9,8 +9,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use talaria_actors::stage::{GpuShard, LayerStage};
 use talaria_gguf::GgufFile;
-use talaria_gpu_node::{CloudExecutor, LinearWeights, Tap, read_config};
-use talaria_topology::Topology;
+use talaria_gpu_node::{CloudExecutor, LinearWeights, Part, Tap, read_config};
+use talaria_topology::{Role, Topology};
 
 #[derive(Parser)]
 #[command(
@@ -36,7 +36,7 @@ struct Args {
 fn main() -> Result<()> {
     talaria_actors::init_logging();
     let args = Args::parse();
-    let topology = Topology::load(&args.topology)?;
+    let topology = Topology::load_for(&args.topology, Role::Stage(&args.stage))?;
     let Some(stage) = topology.stage(&args.stage).cloned() else {
         bail!(
             "{}: no stage named {:?}",
@@ -48,10 +48,16 @@ fn main() -> Result<()> {
         .map_err(anyhow::Error::msg)?;
 
     let t0 = std::time::Instant::now();
-    let file = GgufFile::open(&topology.model_file)
-        .with_context(|| format!("reading {}", topology.model_file.display()))?;
+    let path = topology.stage_file(&stage);
+    let file = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
     let config = read_config(&file)?;
     topology.check_layers(config.n_layers)?;
+    Part::Stage {
+        layers: stage.layers.clone(),
+        lm_head: stage.lm_head,
+    }
+    .check_file(&file)
+    .with_context(|| format!("stage {}: {}", stage.name, path.display()))?;
     let mut weights = LinearWeights::load_on(
         &file,
         &config,

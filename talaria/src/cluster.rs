@@ -226,7 +226,7 @@ impl Running {
 /// Starts every process of `args.topology` and waits until each is ready.
 pub fn start(args: &UpArgs) -> Result<Running> {
     let topology = Topology::load(&args.topology)?;
-    let config = talaria_gpu_node::read_config(&GgufFile::open(&topology.model_file)?)?;
+    let config = talaria_gpu_node::read_config(&GgufFile::open(topology.coordinator_file())?)?;
     topology.check_layers(config.n_layers)?;
     let run_dir = args.run_dir.clone().unwrap_or_else(default_run_dir);
     let logs = run_dir.join("logs");
@@ -330,6 +330,13 @@ pub struct AgentArgs {
     /// `cluster/`).
     #[arg(long)]
     pub cluster_dir: Option<PathBuf>,
+    /// The cluster's CA (PEM), for a cluster that `talaria up` did not start (e.g. one
+    /// provisioned with ansible): with `--agent`, no run folder is read.
+    #[arg(long, requires = "agent")]
+    pub ca: Option<PathBuf>,
+    /// The name in the cluster's server certificate (with `--ca`).
+    #[arg(long, requires = "ca", default_value = talaria_topology::DEFAULT_SERVER_NAME)]
+    pub server_name: String,
     /// Trust an agent that presents no SEV-SNP report (development only).
     #[arg(long)]
     pub allow_insecure_agent: bool,
@@ -378,6 +385,17 @@ impl AgentArgs {
 
     /// The agent's address and the TLS trust to reach it with.
     pub fn resolve(&self) -> Result<(SocketAddr, TlsMaterial)> {
+        if let (Some(addr), Some(ca)) = (self.agent, &self.ca) {
+            return Ok((
+                addr,
+                TlsMaterial {
+                    ca: ca.clone(),
+                    cert: PathBuf::new(),
+                    key: PathBuf::new(),
+                    server_name: self.server_name.clone(),
+                },
+            ));
+        }
         let dir = self.cluster_dir.clone().unwrap_or_else(default_run_dir);
         let path = dir.join("cluster.json");
         let text = std::fs::read_to_string(&path).with_context(|| {

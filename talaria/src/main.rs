@@ -9,6 +9,7 @@ mod engines;
 mod generate;
 mod load;
 mod lossless;
+mod provision;
 
 use std::path::PathBuf;
 
@@ -59,6 +60,12 @@ enum Command {
     /// Victims through a grid of ReMO settings, every attack on each, next to each setting's
     /// drift and cost: JSON, a Markdown table and a PNG plot.
     AttackReport(attack::ReportArgs),
+    /// Cut the model into the files each process of a cluster reads: the coordinator's
+    /// (tokenizer, embeddings) and one per stage (its layers only); prints a manifest with their
+    /// SHA-256. Rewrites nothing that is unchanged.
+    ShardModel(provision::ShardArgs),
+    /// Make a cluster's CA and server certificate (kept if already there).
+    Tls(provision::TlsArgs),
     /// Check a cvm-agent's SEV-SNP attestation (bound to its TLS certificate) before trusting it.
     Verify(cluster::VerifyArgs),
 }
@@ -109,6 +116,8 @@ fn main() -> Result<()> {
         Command::Lossless(args) => lossless::run(args),
         Command::Up(args) => cluster::up(args),
         Command::Verify(args) => cluster::verify(args),
+        Command::ShardModel(args) => provision::shard(args),
+        Command::Tls(args) => provision::tls(args),
         Command::Load(args) => load::run(args),
         Command::Attack(args) => attack::run(args),
         Command::AttackReport(args) => attack::report(args),

@@ -117,6 +117,8 @@ pub struct Stage {
     pub layers: RangeInclusive<usize>,
     pub lm_head: bool,
     pub backend: Backend,
+    /// This stage's own weight file (`talaria shard-model`), if it has one; else the model file.
+    pub weights: Option<PathBuf>,
 }
 
 impl Stage {
@@ -192,7 +194,11 @@ pub struct AttestationSection {
 pub struct Topology {
     /// The file it was read from (relative paths in it are from its folder).
     pub path: PathBuf,
+    /// The whole model: read by every process that has no weight file of its own.
     pub model_file: PathBuf,
+    /// The coordinator's own weight file (`talaria shard-model`: the tokenizer and embeddings,
+    /// no block weights), if it has one.
+    pub coordinator_weights: Option<PathBuf>,
     /// The model's id in the agents' APIs: its catalog name, or the file's stem.
     pub model_name: String,
     pub coordinator: SocketAddr,
@@ -255,6 +261,7 @@ struct RawModel {
 struct RawCoordinator {
     listen: String,
     metrics: Option<String>,
+    weights: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -275,6 +282,7 @@ struct RawStage {
     #[serde(default = "default_backend")]
     backend: String,
     metrics: Option<String>,
+    weights: Option<String>,
 }
 
 fn default_backend() -> String {
@@ -417,20 +425,63 @@ fn check_remo(c: &mut Checker, r: &RemoSection) {
     }
 }
 
+/// Which process reads a topology: it decides which of the files the topology names must exist
+/// on this host. A gpu-node host holds only its stage's weights, an agent host no weights at
+/// all, and only the coordinator holds AMD's keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role<'a> {
+    /// Every process on this host (`talaria up`, a local cluster).
+    All,
+    Coordinator,
+    /// The gpu-node of this stage.
+    Stage(&'a str),
+    /// The cvm-agent of this tenant.
+    Agent(&'a str),
+}
+
+impl Role<'_> {
+    fn reads_coordinator(self) -> bool {
+        matches!(self, Role::All | Role::Coordinator)
+    }
+
+    fn reads_attestation(self) -> bool {
+        self.reads_coordinator()
+    }
+
+    fn reads_stage(self, name: &str) -> bool {
+        match self {
+            Role::All => true,
+            Role::Stage(n) => n == name,
+            _ => false,
+        }
+    }
+}
+
 impl Topology {
-    /// Reads and validates a topology file (everything but the layer count of the model; see
-    /// [`Topology::check_layers`]).
+    /// Reads and validates a topology file for a host that runs every process (everything but
+    /// the layer count of the model; see [`Topology::check_layers`]).
     pub fn load(path: impl AsRef<Path>) -> Result<Self, TopologyError> {
+        Self::load_for(path, Role::All)
+    }
+
+    /// Reads and validates a topology file for the process `role`: the files only other
+    /// processes read need not exist here.
+    pub fn load_for(path: impl AsRef<Path>, role: Role) -> Result<Self, TopologyError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| TopologyError::Read {
             path: path.into(),
             message: e.to_string(),
         })?;
-        Self::parse(&text, path)
+        Self::parse_for(&text, path, role)
     }
 
-    /// Validates topology text as if read from `path`.
+    /// Validates topology text as if read from `path` by a host that runs every process.
     pub fn parse(text: &str, path: &Path) -> Result<Self, TopologyError> {
+        Self::parse_for(text, path, Role::All)
+    }
+
+    /// Validates topology text as if read from `path` by the process `role`.
+    pub fn parse_for(text: &str, path: &Path, role: Role) -> Result<Self, TopologyError> {
         let raw: RawTopology = toml::from_str(text).map_err(|e| TopologyError::Syntax {
             path: path.into(),
             message: e.to_string().trim_end().to_string(),
@@ -465,21 +516,6 @@ impl Topology {
                 PathBuf::new()
             }
         };
-        if !model_file.as_os_str().is_empty() && !model_file.is_file() {
-            let key = if raw.model.name.is_some() {
-                "model.name"
-            } else {
-                "model.file"
-            };
-            c.problem(
-                key,
-                format!(
-                    "model file {} does not exist (run `talaria fetch-model`)",
-                    model_file.display()
-                ),
-            );
-        }
-
         let coordinator = c.addr("coordinator.listen".into(), &raw.coordinator.listen);
         let mut listens: BTreeMap<SocketAddr, String> = BTreeMap::new();
         listens.insert(coordinator, "coordinator.listen".into());
@@ -535,6 +571,7 @@ impl Topology {
                 layers,
                 lm_head: s.lm_head,
                 backend,
+                weights: s.weights.as_deref().map(resolve),
             });
         }
         for (i, a) in stages.iter().enumerate() {
@@ -661,7 +698,7 @@ impl Topology {
 
         let attestation = raw.attestation.map(|a| {
             for (k, f) in [("attestation.ark", &a.ark), ("attestation.ask", &a.ask)] {
-                if !resolve(f).is_file() {
+                if role.reads_attestation() && !resolve(f).is_file() {
                     c.problem(k, format!("{} does not exist", resolve(f).display()));
                 }
             }
@@ -688,6 +725,37 @@ impl Topology {
                 max_vmpl: a.max_vmpl,
             }
         });
+        // The weight files this process reads: its own shard, else the whole model.
+        let coordinator_weights = raw.coordinator.weights.as_deref().map(resolve);
+        let mut model_needed = false;
+        let mut weight_file = |c: &mut Checker, key: String, own: &Option<PathBuf>| match own {
+            Some(f) if !f.is_file() => c.problem(key, format!("{} does not exist", f.display())),
+            Some(_) => {}
+            None => model_needed = true,
+        };
+        if role.reads_coordinator() {
+            weight_file(&mut c, "coordinator.weights".into(), &coordinator_weights);
+        }
+        for (i, s) in stages.iter().enumerate() {
+            if role.reads_stage(&s.name) {
+                weight_file(&mut c, format!("stage[{i}].weights"), &s.weights);
+            }
+        }
+        if model_needed && !model_file.as_os_str().is_empty() && !model_file.is_file() {
+            let key = if raw.model.name.is_some() {
+                "model.name"
+            } else {
+                "model.file"
+            };
+            c.problem(
+                key,
+                format!(
+                    "model file {} does not exist (run `talaria fetch-model`)",
+                    model_file.display()
+                ),
+            );
+        }
+
         if !c.problems.is_empty() {
             return Err(TopologyError::Invalid {
                 path: path.into(),
@@ -702,6 +770,7 @@ impl Topology {
         Ok(Self {
             path: path.into(),
             model_file,
+            coordinator_weights,
             model_name,
             coordinator,
             coordinator_metrics,
@@ -755,6 +824,18 @@ impl Topology {
     }
 
     /// The stage named `name`.
+    /// The file the coordinator reads the tokenizer and embeddings from.
+    pub fn coordinator_file(&self) -> &Path {
+        self.coordinator_weights
+            .as_deref()
+            .unwrap_or(&self.model_file)
+    }
+
+    /// The file `stage` reads its weights from.
+    pub fn stage_file<'a>(&'a self, stage: &'a Stage) -> &'a Path {
+        stage.weights.as_deref().unwrap_or(&self.model_file)
+    }
+
     pub fn stage(&self, name: &str) -> Option<&Stage> {
         self.stages.iter().find(|s| s.name == name)
     }

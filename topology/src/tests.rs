@@ -144,3 +144,48 @@ fn the_example_files_are_valid_apart_from_files_this_machine_lacks() {
         }
     }
 }
+
+#[test]
+fn each_process_needs_only_the_files_it_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, b"GGUF").unwrap();
+        p
+    };
+    let (coord, a) = (shard("coordinator.gguf"), shard("a.gguf"));
+    // Every process has a shard but stage b; the whole model is nowhere.
+    let text = local(Path::new("/nonexistent/model.gguf"), TWO_STAGES)
+        .replace(
+            "listen = \"127.0.0.1:7400\"",
+            &format!(
+                "listen = \"127.0.0.1:7400\"\nweights = \"{}\"",
+                coord.display()
+            ),
+        )
+        .replace(
+            "layers = \"0-14\"",
+            &format!("layers = \"0-14\"\nweights = \"{}\"", a.display()),
+        );
+    let at = |role| match Topology::parse_for(&text, Path::new("t.toml"), role) {
+        Ok(_) => vec![],
+        Err(e) => e.problems().iter().map(|p| p.key.clone()).collect(),
+    };
+    assert_eq!(at(Role::Agent("t")), Vec::<String>::new());
+    assert_eq!(at(Role::Coordinator), Vec::<String>::new());
+    assert_eq!(at(Role::Stage("a")), Vec::<String>::new());
+    // Stage b has no shard: it reads the model file, which is missing.
+    assert_eq!(at(Role::Stage("b")), vec!["model.file"]);
+    assert_eq!(at(Role::All), vec!["model.file"]);
+    let t = Topology::parse_for(&text, Path::new("t.toml"), Role::Stage("a")).unwrap();
+    assert_eq!(t.coordinator_file(), coord);
+    assert_eq!(t.stage_file(&t.stages[0]), a);
+    assert_eq!(
+        t.stage_file(&t.stages[1]),
+        Path::new("/nonexistent/model.gguf")
+    );
+    // A shard that is named but missing is reported under its own key.
+    std::fs::remove_file(&a).unwrap();
+    assert_eq!(at(Role::Stage("a")), vec!["stage[0].weights"]);
+    assert_eq!(at(Role::Agent("t")), Vec::<String>::new());
+}

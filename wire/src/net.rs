@@ -78,8 +78,19 @@ fn transport() -> Arc<quinn::TransportConfig> {
 }
 
 impl TlsMaterial {
-    /// Generates a CA and a server certificate for `server_name` into `dir` (a local cluster).
+    /// Generates a CA and a server certificate for `server_name` into `dir` (a local cluster:
+    /// also valid for the loopback names an HTTPS client of an agent's API reaches it by).
     pub fn generate(dir: &Path, server_name: &str) -> Result<Self, TlsError> {
+        Self::generate_with(dir, server_name, &["localhost".into(), "127.0.0.1".into()])
+    }
+
+    /// Generates a CA and a server certificate for `server_name` and `extra_names` into `dir`;
+    /// the key file is readable by its owner only.
+    pub fn generate_with(
+        dir: &Path,
+        server_name: &str,
+        extra_names: &[String],
+    ) -> Result<Self, TlsError> {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
         let err = |e: rcgen::Error| TlsError::Config(e.to_string());
         std::fs::create_dir_all(dir).map_err(|e| TlsError::File {
@@ -94,13 +105,8 @@ impl TlsMaterial {
             .push(DnType::CommonName, "Talaria local cluster CA");
         let ca = ca_params.self_signed(&ca_key).map_err(err)?;
         let key = KeyPair::generate().map_err(err)?;
-        // Loopback clusters only: the cluster's name, and the loopback names an HTTPS client
-        // of an agent's API reaches it by.
-        let names = vec![
-            server_name.to_string(),
-            "localhost".into(),
-            "127.0.0.1".into(),
-        ];
+        let mut names = vec![server_name.to_string()];
+        names.extend(extra_names.iter().filter(|n| *n != server_name).cloned());
         let mut params = CertificateParams::new(names).map_err(err)?;
         params
             .distinguished_name
@@ -121,6 +127,15 @@ impl TlsMaterial {
         write(&material.ca, ca.pem())?;
         write(&material.cert, cert.pem())?;
         write(&material.key, key.serialize_pem())?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&material.key, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| TlsError::File {
+                    path: material.key.clone(),
+                    message: e.to_string(),
+                })?;
+        }
         Ok(material)
     }
 
