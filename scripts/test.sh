@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The test suite: formatting, the independent reference against the checked-in goldens, and every
-# Rust test (unit, tiny model, real model, real processes), and a compile check of the cuda feature.
+# Rust test (unit, tiny model, real model, real processes, the ansible playbooks run for real), and a
+# compile check of the cuda feature.
 source "$(dirname "$0")/lib.sh"
 ensure_rust
 ensure_venv
+ensure_ansible
 cargo fmt --all -- --check
 build_release
 fetch_model
