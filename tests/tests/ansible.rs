@@ -266,7 +266,11 @@ fn the_playbook_brings_up_a_cluster_that_answers_keeps_still_and_tears_down() {
     );
     assert!(pids.values().all(|&p| alive(p)), "{pids:?}");
     // The units run here by pid file are the ones systemd would run: check them as systemd does.
-    if Command::new("systemd-analyze").arg("--version").output().is_ok() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
         for host in HOSTS {
             for unit in std::fs::read_dir(dep.root(host).join("services")).unwrap() {
                 let unit = unit.unwrap().path();

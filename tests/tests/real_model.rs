@@ -75,3 +75,87 @@ fn fetching_again_finds_the_verified_file() {
     let again = talaria_model_store::fetch(dir, &talaria_model_store::SMOLLM2_135M).unwrap();
     assert_eq!(again, talaria_model_store::Fetched::AlreadyPresent(path));
 }
+
+/// `talaria shard-model`'s parts: each holds exactly its tensors, a stage loaded from its shard has
+/// the same folded weights as from the whole file, and a shard is refused by any other part.
+#[test]
+fn shards_hold_their_part_and_nothing_else() {
+    use talaria_engine::{BlockOp, OpId};
+    use talaria_gguf::GgufFile;
+    use talaria_gpu_node::{LinearWeights, Part, read_config};
+    let whole = GgufFile::open(real_model()).unwrap();
+    let config = read_config(&whole).unwrap();
+    let cut = |part: &Part| {
+        GgufFile::from_bytes(part.shard(&whole, &config, "test").unwrap().to_bytes()).unwrap()
+    };
+    let first = Part::Stage {
+        layers: 0..=14,
+        lm_head: false,
+    };
+    let last = Part::Stage {
+        layers: 15..=29,
+        lm_head: true,
+    };
+    let (a, b, c) = (cut(&first), cut(&last), cut(&Part::Coordinator));
+    let layers = |f: &GgufFile| -> std::collections::BTreeSet<usize> {
+        f.tensors()
+            .iter()
+            .filter_map(|t| t.name.strip_prefix("blk.")?.split('.').next()?.parse().ok())
+            .collect()
+    };
+    assert_eq!(layers(&a), (0..=14).collect());
+    assert_eq!(layers(&b), (15..=29).collect());
+    assert!(layers(&c).is_empty() && c.has_tensor("token_embd.weight"));
+    assert!(!a.has_tensor("token_embd.weight") && b.has_tensor("output_norm.weight"));
+    // Every stage tensor is in exactly one stage shard, byte for byte.
+    for t in whole
+        .tensors()
+        .iter()
+        .filter(|t| t.name.starts_with("blk."))
+    {
+        let holder = if a.has_tensor(&t.name) { &a } else { &b };
+        assert_eq!(
+            holder.tensor_bytes(&t.name).unwrap(),
+            whole.tensor_bytes(&t.name).unwrap()
+        );
+    }
+    let from_shard =
+        LinearWeights::load_on(&b, &config, 15..=29, true, talaria_topology::Backend::Cpu).unwrap();
+    let from_whole = LinearWeights::load_on(
+        &whole,
+        &config,
+        15..=29,
+        true,
+        talaria_topology::Backend::Cpu,
+    )
+    .unwrap();
+    for op in [
+        OpId::Block {
+            layer: 29,
+            op: BlockOp::Qkv,
+        },
+        OpId::LmHead,
+    ] {
+        assert!(from_shard.dense(op).unwrap() == from_whole.dense(op).unwrap());
+    }
+    // A shard for other layers, or for another process, is refused with what it holds.
+    first.check_file(&a).unwrap();
+    Part::Coordinator.check_file(&c).unwrap();
+    Part::Coordinator.check_file(&whole).unwrap();
+    let e = last.check_file(&a).unwrap_err().to_string();
+    assert!(
+        e.contains("holds layers 0-14") && e.contains("needs layers 15-29"),
+        "{e}"
+    );
+    let e = Part::Stage {
+        layers: 10..=14,
+        lm_head: true,
+    }
+    .check_file(&a)
+    .unwrap_err();
+    assert!(e.to_string().contains("and the LM head"), "{e}");
+    assert!(Part::Coordinator.check_file(&a).is_err());
+    assert!(first.check_file(&c).is_err());
+    // Shards are cut from the whole model only.
+    assert!(first.shard(&a, &config, "x").is_err());
+}
