@@ -13,7 +13,7 @@ use talaria_actors::session::{BlockingUplink, Conversation, ConversationFactory,
 use talaria_attestation::{Evidence, hardware_evidence};
 use talaria_cvm_agent::cluster::{AgentShared, exchange, remo_config};
 use talaria_topology::{Role, Topology};
-use talaria_wire::{ErrorReply, Provision, Request};
+use talaria_wire::{ErrorReply, Provision, Request, TlsMaterial};
 
 #[derive(Parser)]
 #[command(
@@ -74,6 +74,25 @@ fn main() -> Result<()> {
     };
     let tls = talaria_actors::tls_material(&topology, args.tls_dir.as_deref())
         .map_err(anyhow::Error::msg)?;
+    // What the agent serves its tenant with: its own key, made here on first start and never
+    // sent anywhere, when the topology gives it a place; else the cluster's.
+    let tenant_tls = match &agent.tenant_tls {
+        Some(dir) => {
+            let mut names = vec!["localhost".to_string(), agent.listen.ip().to_string()];
+            names.extend(agent.http.map(|a| a.ip().to_string()));
+            names.dedup();
+            let (material, made) =
+                TlsMaterial::load_or_generate(dir, &topology.server_name, &names)
+                    .with_context(|| format!("the agent's TLS material in {}", dir.display()))?;
+            tracing::info!(
+                dir = %dir.display(),
+                made,
+                "serving the tenant with the agent's own key"
+            );
+            material
+        }
+        None => tls.clone(),
+    };
     let remo = remo_config(&topology.remo).map_err(|e| anyhow!("topology [remo]: {e}"))?;
     if !remo.enabled {
         tracing::warn!("INSECURE: ReMO is off: the cloud sees every activation in the clear");
@@ -98,7 +117,7 @@ fn main() -> Result<()> {
         let tenant = agent.tenant.clone();
         let insecure = args.insecure_no_attestation;
         // The key the reports bind: the certificate this agent serves its tenant with.
-        let key = tls.cert_der()?;
+        let key = tenant_tls.cert_der()?;
         let hello_key = key.clone();
         // Admission and provisioning wait on the uplink: off the event loop.
         let shared = tokio::task::spawn_blocking(move || -> Result<AgentShared> {
@@ -138,9 +157,9 @@ fn main() -> Result<()> {
                 tenancy: tenancy.clone(),
                 max_tokens,
             };
-            talaria_actors::openai::serve(addr, api, tls.server_config(b"http/1.1")?)?;
+            talaria_actors::openai::serve(addr, api, tenant_tls.server_config(b"http/1.1")?)?;
         }
-        let endpoint = tls.server(agent.listen, talaria_wire::ALPN_TENANT)?;
+        let endpoint = tenant_tls.server(agent.listen, talaria_wire::ALPN_TENANT)?;
         tracing::info!(listen = %agent.listen, max_sessions = agent.max_sessions, "serving the tenant");
         println!("ready {}", agent.listen);
         talaria_actors::session::serve(endpoint, tenancy, attestor, max_frame).await;

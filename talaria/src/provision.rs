@@ -168,19 +168,11 @@ pub struct TlsArgs {
 /// already there (prints `kept`), so re-provisioning never rotates keys behind running
 /// processes; delete the folder to rotate.
 pub fn tls(args: TlsArgs) -> Result<()> {
-    let files = ["ca.pem", "cert.pem", "key.pem"].map(|f| args.out.join(f));
-    match files.iter().filter(|f| f.is_file()).count() {
-        3 => {
-            println!("kept {}", args.out.display());
-            return Ok(());
-        }
-        0 => {}
-        _ => bail!(
-            "{} holds only part of the TLS material: remove it or complete it",
-            args.out.display()
-        ),
-    }
-    TlsMaterial::generate_with(&args.out, &args.server_name, &args.extra_names)?;
-    println!("generated {}", args.out.display());
+    let (_, made) = TlsMaterial::load_or_generate(&args.out, &args.server_name, &args.extra_names)?;
+    println!(
+        "{} {}",
+        if made { "generated" } else { "kept" },
+        args.out.display()
+    );
     Ok(())
 }

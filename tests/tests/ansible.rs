@@ -206,18 +206,28 @@ fn held(path: &Path) -> (std::collections::BTreeSet<usize>, bool) {
     (layers, f.has_tensor("token_embd.weight"))
 }
 
-/// Asks the agent through the CLI, as an operator would (`--ca` from the agent host).
-fn ask(dep: &Deployment, prompt_ids: &[u32], max_tokens: usize) -> Vec<u32> {
+/// The CA of the certificate the agent made itself (public; its key stays on the agent's host).
+fn agent_ca(dep: &Deployment) -> PathBuf {
+    dep.root("tenant-a").join("etc/tenant-tls/tenant-a/ca.pem")
+}
+
+/// Asks the agent through the CLI, as a tenant would, trusting `ca`.
+fn generate(ca: &Path, prompt_ids: &[u32], max_tokens: usize) -> Output {
     let prompt: Vec<String> = prompt_ids.iter().map(|i| i.to_string()).collect();
-    let out = Command::new(bin("talaria"))
+    Command::new(bin("talaria"))
         .args(["generate", "--engine", "cluster", "--agent", AGENT])
         .arg("--ca")
-        .arg(dep.root("tenant-a").join("etc/tls/ca.pem"))
+        .arg(ca)
         .args(["--allow-insecure-agent", "--json", "--prompt-ids"])
         .arg(prompt.join(","))
         .args(["--max-tokens", &max_tokens.to_string()])
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// The agent's greedy ids through the CLI.
+fn ask(dep: &Deployment, prompt_ids: &[u32], max_tokens: usize) -> Vec<u32> {
+    let out = generate(&agent_ca(dep), prompt_ids, max_tokens);
     assert!(out.status.success(), "{}", text(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     ids(&json["ids"])
@@ -298,6 +308,44 @@ fn the_playbook_brings_up_a_cluster_that_answers_keeps_still_and_tears_down() {
     assert_eq!((layers, embd), ((15..=29).collect(), true));
     let (layers, embd) = held(&dep.root("coord").join("weights/coordinator.gguf"));
     assert!(layers.is_empty() && embd);
+    // The cluster's key is on the cloud's hosts only; the agent's own key only on its host.
+    let files = |host: &str, dir: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dep.root(host).join(dir))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    for host in ["coord", "stage-0", "stage-1"] {
+        assert_eq!(
+            files(host, "etc/tls"),
+            ["ca.pem", "cert.pem", "key.pem"],
+            "{host}"
+        );
+        assert!(files(host, "etc/tenant-tls").is_empty(), "{host}");
+    }
+    assert_eq!(files("tenant-a", "etc/tls"), ["ca.pem"]);
+    assert_eq!(
+        files("tenant-a", "etc/tenant-tls/tenant-a"),
+        ["ca.pem", "cert.pem", "key.pem"]
+    );
+    let agent_cert = std::fs::read(
+        dep.root("tenant-a")
+            .join("etc/tenant-tls/tenant-a/cert.pem"),
+    )
+    .unwrap();
+    // A tenant that trusts the cluster's CA cannot reach the agent: its certificate is its own.
+    let case = &cases[0];
+    let out = generate(
+        &dep.root("coord").join("etc/tls/ca.pem"),
+        &case.prompt_ids,
+        1,
+    );
+    assert!(!out.status.success(), "{}", text(&out));
 
     // 3. It answers with the plain engine's greedy ids.
     for (case, want) in cases.iter().zip(&expected) {
@@ -337,8 +385,16 @@ fn the_playbook_brings_up_a_cluster_that_answers_keeps_still_and_tears_down() {
         assert_eq!(after[name] != pids[name], restarted, "{name}");
         assert!(alive(after[name]), "{name}");
     }
-    let case = &cases[0];
     assert_eq!(ask(&dep, &case.prompt_ids, case.max_tokens), expected[0]);
+    // The restarted agent kept its key.
+    assert_eq!(
+        std::fs::read(
+            dep.root("tenant-a")
+                .join("etc/tenant-tls/tenant-a/cert.pem")
+        )
+        .unwrap(),
+        agent_cert
+    );
 
     // 6. Teardown: every process stopped, every host's folder gone; a second teardown is a no-op.
     dep.run("teardown.yml");

@@ -139,6 +139,11 @@ pub struct Agent {
     /// Most generations of this tenant running at once (the coordinator refuses more sessions;
     /// the agent queues requests beyond it).
     pub max_sessions: usize,
+    /// Where the agent keeps the TLS key and certificate it serves its tenant with, made by the
+    /// agent itself on first start (inside its CVM: the key never leaves it). Without it, the
+    /// agent serves with the cluster's certificate — whose key every server holds, so only for
+    /// clusters where the cloud is not the adversary (a local one).
+    pub tenant_tls: Option<PathBuf>,
 }
 
 /// Default cap on a tenant's concurrent sessions.
@@ -296,6 +301,7 @@ struct RawAgent {
     listen: String,
     http: Option<String>,
     max_sessions: Option<usize>,
+    tenant_tls: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -622,6 +628,7 @@ impl Topology {
                 listen,
                 http,
                 max_sessions,
+                tenant_tls: a.tenant_tls.as_deref().map(resolve),
             });
         }
 
@@ -641,8 +648,17 @@ impl Topology {
         let tls = match (t.generate, &t.ca, &t.cert, &t.key) {
             (true, None, None, None) => TlsSource::Generate,
             (false, Some(ca), Some(cert), Some(key)) => {
+                // An agent with its own tenant-facing key is only a client of the cluster: it
+                // needs the CA, and its host should hold no cluster key.
+                let own_key = match role {
+                    Role::Agent(t) => raw
+                        .agent
+                        .iter()
+                        .any(|a| a.tenant == t && a.tenant_tls.is_some()),
+                    _ => false,
+                };
                 let files = [("tls.ca", ca), ("tls.cert", cert), ("tls.key", key)];
-                for (k, f) in files {
+                for (k, f) in files.into_iter().take(if own_key { 1 } else { 3 }) {
                     if !resolve(f).is_file() {
                         c.problem(k, format!("{} does not exist", resolve(f).display()));
                     }

@@ -189,3 +189,45 @@ fn each_process_needs_only_the_files_it_reads() {
     assert_eq!(at(Role::Stage("a")), vec!["stage[0].weights"]);
     assert_eq!(at(Role::Agent("t")), Vec::<String>::new());
 }
+
+#[test]
+fn an_agent_with_its_own_key_needs_only_the_clusters_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "x").unwrap();
+    let m = model_file();
+    let text = local(m.path(), TWO_STAGES).replace(
+        "generate = true",
+        &format!(
+            "ca = \"{}\"\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"",
+            ca.display()
+        ),
+    );
+    let own = text.replace(
+        "listen = \"127.0.0.1:7420\"",
+        "listen = \"127.0.0.1:7420\"\ntenant_tls = \"agent-tls\"",
+    );
+    let at = |text: &str, role| match Topology::parse_for(text, Path::new("/etc/t.toml"), role) {
+        Ok(t) => Ok(t),
+        Err(e) => Err(e
+            .problems()
+            .iter()
+            .map(|p| p.key.clone())
+            .collect::<Vec<_>>()),
+    };
+    let t = at(&own, Role::Agent("t")).unwrap();
+    assert_eq!(
+        t.agents[0].tenant_tls.as_deref(),
+        Some(Path::new("/etc/agent-tls"))
+    );
+    // Without its own key the agent serves with the cluster's: those files must be here.
+    assert_eq!(
+        at(&text, Role::Agent("t")).unwrap_err(),
+        ["tls.cert", "tls.key"]
+    );
+    // The servers always need them.
+    assert_eq!(
+        at(&own, Role::Stage("a")).unwrap_err(),
+        ["tls.cert", "tls.key"]
+    );
+}

@@ -139,6 +139,36 @@ impl TlsMaterial {
         Ok(material)
     }
 
+    /// The material in `dir` if it holds all of it; else, if it holds none, a new CA and
+    /// certificate for `server_name` and `extra_names` made there (`true`: made now). Part of it
+    /// is an error: a key is never silently replaced.
+    pub fn load_or_generate(
+        dir: &Path,
+        server_name: &str,
+        extra_names: &[String],
+    ) -> Result<(Self, bool), TlsError> {
+        let material = Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            server_name: server_name.into(),
+        };
+        let present = [&material.ca, &material.cert, &material.key]
+            .iter()
+            .filter(|p| p.is_file())
+            .count();
+        match present {
+            3 => Ok((material, false)),
+            0 => Ok((Self::generate_with(dir, server_name, extra_names)?, true)),
+            _ => Err(TlsError::File {
+                path: dir.into(),
+                message: "holds only part of the TLS material (ca.pem, cert.pem, key.pem): \
+                          remove it to make new material"
+                    .into(),
+            }),
+        }
+    }
+
     /// The DER of the certificate servers present (the first of the chain): what an agent's
     /// attestation binds.
     pub fn cert_der(&self) -> Result<Vec<u8>, TlsError> {
