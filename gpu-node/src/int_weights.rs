@@ -22,21 +22,21 @@ pub struct IntWeights {
 /// shift that is exact for every part.
 fn fuse(
     f: &GgufFile,
-    parts: &[&str],
+    parts: &[(String, usize)],
     d_in: usize,
     gain: Option<Vec<f32>>,
 ) -> Result<IntWeight, NodeError> {
     let mut shift = 0;
     let mut d_out = 0;
-    for name in parts {
+    for (name, width) in parts {
         let t = f.tensor(name)?;
-        if t.dims.len() != 2 || t.dims[0] != d_in as u64 {
+        if t.dims != [d_in as u64, *width as u64] {
             return Err(NodeError::InvalidModel(format!(
-                "tensor {name:?} has dims {:?}, expected [{d_in}, _]",
+                "tensor {name:?} has dims {:?}, expected [{d_in}, {width}]",
                 t.dims
             )));
         }
-        d_out += t.dims[1] as usize;
+        d_out += width;
         shift = shift.max(exact_shift(name, t.ty, f.tensor_bytes(name)?)?);
     }
     let nb = d_in / INT_BLOCK;
@@ -50,9 +50,9 @@ fn fuse(
         gain,
     };
     let mut col0 = 0;
-    for name in parts {
+    for (name, part_out) in parts {
+        let (name, part_out) = (name.as_str(), *part_out);
         let t = f.tensor(name)?;
-        let part_out = t.dims[1] as usize;
         let ib = integer_blocks(name, t.ty, f.tensor_bytes(name)?, shift)?;
         // Stored `[out][in]` with blocks along `in`; the product wants `[in][out]`.
         for o in 0..part_out {
@@ -86,13 +86,12 @@ impl IntWeights {
             ));
         }
         let load = |src: &OpSource| -> Result<IntWeight, NodeError> {
-            let parts: Vec<&str> = src.parts.iter().map(|(name, _)| name.as_str()).collect();
             let gain = src
                 .gain
                 .as_ref()
                 .map(|g| load_vector(f, g, src.d_in))
                 .transpose()?;
-            fuse(f, &parts, src.d_in, gain)
+            fuse(f, &src.parts, src.d_in, gain)
         };
         let first_layer = layers.start;
         let mut blocks = Vec::with_capacity(layers.len());
