@@ -330,11 +330,12 @@ pub struct AgentArgs {
     /// `cluster/`).
     #[arg(long)]
     pub cluster_dir: Option<PathBuf>,
-    /// The cluster's CA (PEM), for a cluster that `talaria up` did not start (e.g. one
-    /// provisioned with ansible): with `--agent`, no run folder is read.
+    /// The CA (PEM) of the agent's certificate — the agent's own `tenant_tls/ca.pem`, or the
+    /// cluster's — for a cluster that `talaria up` did not start (e.g. one provisioned with
+    /// ansible): with `--agent`, no run folder is read.
     #[arg(long, requires = "agent")]
     pub ca: Option<PathBuf>,
-    /// The name in the cluster's server certificate (with `--ca`).
+    /// The name in the agent's certificate (with `--ca`; the topology's `tls.server_name`).
     #[arg(long, requires = "ca", default_value = talaria_topology::DEFAULT_SERVER_NAME)]
     pub server_name: String,
     /// Trust an agent that presents no SEV-SNP report (development only).
