@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use talaria_engine::{BlockOp, KvCache, OpId};
 use talaria_remo::Calibration;
 
-use crate::score::{self, Distance, Space, log_sum_exp, matrix_f32};
+use crate::score::{self, Basis, Distance, Space, log_sum_exp, matrix_f32};
 use crate::sim::Simulator;
 use crate::tap::{CallRef, Matrix, Public, SessionTap, Tap, read_npy};
 use crate::{AttackError, learned};
@@ -123,11 +123,11 @@ pub(crate) enum Geometry {
     /// Full rank: fresh isotropic noise.
     Identity,
     /// Rank m < d: masks in the span of this public basis (m × d, orthonormal rows).
-    Basis(Matrix),
+    Basis(Basis),
 }
 
 impl Geometry {
-    fn basis(&self) -> Option<&Matrix> {
+    fn basis(&self) -> Option<&Basis> {
         match self {
             Geometry::Basis(b) => Some(b),
             _ => None,
@@ -214,7 +214,7 @@ impl<'t> Pass<'t> {
                     b.cols
                 )));
             }
-            Geometry::Basis(b)
+            Geometry::Basis(Basis::new(b))
         } else {
             Geometry::Identity
         };
@@ -263,7 +263,7 @@ impl Scorer {
                     }
                     (Space::Complement, Geometry::Identity) => return None,
                     (Space::Complement, Geometry::Basis(b)) => {
-                        (score::complement(&rows, b), score::complement(cands, b))
+                        (b.complement(&rows), b.complement(cands))
                     }
                 };
                 Some(

@@ -239,7 +239,7 @@ fn mask(rows: &mut [f64], d: usize, geometry: &Geometry, scale: f64, rng: &mut C
         Geometry::Identity => rows.iter_mut().for_each(|v| *v += normal()),
         Geometry::Basis(b) => {
             for row in rows.chunks_exact_mut(d) {
-                for i in 0..b.rows {
+                for i in 0..b.rank() {
                     let c = normal();
                     row.iter_mut().zip(b.row(i)).for_each(|(v, m)| *v += c * m);
                 }

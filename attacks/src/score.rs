@@ -1,7 +1,7 @@
 //! Comparing observed (masked) rows with candidate rows: distances and Gaussian likelihoods,
 //! in the full space or in the complement of a public basis.
 
-use talaria_remo::gemm::matmul_f64;
+use talaria_remo::gemm::{matmul_f64, matmul_f64_nt};
 
 use crate::tap::Matrix;
 
@@ -25,29 +25,45 @@ pub enum Distance {
     Sorted,
 }
 
-/// `B` (m × d, orthonormal rows) applied to each row: `x·Bᵀ`.
-fn coords(x: &Matrix, basis: &Matrix) -> Matrix {
-    let mut bt = vec![0f64; basis.cols * basis.rows];
-    for i in 0..basis.rows {
-        for j in 0..basis.cols {
-            bt[j * basis.rows + i] = basis.data[i * basis.cols + j];
-        }
-    }
-    Matrix {
-        rows: x.rows,
-        cols: basis.rows,
-        data: matmul_f64(&x.data, &bt, x.rows, x.cols, basis.rows),
-    }
+/// A public mask basis `B` (m × d, orthonormal rows).
+#[derive(Debug, Clone)]
+pub struct Basis {
+    b: Matrix,
 }
 
-/// Each row minus its projection on the span of `basis`.
-pub fn complement(x: &Matrix, basis: &Matrix) -> Matrix {
-    let c = coords(x, basis);
-    let back = matmul_f64(&c.data, &basis.data, x.rows, basis.rows, basis.cols);
-    Matrix {
-        rows: x.rows,
-        cols: x.cols,
-        data: x.data.iter().zip(&back).map(|(a, b)| a - b).collect(),
+impl Basis {
+    pub fn new(b: Matrix) -> Self {
+        Self { b }
+    }
+
+    /// m: the dimension of the span.
+    pub fn rank(&self) -> usize {
+        self.b.rows
+    }
+
+    /// Basis vector `i` (a row of `B`).
+    pub fn row(&self, i: usize) -> &[f64] {
+        self.b.row(i)
+    }
+
+    /// Each row's coordinates in the span: `x·Bᵀ`.
+    fn coords(&self, x: &Matrix) -> Matrix {
+        Matrix {
+            rows: x.rows,
+            cols: self.b.rows,
+            data: matmul_f64_nt(&x.data, &self.b.data, x.rows, x.cols, self.b.rows),
+        }
+    }
+
+    /// Each row minus its projection on the span.
+    pub fn complement(&self, x: &Matrix) -> Matrix {
+        let c = self.coords(x);
+        let back = matmul_f64(&c.data, &self.b.data, x.rows, self.b.rows, self.b.cols);
+        Matrix {
+            rows: x.rows,
+            cols: x.cols,
+            data: x.data.iter().zip(&back).map(|(a, b)| a - b).collect(),
+        }
     }
 }
 
@@ -62,13 +78,7 @@ fn norms(x: &Matrix) -> Vec<f64> {
 /// Squared distances between every row of `a` and every row of `b` (`a.rows × b.rows`).
 pub fn pairwise(a: &Matrix, b: &Matrix) -> Vec<f64> {
     debug_assert_eq!(a.cols, b.cols);
-    let mut bt = vec![0f64; b.cols * b.rows];
-    for i in 0..b.rows {
-        for j in 0..b.cols {
-            bt[j * b.rows + i] = b.data[i * b.cols + j];
-        }
-    }
-    let cross = matmul_f64(&a.data, &bt, a.rows, a.cols, b.rows);
+    let cross = matmul_f64_nt(&a.data, &b.data, a.rows, a.cols, b.rows);
     let (na, nb) = (norms(a), norms(b));
     let mut out = cross;
     for i in 0..a.rows {
@@ -107,14 +117,16 @@ const MODEL_ERROR: f64 = 1e-4;
 /// taken from the public parameters, so a mask whose scale followed the row would show up here.
 /// The part outside the basis's span must match up to rounding (`MODEL_ERROR`), which makes this
 /// attack as strong as the projection attack when m < d.
-pub fn gaussian(obs: &Matrix, cands: &Matrix, basis: Option<&Matrix>) -> Vec<f64> {
+pub fn gaussian(obs: &Matrix, cands: &Matrix, basis: Option<&Basis>) -> Vec<f64> {
     let d = obs.cols as f64;
     let cand_ms = norms(cands).iter().sum::<f64>() / (cands.rows.max(1) as f64 * d);
     let floor = MODEL_ERROR * MODEL_ERROR * cand_ms + 1e-30;
-    let (span, comp, m) = match basis {
-        None => (pairwise(obs, cands), None, d),
+    // Distances in the span, and (below full rank) in its complement; the rows' squared norms in
+    // the span.
+    let (span, comp, m, obs_span, cand_span_ms) = match basis {
+        None => (pairwise(obs, cands), None, d, norms(obs), cand_ms),
         Some(b) => {
-            let (os, cs) = (coords(obs, b), coords(cands, b));
+            let (os, cs) = (b.coords(obs), b.coords(cands));
             let span = pairwise(&os, &cs);
             let full = pairwise(obs, cands);
             let comp: Vec<f64> = full
@@ -122,16 +134,10 @@ pub fn gaussian(obs: &Matrix, cands: &Matrix, basis: Option<&Matrix>) -> Vec<f64
                 .zip(&span)
                 .map(|(f, s)| (f - s).max(0.0))
                 .collect();
-            (span, Some(comp), b.rows as f64)
+            let m = b.rank() as f64;
+            let cand_span_ms = norms(&cs).iter().sum::<f64>() / (cands.rows.max(1) as f64 * m);
+            (span, Some(comp), m, norms(&os), cand_span_ms)
         }
-    };
-    let obs_span = match basis {
-        None => norms(obs),
-        Some(b) => norms(&coords(obs, b)),
-    };
-    let cand_span_ms = match basis {
-        None => cand_ms,
-        Some(b) => norms(&coords(cands, b)).iter().sum::<f64>() / (cands.rows.max(1) as f64 * m),
     };
     let k = cands.rows;
     let mut out = vec![0f64; obs.rows * k];
@@ -209,14 +215,14 @@ mod tests {
     #[test]
     fn complement_removes_the_span_exactly() {
         // Basis: the first two axes of R^3.
-        let basis = m(2, 3, &[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+        let basis = Basis::new(m(2, 3, &[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]));
         let x = m(1, 3, &[5.0, -7.0, 0.25]);
-        assert_eq!(complement(&x, &basis).data, vec![0.0, 0.0, 0.25]);
+        assert_eq!(basis.complement(&x).data, vec![0.0, 0.0, 0.25]);
     }
 
     #[test]
     fn gaussian_prefers_the_true_candidate_and_the_complement_decides_at_low_rank() {
-        let basis = m(1, 3, &[1.0, 0.0, 0.0]);
+        let basis = Basis::new(m(1, 3, &[1.0, 0.0, 0.0]));
         // Observed: candidate 0 plus a huge mask along the basis.
         let cands = m(2, 3, &[0.0, 1.0, 0.0, 0.0, 0.0, 1.0]);
         let obs = m(1, 3, &[1e4, 1.0, 0.0]);

@@ -16,7 +16,7 @@ use talaria_wire::{
 };
 
 use crate::fixed::{IntOp, IntProduct};
-use crate::gemm::{matmul_f32, matmul_f64, matmul_f64_f32};
+use crate::gemm::{matmul_f32, matmul_f64, matmul_f64_f32, matmul_f64_nt};
 use crate::{Precision, RemoConfig, RemoError};
 
 /// What the CVM knows of an op after set-up: all of it public.
@@ -127,13 +127,7 @@ fn make_pairs(
             // The exact coefficients of the rounded mask: project it back onto the basis.
             let mut r = matmul_f64(&coeffs, b, count, m, d_in);
             round32(&mut r);
-            let mut bt = vec![0f64; d_in * m];
-            for i in 0..m {
-                for j in 0..d_in {
-                    bt[j * m + i] = b[i * d_in + j];
-                }
-            }
-            let c = matmul_f64(&r, &bt, count, d_in, m);
+            let c = matmul_f64_nt(&r, b, count, d_in, m);
             (r, c)
         }
     };

@@ -459,6 +459,11 @@ pub fn report(args: ReportArgs) -> Result<()> {
             &dir,
             args.victim_seed,
         )?;
+        eprintln!(
+            "{}: victims recorded in {:.1} s",
+            setting.name,
+            t0.elapsed().as_secs_f64()
+        );
         let tap = Tap::open(&dir)?;
         let truth = Truth::read(&dir.join(TRUTH_FILE))?;
         let mut scores = Vec::new();
@@ -482,6 +487,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
         if !args.keep_taps {
             let _ = std::fs::remove_dir_all(&dir);
         }
+        let t = Instant::now();
         let lossless = match &drift {
             Some((refs, macs)) if setting.config.enabled => Some(lossless::measure(
                 &path,
@@ -493,6 +499,13 @@ pub fn report(args: ReportArgs) -> Result<()> {
             )?),
             _ => None,
         };
+        if lossless.is_some() {
+            eprintln!(
+                "{}: drift measured in {:.1} s",
+                setting.name,
+                t.elapsed().as_secs_f64()
+            );
+        }
         let leaks = leaks(&scores);
         eprintln!("{}: {:.0} s", setting.name, t0.elapsed().as_secs_f64());
         report.settings.push(SettingResult {

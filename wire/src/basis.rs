@@ -8,7 +8,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use crate::gemm::matmul_f64;
+use crate::gemm::{matmul_f64, matmul_f64_nt};
 
 /// A public mask basis `M_pub` (`m × d_in`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,13 +57,7 @@ pub fn expand_basis(spec: &BasisSpec, d_in: usize) -> Option<Vec<f64>> {
         for _ in 0..2 {
             if i > 0 {
                 let u = &rows[..i * d_in];
-                let mut ut = vec![0f64; d_in * i];
-                for r in 0..i {
-                    for c in 0..d_in {
-                        ut[c * i + r] = u[r * d_in + c];
-                    }
-                }
-                let coeffs = matmul_f64(&block, &ut, b, d_in, i);
+                let coeffs = matmul_f64_nt(&block, u, b, d_in, i);
                 let proj = matmul_f64(&coeffs, u, b, i, d_in);
                 block.iter_mut().zip(&proj).for_each(|(x, p)| *x -= p);
             }

@@ -8,48 +8,71 @@ fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     }
 }
 
+/// `dst (m × n) = a (m × k) · b`, all row-major, where `b`'s element `(kk, j)` is at
+/// `kk·b_rs + j·b_cs`.
+///
+/// # Safety
+/// `a` must hold `m·k` elements and `b` every element its strides reach.
+unsafe fn product<T: 'static + Copy + Default + From<u8>>(
+    a: &[T],
+    b: &[T],
+    (m, k, n): (usize, usize, usize),
+    (b_rs, b_cs): (usize, usize),
+) -> Vec<T> {
+    let mut out = vec![T::default(); m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    // SAFETY: out holds m·n elements in row-major order, a holds m·k (callers check), and b's
+    // strides stay inside b (callers check).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            T::from(0),
+            T::from(1),
+            false,
+            false,
+            false,
+            parallelism(m, n, k),
+        );
+    }
+    out
+}
+
 macro_rules! matmul_impl {
-    ($name:ident, $t:ty) => {
+    ($name:ident, $name_nt:ident, $t:ty) => {
         /// `a (m × k) · b (k × n)`, all row-major.
         pub fn $name(a: &[$t], b: &[$t], m: usize, k: usize, n: usize) -> Vec<$t> {
             assert_eq!(a.len(), m * k, "lhs shape");
             assert_eq!(b.len(), k * n, "rhs shape");
-            let mut out = vec![0 as $t; m * n];
-            if m == 0 || n == 0 {
-                return out;
-            }
-            // SAFETY: the slices hold m·k, k·n and m·n elements (checked above), and the strides
-            // describe row-major layouts within them.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    out.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    a.as_ptr(),
-                    1,
-                    k as isize,
-                    b.as_ptr(),
-                    1,
-                    n as isize,
-                    0 as $t,
-                    1 as $t,
-                    false,
-                    false,
-                    false,
-                    parallelism(m, n, k),
-                );
-            }
-            out
+            // SAFETY: the lengths are checked above; b is k × n row-major.
+            unsafe { product(a, b, (m, k, n), (n, 1)) }
+        }
+
+        /// `a (m × k) · bᵀ` for `b` (n × k), both row-major: no transposed copy of `b` is made.
+        pub fn $name_nt(a: &[$t], b: &[$t], m: usize, k: usize, n: usize) -> Vec<$t> {
+            assert_eq!(a.len(), m * k, "lhs shape");
+            assert_eq!(b.len(), n * k, "rhs shape");
+            // SAFETY: the lengths are checked above; bᵀ's element (kk, j) is b[j·k + kk].
+            unsafe { product(a, b, (m, k, n), (1, k)) }
         }
     };
 }
 
-matmul_impl!(matmul_f32, f32);
-matmul_impl!(matmul_f64, f64);
+matmul_impl!(matmul_f32, matmul_f32_nt, f32);
+matmul_impl!(matmul_f64, matmul_f64_nt, f64);
 
 /// `a (m × k, f64) · b (k × n, f32)` in f64, all row-major. `b` is widened a block of columns
 /// at a time, so a matrix that is exact in f32 is held once, in f32, at no loss.
@@ -86,6 +109,32 @@ mod tests {
             super::matmul_f32(&a32, &b32, 2, 3, 2),
             [4.0, 5.0, 10.0, 11.0]
         );
+    }
+
+    #[test]
+    fn product_with_a_transposed_rhs_equals_the_product_with_its_transpose() {
+        let (m, k, n) = (7, 300, 45);
+        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+        let b: Vec<f64> = (0..n * k).map(|i| (i as f64 * 0.11).cos()).collect();
+        let mut bt = vec![0f64; k * n];
+        for j in 0..n {
+            for kk in 0..k {
+                bt[kk * n + j] = b[j * k + kk];
+            }
+        }
+        let want = super::matmul_f64(&a, &bt, m, k, n);
+        let got = super::matmul_f64_nt(&a, &b, m, k, n);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-12 * w.abs().max(1.0), "{g} vs {w}");
+        }
+        let a32: Vec<f32> = a.iter().map(|&x| x as f32).collect();
+        let b32: Vec<f32> = b.iter().map(|&x| x as f32).collect();
+        let bt32: Vec<f32> = bt.iter().map(|&x| x as f32).collect();
+        let want = super::matmul_f32(&a32, &bt32, m, k, n);
+        let got = super::matmul_f32_nt(&a32, &b32, m, k, n);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+        }
     }
 
     #[test]
