@@ -26,12 +26,23 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, over UDP (QUIC) or TCP (HTTP, metrics), and
+/// never one this process has handed out before: ports asked for one after the other (a
+/// topology's QUIC and metrics addresses) cannot collide when the kernel gives a just-released
+/// port out again.
 pub fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free UDP port")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free UDP port");
+        let port = udp.local_addr().expect("a bound UDP socket").port();
+        if given.contains(&port) || std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        given.push(port);
+        return port;
+    }
+    panic!("no loopback port free for both UDP and TCP after 1000 tries");
 }
 
 /// Generates through the agent at `addr` as a development tenant (an agent without SEV-SNP
@@ -58,14 +69,6 @@ pub fn ask_agent(
     ))
     .map(|a| a.generation.ids)
     .map_err(|e| e.to_string())
-}
-
-/// A loopback TCP port nobody listens on right now (HTTP endpoints).
-pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free TCP port")
-        .port()
 }
 
 /// `GET /metrics` of a Prometheus endpoint.

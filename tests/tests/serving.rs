@@ -8,7 +8,7 @@ use std::process::Command;
 
 use talaria_engine::{ChatMessage, SamplingParams, chat_prompt};
 use talaria_gpu_node::PlainEngine;
-use talaria_tests::cluster::{LocalCluster, ask_agent, free_port, free_tcp_port, metric, scrape};
+use talaria_tests::cluster::{LocalCluster, ask_agent, free_port, metric, scrape};
 use talaria_tests::{plain_greedy, real_model, repo_root};
 use talaria_wire::{Prompt, TenantRequest};
 
@@ -28,7 +28,7 @@ struct Tenant {
 /// Two stages with `/metrics`, `tenants`, and a small mask pool (sessions open faster).
 fn serving_topology(tenants: &[Tenant]) -> (String, Vec<SocketAddr>) {
     let metrics: Vec<SocketAddr> = (0..2)
-        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_tcp_port())))
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
         .collect();
     let mut t = format!(
         "[model]\nfile = \"{}\"\n[coordinator]\nlisten = \"127.0.0.1:{}\"\n",
@@ -66,7 +66,7 @@ fn python() -> PathBuf {
 
 #[test]
 fn the_openai_client_gets_the_plain_engines_greedy_answer_streamed_and_whole() {
-    let port = free_tcp_port();
+    let port = free_port();
     let (topology, _) = serving_topology(&[Tenant {
         name: "tenant-a".into(),
         http: Some(port),
