@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -120,16 +121,26 @@ impl LocalCluster {
         let topo = dir.path().join("topology.toml");
         std::fs::write(&topo, topology).unwrap();
         let run = dir.path().join("run");
-        let mut child = Command::new(bin("talaria"))
-            .args(["up", "--topology"])
+        let mut cmd = Command::new(bin("talaria"));
+        cmd.args(["up", "--topology"])
             .arg(&topo)
             .arg("--run-dir")
             .arg(&run)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting talaria up");
+            .stderr(Stdio::inherit());
+        // A test killed outright (a CI timeout, ^C) runs no Drop: the launcher is told by the
+        // kernel instead when this thread goes, and stops its children as on SIGTERM.
+        // SAFETY: prctl is async-signal-safe, and nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("starting talaria up");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)

@@ -61,6 +61,36 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The largest UDP payload an endpoint sends (after discovery) or accepts: what IPv6 allows.
+const MAX_UDP_PAYLOAD: u16 = 65_527;
+
+/// An endpoint on `socket` that accepts datagrams up to [`MAX_UDP_PAYLOAD`] (quinn's default
+/// of 1472 would cap what MTU discovery can find).
+fn endpoint(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<Endpoint> {
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    Endpoint::new(config, server, socket, runtime)
+}
+
+/// A UDP socket bound to `addr`; for an IPv6 address, dual-stack if the host allows it.
+fn client_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Not fatal: IPv4 peers then need the IPv4 fallback.
+        let _ = socket.set_only_v6(false);
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(4096u32.into())
@@ -69,6 +99,15 @@ fn transport() -> Arc<quinn::TransportConfig> {
         .receive_window((256u32 << 20).into())
         .send_window(256 << 20)
         .keep_alive_interval(Some(Duration::from_secs(5)))
+        // Masked rows are bulk data: on a path with a large MTU (loopback, jumbo frames) far
+        // fewer, larger datagrams carry them. Discovery starts from the safe 1200 bytes and
+        // only climbs as far as the path delivers (RFC 8899), so an Ethernet path stays at
+        // ~1452.
+        .mtu_discovery_config(Some({
+            let mut m = quinn::MtuDiscoveryConfig::default();
+            m.upper_bound(MAX_UDP_PAYLOAD);
+            m
+        }))
         .max_idle_timeout(Some(
             Duration::from_secs(60)
                 .try_into()
@@ -204,10 +243,12 @@ impl TlsMaterial {
             QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(transport());
-        Endpoint::server(config, addr).map_err(|e| TlsError::Bind {
-            addr,
-            message: e.to_string(),
-        })
+        std::net::UdpSocket::bind(addr)
+            .and_then(|socket| endpoint(socket, Some(config)))
+            .map_err(|e| TlsError::Bind {
+                addr,
+                message: e.to_string(),
+            })
     }
 
     /// A client endpoint that trusts the cluster's CA and speaks `alpn`.
@@ -231,8 +272,9 @@ impl TlsMaterial {
         let any: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
         let any4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
         // Dual-stack where the host allows it, else IPv4.
-        let mut endpoint = Endpoint::client(any)
-            .or_else(|_| Endpoint::client(any4))
+        let mut endpoint = client_socket(any)
+            .or_else(|_| client_socket(any4))
+            .and_then(|socket| endpoint(socket, None))
             .map_err(|e| TlsError::Bind {
                 addr: any4,
                 message: e.to_string(),
