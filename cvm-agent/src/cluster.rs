@@ -223,7 +223,7 @@ impl AgentShared {
             model,
             remo,
             calibration,
-            cache: PublicCache::default(),
+            cache: PublicCache::with_shared_pools(),
             uplink,
         })
     }

@@ -6,11 +6,13 @@ pub mod client;
 pub mod cluster;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use talaria_engine::{BlockOp, EngineError, LinearOps, ModelConfig, OpId, Rows};
-use talaria_remo::{Calibration, Masker, MaskerStats, PublicOp, RemoConfig, RemoError};
+use talaria_remo::{
+    Calibration, Masker, MaskerStats, PublicOp, RemoConfig, RemoError, SharedPools,
+};
 pub use talaria_wire::{CloudLink, LinkError};
 use talaria_wire::{MaskedCall, SessionId};
 
@@ -24,13 +26,41 @@ pub fn default_calibration() -> Result<Calibration, serde_json::Error> {
 }
 
 /// Public set-up material shared by an agent's sessions: with the identity basis, `R_pub` is
-/// the same for every session, so it is fetched once and held once.
+/// the same for every session, so it is fetched once and held once. Made with
+/// [`PublicCache::with_shared_pools`], it also holds the agent's mask pools
+/// ([`SharedPools`]), which those sessions then draw from.
 #[derive(Default)]
-pub struct PublicCache(Mutex<HashMap<OpId, PublicOp>>);
+pub struct PublicCache {
+    publics: Mutex<HashMap<OpId, PublicOp>>,
+    /// `None`: sessions keep their own pools. `Some(None)`: shared, not made yet.
+    pools: Option<Mutex<Option<Arc<SharedPools>>>>,
+}
 
 impl PublicCache {
+    /// A cache whose sessions also share their mask pools (the cluster agent's).
+    pub fn with_shared_pools() -> Self {
+        Self {
+            publics: Mutex::default(),
+            pools: Some(Mutex::new(None)),
+        }
+    }
+
+    /// The shared pools for sessions of `config`, made by the first one to ask.
+    fn pools(&self, config: &RemoConfig) -> Option<Arc<SharedPools>> {
+        let mut pools = self
+            .pools
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Some(
+            pools
+                .get_or_insert_with(|| Arc::new(SharedPools::new(config.clone())))
+                .clone(),
+        )
+    }
+
     fn get(&self, op: OpId) -> Option<PublicOp> {
-        self.0
+        self.publics
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&op)
@@ -38,7 +68,7 @@ impl PublicCache {
     }
 
     fn put(&self, op: OpId, public: PublicOp) {
-        self.0
+        self.publics
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(op, public);
@@ -46,7 +76,7 @@ impl PublicCache {
 
     /// Bytes of `R_pub` held.
     pub fn bytes(&self) -> usize {
-        self.0
+        self.publics
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
@@ -143,7 +173,11 @@ impl<L: CloudLink> RemoLinear<L> {
         cache: Option<&PublicCache>,
     ) -> Result<Self, AgentError> {
         let t0 = Instant::now();
+        let pools = cache.and_then(|c| c.pools(&remo));
         let mut masker = Masker::new(remo, session, seed)?;
+        if let Some(pools) = pools {
+            masker.share_pools(pools);
+        }
         for op in all_ops(config) {
             let (d_in, d_out) = op.shape(config);
             let rho = calibration.rho(op)?;

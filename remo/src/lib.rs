@@ -18,4 +18,4 @@ mod masker;
 pub use config::{Calibration, Precision, Rank, RemoConfig, op_key};
 pub use error::RemoError;
 pub use fixed::{FixedPointLinear, IntProduct};
-pub use masker::{Masker, MaskerStats, Pending, PublicOp};
+pub use masker::{Masker, MaskerStats, Pending, PublicOp, SharedPools};

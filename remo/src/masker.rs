@@ -1,7 +1,7 @@
 //! The CVM's side of ReMO for one session: public set-up per op, private mask coefficients,
 //! the offline mask pool, masking with dummy rows and a shuffle, and unmasking with canary checks.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -169,12 +169,23 @@ fn timed_pairs(
     pairs
 }
 
+/// Wakes a pool worker: a flag and its condition variable.
+type Wake = Arc<(Mutex<bool>, Condvar)>;
+
+fn nudge(wake: &Wake) {
+    let (lock, cv) = &**wake;
+    *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    cv.notify_one();
+}
+
 /// Fills every op's pool on a background thread, so the critical path pays only an add and a
 /// subtract per element.
 struct PoolWorker {
     stop: Arc<AtomicBool>,
-    wake: Arc<(Mutex<bool>, Condvar)>,
+    wake: Wake,
     handle: Option<JoinHandle<()>>,
+    /// How many ops it fills.
+    ops: usize,
 }
 
 impl PoolWorker {
@@ -185,7 +196,8 @@ impl PoolWorker {
         clock: OfflineClock,
     ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let wake = Arc::new((Mutex::new(false), Condvar::new()));
+        let wake: Wake = Arc::new((Mutex::new(false), Condvar::new()));
+        let n_ops = ops.len();
         let (stop2, wake2) = (stop.clone(), wake.clone());
         let handle = std::thread::Builder::new()
             .name("remo-pool".into())
@@ -229,23 +241,106 @@ impl PoolWorker {
                 }
             })
             .ok();
-        Self { stop, wake, handle }
-    }
-
-    fn nudge(&self) {
-        let (lock, cv) = &*self.wake;
-        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        cv.notify_one();
+        Self {
+            stop,
+            wake,
+            handle,
+            ops: n_ops,
+        }
     }
 }
 
 impl Drop for PoolWorker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        self.nudge();
+        nudge(&self.wake);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// The mask pools of every session of one agent. A mask pair depends only on the op's public
+/// weight and the configuration — with the identity basis (the default) and in the integer mode
+/// that is the same for every session — so the sessions can draw from one pool per op, filled
+/// by one thread: nothing is left over when a session ends, a new session finds masks ready,
+/// and an agent with many sessions runs one pool thread instead of one each. Each pair is still
+/// taken by exactly one call (under the op's lock), from a generator seeded by the operating
+/// system. Sessions with an orthonormal basis (rank < d) keep pools of their own.
+pub struct SharedPools {
+    config: RemoConfig,
+    ops: Mutex<HashMap<OpId, Arc<Mutex<OpState>>>>,
+    worker: Mutex<Option<PoolWorker>>,
+    clock: OfflineClock,
+}
+
+impl SharedPools {
+    /// Pools for sessions of `config` (sessions of another configuration do not share them).
+    pub fn new(config: RemoConfig) -> Self {
+        Self {
+            config,
+            ops: Mutex::new(HashMap::new()),
+            worker: Mutex::new(None),
+            clock: OfflineClock::default(),
+        }
+    }
+
+    /// Mask pairs ready in the pools, over all ops.
+    pub fn ready(&self) -> usize {
+        self.ops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).pool.len())
+            .sum()
+    }
+
+    /// Seconds the shared pool thread has spent making masks and their products.
+    pub fn mask_generation_s(&self) -> f64 {
+        self.clock.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// The op's shared state, made on first use with `public` and a fresh generator.
+    fn state(&self, op: OpId, public: &PublicOp, scale: f64) -> Arc<Mutex<OpState>> {
+        self.ops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(op)
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(OpState {
+                    public: public.public.clone(),
+                    scale,
+                    rng: ChaCha20Rng::from_seed(rand::rng().random()),
+                    pool: VecDeque::new(),
+                }))
+            })
+            .clone()
+    }
+
+    /// Starts (or, when ops were added since, restarts) the pool thread; its wake handle.
+    fn start(&self) -> Option<Wake> {
+        let ops: Vec<_> = self
+            .ops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        if self.config.pool == 0 || ops.is_empty() {
+            return None;
+        }
+        let mut worker = self.worker.lock().unwrap_or_else(|e| e.into_inner());
+        if worker.as_ref().is_none_or(|w| w.ops < ops.len()) {
+            // Dropping the old worker joins it first.
+            *worker = None;
+            *worker = Some(PoolWorker::start(
+                ops,
+                self.config.pool,
+                self.config.precision,
+                self.clock.clone(),
+            ));
+        }
+        worker.as_ref().map(|w| w.wake.clone())
     }
 }
 
@@ -287,7 +382,9 @@ pub struct MaskerStats {
     pub dummy_rows: u64,
     pub pool_hits: u64,
     pub pool_misses: u64,
-    /// Seconds spent making masks and their products, in the pool or on the spot.
+    /// Seconds this session's own pool thread spent making masks and their products (masks
+    /// made on the spot are online time; a shared pool's time is the agent's:
+    /// [`SharedPools::mask_generation_s`]).
     pub mask_generation_s: f64,
     /// Multiply-adds of mask generation per pair, summed over pairs made.
     pub mask_generation_macs: u64,
@@ -302,6 +399,12 @@ pub struct Masker {
     rng: ChaCha20Rng,
     ops: HashMap<OpId, Arc<Mutex<OpState>>>,
     worker: Option<PoolWorker>,
+    /// The agent's pools, when this session draws from them.
+    shared: Option<Arc<SharedPools>>,
+    /// The shared pool thread's wake handle, once started.
+    shared_wake: Option<Wake>,
+    /// The ops whose pairs come from the shared pools.
+    shared_ops: HashSet<OpId>,
     seq: u64,
     stats: MaskerStats,
     offline: OfflineClock,
@@ -323,6 +426,9 @@ impl Masker {
             rng: ChaCha20Rng::from_seed(seed),
             ops: HashMap::new(),
             worker: None,
+            shared: None,
+            shared_wake: None,
+            shared_ops: HashSet::new(),
             seq: 0,
             stats: MaskerStats::default(),
             offline: OfflineClock::default(),
@@ -470,12 +576,28 @@ impl Masker {
         })
     }
 
+    /// Draws this session's masks for identity-basis ops from `pools` (the agent's), if they
+    /// were made for this session's configuration; call before installing the ops.
+    pub fn share_pools(&mut self, pools: Arc<SharedPools>) {
+        if pools.config == self.config {
+            self.shared = Some(pools);
+        }
+    }
+
     /// Installs public material for `op`, possibly shared with other sessions, and draws this
-    /// session's private coefficient generator for it.
+    /// session's private coefficient generator for it (or, with shared pools and the identity
+    /// basis, joins the agent's pool for it).
     pub fn install_public(&mut self, op: OpId, public: PublicOp, rho: f64) {
+        let scale = self.config.scale * rho;
+        if let Some(pools) = self.shared.as_ref().filter(|_| public.identity) {
+            let state = pools.state(op, &public, scale);
+            self.ops.insert(op, state);
+            self.shared_ops.insert(op);
+            return;
+        }
         let state = OpState {
             public: public.public,
-            scale: self.config.scale * rho,
+            scale,
             rng: ChaCha20Rng::from_seed(self.rng.random()),
             pool: VecDeque::new(),
         };
@@ -484,8 +606,20 @@ impl Masker {
 
     /// Starts filling the pools in the background (a no-op with a pool size of 0).
     pub fn start_pool(&mut self) {
-        if self.config.enabled && self.config.pool > 0 && self.worker.is_none() {
-            let ops = self.ops.values().cloned().collect();
+        if !self.config.enabled || self.config.pool == 0 {
+            return;
+        }
+        if let Some(pools) = &self.shared {
+            self.shared_wake = pools.start();
+        }
+        // The ops not in the shared pools (all of them without sharing) get this session's own.
+        let ops: Vec<_> = self
+            .ops
+            .iter()
+            .filter(|(op, _)| !self.shared_ops.contains(op))
+            .map(|(_, state)| state.clone())
+            .collect();
+        if !ops.is_empty() && self.worker.is_none() {
             self.worker = Some(PoolWorker::start(
                 ops,
                 self.config.pool,
@@ -565,7 +699,10 @@ impl Masker {
         }
         drop(s);
         if let Some(w) = &self.worker {
-            w.nudge();
+            nudge(&w.wake);
+        }
+        if let Some(wake) = &self.shared_wake {
+            nudge(wake);
         }
 
         let mut slots: Vec<usize> = (0..total).collect();

@@ -3,8 +3,10 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
 use talaria_engine::{BlockOp, OpId, Rows};
-use talaria_remo::{Masker, Precision, Rank, RemoConfig, RemoError};
+
+use talaria_remo::{Masker, Precision, Rank, RemoConfig, RemoError, SharedPools};
 use talaria_wire::{RPub, SetupReply, SetupRequest, Tensor, expand_basis};
 
 const OP: OpId = OpId::Block {
@@ -393,4 +395,103 @@ fn masking_off_sends_the_rows_as_they_are() {
     );
     let y = m.unmask(p, &cloud.call(&sent)).unwrap();
     assert_eq!(y.rows(), 3);
+}
+
+/// Waits (up to 20 s) until the shared pools hold `n` pairs.
+fn wait_ready(pools: &SharedPools, n: usize) {
+    let t0 = std::time::Instant::now();
+    while pools.ready() < n {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "pools hold {} of {n} pairs",
+            pools.ready()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+fn shared_masker(cloud: &Cloud, config: RemoConfig, pools: &Arc<SharedPools>) -> Masker {
+    let mut m = Masker::new(config, 9, None).unwrap();
+    m.share_pools(pools.clone());
+    let req = m.setup_request(OP, cloud.d_in).unwrap();
+    m.install(&req, cloud.setup(&req), cloud.d_in, cloud.d_out, 1.0)
+        .unwrap();
+    m.start_pool();
+    m
+}
+
+#[test]
+fn sessions_sharing_pools_get_fresh_masks_exact_products_and_a_warm_start() {
+    let cloud = Cloud::random(16, 8, 5);
+    let config = RemoConfig {
+        pool: 8,
+        ..Default::default()
+    };
+    let pools = Arc::new(SharedPools::new(config.clone()));
+    let mut a = shared_masker(&cloud, config.clone(), &pools);
+    let mut b = shared_masker(&cloud, config.clone(), &pools);
+    // Interleaved calls of two sessions: every mask sent is new, every product exact.
+    let zero = Rows::new(1, 16, vec![0.0; 16]).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for call in 0..100u64 {
+        let m = if call % 2 == 0 { &mut a } else { &mut b };
+        let x = rows(2, 16, 1.0, call);
+        let want = cloud.product(
+            &x.data().iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
+            2,
+        );
+        let (sent, pending) = m.mask(OP, &x).unwrap();
+        let got = m.unmask(pending, &cloud.call(&sent)).unwrap();
+        assert!(max_err(&got, &want) < 1e-5, "call {call}");
+        let (sent, _) = m.mask(OP, &zero).unwrap();
+        for v in sent.to_f64().chunks(16) {
+            let key: Vec<u64> = v.iter().map(|x| x.to_bits()).collect();
+            assert!(seen.insert(key), "a mask was sent twice");
+        }
+    }
+    assert_eq!(seen.len(), 100 * 3);
+    // The sessions end; their pool does not: a new session starts with masks ready.
+    drop((a, b));
+    wait_ready(&pools, 3);
+    let mut c = shared_masker(&cloud, config.clone(), &pools);
+    let (sent, pending) = c.mask(OP, &zero).unwrap();
+    c.unmask(pending, &cloud.call(&sent)).unwrap();
+    assert_eq!((c.stats().pool_hits, c.stats().pool_misses), (3, 0));
+    // ... made by the agent's pool thread: the session has none of its own.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(c.stats().mask_generation_s, 0.0);
+    assert!(pools.mask_generation_s() > 0.0);
+    // A session of another configuration, or with a basis of its own, keeps its own pool.
+    for (session, shared) in [
+        (
+            RemoConfig {
+                dummy_rows: 3,
+                ..config.clone()
+            },
+            config.clone(),
+        ),
+        (
+            RemoConfig {
+                rank: Rank::Fraction(0.5),
+                ..config.clone()
+            },
+            RemoConfig {
+                rank: Rank::Fraction(0.5),
+                ..config.clone()
+            },
+        ),
+    ] {
+        let pools = Arc::new(SharedPools::new(shared));
+        let mut d = shared_masker(&cloud, session, &pools);
+        for call in 0..4 {
+            let x = rows(2, 16, 1.0, call);
+            let (sent, pending) = d.mask(OP, &x).unwrap();
+            d.unmask(pending, &cloud.call(&sent)).unwrap();
+        }
+        assert_eq!(
+            pools.ready(),
+            0,
+            "a session of its own used the shared pools"
+        );
+    }
 }
