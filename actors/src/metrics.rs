@@ -176,6 +176,26 @@ pub static AGENT_ITL_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
         seconds(),
     )
 });
+/// Mask pairs (a mask and its product with the weight) used by masked calls, by where they came
+/// from: `pool` (made ahead, off the critical path) or `on_the_spot` (the pool had run dry).
+pub static AGENT_MASK_PAIRS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "talaria_agent_mask_pairs_total",
+                "Mask pairs used by masked calls, by source (pool, on_the_spot)",
+            ),
+            &["source"],
+        )
+        .expect("valid metric"),
+    )
+});
+pub static AGENT_MASK_POOL_READY: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "talaria_agent_mask_pool_ready",
+        "Mask pairs ready in the agent's shared pools, all ops together",
+    )
+});
 
 /// The registry in Prometheus' text format.
 pub fn render() -> String {

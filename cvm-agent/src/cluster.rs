@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use talaria_actors::metrics;
 use talaria_actors::session::{BlockingUplink, Conversation};
 use talaria_engine::{
     ChatMessage, EngineError, GenerateRequest, ModelConfig, StopReason, Tokenizer, Transformer,
@@ -296,6 +297,7 @@ impl AgentConversation {
             },
         };
         let before = self.linear.timings().clone();
+        let stats_before = self.linear.stats();
         let gpu_before = self.linear.link_mut().gpu_seconds();
         let t0 = Instant::now();
         let mut stream = shared.tokenizer.decode_stream();
@@ -331,7 +333,18 @@ impl AgentConversation {
                 })
             },
             None,
-        )?;
+        );
+        // Where this generation's mask pairs came from, failed or not: a pool that keeps
+        // running dry is the agent's CPU falling behind its sessions.
+        let stats = self.linear.stats();
+        metrics::AGENT_MASK_PAIRS
+            .with_label_values(&["pool"])
+            .inc_by(stats.pool_hits - stats_before.pool_hits);
+        metrics::AGENT_MASK_PAIRS
+            .with_label_values(&["on_the_spot"])
+            .inc_by(stats.pool_misses - stats_before.pool_misses);
+        metrics::AGENT_MASK_POOL_READY.set(shared.cache.pool_ready() as i64);
+        let generation = generation?;
         let wall = t0.elapsed().as_secs_f64();
         let after = self.linear.timings().clone();
         let gpu = self.linear.link_mut().gpu_seconds() - gpu_before;

@@ -59,6 +59,14 @@ impl PublicCache {
         )
     }
 
+    /// Mask pairs ready in the shared pools (0 without them).
+    pub fn pool_ready(&self) -> usize {
+        self.pools
+            .as_ref()
+            .and_then(|p| p.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .map_or(0, |p| p.ready())
+    }
+
     fn get(&self, op: OpId) -> Option<PublicOp> {
         self.publics
             .lock()

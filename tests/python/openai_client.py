@@ -71,6 +71,10 @@ def main() -> None:
         out["wrong_model"] = None
     except openai.NotFoundError as e:
         out["wrong_model"] = {"status": e.status_code, "code": e.code}
+    # The agent's Prometheus metrics, served beside the API (same certificate).
+    metrics_url = base_url.rsplit("/v1", 1)[0] + "/metrics"
+    with openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=ca)) as http:
+        out["metrics"] = http.get(metrics_url).text
     print(json.dumps(out))
 
 

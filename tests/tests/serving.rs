@@ -132,6 +132,21 @@ fn the_openai_client_gets_the_plain_engines_greedy_answer_streamed_and_whole() {
         got["wrong_model"],
         serde_json::json!({"status": 404, "code": "model_not_found"})
     );
+    // The agent's metrics say where its mask pairs came from: its sessions share one pool
+    // (4 pairs per op here), so later generations start on pairs made ahead.
+    let text = got["metrics"].as_str().unwrap();
+    let pool = metric(text, "talaria_agent_mask_pairs_total{source=\"pool\"}");
+    let spot = metric(
+        text,
+        "talaria_agent_mask_pairs_total{source=\"on_the_spot\"}",
+    );
+    assert!(pool > 0.0 && spot > 0.0, "pool {pool}, on the spot {spot}");
+    let ready = metric(text, "talaria_agent_mask_pool_ready");
+    assert!(text.contains("\ntalaria_agent_mask_pool_ready "), "{text}");
+    assert!(
+        (0.0..=4.0 * 121.0).contains(&ready),
+        "{ready} pairs ready in pools of 4 for 121 ops"
+    );
 }
 
 #[test]
