@@ -1,5 +1,6 @@
 //! The CVM's side of ReMO for one session: public set-up per op, private mask coefficients,
-//! the offline mask pool, masking with dummy rows and a shuffle, and unmasking with canary checks.
+//! the offline mask pool (the session's own, or one its agent's sessions share), masking with
+//! dummy rows and a shuffle, and unmasking with canary checks.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -577,7 +578,9 @@ impl Masker {
     }
 
     /// Draws this session's masks for identity-basis ops from `pools` (the agent's), if they
-    /// were made for this session's configuration; call before installing the ops.
+    /// were made for this session's configuration; call before installing the ops. The sessions
+    /// sharing pools must also share their calibration (an op's mask scale is fixed by the
+    /// first session that installs it): an agent has one.
     pub fn share_pools(&mut self, pools: Arc<SharedPools>) {
         if pools.config == self.config {
             self.shared = Some(pools);
