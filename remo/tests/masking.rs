@@ -1,11 +1,11 @@
 //! Property tests of ReMO against an honest (or tampering) in-test cloud: a weight matrix and the
 //! public algorithm, nothing else.
 
+use std::sync::Arc;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::sync::Arc;
 use talaria_engine::{BlockOp, OpId, Rows};
-
 use talaria_remo::{Masker, Precision, Rank, RemoConfig, RemoError, SharedPools};
 use talaria_wire::{RPub, SetupReply, SetupRequest, Tensor, expand_basis};
 

@@ -66,7 +66,7 @@ const MAX_UDP_PAYLOAD: u16 = 65_527;
 
 /// An endpoint on `socket` that accepts datagrams up to [`MAX_UDP_PAYLOAD`] (quinn's default
 /// of 1472 would cap what MTU discovery can find).
-fn endpoint(
+fn endpoint_on(
     socket: std::net::UdpSocket,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<Endpoint> {
@@ -244,7 +244,7 @@ impl TlsMaterial {
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(transport());
         std::net::UdpSocket::bind(addr)
-            .and_then(|socket| endpoint(socket, Some(config)))
+            .and_then(|socket| endpoint_on(socket, Some(config)))
             .map_err(|e| TlsError::Bind {
                 addr,
                 message: e.to_string(),
@@ -274,7 +274,7 @@ impl TlsMaterial {
         // Dual-stack where the host allows it, else IPv4.
         let mut endpoint = client_socket(any)
             .or_else(|_| client_socket(any4))
-            .and_then(|socket| endpoint(socket, None))
+            .and_then(|socket| endpoint_on(socket, None))
             .map_err(|e| TlsError::Bind {
                 addr: any4,
                 message: e.to_string(),
