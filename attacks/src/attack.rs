@@ -36,10 +36,17 @@ pub enum AttackKind {
     /// A ridge decoder from masked rows to embeddings, trained on public text masked with the
     /// attacker's own keys.
     Learned,
+    /// The ideal attacker (`ideal.rs`): beam search over positions with the model's own
+    /// next-token distribution as the prior and the exact likelihood of every view under the
+    /// public mask model as the evidence; reports its beliefs and the prior's own guesses.
+    Ideal,
+    /// The exact bits of each layer-0 `qkv` value against every token (`exactness.rs`): finds
+    /// every token where the masks cannot reach every value of the row's grid.
+    Exactness,
 }
 
 impl AttackKind {
-    pub const ALL: [AttackKind; 7] = [
+    pub const ALL: [AttackKind; 9] = [
         AttackKind::Prior,
         AttackKind::Nn,
         AttackKind::Forward,
@@ -47,6 +54,8 @@ impl AttackKind {
         AttackKind::Gaussian,
         AttackKind::MultiView,
         AttackKind::Learned,
+        AttackKind::Ideal,
+        AttackKind::Exactness,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +67,8 @@ impl AttackKind {
             AttackKind::Gaussian => "gaussian",
             AttackKind::MultiView => "multi-view",
             AttackKind::Learned => "learned",
+            AttackKind::Ideal => "ideal",
+            AttackKind::Exactness => "exactness",
         }
     }
 }
@@ -88,6 +99,17 @@ pub struct Options {
     pub seed: u64,
     /// Random token sequences added to the public text for the learned attack.
     pub train_random: usize,
+    /// Hypotheses the ideal attack keeps per position.
+    #[serde(default = "crate::ideal::default_beam")]
+    pub beam: usize,
+    /// The model's next tokens the ideal attack tries per hypothesis (and as many again from
+    /// its layer-0 screen).
+    #[serde(default = "crate::ideal::default_top_k")]
+    pub top_k: usize,
+    /// The ideal attack sums the evidence of sessions whose passes have the same row counts
+    /// (taken to hold the same tokens).
+    #[serde(default)]
+    pub link_sessions: bool,
 }
 
 impl Default for Options {
@@ -101,18 +123,30 @@ impl Default for Options {
             distance: Distance::L2,
             seed: 0x7a1a_71a5,
             train_random: 48,
+            beam: crate::ideal::default_beam(),
+            top_k: crate::ideal::default_top_k(),
+            link_sessions: false,
         }
     }
 }
 
 /// An attack's guesses for one session.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SessionGuess {
     pub session: u64,
     /// The prompt (from the prefill).
     pub tokens: Vec<u32>,
     /// The generated tokens that went back into the model (one per decode pass).
     pub response: Vec<u32>,
+    /// The Bayesian attacks' beliefs at every guessed position (prompt, then response).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub beliefs: Vec<crate::ideal::Belief>,
+    /// What the same search guesses from the prior alone (for the paired test).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<crate::ideal::Baseline>,
+    /// The first session of the linked group this guess was made for, when it was linked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u64>,
 }
 
 /// What the masks of an op look like to the cloud.
@@ -336,7 +370,7 @@ impl Prior {
 
     /// `n` guesses that maximise the expected overlap with a prompt of `n` tokens: tokens
     /// allotted in proportion to their frequency (highest averages).
-    fn guess(&self, n: usize) -> Vec<u32> {
+    pub(crate) fn guess(&self, n: usize) -> Vec<u32> {
         let mut given = vec![0usize; self.ranked.len()];
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
@@ -369,7 +403,7 @@ pub struct Attacker<'s> {
     pub(crate) sim: &'s mut Simulator,
     pub(crate) opts: Options,
     pub(crate) calibration: Calibration,
-    prior: Prior,
+    pub(crate) prior: Prior,
     pub(crate) learned: learned::Cache,
 }
 
@@ -401,12 +435,17 @@ impl<'s> Attacker<'s> {
 
     /// Runs one attack on every session of a tap.
     pub fn run(&mut self, kind: AttackKind, tap: &Tap) -> Result<Vec<SessionGuess>, AttackError> {
+        if kind == AttackKind::Ideal {
+            return crate::ideal::run(self, tap);
+        }
+        if kind == AttackKind::Exactness {
+            return crate::exactness::run(self, tap);
+        }
         let mut out = Vec::new();
         for session in tap.sessions() {
             let mut guess = SessionGuess {
                 session: session.id,
-                tokens: Vec::new(),
-                response: Vec::new(),
+                ..SessionGuess::default()
             };
             // The context recovered so far: the sequential attacks simulate after it.
             let mut context = self.sim.empty();
@@ -483,6 +522,8 @@ impl<'s> Attacker<'s> {
                 self.sequential(pass, &views, Scorer::Gauss, &list, context)?
             }
             AttackKind::Learned => unreachable!("handled by learned::attack_pass"),
+            AttackKind::Ideal => unreachable!("handled by ideal::run"),
+            AttackKind::Exactness => unreachable!("handled by exactness::run"),
         })
     }
 

@@ -8,7 +8,10 @@
 
 mod attack;
 pub mod eval;
+mod exactness;
+mod ideal;
 mod learned;
+pub mod pads;
 pub mod score;
 mod sim;
 pub mod tap;
@@ -17,6 +20,8 @@ use std::path::Path;
 
 pub use attack::{AttackKind, Attacker, Options, SessionGuess};
 pub use eval::{AttackScore, Truth, wilson};
+pub use exactness::Reachable;
+pub use ideal::{Baseline, Belief};
 pub use sim::Simulator;
 pub use tap::{Public, Tap};
 

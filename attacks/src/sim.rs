@@ -62,6 +62,25 @@ impl Simulator {
         Ok(())
     }
 
+    /// Appends `token` to a context and returns the model's logits for the token after it: the
+    /// cloud owns the LM head, so the model's next-token distribution is part of its prior.
+    pub fn extend_logits(
+        &mut self,
+        cache: &mut KvCache,
+        token: u32,
+    ) -> Result<Vec<f32>, AttackError> {
+        let e = &mut self.engine;
+        let logits = e.model.forward(&mut e.weights, cache, &[token])?;
+        if logits.len() != self.config().vocab {
+            return Err(AttackError::Format(format!(
+                "{} logits for a vocabulary of {}",
+                logits.len(),
+                self.config().vocab
+            )));
+        }
+        Ok(logits)
+    }
+
     /// For each candidate as the next token after `cache`, the input row of every op in `ops`
     /// (`candidates.len()` rows per op, in candidate order).
     pub fn branches(

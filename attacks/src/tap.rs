@@ -19,6 +19,22 @@ pub const PUBLIC_FILE: &str = "public.json";
 pub struct Public {
     pub format: String,
     pub remo: RemoConfig,
+    /// How the float modes drew their masks (absent in taps written before the grid masks).
+    #[serde(default)]
+    pub masks: MaskFamily,
+}
+
+/// The public algorithm of the float modes' masks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaskFamily {
+    /// `fl(σ·ρ_op·z)` for an f64 normal `z`, added to the row in the mode's arithmetic: what
+    /// the float modes drew before the grid masks.
+    #[default]
+    ScaledGaussian,
+    /// Integer multiples of a power-of-two grid, added exactly to the row rounded to the grid
+    /// (`talaria_remo::grid`): what the float modes draw now.
+    Grid,
 }
 
 impl Public {
@@ -29,6 +45,7 @@ impl Public {
         let public = Public {
             format: Self::FORMAT.into(),
             remo: remo.clone(),
+            masks: MaskFamily::Grid,
         };
         let path = dir.join(PUBLIC_FILE);
         std::fs::create_dir_all(dir).map_err(AttackError::io(dir))?;
@@ -142,6 +159,11 @@ impl SessionTap {
         Ok(out)
     }
 
+    /// The session's calls, in order.
+    pub fn calls(&self) -> impl Iterator<Item = &CallRef> {
+        self.calls.values()
+    }
+
     /// The file of an op's public basis (`None` for the identity basis, or no masking).
     pub fn basis(&self, op: OpId) -> Option<&Path> {
         self.bases.get(&op).map(PathBuf::as_path)
@@ -252,9 +274,48 @@ impl Tap {
     }
 }
 
-/// Reads a 2-D little-endian f32, f64 or u64 `.npy` (format 1.0 or 2.0, C order) as f64; u64
-/// values (the integer mode's residues) are read as signed integers.
-pub fn read_npy(path: &Path) -> Result<Matrix, AttackError> {
+/// A row-major matrix of the integer mode's residues modulo 2^64, bit for bit.
+#[derive(Debug, Clone)]
+pub struct Residues {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<u64>,
+}
+
+impl Residues {
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &[u64] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+}
+
+/// The element types a tap's `.npy` files hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dtype {
+    F32,
+    F64,
+    U64,
+}
+
+/// A `.npy` file whose header was checked: its dtype, shape, and bytes with the data from
+/// `start` on, exactly `rows · cols` elements long.
+struct Npy {
+    dtype: Dtype,
+    rows: usize,
+    cols: usize,
+    bytes: Vec<u8>,
+    start: usize,
+}
+
+impl Npy {
+    fn body(&self) -> &[u8] {
+        &self.bytes[self.start..]
+    }
+}
+
+/// Reads a 2-D little-endian f32, f64 or u64 `.npy` (format 1.0 or 2.0, C order) and checks its
+/// header against its size.
+fn read_npy_raw(path: &Path) -> Result<Npy, AttackError> {
     let bytes = std::fs::read(path).map_err(AttackError::io(path))?;
     let bad = |why: &str| AttackError::Format(format!("{}: {why}", path.display()));
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
@@ -272,12 +333,12 @@ pub fn read_npy(path: &Path) -> Result<Matrix, AttackError> {
         .get(start..start + hlen)
         .and_then(|h| std::str::from_utf8(h).ok())
         .ok_or_else(|| bad("truncated header"))?;
-    let (width, residues) = if header.contains("'<f4'") {
-        (4, false)
+    let dtype = if header.contains("'<f4'") {
+        Dtype::F32
     } else if header.contains("'<f8'") {
-        (8, false)
+        Dtype::F64
     } else if header.contains("'<u8'") {
-        (8, true)
+        Dtype::U64
     } else {
         return Err(bad("dtype is neither <f4, <f8 nor <u8"));
     };
@@ -298,22 +359,64 @@ pub fn read_npy(path: &Path) -> Result<Matrix, AttackError> {
     let [rows, cols] = dims[..] else {
         return Err(bad("not a matrix"));
     };
-    let body = &bytes[start + hlen..];
-    if rows.checked_mul(cols).and_then(|n| n.checked_mul(width)) != Some(body.len()) {
+    let width = if dtype == Dtype::F32 { 4 } else { 8 };
+    let data_len = bytes.len() - (start + hlen);
+    if rows.checked_mul(cols).and_then(|n| n.checked_mul(width)) != Some(data_len) {
         return Err(bad("data size does not match the shape"));
     }
-    let data = if width == 4 {
-        body.chunks_exact(4)
+    Ok(Npy {
+        dtype,
+        rows,
+        cols,
+        bytes,
+        start: start + hlen,
+    })
+}
+
+/// Reads a 2-D little-endian f32, f64 or u64 `.npy` (format 1.0 or 2.0, C order) as f64; u64
+/// values (the integer mode's residues) are read as signed integers.
+pub fn read_npy(path: &Path) -> Result<Matrix, AttackError> {
+    let npy = read_npy_raw(path)?;
+    let body = npy.body();
+    let data = match npy.dtype {
+        Dtype::F32 => body
+            .chunks_exact(4)
             .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-            .collect()
-    } else if residues {
-        body.chunks_exact(8)
+            .collect(),
+        Dtype::U64 => body
+            .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as i64 as f64)
-            .collect()
-    } else {
-        body.chunks_exact(8)
+            .collect(),
+        Dtype::F64 => body
+            .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect()
+            .collect(),
     };
-    Ok(Matrix { rows, cols, data })
+    Ok(Matrix {
+        rows: npy.rows,
+        cols: npy.cols,
+        data,
+    })
+}
+
+/// Reads a 2-D little-endian u64 `.npy` (the integer mode's residues) bit for bit: [`read_npy`]
+/// goes through f64 and keeps only 53 bits, which the pad statistics cannot afford.
+pub fn read_npy_u64(path: &Path) -> Result<Residues, AttackError> {
+    let npy = read_npy_raw(path)?;
+    if npy.dtype != Dtype::U64 {
+        return Err(AttackError::Format(format!(
+            "{}: dtype is not <u8 (only the integer mode's residues are uint64)",
+            path.display()
+        )));
+    }
+    let data = npy
+        .body()
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    Ok(Residues {
+        rows: npy.rows,
+        cols: npy.cols,
+        data,
+    })
 }

@@ -66,7 +66,7 @@ fn main() -> Result<()> {
         stage.backend,
     )
     .with_context(|| format!("stage {} on {}", stage.name, stage.backend))?;
-    if topology.remo.precision.as_deref() == Some("int") {
+    if topology.remo.integer_mode() {
         // The integer mode's exact weights, for this stage's layers only.
         let before = weights.bytes();
         weights

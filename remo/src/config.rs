@@ -5,20 +5,24 @@ use talaria_engine::OpId;
 
 use crate::RemoError;
 
-/// Arithmetic of each side.
+/// Arithmetic of each side. The integer mode is the default and the only one whose hiding does
+/// not depend on statistics; the float modes are explicit choices that hide only as well as a
+/// Gaussian of scale σ·ρ_op does against the strongest attacker (`docs/attacks.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Precision {
-    /// Masks, masked rows, the cloud's GEMM and unmasking all in f32.
+    /// Masks, masked rows, the cloud's GEMM and unmasking all in f32. Statistical hiding only,
+    /// and the most drift.
     F32,
-    /// The CVM builds `x̃` in f64 and rounds it once to f32; masks are f32-representable and
-    /// their products (`R_pub` in f64) are exact in f64. The cloud's GEMM stays f32.
+    /// The CVM builds `x̃` exactly in f64 and rounds it once to f32; the mask's products are made
+    /// in f64. The cloud's GEMM stays f32. Statistical hiding only.
     F64Client,
     /// Everything in f64, the cloud's GEMM included: lossless at any measured scale.
+    /// Statistical hiding only.
     F64Gemm,
-    /// The integer one-time pad: fixed-point rows plus uniform pads modulo `2^64`, the cloud's
-    /// product in wrapping 64-bit integers over the exact integer weight; exact, and the cloud's
-    /// view is independent of the data. Full rank only; the scale σ does not apply.
+    /// The integer one-time pad (the default): fixed-point rows plus uniform pads modulo `2^64`,
+    /// the cloud's product in wrapping 64-bit integers over the exact integer weight; exact, and
+    /// the cloud's view is independent of the data. Full rank only; the scale σ does not apply.
     Int,
 }
 
@@ -94,17 +98,24 @@ impl std::str::FromStr for Rank {
 }
 
 /// Every ReMO parameter, with defaults chosen from measurements (see `docs/remo.md`).
+///
+/// What every mode leaves visible to the cloud, whatever it hides: the number of rows of every
+/// call (the prompt's length in the prefill, plus the public number of dummy rows), the number
+/// of decode steps (the response's length), the timing of every call, the frame sizes, and which
+/// tenant's session a call belongs to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RemoConfig {
     /// Whether to mask at all; off gives the plaintext split (the attack suite's control).
     pub enabled: bool,
     pub rank: Rank,
-    /// σ: the mask's scale in units of the op's calibrated input RMS ρ_op.
+    /// σ: the float modes' mask scale in units of the op's calibrated input RMS ρ_op (unused by
+    /// the integer mode).
     pub scale: f64,
     pub precision: Precision,
-    /// Pure-mask rows added to every call; they hide the row count and double as canaries.
+    /// Pure-mask rows added to every call: canaries whose products the CVM knows. They do not
+    /// hide the row count (it is `n + dummy_rows`, and `dummy_rows` is public).
     pub dummy_rows: usize,
-    /// Shuffle the rows of every call with a fresh permutation.
+    /// Shuffle the rows of every call with a fresh permutation (hides which row is a canary).
     pub shuffle: bool,
     /// Masks precomputed per op, ahead of the calls, on a background thread (0: on the spot).
     pub pool: usize,
@@ -124,7 +135,7 @@ impl Default for RemoConfig {
             enabled: true,
             rank: Rank::Full,
             scale: 100.0,
-            precision: Precision::F64Gemm,
+            precision: Precision::Int,
             dummy_rows: 2,
             shuffle: true,
             pool: 32,

@@ -12,6 +12,7 @@
 mod config;
 mod error;
 pub mod fixed;
+pub mod grid;
 pub use talaria_wire::gemm;
 mod masker;
 

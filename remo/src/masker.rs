@@ -18,6 +18,7 @@ use talaria_wire::{
 
 use crate::fixed::{IntOp, IntProduct};
 use crate::gemm::{matmul_f32, matmul_f64, matmul_f64_f32, matmul_f64_nt};
+use crate::grid;
 use crate::{Precision, RemoConfig, RemoError};
 
 /// What the CVM knows of an op after set-up: all of it public.
@@ -106,18 +107,23 @@ fn make_pairs(
         return int_pairs(int, rng, count);
     }
     let (d_in, d_out, m) = (public.d_in, public.d_out, public.m);
+    // Full rank: integer multiples of the op's power-of-two grid (see `grid`), so that every
+    // value of the grid is a reachable mask. With a basis (rank < d, which leaks anyway) the
+    // coefficients are plain Gaussians.
+    let step = public.basis.is_none().then(|| grid::grid_step(scale));
     let coeffs: Vec<f64> = (0..count * m)
-        .map(|_| scale * Distribution::<f64>::sample(&StandardNormal, &mut *rng))
+        .map(|_| {
+            let z = Distribution::<f64>::sample(&StandardNormal, &mut *rng);
+            match step {
+                Some(g) => g * grid::mask_steps(scale, g, z),
+                None => scale * z,
+            }
+        })
         .collect();
     let round32 = |v: &mut Vec<f64>| v.iter_mut().for_each(|x| *x = f64::from(*x as f32));
     // The mask actually added, and the coefficients whose product with R_pub removes it.
     let (masks, coeffs) = match (&public.basis, precision) {
-        (None, Precision::F64Gemm) => (coeffs.clone(), coeffs),
-        (None, _) => {
-            let mut c = coeffs;
-            round32(&mut c);
-            (c.clone(), c)
-        }
+        (None, _) => (coeffs.clone(), coeffs),
         (Some(b), Precision::F64Gemm) => (matmul_f64(&coeffs, b, count, m, d_in), coeffs),
         (Some(b), Precision::F32 | Precision::Int) => {
             let mut r = matmul_f64(&coeffs, b, count, m, d_in);
@@ -657,6 +663,7 @@ impl Masker {
         let state = self.ops.get(&op).ok_or(RemoError::NotSetUp(op))?.clone();
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         let (d_in, d_out) = (s.public.d_in, s.public.d_out);
+        let (identity, scale) = (s.public.basis.is_none(), s.scale);
         let pair_macs = Self::pair_macs(&s.public);
         if x.cols() != d_in {
             return Err(RemoError::Shape {
@@ -722,7 +729,10 @@ impl Masker {
             Some((enc, frac_bits, shift)) => {
                 Self::pad_rows(pairs, &slots, n, &enc, d_in, frac_bits, shift)
             }
-            None => Self::mask_rows(self.config.precision, pairs, &slots, x, d_in),
+            None => {
+                let step = identity.then(|| grid::grid_step(scale));
+                Self::mask_rows(op, self.config.precision, pairs, &slots, x, step)?
+            }
         };
         let pending = Pending {
             op,
@@ -736,60 +746,49 @@ impl Masker {
     }
 
     /// The float modes' rows: real rows plus their masks, dummy rows pure masks, in slot order.
+    /// With the identity basis (`step`: its grid) each value is the exact sum of the row rounded
+    /// to the grid and a grid mask, rounded once to f32 where the mode sends f32 (see `grid`);
+    /// with a basis, the plain sum.
     fn mask_rows(
+        op: OpId,
         precision: Precision,
         pairs: Vec<MaskPair>,
         slots: &[usize],
         x: &Rows,
-        d_in: usize,
-    ) -> (Tensor, Products) {
-        let (n, total) = (x.rows(), pairs.len());
-        let mut f64_rows = vec![
-            0f64;
-            if precision.gemm_f64() {
-                total * d_in
-            } else {
-                0
-            }
-        ];
-        let mut f32_rows = vec![
-            0f32;
-            if precision.gemm_f64() {
-                0
-            } else {
-                total * d_in
-            }
-        ];
+        step: Option<f64>,
+    ) -> Result<(Tensor, Products), RemoError> {
+        let (n, total, d_in) = (x.rows(), pairs.len(), x.cols());
+        let f64_out = precision.gemm_f64();
+        let mut f64_rows = vec![0f64; if f64_out { total * d_in } else { 0 }];
+        let mut f32_rows = vec![0f32; if f64_out { 0 } else { total * d_in }];
         let mut products = Vec::with_capacity(total);
         for (j, pair) in pairs.into_iter().enumerate() {
             let MaskPair::Float { mask, product } = pair else {
-                unreachable!("a float session draws float masks")
+                return Err(RemoError::Setup(format!(
+                    "{op}: a float call drew integer pads"
+                )));
             };
             let slot = slots[j];
             let real = (j < n).then(|| x.row(j));
-            match precision {
-                Precision::F64Gemm => {
-                    let dst = &mut f64_rows[slot * d_in..(slot + 1) * d_in];
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        *d = real.map_or(0.0, |r| f64::from(r[i])) + mask[i];
-                    }
-                }
-                Precision::F64Client => {
-                    let dst = &mut f32_rows[slot * d_in..(slot + 1) * d_in];
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        *d = (real.map_or(0.0, |r| f64::from(r[i])) + mask[i]) as f32;
-                    }
-                }
-                Precision::F32 | Precision::Int => {
-                    let dst = &mut f32_rows[slot * d_in..(slot + 1) * d_in];
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        *d = real.map_or(0.0, |r| r[i]) + mask[i] as f32;
-                    }
+            for i in 0..d_in {
+                let v = match (real, step) {
+                    (None, _) => mask[i],
+                    (Some(r), Some(g)) => grid::masked_value(op, r[i], mask[i], g)?,
+                    (Some(r), None) => match precision {
+                        // f32 end to end: the f32 sum of the row and the rounded mask.
+                        Precision::F32 | Precision::Int => f64::from(r[i] + mask[i] as f32),
+                        _ => f64::from(r[i]) + mask[i],
+                    },
+                };
+                if f64_out {
+                    f64_rows[slot * d_in + i] = v;
+                } else {
+                    f32_rows[slot * d_in + i] = v as f32;
                 }
             }
             products.push(product);
         }
-        let tensor = if precision.gemm_f64() {
+        let tensor = if f64_out {
             Tensor::F64 {
                 rows: total,
                 cols: d_in,
@@ -802,7 +801,7 @@ impl Masker {
                 data: f32_rows,
             }
         };
-        (tensor, Products::Float(products))
+        Ok((tensor, Products::Float(products)))
     }
 
     /// The integer mode's rows: encoded real rows plus their pads modulo `2^64`, dummy rows

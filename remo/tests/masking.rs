@@ -101,6 +101,15 @@ impl Cloud {
     }
 }
 
+/// The float configuration these tests exercise (the integer mode, the default, has its own
+/// tests in tests/integer.rs).
+fn float() -> RemoConfig {
+    RemoConfig {
+        precision: Precision::F64Gemm,
+        ..RemoConfig::default()
+    }
+}
+
 fn masker(cloud: &Cloud, config: RemoConfig, seed: u8) -> Masker {
     let mut m = Masker::new(config, 9, Some([seed; 32])).unwrap();
     let req = m.setup_request(OP, cloud.d_in).unwrap();
@@ -144,7 +153,7 @@ fn unmasking_recovers_the_product_for_every_mode() {
                     dummy_rows: 2,
                     shuffle: true,
                     pool: if case.is_multiple_of(2) { 4 } else { 0 },
-                    ..Default::default()
+                    ..float()
                 };
                 let mut m = masker(&cloud, config, case as u8);
                 for call in 0..3 {
@@ -182,7 +191,7 @@ fn f64_client_is_more_accurate_than_f32() {
                 precision,
                 scale: 100.0,
                 pool: 0,
-                ..Default::default()
+                ..float()
             },
             1,
         );
@@ -216,14 +225,7 @@ fn f64_client_is_more_accurate_than_f32() {
 #[test]
 fn masks_never_repeat() {
     let cloud = Cloud::random(16, 8, 1);
-    let mut m = masker(
-        &cloud,
-        RemoConfig {
-            pool: 8,
-            ..Default::default()
-        },
-        3,
-    );
+    let mut m = masker(&cloud, RemoConfig { pool: 8, ..float() }, 3);
     let zero = Rows::new(2, 16, vec![0.0; 32]).unwrap();
     let mut seen = std::collections::HashSet::new();
     for _ in 0..200 {
@@ -248,7 +250,7 @@ fn the_mask_does_not_depend_on_the_row() {
                 dummy_rows: 0,
                 shuffle: false,
                 pool: 0,
-                ..Default::default()
+                ..float()
             },
             4,
         );
@@ -285,7 +287,7 @@ fn a_corrupted_canary_row_is_detected() {
             dummy_rows: 1,
             shuffle: false,
             pool: 0,
-            ..Default::default()
+            ..float()
         };
         let mut m = masker(&cloud, config, 6);
         let x = rows(3, 32, 1.0, 1);
@@ -315,7 +317,7 @@ fn a_corrupted_canary_row_is_detected() {
 #[test]
 fn bad_replies_and_inputs_are_typed_errors() {
     let cloud = Cloud::random(32, 16, 4);
-    let mut m = masker(&cloud, RemoConfig::default(), 7);
+    let mut m = masker(&cloud, float(), 7);
     let x = rows(2, 32, 1.0, 1);
     let (_, p) = m.mask(OP, &x).unwrap();
     let short = Tensor::F64 {
@@ -354,7 +356,7 @@ fn bad_replies_and_inputs_are_typed_errors() {
         Masker::new(
             RemoConfig {
                 scale: -1.0,
-                ..Default::default()
+                ..float()
             },
             1,
             None
@@ -365,7 +367,7 @@ fn bad_replies_and_inputs_are_typed_errors() {
         Masker::new(
             RemoConfig {
                 rank: Rank::Fraction(1.5),
-                ..Default::default()
+                ..float()
             },
             1,
             None
@@ -380,7 +382,7 @@ fn masking_off_sends_the_rows_as_they_are() {
     let mut m = Masker::new(
         RemoConfig {
             enabled: false,
-            ..Default::default()
+            ..float()
         },
         1,
         Some([1; 32]),
@@ -423,10 +425,7 @@ fn shared_masker(cloud: &Cloud, config: RemoConfig, pools: &Arc<SharedPools>) ->
 #[test]
 fn sessions_sharing_pools_get_fresh_masks_exact_products_and_a_warm_start() {
     let cloud = Cloud::random(16, 8, 5);
-    let config = RemoConfig {
-        pool: 8,
-        ..Default::default()
-    };
+    let config = RemoConfig { pool: 8, ..float() };
     let pools = Arc::new(SharedPools::new(config.clone()));
     let mut a = shared_masker(&cloud, config.clone(), &pools);
     let mut b = shared_masker(&cloud, config.clone(), &pools);

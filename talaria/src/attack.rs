@@ -62,6 +62,17 @@ pub struct Knobs {
     /// Seed of the learned attacker's own masks.
     #[arg(long, default_value_t = Options::default().seed)]
     pub attack_seed: u64,
+    /// Hypotheses the ideal attack keeps per position (its beam width).
+    #[arg(long, default_value_t = Options::default().beam)]
+    pub beam: usize,
+    /// The model's next tokens the ideal attack tries per hypothesis (and as many again from
+    /// its layer-0 screen).
+    #[arg(long, default_value_t = Options::default().top_k)]
+    pub top_k: usize,
+    /// The ideal attack sums the evidence of sessions whose passes have the same row counts,
+    /// taking them to hold the same tokens (a retried prompt, a re-sent conversation).
+    #[arg(long)]
+    pub link_sessions: bool,
 }
 
 impl Knobs {
@@ -71,6 +82,9 @@ impl Knobs {
             forward_view: self.forward_view,
             distance: self.distance,
             seed: self.attack_seed,
+            beam: self.beam,
+            top_k: self.top_k,
+            link_sessions: self.link_sessions,
             ..Options::default()
         }
     }
@@ -82,7 +96,7 @@ pub struct AttackArgs {
     #[arg(long)]
     pub tap: PathBuf,
     /// Run only this attack (default: all): prior, nn, forward, projection, gaussian,
-    /// multi-view, learned.
+    /// multi-view, learned, ideal (and the others `AttackKind::ALL` names).
     #[arg(long, value_parser = parse_attack)]
     pub attack: Option<AttackKind>,
     /// Score against this truth file (default: the tap's truth.json, when there is one).
@@ -91,6 +105,10 @@ pub struct AttackArgs {
     /// Print JSON (scores and every guess) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Instead of attacking, test whether the integer mode's padded values are uniform
+    /// (docs/attacks.md, "Statistical tests of the integer pads"); needs no model.
+    #[arg(long, conflicts_with = "attack")]
+    pub pad_stats: bool,
     #[arg(long)]
     pub model_file: Option<PathBuf>,
     #[command(flatten)]
@@ -105,7 +123,88 @@ struct AttackRun {
     guesses: Vec<SessionGuess>,
 }
 
+/// `talaria attack --pad-stats`: the pad report, as JSON or a short table.
+fn pad_stats(args: &AttackArgs) -> Result<()> {
+    use talaria_attacks::pads::{PadOptions, test_tap};
+    let tap = Tap::open(&args.tap).with_context(|| format!("opening {}", args.tap.display()))?;
+    let t0 = Instant::now();
+    let report = test_tap(&tap, &PadOptions::default())
+        .with_context(|| format!("pad statistics of {}", args.tap.display()))?;
+    let seconds = t0.elapsed().as_secs_f64();
+    if args.json {
+        let out = serde_json::json!({"tap": args.tap, "seconds": seconds, "pads": report});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let (inc, acr) = (&report.pairs_in_call, &report.pairs_across_calls);
+    println!(
+        "{} calls, {} rows, {} values; row pairs tested: {} of {} in calls, {} of {} across \
+         calls; {seconds:.1} s",
+        report.calls,
+        report.rows,
+        report.values,
+        inc.tested,
+        inc.candidates,
+        acr.tested,
+        acr.candidates
+    );
+    println!(
+        "verdict: {} ({} tests, each rejecting at p <= {:.1e}: family-wise false-alarm rate {:.0e})",
+        report.verdict.name(),
+        report.tests.len(),
+        report.threshold,
+        report.alpha
+    );
+    let mut shown: Vec<_> = report.tests.iter().collect();
+    shown.sort_by(|a, b| a.p_value.total_cmp(&b.p_value));
+    let n = report.failed.len().max(5).min(shown.len());
+    let num = |x: f64| {
+        if x.abs() >= 100.0 {
+            format!("{x:.0}")
+        } else {
+            format!("{x:.4}")
+        }
+    };
+    println!(
+        "{:<32} {:>14} {:>14} {:>10}",
+        "test", "statistic", "expected", "p"
+    );
+    for t in &shown[..n] {
+        let p = if t.p_value > 0.0 {
+            format!("{:.2e}", t.p_value)
+        } else {
+            "< 1e-300".into()
+        };
+        let rejected = if t.p_value <= report.threshold {
+            "  REJECTED"
+        } else {
+            ""
+        };
+        let (stat, expected) = (num(t.statistic), num(t.expected));
+        println!("{:<32} {stat:>14} {expected:>14} {p:>10}{rejected}", t.name);
+    }
+    // Where a pair test rejected, the pair: the rows that look like they share a pad.
+    for (kind, pairs) in [("in call", inc), ("across calls", acr)] {
+        for (what, worst) in [
+            ("difference", &pairs.worst_difference),
+            ("xor", &pairs.worst_xor),
+        ] {
+            let name = format!("pairs {kind} ({what})");
+            if let Some(w) = worst.as_ref().filter(|_| report.failed.contains(&name)) {
+                println!(
+                    "{name}: {} row {} and {} row {}: {} of {} columns sign-extended",
+                    w.call_a, w.row_a, w.call_b, w.row_b, w.hits, w.cols
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: AttackArgs) -> Result<()> {
+    if args.pad_stats {
+        return pad_stats(&args);
+    }
     let path = crate::resolve_model(args.model_file.clone())?;
     let tap = Tap::open(&args.tap).with_context(|| format!("opening {}", args.tap.display()))?;
     let truth_path = args.truth.clone().or_else(|| {
@@ -125,7 +224,8 @@ pub fn run(args: AttackArgs) -> Result<()> {
         let seconds = t0.elapsed().as_secs_f64();
         let score = truth
             .as_ref()
-            .map(|t| score(kind.name(), &guesses, t, seconds));
+            .map(|t| scored(&mut attacker, kind, &tap, &guesses, t, seconds))
+            .transpose()?;
         if !args.json {
             match &score {
                 Some(s) => {
@@ -149,6 +249,9 @@ pub fn run(args: AttackArgs) -> Result<()> {
                         );
                     }
                     println!("  {seconds:.1} s");
+                    if let Some(line) = beliefs_line(s) {
+                        println!("{:<11} {line}", "");
+                    }
                 }
                 None => println!(
                     "{:<11} {} session(s) guessed, {seconds:.1} s (no truth to score against)",
@@ -191,12 +294,13 @@ pub struct ReportArgs {
     /// one makes a decode pass whose input, the token before, is attacked as the response.
     #[arg(long, default_value_t = 1)]
     pub gen_tokens: usize,
-    /// The small grid the tests run (plaintext, the default, rank 1/2, σ = 1, the integer
-    /// mode) instead of the full one.
+    /// The small grid the tests run (plaintext, the integer default, and f64-gemm at σ = 100,
+    /// rank 1/2 and σ = 1) instead of the full one.
     #[arg(long)]
     pub small: bool,
-    /// Run only the settings whose names start with one of these (e.g. `rank`, `σ=`, `default`).
-    #[arg(long, value_delimiter = ',')]
+    /// Run only these settings, separated by `;` (names contain commas): a setting's exact name,
+    /// or the start of names (e.g. `f32`, `f64-gemm, rank`, `default`).
+    #[arg(long, value_delimiter = ';')]
     pub settings: Vec<String>,
     /// File name stem of the report: STEM.json, STEM.md, STEM.png.
     #[arg(long, default_value = "attack-report")]
@@ -242,6 +346,17 @@ fn grid(small: bool) -> Vec<Setting> {
         name: name.into(),
         config,
     };
+    // The float modes are explicit choices: each is measured beside the default.
+    let float = |precision: Precision, scale: f64| RemoConfig {
+        precision,
+        scale,
+        ..base.clone()
+    };
+    let f64_gemm = |x: f64| float(Precision::F64Gemm, x);
+    let rank = |f: f64| RemoConfig {
+        rank: Rank::Fraction(f),
+        ..f64_gemm(100.0)
+    };
     let mut v = vec![
         s(
             "plaintext (--remo-off)",
@@ -250,61 +365,68 @@ fn grid(small: bool) -> Vec<Setting> {
                 ..base.clone()
             },
         ),
-        s("default (full, σ=100, f64-gemm)", base.clone()),
+        s("default: int (one-time pad, f=32)", base.clone()),
     ];
-    let rank = |f: f64| RemoConfig {
-        rank: Rank::Fraction(f),
-        ..base.clone()
-    };
-    let scale = |x: f64| RemoConfig {
-        scale: x,
-        ..base.clone()
-    };
-    let int = RemoConfig {
-        precision: Precision::Int,
-        ..base.clone()
-    };
     if small {
-        v.push(s("rank 1/2", rank(0.5)));
-        v.push(s("σ=1", scale(1.0)));
-        v.push(s("int (one-time pad, f=32)", int));
+        v.push(s("f64-gemm, σ=100", f64_gemm(100.0)));
+        v.push(s("f64-gemm, rank 1/2", rank(0.5)));
+        v.push(s("f64-gemm, σ=1", f64_gemm(1.0)));
         return v;
     }
-    v.push(s("int (one-time pad, f=32)", int));
-    v.push(s("rank d−1", rank(1.0 - 1.0 / 576.0)));
-    v.push(s("rank 3/4", rank(0.75)));
-    v.push(s("rank 1/2", rank(0.5)));
-    v.push(s("rank 1/4", rank(0.25)));
-    for x in [1.0, 3.0, 10.0, 30.0, 1000.0, 1e4] {
-        v.push(s(&format!("σ={x}"), scale(x)));
-    }
     for (name, p) in [
-        ("f32", Precision::F32),
+        ("f64-gemm", Precision::F64Gemm),
         ("f64-client", Precision::F64Client),
+        ("f32", Precision::F32),
     ] {
-        v.push(s(
-            &format!("{name}, σ=100"),
-            RemoConfig {
-                precision: p,
-                ..base.clone()
-            },
-        ));
+        for x in [30.0, 100.0, 300.0, 1000.0] {
+            v.push(s(&format!("{name}, σ={x}"), float(p, x)));
+        }
     }
+    for x in [1.0, 3.0, 10.0, 1e4] {
+        v.push(s(&format!("f64-gemm, σ={x}"), f64_gemm(x)));
+    }
+    v.push(s("f64-gemm, rank d−1", rank(1.0 - 1.0 / 576.0)));
+    v.push(s("f64-gemm, rank 3/4", rank(0.75)));
+    v.push(s("f64-gemm, rank 1/2", rank(0.5)));
+    v.push(s("f64-gemm, rank 1/4", rank(0.25)));
     v.push(s(
-        "no shuffle",
+        "f64-gemm, σ=100, no shuffle",
         RemoConfig {
             shuffle: false,
-            ..base.clone()
+            ..f64_gemm(100.0)
         },
     ));
     v.push(s(
-        "no dummy rows",
+        "f64-gemm, σ=100, no dummy rows",
         RemoConfig {
             dummy_rows: 0,
-            ..base.clone()
+            ..f64_gemm(100.0)
         },
     ));
     v
+}
+
+/// The settings `wanted` names: each pattern selects the setting of exactly that name if there
+/// is one (`f64-gemm, σ=1` is not also `f64-gemm, σ=100`), else every name it starts.
+fn select_settings(grid: Vec<Setting>, wanted: &[String]) -> Vec<Setting> {
+    if wanted.is_empty() {
+        return grid;
+    }
+    let chosen = |name: &str| {
+        wanted.iter().any(|p| {
+            let exact = grid.iter().any(|s| &s.name == p);
+            if exact {
+                name == p
+            } else {
+                name.starts_with(p.as_str())
+            }
+        })
+    };
+    let keep: Vec<bool> = grid.iter().map(|s| chosen(&s.name)).collect();
+    grid.into_iter()
+        .zip(keep)
+        .filter_map(|(s, k)| k.then_some(s))
+        .collect()
 }
 
 /// Runs the victims' prompts through ReMO with `config`, one session each (prefill only: the
@@ -377,7 +499,8 @@ struct SettingResult {
     name: String,
     config: RemoConfig,
     attacks: Vec<AttackScore>,
-    /// Whether some attack's interval lies wholly above the prior's.
+    /// Whether some attack's interval lies wholly above the prior's (the ideal attack: whether
+    /// it beats its own prior in the paired test).
     leaks: bool,
     lossless: Option<SettingReport>,
 }
@@ -441,10 +564,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
         options,
         settings: Vec::new(),
     };
-    let settings: Vec<Setting> = grid(args.small)
-        .into_iter()
-        .filter(|s| args.settings.is_empty() || args.settings.iter().any(|p| s.name.starts_with(p)))
-        .collect();
+    let settings = select_settings(grid(args.small), &args.settings);
     if settings.is_empty() {
         bail!("no setting of the grid matches {:?}", args.settings);
     }
@@ -472,7 +592,14 @@ pub fn report(args: ReportArgs) -> Result<()> {
             let guesses = attacker
                 .run(kind, &tap)
                 .with_context(|| format!("attack {} on {}", kind.name(), setting.name))?;
-            let s = score(kind.name(), &guesses, &truth, t.elapsed().as_secs_f64());
+            let s = scored(
+                &mut attacker,
+                kind,
+                &tap,
+                &guesses,
+                &truth,
+                t.elapsed().as_secs_f64(),
+            )?;
             eprintln!(
                 "{:<34} {:<11} {:>6.2} % [{:.2} – {:.2}] {:.1} s",
                 setting.name,
@@ -482,6 +609,9 @@ pub fn report(args: ReportArgs) -> Result<()> {
                 100.0 * s.ci95[1],
                 s.seconds
             );
+            if let Some(line) = beliefs_line(&s) {
+                eprintln!("{:<34} {:<11} {line}", "", "");
+            }
             scores.push(s);
         }
         if !args.keep_taps {
@@ -525,15 +655,91 @@ pub fn report(args: ReportArgs) -> Result<()> {
     Ok(())
 }
 
-/// Whether some attack's interval lies wholly above the prior's, on the prompt or the response.
+/// Whether some attack's interval lies wholly above the prior's, on the prompt or the response;
+/// an attack that brings its own prior (the ideal attack: the model's next-token distribution)
+/// is judged against that instead, by its paired test (McNemar p < 0.05, more positions right).
 fn leaks(scores: &[AttackScore]) -> bool {
+    if scores
+        .iter()
+        .any(|s| s.paired.as_ref().is_some_and(|p| p.significant()))
+    {
+        return true;
+    }
     let Some(prior) = scores.iter().find(|s| s.attack == AttackKind::Prior.name()) else {
         return false;
     };
-    scores.iter().any(|s| {
+    scores.iter().filter(|s| s.paired.is_none()).any(|s| {
         s.ci95[0] > prior.ci95[1]
             || matches!((&s.response, &prior.response), (Some(r), Some(p)) if r.ci95[0] > p.ci95[1])
     })
+}
+
+/// Scores an attack's guesses; for the ideal attack also the information its evidence gives
+/// along the true tokens (the scorer's bound, computed here because only the scorer holds the
+/// truth).
+fn scored(
+    attacker: &mut Attacker,
+    kind: AttackKind,
+    tap: &Tap,
+    guesses: &[SessionGuess],
+    truth: &Truth,
+    seconds: f64,
+) -> Result<AttackScore> {
+    let mut s = score(kind.name(), guesses, truth, seconds);
+    if kind == AttackKind::Ideal {
+        let along = attacker
+            .ideal_true_prefix(tap, truth)
+            .context("the ideal attack's evidence along the true tokens")?;
+        s.true_prefix = talaria_attacks::eval::information(&along, truth);
+    }
+    Ok(s)
+}
+
+/// The ideal attack's information and paired test, in one line (`None` for other attacks).
+fn beliefs_line(s: &AttackScore) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(i) = &s.information {
+        parts.push(format!(
+            "{:.3} bits/token [{:.3} – {:.3}] over {} positions ({} with the true token among the \
+             candidates); top-1 posterior {:.1} %, prior {:.1} %",
+            i.bits_per_token,
+            i.bits_ci95[0],
+            i.bits_ci95[1],
+            i.positions,
+            i.covered,
+            100.0 * i.posterior_top1,
+            100.0 * i.prior_top1
+        ));
+    }
+    if let Some(p) = &s.paired {
+        parts.push(format!(
+            "positions right {}/{} vs the prior's on the same prefix {} (McNemar {}:{}, \
+             p = {:.2e}; the prior-only beam {})",
+            p.attack_correct,
+            p.positions,
+            p.baseline_correct,
+            p.attack_only,
+            p.baseline_only,
+            p.p_value,
+            p.prior_beam_correct
+                .map_or("–".to_string(), |c| c.to_string()),
+        ));
+    }
+    if let Some(i) = &s.true_prefix {
+        parts.push(format!(
+            "with the true prefix: {:.3} bits/token [{:.3} – {:.3}], top-1 posterior {:.1} %, \
+             prior {:.1} % (McNemar {}:{}, p = {:.2e})",
+            i.bits_per_token,
+            i.bits_ci95[0],
+            i.bits_ci95[1],
+            100.0 * i.posterior_top1,
+            100.0 * i.prior_top1,
+            i.posterior_only,
+            i.prior_only,
+            i.top1_p_value
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 fn slug(name: &str) -> String {
@@ -560,7 +766,8 @@ fn markdown(r: &Report) -> String {
         "# Token reconstruction by the cloud\n\n`{}`\n\n{} victim prompts ({} tokens) from `{}`, \
          one session each; accuracy is the share of prompt tokens recovered (order-free), with \
          its 95 % Wilson interval. \"leaks\": some attack's interval lies wholly above the \
-         prior's. Drift and cost: `talaria lossless` on the same setting (teacher-forced, {}).\n\n",
+         prior's, or the ideal attack beats its own (the model's) prior in the paired test below \
+         (p < 0.05). Drift and cost: `talaria lossless` on the same setting (teacher-forced, {}).\n\n",
         r.command,
         r.victims,
         r.victim_tokens,
@@ -619,7 +826,89 @@ fn markdown(r: &Report) -> String {
             s.push('\n');
         }
     }
+    beliefs_table(&mut s, r);
     s
+}
+
+/// The attacks that report beliefs (the ideal attack): information on the true token and the
+/// paired test against the prior.
+fn beliefs_table(s: &mut String, r: &Report) {
+    let rows: Vec<(&str, &AttackScore)> = r
+        .settings
+        .iter()
+        .flat_map(|set| {
+            set.attacks
+                .iter()
+                .filter(|a| {
+                    a.information.is_some() || a.paired.is_some() || a.true_prefix.is_some()
+                })
+                .map(move |a| (set.name.as_str(), a))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    s.push_str(
+        "\nInformation and paired test (prompt and response positions; a position is right when \
+         the i-th guess is the i-th token). Bits: mean log2 P_post(true) − log2 P_prior(true) over \
+         the candidate set, 0 where the true token is not a candidate. Paired: exact McNemar of \
+         the attack against the prior's own most probable candidate after the same prefix (the \
+         model prior alone); the prior-only beam search's positions right are shown beside. True \
+         prefix: the same information along the true tokens, each position's posterior given \
+         every other true token (a bound the scorer measures, not an attack).\n\n",
+    );
+    s.push_str(
+        "| setting | attack | bits/token (95 %) | covered | positions right: attack / prior | \
+         attack only : prior only | McNemar p | prior-only beam | true prefix: bits/token (95 %) \
+         | true prefix: top-1 posterior / prior |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let pct = |k: usize, n: usize| format!("{:.1} %", 100.0 * k as f64 / n.max(1) as f64);
+    for (name, a) in rows {
+        let (bits, covered) = match &a.information {
+            Some(i) => (
+                format!(
+                    "{:.3} ({:.3}–{:.3})",
+                    i.bits_per_token, i.bits_ci95[0], i.bits_ci95[1]
+                ),
+                format!("{}/{}", i.covered, i.positions),
+            ),
+            None => ("–".into(), "–".into()),
+        };
+        let (right, discordant, p, beam) = match &a.paired {
+            Some(p) => (
+                format!(
+                    "{} / {}",
+                    pct(p.attack_correct, p.positions),
+                    pct(p.baseline_correct, p.positions)
+                ),
+                format!("{} : {}", p.attack_only, p.baseline_only),
+                format!("{:.2e}", p.p_value),
+                p.prior_beam_correct
+                    .map_or("–".into(), |c| pct(c, p.positions)),
+            ),
+            None => ("–".into(), "–".into(), "–".into(), "–".into()),
+        };
+        let (tp_bits, tp_top) = match &a.true_prefix {
+            Some(i) => (
+                format!(
+                    "{:.3} ({:.3}–{:.3})",
+                    i.bits_per_token, i.bits_ci95[0], i.bits_ci95[1]
+                ),
+                format!(
+                    "{:.1} % / {:.1} % (p = {:.2e})",
+                    100.0 * i.posterior_top1,
+                    100.0 * i.prior_top1,
+                    i.top1_p_value
+                ),
+            ),
+            None => ("–".into(), "–".into()),
+        };
+        s.push_str(&format!(
+            "| {name} | {} | {bits} | {covered} | {right} | {discordant} | {p} | {beam} | \
+             {tp_bits} | {tp_top} |\n",
+            a.attack
+        ));
+    }
 }
 
 /// A table's header and separator rows: the setting, one column per attack, then `extra`.

@@ -42,9 +42,10 @@ pub struct RemoArgs {
     /// σ: mask scale in units of each op's calibrated input RMS.
     #[arg(long, default_value_t = RemoConfig::default().scale)]
     pub remo_scale: f64,
-    /// Arithmetic: f32, f64-client, f64-gemm (lossless), or int (the exact integer one-time
-    /// pad: fixed point, uniform pads mod 2^64; full rank only, σ unused).
-    #[arg(long, default_value = "f64-gemm", value_parser = parse_precision)]
+    /// Arithmetic: int (the default: the exact integer one-time pad, fixed point plus uniform
+    /// pads mod 2^64, full rank only, σ unused), or the float modes f64-gemm (lossless),
+    /// f64-client and f32, which hide only statistically (docs/attacks.md).
+    #[arg(long, default_value = "int", value_parser = parse_precision)]
     pub remo_precision: Precision,
     /// The integer mode's fractional bits f (rows that could overflow 63 bits get fewer).
     #[arg(long, default_value_t = RemoConfig::default().frac_bits)]

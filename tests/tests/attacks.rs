@@ -59,7 +59,6 @@ fn attack_report(out: &Path, extra: &[&str]) -> Value {
     let model = real_model();
     let mut args = vec![
         "attack-report",
-        "--small",
         "--gen-tokens",
         "3",
         "--shortlist",
@@ -76,9 +75,12 @@ fn attack_report(out: &Path, extra: &[&str]) -> Value {
     serde_json::from_slice(&std::fs::read(out.join("attack-report.json")).unwrap()).unwrap()
 }
 
-/// The small grid in two runs: every attack on the control, the default and the integer mode
-/// (with their drift); and on the two leaking settings only the prior and the attacks that
-/// must find each leak (the others add minutes there, and nothing the first run does not test).
+/// Every attack but the ideal one (tests/attack_ideal.rs runs it: minutes per tap).
+const CLASSIC: &str = "prior,nn,forward,projection,gaussian,multi-view,learned,exactness";
+
+/// The small grid in two runs: every attack on the control and the default (with its drift);
+/// and on the two leaking float settings only the prior and the attacks that must find each
+/// leak (the others add minutes there, and nothing the first run does not test).
 #[test]
 fn the_small_grid_finds_every_leak_and_nothing_at_the_default() {
     let dir = tempfile::tempdir().unwrap();
@@ -87,8 +89,11 @@ fn the_small_grid_finds_every_leak_and_nothing_at_the_default() {
     let report = attack_report(
         &out,
         &[
+            "--small",
             "--settings",
-            "plaintext,default,int",
+            "plaintext;default",
+            "--attacks",
+            CLASSIC,
             "--victims",
             "4",
             "--drift-prompts",
@@ -105,8 +110,9 @@ fn the_small_grid_finds_every_leak_and_nothing_at_the_default() {
     let leaky = attack_report(
         &leaky_out,
         &[
+            "--small",
             "--settings",
-            "rank 1/2,σ=1",
+            "f64-gemm, rank 1/2;f64-gemm, σ=1",
             "--attacks",
             "prior,projection,gaussian",
             "--victims",
@@ -120,34 +126,36 @@ fn the_small_grid_finds_every_leak_and_nothing_at_the_default() {
 
     // The control: against the plaintext tap the matching attacks recover the prompts.
     let plain = setting(&report, "plaintext");
-    for name in ["nn", "forward", "projection", "gaussian", "multi-view"] {
+    for name in [
+        "nn",
+        "forward",
+        "projection",
+        "gaussian",
+        "multi-view",
+        "exactness",
+    ] {
         assert!(
             acc(attack(plain, name)) >= 0.975,
             "{name} on plaintext: {plain}"
         );
     }
     // Rank d/2 leaks the complement exactly.
-    let half = setting(&leaky, "rank 1/2");
+    let half = setting(&leaky, "f64-gemm, rank 1/2");
     assert!(acc(attack(half, "projection")) >= 0.975, "{half}");
     assert_eq!(half["leaks"], true);
     // σ = 1 is far too small: the Gaussian attack sees through it.
-    let weak = setting(&leaky, "σ=1");
+    let weak = setting(&leaky, "f64-gemm, σ=1");
     assert_eq!(weak["leaks"], true, "{weak}");
-    // The default: no attack does better than guessing from word frequencies.
+    // The default, the integer one-time pad: the cloud's view is independent of the data, and
+    // no attack does better than guessing from word frequencies.
     let default = setting(&report, "default");
+    assert_eq!(default["config"]["precision"], "int", "{default}");
     at_chance(default);
-    // The integer one-time pad: the cloud's view is independent of the data.
-    let int = setting(&report, "int");
-    at_chance(int);
-    assert_eq!(int["lossless"]["token_agreement"].as_f64(), Some(1.0));
-    // Drift and cost of the masked settings, from `talaria lossless` in the same run.
+    // Drift and cost from `talaria lossless` in the same run: none.
     assert_eq!(default["lossless"]["token_agreement"].as_f64(), Some(1.0));
     assert!(plain["lossless"].is_null());
     let md = std::fs::read_to_string(out.join("attack-report.md")).unwrap();
-    assert!(
-        md.contains("| default (full") && md.contains("**leaks**"),
-        "{md}"
-    );
+    assert!(md.contains("| default: int"), "{md}");
     assert!(
         std::fs::metadata(out.join("attack-report.png"))
             .unwrap()
@@ -157,6 +165,11 @@ fn the_small_grid_finds_every_leak_and_nothing_at_the_default() {
 
     // `talaria attack` on a kept tap, scored against its truth.json.
     let plain_tap = taps.join("plaintext----remo-off-");
+    assert!(
+        plain_tap.is_dir(),
+        "taps: {:?}",
+        std::fs::read_dir(&taps).unwrap().collect::<Vec<_>>()
+    );
     let o = talaria(&[
         "attack",
         "--tap",
@@ -274,4 +287,53 @@ fn forward_branches_equal_the_causal_pass_at_every_op() {
         !close(&branch[d..2 * d], &causal),
         "another token gave the same row"
     );
+}
+
+/// The exactness attack (exact bits of each masked value against every token) finds every
+/// token of a tap recorded before the grid masks (f64-gemm, σ = 100: `fl(σ·ρ·z)` added exactly,
+/// tests/fixtures/tap-f64-gemm-legacy-masks, its layer-0 calls), and nothing in any float mode
+/// now: there it does exactly what the prior does.
+#[test]
+fn the_exactness_attack_breaks_the_old_float_masks_and_not_the_grid_masks() {
+    let legacy = repo_root().join("tests/fixtures/tap-f64-gemm-legacy-masks");
+    let o = talaria(&[
+        "attack",
+        "--tap",
+        legacy.to_str().unwrap(),
+        "--attack",
+        "exactness",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let score = &run["runs"][0]["score"];
+    assert_eq!(score["accuracy"].as_f64(), Some(1.0), "{run}");
+    assert!(score["total"].as_u64().unwrap() >= 29, "{run}");
+    assert_eq!(score["response"]["accuracy"].as_f64(), Some(1.0), "{run}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let report = attack_report(
+        &dir.path().join("report"),
+        &[
+            "--settings",
+            "f64-gemm, σ=100;f64-client, σ=100;f32, σ=100",
+            "--attacks",
+            "prior,exactness",
+            "--victims",
+            "3",
+            "--drift-prompts",
+            "0",
+            "--no-plot",
+        ],
+    );
+    let settings = report["settings"].as_array().unwrap();
+    assert_eq!(settings.len(), 3, "{report}");
+    for s in settings {
+        let (exact, prior) = (attack(s, "exactness"), attack(s, "prior"));
+        assert_eq!(
+            exact["recovered"], prior["recovered"],
+            "the exactness attack learned something in {}: {s}",
+            s["name"]
+        );
+    }
 }

@@ -157,7 +157,7 @@ pub struct RemoSection {
     /// `full` or a fraction in (0, 1).
     pub rank: Option<String>,
     pub scale: Option<f64>,
-    /// `f32`, `f64-client`, `f64-gemm` or `int`.
+    /// `int` (the default), `f32`, `f64-client` or `f64-gemm`.
     pub precision: Option<String>,
     /// The integer mode's fractional bits.
     pub frac_bits: Option<u32>,
@@ -166,6 +166,14 @@ pub struct RemoSection {
     pub pool: Option<usize>,
     /// `false`: the plaintext split (attack-suite control only).
     pub enabled: Option<bool>,
+}
+
+impl RemoSection {
+    /// Whether the agents run the integer mode, the default when `precision` is not given (the
+    /// gpu-nodes then load the integer weights).
+    pub fn integer_mode(&self) -> bool {
+        self.precision.as_deref().is_none_or(|p| p == "int")
+    }
 }
 
 /// Where the cluster's TLS material comes from.

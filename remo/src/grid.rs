@@ -1,0 +1,111 @@
+//! The float modes' masks on a power-of-two grid, so that the exact bits of a masked value say
+//! nothing about the row beyond the mask's statistical hiding (`docs/remo.md`, "Exact bits").
+//!
+//! A float mask `fl(s·z)` with a scale `s` that is not a power of two cannot produce every value
+//! of the output's grid; when `x + fl(s·z)` is then exact, `y − x'` is a producible mask value on
+//! every coordinate for the true row `x' = x` and not for most wrong ones, which recovered every
+//! token of the f64 mode at any σ. Here instead, for an op of public scale `s = σ·ρ_op`:
+//!
+//! - the grid step is `g = 2^(⌈log₂ s⌉ − GRID_BITS)`, a power of two fixed by `s` alone;
+//! - the mask is `m = g·Z`, `Z = round((s/g)·z)` with `z` standard normal: an integer-valued
+//!   (rounded) Gaussian of standard deviation `s/g ∈ (2^(GRID_BITS−1), 2^GRID_BITS]` grid steps;
+//! - the row is rounded to the grid, `x_q = g·round(x/g)`, and `x_q + m = g·(X + Z)` is exact in
+//!   f64 (`|X + Z| < 2^53` is checked).
+//!
+//! Every grid value is then a reachable mask for every candidate row, so the masked value is a
+//! draw from `x_q + g·Z` and nothing else: its likelihood under a candidate is the rounded
+//! Gaussian's, which is what the statistical attacks measure. The f32 modes send `fl32(x_q + m)`,
+//! a function of that exact value, which by the data-processing inequality tells no more.
+//!
+//! Why `GRID_BITS = 32`: the rounded Gaussian is drawn from rand_distr's ziggurat normal, whose
+//! values are a 51-bit uniform times the width of one of its layers (≤ 3.7 outside the rare
+//! tail), so spaced at most `2^-49` apart; each integer `Z` collects `≥ 2^(49−32) = 2^17` equally
+//! likely values of `z`, give or take one. The relative unevenness between integers is thus
+//! `≲ 2^-17`, and what it could tell about a row is below its square: `~10^-10` nats per
+//! coordinate, `~10^-5` nats over the ~10^5 masked coordinates of a position's 121 views.
+//! Rounding the row moves a value by at most `g/2 ≤ s·2^-32`: at σ = 100 that is `ρ_op·2^-25`,
+//! under f32's own resolution at the row's scale; values above `s·2^-8` are already multiples of
+//! `g` (their f32 spacing is at least `g`) and do not move at all.
+
+use talaria_engine::OpId;
+
+use crate::RemoError;
+
+/// Bits of the grid below the mask's scale: the mask's standard deviation is `2^(GRID_BITS−1)`
+/// to `2^GRID_BITS` grid steps.
+pub const GRID_BITS: i32 = 32;
+
+/// The largest `|X + Z|` in grid steps for which `g·(X + Z)` is exact in f64.
+const EXACT: f64 = (1u64 << 53) as f64;
+
+/// The grid step of an op whose mask scale is `scale` (`σ·ρ_op`, positive and finite).
+pub fn grid_step(scale: f64) -> f64 {
+    2f64.powi(scale.log2().ceil() as i32 - GRID_BITS)
+}
+
+/// A mask coordinate in grid steps: `round((s/g)·z)`, clamped far out in the tail (at 2^12
+/// standard deviations, where a normal never reaches) so exactness never depends on luck.
+pub fn mask_steps(scale: f64, step: f64, z: f64) -> f64 {
+    let limit = 2f64.powi(GRID_BITS + 12);
+    ((scale / step) * z).round().clamp(-limit, limit)
+}
+
+/// `x_q + m` exactly, for a row value `x` and a mask `m = step·Z`: the value the cloud is sent
+/// (f64), or from which it is rounded once (f32).
+pub fn masked_value(op: OpId, x: f32, mask: f64, step: f64) -> Result<f64, RemoError> {
+    let steps = (f64::from(x) / step).round();
+    let total = steps + mask / step;
+    if !(total.abs() < EXACT) {
+        return Err(RemoError::Overflow {
+            op,
+            reason: format!(
+                "a value {x:e} is beyond 2^53 grid steps of {step:e} (or not finite): it cannot \
+                 be masked exactly"
+            ),
+        });
+    }
+    Ok(total * step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OP: OpId = OpId::LmHead;
+
+    #[test]
+    fn the_grid_is_a_power_of_two_below_the_scale() {
+        for s in [0.37, 1.0, 3.0, 100.0, 1234.5] {
+            let g = grid_step(s);
+            assert_eq!(g.log2().fract(), 0.0, "{g}");
+            let sd = s / g;
+            assert!(
+                sd > 2f64.powi(GRID_BITS - 1) && sd <= 2f64.powi(GRID_BITS),
+                "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn masked_values_are_exact_sums_on_the_grid() {
+        let s = 100.0 * 0.8;
+        let g = grid_step(s);
+        for (x, z) in [(0.5f32, 1.3), (-3.25e-7, -2.2), (17.0, 0.0), (0.0, 4.1)] {
+            let m = g * mask_steps(s, g, z);
+            let y = masked_value(OP, x, m, g).unwrap();
+            // The sum is on the grid, and removing the mask leaves the rounded row exactly.
+            assert_eq!((y / g).fract(), 0.0);
+            let xq = (f64::from(x) / g).round() * g;
+            assert_eq!(y - m, xq);
+            assert!((xq - f64::from(x)).abs() <= g / 2.0);
+        }
+    }
+
+    #[test]
+    fn values_that_cannot_be_exact_are_refused() {
+        let g = grid_step(1.0);
+        assert!(masked_value(OP, f32::INFINITY, 0.0, g).is_err());
+        assert!(masked_value(OP, f32::NAN, 0.0, g).is_err());
+        assert!(masked_value(OP, 1e30, 0.0, g).is_err());
+    }
+}
