@@ -18,11 +18,13 @@
 //! a function of that exact value, which by the data-processing inequality tells no more.
 //!
 //! Why `GRID_BITS = 32`: the rounded Gaussian is drawn from rand_distr's ziggurat normal, whose
-//! values are a 51-bit uniform times the width of one of its layers (≤ 3.7 outside the rare
-//! tail), so spaced at most `2^-49` apart; each integer `Z` collects `≥ 2^(49−32) = 2^17` equally
-//! likely values of `z`, give or take one. The relative unevenness between integers is thus
-//! `≲ 2^-17`, and what it could tell about a row is below its square: `~10^-10` nats per
-//! coordinate, `~10^-5` nats over the ~10^5 masked coordinates of a position's 121 views.
+//! values within |z| ≲ 4.6 are a uniform on a `2^-51` grid times a layer width ≤ 3.911, so
+//! spaced at most `2^-49` apart; each integer `Z` there collects `≥ 2^17` grid values per layer,
+//! and the relative unevenness between integers is `≲ 2^-17`. Further out the ziggurat's tail is
+//! coarser (unevenness `2^-10` at 6σ), and past ~7.8σ some integers are never drawn: a value
+//! there can be ruled out by its bits, with probability ~5·10^-15 per coordinate. Integrated over
+//! `z`, the information the unevenness carries about a row is ~10^-13 nats per coordinate
+//! (an exact emulation of the sampler; docs/remo.md), ~10^-8 nats over a position's 121 views.
 //! Rounding the row moves a value by at most `g/2 ≤ s·2^-32`: at σ = 100 that is `ρ_op·2^-25`,
 //! under f32's own resolution at the row's scale; values above `s·2^-8` are already multiples of
 //! `g` (their f32 spacing is at least `g`) and do not move at all.
@@ -47,7 +49,9 @@ pub fn grid_step(scale: f64) -> f64 {
 /// standard deviations, where a normal never reaches) so exactness never depends on luck.
 pub fn mask_steps(scale: f64, step: f64, z: f64) -> f64 {
     let limit = 2f64.powi(GRID_BITS + 12);
-    ((scale / step) * z).round().clamp(-limit, limit)
+    // `+ 0.0` turns −0 into +0: a dummy row's −0 would otherwise mark it as a canary (a real
+    // row's value there is +0 unless the row's own value is a negative zero).
+    ((scale / step) * z).round().clamp(-limit, limit) + 0.0
 }
 
 /// `x_q + m` exactly, for a row value `x` and a mask `m = step·Z`: the value the cloud is sent
@@ -55,7 +59,8 @@ pub fn mask_steps(scale: f64, step: f64, z: f64) -> f64 {
 pub fn masked_value(op: OpId, x: f32, mask: f64, step: f64) -> Result<f64, RemoError> {
     let steps = (f64::from(x) / step).round();
     let total = steps + mask / step;
-    if !(total.abs() < EXACT) {
+    // Written so that a NaN fails the check too.
+    if total.is_nan() || total.abs() >= EXACT {
         return Err(RemoError::Overflow {
             op,
             reason: format!(
@@ -99,6 +104,15 @@ mod tests {
             assert_eq!(y - m, xq);
             assert!((xq - f64::from(x)).abs() <= g / 2.0);
         }
+    }
+
+    #[test]
+    fn a_mask_coordinate_is_never_a_negative_zero() {
+        let (s, g) = (80.0, grid_step(80.0));
+        let z = -0.3 * g / s;
+        assert!(mask_steps(s, g, z).is_sign_positive());
+        let y = masked_value(OP, 0.0, g * mask_steps(s, g, z), g).unwrap();
+        assert!(y.is_sign_positive());
     }
 
     #[test]

@@ -175,7 +175,13 @@ fn the_ideal_attack_reads_plaintext_and_weak_masks_and_nothing_of_the_pad() {
 
     // A weak float mask (σ = 1, f64 GEMM): nearly everything.
     let weak = dir.path().join("weak");
-    record(&scratch, &weak, &PROMPTS, 20, &["--remo-scale", "1"]);
+    record(
+        &scratch,
+        &weak,
+        &PROMPTS,
+        20,
+        &["--remo-precision", "f64-gemm", "--remo-scale", "1"],
+    );
     let s = ideal(&weak, &[])["score"].clone();
     summary("σ = 1", &s);
     assert!(f(&s["accuracy"]) >= 0.975, "σ = 1: {s}");
@@ -249,7 +255,7 @@ fn linking_sessions_of_the_same_prompt_adds_information() {
         &tap,
         &[prompt, prompt, prompt],
         40,
-        &["--remo-scale", "30"],
+        &["--remo-precision", "f64-gemm", "--remo-scale", "30"],
     );
     let single = ideal(&tap, &[]);
     let linked = ideal(&tap, &["--link-sessions"]);
