@@ -21,13 +21,39 @@ pub trait StageCompute: Send + Sync + 'static {
     /// Whether this stage holds the weights of `op`.
     fn owns(&self, op: OpId) -> bool;
     /// `R_pub` for a public basis, encoded as a `SetupReply` payload.
-    fn setup(&self, req: &SetupRequest) -> Result<Vec<u8>, ErrorReply>;
+    fn setup(&self, req: &SetupRequest, seen: Arrival) -> Result<Vec<u8>, ErrorReply>;
     /// `x̃ · W` for each of `calls` (all of one op, from any sessions and tenants), each encoded
     /// as a `MaskedReply` payload, in their order. An implementation should stack their rows
-    /// into one matrix multiply.
-    fn call_batch(&self, calls: &[MaskedCall]) -> Vec<Result<Vec<u8>, ErrorReply>>;
+    /// into one matrix multiply. `seen[i]` is how `calls[i]` arrived.
+    fn call_batch(
+        &self,
+        calls: &[MaskedCall],
+        seen: &[Arrival],
+    ) -> Vec<Result<Vec<u8>, ErrorReply>>;
+    /// A session of `tenant` opened here (the coordinator says whose it is).
+    fn open(&self, _session: SessionId, _tenant: &str) {}
     /// A session is over (e.g. to flush what a tap recorded for it).
     fn close(&self, _session: SessionId) {}
+}
+
+/// What a stage sees of a request besides its content: when it arrived and how large its frame
+/// was. The cloud knows both for every request; a tap records them.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    pub at: Instant,
+    /// The request frame's length in bytes (header and payload; QUIC adds its own packet
+    /// overhead). `None` where no frame crossed a wire (the in-process engine).
+    pub frame_bytes: Option<usize>,
+}
+
+impl Arrival {
+    /// A request handed over in process, now.
+    pub fn in_process() -> Self {
+        Self {
+            at: Instant::now(),
+            frame_bytes: None,
+        }
+    }
 }
 
 /// Work for a [`GpuShard`]: a `Setup` or `Call` request frame whose header the stage admitted.
@@ -52,7 +78,7 @@ fn mismatch(what: &str) -> ErrorReply {
 }
 
 /// Decodes an admitted set-up request and runs it.
-fn run_setup(compute: &dyn StageCompute, frame: &[u8]) -> JobResult {
+fn run_setup(compute: &dyn StageCompute, frame: &[u8], since: Instant) -> JobResult {
     let (head, payload): (Request, &[u8]) = frame::split(frame).map_err(|e| frame_error(&e))?;
     let Request::Setup { session, op } = head else {
         return Err(ErrorReply::new(
@@ -65,7 +91,11 @@ fn run_setup(compute: &dyn StageCompute, frame: &[u8]) -> JobResult {
         return Err(mismatch("session or op"));
     }
     let t0 = Instant::now();
-    let reply = compute.setup(&req)?;
+    let seen = Arrival {
+        at: since,
+        frame_bytes: Some(frame.len()),
+    };
+    let reply = compute.setup(&req, seen)?;
     Ok((reply, t0.elapsed().as_micros() as u64))
 }
 
@@ -190,16 +220,23 @@ fn work(queue: Arc<Queue>, compute: Arc<dyn StageCompute>) {
         }
         if batch[0].job.setup {
             let w = batch.into_iter().next().expect("one job");
-            let _ = w.reply.send(run_setup(compute.as_ref(), &w.job.frame));
+            let _ = w
+                .reply
+                .send(run_setup(compute.as_ref(), &w.job.frame, w.since));
             continue;
         }
         // Decode every call; one that fails is answered alone, the others still run.
         let mut calls = Vec::with_capacity(batch.len());
+        let mut seen = Vec::with_capacity(batch.len());
         let mut owners = Vec::with_capacity(batch.len());
         for w in batch {
             match decode_call(&w.job.frame) {
                 Ok(call) => {
                     calls.push(call);
+                    seen.push(Arrival {
+                        at: w.since,
+                        frame_bytes: Some(w.job.frame.len()),
+                    });
                     owners.push(w);
                 }
                 Err(e) => {
@@ -213,7 +250,7 @@ fn work(queue: Arc<Queue>, compute: Arc<dyn StageCompute>) {
         let tenants = distinct_tenants(owners.iter());
         let rows: usize = calls.iter().map(|c| c.x.shape().0).sum();
         let t0 = Instant::now();
-        let mut replies = compute.call_batch(&calls);
+        let mut replies = compute.call_batch(&calls, &seen);
         let elapsed = t0.elapsed();
         metrics::STAGE_BATCH_CALLS.observe(calls.len() as f64);
         metrics::STAGE_BATCH_TENANTS.observe(tenants as f64);
@@ -355,6 +392,7 @@ impl LayerStage {
         match head {
             Request::StageOpen { session, tenant } => {
                 tracing::info!(stage = %self.name, session, %tenant, "session opened");
+                self.compute.open(session, &tenant);
                 self.sessions.insert(session, tenant.into());
                 self.sessions_changed();
                 Ok(Err(ok_frame(0, &[])))

@@ -11,6 +11,7 @@ pub mod eval;
 mod exactness;
 mod ideal;
 mod learned;
+pub mod metadata;
 pub mod pads;
 pub mod score;
 mod sim;

@@ -72,6 +72,10 @@ impl Public {
 #[derive(Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Event {
+    Open {
+        session: u64,
+        tenant: String,
+    },
     Setup {
         session: u64,
         op: String,
@@ -86,6 +90,11 @@ enum Event {
         rows: usize,
         cols: usize,
         file: String,
+        /// Absent in taps written before arrival times were recorded.
+        #[serde(default)]
+        t_us: Option<u64>,
+        #[serde(default)]
+        frame_bytes: Option<usize>,
     },
 }
 
@@ -117,12 +126,19 @@ pub struct CallRef {
     pub rows: usize,
     pub cols: usize,
     pub file: PathBuf,
+    /// Arrival at the stage, µs since its tap started (taps of one cluster start together,
+    /// within the stages' start-up skew).
+    pub t_us: Option<u64>,
+    /// The request frame's length; `None` in process or in older taps.
+    pub frame_bytes: Option<usize>,
 }
 
 /// The events of one session.
 #[derive(Debug, Clone, Default)]
 pub struct SessionTap {
     pub id: u64,
+    /// The tenant the coordinator named when it opened the session (cluster taps only).
+    pub tenant: Option<String>,
     calls: BTreeMap<u64, CallRef>,
     bases: HashMap<OpId, PathBuf>,
 }
@@ -222,6 +238,9 @@ impl Tap {
         let mut sessions: BTreeMap<u64, SessionTap> = BTreeMap::new();
         for e in index.events {
             match e {
+                Event::Open { session, tenant } => {
+                    sessions.entry(session).or_default().tenant = Some(tenant);
+                }
                 Event::Setup {
                     session,
                     op,
@@ -242,6 +261,8 @@ impl Tap {
                     rows,
                     cols,
                     file,
+                    t_us,
+                    frame_bytes,
                 } => {
                     let call = CallRef {
                         seq,
@@ -249,6 +270,8 @@ impl Tap {
                         rows,
                         cols,
                         file: inside(&dir, &file)?,
+                        t_us,
+                        frame_bytes,
                     };
                     let s = sessions.entry(session).or_default();
                     s.id = session;

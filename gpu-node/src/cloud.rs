@@ -4,6 +4,7 @@
 
 use std::sync::Mutex;
 
+use talaria_actors::stage::Arrival;
 use talaria_engine::{OpId, Rows};
 use talaria_wire::{
     BasisSpec, CloudLink, LinkError, MaskedCall, MaskedReply, RPub, SetupReply, SetupRequest,
@@ -51,6 +52,15 @@ impl CloudExecutor {
     /// For the identity basis `R_pub` is the weight itself, exact in f32: it is sent in f32
     /// whatever precision was asked for, and widened by the receiver (half the bytes).
     pub fn setup(&self, req: &SetupRequest) -> Result<SetupReply, NodeError> {
+        self.setup_arrived(req, Arrival::in_process())
+    }
+
+    /// [`setup`](Self::setup) for a request that arrived as `seen` says (what a tap records).
+    pub fn setup_arrived(
+        &self,
+        req: &SetupRequest,
+        seen: Arrival,
+    ) -> Result<SetupReply, NodeError> {
         let (d_in, d_out) = req.op.shape(self.weights.config());
         if req.integer {
             // The integer mode's pads are uniform residues: no basis, and the CVM removes their
@@ -61,7 +71,7 @@ impl CloudExecutor {
                     req.op
                 )));
             }
-            self.tap(|t| t.record_setup(req, d_in, None))?;
+            self.tap(|t| t.record_setup(req, d_in, None, seen))?;
             let w = self.weights.int_weight(req.op)?.clone();
             return Ok(SetupReply {
                 op: req.op,
@@ -76,7 +86,7 @@ impl CloudExecutor {
                 })?)
             }
         };
-        self.tap(|t| t.record_setup(req, d_in, basis.as_deref()))?;
+        self.tap(|t| t.record_setup(req, d_in, basis.as_deref(), seen))?;
         let r_pub = match (&req.basis, basis) {
             (BasisSpec::Identity, _) | (_, None) => Tensor::F32 {
                 rows: d_in,
@@ -118,11 +128,22 @@ impl CloudExecutor {
     /// masked, so stacking them reveals nothing to anyone; a call that is malformed is
     /// answered with its own error and leaves the others alone.
     pub fn call_batch(&self, calls: &[MaskedCall]) -> Vec<Result<MaskedReply, NodeError>> {
+        let seen = vec![Arrival::in_process(); calls.len()];
+        self.call_batch_arrived(calls, &seen)
+    }
+
+    /// [`call_batch`](Self::call_batch) for calls that arrived as `seen` says, one each.
+    pub fn call_batch_arrived(
+        &self,
+        calls: &[MaskedCall],
+        seen: &[Arrival],
+    ) -> Vec<Result<MaskedReply, NodeError>> {
         let mut answers: Vec<Option<Result<MaskedReply, NodeError>>> =
             calls.iter().map(|_| None).collect();
         let (mut f32s, mut f64s, mut u64s) = (Vec::new(), Vec::new(), Vec::new());
         for (i, call) in calls.iter().enumerate() {
-            let checked = self.check_call(call, calls[0].op);
+            let arrival = seen.get(i).copied().unwrap_or_else(Arrival::in_process);
+            let checked = self.check_call(call, calls[0].op, arrival);
             match (checked, &call.x) {
                 (Err(e), _) => answers[i] = Some(Err(e)),
                 (Ok(()), Tensor::F32 { .. }) => f32s.push(i),
@@ -184,7 +205,7 @@ impl CloudExecutor {
     }
 
     /// Checks one call of a batch of `op` and records it on the tap.
-    fn check_call(&self, call: &MaskedCall, op: OpId) -> Result<(), NodeError> {
+    fn check_call(&self, call: &MaskedCall, op: OpId, seen: Arrival) -> Result<(), NodeError> {
         if call.op != op {
             return Err(NodeError::BadRequest(format!(
                 "{} in a batch of {op}",
@@ -197,7 +218,17 @@ impl CloudExecutor {
         // `validate` checked the length against the shape; this checks the shape against the op.
         let (rows, cols) = call.x.shape();
         self.weights.check_input(op, rows, cols, rows * cols)?;
-        self.tap(|t| t.record_call(call))
+        self.tap(|t| t.record_call(call, seen))
+    }
+
+    /// Records that a session of `tenant` opened (the cluster's stages know whose it is).
+    pub fn record_open(&self, session: u64, tenant: &str) {
+        if let Err(e) = self.tap(|t| {
+            t.record_open(session, tenant);
+            Ok(())
+        }) {
+            tracing::warn!("tap: {e}");
+        }
     }
 
     /// Writes the tap's index, if recording.

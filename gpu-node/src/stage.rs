@@ -1,6 +1,6 @@
 //! The executor as a cluster stage: what the `LayerStage` and `GpuShard` actors call.
 
-use talaria_actors::stage::StageCompute;
+use talaria_actors::stage::{Arrival, StageCompute};
 use talaria_engine::OpId;
 use talaria_wire::{ErrorReply, MaskedCall, SessionId, SetupRequest, frame};
 
@@ -20,15 +20,23 @@ impl StageCompute for CloudExecutor {
         self.holds(op)
     }
 
-    fn setup(&self, req: &SetupRequest) -> Result<Vec<u8>, ErrorReply> {
-        encode(&CloudExecutor::setup(self, req).map_err(reply_err)?)
+    fn setup(&self, req: &SetupRequest, seen: Arrival) -> Result<Vec<u8>, ErrorReply> {
+        encode(&self.setup_arrived(req, seen).map_err(reply_err)?)
     }
 
-    fn call_batch(&self, calls: &[MaskedCall]) -> Vec<Result<Vec<u8>, ErrorReply>> {
-        CloudExecutor::call_batch(self, calls)
+    fn call_batch(
+        &self,
+        calls: &[MaskedCall],
+        seen: &[Arrival],
+    ) -> Vec<Result<Vec<u8>, ErrorReply>> {
+        self.call_batch_arrived(calls, seen)
             .into_iter()
             .map(|r| encode(&r.map_err(reply_err)?))
             .collect()
+    }
+
+    fn open(&self, session: SessionId, tenant: &str) {
+        self.record_open(session, tenant);
     }
 
     fn close(&self, _session: SessionId) {

@@ -4,8 +4,10 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use serde::Serialize;
+use talaria_actors::stage::Arrival;
 use talaria_engine::OpId;
 use talaria_wire::{BasisSpec, MaskedCall, SetupRequest, Tensor};
 
@@ -15,8 +17,16 @@ use crate::NodeError;
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Event {
+    /// A session opened on a cluster stage: the coordinator names its tenant.
+    Open {
+        session: u64,
+        tenant: String,
+        t_us: u64,
+    },
     Setup {
         session: u64,
+        t_us: u64,
+        frame_bytes: Option<usize>,
         op: String,
         layer: Option<usize>,
         d_in: usize,
@@ -27,6 +37,10 @@ enum Event {
     },
     Call {
         session: u64,
+        /// Arrival, in µs since the tap started.
+        t_us: u64,
+        /// The request frame's length; `None` in process (no wire).
+        frame_bytes: Option<usize>,
         seq: u64,
         op: String,
         layer: Option<usize>,
@@ -46,6 +60,7 @@ struct Index<'a> {
 /// Records the cloud's view into a directory.
 pub struct Tap {
     dir: PathBuf,
+    start: Instant,
     events: Vec<Event>,
 }
 
@@ -113,8 +128,23 @@ impl Tap {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         Ok(Self {
             dir,
+            start: Instant::now(),
             events: Vec::new(),
         })
+    }
+
+    /// µs from the tap's start to `at`.
+    fn t_us(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.start).as_micros() as u64
+    }
+
+    pub(crate) fn record_open(&mut self, session: u64, tenant: &str) {
+        let t_us = self.t_us(Instant::now());
+        self.events.push(Event::Open {
+            session,
+            tenant: tenant.to_string(),
+            t_us,
+        });
     }
 
     pub(crate) fn record_setup(
@@ -122,6 +152,7 @@ impl Tap {
         req: &SetupRequest,
         d_in: usize,
         expanded: Option<&[f64]>,
+        seen: Arrival,
     ) -> Result<(), NodeError> {
         let (op, layer) = op_parts(req.op);
         let rank = req.basis.rank(d_in);
@@ -137,6 +168,8 @@ impl Tap {
         };
         self.events.push(Event::Setup {
             session: req.session,
+            t_us: self.t_us(seen.at),
+            frame_bytes: seen.frame_bytes,
             op,
             layer,
             d_in,
@@ -147,7 +180,7 @@ impl Tap {
         Ok(())
     }
 
-    pub(crate) fn record_call(&mut self, call: &MaskedCall) -> Result<(), NodeError> {
+    pub(crate) fn record_call(&mut self, call: &MaskedCall, seen: Arrival) -> Result<(), NodeError> {
         let (op, layer) = op_parts(call.op);
         let (rows, cols) = call.x.shape();
         let file = format!("call-{:06}.npy", self.events.len());
@@ -168,6 +201,8 @@ impl Tap {
         };
         self.events.push(Event::Call {
             session: call.session,
+            t_us: self.t_us(seen.at),
+            frame_bytes: seen.frame_bytes,
             seq: call.seq,
             op,
             layer,

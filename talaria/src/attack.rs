@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
 use talaria_attacks::eval::{TRUTH_FILE, VictimTruth, score};
+use talaria_attacks::metadata::{self, MetaScore, SessionMeta};
 use talaria_attacks::score::Distance;
 use talaria_attacks::{
     AttackKind, AttackScore, Attacker, Options, SessionGuess, Simulator, Tap, Truth,
@@ -201,6 +202,30 @@ fn pad_stats(args: &AttackArgs) -> Result<()> {
     Ok(())
 }
 
+/// What the cloud read without unmasking anything, one line per session.
+fn print_metadata(metas: &[SessionMeta], score: Option<&MetaScore>) {
+    let us = |v: Option<u64>| v.map_or("–".to_string(), |v| format!("{:.1} ms", v as f64 / 1e3));
+    for m in metas {
+        println!(
+            "metadata    session {}: tenant {}, prompt {} tokens, {} generated, prefill {}, \
+             step {}, {} request bytes",
+            m.session,
+            m.tenant.as_deref().unwrap_or("–"),
+            m.prompt_tokens,
+            m.generated_tokens,
+            us(m.prefill_us),
+            us(m.step_us),
+            m.frame_bytes.map_or("–".to_string(), |b| b.to_string()),
+        );
+    }
+    if let Some(s) = score {
+        println!(
+            "metadata    lengths read exactly: prompt {}/{}, response {}/{} sessions",
+            s.prompt_length_exact, s.sessions, s.response_length_exact, s.sessions
+        );
+    }
+}
+
 pub fn run(args: AttackArgs) -> Result<()> {
     if args.pad_stats {
         return pad_stats(&args);
@@ -213,6 +238,11 @@ pub fn run(args: AttackArgs) -> Result<()> {
     });
     let truth = truth_path.as_deref().map(Truth::read).transpose()?;
     let mut sim = Simulator::load(&path)?;
+    let metas = metadata::read(&tap);
+    let meta_score = truth.as_ref().map(|t| metadata::score(&metas, t));
+    if !args.json {
+        print_metadata(&metas, meta_score.as_ref());
+    }
     let mut attacker = Attacker::new(&mut sim, args.knobs.options(), default_calibration()?)?;
     let kinds = args.attack.map_or(AttackKind::ALL.to_vec(), |k| vec![k]);
     let mut runs = Vec::new();
@@ -272,6 +302,8 @@ pub fn run(args: AttackArgs) -> Result<()> {
             "tap": args.tap,
             "public": tap.public,
             "truth": truth_path,
+            "metadata": metas,
+            "metadata_score": meta_score,
             "runs": runs,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -502,6 +534,8 @@ struct SettingResult {
     /// Whether some attack's interval lies wholly above the prior's (the ideal attack: whether
     /// it beats its own prior in the paired test).
     leaks: bool,
+    /// How many victims' prompt and response lengths the cloud read off the row counts.
+    metadata: MetaScore,
     lossless: Option<SettingReport>,
 }
 
@@ -586,6 +620,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
         );
         let tap = Tap::open(&dir)?;
         let truth = Truth::read(&dir.join(TRUTH_FILE))?;
+        let meta = metadata::score(&metadata::read(&tap), &truth);
         let mut scores = Vec::new();
         for &kind in &kinds {
             let t = Instant::now();
@@ -643,6 +678,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
             config: setting.config,
             attacks: scores,
             leaks,
+            metadata: meta,
             lossless,
         });
         // Written after every setting: a long grid that is stopped keeps what it measured.
@@ -782,6 +818,7 @@ fn markdown(r: &Report) -> String {
         &attacks,
         &[
             "verdict",
+            "lengths read (prompt, response)",
             "greedy agreement",
             "max \\|Δlogit\\|",
             "online ms/pos",
@@ -798,6 +835,11 @@ fn markdown(r: &Report) -> String {
         } else {
             " not above the prior |"
         });
+        let m = &set.metadata;
+        s.push_str(&format!(
+            " {}/{}, {}/{} |",
+            m.prompt_length_exact, m.sessions, m.response_length_exact, m.sessions
+        ));
         match &set.lossless {
             Some(l) => s.push_str(&format!(
                 " {:.2} % | {:.1e} | {:.1} | {:.0} |\n",

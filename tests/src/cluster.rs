@@ -117,6 +117,12 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Writes `topology` and starts the cluster; returns once every process is ready.
     pub fn start(topology: &str) -> Self {
+        Self::start_with(topology, &[])
+    }
+
+    /// [`start`](Self::start) with more arguments for `talaria up`; `{dir}` in them stands
+    /// for the cluster's own temporary folder.
+    pub fn start_with(topology: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let topo = dir.path().join("topology.toml");
         std::fs::write(&topo, topology).unwrap();
@@ -126,6 +132,11 @@ impl LocalCluster {
             .arg(&topo)
             .arg("--run-dir")
             .arg(&run)
+            .args(
+                extra
+                    .iter()
+                    .map(|a| a.replace("{dir}", &dir.path().display().to_string())),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

@@ -106,6 +106,14 @@ fn the_small_grid_finds_every_leak_and_nothing_at_the_default() {
         ],
     );
     assert!(report["victim_tokens"].as_u64().unwrap() >= 30, "{report}");
+    // No mode hides the lengths yet: the cloud reads every prompt's and response's length off
+    // the row counts, the integer default included (docs/attacks.md).
+    for name in ["plaintext", "default"] {
+        let m = &setting(&report, name)["metadata"];
+        assert_eq!(m["sessions"].as_u64(), Some(4), "{name}: {m}");
+        assert_eq!(m["prompt_length_exact"].as_u64(), Some(4), "{name}: {m}");
+        assert_eq!(m["response_length_exact"].as_u64(), Some(4), "{name}: {m}");
+    }
     let leaky_out = dir.path().join("leaky");
     let leaky = attack_report(
         &leaky_out,
@@ -186,6 +194,15 @@ fn the_small_grid_finds_every_leak_and_nothing_at_the_default() {
         "{run}"
     );
     assert_eq!(run["runs"][0]["guesses"].as_array().unwrap().len(), 4);
+    // The metadata the tap records besides values: arrival times (no frames in process).
+    let metas = run["metadata"].as_array().unwrap();
+    assert_eq!(metas.len(), 4, "{run}");
+    for m in metas {
+        assert_eq!(m["generated_tokens"].as_u64(), Some(3), "{m}");
+        assert!(m["prefill_us"].as_u64().is_some(), "{m}");
+        assert!(m["step_us"].as_u64().is_some_and(|us| us > 0), "{m}");
+        assert!(m["frame_bytes"].is_null(), "{m}");
+    }
     assert_eq!(
         run["runs"][0]["score"]["response"]["accuracy"].as_f64(),
         Some(1.0)

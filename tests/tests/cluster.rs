@@ -405,7 +405,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
 fn a_cluster_in_the_integer_mode_answers_like_the_plain_engine() {
     let model = real_model();
     let text = topology(&model, STAGES, &["tenant-i"]) + "[remo]\nprecision = \"int\"\n";
-    let cluster = LocalCluster::start(&text);
+    let cluster = LocalCluster::start_with(&text, &["--tap", "{dir}/tap"]);
     let case = &golden_cases()[0];
     let got = ask(
         &cluster,
@@ -414,6 +414,35 @@ fn a_cluster_in_the_integer_mode_answers_like_the_plain_engine() {
     )
     .unwrap();
     assert_eq!(got, case.ids, "prompt {}", case.name);
+    // Each stage's tap holds what that gpu-node saw: uint64 residues, and besides the values
+    // whose session it was, when each call arrived and how large its frame was.
+    for stage in ["stage-0", "stage-1"] {
+        let path = cluster.dir.path().join("tap").join(stage).join("index.json");
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let events = index["events"].as_array().unwrap();
+        let open = events.iter().find(|e| e["kind"] == "open").unwrap();
+        assert_eq!(open["tenant"], "tenant-i", "{stage}");
+        let calls: Vec<_> = events.iter().filter(|e| e["kind"] == "call").collect();
+        // A stage of 15 layers, the LM head on stage-1: one call per op per pass.
+        let per_pass = 4 * 15 + usize::from(stage == "stage-1");
+        assert!(
+            calls.len() >= per_pass && calls.len() % per_pass == 0,
+            "{stage}: {} calls",
+            calls.len()
+        );
+        let mut last = 0;
+        for c in &calls {
+            assert_eq!(c["session"], open["session"], "{stage}: {c}");
+            assert_eq!(c["dtype"], "uint64", "{stage}: {c}");
+            let values = c["rows"].as_u64().unwrap() * c["cols"].as_u64().unwrap();
+            let bytes = c["frame_bytes"].as_u64().unwrap();
+            assert!(bytes >= 8 * values && bytes < 8 * values + 256, "{stage}: {c}");
+            let t = c["t_us"].as_u64().unwrap();
+            assert!(t >= last, "{stage}: arrival times go back: {c}");
+            last = t;
+        }
+    }
     // Each stage loaded the integer form of its own layers.
     for stage in ["stage-0", "stage-1"] {
         let log = std::fs::read_to_string(cluster.run_dir().join(format!("logs/{stage}.log")))
