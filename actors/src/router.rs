@@ -88,12 +88,11 @@ pub struct Router {
     sessions: HashMap<SessionId, (AgentId, String)>,
     /// The most open sessions each tenant may hold.
     limits: HashMap<String, usize>,
-    next_session: SessionId,
 }
 
 impl Router {
-    /// A router over `nodes` (in topology order); `limits` caps each tenant's open sessions
-    /// (a tenant not in it gets [`talaria_topology::DEFAULT_MAX_SESSIONS`]).
+    /// A router over `nodes` (in topology order); `limits` caps each tenant's open sessions and
+    /// names the tenants that may be admitted at all.
     pub fn new(
         routes: RouteTable,
         nodes: Vec<Addr<NodeLink>>,
@@ -110,7 +109,6 @@ impl Router {
             agents: HashMap::new(),
             challenges: HashMap::new(),
             sessions: HashMap::new(),
-            next_session: 1,
         }
     }
 
@@ -133,6 +131,17 @@ impl Router {
             }
             Ok(())
         })
+    }
+
+    /// A new session id: 64 random bits (rand's thread-local CSPRNG, seeded by the OS), so
+    /// nobody can name a session they were not given; never 0 and never one in use.
+    fn fresh_session(&self) -> SessionId {
+        loop {
+            let id: SessionId = rand::random();
+            if id != 0 && !self.sessions.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     /// Drops a session from the tables (its stages are told by the caller).
@@ -176,6 +185,14 @@ impl Router {
             let nonce = self.challenges.remove(&agent).ok_or_else(|| {
                 ErrorReply::new("attestation_binding", "ask for a Challenge before Hello")
             })?;
+            // Only the topology's tenants have agents (the name is not echoed back: it is
+            // the peer's text).
+            if !self.limits.contains_key(tenant) {
+                return Err(ErrorReply::new(
+                    "unknown_tenant",
+                    "the topology has no agent for this tenant",
+                ));
+            }
             self.admission.admit(tenant, name, evidence, &nonce, key)?;
             tracing::info!(agent, %tenant, name = %name, "agent admitted");
             self.agents.insert(agent, tenant.clone());
@@ -202,8 +219,7 @@ impl Router {
                         format!("tenant {tenant} already has {limit} open sessions (its limit)"),
                     ));
                 }
-                let session = self.next_session;
-                self.next_session += 1;
+                let session = self.fresh_session();
                 self.sessions.insert(session, (agent, tenant.clone()));
                 metrics::ROUTER_SESSIONS.set(self.sessions.len() as i64);
                 let open = self.broadcast(&Request::StageOpen {

@@ -219,9 +219,9 @@ impl Tenancy {
     }
 }
 
-/// Makes attestation evidence over a tenant's nonce (encoded `Evidence`). Runs on a worker
-/// thread (the guest device's ioctl blocks).
-pub type Attestor = Arc<dyn Fn([u8; 32]) -> Result<Vec<u8>, ErrorReply> + Send + Sync>;
+/// Makes attestation evidence over a tenant's nonce: the encoded `Evidence` and the claims it
+/// binds. Runs on a worker thread (the guest device's ioctl blocks).
+pub type Attestor = Arc<dyn Fn([u8; 32]) -> Result<(Vec<u8>, Vec<u8>), ErrorReply> + Send + Sync>;
 
 /// A stream of one event.
 fn only(event: TenantEvent) -> mpsc::UnboundedReceiver<TenantEvent> {
@@ -262,7 +262,9 @@ pub async fn serve(
                         Ok(TenantMessage::Generate(request)) => tenancy.generate(request).await,
                         Ok(TenantMessage::Attest { nonce }) => only(
                             match tokio::task::spawn_blocking(move || attestor(nonce)).await {
-                                Ok(Ok(evidence)) => TenantEvent::Attestation { evidence },
+                                Ok(Ok((evidence, claims))) => {
+                                    TenantEvent::Attestation { evidence, claims }
+                                }
                                 Ok(Err(e)) => TenantEvent::Error(e),
                                 Err(e) => {
                                     TenantEvent::Error(ErrorReply::new("internal", e.to_string()))

@@ -56,7 +56,11 @@ fn session_meta(s: &SessionTap, public: &Public) -> Option<SessionMeta> {
     let starts: Option<Vec<u64>> = firsts.iter().map(|c| c.t_us).collect();
     let step_us = starts.and_then(|st| {
         // Gaps between decode passes: the first pass's own length is the prefill's.
-        let mut gaps: Vec<u64> = st.windows(2).skip(1).map(|w| w[1].saturating_sub(w[0])).collect();
+        let mut gaps: Vec<u64> = st
+            .windows(2)
+            .skip(1)
+            .map(|w| w[1].saturating_sub(w[0]))
+            .collect();
         gaps.sort_unstable();
         gaps.get(gaps.len() / 2).copied()
     });

@@ -17,7 +17,38 @@ use sha2::{Digest, Sha512};
 /// Size of an SNP attestation report.
 pub const REPORT_LEN: usize = 1184;
 /// Domain separation of the report-data binding.
-const BINDING_DOMAIN: &[u8] = b"talaria-attestation/1";
+const BINDING_DOMAIN: &[u8] = b"talaria-attestation/2";
+
+/// What a report is made for. Each purpose binds under its own domain, so evidence made for one
+/// never verifies for the other: a tenant's attestation relayed to the coordinator is not an
+/// admission, and an admission shown to a tenant is not a tenant attestation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// An agent proves itself to its tenant (the tenant protocol's `Attest`).
+    Tenant,
+    /// An agent asks the coordinator to be admitted (`Hello`).
+    Admission,
+}
+
+impl Purpose {
+    fn tag(self) -> &'static [u8] {
+        match self {
+            Purpose::Tenant => b"tenant",
+            Purpose::Admission => b"admission",
+        }
+    }
+}
+
+/// Everything a report binds: its purpose, the verifier's fresh nonce, the key the agent's
+/// connection presents, and the agent's claims (for a tenant: the effective protection
+/// settings; for admission: the tenant name), each length-prefixed.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound<'a> {
+    pub purpose: Purpose,
+    pub nonce: &'a [u8; 32],
+    pub key: &'a [u8],
+    pub claims: &'a [u8],
+}
 
 /// What an agent presents to be admitted or trusted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,7 +85,10 @@ pub enum AttestationError {
     Tcb { found: String, min: String },
     #[error("measurement {0} is not in the allowlist")]
     Measurement(String),
-    #[error("report data does not bind this nonce and key (stale nonce, or another key)")]
+    #[error(
+        "report data does not bind this purpose, nonce, key and claims (a stale nonce, another \
+         key, changed claims, or a report made for another purpose)"
+    )]
     Binding,
     #[error("{path}: {message}")]
     Provisioning { path: String, message: String },
@@ -186,13 +220,15 @@ pub struct Verified {
     pub insecure: bool,
 }
 
-/// The report data that binds `nonce` and `key`: SHA-512 of a domain tag, the nonce and the key.
-pub fn binding(nonce: &[u8; 32], key: &[u8]) -> [u8; 64] {
+/// The report data that binds `b`: SHA-512 of the domain tag, the purpose, the nonce, the key
+/// and the claims (the variable-length parts length-prefixed).
+pub fn binding(b: &Bound<'_>) -> [u8; 64] {
     let mut h = Sha512::new();
     h.update(BINDING_DOMAIN);
-    h.update(nonce);
-    h.update((key.len() as u64).to_le_bytes());
-    h.update(key);
+    for part in [b.purpose.tag(), b.nonce.as_slice(), b.key, b.claims] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
     h.finalize().into()
 }
 
@@ -247,7 +283,13 @@ fn check_contents(report: &AttestationReport, policy: &Policy) -> Result<(), Att
 /// separately ([`check_binding`]) or together ([`verify`]).
 pub fn verify_evidence(evidence: &Evidence, policy: &Policy) -> Result<Verified, AttestationError> {
     let (report_bytes, vcek_der) = match evidence {
-        Evidence::Insecure { reason } => return insecure(reason, policy.allow_insecure),
+        // A verifier with AMD roots provisioned expects hardware: insecure evidence there is a
+        // downgrade, whatever `allow_insecure` says.
+        Evidence::Insecure { reason } => {
+            return Err(AttestationError::InsecureRefused(format!(
+                "{reason}; AMD roots are provisioned, so only hardware evidence is accepted"
+            )));
+        }
         Evidence::Snp { report, vcek_der } => (report, vcek_der),
     };
     let report = parse_report(report_bytes)?;
@@ -303,13 +345,9 @@ pub fn verify_without_root(
     }
 }
 
-/// Checks that a verified report binds `nonce` and `key` (insecure evidence binds nothing).
-pub fn check_binding(
-    verified: &Verified,
-    nonce: &[u8; 32],
-    key: &[u8],
-) -> Result<(), AttestationError> {
-    if verified.insecure || verified.report_data == binding(nonce, key) {
+/// Checks that a verified report binds `bound` (insecure evidence binds nothing).
+pub fn check_binding(verified: &Verified, bound: &Bound<'_>) -> Result<(), AttestationError> {
+    if verified.insecure || verified.report_data == binding(bound) {
         Ok(())
     } else {
         Err(AttestationError::Binding)
@@ -320,17 +358,16 @@ pub fn check_binding(
 pub fn verify(
     evidence: &Evidence,
     policy: &Policy,
-    nonce: &[u8; 32],
-    key: &[u8],
+    bound: &Bound<'_>,
 ) -> Result<Verified, AttestationError> {
     let v = verify_evidence(evidence, policy)?;
-    check_binding(&v, nonce, key)?;
+    check_binding(&v, bound)?;
     Ok(v)
 }
 
-/// Asks the SEV-SNP guest device for a report binding `nonce` and `key`, with the VCEK from the
-/// host's extended report. Only inside an SNP guest (`/dev/sev-guest`).
-pub fn hardware_evidence(nonce: &[u8; 32], key: &[u8]) -> Result<Evidence, AttestationError> {
+/// Asks the SEV-SNP guest device for a report binding `bound`, with the VCEK from the host's
+/// extended report. Only inside an SNP guest (`/dev/sev-guest`).
+pub fn hardware_evidence(bound: &Bound<'_>) -> Result<Evidence, AttestationError> {
     use sev::firmware::guest::Firmware;
     let dev = |e: String| AttestationError::Provisioning {
         path: "/dev/sev-guest".into(),
@@ -338,7 +375,7 @@ pub fn hardware_evidence(nonce: &[u8; 32], key: &[u8]) -> Result<Evidence, Attes
     };
     let mut fw = Firmware::open().map_err(|e| dev(e.to_string()))?;
     let (report, certs) = fw
-        .get_ext_report(None, Some(binding(nonce, key)), Some(0))
+        .get_ext_report(None, Some(binding(bound)), Some(0))
         .map_err(|e| dev(e.to_string()))?;
     let vcek_der = certs
         .unwrap_or_default()

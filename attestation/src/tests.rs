@@ -143,26 +143,40 @@ fn the_binding_needs_this_nonce_and_this_key() {
         &policy_for(&real_report()),
     )
     .unwrap();
-    // The real report binds someone else's data: a key-binding mismatch.
+    let b = |purpose, nonce, key, claims| Bound {
+        purpose,
+        nonce,
+        key,
+        claims,
+    };
+    let ours = b(Purpose::Tenant, &[1; 32], b"agent key", b"claims");
+    // The real report binds someone else's data: a binding mismatch.
     assert_eq!(
-        check_binding(&v, &[1; 32], b"our key").unwrap_err(),
+        check_binding(&v, &ours).unwrap_err(),
         AttestationError::Binding
     );
-    // A report whose data binds (nonce, key) passes with them and fails with a stale nonce or
-    // another key.
+    // A report whose data binds (purpose, nonce, key, claims) passes with them and fails when
+    // any of them differs: a stale nonce, another key, changed claims, or the other purpose (a
+    // tenant's attestation relayed as an admission).
     let bound = Verified {
-        report_data: binding(&[1; 32], b"agent key"),
+        report_data: binding(&ours),
         ..v
     };
-    check_binding(&bound, &[1; 32], b"agent key").unwrap();
-    assert_eq!(
-        check_binding(&bound, &[2; 32], b"agent key"),
-        Err(AttestationError::Binding)
-    );
-    assert_eq!(
-        check_binding(&bound, &[1; 32], b"other key"),
-        Err(AttestationError::Binding)
-    );
+    check_binding(&bound, &ours).unwrap();
+    for other in [
+        b(Purpose::Tenant, &[2; 32], b"agent key", b"claims"),
+        b(Purpose::Tenant, &[1; 32], b"other key", b"claims"),
+        b(Purpose::Tenant, &[1; 32], b"agent key", b"claimz"),
+        b(Purpose::Admission, &[1; 32], b"agent key", b"claims"),
+        // Length prefixes: moving bytes between key and claims changes the binding.
+        b(Purpose::Tenant, &[1; 32], b"agent keyc", b"laims"),
+    ] {
+        assert_eq!(
+            check_binding(&bound, &other),
+            Err(AttestationError::Binding),
+            "{other:?}"
+        );
+    }
 }
 
 #[test]
@@ -177,8 +191,25 @@ fn insecure_evidence_needs_an_explicit_opt_in_and_garbage_is_typed() {
             .error_type(),
         "attestation_required"
     );
+    // Where AMD roots are provisioned, insecure evidence is a downgrade: refused even when the
+    // policy allows insecure agents (that opt-in is for verifiers without roots).
     policy.allow_insecure = true;
-    assert!(verify_evidence(&insecure, &policy).unwrap().insecure);
+    assert_eq!(
+        verify_evidence(&insecure, &policy)
+            .unwrap_err()
+            .error_type(),
+        "attestation_required"
+    );
+    assert!(
+        verify_without_root(
+            &insecure,
+            InsecurePolicy {
+                allow_insecure: true
+            }
+        )
+        .unwrap()
+        .insecure
+    );
     assert!(
         verify_without_root(
             &insecure,

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use talaria_actors::router::{Admission, IsConnected, NodeLink, RouteTable, Router};
 use talaria_attestation::{
-    AttestationError, Evidence, InsecurePolicy, Policy, Tcb, parse_measurement,
+    AttestationError, Bound, Evidence, InsecurePolicy, Policy, Purpose, Tcb, parse_measurement,
 };
 use talaria_gguf::GgufFile;
 use talaria_gpu_node::{Part, read_provision};
@@ -87,8 +87,15 @@ impl Admission for AttestedAdmission {
         };
         let evidence: Evidence = talaria_wire::frame::body(evidence)
             .map_err(|e| refuse(AttestationError::Malformed(e.to_string())))?;
+        // The report binds the admission purpose and the tenant it asks for.
+        let bound = Bound {
+            purpose: Purpose::Admission,
+            nonce,
+            key,
+            claims: tenant.as_bytes(),
+        };
         let verified = match &self.policy {
-            Some(p) => talaria_attestation::verify(&evidence, p, nonce, key),
+            Some(p) => talaria_attestation::verify(&evidence, p, &bound),
             None => talaria_attestation::verify_without_root(
                 &evidence,
                 InsecurePolicy {

@@ -2,8 +2,12 @@
 
 use std::net::SocketAddr;
 
-use talaria_attestation::{AttestationError, Evidence, InsecurePolicy, Policy, Verified};
+use talaria_attestation::{
+    AttestationError, Bound, Evidence, InsecurePolicy, Policy, Purpose, Verified,
+};
 use talaria_engine::Generation;
+
+use crate::claims::{AgentClaims, BelowFloor, check_floor};
 use talaria_wire::frame::{self, FrameError};
 use talaria_wire::{
     ErrorReply, LatencySplit, TenantEvent, TenantMessage, TenantRequest, TlsMaterial,
@@ -22,6 +26,10 @@ pub enum ClientError {
     NoAnswer,
     #[error("the agent is not trusted: {0}")]
     Attestation(#[from] AttestationError),
+    #[error("the agent is not trusted: {0}")]
+    BelowFloor(#[from] BelowFloor),
+    #[error("the agent is not trusted: {0}")]
+    Claims(String),
 }
 
 impl ClientError {
@@ -33,6 +41,8 @@ impl ClientError {
             ClientError::Refused(e) => &e.error_type,
             ClientError::NoAnswer => "no_answer",
             ClientError::Attestation(e) => e.error_type(),
+            ClientError::BelowFloor(e) => e.error_type(),
+            ClientError::Claims(_) => "attestation_claims",
         }
     }
 }
@@ -43,14 +53,28 @@ pub struct Answer {
     pub generation: Generation,
     pub text: String,
     pub latency: LatencySplit,
+    /// What the agent's attestation established before the prompt was sent.
+    pub attested: Attested,
 }
 
 /// What a tenant trusts: agents whose report verifies against `policy` (its own expected
-/// measurement), or without hardware only if `allow_insecure`.
+/// measurement), or without hardware only if `allow_insecure`; and whose bound ReMO
+/// configuration meets the floor, unless `accept_below_floor`.
 #[derive(Clone, Default)]
 pub struct Trust {
     pub policy: Option<Policy>,
     pub allow_insecure: bool,
+    /// The tenant's explicit choice to use an agent below the floor (e.g. the plaintext
+    /// control); never the default.
+    pub accept_below_floor: bool,
+}
+
+/// What a verified attestation established.
+#[derive(Debug, Clone)]
+pub struct Attested {
+    pub verified: Verified,
+    /// What the agent runs with, as its report binds it (for insecure evidence: as it says).
+    pub claims: AgentClaims,
 }
 
 async fn open(
@@ -68,22 +92,29 @@ async fn open(
 }
 
 /// Asks the agent on `conn` to attest over a fresh nonce and verifies the answer against `trust`,
-/// bound to the certificate this very connection presented.
-pub async fn attest(conn: &quinn::Connection, trust: &Trust) -> Result<Verified, ClientError> {
+/// bound to the certificate this very connection presented and to the agent's claims, which
+/// must meet the floor unless the tenant accepted less.
+pub async fn attest(conn: &quinn::Connection, trust: &Trust) -> Result<Attested, ClientError> {
     let nonce: [u8; 32] = rand::random();
     let (_send, mut recv) = open(conn, &TenantMessage::Attest { nonce }).await?;
     let f = talaria_wire::net::read_frame(&mut recv, talaria_wire::DEFAULT_MAX_FRAME)
         .await?
         .ok_or(ClientError::NoAnswer)?;
-    let evidence = match frame::body::<TenantEvent>(&f)? {
-        TenantEvent::Attestation { evidence } => evidence,
+    let (evidence, claims) = match frame::body::<TenantEvent>(&f)? {
+        TenantEvent::Attestation { evidence, claims } => (evidence, claims),
         TenantEvent::Error(e) => return Err(ClientError::Refused(e)),
         _ => return Err(ClientError::NoAnswer),
     };
     let evidence: Evidence = frame::body(&evidence)?;
     let key = talaria_wire::net::peer_cert_der(conn).unwrap_or_default();
+    let bound = Bound {
+        purpose: Purpose::Tenant,
+        nonce: &nonce,
+        key: &key,
+        claims: &claims,
+    };
     let verified = match &trust.policy {
-        Some(p) => talaria_attestation::verify(&evidence, p, &nonce, &key)?,
+        Some(p) => talaria_attestation::verify(&evidence, p, &bound)?,
         None => talaria_attestation::verify_without_root(
             &evidence,
             InsecurePolicy {
@@ -91,7 +122,9 @@ pub async fn attest(conn: &quinn::Connection, trust: &Trust) -> Result<Verified,
             },
         )?,
     };
-    Ok(verified)
+    let claims = AgentClaims::decode(&claims).map_err(ClientError::Claims)?;
+    check_floor(&claims.remo, trust.accept_below_floor)?;
+    Ok(Attested { verified, claims })
 }
 
 /// Connects to the agent at `addr` and checks its attestation against `trust`.
@@ -99,7 +132,7 @@ pub async fn connect(
     tls: &TlsMaterial,
     addr: SocketAddr,
     trust: &Trust,
-) -> Result<(quinn::Endpoint, quinn::Connection, Verified), ClientError> {
+) -> Result<(quinn::Endpoint, quinn::Connection, Attested), ClientError> {
     let endpoint = tls.client(talaria_wire::ALPN_TENANT)?;
     let conn = tls.connect(&endpoint, addr).await?;
     let verified = attest(&conn, trust).await?;
@@ -115,7 +148,7 @@ pub async fn generate(
     req: &TenantRequest,
     mut on_token: impl FnMut(u32, Option<&str>),
 ) -> Result<Answer, ClientError> {
-    let (endpoint, conn, _) = connect(tls, addr, trust).await?;
+    let (endpoint, conn, attested) = connect(tls, addr, trust).await?;
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -140,6 +173,7 @@ pub async fn generate(
                     generation,
                     text,
                     latency,
+                    attested: attested.clone(),
                 });
             }
             TenantEvent::Error(e) => break Err(ClientError::Refused(e)),

@@ -399,16 +399,7 @@ mod tests {
     /// The gpu-nodes load the integer weights exactly when the agents will ask for them.
     #[test]
     fn the_topology_default_is_the_integer_mode_on_both_sides() {
-        let mut section = RemoSection {
-            rank: None,
-            scale: None,
-            precision: None,
-            frac_bits: None,
-            dummy_rows: None,
-            shuffle: None,
-            pool: None,
-            enabled: None,
-        };
+        let mut section = RemoSection::default();
         assert!(remo_config(&section).unwrap().precision.is_int());
         assert!(section.integer_mode());
         section.precision = Some("f64-gemm".into());

@@ -2,6 +2,7 @@
 //! with the KV cache, activations, sampling) whose every weight-dependent projection is sent to
 //! the cloud masked with ReMO and unmasked on return.
 
+pub mod claims;
 pub mod client;
 pub mod cluster;
 

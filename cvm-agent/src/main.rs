@@ -10,7 +10,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use talaria_actors::openai::Api;
 use talaria_actors::session::{BlockingUplink, Conversation, ConversationFactory, Tenancy, Uplink};
-use talaria_attestation::{Evidence, hardware_evidence};
+use talaria_attestation::{Bound, Evidence, Purpose, hardware_evidence};
+use talaria_cvm_agent::claims::{AgentClaims, check_floor};
 use talaria_cvm_agent::cluster::{AgentShared, exchange, remo_config};
 use talaria_topology::{Role, Topology};
 use talaria_wire::{ErrorReply, Provision, Request, TlsMaterial};
@@ -40,16 +41,16 @@ struct Args {
     insecure_no_attestation: bool,
 }
 
-/// Evidence binding `nonce` and `key`: a hardware report, or with the explicit insecure mode an
+/// Evidence binding `bound`: a hardware report, or with the explicit insecure mode an
 /// `Insecure` marker.
-fn evidence(insecure: bool, nonce: &[u8; 32], key: &[u8]) -> Result<Vec<u8>, ErrorReply> {
+fn evidence(insecure: bool, bound: &Bound<'_>) -> Result<Vec<u8>, ErrorReply> {
     let evidence = if insecure {
         tracing::warn!("INSECURE: presenting no attestation (--insecure-no-attestation)");
         Evidence::Insecure {
             reason: "cvm-agent started with --insecure-no-attestation".into(),
         }
     } else {
-        hardware_evidence(nonce, key).map_err(|e| {
+        hardware_evidence(bound).map_err(|e| {
             ErrorReply::new(
                 e.error_type(),
                 format!("{e} (outside an SEV-SNP guest, --insecure-no-attestation is the development mode)"),
@@ -94,9 +95,19 @@ fn main() -> Result<()> {
         None => tls.clone(),
     };
     let remo = remo_config(&topology.remo).map_err(|e| anyhow!("topology [remo]: {e}"))?;
-    if !remo.enabled {
-        tracing::warn!("INSECURE: ReMO is off: the cloud sees every activation in the clear");
+    // The topology is the operator's: below the floor the agent does not start unless the
+    // file says the tenant accepted it, and even then its attestation binds the configuration
+    // and the tenant's own verifier refuses it unless the tenant accepted it there too.
+    let accepted = topology.remo.tenant_accepts_below_floor.unwrap_or(false);
+    check_floor(&remo, accepted).map_err(|e| anyhow!("topology [remo]: {e}"))?;
+    if !remo.below_floor().is_empty() {
+        tracing::warn!(
+            reasons = %remo.below_floor().join("; "),
+            "INSECURE: ReMO below the floor (the topology says the tenant accepted it; the \
+             attestation tells the tenant)"
+        );
     }
+    let claims = AgentClaims::new(&agent.tenant, &remo).encode();
     let calibration = talaria_cvm_agent::default_calibration().context("embedded calibration")?;
     let max_frame = topology.max_frame_bytes;
 
@@ -123,11 +134,19 @@ fn main() -> Result<()> {
         let shared = tokio::task::spawn_blocking(move || -> Result<AgentShared> {
             let (nonce, _) = exchange::<(), [u8; 32]>(&uplink, &Request::Challenge, None)
                 .context("asking the coordinator for a nonce")?;
+            // Admission binds the tenant name under its own purpose: a tenant's attestation
+            // (the other purpose) relayed here does not verify.
+            let bound = Bound {
+                purpose: Purpose::Admission,
+                nonce: &nonce,
+                key: &hello_key,
+                claims: tenant.as_bytes(),
+            };
             let hello = Request::Hello {
-                tenant,
                 agent: format!("cvm-agent pid {}", std::process::id()),
-                evidence: evidence(insecure, &nonce, &hello_key).map_err(|e| anyhow!("{e}"))?,
-                key: hello_key,
+                evidence: evidence(insecure, &bound).map_err(|e| anyhow!("{e}"))?,
+                key: hello_key.clone(),
+                tenant,
             };
             let (provision, _) = exchange::<(), Provision>(&uplink, &hello, None)
                 .context("admission by the coordinator")?;
@@ -148,8 +167,15 @@ fn main() -> Result<()> {
                 .map(|c| Box::new(c) as Box<dyn Conversation>)
                 .map_err(|e| ErrorReply::new(e.error_type(), e.to_string()))
         });
-        let attestor: talaria_actors::session::Attestor =
-            Arc::new(move |nonce| evidence(insecure, &nonce, &key));
+        let attestor: talaria_actors::session::Attestor = Arc::new(move |nonce| {
+            let bound = Bound {
+                purpose: Purpose::Tenant,
+                nonce: &nonce,
+                key: &key,
+                claims: &claims,
+            };
+            Ok((evidence(insecure, &bound)?, claims.clone()))
+        });
         let tenancy = Tenancy::new(factory, agent.max_sessions);
         if let Some(addr) = agent.http {
             let api = Api {

@@ -180,7 +180,11 @@ impl Tap {
         Ok(())
     }
 
-    pub(crate) fn record_call(&mut self, call: &MaskedCall, seen: Arrival) -> Result<(), NodeError> {
+    pub(crate) fn record_call(
+        &mut self,
+        call: &MaskedCall,
+        seen: Arrival,
+    ) -> Result<(), NodeError> {
         let (op, layer) = op_parts(call.op);
         let (rows, cols) = call.x.shape();
         let file = format!("call-{:06}.npy", self.events.len());

@@ -79,6 +79,28 @@ impl std::str::FromStr for Precision {
     }
 }
 
+impl std::fmt::Display for Precision {
+    /// The name [`FromStr`](std::str::FromStr) reads.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F64Client => "f64-client",
+            Precision::F64Gemm => "f64-gemm",
+            Precision::Int => "int",
+        })
+    }
+}
+
+impl std::fmt::Display for Rank {
+    /// `full` or the fraction, as [`FromStr`](std::str::FromStr) reads them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rank::Full => f.write_str("full"),
+            Rank::Fraction(x) => write!(f, "{x}"),
+        }
+    }
+}
+
 impl std::str::FromStr for Rank {
     type Err = String;
 
@@ -128,6 +150,11 @@ pub struct RemoConfig {
 fn default_frac_bits() -> u32 {
     RemoConfig::default().frac_bits
 }
+
+/// The least float-mode σ an agent runs with unless its tenant accepts less: measured against
+/// the ideal attacker, σ = 30 leaks 1.4 bits per token with shuffled rows, σ = 100 about 0.06
+/// (not significant); `docs/attacks.md`.
+pub const FLOOR_SCALE: f64 = 100.0;
 
 impl Default for RemoConfig {
     fn default() -> Self {
@@ -180,6 +207,36 @@ impl RemoConfig {
         Ok(())
     }
 
+    /// Why this configuration is below the floor an agent runs with unless its tenant accepts
+    /// less (`docs/remo.md`, "The floor"); empty at or above it. The floor is what the attack
+    /// suite measures as hiding: masking on at full rank, and in a float mode σ ≥
+    /// [`FLOOR_SCALE`] with shuffled rows. The integer mode meets it whatever σ says (it has no
+    /// σ).
+    pub fn below_floor(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if !self.enabled {
+            why.push("masking is off: the cloud sees every activation".to_string());
+            return why;
+        }
+        if let Rank::Fraction(f) = self.rank {
+            why.push(format!(
+                "rank {f} < d leaves the complement of the basis unmasked"
+            ));
+        }
+        if !self.precision.is_int() {
+            if self.scale < FLOOR_SCALE {
+                why.push(format!(
+                    "σ = {} is below the floor {FLOOR_SCALE} of the float modes",
+                    self.scale
+                ));
+            }
+            if !self.shuffle {
+                why.push("the float modes' rows are not shuffled".to_string());
+            }
+        }
+        why
+    }
+
     /// The basis rank for an op of input width `d_in`.
     pub fn rank_for(&self, d_in: usize) -> usize {
         match self.rank {
@@ -216,6 +273,65 @@ impl Calibration {
             Some(&r) if r.is_finite() && r > 0.0 => Ok(r),
             Some(&r) => Err(RemoError::Config(format!("calibration of {key} is {r}"))),
             None => Err(RemoError::Config(format!("no calibration for {key}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod floor_tests {
+    use super::*;
+
+    #[test]
+    fn the_default_meets_the_floor_and_each_weakening_is_named() {
+        let d = RemoConfig::default();
+        assert!(d.below_floor().is_empty());
+        // The integer mode has no σ: a small one is not a weakening there.
+        assert!(
+            RemoConfig {
+                scale: 1.0,
+                ..d.clone()
+            }
+            .below_floor()
+            .is_empty()
+        );
+        let float = RemoConfig {
+            precision: Precision::F64Gemm,
+            ..d.clone()
+        };
+        assert!(float.below_floor().is_empty());
+        let cases = [
+            (
+                RemoConfig {
+                    enabled: false,
+                    ..d.clone()
+                },
+                "masking is off",
+            ),
+            (
+                RemoConfig {
+                    scale: 30.0,
+                    ..float.clone()
+                },
+                "σ = 30",
+            ),
+            (
+                RemoConfig {
+                    shuffle: false,
+                    ..float.clone()
+                },
+                "not shuffled",
+            ),
+            (
+                RemoConfig {
+                    rank: Rank::Fraction(0.5),
+                    ..float.clone()
+                },
+                "rank 0.5",
+            ),
+        ];
+        for (config, why) in cases {
+            let reasons = config.below_floor();
+            assert!(reasons.iter().any(|r| r.contains(why)), "{reasons:?}");
         }
     }
 }

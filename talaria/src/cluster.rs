@@ -350,6 +350,10 @@ pub struct AgentArgs {
     /// The launch measurement (hex) of the agent image you expect; repeatable.
     #[arg(long, requires = "ark")]
     pub measurement: Vec<String>,
+    /// Use an agent whose attested ReMO configuration is below the floor (masking off, rank <
+    /// d, a float σ below 100, unshuffled float rows): your explicit choice, never a default.
+    #[arg(long)]
+    pub accept_below_floor: bool,
     /// Minimum TCB of the agent's platform: bootloader,tee,snp,microcode.
     #[arg(long, value_delimiter = ',', num_args = 4, default_values_t = [0u8, 0, 0, 0])]
     pub min_tcb: Vec<u8>,
@@ -381,6 +385,7 @@ impl AgentArgs {
         Ok(client::Trust {
             policy,
             allow_insecure: self.allow_insecure_agent,
+            accept_below_floor: self.accept_below_floor,
         })
     }
 
@@ -454,6 +459,9 @@ struct VerifyOutput {
     trusted: bool,
     insecure: bool,
     measurement: Option<String>,
+    /// The agent's claims as its report binds them: the tenant and the effective ReMO
+    /// configuration.
+    claims: Option<talaria_cvm_agent::claims::AgentClaims>,
     error_type: Option<String>,
     error: Option<String>,
 }
@@ -473,11 +481,12 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
         Ok::<_, client::ClientError>(verified)
     });
     let out = match &result {
-        Ok(v) => VerifyOutput {
+        Ok(a) => VerifyOutput {
             agent: addr,
             trusted: true,
-            insecure: v.insecure,
-            measurement: v.measurement.map(hex::encode),
+            insecure: a.verified.insecure,
+            measurement: a.verified.measurement.map(hex::encode),
+            claims: Some(a.claims.clone()),
             error_type: None,
             error: None,
         },
@@ -486,6 +495,7 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
             trusted: false,
             insecure: false,
             measurement: None,
+            claims: None,
             error_type: Some(e.error_type().to_string()),
             error: Some(e.to_string()),
         },

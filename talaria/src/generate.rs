@@ -118,6 +118,27 @@ fn run_cluster(args: GenerateArgs) -> Result<()> {
             let _ = out.write_all(p.as_bytes()).and_then(|_| out.flush());
         }
     })?;
+    let a = &answer.attested;
+    let r = &a.claims.remo;
+    eprintln!(
+        "agent of {} ({}): ReMO {}, precision {}, rank {}, σ {}, {} dummy rows, shuffle {}{}",
+        a.claims.tenant,
+        match a.verified.measurement {
+            Some(m) => format!("attested, measurement {}", hex::encode(m)),
+            None => "INSECURE: no hardware attestation, its claims are its word".into(),
+        },
+        if r.enabled { "on" } else { "OFF" },
+        r.precision,
+        r.rank,
+        r.scale,
+        r.dummy_rows,
+        r.shuffle,
+        if r.below_floor().is_empty() {
+            ""
+        } else {
+            " (below the floor: accepted by --accept-below-floor)"
+        },
+    );
     let g = answer.generation;
     if !json {
         let _ = writeln!(out);

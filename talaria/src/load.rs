@@ -288,6 +288,7 @@ fn session(tls: &TlsMaterial, addr: SocketAddr, req: &TenantRequest) -> Result<T
     let trust = Trust {
         policy: None,
         allow_insecure: true,
+        accept_below_floor: false,
     };
     let start = Instant::now();
     let mut tokens = Vec::new();

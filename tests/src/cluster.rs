@@ -60,6 +60,7 @@ pub fn ask_agent(
     let trust = talaria_cvm_agent::client::Trust {
         policy: None,
         allow_insecure: true,
+        accept_below_floor: false,
     };
     rt.block_on(talaria_cvm_agent::client::generate(
         tls,

@@ -215,7 +215,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
     // Before Hello nothing is served; Hello needs a fresh Challenge first.
     let e = intruder.refusal::<()>(&Request::OpenSession, None);
     assert_eq!(e.error_type, "not_admitted");
-    let e = intruder.refusal::<()>(&hello("intruder", &insecure), None);
+    let e = intruder.refusal::<()>(&hello("tenant-a", &insecure), None);
     assert_eq!(e.error_type, "attestation_binding");
     // A real SEV-SNP report, for which this coordinator has no AMD root provisioned, is refused.
     let snp = talaria_wire::frame::encode::<_, ()>(
@@ -227,40 +227,60 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
     )
     .unwrap();
     challenge(&intruder);
-    let e = intruder.refusal::<()>(&hello("intruder", &snp), None);
+    let e = intruder.refusal::<()>(&hello("tenant-a", &snp), None);
     assert_eq!(e.error_type, "attestation_provisioning", "{e}");
     // Garbage evidence is a typed refusal too.
     challenge(&intruder);
-    let e = intruder.refusal::<()>(&hello("intruder", &[0xff, 0xff]), None);
+    let e = intruder.refusal::<()>(&hello("tenant-a", &[0xff, 0xff]), None);
     assert_eq!(e.error_type, "attestation_malformed", "{e}");
-    // This topology allows insecure agents: with a fresh challenge each is admitted.
-    for (peer, tenant) in [(&intruder, "intruder"), (&bystander, "bystander")] {
+    // A tenant the topology does not name is refused, even where insecure agents are allowed.
+    challenge(&intruder);
+    let e = intruder.refusal::<()>(&hello("tenant-zzz", &insecure), None);
+    assert_eq!(e.error_type, "unknown_tenant", "{e}");
+    assert!(!e.message.contains("tenant-zzz"), "{e}");
+    // This topology allows insecure agents: with a fresh challenge each connection is admitted
+    // as the topology's tenant.
+    for peer in [&intruder, &bystander] {
         challenge(peer);
         assert!(matches!(
-            peer.request::<()>(&hello(tenant, &insecure), None)
+            peer.request::<()>(&hello("tenant-a", &insecure), None)
                 .unwrap()
                 .0,
             Reply::Ok { .. }
         ));
     }
-    // A tenant holds at most its cap of open sessions (the default for a tenant the topology
-    // does not list); closing one makes room again.
-    let open = |peer: &RawPeer| -> u64 {
-        let (reply, payload) = peer.request::<()>(&Request::OpenSession, None).unwrap();
-        assert!(matches!(reply, Reply::Ok { .. }), "{reply:?}");
-        talaria_wire::frame::body(&payload).unwrap()
+    // A tenant holds at most its cap of open sessions; closing one makes room again. (The
+    // tenant's own agent may hold one of them: its good session runs meanwhile.)
+    let try_open = |peer: &RawPeer| -> Result<u64, talaria_wire::ErrorReply> {
+        match peer.request::<()>(&Request::OpenSession, None).unwrap() {
+            (Reply::Ok { .. }, payload) => Ok(talaria_wire::frame::body(&payload).unwrap()),
+            (Reply::Err(e), _) => Err(e),
+        }
     };
+    let open = |peer: &RawPeer| try_open(peer).unwrap();
     let close = |peer: &RawPeer, session: u64| {
         let (reply, _) = peer
             .request::<()>(&Request::CloseSession { session }, None)
             .unwrap();
         assert!(matches!(reply, Reply::Ok { .. }), "{reply:?}");
     };
-    let mine: Vec<u64> = (0..talaria_topology::DEFAULT_MAX_SESSIONS)
-        .map(|_| open(&intruder))
-        .collect();
-    let e = intruder.refusal::<()>(&Request::OpenSession, None);
+    let cap = talaria_topology::DEFAULT_MAX_SESSIONS;
+    let mut mine = Vec::new();
+    let e = loop {
+        match try_open(&intruder) {
+            Ok(s) => mine.push(s),
+            Err(e) => break e,
+        }
+        assert!(mine.len() <= cap, "more than {cap} sessions open");
+    };
     assert_eq!(e.error_type, "too_many_sessions", "{e}");
+    assert!(
+        mine.len() + 1 >= cap,
+        "{} sessions before the cap",
+        mine.len()
+    );
+    // Session ids are random: none is guessable from another.
+    assert!(mine.iter().all(|&s| s > 1 << 20), "{mine:?}");
     close(&intruder, mine[0]);
     let again = open(&intruder);
     for session in mine[1..].iter().copied().chain([again]) {
@@ -302,7 +322,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
         intruder.refusal(&head, Some(&call)).error_type,
         "unknown_session"
     );
-    // Another tenant's session reads as unknown too.
+    // Another connection's session reads as unknown too.
     let (reply, payload) = bystander
         .request::<()>(&Request::OpenSession, None)
         .unwrap();
@@ -417,7 +437,12 @@ fn a_cluster_in_the_integer_mode_answers_like_the_plain_engine() {
     // Each stage's tap holds what that gpu-node saw: uint64 residues, and besides the values
     // whose session it was, when each call arrived and how large its frame was.
     for stage in ["stage-0", "stage-1"] {
-        let path = cluster.dir.path().join("tap").join(stage).join("index.json");
+        let path = cluster
+            .dir
+            .path()
+            .join("tap")
+            .join(stage)
+            .join("index.json");
         let index: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         let events = index["events"].as_array().unwrap();
@@ -437,7 +462,10 @@ fn a_cluster_in_the_integer_mode_answers_like_the_plain_engine() {
             assert_eq!(c["dtype"], "uint64", "{stage}: {c}");
             let values = c["rows"].as_u64().unwrap() * c["cols"].as_u64().unwrap();
             let bytes = c["frame_bytes"].as_u64().unwrap();
-            assert!(bytes >= 8 * values && bytes < 8 * values + 256, "{stage}: {c}");
+            assert!(
+                bytes >= 8 * values && bytes < 8 * values + 256,
+                "{stage}: {c}"
+            );
             let t = c["t_us"].as_u64().unwrap();
             assert!(t >= last, "{stage}: arrival times go back: {c}");
             last = t;

@@ -151,7 +151,7 @@ pub const DEFAULT_MAX_SESSIONS: usize = 16;
 
 /// ReMO parameters the agents start with, as written (the cvm-agent interprets them; this crate
 /// carries no ReMO code).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RemoSection {
     /// `full` or a fraction in (0, 1).
@@ -166,6 +166,12 @@ pub struct RemoSection {
     pub pool: Option<usize>,
     /// `false`: the plaintext split (attack-suite control only).
     pub enabled: Option<bool>,
+    /// The agent refuses to start below the floor (masking off, rank < d, a float σ below 100
+    /// or unshuffled float rows) unless this says the tenant accepted it. The operator writes
+    /// this file, so it is not the tenant's consent by itself: the agent's attestation binds
+    /// the effective configuration, and the tenant's verifier refuses a configuration below
+    /// the floor unless the tenant passes `--accept-below-floor` (docs/remo.md, "The floor").
+    pub tenant_accepts_below_floor: Option<bool>,
 }
 
 impl RemoSection {
@@ -640,16 +646,7 @@ impl Topology {
             });
         }
 
-        let remo = raw.remo.unwrap_or(RemoSection {
-            rank: None,
-            scale: None,
-            precision: None,
-            dummy_rows: None,
-            shuffle: None,
-            pool: None,
-            enabled: None,
-            frac_bits: None,
-        });
+        let remo = raw.remo.unwrap_or_default();
         check_remo(&mut c, &remo);
 
         let t = &raw.tls;

@@ -161,10 +161,13 @@ pub struct LatencySplit {
 /// The answer to a tenant: tokens as they come, then a summary or an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TenantEvent {
-    /// Attestation evidence (a postcard `talaria_attestation::Evidence`) binding the tenant's
-    /// nonce and the DER of the certificate this connection presented.
+    /// Attestation evidence (a postcard `talaria_attestation::Evidence`) binding, for the
+    /// tenant purpose, the tenant's nonce, the DER of the certificate this connection
+    /// presented, and `claims`: the agent's statement of what protects the tenant (JSON
+    /// `talaria-agent-claims-1`: the effective ReMO configuration).
     Attestation {
         evidence: Vec<u8>,
+        claims: Vec<u8>,
     },
     /// One generated token, with its text when the piece is complete.
     Token {

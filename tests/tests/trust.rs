@@ -1,0 +1,129 @@
+//! The trust model against the cloud operator, with real processes on loopback: what the
+//! operator's topology may not weaken, and what a tenant's verifier catches before its prompt
+//! leaves.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use talaria_tests::cluster::{LocalCluster, bin, topology};
+use talaria_tests::real_model;
+
+const ONE_STAGE: &[(&str, &str, bool)] = &[("only", "0-29", true)];
+
+fn up_fails(text: &str, dir: &Path) -> String {
+    let path = dir.join("topology.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(bin("talaria"))
+        .args(["up", "--topology"])
+        .arg(&path)
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .args(["--ready-timeout-s", "120"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a cluster below the floor came up");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn talaria(cluster: &LocalCluster, args: &[&str]) -> Output {
+    Command::new(bin("talaria"))
+        .args(args)
+        .arg("--cluster-dir")
+        .arg(cluster.run_dir())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn an_agent_below_the_floor_does_not_start_and_its_tenant_refuses_it_unless_it_chose_so() {
+    let model = real_model();
+    // 1. The operator's topology switches masking off, or sets a float σ of 1: the agent does
+    //    not start, with a typed error that names every reason.
+    for (remo, why) in [
+        ("enabled = false", "masking is off"),
+        (
+            "precision = \"f64-gemm\"\nscale = 1.0",
+            "σ = 1 is below the floor",
+        ),
+        ("precision = \"f64-gemm\"\nshuffle = false", "not shuffled"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let text = topology(&model, ONE_STAGE, &["t"]) + &format!("[remo]\n{remo}\n");
+        let err = up_fails(&text, dir.path());
+        assert!(err.contains("agent-t exited"), "{remo}: {err}");
+        assert!(
+            err.contains("remo_below_floor") && err.contains(why),
+            "{remo}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+
+    // 2. The topology also says the tenant accepted it: the agent starts, but its attestation
+    //    binds the configuration it runs with, and a tenant that did not choose less refuses
+    //    before its prompt leaves.
+    let text = topology(&model, ONE_STAGE, &["t"])
+        + "[remo]\nenabled = false\ntenant_accepts_below_floor = true\n";
+    let cluster = LocalCluster::start(&text);
+    let secret = "the launch code is 0451";
+    let o = talaria(
+        &cluster,
+        &[
+            "generate",
+            "--engine",
+            "cluster",
+            "--allow-insecure-agent",
+            "--prompt",
+            secret,
+            "--max-tokens",
+            "2",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "sent a prompt to a plaintext agent");
+    assert!(
+        err.contains("remo_below_floor") && err.contains("masking is off"),
+        "{err}"
+    );
+    let o = talaria(&cluster, &["verify", "--allow-insecure-agent"]);
+    assert!(!o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["trusted"], false, "{v}");
+    assert_eq!(v["error_type"], "remo_below_floor", "{v}");
+    // The agent never saw the prompt: nothing of it reached any log.
+    for log in std::fs::read_dir(cluster.run_dir().join("logs")).unwrap() {
+        let text = std::fs::read_to_string(log.unwrap().path()).unwrap();
+        assert!(!text.contains("0451"), "{text}");
+    }
+
+    // 3. The tenant's explicit choice (the attack suite's plaintext control): accepted, and
+    //    what it runs with is shown.
+    let o = talaria(
+        &cluster,
+        &["verify", "--allow-insecure-agent", "--accept-below-floor"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["trusted"], true, "{v}");
+    assert_eq!(v["claims"]["tenant"], "t", "{v}");
+    assert_eq!(v["claims"]["remo"]["enabled"], false, "{v}");
+    let o = talaria(
+        &cluster,
+        &[
+            "generate",
+            "--engine",
+            "cluster",
+            "--allow-insecure-agent",
+            "--accept-below-floor",
+            "--prompt-ids",
+            "504,3458",
+            "--max-tokens",
+            "2",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("ReMO OFF") && err.contains("below the floor"),
+        "{err}"
+    );
+}
