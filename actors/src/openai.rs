@@ -93,7 +93,14 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        tracing::warn!(status = %self.status, error_type = %self.code, "API request refused: {}", self.message);
+        // The message may quote the tenant's own text (a bad value, a model name): it goes back
+        // to the tenant only. The log names the field, never its value.
+        tracing::warn!(
+            status = %self.status,
+            error_type = %self.code,
+            param = self.param.unwrap_or("-"),
+            "API request refused"
+        );
         metrics::error(&self.code);
         HttpResponse::build(self.status).json(self.body())
     }

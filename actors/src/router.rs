@@ -69,6 +69,19 @@ pub struct Route {
     pub frame: Vec<u8>,
 }
 
+/// An agent connection presented this certificate (DER) and proved its key.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AgentCert(pub AgentId, pub Vec<u8>);
+
+impl Handler<AgentCert> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: AgentCert, _: &mut Context<Self>) {
+        self.certs.insert(msg.0, msg.1);
+    }
+}
+
 /// An agent's connection is gone: close its sessions.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -84,6 +97,8 @@ pub struct Router {
     agents: HashMap<AgentId, String>,
     /// The nonce issued to each connection that asked, used once.
     challenges: HashMap<AgentId, [u8; 32]>,
+    /// The certificate (DER) each agent connection proved it holds the key of.
+    certs: HashMap<AgentId, Vec<u8>>,
     /// Each open session's agent and tenant.
     sessions: HashMap<SessionId, (AgentId, String)>,
     /// The most open sessions each tenant may hold.
@@ -108,6 +123,7 @@ impl Router {
             provision,
             agents: HashMap::new(),
             challenges: HashMap::new(),
+            certs: HashMap::new(),
             sessions: HashMap::new(),
         }
     }
@@ -191,6 +207,14 @@ impl Router {
                 return Err(ErrorReply::new(
                     "unknown_tenant",
                     "the topology has no agent for this tenant",
+                ));
+            }
+            // The attested key must be the one this connection proved: a genuine agent's
+            // Hello relayed on another connection is not an admission of that connection.
+            if self.certs.get(&agent) != Some(key) {
+                return Err(ErrorReply::new(
+                    "attestation_binding",
+                    "the attested key is not the certificate this connection presented",
                 ));
             }
             self.admission.admit(tenant, name, evidence, &nonce, key)?;
@@ -322,6 +346,7 @@ impl Handler<AgentGone> for Router {
         let tenant = self.agents.remove(&msg.0);
         metrics::ROUTER_AGENTS.set(self.agents.len() as i64);
         self.challenges.remove(&msg.0);
+        self.certs.remove(&msg.0);
         let gone: Vec<SessionId> = self
             .sessions
             .iter()
@@ -497,6 +522,10 @@ impl Actor for AgentLink {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let (id, router) = (self.id, self.router.clone());
+        // Sent before any of its frames: the router knows the key before a Hello can arrive.
+        if let Some(cert) = talaria_wire::net::peer_cert_der(&self.conn) {
+            router.do_send(AgentCert(id, cert));
+        }
         let serve = crate::serve_streams(self.conn.clone(), self.max_frame, move |frame| {
             let router = router.clone();
             async move {

@@ -145,7 +145,9 @@ fn main() -> Result<()> {
     )?;
 
     actix::System::new().block_on(async move {
-        let client = tls.client(talaria_wire::ALPN_CLOUD)?;
+        // The coordinator proves itself to the gpu-nodes with the cluster's certificate: they
+        // serve no one else.
+        let client = tls.cluster_client(talaria_wire::ALPN_CLOUD)?;
         let nodes = topology
             .stages
             .iter()
@@ -187,7 +189,13 @@ fn main() -> Result<()> {
             talaria_actors::metrics::serve(addr)?;
         }
         let router = Router::new(routes, nodes, admission, Arc::new(provision), limits).start();
-        let endpoint = tls.server(topology.coordinator, talaria_wire::ALPN_CLOUD)?;
+        // Agents present a certificate of their own; admission checks that the attested key is
+        // that certificate.
+        let endpoint = tls.server(
+            topology.coordinator,
+            talaria_wire::ALPN_CLOUD,
+            talaria_wire::ClientAuth::AnyCertificate,
+        )?;
         tracing::info!(listen = %topology.coordinator, stages = topology.stages.len(), "serving");
         println!("ready {}", topology.coordinator);
         talaria_actors::router::serve(endpoint, router, topology.max_frame_bytes).await;

@@ -14,7 +14,8 @@ use talaria_attestation::{Bound, Evidence, Purpose, hardware_evidence};
 use talaria_cvm_agent::claims::{AgentClaims, check_floor};
 use talaria_cvm_agent::cluster::{AgentShared, exchange, remo_config};
 use talaria_topology::{Role, Topology};
-use talaria_wire::{ErrorReply, Provision, Request, TlsMaterial};
+use talaria_wire::net::TenantIdentity;
+use talaria_wire::{ErrorReply, Provision, Request};
 
 #[derive(Parser)]
 #[command(
@@ -75,25 +76,34 @@ fn main() -> Result<()> {
     };
     let tls = talaria_actors::tls_material(&topology, args.tls_dir.as_deref())
         .map_err(anyhow::Error::msg)?;
-    // What the agent serves its tenant with: its own key, made here on first start and never
-    // sent anywhere, when the topology gives it a place; else the cluster's.
-    let tenant_tls = match &agent.tenant_tls {
-        Some(dir) => {
-            let mut names = vec!["localhost".to_string(), agent.listen.ip().to_string()];
-            names.extend(agent.http.map(|a| a.ip().to_string()));
-            names.dedup();
-            let (material, made) =
-                TlsMaterial::load_or_generate(dir, &topology.server_name, &names)
-                    .with_context(|| format!("the agent's TLS material in {}", dir.display()))?;
-            tracing::info!(
-                dir = %dir.display(),
-                made,
-                "serving the tenant with the agent's own key"
-            );
-            material
-        }
-        None => tls.clone(),
+    // What the agent serves its tenant with: a key made here, in the CVM's memory, at every
+    // start and never written anywhere; never the cluster's key (the cloud holds that). Only
+    // the certificate is published, for tenants' TLS clients; the attestation binds it.
+    let mut names = vec!["localhost".to_string(), agent.listen.ip().to_string()];
+    names.extend(agent.http.map(|a| a.ip().to_string()));
+    names.dedup();
+    let identity = TenantIdentity::generate(&topology.server_name, &names)
+        .context("making the agent's tenant-facing key")?;
+    let Some(cert_dir) = agent.cert_dir(args.tls_dir.as_deref()) else {
+        bail!(
+            "{}: agent {:?} has no `tenant_tls`: the folder where it publishes the certificate \
+             its tenant trusts",
+            args.topology.display(),
+            args.tenant
+        );
     };
+    if identity.publish(&cert_dir).with_context(|| {
+        format!(
+            "publishing the agent's certificate in {}",
+            cert_dir.display()
+        )
+    })? {
+        tracing::warn!(
+            dir = %cert_dir.display(),
+            "removed a key file from the certificate folder: the agent never reads one"
+        );
+    }
+    tracing::info!(dir = %cert_dir.display(), "serving the tenant with a key made at this start");
     let remo = remo_config(&topology.remo).map_err(|e| anyhow!("topology [remo]: {e}"))?;
     // The topology is the operator's: below the floor the agent does not start unless the
     // file says the tenant accepted it, and even then its attestation binds the configuration
@@ -112,7 +122,9 @@ fn main() -> Result<()> {
     let max_frame = topology.max_frame_bytes;
 
     actix::System::new().block_on(async move {
-        let client = tls.client(talaria_wire::ALPN_CLOUD)?;
+        // The agent presents its tenant-facing certificate on the cloud connection too: the
+        // coordinator admits it only if the attested key is the one this connection proves.
+        let client = identity.client(&tls, talaria_wire::ALPN_CLOUD)?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(args.connect_timeout_s);
         let conn = loop {
             match tls.connect(&client, topology.coordinator).await {
@@ -128,7 +140,7 @@ fn main() -> Result<()> {
         let tenant = agent.tenant.clone();
         let insecure = args.insecure_no_attestation;
         // The key the reports bind: the certificate this agent serves its tenant with.
-        let key = tenant_tls.cert_der()?;
+        let key = identity.cert_der().to_vec();
         let hello_key = key.clone();
         // Admission and provisioning wait on the uplink: off the event loop.
         let shared = tokio::task::spawn_blocking(move || -> Result<AgentShared> {
@@ -183,9 +195,9 @@ fn main() -> Result<()> {
                 tenancy: tenancy.clone(),
                 max_tokens,
             };
-            talaria_actors::openai::serve(addr, api, tenant_tls.server_config(b"http/1.1")?)?;
+            talaria_actors::openai::serve(addr, api, identity.server_config(b"http/1.1")?)?;
         }
-        let endpoint = tenant_tls.server(agent.listen, talaria_wire::ALPN_TENANT)?;
+        let endpoint = identity.server(agent.listen, talaria_wire::ALPN_TENANT)?;
         tracing::info!(listen = %agent.listen, max_sessions = agent.max_sessions, "serving the tenant");
         println!("ready {}", agent.listen);
         talaria_actors::session::serve(endpoint, tenancy, attestor, max_frame).await;

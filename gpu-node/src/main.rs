@@ -94,7 +94,13 @@ fn main() -> Result<()> {
     );
 
     actix::System::new().block_on(async move {
-        let endpoint = tls.server(stage.listen, talaria_wire::ALPN_CLOUD)?;
+        // Only the cluster's own processes (the coordinator) may connect: a stage serves its
+        // weights' products and `R_pub` to no one else.
+        let endpoint = tls.server(
+            stage.listen,
+            talaria_wire::ALPN_CLOUD,
+            talaria_wire::ClientAuth::Cluster,
+        )?;
         if let Some(addr) = stage.metrics {
             talaria_actors::metrics::serve(addr)?;
         }

@@ -21,12 +21,34 @@ use talaria_wire::{TenantRequest, TlsMaterial};
 pub struct ClusterInfo {
     pub topology: PathBuf,
     pub server_name: String,
+    /// The cluster's CA: what the gpu-nodes and the coordinator present (not the agents).
     pub ca: PathBuf,
     /// `(tenant, address)` of each agent.
     pub agents: Vec<(String, SocketAddr)>,
+    /// `(tenant, CA file)` of each agent: the CA of the certificate it serves its tenant with,
+    /// made with its key at its start.
+    pub agent_cas: Vec<(String, PathBuf)>,
     /// Process ids by name.
     pub pids: Vec<(String, u32)>,
     pub logs: PathBuf,
+}
+
+impl ClusterInfo {
+    /// How a tenant reaches the agent of `tenant`: its address, and the TLS trust of the
+    /// certificate that agent made at its start (never the cluster's CA).
+    pub fn agent_tls(&self, tenant: &str) -> Option<(SocketAddr, TlsMaterial)> {
+        let addr = self.agents.iter().find(|(t, _)| t == tenant)?.1;
+        let ca = self.agent_cas.iter().find(|(t, _)| t == tenant)?.1.clone();
+        Some((
+            addr,
+            TlsMaterial {
+                ca,
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+                server_name: self.server_name.clone(),
+            },
+        ))
+    }
 }
 
 /// The default folder of a local cluster's run files (TLS material, logs, `cluster.json`).
@@ -233,14 +255,14 @@ pub fn start(args: &UpArgs) -> Result<Running> {
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let topo = std::fs::canonicalize(&args.topology)?;
     let mut common = vec!["--topology".to_string(), topo.display().to_string()];
-    let ca = match &topology.tls {
+    let (ca, generated) = match &topology.tls {
         TlsSource::Generate => {
             let dir = run_dir.join("tls");
             let m = TlsMaterial::generate(&dir, &topology.server_name)?;
             common.extend(["--tls-dir".into(), dir.display().to_string()]);
-            m.ca
+            (m.ca, Some(dir))
         }
-        TlsSource::Files { ca, .. } => ca.clone(),
+        TlsSource::Files { ca, .. } => (ca.clone(), None),
     };
 
     let (tx, rx) = mpsc::channel();
@@ -287,6 +309,16 @@ pub fn start(args: &UpArgs) -> Result<Running> {
             .agents
             .iter()
             .map(|a| (a.tenant.clone(), a.listen))
+            .collect(),
+        agent_cas: topology
+            .agents
+            .iter()
+            .filter_map(|a| {
+                Some((
+                    a.tenant.clone(),
+                    a.cert_dir(generated.as_deref())?.join("ca.pem"),
+                ))
+            })
             .collect(),
         pids: procs
             .iter()
@@ -412,23 +444,18 @@ impl AgentArgs {
         })?;
         let info: ClusterInfo =
             serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        let addr = match self.agent {
-            Some(a) => a,
-            None => info
-                .agents
-                .first()
-                .map(|(_, a)| *a)
-                .ok_or_else(|| anyhow!("the cluster has no agent"))?,
-        };
-        Ok((
-            addr,
-            TlsMaterial {
-                ca: info.ca,
-                cert: PathBuf::new(),
-                key: PathBuf::new(),
-                server_name: info.server_name,
-            },
-        ))
+        let tenant = match self.agent {
+            Some(a) => info.agents.iter().find(|(_, addr)| *addr == a),
+            None => info.agents.first(),
+        }
+        .map(|(t, _)| t.clone())
+        .ok_or_else(|| anyhow!("the cluster in {} has no such agent", dir.display()))?;
+        info.agent_tls(&tenant).ok_or_else(|| {
+            anyhow!(
+                "{}: no certificate of the agent of {tenant}",
+                path.display()
+            )
+        })
     }
 }
 

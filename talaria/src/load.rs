@@ -327,8 +327,7 @@ fn request(tenant: usize, session: usize, gen_tokens: usize) -> TenantRequest {
 
 /// Runs every session of `agents` at once; the traces of all of them.
 fn run_all(
-    tls: &TlsMaterial,
-    agents: &[SocketAddr],
+    agents: &[(SocketAddr, TlsMaterial)],
     sessions: usize,
     gen_tokens: usize,
 ) -> Result<Vec<Trace>> {
@@ -336,10 +335,10 @@ fn run_all(
         let handles: Vec<_> = agents
             .iter()
             .enumerate()
-            .flat_map(|(t, &addr)| (0..sessions).map(move |s| (t, s, addr)))
-            .map(|(t, s, addr)| {
+            .flat_map(|(t, agent)| (0..sessions).map(move |s| (t, s, agent)))
+            .map(|(t, s, (addr, tls))| {
                 scope.spawn(move || {
-                    session(tls, addr, &request(t, s, gen_tokens))
+                    session(tls, *addr, &request(t, s, gen_tokens))
                         .with_context(|| format!("tenant {t} session {s}"))
                 })
             })
@@ -369,13 +368,17 @@ pub fn run(args: LoadArgs) -> Result<()> {
         tap: None,
         ready_timeout_s: args.ready_timeout_s,
     })?;
-    let tls = TlsMaterial {
-        ca: cluster.info.ca.clone(),
-        cert: PathBuf::new(),
-        key: PathBuf::new(),
-        server_name: cluster.info.server_name.clone(),
-    };
-    let agents: Vec<SocketAddr> = cluster.info.agents.iter().map(|(_, a)| *a).collect();
+    let agents: Vec<(SocketAddr, TlsMaterial)> = cluster
+        .info
+        .agents
+        .iter()
+        .map(|(t, _)| {
+            cluster
+                .info
+                .agent_tls(t)
+                .ok_or_else(|| anyhow!("no certificate of the agent of {t}"))
+        })
+        .collect::<Result<_>>()?;
     let stages: Vec<(String, SocketAddr)> = cluster
         .topology
         .stages
@@ -387,7 +390,7 @@ pub fn run(args: LoadArgs) -> Result<()> {
     eprintln!("warming up {most} agent(s)");
     let t0 = Instant::now();
     for chunk in agents.chunks(4) {
-        run_all(&tls, chunk, 1, 2)?;
+        run_all(chunk, 1, 2)?;
     }
     eprintln!("  warm in {:.1} s", t0.elapsed().as_secs_f64());
 
@@ -400,7 +403,7 @@ pub fn run(args: LoadArgs) -> Result<()> {
         let before = stage_histograms(&stages)?;
         let cpu_before = cpu_by_role(&cluster.info.pids);
         let t0 = Instant::now();
-        let traces = run_all(&tls, &agents[..k], args.sessions, args.gen_tokens)?;
+        let traces = run_all(&agents[..k], args.sessions, args.gen_tokens)?;
         let wall = t0.elapsed().as_secs_f64();
         let after = stage_histograms(&stages)?;
         let cpu_after = cpu_by_role(&cluster.info.pids);

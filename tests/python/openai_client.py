@@ -71,6 +71,22 @@ def main() -> None:
         out["wrong_model"] = None
     except openai.NotFoundError as e:
         out["wrong_model"] = {"status": e.status_code, "code": e.code}
+    # Bad requests that carry a secret where a value is malformed: each is refused in the OpenAI
+    # shape, and the Rust test checks that the secret reaches no log.
+    bad = {}
+    with openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=ca)) as http:
+        url = base_url + "/chat/completions"
+        for name, body in [
+            ("role", {"model": model, "messages": [{"role": "hunter2-SECRET-role", "content": "hi"}]}),
+            ("json", {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": "hunter2-SECRET-json"}),
+            ("model", {"model": "hunter2-SECRET-model", "messages": [{"role": "user", "content": "hi"}]}),
+            ("part", {"model": model, "messages": [{"role": "user", "content": [
+                {"type": "hunter2-SECRET-part", "text": "x"}]}]}),
+        ]:
+            r = http.post(url, json=body)
+            bad[name] = {"status": r.status_code, "code": r.json()["error"]["code"]}
+    out["bad"] = bad
     # The agent's Prometheus metrics, served beside the API (same certificate).
     metrics_url = base_url.rsplit("/v1", 1)[0] + "/metrics"
     with openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=ca)) as http:

@@ -174,12 +174,35 @@ impl LocalCluster {
         self.dir.path().join("run")
     }
 
-    /// The TLS trust a client of this cluster needs.
-    pub fn tls(&self) -> TlsMaterial {
+    /// The TLS trust a tenant needs to reach the agent of `tenant`: the CA of the certificate
+    /// that agent made at its start.
+    pub fn agent_tls(&self, tenant: &str) -> TlsMaterial {
+        let ca = self.info["agent_cas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p[0] == tenant)
+            .unwrap_or_else(|| panic!("no agent of {tenant}"))[1]
+            .as_str()
+            .unwrap()
+            .into();
         TlsMaterial {
-            ca: self.info["ca"].as_str().unwrap().into(),
+            ca,
             cert: PathBuf::new(),
             key: PathBuf::new(),
+            ..self.tls()
+        }
+    }
+
+    /// The cluster's TLS material: its CA, and the certificate and key the cloud's own
+    /// processes present (a test that plays a cloud process uses them).
+    pub fn tls(&self) -> TlsMaterial {
+        let ca: PathBuf = self.info["ca"].as_str().unwrap().into();
+        let dir = ca.parent().unwrap().to_path_buf();
+        TlsMaterial {
+            ca,
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
             server_name: self.info["server_name"].as_str().unwrap().into(),
         }
     }
@@ -239,21 +262,65 @@ pub struct RawPeer {
     pub rt: tokio::runtime::Runtime,
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
+    cert: Option<Vec<u8>>,
+}
+
+/// Which client certificate a [`RawPeer`] presents.
+pub enum Who {
+    /// The cluster's own certificate: a cloud process (what a gpu-node accepts).
+    Cluster,
+    /// A key and certificate of its own, made now (what an agent presents to the coordinator).
+    OwnKey,
+    /// None at all.
+    Nobody,
 }
 
 impl RawPeer {
-    /// Connects to `addr` (a coordinator or a gpu-node).
+    /// Connects to `addr` (a coordinator or a gpu-node) with the cluster's own certificate.
     pub fn connect(tls: &TlsMaterial, addr: SocketAddr) -> Self {
+        Self::connect_as(tls, addr, Who::Cluster)
+    }
+
+    /// Connects to `addr` presenting `who`'s certificate. A server that refuses the client
+    /// certificate closes the connection after the handshake: requests then fail.
+    pub fn connect_as(tls: &TlsMaterial, addr: SocketAddr, who: Who) -> Self {
+        Self::try_connect_as(tls, addr, who).unwrap()
+    }
+
+    /// [`connect_as`](Self::connect_as), or why the handshake failed.
+    pub fn try_connect_as(tls: &TlsMaterial, addr: SocketAddr, who: Who) -> Result<Self, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
+        let identity = match who {
+            Who::OwnKey => {
+                Some(talaria_wire::net::TenantIdentity::generate(&tls.server_name, &[]).unwrap())
+            }
+            _ => None,
+        };
+        let cert = identity.as_ref().map(|i| i.cert_der().to_vec());
         let (endpoint, conn) = rt.block_on(async {
-            let endpoint = tls.client(talaria_wire::ALPN_CLOUD).unwrap();
-            let conn = tls.connect(&endpoint, addr).await.unwrap();
+            let endpoint = match (&who, &identity) {
+                (Who::Cluster, _) => tls.cluster_client(talaria_wire::ALPN_CLOUD).unwrap(),
+                (Who::OwnKey, Some(i)) => i.client(tls, talaria_wire::ALPN_CLOUD).unwrap(),
+                _ => tls.client(talaria_wire::ALPN_CLOUD).unwrap(),
+            };
+            let conn = tls.connect(&endpoint, addr).await;
             (endpoint, conn)
         });
-        Self { rt, endpoint, conn }
+        let conn = conn.map_err(|e| e.to_string())?;
+        Ok(Self {
+            rt,
+            endpoint,
+            conn,
+            cert,
+        })
+    }
+
+    /// The certificate this peer presented, when it made its own key.
+    pub fn cert_der(&self) -> Vec<u8> {
+        self.cert.clone().expect("a peer with its own key")
     }
 
     /// Sends `bytes` as they are (length prefix included) on a new stream; returns the answer.

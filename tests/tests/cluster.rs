@@ -5,7 +5,7 @@ use std::process::Command;
 
 use talaria_engine::{BlockOp, OpId, SamplingParams};
 use talaria_gpu_node::PlainEngine;
-use talaria_tests::cluster::{LocalCluster, RawPeer, ask_agent, bin, rss_bytes, topology};
+use talaria_tests::cluster::{LocalCluster, RawPeer, Who, ask_agent, bin, rss_bytes, topology};
 use talaria_tests::{golden_cases, ids, plain_greedy, real_model};
 use talaria_wire::{
     BasisSpec, MaskedCall, Prompt, Reply, Request, SetupRequest, TenantRequest, Tensor,
@@ -26,7 +26,7 @@ fn greedy(prompt: Prompt, max_tokens: usize) -> TenantRequest {
 /// Generates through the agent of `tenant` with the library client.
 fn ask(cluster: &LocalCluster, tenant: &str, req: &TenantRequest) -> Result<Vec<u32>, String> {
     ask_agent(
-        &cluster.tls(),
+        &cluster.agent_tls(tenant),
         cluster.topology().agent(tenant).unwrap().listen,
         req,
     )
@@ -104,8 +104,21 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
     );
     assert_eq!(ask(&cluster, "tenant-a", &chat).unwrap(), want);
 
-    // 3. Each gpu-node serves its own layers and refuses the others'.
+    // 3. Only the cluster's own processes reach a gpu-node: a peer with a key of its own (an
+    //    agent, a tenant) or with none cannot open a session there, so it can neither fetch a
+    //    stage's `R_pub = W` nor close anyone's session.
     let tls = cluster.tls();
+    for who in [Who::OwnKey, Who::Nobody] {
+        let open = Request::StageOpen {
+            session: 7,
+            tenant: "tenant-a".into(),
+        };
+        if let Ok(outsider) = RawPeer::try_connect_as(&tls, topo.stages[0].listen, who) {
+            let answer = outsider.request::<()>(&open, None);
+            assert!(answer.is_err(), "a stage served an outsider: {answer:?}");
+        }
+    }
+    // Each gpu-node serves its own layers and refuses the others'.
     for (i, stage) in topo.stages.iter().enumerate() {
         let peer = RawPeer::connect(&tls, stage.listen);
         let session = 1_000_000 + i as u64;
@@ -186,13 +199,13 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
     // 4. Bad input on the coordinator while a good session runs: each bad request gets its
     //    typed error, and the good session's answer is unharmed.
     let good = {
-        let cluster_tls = cluster.tls();
+        let cluster_tls = cluster.agent_tls("tenant-a");
         let addr = topo.agent("tenant-a").unwrap().listen;
         let req = greedy(Prompt::Ids(cases[0].prompt_ids.clone()), 32);
         std::thread::spawn(move || ask_agent(&cluster_tls, addr, &req))
     };
-    let intruder = RawPeer::connect(&tls, topo.coordinator);
-    let bystander = RawPeer::connect(&tls, topo.coordinator);
+    let intruder = RawPeer::connect_as(&tls, topo.coordinator, Who::OwnKey);
+    let bystander = RawPeer::connect_as(&tls, topo.coordinator, Who::OwnKey);
     let insecure = talaria_wire::frame::encode::<_, ()>(
         &talaria_attestation::Evidence::Insecure {
             reason: "test".into(),
@@ -200,12 +213,13 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
         None,
     )
     .unwrap();
-    let hello = |tenant: &str, evidence: &[u8]| Request::Hello {
+    let hello_with = |tenant: &str, evidence: &[u8], key: Vec<u8>| Request::Hello {
         tenant: tenant.into(),
         agent: "test".into(),
         evidence: evidence.to_vec(),
-        key: b"test key".to_vec(),
+        key,
     };
+    let hello = |tenant: &str, evidence: &[u8]| hello_with(tenant, evidence, intruder.cert_der());
     let challenge = |peer: &RawPeer| {
         assert!(matches!(
             peer.request::<()>(&Request::Challenge, None).unwrap().0,
@@ -238,14 +252,21 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
     let e = intruder.refusal::<()>(&hello("tenant-zzz", &insecure), None);
     assert_eq!(e.error_type, "unknown_tenant", "{e}");
     assert!(!e.message.contains("tenant-zzz"), "{e}");
+    // The attested key must be the certificate this connection presented: a Hello naming
+    // another key (a relayed one) is refused, even for an insecure agent.
+    challenge(&intruder);
+    let e = intruder.refusal::<()>(
+        &hello_with("tenant-a", &insecure, bystander.cert_der()),
+        None,
+    );
+    assert_eq!(e.error_type, "attestation_binding", "{e}");
     // This topology allows insecure agents: with a fresh challenge each connection is admitted
-    // as the topology's tenant.
+    // as the topology's tenant, binding its own key.
     for peer in [&intruder, &bystander] {
         challenge(peer);
+        let own = hello_with("tenant-a", &insecure, peer.cert_der());
         assert!(matches!(
-            peer.request::<()>(&hello("tenant-a", &insecure), None)
-                .unwrap()
-                .0,
+            peer.request::<()>(&own, None).unwrap().0,
             Reply::Ok { .. }
         ));
     }

@@ -158,6 +158,10 @@ fn a_cuda_stage_answers_through_the_cluster() {
         ignore_eos: false,
         stop: Vec::new(),
     };
-    let answer = talaria_tests::cluster::ask_agent(&cluster.tls(), topo.agents[0].listen, &req);
+    let answer = talaria_tests::cluster::ask_agent(
+        &cluster.agent_tls(&topo.agents[0].tenant),
+        topo.agents[0].listen,
+        &req,
+    );
     assert_eq!(answer, Ok(ids(&r["ids"])));
 }

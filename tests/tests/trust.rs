@@ -127,3 +127,59 @@ fn an_agent_below_the_floor_does_not_start_and_its_tenant_refuses_it_unless_it_c
         "{err}"
     );
 }
+
+#[test]
+fn a_key_planted_on_the_agents_host_is_never_used_and_the_attestation_binds_what_runs() {
+    let model = real_model();
+    // The host plants TLS material where the agent publishes its certificate, hoping the agent
+    // serves with a key the host knows.
+    let dir = tempfile::tempdir().unwrap();
+    let planted_dir = dir.path().join("agent-tls");
+    let planted =
+        talaria_wire::TlsMaterial::generate(&planted_dir, talaria_topology::DEFAULT_SERVER_NAME)
+            .unwrap();
+    let planted_ca = dir.path().join("planted-ca.pem");
+    std::fs::copy(&planted.ca, &planted_ca).unwrap();
+    let planted_cert = std::fs::read(&planted.cert).unwrap();
+    let text = topology(&model, ONE_STAGE, &["t"]).replacen(
+        "tenant = \"t\"\n",
+        &format!(
+            "tenant = \"t\"\ntenant_tls = \"{}\"\n",
+            planted_dir.display()
+        ),
+        1,
+    );
+    let cluster = LocalCluster::start(&text);
+    // The agent made its own key: the planted key file is gone, the certificate is new.
+    assert!(!planted_dir.join("key.pem").exists());
+    assert_ne!(
+        std::fs::read(planted_dir.join("cert.pem")).unwrap(),
+        planted_cert
+    );
+    let addr = cluster.topology().agent("t").unwrap().listen.to_string();
+    let verify = |ca: &Path| {
+        Command::new(bin("talaria"))
+            .args(["verify", "--allow-insecure-agent", "--agent", &addr, "--ca"])
+            .arg(ca)
+            .output()
+            .unwrap()
+    };
+    // A client that trusts the planted CA does not get through: the agent does not hold the
+    // planted key.
+    let o = verify(&planted_ca);
+    assert!(
+        !o.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("certificate"), "{v}");
+    // Through the published certificate it does, and the attestation states the default
+    // protection: the integer one-time pad.
+    let o = verify(&planted_dir.join("ca.pem"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["claims"]["tenant"], "t", "{v}");
+    assert_eq!(v["claims"]["remo"]["enabled"], true, "{v}");
+    assert_eq!(v["claims"]["remo"]["precision"], "int", "{v}");
+}

@@ -139,11 +139,21 @@ pub struct Agent {
     /// Most generations of this tenant running at once (the coordinator refuses more sessions;
     /// the agent queues requests beyond it).
     pub max_sessions: usize,
-    /// Where the agent keeps the TLS key and certificate it serves its tenant with, made by the
-    /// agent itself on first start (inside its CVM: the key never leaves it). Without it, the
-    /// agent serves with the cluster's certificate — whose key every server holds, so only for
-    /// clusters where the cloud is not the adversary (a local one).
+    /// Where the agent publishes the certificate it serves its tenant with (`ca.pem`,
+    /// `cert.pem`: public). Its key is made in the agent's memory at every start and never
+    /// written; the agent never serves with the cluster's key. Without it, a local cluster's
+    /// agent publishes into `<generated TLS folder>/agent-<tenant>` ([`Agent::cert_dir`]).
     pub tenant_tls: Option<PathBuf>,
+}
+
+impl Agent {
+    /// Where the agent publishes its tenant-facing certificate: `tenant_tls`, or beside the
+    /// generated TLS material of a local cluster (`generated`: its folder).
+    pub fn cert_dir(&self, generated: Option<&Path>) -> Option<PathBuf> {
+        self.tenant_tls
+            .clone()
+            .or_else(|| generated.map(|d| d.join(format!("agent-{}", self.tenant))))
+    }
 }
 
 /// Default cap on a tenant's concurrent sessions.
@@ -653,17 +663,11 @@ impl Topology {
         let tls = match (t.generate, &t.ca, &t.cert, &t.key) {
             (true, None, None, None) => TlsSource::Generate,
             (false, Some(ca), Some(cert), Some(key)) => {
-                // An agent with its own tenant-facing key is only a client of the cluster: it
-                // needs the CA, and its host should hold no cluster key.
-                let own_key = match role {
-                    Role::Agent(t) => raw
-                        .agent
-                        .iter()
-                        .any(|a| a.tenant == t && a.tenant_tls.is_some()),
-                    _ => false,
-                };
+                // An agent is only a client of the cluster (it serves its tenant with a key of
+                // its own): it needs the CA, and its host should hold no cluster key.
+                let client_only = matches!(role, Role::Agent(_));
                 let files = [("tls.ca", ca), ("tls.cert", cert), ("tls.key", key)];
-                for (k, f) in files.into_iter().take(if own_key { 1 } else { 3 }) {
+                for (k, f) in files.into_iter().take(if client_only { 1 } else { 3 }) {
                     if !resolve(f).is_file() {
                         c.problem(k, format!("{} does not exist", resolve(f).display()));
                     }

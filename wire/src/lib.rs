@@ -15,7 +15,7 @@ mod tensor;
 pub use basis::{BasisSpec, expand_basis};
 pub use frame::{DEFAULT_MAX_FRAME, FrameError};
 pub use link::{CloudLink, LinkError, Loopback};
-pub use net::{TlsError, TlsMaterial};
+pub use net::{ClientAuth, TlsError, TlsMaterial};
 pub use protocol::{
     ALPN_CLOUD, ALPN_TENANT, ErrorReply, LatencySplit, Prompt, Provision, Reply, Request,
     TenantEvent, TenantMessage, TenantRequest, first_stop,

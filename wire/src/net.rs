@@ -57,6 +57,255 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// Writes `bytes` to `path` through a temporary file in the same folder, renamed into place:
+/// a reader sees the old file or the new one, never half of one. With `private` the file is
+/// created readable by its owner only, from its first byte (no window in which it is not).
+fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<(), TlsError> {
+    use std::io::Write;
+    let err = |p: &Path, e: std::io::Error| TlsError::File {
+        path: p.into(),
+        message: e.to_string(),
+    };
+    let name = path
+        .file_name()
+        .map_or_else(|| "tls".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(if private { 0o600 } else { 0o644 });
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut f = options.open(&tmp).map_err(|e| err(&tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| err(path, e))
+}
+
+/// A TLS 1.3 server configuration presenting `chain` with `key`, speaking `alpn`, admitting
+/// clients as `auth` says (`roots`: the cluster CA, for [`ClientAuth::Cluster`]).
+fn server_config_with(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[u8],
+    auth: ClientAuth,
+    roots: Option<rustls::RootCertStore>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match (auth, roots) {
+        (ClientAuth::Anyone, _) => builder.with_no_client_auth(),
+        (ClientAuth::AnyCertificate, _) => {
+            builder.with_client_cert_verifier(Arc::new(AnyClientCert(provider())))
+        }
+        (ClientAuth::Cluster, Some(roots)) => builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?,
+        ),
+        (ClientAuth::Cluster, None) => {
+            return Err(TlsError::Config(
+                "cluster client authentication needs the cluster's CA".into(),
+            ));
+        }
+    };
+    let mut tls = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+/// Requires a client certificate and checks only that the client holds its key (the handshake
+/// signature), not who issued it: the coordinator's check of agents, whose certificates are
+/// made at their start and vouched for by their attestation, which must bind this very
+/// certificate (`peer_cert_der`).
+#[derive(Debug)]
+struct AnyClientCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::server::danger::ClientCertVerifier for AnyClientCert {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Who may connect to a server endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Anyone (a tenant reaching its agent: the agent's attestation is what the tenant checks).
+    Anyone,
+    /// Only a client presenting a certificate of the cluster's CA: the cloud's own processes
+    /// (the coordinator dialling a gpu-node). Agents hold no such certificate.
+    Cluster,
+    /// Any client that proves it holds the key of the certificate it presents (agents dialling
+    /// the coordinator; admission then requires the attested key to be that certificate).
+    AnyCertificate,
+}
+
+/// A QUIC server endpoint on `addr` with `tls`.
+fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig) -> Result<Endpoint, TlsError> {
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport());
+    std::net::UdpSocket::bind(addr)
+        .and_then(|socket| endpoint_on(socket, Some(config)))
+        .map_err(|e| TlsError::Bind {
+            addr,
+            message: e.to_string(),
+        })
+}
+
+/// A CA and a server certificate it signed, for `server_name` and `extra_names`, made in
+/// memory: (CA PEM, certificate, its key).
+fn make_certificate(
+    server_name: &str,
+    extra_names: &[String],
+) -> Result<(String, rcgen::Certificate, rcgen::KeyPair), TlsError> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let err = |e: rcgen::Error| TlsError::Config(e.to_string());
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Talaria local cluster CA");
+    let ca = ca_params.self_signed(&ca_key).map_err(err)?;
+    let key = KeyPair::generate().map_err(err)?;
+    let mut names = vec![server_name.to_string()];
+    names.extend(extra_names.iter().filter(|n| *n != server_name).cloned());
+    let mut params = CertificateParams::new(names).map_err(err)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, server_name);
+    let cert = params.signed_by(&key, &ca, &ca_key).map_err(err)?;
+    // The CA's key signs nothing else: it is dropped here, never stored.
+    Ok((ca.pem(), cert, key))
+}
+
+/// An agent's tenant-facing identity: a key made in the agent's (CVM) memory at every start and
+/// never written anywhere, and a certificate for it signed by a CA made and forgotten with it.
+/// Only the certificate and that CA are published, for tenants' TLS clients; a tenant learns
+/// that the key is the attested agent's from its report, which binds the certificate.
+pub struct TenantIdentity {
+    ca_pem: String,
+    cert_pem: String,
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+}
+
+impl TenantIdentity {
+    /// A new identity for `server_name` and `extra_names`.
+    pub fn generate(server_name: &str, extra_names: &[String]) -> Result<Self, TlsError> {
+        let (ca_pem, cert, key) = make_certificate(server_name, extra_names)?;
+        Ok(Self {
+            ca_pem,
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
+        })
+    }
+
+    /// Writes the public half into `dir`: `ca.pem` (what tenants trust) and `cert.pem`. A key
+    /// file found there (an older agent's, or one planted by the host) is removed, since no
+    /// agent reads one: `true` when there was one.
+    pub fn publish(&self, dir: &Path) -> Result<bool, TlsError> {
+        std::fs::create_dir_all(dir).map_err(|e| TlsError::File {
+            path: dir.into(),
+            message: e.to_string(),
+        })?;
+        let stale = dir.join("key.pem");
+        let removed = stale.exists();
+        if removed {
+            std::fs::remove_file(&stale).map_err(|e| TlsError::File {
+                path: stale.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        write_atomic(&dir.join("ca.pem"), self.ca_pem.as_bytes(), false)?;
+        write_atomic(&dir.join("cert.pem"), self.cert_pem.as_bytes(), false)?;
+        Ok(removed)
+    }
+
+    /// The certificate's DER: what the agent's attestation binds.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// The TLS server configuration presenting this identity (QUIC and HTTPS alike).
+    pub fn server_config(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
+        server_config_with(
+            vec![self.cert_der.clone().into()],
+            self.key(),
+            alpn,
+            ClientAuth::Anyone,
+            None,
+        )
+    }
+
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key_der.clone().into())
+    }
+
+    /// A client endpoint that trusts `cluster`'s CA and presents this identity as its client
+    /// certificate (an agent dialling the coordinator: the key its admission binds is then the
+    /// one this connection proves).
+    pub fn client(&self, cluster: &TlsMaterial, alpn: &[u8]) -> Result<Endpoint, TlsError> {
+        cluster.client_presenting(alpn, Some((vec![self.cert_der.clone().into()], self.key())))
+    }
+
+    /// A server endpoint on `addr` speaking `alpn`.
+    pub fn server(&self, addr: SocketAddr, alpn: &[u8]) -> Result<Endpoint, TlsError> {
+        server_endpoint(addr, self.server_config(alpn)?)
+    }
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -130,51 +379,20 @@ impl TlsMaterial {
         server_name: &str,
         extra_names: &[String],
     ) -> Result<Self, TlsError> {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-        let err = |e: rcgen::Error| TlsError::Config(e.to_string());
         std::fs::create_dir_all(dir).map_err(|e| TlsError::File {
             path: dir.into(),
             message: e.to_string(),
         })?;
-        let ca_key = KeyPair::generate().map_err(err)?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "Talaria local cluster CA");
-        let ca = ca_params.self_signed(&ca_key).map_err(err)?;
-        let key = KeyPair::generate().map_err(err)?;
-        let mut names = vec![server_name.to_string()];
-        names.extend(extra_names.iter().filter(|n| *n != server_name).cloned());
-        let mut params = CertificateParams::new(names).map_err(err)?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, server_name);
-        let cert = params.signed_by(&key, &ca, &ca_key).map_err(err)?;
+        let (ca, cert, key) = make_certificate(server_name, extra_names)?;
         let material = Self {
             ca: dir.join("ca.pem"),
             cert: dir.join("cert.pem"),
             key: dir.join("key.pem"),
             server_name: server_name.into(),
         };
-        let write = |path: &Path, text: String| {
-            std::fs::write(path, text).map_err(|e| TlsError::File {
-                path: path.into(),
-                message: e.to_string(),
-            })
-        };
-        write(&material.ca, ca.pem())?;
-        write(&material.cert, cert.pem())?;
-        write(&material.key, key.serialize_pem())?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&material.key, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| TlsError::File {
-                    path: material.key.clone(),
-                    message: e.to_string(),
-                })?;
-        }
+        write_atomic(&material.key, key.serialize_pem().as_bytes(), true)?;
+        write_atomic(&material.ca, ca.as_bytes(), false)?;
+        write_atomic(&material.cert, cert.pem().as_bytes(), false)?;
         Ok(material)
     }
 
@@ -226,44 +444,73 @@ impl TlsMaterial {
                 path: self.key.clone(),
                 message: "no PEM private key in it".into(),
             })?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
-        tls.alpn_protocols = vec![alpn.to_vec()];
-        Ok(tls)
+        server_config_with(chain, key, alpn, ClientAuth::Anyone, None)
     }
 
-    /// A server endpoint on `addr` speaking `alpn`.
-    pub fn server(&self, addr: SocketAddr, alpn: &[u8]) -> Result<Endpoint, TlsError> {
-        let tls = self.server_config(alpn)?;
-        let crypto =
-            QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(transport());
-        std::net::UdpSocket::bind(addr)
-            .and_then(|socket| endpoint_on(socket, Some(config)))
-            .map_err(|e| TlsError::Bind {
-                addr,
-                message: e.to_string(),
-            })
-    }
-
-    /// A client endpoint that trusts the cluster's CA and speaks `alpn`.
-    pub fn client(&self, alpn: &[u8]) -> Result<Endpoint, TlsError> {
+    fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
         for c in certs(&self.ca)? {
             roots
                 .add(c)
                 .map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
         }
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        Ok(roots)
+    }
+
+    fn private_key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
+        let key_pem = read_file(&self.key)?;
+        rustls_pemfile::private_key(&mut key_pem.as_slice())
+            .ok()
+            .flatten()
+            .ok_or_else(|| TlsError::File {
+                path: self.key.clone(),
+                message: "no PEM private key in it".into(),
+            })
+    }
+
+    /// A server endpoint on `addr` speaking `alpn`, admitting clients as `auth` says.
+    pub fn server(
+        &self,
+        addr: SocketAddr,
+        alpn: &[u8],
+        auth: ClientAuth,
+    ) -> Result<Endpoint, TlsError> {
+        let roots = (auth == ClientAuth::Cluster)
+            .then(|| self.roots())
+            .transpose()?;
+        let tls = server_config_with(certs(&self.cert)?, self.private_key()?, alpn, auth, roots)?;
+        server_endpoint(addr, tls)
+    }
+
+    /// A client endpoint that trusts the cluster's CA, speaks `alpn`, and presents the
+    /// cluster's certificate (a cloud process dialling another: the coordinator to a gpu-node).
+    pub fn cluster_client(&self, alpn: &[u8]) -> Result<Endpoint, TlsError> {
+        self.client_presenting(alpn, Some((certs(&self.cert)?, self.private_key()?)))
+    }
+
+    /// A client endpoint that trusts the cluster's CA and speaks `alpn`, presenting no client
+    /// certificate (a tenant dialling an agent).
+    pub fn client(&self, alpn: &[u8]) -> Result<Endpoint, TlsError> {
+        self.client_presenting(alpn, None)
+    }
+
+    /// A client endpoint that trusts the CA and presents `identity` (chain, key) if given.
+    #[allow(clippy::type_complexity)]
+    fn client_presenting(
+        &self,
+        alpn: &[u8],
+        identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    ) -> Result<Endpoint, TlsError> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(self.roots()?);
+        let mut tls = match identity {
+            None => builder.with_no_client_auth(),
+            Some((chain, key)) => builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| TlsError::Config(e.to_string()))?,
+        };
         tls.alpn_protocols = vec![alpn.to_vec()];
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
