@@ -85,6 +85,14 @@ pub enum AttestationError {
     Tcb { found: String, min: String },
     #[error("measurement {0} is not in the allowlist")]
     Measurement(String),
+    #[error("report version {0} is not one this verifier reads (2 ..= 5)")]
+    Version(u32),
+    #[error("the guest policy {0}")]
+    GuestPolicy(String),
+    #[error("guest SVN {found} is below the minimum {min}")]
+    GuestSvn { found: u32, min: u32 },
+    #[error("the VCEK does not certify this report's platform: {0}")]
+    VcekMismatch(String),
     #[error(
         "report data does not bind this purpose, nonce, key and claims (a stale nonce, another \
          key, changed claims, or a report made for another purpose)"
@@ -106,6 +114,10 @@ impl AttestationError {
             AttestationError::Vmpl { .. } => "attestation_vmpl",
             AttestationError::Tcb { .. } => "attestation_tcb",
             AttestationError::Measurement(_) => "attestation_measurement",
+            AttestationError::Version(_) => "attestation_report_version",
+            AttestationError::GuestPolicy(_) => "attestation_guest_policy",
+            AttestationError::GuestSvn { .. } => "attestation_guest_svn",
+            AttestationError::VcekMismatch(_) => "attestation_vcek_mismatch",
             AttestationError::Binding => "attestation_binding",
             AttestationError::Provisioning { .. } => "attestation_provisioning",
         }
@@ -150,9 +162,27 @@ pub struct Policy {
     pub measurements: Vec<[u8; 48]>,
     pub min_tcb: Tcb,
     pub max_vmpl: u32,
-    /// Accept [`Evidence::Insecure`] (development without SEV hardware).
+    /// Accept [`Evidence::Insecure`] (development without SEV hardware); never where AMD roots
+    /// are provisioned, so in effect only for [`InsecurePolicy`].
     pub allow_insecure: bool,
+    /// Accept a guest whose policy allows SMT (a sibling thread of another tenant's or the
+    /// host's shares the core's caches and predictors). Off by default.
+    pub allow_smt: bool,
+    /// The least guest SVN (the image author's security version) accepted.
+    pub min_guest_svn: u32,
+    /// The least ABI (major, minor) the guest's launch policy may require.
+    pub min_abi: (u8, u8),
 }
+
+/// The least TCB a verifier accepts unless told otherwise: Milan's components at the level of
+/// AMD's SB-3019 fixes (bootloader 3, TEE 0, SNP 8, microcode 115). Raise it to your platform's
+/// current TCB; 0.0.0.0 accepts firmware with known SEV-SNP vulnerabilities.
+pub const DEFAULT_MIN_TCB: Tcb = Tcb {
+    bootloader: 3,
+    tee: 0,
+    snp: 8,
+    microcode: 115,
+};
 
 fn read_cert(path: &Path) -> Result<Certificate, AttestationError> {
     let err = |message: String| AttestationError::Provisioning {
@@ -194,6 +224,9 @@ impl Policy {
             min_tcb,
             max_vmpl,
             allow_insecure,
+            allow_smt: false,
+            min_guest_svn: 0,
+            min_abi: (0, 0),
         })
     }
 
@@ -253,10 +286,106 @@ fn tcb_of(report: &AttestationReport) -> Tcb {
     }
 }
 
+/// The VCEK's X.509 extensions of AMD's OID arc (1.3.6.1.4.1.3704.1): the TCB it certifies
+/// and the chip it was issued to.
+const OID_BL_SPL: &str = "1.3.6.1.4.1.3704.1.3.1";
+const OID_TEE_SPL: &str = "1.3.6.1.4.1.3704.1.3.2";
+const OID_SNP_SPL: &str = "1.3.6.1.4.1.3704.1.3.3";
+const OID_UCODE_SPL: &str = "1.3.6.1.4.1.3704.1.3.8";
+const OID_HWID: &str = "1.3.6.1.4.1.3704.1.4";
+
+/// A DER INTEGER's value as u8 (the SPLs are bytes).
+fn der_small_int(v: &[u8]) -> Option<u8> {
+    let (&tag, rest) = v.split_first()?;
+    let (&len, body) = rest.split_first()?;
+    if tag != 0x02 || len as usize != body.len() || body.is_empty() {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &b in body {
+        n = n.checked_mul(256)? + b as u64;
+    }
+    u8::try_from(n).ok()
+}
+
+/// The bytes of a DER OCTET STRING, or the value itself where the extension holds raw bytes
+/// (AMD's hwID is written both ways across generations).
+fn der_octets(v: &[u8]) -> &[u8] {
+    match v {
+        [0x04, len, body @ ..] if *len as usize == body.len() => body,
+        _ => v,
+    }
+}
+
+/// The VCEK must certify exactly the TCB the report says it runs at, and the chip the report
+/// names: else a VCEK of an older TCB (or of another chip) could vouch for a report.
+fn check_vcek(vcek_der: &[u8], report: &AttestationReport) -> Result<(), AttestationError> {
+    use x509_cert::der::Decode;
+    let bad = |m: String| AttestationError::VcekMismatch(m);
+    let cert = x509_cert::Certificate::from_der(vcek_der)
+        .map_err(|e| AttestationError::Malformed(format!("VCEK: {e}")))?;
+    let exts = cert.tbs_certificate.extensions.unwrap_or_default();
+    let ext = |oid: &str| {
+        exts.iter()
+            .find(|e| e.extn_id.to_string() == oid)
+            .map(|e| e.extn_value.as_bytes())
+    };
+    let t = &report.reported_tcb;
+    for (oid, name, want) in [
+        (OID_BL_SPL, "bootloader", t.bootloader),
+        (OID_TEE_SPL, "tee", t.tee),
+        (OID_SNP_SPL, "snp", t.snp),
+        (OID_UCODE_SPL, "microcode", t.microcode),
+    ] {
+        let got = ext(oid).ok_or_else(|| bad(format!("no {name} SPL extension")))?;
+        let got = der_small_int(got).ok_or_else(|| bad(format!("{name} SPL is not an integer")))?;
+        if got != want {
+            return Err(bad(format!(
+                "it certifies {name} {got}, the report says {want}"
+            )));
+        }
+    }
+    let hwid = der_octets(ext(OID_HWID).ok_or_else(|| bad("no hwID extension".into()))?);
+    // Milan and Genoa VCEKs carry the 64-byte chip id; Turin's an 8-byte prefix of it.
+    if hwid.is_empty() || hwid.len() > 64 || report.chip_id[..hwid.len()] != *hwid {
+        return Err(bad("its hwID is not the report's chip id".into()));
+    }
+    Ok(())
+}
+
 /// The checks on the report's contents, once its signature is verified.
 fn check_contents(report: &AttestationReport, policy: &Policy) -> Result<(), AttestationError> {
+    if !(2..=5).contains(&report.version) {
+        return Err(AttestationError::Version(report.version));
+    }
     if report.policy.debug_allowed() {
         return Err(AttestationError::Debug);
+    }
+    if report.policy.migrate_ma_allowed() {
+        return Err(AttestationError::GuestPolicy(
+            "allows a migration agent (it could export the guest's memory)".into(),
+        ));
+    }
+    if report.policy.smt_allowed() && !policy.allow_smt {
+        return Err(AttestationError::GuestPolicy(
+            "allows SMT and this verifier does not (allow_smt)".into(),
+        ));
+    }
+    let abi = (
+        report.policy.abi_major() as u8,
+        report.policy.abi_minor() as u8,
+    );
+    if abi < policy.min_abi {
+        return Err(AttestationError::GuestPolicy(format!(
+            "requires ABI {}.{}, below the minimum {}.{}",
+            abi.0, abi.1, policy.min_abi.0, policy.min_abi.1
+        )));
+    }
+    if report.guest_svn < policy.min_guest_svn {
+        return Err(AttestationError::GuestSvn {
+            found: report.guest_svn,
+            min: policy.min_guest_svn,
+        });
     }
     if report.vmpl > policy.max_vmpl {
         return Err(AttestationError::Vmpl {
@@ -309,6 +438,7 @@ pub fn verify_evidence(evidence: &Evidence, policy: &Policy) -> Result<Verified,
         .verify()
         .map_err(|e| AttestationError::Signature(e.to_string()))?;
     check_contents(&report, policy)?;
+    check_vcek(vcek_der, &report)?;
     Ok(Verified {
         measurement: Some(report.measurement),
         report_data: report.report_data,

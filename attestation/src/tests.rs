@@ -24,9 +24,11 @@ fn evidence(report: Vec<u8>, vcek: &str) -> Evidence {
     }
 }
 
+/// The policy the real report meets: its measurement and TCB, and SMT allowed (its guest
+/// policy allows SMT; `smt_is_refused_unless_allowed` checks the default).
 fn policy_for(report: &[u8]) -> Policy {
     let r = parse_report(report).unwrap();
-    Policy::new(
+    let mut p = Policy::new(
         &fixture("ark.pem"),
         &fixture("ask.pem"),
         vec![r.measurement],
@@ -34,7 +36,81 @@ fn policy_for(report: &[u8]) -> Policy {
         0,
         false,
     )
-    .unwrap()
+    .unwrap();
+    p.allow_smt = true;
+    p
+}
+
+#[test]
+fn smt_is_refused_unless_allowed_and_the_default_min_tcb_is_met_by_the_real_report() {
+    let report = real_report();
+    let mut policy = policy_for(&report);
+    policy.allow_smt = false;
+    let e = verify_evidence(&evidence(report.clone(), "vcek_milan.der"), &policy).unwrap_err();
+    assert_eq!(e.error_type(), "attestation_guest_policy", "{e}");
+    // The default minimum TCB is not 0.0.0.0, and this (patched Milan) platform meets it.
+    assert_ne!(DEFAULT_MIN_TCB, Tcb::default());
+    assert!(tcb_of(&parse_report(&report).unwrap()).at_least(&DEFAULT_MIN_TCB));
+}
+
+#[test]
+fn the_vcek_must_certify_the_reported_tcb_and_chip() {
+    // The real VCEK certifies the real report's TCB and chip (its extensions parse and match).
+    let report = parse_report(&real_report()).unwrap();
+    let vcek = std::fs::read(fixture("vcek_milan.der")).unwrap();
+    check_vcek(&vcek, &report).unwrap();
+    // A report claiming another TCB component or chip than the VCEK certifies is refused (the
+    // signature would catch an edit of these bytes too; this is the check a VCEK of an older,
+    // vulnerable TCB meets when it signs a report that claims a newer one).
+    let edits: [fn(&mut AttestationReport); 6] = [
+        |r| r.reported_tcb.bootloader += 1,
+        |r| r.reported_tcb.tee += 1,
+        |r| r.reported_tcb.snp += 1,
+        |r| r.reported_tcb.microcode -= 1,
+        |r| r.chip_id[63] ^= 1,
+        |r| r.chip_id[0] ^= 1,
+    ];
+    for (i, edit) in edits.into_iter().enumerate() {
+        let mut r = report;
+        edit(&mut r);
+        let e = check_vcek(&vcek, &r).unwrap_err();
+        assert_eq!(e.error_type(), "attestation_vcek_mismatch", "edit {i}: {e}");
+    }
+    // Another chip's VCEK (Turin) does not certify this report either.
+    let turin = std::fs::read(fixture("vcek_turin.der")).unwrap();
+    assert!(check_vcek(&turin, &report).is_err());
+}
+
+#[test]
+fn report_version_migration_agent_guest_svn_and_abi_are_checked() {
+    let report = real_report();
+    let mut policy = policy_for(&report);
+    let parsed = parse_report(&report).unwrap();
+    check_contents(&parsed, &policy).unwrap();
+    let refused = |r: &AttestationReport, p: &Policy| check_contents(r, p).unwrap_err();
+    let mut r = parsed;
+    r.version = 1;
+    assert_eq!(
+        refused(&r, &policy).error_type(),
+        "attestation_report_version"
+    );
+    let mut r = parsed;
+    r.policy.set_migrate_ma_allowed(true);
+    assert_eq!(
+        refused(&r, &policy).error_type(),
+        "attestation_guest_policy"
+    );
+    policy.min_guest_svn = parsed.guest_svn + 1;
+    assert_eq!(
+        refused(&parsed, &policy).error_type(),
+        "attestation_guest_svn"
+    );
+    policy.min_guest_svn = 0;
+    policy.min_abi = (1, 0);
+    assert_eq!(
+        refused(&parsed, &policy).error_type(),
+        "attestation_guest_policy"
+    );
 }
 
 #[test]

@@ -42,23 +42,28 @@ impl AttestedAdmission {
     fn new(topology: &Topology) -> Result<Self> {
         let policy = match &topology.attestation {
             None => None,
-            Some(a) => Some(Policy::new(
-                &a.ark,
-                &a.ask,
-                a.measurements
-                    .iter()
-                    .map(|m| parse_measurement(m))
-                    .collect::<Result<_, _>>()
-                    .map_err(anyhow::Error::msg)?,
-                Tcb {
-                    bootloader: a.min_tcb[0],
-                    tee: a.min_tcb[1],
-                    snp: a.min_tcb[2],
-                    microcode: a.min_tcb[3],
-                },
-                a.max_vmpl,
-                topology.allow_insecure_agents,
-            )?),
+            Some(a) => Some({
+                let mut p = Policy::new(
+                    &a.ark,
+                    &a.ask,
+                    a.measurements
+                        .iter()
+                        .map(|m| parse_measurement(m))
+                        .collect::<Result<_, _>>()
+                        .map_err(anyhow::Error::msg)?,
+                    Tcb {
+                        bootloader: a.min_tcb[0],
+                        tee: a.min_tcb[1],
+                        snp: a.min_tcb[2],
+                        microcode: a.min_tcb[3],
+                    },
+                    a.max_vmpl,
+                    topology.allow_insecure_agents,
+                )?;
+                p.allow_smt = a.allow_smt;
+                p.min_guest_svn = a.min_guest_svn;
+                p
+            }),
         };
         if policy.is_none() && !topology.allow_insecure_agents {
             tracing::warn!(

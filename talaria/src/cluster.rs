@@ -386,32 +386,44 @@ pub struct AgentArgs {
     /// d, a float σ below 100, unshuffled float rows): your explicit choice, never a default.
     #[arg(long)]
     pub accept_below_floor: bool,
-    /// Minimum TCB of the agent's platform: bootloader,tee,snp,microcode.
-    #[arg(long, value_delimiter = ',', num_args = 4, default_values_t = [0u8, 0, 0, 0])]
+    /// Minimum TCB of the agent's platform: bootloader,tee,snp,microcode (default: the
+    /// attestation crate's DEFAULT_MIN_TCB; raise it to your platform's current TCB).
+    #[arg(long, value_delimiter = ',', num_args = 4, default_values_t = [3u8, 0, 8, 115])]
     pub min_tcb: Vec<u8>,
+    /// Trust an agent whose guest policy allows SMT (sibling threads share the core).
+    #[arg(long)]
+    pub allow_smt: bool,
+    /// The least guest SVN (the agent image's security version) you trust.
+    #[arg(long, default_value_t = 0)]
+    pub min_guest_svn: u32,
 }
 
 impl AgentArgs {
     /// What this tenant trusts.
     pub fn trust(&self) -> Result<client::Trust> {
         let policy = match (&self.ark, &self.ask) {
-            (Some(ark), Some(ask)) => Some(talaria_attestation::Policy::new(
-                ark,
-                ask,
-                self.measurement
-                    .iter()
-                    .map(|m| talaria_attestation::parse_measurement(m))
-                    .collect::<Result<_, _>>()
-                    .map_err(anyhow::Error::msg)?,
-                talaria_attestation::Tcb {
-                    bootloader: self.min_tcb[0],
-                    tee: self.min_tcb[1],
-                    snp: self.min_tcb[2],
-                    microcode: self.min_tcb[3],
-                },
-                0,
-                self.allow_insecure_agent,
-            )?),
+            (Some(ark), Some(ask)) => Some({
+                let mut p = talaria_attestation::Policy::new(
+                    ark,
+                    ask,
+                    self.measurement
+                        .iter()
+                        .map(|m| talaria_attestation::parse_measurement(m))
+                        .collect::<Result<_, _>>()
+                        .map_err(anyhow::Error::msg)?,
+                    talaria_attestation::Tcb {
+                        bootloader: self.min_tcb[0],
+                        tee: self.min_tcb[1],
+                        snp: self.min_tcb[2],
+                        microcode: self.min_tcb[3],
+                    },
+                    0,
+                    self.allow_insecure_agent,
+                )?;
+                p.allow_smt = self.allow_smt;
+                p.min_guest_svn = self.min_guest_svn;
+                p
+            }),
             _ => None,
         };
         Ok(client::Trust {

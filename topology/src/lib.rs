@@ -213,9 +213,19 @@ pub struct AttestationSection {
     pub ask: PathBuf,
     /// Launch measurements (hex) of trusted agent images.
     pub measurements: Vec<String>,
-    /// Minimum reported TCB: `[bootloader, tee, snp, microcode]`.
+    /// Minimum reported TCB: `[bootloader, tee, snp, microcode]`; by default
+    /// `talaria_attestation::DEFAULT_MIN_TCB` (3, 0, 8, 115), never 0.0.0.0.
     pub min_tcb: [u8; 4],
     pub max_vmpl: u32,
+    /// Admit agents whose guest policy allows SMT (off by default).
+    pub allow_smt: bool,
+    /// The least guest SVN admitted.
+    pub min_guest_svn: u32,
+}
+
+/// The default minimum TCB (the attestation crate's `DEFAULT_MIN_TCB`).
+fn default_min_tcb() -> [u8; 4] {
+    [3, 0, 8, 115]
 }
 
 /// A validated topology.
@@ -272,10 +282,14 @@ struct RawAttestation {
     ark: String,
     ask: String,
     measurements: Vec<String>,
-    #[serde(default)]
+    #[serde(default = "default_min_tcb")]
     min_tcb: [u8; 4],
     #[serde(default)]
     max_vmpl: u32,
+    #[serde(default)]
+    allow_smt: bool,
+    #[serde(default)]
+    min_guest_svn: u32,
 }
 
 #[derive(Deserialize)]
@@ -748,6 +762,8 @@ impl Topology {
                 measurements: a.measurements,
                 min_tcb: a.min_tcb,
                 max_vmpl: a.max_vmpl,
+                allow_smt: a.allow_smt,
+                min_guest_svn: a.min_guest_svn,
             }
         });
         // The weight files this process reads: its own shard, else the whole model.
