@@ -7,6 +7,7 @@
 //! in a session of its own through [`Tenancy`]; errors come back in OpenAI's error shape.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix_web::http::StatusCode;
@@ -28,6 +29,40 @@ pub struct Api {
     pub tenancy: Tenancy,
     /// Longest generation a request may ask for (and the default of chat completions).
     pub max_tokens: usize,
+    /// SHA-256 of the API keys accepted (`Authorization: Bearer <key>`); none: every `/v1`
+    /// request is refused.
+    pub api_keys: Arc<Vec<[u8; 32]>>,
+}
+
+/// Whether `headers` carry a bearer key whose SHA-256 is one of `keys`. The presented key is
+/// hashed before any comparison, so the time taken says nothing about how much of it matched.
+fn authorize(
+    keys: &[[u8; 32]],
+    headers: &actix_web::http::header::HeaderMap,
+) -> Result<(), ApiError> {
+    use sha2::Digest;
+    let presented = headers
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let refuse = |message: &str| ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        kind: "invalid_request_error",
+        code: "invalid_api_key".into(),
+        message: message.into(),
+        param: None,
+    };
+    let Some(key) = presented else {
+        return Err(refuse(
+            "no API key: send it as `Authorization: Bearer <key>` (the client's api_key)",
+        ));
+    };
+    let digest: [u8; 32] = sha2::Sha256::digest(key.trim().as_bytes()).into();
+    if keys.contains(&digest) {
+        Ok(())
+    } else {
+        Err(refuse("incorrect API key"))
+    }
 }
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -611,9 +646,33 @@ pub fn configure(api: Api) -> impl Fn(&mut web::ServiceConfig) + Clone {
                     .limit(4 << 20)
                     .error_handler(json_error),
             )
-            .route("/v1/models", web::get().to(models))
-            .route("/v1/completions", web::post().to(completions))
-            .route("/v1/chat/completions", web::post().to(chat))
+            .service(
+                web::scope("/v1")
+                    // The key is checked before anything of the request is read.
+                    .wrap_fn({
+                        let keys = api.api_keys.clone();
+                        move |req, srv| {
+                            use actix_web::dev::Service;
+                            match authorize(&keys, req.headers()) {
+                                Ok(()) => {
+                                    let fut = srv.call(req);
+                                    Box::pin(
+                                        async move { fut.await.map(|r| r.map_into_boxed_body()) },
+                                    )
+                                        as futures::future::LocalBoxFuture<'static, _>
+                                }
+                                Err(e) => {
+                                    let response = req.into_response(e.error_response());
+                                    Box::pin(async move { Ok(response) })
+                                }
+                            }
+                        }
+                    })
+                    .route("/models", web::get().to(models))
+                    .route("/completions", web::post().to(completions))
+                    .route("/chat/completions", web::post().to(chat)),
+            )
+            // Counters and histograms only: no tenant text, no key needed.
             .route("/metrics", web::get().to(metrics::metrics_route));
     }
 }

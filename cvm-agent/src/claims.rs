@@ -14,6 +14,10 @@ pub struct AgentClaims {
     pub tenant: String,
     /// The effective ReMO configuration of every session the agent runs.
     pub remo: RemoConfig,
+    /// SHA-256 (hex, sorted) of the API keys its HTTPS API accepts: a tenant checks that only
+    /// its own are there.
+    #[serde(default)]
+    pub api_key_sha256: Vec<String>,
 }
 
 /// A configuration below the floor (`RemoConfig::below_floor`): refused unless the tenant
@@ -41,11 +45,15 @@ pub fn check_floor(remo: &RemoConfig, tenant_accepts: bool) -> Result<(), BelowF
 impl AgentClaims {
     pub const FORMAT: &'static str = "talaria-agent-claims-1";
 
-    pub fn new(tenant: &str, remo: &RemoConfig) -> Self {
+    pub fn new(tenant: &str, remo: &RemoConfig, api_key_sha256: &[String]) -> Self {
+        let mut keys: Vec<String> = api_key_sha256.iter().map(|k| k.to_lowercase()).collect();
+        keys.sort();
+        keys.dedup();
         Self {
             format: Self::FORMAT.into(),
             tenant: tenant.into(),
             remo: remo.clone(),
+            api_key_sha256: keys,
         }
     }
 

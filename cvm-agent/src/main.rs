@@ -40,6 +40,10 @@ struct Args {
     /// coordinator and every tenant must opt in too, and it is logged loudly.
     #[arg(long)]
     insecure_no_attestation: bool,
+    /// SHA-256 (hex) of an API key the HTTPS API accepts, besides the topology's
+    /// `api_key_sha256`; repeatable. Attested in the agent's claims.
+    #[arg(long)]
+    api_key_sha256: Vec<String>,
 }
 
 /// Evidence binding `bound`: a hardware report, or with the explicit insecure mode an
@@ -117,7 +121,23 @@ fn main() -> Result<()> {
              attestation tells the tenant)"
         );
     }
-    let claims = AgentClaims::new(&agent.tenant, &remo).encode();
+    let mut api_keys = agent.api_key_sha256.clone();
+    api_keys.extend(args.api_key_sha256.iter().cloned());
+    let claims = AgentClaims::new(&agent.tenant, &remo, &api_keys);
+    let api_key_digests: Vec<[u8; 32]> = claims
+        .api_key_sha256
+        .iter()
+        .map(|h| {
+            hex::decode(h)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| anyhow!("api key hash {h:?} is not 64 hex digits"))
+        })
+        .collect::<Result<_>>()?;
+    if agent.http.is_some() && api_key_digests.is_empty() {
+        tracing::warn!("no API key configured: the HTTPS API refuses every /v1 request");
+    }
+    let claims = claims.encode();
     let calibration = talaria_cvm_agent::default_calibration().context("embedded calibration")?;
     let max_frame = topology.max_frame_bytes;
 
@@ -194,6 +214,7 @@ fn main() -> Result<()> {
                 model: topology.model_name.clone(),
                 tenancy: tenancy.clone(),
                 max_tokens,
+                api_keys: Arc::new(api_key_digests),
             };
             talaria_actors::openai::serve(addr, api, identity.server_config(b"http/1.1")?)?;
         }

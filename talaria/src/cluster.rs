@@ -28,9 +28,36 @@ pub struct ClusterInfo {
     /// `(tenant, CA file)` of each agent: the CA of the certificate it serves its tenant with,
     /// made with its key at its start.
     pub agent_cas: Vec<(String, PathBuf)>,
+    /// `(tenant, key file)` of each agent with an HTTPS API: the API key `talaria up` made for
+    /// that tenant (the file is readable by its owner only; the agent knows only its hash).
+    #[serde(default)]
+    pub api_keys: Vec<(String, PathBuf)>,
     /// Process ids by name.
     pub pids: Vec<(String, u32)>,
     pub logs: PathBuf,
+}
+
+/// Makes a random API key for `tenant` in `dir/<tenant>.key` (mode 0600 from its creation);
+/// returns the file and the key's SHA-256 in hex.
+fn make_api_key(dir: &Path, tenant: &str) -> Result<(PathBuf, String)> {
+    use sha2::Digest;
+    use std::io::Write;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key = format!("tk-{}", hex::encode(rand::random::<[u8; 32]>()));
+    let path = dir.join(format!("{tenant}.key"));
+    let _ = std::fs::remove_file(&path);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options
+        .open(&path)
+        .and_then(|mut f| f.write_all(key.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok((path, hex::encode(sha2::Sha256::digest(key.as_bytes()))))
 }
 
 impl ClusterInfo {
@@ -284,9 +311,16 @@ pub fn start(args: &UpArgs) -> Result<Running> {
     wait_ready(&mut procs, last, &rx, deadline)?;
     eprintln!("starting {} cvm-agent(s)", topology.agents.len());
     let first_agent = procs.len();
+    let mut api_keys = Vec::new();
     for a in &topology.agents {
         let mut args = common.clone();
         args.extend(["--tenant".into(), a.tenant.clone()]);
+        if a.http.is_some() {
+            // The tenant's API key for this local cluster: made here, the agent gets its hash.
+            let (path, digest) = make_api_key(&run_dir.join("api-keys"), &a.tenant)?;
+            args.extend(["--api-key-sha256".into(), digest]);
+            api_keys.push((a.tenant.clone(), path));
+        }
         if topology.allow_insecure_agents {
             // No SEV-SNP hardware on a development machine: the topology opted in.
             args.push("--insecure-no-attestation".into());
@@ -320,6 +354,7 @@ pub fn start(args: &UpArgs) -> Result<Running> {
                 ))
             })
             .collect(),
+        api_keys,
         pids: procs
             .iter()
             .map(|p| (p.name.clone(), p.child.id()))

@@ -2,7 +2,7 @@
 only its base URL and the cluster's CA are configured. Prints one JSON object with what each
 call returned; the Rust test compares it with the plain engine.
 
-usage: openai_client.py BASE_URL CA_PEM MODEL CHAT_MESSAGE MAX_TOKENS COMPLETION_PROMPT
+usage: openai_client.py BASE_URL CA_PEM MODEL CHAT_MESSAGE MAX_TOKENS COMPLETION_PROMPT API_KEY
 """
 
 import json
@@ -13,11 +13,11 @@ import openai
 
 
 def main() -> None:
-    base_url, ca, model, prompt, max_tokens, completion_prompt = sys.argv[1:7]
+    base_url, ca, model, prompt, max_tokens, completion_prompt, api_key = sys.argv[1:8]
     max_tokens = int(max_tokens)
     client = openai.OpenAI(
         base_url=base_url,
-        api_key="unused",
+        api_key=api_key,
         http_client=openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=ca)),
         max_retries=0,
         timeout=600,
@@ -74,8 +74,14 @@ def main() -> None:
     # Bad requests that carry a secret where a value is malformed: each is refused in the OpenAI
     # shape, and the Rust test checks that the secret reaches no log.
     bad = {}
+    auth = {"Authorization": f"Bearer {api_key}"}
     with openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=ca)) as http:
         url = base_url + "/chat/completions"
+        # Without a key, or with a wrong one: 401 in OpenAI's shape, before the body is read.
+        for name, headers in [("no_key", {}), ("wrong_key", {"Authorization": "Bearer tk-hunter2-wrong"})]:
+            r = http.post(url, json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+                          headers=headers)
+            bad[name] = {"status": r.status_code, "code": r.json()["error"]["code"]}
         for name, body in [
             ("role", {"model": model, "messages": [{"role": "hunter2-SECRET-role", "content": "hi"}]}),
             ("json", {"model": model, "messages": [{"role": "user", "content": "hi"}],
@@ -84,7 +90,7 @@ def main() -> None:
             ("part", {"model": model, "messages": [{"role": "user", "content": [
                 {"type": "hunter2-SECRET-part", "text": "x"}]}]}),
         ]:
-            r = http.post(url, json=body)
+            r = http.post(url, json=body, headers=auth)
             bad[name] = {"status": r.status_code, "code": r.json()["error"]["code"]}
     out["bad"] = bad
     # The agent's Prometheus metrics, served beside the API (same certificate).

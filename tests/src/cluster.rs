@@ -194,6 +194,20 @@ impl LocalCluster {
         }
     }
 
+    /// The API key `talaria up` made for `tenant` (its agent has an HTTPS API).
+    pub fn api_key(&self, tenant: &str) -> String {
+        let path = self.info["api_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p[0] == tenant)
+            .unwrap_or_else(|| panic!("no API key of {tenant}"))[1]
+            .as_str()
+            .unwrap()
+            .to_string();
+        std::fs::read_to_string(path).unwrap()
+    }
+
     /// The cluster's TLS material: its CA, and the certificate and key the cloud's own
     /// processes present (a test that plays a cloud process uses them).
     pub fn tls(&self) -> TlsMaterial {

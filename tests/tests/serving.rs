@@ -85,6 +85,7 @@ fn the_openai_client_gets_the_plain_engines_greedy_answer_streamed_and_whole() {
         .arg(question)
         .arg(max_tokens.to_string())
         .arg(completion)
+        .arg(cluster.api_key("tenant-a"))
         .output()
         .expect("running the openai client (scripts/test.sh installs it in .venv)");
     assert!(
@@ -136,6 +137,14 @@ fn the_openai_client_gets_the_plain_engines_greedy_answer_streamed_and_whole() {
     // no log of the cluster (errors name the field, never its value).
     for (name, status) in [("role", 400), ("json", 400), ("model", 404), ("part", 400)] {
         assert_eq!(got["bad"][name]["status"], status, "{name}: {got}");
+    }
+    // Only the tenant's API key opens the API.
+    for name in ["no_key", "wrong_key"] {
+        assert_eq!(
+            got["bad"][name],
+            serde_json::json!({"status": 401, "code": "invalid_api_key"}),
+            "{name}"
+        );
     }
     for log in std::fs::read_dir(cluster.run_dir().join("logs")).unwrap() {
         let log = log.unwrap().path();

@@ -144,6 +144,10 @@ pub struct Agent {
     /// written; the agent never serves with the cluster's key. Without it, a local cluster's
     /// agent publishes into `<generated TLS folder>/agent-<tenant>` ([`Agent::cert_dir`]).
     pub tenant_tls: Option<PathBuf>,
+    /// SHA-256 (hex) of the API keys the agent's HTTPS API accepts: the tenant makes its keys
+    /// and hands over only their hashes. The agent's attestation claims bind the list, so the
+    /// tenant sees if anyone added one.
+    pub api_key_sha256: Vec<String>,
 }
 
 impl Agent {
@@ -340,6 +344,8 @@ struct RawAgent {
     http: Option<String>,
     max_sessions: Option<usize>,
     tenant_tls: Option<String>,
+    #[serde(default)]
+    api_key_sha256: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -657,6 +663,14 @@ impl Topology {
             }
             let listen = listen_at(&mut c, key("listen"), &a.listen);
             let http = a.http.as_deref().map(|t| listen_at(&mut c, key("http"), t));
+            for h in &a.api_key_sha256 {
+                if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    c.problem(
+                        key("api_key_sha256"),
+                        "each entry is a SHA-256 in hex (64 digits)",
+                    );
+                }
+            }
             let max_sessions = a.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS);
             if max_sessions == 0 {
                 c.problem(key("max_sessions"), "must be at least 1");
@@ -667,6 +681,7 @@ impl Topology {
                 http,
                 max_sessions,
                 tenant_tls: a.tenant_tls.as_deref().map(resolve),
+                api_key_sha256: a.api_key_sha256.clone(),
             });
         }
 
