@@ -118,10 +118,15 @@ fn run_cluster(args: GenerateArgs) -> Result<()> {
             let _ = out.write_all(p.as_bytes()).and_then(|_| out.flush());
         }
     })?;
+    if !json {
+        let _ = writeln!(out);
+    }
+    // What protected the prompt, as the agent's attestation stated it (stderr: stdout is the
+    // answer).
     let a = &answer.attested;
     let r = &a.claims.remo;
     eprintln!(
-        "agent of {} ({}): ReMO {}, precision {}, rank {}, σ {}, {} dummy rows, shuffle {}{}",
+        "agent of {} ({}): ReMO {}, precision {}, rank {}{}, {} dummy rows, shuffle {}{}",
         a.claims.tenant,
         match a.verified.measurement {
             Some(m) => format!("attested, measurement {}", hex::encode(m)),
@@ -130,7 +135,11 @@ fn run_cluster(args: GenerateArgs) -> Result<()> {
         if r.enabled { "on" } else { "OFF" },
         r.precision,
         r.rank,
-        r.scale,
+        if r.precision.is_int() {
+            String::new()
+        } else {
+            format!(", σ {}", r.scale)
+        },
         r.dummy_rows,
         r.shuffle,
         if r.below_floor().is_empty() {
@@ -141,7 +150,6 @@ fn run_cluster(args: GenerateArgs) -> Result<()> {
     );
     let g = answer.generation;
     if !json {
-        let _ = writeln!(out);
         return Ok(());
     }
     let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
