@@ -18,6 +18,10 @@ pub struct AgentClaims {
     /// its own are there.
     #[serde(default)]
     pub api_key_sha256: Vec<String>,
+    /// SHA-256 of the model manifest the agent checks the cloud's weights against (built into
+    /// its binary): which model, exactly, the tenant is talking to.
+    #[serde(default)]
+    pub model_manifest_sha256: String,
 }
 
 /// A configuration below the floor (`RemoConfig::below_floor`): refused unless the tenant
@@ -45,7 +49,12 @@ pub fn check_floor(remo: &RemoConfig, tenant_accepts: bool) -> Result<(), BelowF
 impl AgentClaims {
     pub const FORMAT: &'static str = "talaria-agent-claims-1";
 
-    pub fn new(tenant: &str, remo: &RemoConfig, api_key_sha256: &[String]) -> Self {
+    pub fn new(
+        tenant: &str,
+        remo: &RemoConfig,
+        api_key_sha256: &[String],
+        model_manifest_sha256: &str,
+    ) -> Self {
         let mut keys: Vec<String> = api_key_sha256.iter().map(|k| k.to_lowercase()).collect();
         keys.sort();
         keys.dedup();
@@ -54,6 +63,7 @@ impl AgentClaims {
             tenant: tenant.into(),
             remo: remo.clone(),
             api_key_sha256: keys,
+            model_manifest_sha256: model_manifest_sha256.into(),
         }
     }
 

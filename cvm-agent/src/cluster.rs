@@ -21,6 +21,7 @@ use talaria_wire::{
     Reply, Request, SessionId, SetupReply, SetupRequest, TenantEvent, TenantRequest, first_stop,
 };
 
+use crate::manifest::ModelManifest;
 use crate::{AgentError, PublicCache, RemoLinear};
 
 /// The error types a peer may answer with, as static labels (anything else: `cloud_error`).
@@ -188,13 +189,18 @@ pub struct AgentShared {
 }
 
 impl AgentShared {
-    /// Builds the weight-free half from the coordinator's provision.
+    /// Builds the weight-free half from the coordinator's provision, checked first against
+    /// `manifest` when given (which then also checks every session's full-rank set-up).
     pub fn new(
         provision: Provision,
         remo: RemoConfig,
         calibration: Calibration,
         uplink: BlockingUplink,
+        manifest: Option<Arc<ModelManifest>>,
     ) -> Result<Self, AgentError> {
+        if let Some(m) = &manifest {
+            m.check_provision(&provision)?;
+        }
         provision
             .embeddings
             .validate()
@@ -224,7 +230,10 @@ impl AgentShared {
             model,
             remo,
             calibration,
-            cache: PublicCache::with_shared_pools(),
+            cache: match manifest {
+                Some(m) => PublicCache::with_shared_pools().pinned(m),
+                None => PublicCache::with_shared_pools(),
+            },
             uplink,
         })
     }

@@ -5,6 +5,7 @@
 pub mod claims;
 pub mod client;
 pub mod cluster;
+pub mod manifest;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,6 +36,8 @@ pub struct PublicCache {
     publics: Mutex<HashMap<OpId, PublicOp>>,
     /// `None`: sessions keep their own pools. `Some(None)`: shared, not made yet.
     pools: Option<Mutex<Option<Arc<SharedPools>>>>,
+    /// What full-rank set-up material must hash to (`None`: not checked).
+    manifest: Option<Arc<manifest::ModelManifest>>,
 }
 
 impl PublicCache {
@@ -43,7 +46,15 @@ impl PublicCache {
         Self {
             publics: Mutex::default(),
             pools: Some(Mutex::new(None)),
+            manifest: None,
         }
+    }
+
+    /// This cache, checking every full-rank `R_pub` and integer weight against `manifest`
+    /// before it is installed.
+    pub fn pinned(mut self, manifest: Arc<manifest::ModelManifest>) -> Self {
+        self.manifest = Some(manifest);
+        self
     }
 
     /// The shared pools for sessions of `config`, made by the first one to ask.
@@ -105,6 +116,8 @@ pub enum AgentError {
     Engine(#[from] EngineError),
     #[error("reply {got} does not answer call {expected}")]
     OutOfOrder { expected: u64, got: u64 },
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestMismatch),
 }
 
 impl AgentError {
@@ -115,6 +128,7 @@ impl AgentError {
             AgentError::Link(e) => e.error_type,
             AgentError::Engine(e) => e.error_type(),
             AgentError::OutOfOrder { .. } => "out_of_order",
+            AgentError::Manifest(e) => e.error_type(),
         }
     }
 }
@@ -196,6 +210,13 @@ impl<L: CloudLink> RemoLinear<L> {
             }
             if let Some(req) = masker.setup_request(op, d_in) {
                 let reply = link.setup(&req)?;
+                // The cloud's weights are checked before anything of them is used.
+                if let Some(m) = cache
+                    .and_then(|c| c.manifest.as_deref())
+                    .filter(|_| req.basis == talaria_wire::BasisSpec::Identity)
+                {
+                    m.check_setup(op, &reply)?;
+                }
                 let public = masker.public_from_reply(&req, reply, d_in, d_out)?;
                 if let Some(c) = cache.filter(|_| public.is_identity()) {
                     c.put(op, public.clone());

@@ -13,6 +13,7 @@ use talaria_actors::session::{BlockingUplink, Conversation, ConversationFactory,
 use talaria_attestation::{Bound, Evidence, Purpose, hardware_evidence};
 use talaria_cvm_agent::claims::{AgentClaims, check_floor};
 use talaria_cvm_agent::cluster::{AgentShared, exchange, remo_config};
+use talaria_cvm_agent::manifest::ModelManifest;
 use talaria_topology::{Role, Topology};
 use talaria_wire::net::TenantIdentity;
 use talaria_wire::{ErrorReply, Provision, Request};
@@ -123,7 +124,9 @@ fn main() -> Result<()> {
     }
     let mut api_keys = agent.api_key_sha256.clone();
     api_keys.extend(args.api_key_sha256.iter().cloned());
-    let claims = AgentClaims::new(&agent.tenant, &remo, &api_keys);
+    // The model this binary serves: the cloud's provision and weights are checked against it.
+    let manifest = Arc::new(ModelManifest::embedded().map_err(anyhow::Error::msg)?);
+    let claims = AgentClaims::new(&agent.tenant, &remo, &api_keys, &manifest.sha256());
     let api_key_digests: Vec<[u8; 32]> = claims
         .api_key_sha256
         .iter()
@@ -182,7 +185,13 @@ fn main() -> Result<()> {
             };
             let (provision, _) = exchange::<(), Provision>(&uplink, &hello, None)
                 .context("admission by the coordinator")?;
-            Ok(AgentShared::new(provision, remo, calibration, uplink)?)
+            Ok(AgentShared::new(
+                provision,
+                remo,
+                calibration,
+                uplink,
+                Some(manifest),
+            )?)
         })
         .await??;
         let shared = Arc::new(shared);

@@ -64,6 +64,9 @@ enum Command {
     /// (tokenizer, embeddings) and one per stage (its layers only); prints a manifest with their
     /// SHA-256. Rewrites nothing that is unchanged.
     ShardModel(provision::ShardArgs),
+    /// Write the model manifest (SHA-256 of the provision and of every op's set-up material)
+    /// that the cvm-agent embeds and checks the cloud's material against.
+    Manifest(provision::ManifestArgs),
     /// Make a cluster's CA and server certificate (kept if already there).
     Tls(provision::TlsArgs),
     /// Check a cvm-agent's SEV-SNP attestation (bound to its TLS certificate) before trusting it.
@@ -118,6 +121,7 @@ fn main() -> Result<()> {
         Command::Verify(args) => cluster::verify(args),
         Command::ShardModel(args) => provision::shard(args),
         Command::Tls(args) => provision::tls(args),
+        Command::Manifest(args) => provision::manifest(args),
         Command::Load(args) => load::run(args),
         Command::Attack(args) => attack::run(args),
         Command::AttackReport(args) => attack::report(args),

@@ -176,3 +176,71 @@ pub fn tls(args: TlsArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Debug, Args)]
+pub struct ManifestArgs {
+    /// Where to write the manifest (JSON).
+    #[arg(long, default_value = "calibration/smollm2-135m.manifest.json")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub model_file: Option<PathBuf>,
+}
+
+/// The model manifest of a model file: what a gpu-node serves for every op (both modes) and
+/// what the coordinator provisions, as `talaria_cvm_agent::manifest` checks them.
+pub fn model_manifest(path: &Path) -> Result<talaria_cvm_agent::manifest::ModelManifest> {
+    use talaria_gpu_node::{CloudExecutor, LinearWeights};
+    use talaria_wire::{BasisSpec, SetupRequest, Tensor};
+    let model_sha256 = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        let mut f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+        std::io::copy(&mut f, &mut h)?;
+        hex::encode(h.finalize())
+    };
+    let f = GgufFile::open(path)?;
+    let p = talaria_gpu_node::read_provision(&f)?;
+    let config = p.config.clone();
+    let layers = 0..=config.n_layers.saturating_sub(1);
+    let mut weights =
+        LinearWeights::load_on(&f, &config, layers, true, talaria_topology::Backend::Cpu)?;
+    weights.load_int(&f)?;
+    drop(f);
+    let cloud = CloudExecutor::new(weights, None);
+    let provision = talaria_wire::Provision {
+        embeddings: Tensor::F32 {
+            rows: config.vocab,
+            cols: config.d_model,
+            data: p.embeddings,
+        },
+        config: p.config,
+        tokenizer: p.tokenizer,
+    };
+    talaria_cvm_agent::manifest::ModelManifest::compute(&model_sha256, &provision, &config, |op| {
+        let reply = |integer| {
+            cloud
+                .setup(&SetupRequest {
+                    session: 0,
+                    op,
+                    basis: BasisSpec::Identity,
+                    f64: false,
+                    integer,
+                })
+                .map(|r| r.r_pub)
+                .map_err(|e| e.to_string())
+        };
+        Ok((reply(false)?, reply(true)?))
+    })
+    .map_err(anyhow::Error::msg)
+}
+
+/// `talaria manifest`: writes the model manifest the agent binary embeds.
+pub fn manifest(args: ManifestArgs) -> Result<()> {
+    let path = crate::resolve_model(args.model_file.clone())?;
+    let m = model_manifest(&path)?;
+    let mut json = serde_json::to_string_pretty(&m)?;
+    json.push('\n');
+    std::fs::write(&args.out, json).with_context(|| format!("writing {}", args.out.display()))?;
+    println!("{} (manifest sha256 {})", args.out.display(), m.sha256());
+    Ok(())
+}

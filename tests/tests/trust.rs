@@ -182,4 +182,84 @@ fn a_key_planted_on_the_agents_host_is_never_used_and_the_attestation_binds_what
     assert_eq!(v["claims"]["tenant"], "t", "{v}");
     assert_eq!(v["claims"]["remo"]["enabled"], true, "{v}");
     assert_eq!(v["claims"]["remo"]["precision"], "int", "{v}");
+    // And which model, exactly: the manifest the agent checks the cloud's weights against.
+    let manifest = talaria_cvm_agent::manifest::ModelManifest::embedded().unwrap();
+    assert_eq!(v["claims"]["model_manifest_sha256"], manifest.sha256(), "{v}");
+}
+
+#[test]
+fn the_embedded_manifest_pins_the_model_and_scaled_weights_are_refused() {
+    use talaria_cvm_agent::manifest::{EMBEDDED, ModelManifest};
+    use talaria_engine::{BlockOp, OpId};
+    use talaria_gpu_node::{CloudExecutor, LinearWeights};
+    use talaria_wire::{BasisSpec, RPub, SetupRequest, Tensor};
+    let model = real_model();
+    // `talaria manifest` on the real model writes exactly the manifest the agent embeds.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("manifest.json");
+    let o = Command::new(bin("talaria"))
+        .args(["manifest", "--model-file"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), EMBEDDED);
+    let manifest = ModelManifest::embedded().unwrap();
+
+    // What a real gpu-node serves passes; the scaling attack (V scaled by c = 2: the answers
+    // stay the same if attn_out is scaled by 1/c, but the float masks are then c-fold weaker)
+    // does not, in either mode.
+    let f = talaria_gguf::GgufFile::open(&model).unwrap();
+    let p = talaria_gpu_node::read_provision(&f).unwrap();
+    let config = p.config.clone();
+    let mut weights =
+        LinearWeights::load_on(&f, &config, 0..=0, false, talaria_topology::Backend::Cpu).unwrap();
+    weights.load_int(&f).unwrap();
+    let cloud = CloudExecutor::new(weights, None);
+    let qkv = OpId::Block {
+        layer: 0,
+        op: BlockOp::Qkv,
+    };
+    for integer in [false, true] {
+        let mut reply = cloud
+            .setup(&SetupRequest {
+                session: 1,
+                op: qkv,
+                basis: BasisSpec::Identity,
+                f64: false,
+                integer,
+            })
+            .unwrap();
+        manifest.check_setup(qkv, &reply).unwrap();
+        match &mut reply.r_pub {
+            RPub::Float(Tensor::F32 { cols, data, .. }) => {
+                // The last d_kv columns of each row are V's.
+                let v = config.n_kv_heads * config.head_dim;
+                for row in data.chunks_mut(*cols) {
+                    row[*cols - v..].iter_mut().for_each(|w| *w *= 2.0);
+                }
+            }
+            RPub::Int(w) => w.scales.iter_mut().for_each(|s| *s = s.wrapping_mul(2)),
+            other => panic!("unexpected {other:?}"),
+        }
+        let e = manifest.check_setup(qkv, &reply).unwrap_err();
+        assert_eq!(e.error_type(), "model_manifest", "{e}");
+    }
+    // The provision is pinned too: one embedding value changed is refused.
+    let mut provision = talaria_wire::Provision {
+        embeddings: Tensor::F32 {
+            rows: config.vocab,
+            cols: config.d_model,
+            data: p.embeddings,
+        },
+        config: p.config,
+        tokenizer: p.tokenizer,
+    };
+    manifest.check_provision(&provision).unwrap();
+    if let Tensor::F32 { data, .. } = &mut provision.embeddings {
+        data[12_345] *= 2.0;
+    }
+    assert!(manifest.check_provision(&provision).is_err());
 }

@@ -4,6 +4,7 @@
 //! cloud: no private coefficient, token or plaintext activation has a type in this crate.
 
 mod basis;
+pub mod digest;
 pub mod frame;
 pub mod gemm;
 mod link;
