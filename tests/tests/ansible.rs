@@ -348,6 +348,22 @@ fn the_playbook_brings_up_a_cluster_that_answers_keeps_still_and_tears_down() {
     );
     assert!(!out.status.success(), "{}", text(&out));
 
+    // The agent's attestation states what protects the tenant: the integer default, and only
+    // the tenant's own API key (by hash, from the inventory).
+    let out = Command::new(bin("talaria"))
+        .args(["verify", "--agent", AGENT, "--allow-insecure-agent", "--ca"])
+        .arg(agent_ca(&dep))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["claims"]["remo"]["precision"], "int", "{v}");
+    assert_eq!(
+        v["claims"]["api_key_sha256"],
+        serde_json::json!(["bda8a5ccaa95b2155ef0471bdab6f4e10cae39299e0474a0f2d7113fe1fb7da0"]),
+        "{v}"
+    );
+
     // 3. It answers with the plain engine's greedy ids.
     for (case, want) in cases.iter().zip(&expected) {
         assert_eq!(

@@ -184,7 +184,11 @@ fn a_key_planted_on_the_agents_host_is_never_used_and_the_attestation_binds_what
     assert_eq!(v["claims"]["remo"]["precision"], "int", "{v}");
     // And which model, exactly: the manifest the agent checks the cloud's weights against.
     let manifest = talaria_cvm_agent::manifest::ModelManifest::embedded().unwrap();
-    assert_eq!(v["claims"]["model_manifest_sha256"], manifest.sha256(), "{v}");
+    assert_eq!(
+        v["claims"]["model_manifest_sha256"],
+        manifest.sha256(),
+        "{v}"
+    );
 }
 
 #[test]
@@ -262,4 +266,66 @@ fn the_embedded_manifest_pins_the_model_and_scaled_weights_are_refused() {
         data[12_345] *= 2.0;
     }
     assert!(manifest.check_provision(&provision).is_err());
+}
+
+/// A copy of the model file in `dir` whose layer-0 V weights are scaled by 2 (every Q4_1 or
+/// Q8_0 block's scale, and Q4_1's minimum, doubled exactly): what a cloud that edits its own
+/// files would serve to weaken the float masks.
+fn model_with_scaled_v(dir: &Path) -> std::path::PathBuf {
+    let model = real_model();
+    let mut bytes = std::fs::read(&model).unwrap();
+    let (start, len, block, halves) = {
+        let f = talaria_gguf::GgufFile::open(&model).unwrap();
+        let name = "blk.0.attn_v.weight";
+        let (block, halves) = match f.tensor(name).unwrap().ty {
+            talaria_gguf::GgmlType::Q4_1 => (20, 2),
+            talaria_gguf::GgmlType::Q8_0 => (34, 1),
+            other => panic!("{name} is {other:?}"),
+        };
+        let t = f.tensor_bytes(name).unwrap();
+        let head = &t[..256];
+        let start = bytes.windows(256).position(|w| w == head).unwrap();
+        (start, t.len(), block, halves)
+    };
+    for b in bytes[start..start + len].chunks_mut(block) {
+        for h in 0..halves {
+            let v = u16::from_le_bytes([b[2 * h], b[2 * h + 1]]);
+            let exp = (v >> 10) & 0x1f;
+            if exp != 0 && exp < 30 {
+                b[2 * h..2 * h + 2].copy_from_slice(&(v + 0x0400).to_le_bytes());
+            }
+        }
+    }
+    let path = dir.join("scaled.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn a_cloud_serving_scaled_weights_is_refused_before_the_prompt_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let scaled = model_with_scaled_v(dir.path());
+    let text = topology(&scaled, ONE_STAGE, &["t"]);
+    let cluster = LocalCluster::start(&text);
+    // The provision (embeddings, tokenizer) is unchanged, so the agent is admitted; the first
+    // session's set-up meets the scaled layer-0 weight and is refused, typed, before any row
+    // of the prompt is masked and sent.
+    let o = talaria(
+        &cluster,
+        &[
+            "generate",
+            "--engine",
+            "cluster",
+            "--allow-insecure-agent",
+            "--prompt-ids",
+            "504,3458",
+            "--max-tokens",
+            "2",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "served through scaled weights");
+    assert!(err.contains("model_manifest"), "{err}");
+    let log = std::fs::read_to_string(cluster.run_dir().join("logs/agent-t.log")).unwrap();
+    assert!(log.contains("model_manifest"), "{log}");
 }
