@@ -67,6 +67,48 @@ pub struct Trust {
     /// The tenant's explicit choice to use an agent below the floor (e.g. the plaintext
     /// control); never the default.
     pub accept_below_floor: bool,
+    /// What else the agent's claims must say (checked before any prompt is sent).
+    pub expect: Expect,
+}
+
+/// Claims a tenant requires beyond the floor: each `None` is not checked.
+#[derive(Debug, Clone, Default)]
+pub struct Expect {
+    /// The agent serves this tenant.
+    pub tenant: Option<String>,
+    /// Exactly this ReMO precision (e.g. `int`: the one-time pad, not a float mode that merely
+    /// meets the floor).
+    pub precision: Option<talaria_remo::Precision>,
+    /// Exactly these API-key hashes (hex), so that nobody added one.
+    pub api_key_sha256: Option<Vec<String>>,
+}
+
+impl Expect {
+    fn check(&self, claims: &AgentClaims) -> Result<(), ClientError> {
+        let refuse = |what: String| Err(ClientError::Claims(what));
+        if let Some(t) = self.tenant.as_ref().filter(|t| **t != claims.tenant) {
+            return refuse(format!("the agent serves {:?}, not {t:?}", claims.tenant));
+        }
+        if let Some(p) = self.precision.filter(|p| *p != claims.remo.precision) {
+            return refuse(format!(
+                "the agent runs precision {}, not {p}",
+                claims.remo.precision
+            ));
+        }
+        if let Some(keys) = &self.api_key_sha256 {
+            let mut want: Vec<String> = keys.iter().map(|k| k.to_lowercase()).collect();
+            want.sort();
+            want.dedup();
+            if want != claims.api_key_sha256 {
+                return refuse(format!(
+                    "the agent accepts {} API key(s), not exactly the {} expected",
+                    claims.api_key_sha256.len(),
+                    want.len()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a verified attestation established.
@@ -124,6 +166,7 @@ pub async fn attest(conn: &quinn::Connection, trust: &Trust) -> Result<Attested,
     };
     let claims = AgentClaims::decode(&claims).map_err(ClientError::Claims)?;
     check_floor(&claims.remo, trust.accept_below_floor)?;
+    trust.expect.check(&claims)?;
     Ok(Attested { verified, claims })
 }
 

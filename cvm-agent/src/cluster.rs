@@ -392,7 +392,9 @@ impl Conversation for AgentConversation {
                 tracing::warn!(
                     session,
                     error_type = e.error_type(),
-                    "generation failed: {e}"
+                    // The message may carry the tenant's values (a sampling parameter, a token
+                    // id): it goes to the tenant only.
+                    "generation failed"
                 );
                 TenantEvent::Error(error_reply(&e))
             }

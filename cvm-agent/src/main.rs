@@ -115,6 +115,15 @@ fn main() -> Result<()> {
     // and the tenant's own verifier refuses it unless the tenant accepted it there too.
     let accepted = topology.remo.tenant_accepts_below_floor.unwrap_or(false);
     check_floor(&remo, accepted).map_err(|e| anyhow!("topology [remo]: {e}"))?;
+    if agent.http.is_some() && !remo.below_floor().is_empty() {
+        // An HTTPS client of the OpenAI API never sees the attested claims: it cannot accept
+        // less than the floor, so the API is not served below it.
+        bail!(
+            "topology [remo]: remo_below_floor: the HTTPS API (agent.http) is not served below \
+             the floor ({}): only the QUIC tenant protocol, whose verifier shows the claims, is",
+            remo.below_floor().join("; ")
+        );
+    }
     if !remo.below_floor().is_empty() {
         tracing::warn!(
             reasons = %remo.below_floor().join("; "),

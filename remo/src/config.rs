@@ -156,6 +156,10 @@ fn default_frac_bits() -> u32 {
 /// (not significant); `docs/attacks.md`.
 pub const FLOOR_SCALE: f64 = 100.0;
 
+/// The least number of dummy rows of the float modes (the measured setting): what their shuffle
+/// hides a one-row decode call among.
+pub const FLOOR_DUMMY_ROWS: usize = 2;
+
 impl Default for RemoConfig {
     fn default() -> Self {
         Self {
@@ -233,6 +237,15 @@ impl RemoConfig {
             if !self.shuffle {
                 why.push("the float modes' rows are not shuffled".to_string());
             }
+            if self.dummy_rows < FLOOR_DUMMY_ROWS {
+                // A one-row decode call is then "shuffled" among itself: its row's position
+                // is known, as without the shuffle.
+                why.push(format!(
+                    "{} dummy rows: the float modes' shuffle hides a decode row only among at \
+                     least {FLOOR_DUMMY_ROWS}",
+                    self.dummy_rows
+                ));
+            }
         }
         why
     }
@@ -285,15 +298,20 @@ mod floor_tests {
     fn the_default_meets_the_floor_and_each_weakening_is_named() {
         let d = RemoConfig::default();
         assert!(d.below_floor().is_empty());
-        // The integer mode has no σ: a small one is not a weakening there.
-        assert!(
+        // The integer mode has no σ, and its pads hide every row alone: a small σ or no dummy
+        // rows is not a weakening there.
+        for weaker in [
             RemoConfig {
                 scale: 1.0,
                 ..d.clone()
-            }
-            .below_floor()
-            .is_empty()
-        );
+            },
+            RemoConfig {
+                dummy_rows: 0,
+                ..d.clone()
+            },
+        ] {
+            assert!(weaker.below_floor().is_empty());
+        }
         let float = RemoConfig {
             precision: Precision::F64Gemm,
             ..d.clone()
@@ -320,6 +338,13 @@ mod floor_tests {
                     ..float.clone()
                 },
                 "not shuffled",
+            ),
+            (
+                RemoConfig {
+                    dummy_rows: 0,
+                    ..float.clone()
+                },
+                "0 dummy rows",
             ),
             (
                 RemoConfig {

@@ -16,7 +16,7 @@ pub mod grid;
 pub use talaria_wire::gemm;
 mod masker;
 
-pub use config::{Calibration, FLOOR_SCALE, Precision, Rank, RemoConfig, op_key};
+pub use config::{Calibration, FLOOR_DUMMY_ROWS, FLOOR_SCALE, Precision, Rank, RemoConfig, op_key};
 pub use error::RemoError;
 pub use fixed::{FixedPointLinear, IntProduct};
 pub use masker::{Masker, MaskerStats, Pending, PublicOp, SharedPools};

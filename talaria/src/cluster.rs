@@ -421,6 +421,15 @@ pub struct AgentArgs {
     /// d, a float σ below 100, unshuffled float rows): your explicit choice, never a default.
     #[arg(long)]
     pub accept_below_floor: bool,
+    /// Refuse the agent unless its attestation says it serves this tenant.
+    #[arg(long)]
+    pub expect_tenant: Option<String>,
+    /// Refuse the agent unless it runs exactly this ReMO precision (e.g. `int`).
+    #[arg(long)]
+    pub expect_precision: Option<talaria_remo::Precision>,
+    /// Refuse the agent unless its API accepts exactly these key hashes (hex); repeatable.
+    #[arg(long)]
+    pub expect_api_key_sha256: Vec<String>,
     /// Minimum TCB of the agent's platform: bootloader,tee,snp,microcode (default: the
     /// attestation crate's DEFAULT_MIN_TCB; raise it to your platform's current TCB).
     #[arg(long, value_delimiter = ',', num_args = 4, default_values_t = [3u8, 0, 8, 115])]
@@ -465,6 +474,12 @@ impl AgentArgs {
             policy,
             allow_insecure: self.allow_insecure_agent,
             accept_below_floor: self.accept_below_floor,
+            expect: client::Expect {
+                tenant: self.expect_tenant.clone(),
+                precision: self.expect_precision,
+                api_key_sha256: (!self.expect_api_key_sha256.is_empty())
+                    .then(|| self.expect_api_key_sha256.clone()),
+            },
         })
     }
 
@@ -525,6 +540,11 @@ pub fn generate(
 pub struct VerifyArgs {
     #[command(flatten)]
     pub agent: AgentArgs,
+    /// Keep the CA of the certificate the verified agent presented in FILE, for HTTPS clients
+    /// of its OpenAI API (`--cacert FILE`). The agent made that CA with its key and threw the
+    /// CA's key away, so FILE trusts this agent only, whatever its host's files say later.
+    #[arg(long, value_name = "FILE")]
+    pub save_ca: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -543,7 +563,13 @@ struct VerifyOutput {
 /// `talaria verify`: asks the agent to attest over a fresh nonce and checks it, bound to the TLS
 /// certificate of the connection. Prints JSON; exits non-zero when the agent is not trusted.
 pub fn verify(args: VerifyArgs) -> Result<()> {
-    let (addr, tls) = args.agent.resolve()?;
+    let (addr, mut tls) = args.agent.resolve()?;
+    if let Some(save) = &args.save_ca {
+        // The connection trusts the very bytes that are kept: the host's file is read once.
+        std::fs::copy(&tls.ca, save)
+            .with_context(|| format!("copying {} to {}", tls.ca.display(), save.display()))?;
+        tls.ca = save.clone();
+    }
     let trust = args.agent.trust()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -576,6 +602,9 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
     };
     println!("{}", serde_json::to_string(&out)?);
     if let Err(e) = result {
+        if let Some(save) = &args.save_ca {
+            let _ = std::fs::remove_file(save);
+        }
         bail!("agent {addr} is not trusted: {e}");
     }
     Ok(())

@@ -289,6 +289,7 @@ fn session(tls: &TlsMaterial, addr: SocketAddr, req: &TenantRequest) -> Result<T
         policy: None,
         allow_insecure: true,
         accept_below_floor: false,
+        expect: Default::default(),
     };
     let start = Instant::now();
     let mut tokens = Vec::new();

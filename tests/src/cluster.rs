@@ -61,6 +61,7 @@ pub fn ask_agent(
         policy: None,
         allow_insecure: true,
         accept_below_floor: false,
+        expect: Default::default(),
     };
     rt.block_on(talaria_cvm_agent::client::generate(
         tls,

@@ -77,10 +77,25 @@ fn the_openai_client_gets_the_plain_engines_greedy_answer_streamed_and_whole() {
     let completion = "The three primary colours are";
     let max_tokens = 12;
 
+    // The tenant verifies the agent first and keeps the CA of the certificate it attested: its
+    // HTTPS client trusts that copy, not the file on the agent's host.
+    let ca = cluster.dir.path().join("attested-ca.pem");
+    let verified = Command::new(talaria_tests::cluster::bin("talaria"))
+        .args(["verify", "--allow-insecure-agent", "--cluster-dir"])
+        .arg(cluster.run_dir())
+        .arg("--save-ca")
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
     let out = Command::new(python())
         .arg(repo_root().join("tests/python/openai_client.py"))
         .arg(format!("https://127.0.0.1:{port}/v1"))
-        .arg(cluster.agent_tls("tenant-a").ca)
+        .arg(&ca)
         .arg("SmolLM2-135M-Instruct.Q4_1")
         .arg(question)
         .arg(max_tokens.to_string())

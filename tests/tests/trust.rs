@@ -58,6 +58,23 @@ fn an_agent_below_the_floor_does_not_start_and_its_tenant_refuses_it_unless_it_c
         assert!(!err.contains("panicked"), "{err}");
     }
 
+    // An HTTPS API is never served below the floor, accepted or not: its clients never see the
+    // claims, so they cannot accept less.
+    let dir = tempfile::tempdir().unwrap();
+    let text = topology(&model, ONE_STAGE, &["t"]).replacen(
+        "tenant = \"t\"\n",
+        &format!(
+            "tenant = \"t\"\nhttp = \"127.0.0.1:{}\"\n",
+            talaria_tests::cluster::free_port()
+        ),
+        1,
+    ) + "[remo]\nenabled = false\ntenant_accepts_below_floor = true\n";
+    let err = up_fails(&text, dir.path());
+    assert!(
+        err.contains("remo_below_floor") && err.contains("HTTPS API"),
+        "{err}"
+    );
+
     // 2. The topology also says the tenant accepted it: the agent starts, but its attestation
     //    binds the configuration it runs with, and a tenant that did not choose less refuses
     //    before its prompt leaves.
@@ -189,6 +206,32 @@ fn a_key_planted_on_the_agents_host_is_never_used_and_the_attestation_binds_what
         manifest.sha256(),
         "{v}"
     );
+    // A tenant that requires more than the floor says so, and is refused otherwise.
+    let ca = planted_dir.join("ca.pem");
+    let expect = |extra: &[&str]| {
+        Command::new(bin("talaria"))
+            .args(["verify", "--allow-insecure-agent", "--agent", &addr, "--ca"])
+            .arg(&ca)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        expect(&["--expect-tenant", "t", "--expect-precision", "int"])
+            .status
+            .success()
+    );
+    let other_key = "ab".repeat(32);
+    for wrong in [
+        &["--expect-tenant", "someone-else"][..],
+        &["--expect-precision", "f64-gemm"][..],
+        &["--expect-api-key-sha256", other_key.as_str()][..],
+    ] {
+        let o = expect(wrong);
+        assert!(!o.status.success(), "{wrong:?}");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["error_type"], "attestation_claims", "{wrong:?}: {v}");
+    }
 }
 
 #[test]

@@ -660,6 +660,16 @@ impl Topology {
                     key("tenant"),
                     format!("{:?} is empty or not unique", a.tenant),
                 );
+            } else if !a
+                .tenant
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                // Tenant names become file names (`agent-<tenant>`, `<tenant>.key`).
+                c.problem(
+                    key("tenant"),
+                    format!("{:?}: only letters, digits, '-' and '_'", a.tenant),
+                );
             }
             let listen = listen_at(&mut c, key("listen"), &a.listen);
             let http = a.http.as_deref().map(|t| listen_at(&mut c, key("http"), t));
