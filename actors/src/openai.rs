@@ -40,7 +40,6 @@ fn authorize(
     keys: &[[u8; 32]],
     headers: &actix_web::http::header::HeaderMap,
 ) -> Result<(), ApiError> {
-    use sha2::Digest;
     let presented = headers
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -57,8 +56,7 @@ fn authorize(
             "no API key: send it as `Authorization: Bearer <key>` (the client's api_key)",
         ));
     };
-    let digest: [u8; 32] = sha2::Sha256::digest(key.trim().as_bytes()).into();
-    if keys.contains(&digest) {
+    if crate::key_accepted(keys, key.trim()) {
         Ok(())
     } else {
         Err(refuse("incorrect API key"))

@@ -237,9 +237,11 @@ pub async fn serve(
     tenancy: Tenancy,
     attestor: Attestor,
     max_frame: usize,
+    api_keys: Arc<Vec<[u8; 32]>>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let (tenancy, attestor) = (tenancy.clone(), attestor.clone());
+        let api_keys = api_keys.clone();
         actix_rt::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -252,6 +254,7 @@ pub async fn serve(
             tracing::info!(%peer, "tenant connected");
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 let (tenancy, attestor) = (tenancy.clone(), attestor.clone());
+                let api_keys = api_keys.clone();
                 actix_rt::spawn(async move {
                     let first = match talaria_wire::net::read_frame(&mut recv, max_frame).await {
                         Ok(Some(f)) => frame::body::<TenantMessage>(&f),
@@ -259,7 +262,17 @@ pub async fn serve(
                         Err(e) => Err(e),
                     };
                     let mut rx = match first {
-                        Ok(TenantMessage::Generate(request)) => tenancy.generate(request).await,
+                        Ok(TenantMessage::Generate { request, api_key }) => {
+                            if crate::key_accepted(&api_keys, &api_key) {
+                                tenancy.generate(request).await
+                            } else {
+                                tracing::warn!(%peer, error_type = "invalid_api_key", "generation refused");
+                                only(TenantEvent::Error(ErrorReply::new(
+                                    "invalid_api_key",
+                                    "no API key of this agent's tenant",
+                                )))
+                            }
+                        }
                         Ok(TenantMessage::Attest { nonce }) => only(
                             match tokio::task::spawn_blocking(move || attestor(nonce)).await {
                                 Ok(Ok((evidence, claims))) => {

@@ -189,6 +189,7 @@ pub async fn generate(
     addr: SocketAddr,
     trust: &Trust,
     req: &TenantRequest,
+    api_key: &str,
     mut on_token: impl FnMut(u32, Option<&str>),
 ) -> Result<Answer, ClientError> {
     let (endpoint, conn, attested) = connect(tls, addr, trust).await?;
@@ -196,7 +197,13 @@ pub async fn generate(
         .open_bi()
         .await
         .map_err(|e| FrameError::Connection(e.to_string()))?;
-    let bytes = frame::encode::<_, ()>(&TenantMessage::Generate(req.clone()), None)?;
+    let bytes = frame::encode::<_, ()>(
+        &TenantMessage::Generate {
+            request: req.clone(),
+            api_key: api_key.to_string(),
+        },
+        None,
+    )?;
     talaria_wire::net::write_frame(&mut send, &bytes).await?;
     let _ = send.finish();
     let answer = loop {

@@ -146,9 +146,10 @@ fn main() -> Result<()> {
                 .ok_or_else(|| anyhow!("api key hash {h:?} is not 64 hex digits"))
         })
         .collect::<Result<_>>()?;
-    if agent.http.is_some() && api_key_digests.is_empty() {
-        tracing::warn!("no API key configured: the HTTPS API refuses every /v1 request");
+    if api_key_digests.is_empty() {
+        tracing::warn!("no API key configured: every generation request is refused");
     }
+    let api_key_digests = Arc::new(api_key_digests);
     let claims = claims.encode();
     let calibration = talaria_cvm_agent::default_calibration().context("embedded calibration")?;
     let max_frame = topology.max_frame_bytes;
@@ -232,14 +233,15 @@ fn main() -> Result<()> {
                 model: topology.model_name.clone(),
                 tenancy: tenancy.clone(),
                 max_tokens,
-                api_keys: Arc::new(api_key_digests),
+                api_keys: api_key_digests.clone(),
             };
             talaria_actors::openai::serve(addr, api, identity.server_config(b"http/1.1")?)?;
         }
         let endpoint = identity.server(agent.listen, talaria_wire::ALPN_TENANT)?;
         tracing::info!(listen = %agent.listen, max_sessions = agent.max_sessions, "serving the tenant");
         println!("ready {}", agent.listen);
-        talaria_actors::session::serve(endpoint, tenancy, attestor, max_frame).await;
+        talaria_actors::session::serve(endpoint, tenancy, attestor, max_frame, api_key_digests)
+            .await;
         Ok(())
     })
 }

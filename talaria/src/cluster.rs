@@ -28,8 +28,8 @@ pub struct ClusterInfo {
     /// `(tenant, CA file)` of each agent: the CA of the certificate it serves its tenant with,
     /// made with its key at its start.
     pub agent_cas: Vec<(String, PathBuf)>,
-    /// `(tenant, key file)` of each agent with an HTTPS API: the API key `talaria up` made for
-    /// that tenant (the file is readable by its owner only; the agent knows only its hash).
+    /// `(tenant, key file)` of each agent: the API key `talaria up` made for that tenant (the
+    /// file is readable by its owner only; the agent knows only its hash).
     #[serde(default)]
     pub api_keys: Vec<(String, PathBuf)>,
     /// Process ids by name.
@@ -315,12 +315,10 @@ pub fn start(args: &UpArgs) -> Result<Running> {
     for a in &topology.agents {
         let mut args = common.clone();
         args.extend(["--tenant".into(), a.tenant.clone()]);
-        if a.http.is_some() {
-            // The tenant's API key for this local cluster: made here, the agent gets its hash.
-            let (path, digest) = make_api_key(&run_dir.join("api-keys"), &a.tenant)?;
-            args.extend(["--api-key-sha256".into(), digest]);
-            api_keys.push((a.tenant.clone(), path));
-        }
+        // The tenant's API key for this local cluster: made here, the agent gets its hash.
+        let (path, digest) = make_api_key(&run_dir.join("api-keys"), &a.tenant)?;
+        args.extend(["--api-key-sha256".into(), digest]);
+        api_keys.push((a.tenant.clone(), path));
         if topology.allow_insecure_agents {
             // No SEV-SNP hardware on a development machine: the topology opted in.
             args.push("--insecure-no-attestation".into());
@@ -421,6 +419,10 @@ pub struct AgentArgs {
     /// d, a float σ below 100, unshuffled float rows): your explicit choice, never a default.
     #[arg(long)]
     pub accept_below_floor: bool,
+    /// A file holding your API key for the agent (default: `$TALARIA_API_KEY`, or the key a
+    /// local cluster made, from its `cluster.json`).
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
     /// Refuse the agent unless its attestation says it serves this tenant.
     #[arg(long)]
     pub expect_tenant: Option<String>,
@@ -485,6 +487,26 @@ impl AgentArgs {
 
     /// The agent's address and the TLS trust to reach it with.
     pub fn resolve(&self) -> Result<(SocketAddr, TlsMaterial)> {
+        self.resolve_with_key().map(|(addr, tls, _)| (addr, tls))
+    }
+
+    /// The tenant's API key: `--api-key-file`, else `$TALARIA_API_KEY`, else the key a local
+    /// cluster made for the agent (`local`, from its `cluster.json`).
+    fn api_key(&self, local: Option<PathBuf>) -> Result<String> {
+        let path = match (&self.api_key_file, std::env::var("TALARIA_API_KEY")) {
+            (Some(f), _) => f.clone(),
+            (None, Ok(key)) => return Ok(key),
+            (None, Err(_)) => local.ok_or_else(|| {
+                anyhow!("no API key: give --api-key-file FILE or set TALARIA_API_KEY")
+            })?,
+        };
+        let key = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the API key in {}", path.display()))?;
+        Ok(key.trim().to_string())
+    }
+
+    /// [`resolve`](Self::resolve), and where a local cluster keeps the agent's API key.
+    fn resolve_with_key(&self) -> Result<(SocketAddr, TlsMaterial, Option<PathBuf>)> {
         if let (Some(addr), Some(ca)) = (self.agent, &self.ca) {
             return Ok((
                 addr,
@@ -494,6 +516,7 @@ impl AgentArgs {
                     key: PathBuf::new(),
                     server_name: self.server_name.clone(),
                 },
+                None,
             ));
         }
         let dir = self.cluster_dir.clone().unwrap_or_else(default_run_dir);
@@ -512,12 +535,18 @@ impl AgentArgs {
         }
         .map(|(t, _)| t.clone())
         .ok_or_else(|| anyhow!("the cluster in {} has no such agent", dir.display()))?;
-        info.agent_tls(&tenant).ok_or_else(|| {
+        let key = info
+            .api_keys
+            .iter()
+            .find(|(t, _)| *t == tenant)
+            .map(|(_, p)| p.clone());
+        let (addr, tls) = info.agent_tls(&tenant).ok_or_else(|| {
             anyhow!(
                 "{}: no certificate of the agent of {tenant}",
                 path.display()
             )
-        })
+        })?;
+        Ok((addr, tls, key))
     }
 }
 
@@ -527,13 +556,16 @@ pub fn generate(
     req: &TenantRequest,
     on_token: impl FnMut(u32, Option<&str>),
 ) -> Result<Answer> {
-    let (addr, tls) = agent.resolve()?;
+    let (addr, tls, local_key) = agent.resolve_with_key()?;
+    let api_key = agent.api_key(local_key)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let trust = agent.trust()?;
-    rt.block_on(client::generate(&tls, addr, &trust, req, on_token))
-        .map_err(|e| anyhow!("agent {addr}: {e}"))
+    rt.block_on(client::generate(
+        &tls, addr, &trust, req, &api_key, on_token,
+    ))
+    .map_err(|e| anyhow!("agent {addr}: {e}"))
 }
 
 #[derive(Debug, Args)]

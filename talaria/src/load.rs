@@ -280,7 +280,12 @@ struct Trace {
 }
 
 /// Runs one generation against `addr`, timing each token.
-fn session(tls: &TlsMaterial, addr: SocketAddr, req: &TenantRequest) -> Result<Trace> {
+fn session(
+    tls: &TlsMaterial,
+    addr: SocketAddr,
+    api_key: &str,
+    req: &TenantRequest,
+) -> Result<Trace> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -293,7 +298,7 @@ fn session(tls: &TlsMaterial, addr: SocketAddr, req: &TenantRequest) -> Result<T
     };
     let start = Instant::now();
     let mut tokens = Vec::new();
-    rt.block_on(client::generate(tls, addr, &trust, req, |_, _| {
+    rt.block_on(client::generate(tls, addr, &trust, req, api_key, |_, _| {
         tokens.push(Instant::now())
     }))
     .map_err(|e| anyhow!("agent {addr}: {e}"))?;
@@ -328,7 +333,7 @@ fn request(tenant: usize, session: usize, gen_tokens: usize) -> TenantRequest {
 
 /// Runs every session of `agents` at once; the traces of all of them.
 fn run_all(
-    agents: &[(SocketAddr, TlsMaterial)],
+    agents: &[(SocketAddr, TlsMaterial, String)],
     sessions: usize,
     gen_tokens: usize,
 ) -> Result<Vec<Trace>> {
@@ -337,9 +342,9 @@ fn run_all(
             .iter()
             .enumerate()
             .flat_map(|(t, agent)| (0..sessions).map(move |s| (t, s, agent)))
-            .map(|(t, s, (addr, tls))| {
+            .map(|(t, s, (addr, tls, key))| {
                 scope.spawn(move || {
-                    session(tls, *addr, &request(t, s, gen_tokens))
+                    session(tls, *addr, key, &request(t, s, gen_tokens))
                         .with_context(|| format!("tenant {t} session {s}"))
                 })
             })
@@ -369,15 +374,23 @@ pub fn run(args: LoadArgs) -> Result<()> {
         tap: None,
         ready_timeout_s: args.ready_timeout_s,
     })?;
-    let agents: Vec<(SocketAddr, TlsMaterial)> = cluster
+    let agents: Vec<(SocketAddr, TlsMaterial, String)> = cluster
         .info
         .agents
         .iter()
         .map(|(t, _)| {
-            cluster
+            let (addr, tls) = cluster
                 .info
                 .agent_tls(t)
-                .ok_or_else(|| anyhow!("no certificate of the agent of {t}"))
+                .ok_or_else(|| anyhow!("no certificate of the agent of {t}"))?;
+            let key = cluster
+                .info
+                .api_keys
+                .iter()
+                .find(|(k, _)| k == t)
+                .ok_or_else(|| anyhow!("no API key of {t}"))?;
+            let key = std::fs::read_to_string(&key.1)?;
+            Ok((addr, tls, key.trim().to_string()))
         })
         .collect::<Result<_>>()?;
     let stages: Vec<(String, SocketAddr)> = cluster

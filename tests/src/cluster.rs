@@ -51,6 +51,7 @@ pub fn free_port() -> u16 {
 pub fn ask_agent(
     tls: &TlsMaterial,
     addr: SocketAddr,
+    api_key: &str,
     req: &talaria_wire::TenantRequest,
 ) -> Result<Vec<u32>, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -68,6 +69,7 @@ pub fn ask_agent(
         addr,
         &trust,
         req,
+        api_key,
         |_, _| {},
     ))
     .map(|a| a.generation.ids)

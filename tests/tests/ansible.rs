@@ -221,6 +221,8 @@ fn generate(ca: &Path, prompt_ids: &[u32], max_tokens: usize) -> Output {
         .args(["--allow-insecure-agent", "--json", "--prompt-ids"])
         .arg(prompt.join(","))
         .args(["--max-tokens", &max_tokens.to_string()])
+        // The local inventory's example key (its hash is the tenant's `talaria_api_key_sha256`).
+        .env("TALARIA_API_KEY", "tk-local-example-not-secret")
         .output()
         .unwrap()
 }

@@ -28,6 +28,7 @@ fn ask(cluster: &LocalCluster, tenant: &str, req: &TenantRequest) -> Result<Vec<
     ask_agent(
         &cluster.agent_tls(tenant),
         cluster.topology().agent(tenant).unwrap().listen,
+        &cluster.api_key(tenant),
         req,
     )
 }
@@ -200,9 +201,10 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
     //    typed error, and the good session's answer is unharmed.
     let good = {
         let cluster_tls = cluster.agent_tls("tenant-a");
+        let key = cluster.api_key("tenant-a");
         let addr = topo.agent("tenant-a").unwrap().listen;
         let req = greedy(Prompt::Ids(cases[0].prompt_ids.clone()), 32);
-        std::thread::spawn(move || ask_agent(&cluster_tls, addr, &req))
+        std::thread::spawn(move || ask_agent(&cluster_tls, addr, &key, &req))
     };
     let intruder = RawPeer::connect_as(&tls, topo.coordinator, Who::OwnKey);
     let bystander = RawPeer::connect_as(&tls, topo.coordinator, Who::OwnKey);

@@ -161,6 +161,7 @@ fn a_cuda_stage_answers_through_the_cluster() {
     let answer = talaria_tests::cluster::ask_agent(
         &cluster.agent_tls(&topo.agents[0].tenant),
         topo.agents[0].listen,
+        &cluster.api_key(&topo.agents[0].tenant),
         &req,
     );
     assert_eq!(answer, Ok(ids(&r["ids"])));

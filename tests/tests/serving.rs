@@ -226,6 +226,7 @@ fn sixty_four_concurrent_sessions_of_four_tenants_are_batched_and_each_gets_its_
             .map(|(i, prompt)| {
                 let agent = &topo.agents[i / SESSIONS];
                 let (addr, tls) = (agent.listen, cluster.agent_tls(&agent.tenant));
+                let key = cluster.api_key(&agent.tenant);
                 s.spawn(move || {
                     let req = TenantRequest {
                         prompt: Prompt::Ids(prompt.clone()),
@@ -234,7 +235,7 @@ fn sixty_four_concurrent_sessions_of_four_tenants_are_batched_and_each_gets_its_
                         ignore_eos: false,
                         stop: Vec::new(),
                     };
-                    ask_agent(&tls, addr, &req)
+                    ask_agent(&tls, addr, &key, &req)
                 })
             })
             .collect();

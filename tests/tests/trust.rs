@@ -206,6 +206,34 @@ fn a_key_planted_on_the_agents_host_is_never_used_and_the_attestation_binds_what
         manifest.sha256(),
         "{v}"
     );
+    // Generation needs the tenant's API key on the QUIC protocol too: a wrong one is refused,
+    // the one `talaria up` made for the tenant (cluster.json) is served.
+    let generate = |key: Option<&str>| {
+        let mut c = Command::new(bin("talaria"));
+        c.args([
+            "generate",
+            "--engine",
+            "cluster",
+            "--allow-insecure-agent",
+            "--prompt-ids",
+            "504,3458",
+            "--max-tokens",
+            "1",
+            "--cluster-dir",
+        ])
+        .arg(cluster.run_dir());
+        match key {
+            Some(k) => c.env("TALARIA_API_KEY", k),
+            None => c.env_remove("TALARIA_API_KEY"),
+        };
+        c.output().unwrap()
+    };
+    let o = generate(Some("tk-hunter2-wrong"));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("invalid_api_key"), "{err}");
+    let o = generate(None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // A tenant that requires more than the floor says so, and is refused otherwise.
     let ca = planted_dir.join("ca.pem");
     let expect = |extra: &[&str]| {

@@ -114,8 +114,12 @@ pub enum TenantMessage {
     /// Prove what you are: answered by one [`TenantEvent::Attestation`] over `nonce` and the
     /// agent's TLS certificate.
     Attest { nonce: [u8; 32] },
-    /// Generate: answered by tokens, then `Done` or `Error`.
-    Generate(TenantRequest),
+    /// Generate, with one of the tenant's API keys: answered by tokens, then `Done` or
+    /// `Error` (`invalid_api_key` without a key the agent accepts).
+    Generate {
+        request: TenantRequest,
+        api_key: String,
+    },
 }
 
 /// A tenant's generation request.
