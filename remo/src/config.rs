@@ -152,8 +152,8 @@ fn default_frac_bits() -> u32 {
 }
 
 /// The least float-mode σ an agent runs with unless its tenant accepts less: measured against
-/// the ideal attacker, σ = 30 leaks 1.4 bits per token with shuffled rows, σ = 100 about 0.06
-/// (not significant); `docs/attacks.md`.
+/// the ideal attacker, σ = 30 leaks 1.2–1.5 bits per token with shuffled rows (every float
+/// mode), σ = 100 0.00–0.16; `docs/attacks.md`.
 pub const FLOOR_SCALE: f64 = 100.0;
 
 /// The least number of dummy rows of the float modes (the measured setting): what their shuffle
