@@ -41,22 +41,10 @@ pub struct ClusterInfo {
 /// returns the file and the key's SHA-256 in hex.
 fn make_api_key(dir: &Path, tenant: &str) -> Result<(PathBuf, String)> {
     use sha2::Digest;
-    use std::io::Write;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let key = format!("tk-{}", hex::encode(rand::random::<[u8; 32]>()));
     let path = dir.join(format!("{tenant}.key"));
-    let _ = std::fs::remove_file(&path);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    options
-        .open(&path)
-        .and_then(|mut f| f.write_all(key.as_bytes()))
-        .with_context(|| format!("writing {}", path.display()))?;
+    talaria_wire::net::write_atomic(&path, key.as_bytes(), true)?;
     Ok((path, hex::encode(sha2::Sha256::digest(key.as_bytes()))))
 }
 

@@ -60,7 +60,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 /// Writes `bytes` to `path` through a temporary file in the same folder, renamed into place:
 /// a reader sees the old file or the new one, never half of one. With `private` the file is
 /// created readable by its owner only, from its first byte (no window in which it is not).
-fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<(), TlsError> {
+pub fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<(), TlsError> {
     use std::io::Write;
     let err = |p: &Path, e: std::io::Error| TlsError::File {
         path: p.into(),
