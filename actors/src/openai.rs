@@ -34,6 +34,15 @@ pub struct Api {
     pub api_keys: Arc<Vec<[u8; 32]>>,
 }
 
+impl Api {
+    fn limits(&self) -> Limits<'_> {
+        Limits {
+            model: &self.model,
+            max_tokens: self.max_tokens,
+        }
+    }
+}
+
 /// Whether `headers` carry a bearer key whose SHA-256 is one of `keys`. The presented key is
 /// hashed before any comparison, so the time taken says nothing about how much of it matched.
 fn authorize(
@@ -102,6 +111,11 @@ impl ApiError {
             message: e.message.clone(),
             param: None,
         }
+    }
+
+    /// The machine-readable code (`invalid_json`, `invalid_value`, ...).
+    pub fn code(&self) -> &str {
+        &self.code
     }
 
     fn body(&self) -> Value {
@@ -223,7 +237,14 @@ enum Kind {
     Chat,
 }
 
-impl Api {
+/// What a request body is checked against: the model served and the longest generation.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits<'a> {
+    pub model: &'a str,
+    pub max_tokens: usize,
+}
+
+impl Limits<'_> {
     /// The tenant request the common parameters describe.
     fn request(
         &self,
@@ -422,7 +443,7 @@ async fn answer(
     prompt: Prompt,
     default_max: usize,
 ) -> Result<HttpResponse, ApiError> {
-    let request = api.request(common, prompt, default_max)?;
+    let request = api.limits().request(common, prompt, default_max)?;
     let stops = request.stop.clone();
     let mut events = api.tenancy.generate(request).await;
     let prefix = if kind == Kind::Chat {
@@ -545,12 +566,9 @@ async fn models(api: web::Data<Api>) -> HttpResponse {
     ]}))
 }
 
-async fn completions(
-    api: web::Data<Api>,
-    body: Json<CompletionBody>,
-) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
-    let prompt = match body.prompt {
+/// The prompt of a completion body.
+fn completion_prompt(prompt: CompletionPrompt) -> Result<Prompt, ApiError> {
+    Ok(match prompt {
         CompletionPrompt::Text(text) => Prompt::Text { text, chat: false },
         CompletionPrompt::Texts(mut v) if v.len() == 1 => Prompt::Text {
             text: v.remove(0),
@@ -560,25 +578,16 @@ async fn completions(
             return Err(ApiError::invalid("prompt", "one prompt per request"));
         }
         CompletionPrompt::Ids(ids) => Prompt::Ids(ids),
-    };
-    // OpenAI's default for completions.
-    answer(
-        &api,
-        Kind::Completion,
-        &body.common,
-        prompt,
-        16.min(api.max_tokens),
-    )
-    .await
+    })
 }
 
-async fn chat(api: web::Data<Api>, body: Json<ChatBody>) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
-    if body.messages.is_empty() {
+/// The conversation of a chat body.
+fn chat_prompt(messages: Vec<Message>) -> Result<Prompt, ApiError> {
+    if messages.is_empty() {
         return Err(ApiError::invalid("messages", "at least one message"));
     }
-    let mut messages = Vec::with_capacity(body.messages.len());
-    for m in body.messages {
+    let mut out = Vec::with_capacity(messages.len());
+    for m in messages {
         let role = match m.role.as_str() {
             "developer" => "system".to_string(),
             "system" | "user" | "assistant" => m.role,
@@ -608,16 +617,55 @@ async fn chat(api: web::Data<Api>, body: Json<ChatBody>) -> Result<HttpResponse,
                 text
             }
         };
-        messages.push(ChatMessage { role, content });
+        out.push(ChatMessage { role, content });
     }
+    Ok(Prompt::Chat(out))
+}
+
+/// OpenAI's default `max_tokens` for completions.
+const COMPLETION_DEFAULT_MAX: usize = 16;
+
+/// Decodes and checks a JSON body of `POST /v1/completions` (`chat`: of
+/// `/v1/chat/completions`) as the routes do: the tenant request it asks for, or the error the
+/// API answers. Pure (no session is started): what the fuzz targets drive.
+pub fn decode_body(limits: Limits<'_>, chat: bool, json: &[u8]) -> Result<TenantRequest, ApiError> {
+    let bad = |e: serde_json::Error| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        kind: "invalid_request_error",
+        code: "invalid_json".into(),
+        message: format!("the body is not a valid request: {e}"),
+        param: None,
+    };
+    if chat {
+        let body: ChatBody = serde_json::from_slice(json).map_err(bad)?;
+        limits.request(&body.common, chat_prompt(body.messages)?, limits.max_tokens)
+    } else {
+        let body: CompletionBody = serde_json::from_slice(json).map_err(bad)?;
+        let default_max = COMPLETION_DEFAULT_MAX.min(limits.max_tokens);
+        limits.request(&body.common, completion_prompt(body.prompt)?, default_max)
+    }
+}
+
+async fn completions(
+    api: web::Data<Api>,
+    body: Json<CompletionBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let prompt = completion_prompt(body.prompt)?;
     answer(
         &api,
-        Kind::Chat,
+        Kind::Completion,
         &body.common,
-        Prompt::Chat(messages),
-        api.max_tokens,
+        prompt,
+        COMPLETION_DEFAULT_MAX.min(api.max_tokens),
     )
     .await
+}
+
+async fn chat(api: web::Data<Api>, body: Json<ChatBody>) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let prompt = chat_prompt(body.messages)?;
+    answer(&api, Kind::Chat, &body.common, prompt, api.max_tokens).await
 }
 
 /// A JSON body that does not parse: OpenAI's 400 shape, not actix's plain text.

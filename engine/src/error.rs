@@ -19,6 +19,8 @@ pub enum EngineError {
     BadOp { op: String, reason: String },
     #[error("context full: {needed} positions needed, the model allows {max}")]
     ContextFull { needed: usize, max: usize },
+    #[error("the prompt has {prompt} tokens; the model's context is {max}")]
+    ContextLengthExceeded { prompt: usize, max: usize },
     #[error("empty prompt: at least one token is needed")]
     EmptyPrompt,
     #[error("invalid sampling parameter: {0}")]
@@ -44,6 +46,7 @@ impl EngineError {
             EngineError::Shape { .. } => "shape",
             EngineError::BadOp { .. } => "bad_op",
             EngineError::ContextFull { .. } => "context_full",
+            EngineError::ContextLengthExceeded { .. } => "context_length_exceeded",
             EngineError::EmptyPrompt => "empty_prompt",
             EngineError::Sampling(_) => "sampling",
             EngineError::Backend(_) => "backend",

@@ -93,6 +93,13 @@ pub fn generate_until(
     }
     let mut sampler = Sampler::new(req.sampling.clone())?;
     let mut cache = model.new_cache();
+    // A prompt the context cannot hold is the tenant's error, not an empty success.
+    if req.prompt_ids.len() > cache.capacity() {
+        return Err(EngineError::ContextLengthExceeded {
+            prompt: req.prompt_ids.len(),
+            max: cache.capacity(),
+        });
+    }
     let mut ids = Vec::new();
     let mut stop_reason = StopReason::Length;
 
