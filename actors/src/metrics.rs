@@ -134,8 +134,38 @@ pub static ROUTER_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
         seconds(),
     )
 });
+pub static ROUTER_FAILOVERS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "talaria_router_failovers_total",
+        "Requests resent, byte for byte, to another replica after theirs failed",
+    )
+});
+pub static ROUTER_STAGES_UP: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "talaria_router_stages_connected",
+        "gpu-node stages (replicas included) connected now",
+    )
+});
 
 // cvm-agent: generations for the tenant.
+pub static AGENT_UPLINK_UP: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "talaria_agent_uplink_up",
+        "1 while the agent is connected to and admitted by the coordinator",
+    )
+});
+pub static AGENT_RECONNECTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "talaria_agent_reconnects_total",
+        "Times the agent was admitted again after its uplink dropped",
+    )
+});
+pub static AGENT_CANCELLED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "talaria_agent_cancelled_total",
+        "Requests stopped because their tenant went away",
+    )
+});
 pub static AGENT_ACTIVE: LazyLock<IntGauge> = LazyLock::new(|| {
     gauge(
         "talaria_agent_active_generations",

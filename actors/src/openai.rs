@@ -20,7 +20,7 @@ use talaria_wire::{ErrorReply, Prompt, TenantEvent, TenantRequest, first_stop};
 use tokio::sync::mpsc;
 
 use crate::metrics;
-use crate::session::Tenancy;
+use crate::session::{Tenancy, UplinkHealth};
 
 /// What the API serves: the model's id and the sessions.
 #[derive(Clone)]
@@ -32,6 +32,8 @@ pub struct Api {
     /// SHA-256 of the API keys accepted (`Authorization: Bearer <key>`); none: every `/v1`
     /// request is refused.
     pub api_keys: Arc<Vec<[u8; 32]>>,
+    /// The uplink's state, which `GET /health` reports.
+    pub health: UplinkHealth,
 }
 
 impl Api {
@@ -96,12 +98,18 @@ impl ApiError {
     /// The HTTP form of an error the generation answered with.
     fn from_reply(e: &ErrorReply) -> Self {
         let (status, kind) = match e.error_type.as_str() {
-            "empty_prompt" | "token_out_of_range" | "context_full" | "tokenizer" | "sampling"
+            "empty_prompt"
+            | "token_out_of_range"
+            | "context_full"
+            | "context_length_exceeded"
+            | "tokenizer"
+            | "sampling"
             | "bad_request" => (StatusCode::BAD_REQUEST, "invalid_request_error"),
-            "too_many_sessions" => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
-            "node_unavailable" | "connection" | "no_route" | "not_admitted" => {
-                (StatusCode::SERVICE_UNAVAILABLE, "server_error")
+            "too_many_sessions" | "overloaded" => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error")
             }
+            "node_unavailable" | "connection" | "no_route" | "not_admitted" | "unknown_session"
+            | "deadline_exceeded" => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
         };
         Self {
@@ -149,7 +157,15 @@ impl ResponseError for ApiError {
             "API request refused"
         );
         metrics::error(&self.code);
-        HttpResponse::build(self.status).json(self.body())
+        let mut response = HttpResponse::build(self.status);
+        if matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            // Busy or briefly without its cloud: worth retrying soon (OpenAI's clients do).
+            response.insert_header(("Retry-After", "1"));
+        }
+        response.json(self.body())
     }
 }
 
@@ -498,7 +514,9 @@ async fn answer(
             let first = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
             let _ = tx.send(sse(&chunk_of(first)));
         }
+        let mut ended = false;
         while let Some(event) = events.recv().await {
+            ended = matches!(event, TenantEvent::Done { .. } | TenantEvent::Error(_));
             let sent = match event {
                 TenantEvent::Token { piece: Some(p), .. } => {
                     let out = filter.push(&p);
@@ -549,6 +567,12 @@ async fn answer(
                 return;
             }
         }
+        if !ended {
+            // The session stopped without a last word (its worker died): the stream still
+            // ends with an error event, never a silent cut.
+            let e = ErrorReply::new("internal", "the generation ended without an answer");
+            let _ = tx.send(sse(&ApiError::from_reply(&e).body()));
+        }
         let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n"));
     });
     let body = futures::stream::unfold(rx, |mut rx| async move {
@@ -558,6 +582,18 @@ async fn answer(
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))
         .streaming(body))
+}
+
+/// `GET /health`: 200 while the agent is connected to and admitted by its coordinator, 503
+/// (with the same JSON shape) while it is not.
+async fn health(api: web::Data<Api>) -> HttpResponse {
+    if api.health.is_up() {
+        HttpResponse::Ok().json(json!({"status": "ok", "uplink": "up"}))
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "1"))
+            .json(json!({"status": "unavailable", "uplink": "down"}))
+    }
 }
 
 async fn models(api: web::Data<Api>) -> HttpResponse {
@@ -719,7 +755,9 @@ pub fn configure(api: Api) -> impl Fn(&mut web::ServiceConfig) + Clone {
                     .route("/chat/completions", web::post().to(chat)),
             )
             // Counters and histograms only: no tenant text, no key needed.
-            .route("/metrics", web::get().to(metrics::metrics_route));
+            .route("/metrics", web::get().to(metrics::metrics_route))
+            // For supervisors: up only while the agent can reach its cloud.
+            .route("/health", web::get().to(health));
     }
 }
 
@@ -739,7 +777,60 @@ pub fn serve(addr: SocketAddr, api: Api, tls: rustls::ServerConfig) -> std::io::
 
 #[cfg(test)]
 mod tests {
-    use super::StopFilter;
+    use super::{ApiError, Limits, StopFilter, decode_body};
+    use actix_web::ResponseError;
+    use actix_web::http::StatusCode;
+    use talaria_wire::ErrorReply;
+
+    #[test]
+    fn busy_and_unreachable_are_retryable_and_an_overlong_prompt_is_the_clients_error() {
+        for (error_type, status, retry) in [
+            ("overloaded", StatusCode::TOO_MANY_REQUESTS, true),
+            ("too_many_sessions", StatusCode::TOO_MANY_REQUESTS, true),
+            ("deadline_exceeded", StatusCode::SERVICE_UNAVAILABLE, true),
+            ("connection", StatusCode::SERVICE_UNAVAILABLE, true),
+            ("context_length_exceeded", StatusCode::BAD_REQUEST, false),
+        ] {
+            let response = ApiError::from_reply(&ErrorReply::new(error_type, "x")).error_response();
+            assert_eq!(response.status(), status, "{error_type}");
+            assert_eq!(
+                response.headers().contains_key("retry-after"),
+                retry,
+                "{error_type}"
+            );
+        }
+    }
+
+    #[test]
+    fn bodies_decode_into_requests_or_typed_errors() {
+        let limits = Limits {
+            model: "m",
+            max_tokens: 100,
+        };
+        let chat = br#"{"model": "m", "messages": [{"role": "user", "content": "hi"}]}"#;
+        assert_eq!(decode_body(limits, true, chat).unwrap().max_tokens, 100);
+        let completion = br#"{"model": "m", "prompt": [1, 2, 3], "max_tokens": 5}"#;
+        assert_eq!(
+            decode_body(limits, false, completion).unwrap().max_tokens,
+            5
+        );
+        for (chat, body, code) in [
+            (true, &b"{"[..], "invalid_json"),
+            (true, br#"{"model": "m", "messages": []}"#, "invalid_value"),
+            (
+                false,
+                br#"{"model": "x", "prompt": "a"}"#,
+                "model_not_found",
+            ),
+            (
+                false,
+                br#"{"model": "m", "prompt": "a", "max_tokens": 101}"#,
+                "invalid_value",
+            ),
+        ] {
+            assert_eq!(decode_body(limits, chat, body).unwrap_err().code(), code);
+        }
+    }
 
     #[test]
     fn text_that_may_start_a_stop_sequence_is_held_back() {

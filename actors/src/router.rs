@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -15,32 +16,73 @@ use talaria_wire::{ErrorReply, Request, SessionId, TlsMaterial};
 
 use crate::{err_frame, frame_error, metrics, ok_frame};
 
-/// Which stage serves each op: pure, built from the topology.
+/// Which part of the model serves each op, and which stages (replicas) serve each part: pure,
+/// built from the topology.
 #[derive(Debug, Clone)]
 pub struct RouteTable {
-    /// `by_layer[l]`: the stage of layer `l`.
+    /// `by_layer[l]`: the part of layer `l`.
     by_layer: Vec<usize>,
     lm_head: usize,
+    /// Each part's stages (indices into the topology's stages), in topology order.
+    parts: Vec<Vec<usize>>,
 }
 
 impl RouteTable {
     /// Routes from a validated topology whose stages cover `n_layers`.
     pub fn new(topology: &talaria_topology::Topology, n_layers: usize) -> Option<Self> {
+        let parts = topology.parts();
+        let part_of = |stage: usize| parts.iter().position(|p| p.contains(&stage));
         let by_layer = (0..n_layers)
-            .map(|l| topology.stage_for(Some(l)))
+            .map(|l| topology.stage_for(Some(l)).and_then(part_of))
             .collect::<Option<Vec<_>>>()?;
+        let lm_head = topology.stage_for(None).and_then(part_of)?;
         Some(Self {
             by_layer,
-            lm_head: topology.stage_for(None)?,
+            lm_head,
+            parts,
         })
     }
 
-    /// The stage of `op`, if any.
-    pub fn stage(&self, op: OpId) -> Option<usize> {
+    /// The part that serves `op`, if any.
+    pub fn part(&self, op: OpId) -> Option<usize> {
         match op {
             OpId::Block { layer, .. } => self.by_layer.get(layer).copied(),
             OpId::LmHead => Some(self.lm_head),
         }
+    }
+
+    /// The stages of `part`.
+    pub fn replicas(&self, part: usize) -> &[usize] {
+        &self.parts[part]
+    }
+
+    /// How many parts the model is cut into.
+    pub fn n_parts(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// For a new session: in each part, the connected replica (`live`) serving the fewest
+    /// sessions (`load`), the first on a tie; `None` where a part has no replica connected.
+    pub fn choose(&self, live: &[bool], load: &[usize]) -> Result<Vec<usize>, usize> {
+        self.parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.iter()
+                    .copied()
+                    .filter(|&n| live[n])
+                    .min_by_key(|&n| load[n])
+                    .ok_or(i)
+            })
+            .collect()
+    }
+
+    /// The order in which a request of `part` tries its replicas: `first`, then the others
+    /// in topology order.
+    pub fn attempts(&self, part: usize, first: usize) -> Vec<usize> {
+        std::iter::once(first)
+            .chain(self.parts[part].iter().copied().filter(|&n| n != first))
+            .collect()
     }
 }
 
@@ -57,6 +99,10 @@ pub trait Admission: Send + Sync + 'static {
         key: &[u8],
     ) -> Result<(), ErrorReply>;
 }
+
+/// The largest attestation evidence a `Hello` may carry: an SNP report (1184 bytes) and its
+/// certificate chain fit many times over.
+pub const MAX_EVIDENCE_BYTES: usize = 64 << 10;
 
 /// Identifies one agent connection.
 pub type AgentId = u64;
@@ -99,23 +145,50 @@ pub struct Router {
     challenges: HashMap<AgentId, [u8; 32]>,
     /// The certificate (DER) each agent connection proved it holds the key of.
     certs: HashMap<AgentId, Vec<u8>>,
-    /// Each open session's agent and tenant.
-    sessions: HashMap<SessionId, (AgentId, String)>,
+    /// Each open session's agent, tenant and stages.
+    sessions: HashMap<SessionId, SessionRoute>,
     /// The most open sessions each tenant may hold.
     limits: HashMap<String, usize>,
+    /// Whether each stage's link is connected now (its [`NodeLink`] keeps it).
+    live: Arc<[AtomicBool]>,
+    deadlines: talaria_topology::Deadlines,
+}
+
+/// Where one session's requests go.
+struct SessionRoute {
+    agent: AgentId,
+    tenant: String,
+    /// Per part, the stage its requests go to first.
+    stages: Vec<usize>,
+    /// Every stage the session was opened on (told when it closes).
+    opened: Vec<usize>,
+}
+
+/// Whether an answer says the stage could not be reached or did not answer in time (another
+/// replica may serve the request), rather than that the request was refused.
+fn unreachable_stage(answer: &[u8]) -> bool {
+    matches!(
+        frame::split::<talaria_wire::Reply>(answer),
+        Ok((talaria_wire::Reply::Err(e), _))
+            if matches!(e.error_type.as_str(), "node_unavailable" | "connection" | "deadline_exceeded")
+    )
 }
 
 impl Router {
-    /// A router over `nodes` (in topology order); `limits` caps each tenant's open sessions and
-    /// names the tenants that may be admitted at all.
+    /// A router over `nodes` (in topology order, their connection state in `live`); `limits`
+    /// caps each tenant's open sessions and names the tenants that may be admitted at all.
     pub fn new(
         routes: RouteTable,
         nodes: Vec<Addr<NodeLink>>,
+        live: Arc<[AtomicBool]>,
         admission: Arc<dyn Admission>,
         provision: Arc<Vec<u8>>,
         limits: HashMap<String, usize>,
+        deadlines: talaria_topology::Deadlines,
     ) -> Self {
         Self {
+            live,
+            deadlines,
             limits,
             routes,
             nodes,
@@ -128,15 +201,20 @@ impl Router {
         }
     }
 
-    /// Sends `head` to every stage; the first refusal wins.
-    fn broadcast(&self, head: &Request) -> ResponseFuture<Result<(), ErrorReply>> {
+    /// Sends `head` to the stages `to`; the first refusal wins.
+    fn broadcast(&self, head: &Request, to: &[usize]) -> ResponseFuture<Result<(), ErrorReply>> {
         let frame = frame::encode::<_, ()>(head, None).map_err(|e| frame_error(&e));
-        let nodes = self.nodes.clone();
+        let nodes: Vec<_> = to.iter().map(|&n| self.nodes[n].clone()).collect();
+        let deadline = self.deadlines.setup;
         Box::pin(async move {
-            let frame = frame?;
-            let answers =
-                futures::future::join_all(nodes.iter().map(|n| n.send(Forward(frame.clone()))))
-                    .await;
+            let frame: Arc<[u8]> = frame?.into();
+            let answers = futures::future::join_all(nodes.iter().map(|n| {
+                n.send(Forward {
+                    frame: frame.clone(),
+                    deadline,
+                })
+            }))
+            .await;
             for a in answers {
                 let a = a.map_err(|e| ErrorReply::new("internal", format!("node link: {e}")))?;
                 let (reply, _): (talaria_wire::Reply, &[u8]) =
@@ -147,6 +225,13 @@ impl Router {
             }
             Ok(())
         })
+    }
+
+    fn live(&self) -> Vec<bool> {
+        self.live
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// A new session id: 64 random bits (rand's thread-local CSPRNG, seeded by the OS), so
@@ -166,9 +251,9 @@ impl Router {
         metrics::ROUTER_SESSIONS.set(self.sessions.len() as i64);
     }
 
-    fn owned(&self, agent: AgentId, session: SessionId) -> Result<(), ErrorReply> {
+    fn owned(&self, agent: AgentId, session: SessionId) -> Result<&SessionRoute, ErrorReply> {
         match self.sessions.get(&session) {
-            Some((owner, _)) if *owner == agent => Ok(()),
+            Some(route) if route.agent == agent => Ok(route),
             // Another tenant's session reads as unknown: its existence is not disclosed.
             _ => Err(ErrorReply::new(
                 "unknown_session",
@@ -197,6 +282,17 @@ impl Router {
             key,
         } = &head
         {
+            // Evidence is a report and a few certificates: anything much larger is refused
+            // before a parser sees it.
+            if evidence.len() > MAX_EVIDENCE_BYTES {
+                return Err(ErrorReply::new(
+                    "attestation_malformed",
+                    format!(
+                        "evidence of {} bytes (at most {MAX_EVIDENCE_BYTES})",
+                        evidence.len()
+                    ),
+                ));
+            }
             // A nonce is good for one Hello: a replayed report meets a fresh one.
             let nonce = self.challenges.remove(&agent).ok_or_else(|| {
                 ErrorReply::new("attestation_binding", "ask for a Challenge before Hello")
@@ -235,25 +331,52 @@ impl Router {
                     .get(&tenant)
                     .copied()
                     .unwrap_or(talaria_topology::DEFAULT_MAX_SESSIONS);
-                // Opening is not the hot path: the count is derived, not kept.
-                let open = self.sessions.values().filter(|(_, t)| *t == tenant).count();
+                // Opening is not the hot path: the counts are derived, not kept.
+                let open = self
+                    .sessions
+                    .values()
+                    .filter(|r| r.tenant == tenant)
+                    .count();
                 if open >= limit {
                     return Err(ErrorReply::new(
                         "too_many_sessions",
                         format!("tenant {tenant} already has {limit} open sessions (its limit)"),
                     ));
                 }
+                let mut load = vec![0; self.nodes.len()];
+                for r in self.sessions.values() {
+                    for &n in &r.stages {
+                        load[n] += 1;
+                    }
+                }
+                let stages = self.routes.choose(&self.live(), &load).map_err(|part| {
+                    ErrorReply::new(
+                        "node_unavailable",
+                        format!("no stage of part {part} is connected"),
+                    )
+                })?;
                 let session = self.fresh_session();
-                self.sessions.insert(session, (agent, tenant.clone()));
-                metrics::ROUTER_SESSIONS.set(self.sessions.len() as i64);
-                let open = self.broadcast(&Request::StageOpen {
+                self.sessions.insert(
                     session,
-                    tenant: tenant.clone(),
-                });
+                    SessionRoute {
+                        agent,
+                        tenant: tenant.clone(),
+                        stages: stages.clone(),
+                        opened: stages.clone(),
+                    },
+                );
+                metrics::ROUTER_SESSIONS.set(self.sessions.len() as i64);
+                let open = self.broadcast(
+                    &Request::StageOpen {
+                        session,
+                        tenant: tenant.clone(),
+                    },
+                    &stages,
+                );
                 Ok(Box::pin(async move {
                     match open.await {
                         Ok(()) => {
-                            tracing::info!(session, %tenant, "session opened");
+                            tracing::info!(session, %tenant, ?stages, "session opened");
                             ok_frame(0, &encoded(&session))
                         }
                         Err(e) => {
@@ -265,9 +388,9 @@ impl Router {
                 }))
             }
             Request::CloseSession { session } => {
-                self.owned(agent, session)?;
+                let opened = self.owned(agent, session)?.opened.clone();
                 self.forget(session);
-                let close = self.broadcast(&Request::CloseSession { session });
+                let close = self.broadcast(&Request::CloseSession { session }, &opened);
                 Ok(Box::pin(async move {
                     match close.await {
                         Ok(()) => ok_frame(0, &[]),
@@ -276,18 +399,78 @@ impl Router {
                 }))
             }
             Request::Setup { session, op } | Request::Call { session, op, .. } => {
-                self.owned(agent, session)?;
-                let stage = self
+                let route = self.owned(agent, session)?;
+                let part = self
                     .routes
-                    .stage(op)
+                    .part(op)
                     .ok_or_else(|| ErrorReply::new("no_route", format!("no stage serves {op}")))?;
-                let node = self.nodes[stage].clone();
+                let attempts: Vec<(usize, Addr<NodeLink>)> = self
+                    .routes
+                    .attempts(part, route.stages[part])
+                    .into_iter()
+                    .map(|n| (n, self.nodes[n].clone()))
+                    .collect();
+                let deadline = match head {
+                    Request::Setup { .. } => self.deadlines.setup,
+                    _ => self.deadlines.call,
+                };
+                let reopen = frame::encode::<_, ()>(
+                    &Request::StageOpen {
+                        session,
+                        tenant: route.tenant.clone(),
+                    },
+                    None,
+                )
+                .map_err(|e| frame_error(&e))?;
                 metrics::ROUTER_REQUESTS.inc();
                 let t0 = std::time::Instant::now();
+                // One buffer for every attempt: a request resent to another replica is the very
+                // bytes first sent (a fresh mask of the same rows would give the cloud a second
+                // view of them).
+                let frame: Arc<[u8]> = frame.into();
+                let reopen: Arc<[u8]> = reopen.into();
                 Ok(Box::pin(async move {
-                    let answer = node.send(Forward(frame)).await.unwrap_or_else(|e| {
-                        err_frame(&ErrorReply::new("internal", format!("node link: {e}")))
-                    });
+                    let mut answer = Vec::new();
+                    for (i, (n, node)) in attempts.into_iter().enumerate() {
+                        if i > 0 {
+                            // The replica may not know the session: open it there first.
+                            let opened = node
+                                .send(Forward {
+                                    frame: reopen.clone(),
+                                    deadline,
+                                })
+                                .await
+                                .map(|a| {
+                                    matches!(
+                                        frame::split::<talaria_wire::Reply>(&a),
+                                        Ok((talaria_wire::Reply::Ok { .. }, _))
+                                    )
+                                })
+                                .unwrap_or(false);
+                            if !opened {
+                                continue;
+                            }
+                            metrics::ROUTER_FAILOVERS.inc();
+                            tracing::warn!(session, stage = n, "resending a request to a replica");
+                            me.do_send(Rebind {
+                                session,
+                                part,
+                                stage: n,
+                            });
+                        }
+                        answer = node
+                            .send(Forward {
+                                frame: frame.clone(),
+                                deadline,
+                            })
+                            .await
+                            .unwrap_or_else(|e| {
+                                err_frame(&ErrorReply::new("internal", format!("node link: {e}")))
+                            });
+                        if !unreachable_stage(&answer) {
+                            break;
+                        }
+                    }
                     metrics::ROUTER_SECONDS.observe(t0.elapsed().as_secs_f64());
                     answer
                 }))
@@ -326,6 +509,28 @@ impl Handler<Route> for Router {
     }
 }
 
+/// A session's requests of `part` go to `stage` from now on (its first stage failed).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Rebind {
+    session: SessionId,
+    part: usize,
+    stage: usize,
+}
+
+impl Handler<Rebind> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: Rebind, _: &mut Context<Self>) {
+        if let Some(r) = self.sessions.get_mut(&msg.session) {
+            r.stages[msg.part] = msg.stage;
+            if !r.opened.contains(&msg.stage) {
+                r.opened.push(msg.stage);
+            }
+        }
+    }
+}
+
 /// A session the stages refused to open: forget it.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -347,11 +552,11 @@ impl Handler<AgentGone> for Router {
         metrics::ROUTER_AGENTS.set(self.agents.len() as i64);
         self.challenges.remove(&msg.0);
         self.certs.remove(&msg.0);
-        let gone: Vec<SessionId> = self
+        let gone: Vec<(SessionId, Vec<usize>)> = self
             .sessions
             .iter()
-            .filter(|(_, (a, _))| *a == msg.0)
-            .map(|(&s, _)| s)
+            .filter(|(_, r)| r.agent == msg.0)
+            .map(|(&s, r)| (s, r.opened.clone()))
             .collect();
         tracing::info!(
             agent = msg.0,
@@ -359,9 +564,9 @@ impl Handler<AgentGone> for Router {
             sessions = gone.len(),
             "agent disconnected"
         );
-        for session in gone {
+        for (session, opened) in gone {
             self.forget(session);
-            let close = self.broadcast(&Request::CloseSession { session });
+            let close = self.broadcast(&Request::CloseSession { session }, &opened);
             ctx.spawn(
                 async move {
                     if let Err(e) = close.await {
@@ -374,12 +579,16 @@ impl Handler<AgentGone> for Router {
     }
 }
 
-/// A frame for a gpu-node; the result is its answer frame.
+/// A frame for a gpu-node, answered within `deadline`; the result is its answer frame.
 #[derive(Message)]
 #[rtype(result = "Vec<u8>")]
-pub struct Forward(pub Vec<u8>);
+pub struct Forward {
+    pub frame: Arc<[u8]>,
+    pub deadline: Duration,
+}
 
-/// Owns the connection to one gpu-node, reconnecting when it drops.
+/// Owns the connection to one gpu-node, reconnecting when it drops; keeps `live` true while
+/// it is connected.
 pub struct NodeLink {
     name: String,
     addr: SocketAddr,
@@ -388,16 +597,45 @@ pub struct NodeLink {
     max_frame: usize,
     conn: Option<quinn::Connection>,
     connecting: bool,
+    live: Arc<[AtomicBool]>,
+    index: usize,
+    /// Not dialled again before this: the node failed a deadline.
+    cool_until: Option<tokio::time::Instant>,
+}
+
+/// How long a stage that missed a deadline is left alone: new sessions go to its replicas
+/// meanwhile (its connection may be alive while its worker is stuck).
+const UNRESPONSIVE_COOL_DOWN: Duration = Duration::from_secs(10);
+
+/// The stage missed a deadline: drop its connection and leave it alone for a while.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Unresponsive;
+
+impl Handler<Unresponsive> for NodeLink {
+    type Result = ();
+
+    fn handle(&mut self, _: Unresponsive, _: &mut Context<Self>) {
+        self.cool_until = Some(tokio::time::Instant::now() + UNRESPONSIVE_COOL_DOWN);
+        self.set_live(false);
+        if let Some(conn) = self.conn.take() {
+            // Its watcher redials, after the cool-down.
+            conn.close(0u32.into(), b"unresponsive");
+        }
+    }
 }
 
 impl NodeLink {
-    /// A link to stage `name` at `addr`, dialled from `endpoint`.
+    /// A link to stage `name` at `addr`, dialled from `endpoint`; it is stage `index` of
+    /// `live`.
     pub fn new(
         name: String,
         addr: SocketAddr,
         tls: TlsMaterial,
         endpoint: quinn::Endpoint,
         max_frame: usize,
+        live: Arc<[AtomicBool]>,
+        index: usize,
     ) -> Self {
         Self {
             name,
@@ -407,6 +645,20 @@ impl NodeLink {
             max_frame,
             conn: None,
             connecting: false,
+            live,
+            index,
+            cool_until: None,
+        }
+    }
+
+    fn set_live(&self, up: bool) {
+        if self.live[self.index].swap(up, Ordering::Relaxed) != up {
+            let n = self
+                .live
+                .iter()
+                .filter(|l| l.load(Ordering::Relaxed))
+                .count();
+            metrics::ROUTER_STAGES_UP.set(n as i64);
         }
     }
 
@@ -421,7 +673,11 @@ impl NodeLink {
             self.addr,
             self.name.clone(),
         );
+        let cool_until = self.cool_until.take();
         let dial = async move {
+            if let Some(t) = cool_until {
+                tokio::time::sleep_until(t).await;
+            }
             let mut wait = Duration::from_millis(50);
             loop {
                 match tls.connect(&endpoint, addr).await {
@@ -429,15 +685,25 @@ impl NodeLink {
                     Err(e) => {
                         tracing::debug!(stage = %name, "dialling {addr}: {e}");
                         tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(2));
+                        wait = (wait * 2).min(Duration::from_secs(1));
                     }
                 }
             }
         };
-        ctx.spawn(dial.into_actor(self).map(|conn, act, _| {
+        ctx.spawn(dial.into_actor(self).map(|conn, act, ctx| {
             tracing::info!(stage = %act.name, addr = %act.addr, "gpu-node connected");
-            act.conn = Some(conn);
+            act.conn = Some(conn.clone());
             act.connecting = false;
+            act.set_live(true);
+            // Noticed within the idle timeout when the node dies or stops answering.
+            ctx.spawn(async move { conn.closed().await }.into_actor(act).map(
+                |reason, act, ctx| {
+                    tracing::warn!(stage = %act.name, addr = %act.addr, "gpu-node lost: {reason}");
+                    act.conn = None;
+                    act.set_live(false);
+                    act.reconnect(ctx);
+                },
+            ));
         }));
     }
 }
@@ -450,21 +716,6 @@ impl Actor for NodeLink {
     }
 }
 
-/// Asks whether the link is connected.
-#[derive(Message)]
-#[rtype(result = "bool")]
-pub struct IsConnected;
-
-impl Handler<IsConnected> for NodeLink {
-    type Result = bool;
-
-    fn handle(&mut self, _: IsConnected, _: &mut Context<Self>) -> bool {
-        self.conn
-            .as_ref()
-            .is_some_and(|c| c.close_reason().is_none())
-    }
-}
-
 impl Handler<Forward> for NodeLink {
     type Result = ResponseFuture<Vec<u8>>;
 
@@ -472,6 +723,7 @@ impl Handler<Forward> for NodeLink {
         let live = self.conn.clone().filter(|c| c.close_reason().is_none());
         let Some(conn) = live else {
             self.conn = None;
+            self.set_live(false);
             self.reconnect(ctx);
             let answer = err_frame(&ErrorReply::new(
                 "node_unavailable",
@@ -481,13 +733,28 @@ impl Handler<Forward> for NodeLink {
         };
         let max = self.max_frame;
         let name = self.name.clone();
+        let me = ctx.address();
         Box::pin(async move {
-            talaria_wire::net::request(&conn, &msg.0, max)
-                .await
-                .unwrap_or_else(|e| {
+            let exchange = talaria_wire::net::request(&conn, &msg.frame, max);
+            match tokio::time::timeout(msg.deadline, exchange).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(e)) => {
                     tracing::warn!(stage = %name, error_type = e.error_type(), "forwarding: {e}");
                     err_frame(&frame_error(&e))
-                })
+                }
+                Err(_) => {
+                    tracing::warn!(stage = %name, deadline_ms = msg.deadline.as_millis() as u64, "no answer in time");
+                    metrics::error("deadline_exceeded");
+                    me.do_send(Unresponsive);
+                    err_frame(&ErrorReply::new(
+                        "deadline_exceeded",
+                        format!(
+                            "gpu-node {name} did not answer within {} ms",
+                            msg.deadline.as_millis()
+                        ),
+                    ))
+                }
+            }
         })
     }
 }

@@ -2,44 +2,293 @@
 //! one conversation, and [`serve`] answers tenants.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use talaria_wire::frame::{self, FrameError};
-use talaria_wire::{ErrorReply, TenantEvent, TenantMessage, TenantRequest};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use talaria_wire::{ErrorReply, Reply, Request, TenantEvent, TenantMessage, TenantRequest};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::metrics;
 
-/// A request frame for the coordinator; the result is its answer frame.
+/// A request frame for the coordinator, whose answer may be at most `max_reply` bytes and must
+/// come within `deadline`; the result is the answer frame.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<u8>, FrameError>")]
-pub struct Exchange(pub Vec<u8>);
+pub struct Exchange {
+    pub frame: Vec<u8>,
+    pub max_reply: usize,
+    pub deadline: Duration,
+}
+
+/// Builds the agent's `Hello` for a coordinator's nonce (attestation evidence bound to it).
+/// Runs on a worker thread: the guest device's ioctl blocks.
+pub type HelloFn = Arc<dyn Fn([u8; 32]) -> Result<Request, ErrorReply> + Send + Sync>;
+
+/// Whether the uplink is connected and admitted now, for health checks and metrics.
+#[derive(Clone, Default)]
+pub struct UplinkHealth(Arc<AtomicBool>);
+
+impl UplinkHealth {
+    /// Whether the agent is connected to and admitted by the coordinator.
+    pub fn is_up(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, up: bool) {
+        self.0.store(up, Ordering::Relaxed);
+        metrics::AGENT_UPLINK_UP.set(i64::from(up));
+    }
+}
+
+/// Where and how an agent joins its cluster.
+#[derive(Clone)]
+pub struct Join {
+    pub endpoint: quinn::Endpoint,
+    pub tls: talaria_wire::TlsMaterial,
+    pub coordinator: std::net::SocketAddr,
+    pub hello: HelloFn,
+    /// Largest answer frame accepted where the request does not bound it (a set-up reply).
+    pub max_frame: usize,
+}
+
+/// One request on `conn` outside a session (a challenge, a hello): the answer's payload.
+async fn ask(
+    conn: &quinn::Connection,
+    head: &Request,
+    max: usize,
+    deadline: Duration,
+) -> Result<Vec<u8>, ErrorReply> {
+    let frame = frame::encode::<_, ()>(head, None).map_err(|e| crate::frame_error(&e))?;
+    let answer = tokio::time::timeout(deadline, talaria_wire::net::request(conn, &frame, max))
+        .await
+        .map_err(|_| {
+            ErrorReply::new(
+                "deadline_exceeded",
+                "no answer from the coordinator in time",
+            )
+        })?
+        .map_err(|e| crate::frame_error(&e))?;
+    let (reply, payload): (Reply, &[u8]) =
+        frame::split(&answer).map_err(|e| crate::frame_error(&e))?;
+    match reply {
+        Reply::Ok { .. } => Ok(payload.to_vec()),
+        Reply::Err(e) => Err(e),
+    }
+}
+
+/// Why joining failed.
+enum JoinError {
+    /// The coordinator could not be reached or dropped the connection: try again.
+    Unreachable(String),
+    /// The agent could not prove itself, or the coordinator refused it: trying again will
+    /// not help at the first join (the agent stops), and is only retried slowly after.
+    Refused(ErrorReply),
+}
+
+impl Join {
+    /// Dials the coordinator, proves the agent to it and returns the connection with the
+    /// provision payload it answered.
+    async fn run(&self) -> Result<(quinn::Connection, Vec<u8>), JoinError> {
+        let deadline = Duration::from_secs(30);
+        let conn = self
+            .tls
+            .connect(&self.endpoint, self.coordinator)
+            .await
+            .map_err(|e| JoinError::Unreachable(e.to_string()))?;
+        let nonce: [u8; 32] = frame::body(
+            &ask(&conn, &Request::Challenge, 1024, deadline)
+                .await
+                .map_err(|e| JoinError::Unreachable(e.to_string()))?,
+        )
+        .map_err(|e| JoinError::Unreachable(format!("the coordinator's nonce: {e}")))?;
+        let hello = self.hello.clone();
+        let hello = tokio::task::spawn_blocking(move || hello(nonce))
+            .await
+            .map_err(|e| JoinError::Refused(ErrorReply::new("internal", e.to_string())))?
+            .map_err(JoinError::Refused)?;
+        let provision = ask(&conn, &hello, self.max_frame, Duration::from_secs(300))
+            .await
+            .map_err(|e| {
+                if conn.close_reason().is_some() {
+                    JoinError::Unreachable(e.to_string())
+                } else {
+                    JoinError::Refused(e)
+                }
+            })?;
+        Ok((conn, provision))
+    }
+}
 
 /// Owns the agent's QUIC connection to the coordinator. Every exchange is its own stream, so
-/// sessions never wait for each other on the link.
+/// sessions never wait for each other on the link. When the connection drops (noticed within
+/// the idle timeout) it dials again with backoff and is admitted anew; a new admission must
+/// provision exactly what the first did. Sessions of the old connection are gone with it: their
+/// requests fail with a typed error, new ones are served.
 pub struct Uplink {
-    conn: quinn::Connection,
-    max_frame: usize,
+    join: Join,
+    conn: Option<quinn::Connection>,
+    joining: bool,
+    /// The first admission's provision: what every later one must equal.
+    provision: Option<Arc<Vec<u8>>>,
+    /// Callers of [`Joined`] waiting for the first admission.
+    waiting: Vec<oneshot::Sender<Result<Arc<Vec<u8>>, ErrorReply>>>,
+    health: UplinkHealth,
+    /// Why the agent stays down: its first admission failed for good, or a later one
+    /// provisioned something else.
+    refused: Option<ErrorReply>,
 }
 
 impl Uplink {
-    /// An uplink over an established connection.
-    pub fn new(conn: quinn::Connection, max_frame: usize) -> Self {
-        Self { conn, max_frame }
+    /// An uplink that joins as `join` says once started; `health` follows its state.
+    pub fn new(join: Join, health: UplinkHealth) -> Self {
+        Self {
+            join,
+            conn: None,
+            joining: false,
+            provision: None,
+            waiting: Vec::new(),
+            health,
+            refused: None,
+        }
+    }
+
+    fn rejoin(&mut self, ctx: &mut Context<Self>) {
+        if self.joining || self.refused.is_some() {
+            return;
+        }
+        self.joining = true;
+        let join = self.join.clone();
+        let first = self.provision.is_none();
+        let attempt = async move {
+            let mut wait = Duration::from_millis(100);
+            loop {
+                match join.run().await {
+                    Ok(joined) => return Ok(joined),
+                    Err(JoinError::Refused(e)) if first => return Err(e),
+                    Err(JoinError::Refused(e)) => {
+                        tracing::error!("joining the cluster again: {e}");
+                        wait = Duration::from_secs(2);
+                    }
+                    Err(JoinError::Unreachable(e)) => {
+                        tracing::warn!(coordinator = %join.coordinator, "joining the cluster: {e}");
+                    }
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+        };
+        ctx.spawn(attempt.into_actor(self).map(|joined, act, ctx| {
+            act.joining = false;
+            let (conn, provision) = match joined {
+                Ok(j) => j,
+                Err(e) => {
+                    // The first admission failed for good: whoever waits for it stops.
+                    act.refused = Some(e.clone());
+                    for w in act.waiting.drain(..) {
+                        let _ = w.send(Err(e.clone()));
+                    }
+                    return;
+                }
+            };
+            match &act.provision {
+                Some(first) if **first != provision => {
+                    // The cloud changed the model under a running agent: its half was built
+                    // from the first provision; only a restart (which checks the manifest
+                    // again) may take another.
+                    let why = "the coordinator provisioned another model than at the agent's start";
+                    tracing::error!("{why}: the agent stays down until it is restarted");
+                    act.refused = Some(ErrorReply::new("provision_changed", why));
+                    conn.close(0u32.into(), b"provision changed");
+                    return;
+                }
+                Some(_) => {
+                    metrics::AGENT_RECONNECTS.inc();
+                    tracing::info!("admitted again after the uplink dropped");
+                }
+                None => {
+                    let first = Arc::new(provision);
+                    for w in act.waiting.drain(..) {
+                        let _ = w.send(Ok(first.clone()));
+                    }
+                    act.provision = Some(first);
+                }
+            }
+            act.conn = Some(conn.clone());
+            act.health.set(true);
+            ctx.spawn(async move { conn.closed().await }.into_actor(act).map(
+                |reason, act, ctx| {
+                    tracing::warn!("uplink to the coordinator lost: {reason}");
+                    act.conn = None;
+                    act.health.set(false);
+                    act.rejoin(ctx);
+                },
+            ));
+        }));
     }
 }
 
 impl Actor for Uplink {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.health.set(false);
+        self.rejoin(ctx);
+    }
+}
+
+/// Waits for the first admission: its provision payload (a `talaria_wire::Provision`).
+#[derive(Message)]
+#[rtype(result = "Result<Arc<Vec<u8>>, ErrorReply>")]
+pub struct Joined;
+
+impl Handler<Joined> for Uplink {
+    type Result = ResponseFuture<Result<Arc<Vec<u8>>, ErrorReply>>;
+
+    fn handle(&mut self, _: Joined, _: &mut Context<Self>) -> Self::Result {
+        if let Some(p) = &self.provision {
+            let p = p.clone();
+            return Box::pin(async move { Ok(p) });
+        }
+        if let Some(e) = self.refused.clone() {
+            return Box::pin(async move { Err(e) });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.waiting.push(tx);
+        Box::pin(async move {
+            rx.await
+                .map_err(|_| ErrorReply::new("internal", "the uplink stopped"))?
+        })
+    }
 }
 
 impl Handler<Exchange> for Uplink {
     type Result = ResponseFuture<Result<Vec<u8>, FrameError>>;
 
-    fn handle(&mut self, msg: Exchange, _: &mut Context<Self>) -> Self::Result {
-        let (conn, max) = (self.conn.clone(), self.max_frame);
-        Box::pin(async move { talaria_wire::net::request(&conn, &msg.0, max).await })
+    fn handle(&mut self, msg: Exchange, ctx: &mut Context<Self>) -> Self::Result {
+        let live = self.conn.clone().filter(|c| c.close_reason().is_none());
+        let Some(conn) = live else {
+            self.rejoin(ctx);
+            let why = self.refused.as_ref().map_or_else(
+                || "the agent is not connected to the coordinator".to_string(),
+                ErrorReply::to_string,
+            );
+            return Box::pin(async move { Err(FrameError::Connection(why)) });
+        };
+        Box::pin(async move {
+            tokio::time::timeout(
+                msg.deadline,
+                talaria_wire::net::request(&conn, &msg.frame, msg.max_reply),
+            )
+            .await
+            .map_err(|_| {
+                FrameError::Connection(format!(
+                    "no answer from the coordinator within {} ms",
+                    msg.deadline.as_millis()
+                ))
+            })?
+        })
     }
 }
 
@@ -49,12 +298,25 @@ impl Handler<Exchange> for Uplink {
 pub struct BlockingUplink(pub Addr<Uplink>);
 
 impl BlockingUplink {
-    /// Sends `frame` and waits for the answer frame.
-    pub fn exchange(&self, frame: Vec<u8>) -> Result<Vec<u8>, FrameError> {
-        futures::executor::block_on(self.0.send(Exchange(frame)))
-            .map_err(|e| FrameError::Connection(format!("uplink: {e}")))?
+    /// Sends `frame` and waits, at most `deadline`, for an answer frame of at most `max_reply`
+    /// bytes.
+    pub fn exchange(
+        &self,
+        frame: Vec<u8>,
+        max_reply: usize,
+        deadline: Duration,
+    ) -> Result<Vec<u8>, FrameError> {
+        futures::executor::block_on(self.0.send(Exchange {
+            frame,
+            max_reply,
+            deadline,
+        }))
+        .map_err(|e| FrameError::Connection(format!("uplink: {e}")))?
     }
 }
+
+/// Whether the tenant of a generation went away (it then should stop, whatever it waits on).
+pub type Gone = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// One conversation's logic, implemented by the cvm-agent crate. Runs on a worker thread.
 pub trait Conversation: Send + 'static {
@@ -63,9 +325,10 @@ pub trait Conversation: Send + 'static {
     fn run(&mut self, req: TenantRequest, emit: &mut dyn FnMut(TenantEvent) -> bool);
 }
 
-/// Makes a conversation (opening a session with the cloud). Runs on a worker thread.
+/// Makes a conversation (opening a session with the cloud) whose requests stop once `gone`
+/// says its tenant went away. Runs on a worker thread.
 pub type ConversationFactory =
-    Arc<dyn Fn() -> Result<Box<dyn Conversation>, ErrorReply> + Send + Sync>;
+    Arc<dyn Fn(Gone) -> Result<Box<dyn Conversation>, ErrorReply> + Send + Sync>;
 
 /// Asks a session to generate; events arrive on `events`. `slot` is held until it ends.
 #[derive(Message)]
@@ -164,9 +427,16 @@ impl Handler<Generate> for Session {
                 arrived,
                 slot,
             } = msg;
+            if events.is_closed() {
+                // Abandoned while it waited for a slot: nothing of it reaches the cloud.
+                metrics::AGENT_CANCELLED.inc();
+                return;
+            }
+            let watched = events.clone();
+            let gone: Gone = Arc::new(move || watched.is_closed());
             let mut last = None;
             let mut emit = |event| deliver(&events, event, arrived, &mut last);
-            match factory() {
+            match factory(gone) {
                 Ok(mut conversation) => conversation.run(request, &mut emit),
                 Err(e) => {
                     tracing::warn!(error_type = %e.error_type, "session not opened: {}", e.message);
@@ -179,32 +449,67 @@ impl Handler<Generate> for Session {
     }
 }
 
-/// What an agent serves its tenant with: the conversations, and a cap on how many generations
-/// run at once (the topology's `max_sessions`); requests beyond it wait in arrival order.
+/// What an agent serves its tenant with: the conversations, a cap on how many generations
+/// run at once (the topology's `max_sessions`), and on how many wait for one (`max_waiting`;
+/// beyond it a request is refused as `overloaded`); waiting ones go in arrival order.
 #[derive(Clone)]
 pub struct Tenancy {
     factory: ConversationFactory,
     slots: Arc<Semaphore>,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
 }
 
 impl Tenancy {
-    /// At most `max_sessions` generations of `factory`'s conversations at once.
-    pub fn new(factory: ConversationFactory, max_sessions: usize) -> Self {
+    /// At most `max_sessions` generations of `factory`'s conversations at once, and at most
+    /// `max_waiting` more waiting.
+    pub fn new(factory: ConversationFactory, max_sessions: usize, max_waiting: usize) -> Self {
         Self {
             factory,
             slots: Arc::new(Semaphore::new(max_sessions.max(1))),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            max_waiting,
         }
     }
 
     /// Starts `request` in a session of its own once a slot is free. Its events arrive on the
-    /// receiver; dropping the receiver cancels the generation.
+    /// receiver; dropping the receiver (or this future, while it waits) cancels the generation.
     pub async fn generate(&self, request: TenantRequest) -> mpsc::UnboundedReceiver<TenantEvent> {
         let arrived = Instant::now();
         metrics::AGENT_REQUESTS.inc();
-        let slot = {
-            let _waiting = Raised::new(&metrics::AGENT_WAITING);
-            // The semaphore is never closed.
-            self.slots.clone().acquire_owned().await.ok()
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    let e = ErrorReply::new(
+                        "overloaded",
+                        format!(
+                            "{} requests are already waiting for a session (the agent's limit): retry later",
+                            self.max_waiting
+                        ),
+                    );
+                    metrics::error(&e.error_type);
+                    return only(TenantEvent::Error(e));
+                }
+                let _waiting = Raised::new(&metrics::AGENT_WAITING);
+                let _count = Counted(&self.waiting);
+                // Dropped here, before a slot, when the tenant goes while it waits.
+                let mut abandoned = Abandoned(true);
+                // The semaphore is never closed.
+                match self.slots.clone().acquire_owned().await {
+                    Ok(slot) => {
+                        abandoned.0 = false;
+                        slot
+                    }
+                    Err(_) => {
+                        return only(TenantEvent::Error(ErrorReply::new(
+                            "internal",
+                            "the session slots are closed",
+                        )));
+                    }
+                }
+            }
         };
         let (events, rx) = mpsc::unbounded_channel();
         Session::new(self.factory.clone())
@@ -213,9 +518,30 @@ impl Tenancy {
                 request,
                 events,
                 arrived,
-                slot,
+                slot: Some(slot),
             });
         rx
+    }
+}
+
+/// Counts a request as cancelled when dropped while still `true` (its tenant went away before
+/// it was served).
+struct Abandoned(bool);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if self.0 {
+            metrics::AGENT_CANCELLED.inc();
+        }
+    }
+}
+
+/// Takes one off a count when dropped (a request that stopped waiting, served or abandoned).
+struct Counted<'a>(&'a AtomicUsize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -230,19 +556,36 @@ fn only(event: TenantEvent) -> mpsc::UnboundedReceiver<TenantEvent> {
     rx
 }
 
-/// Answers tenants on `endpoint`: each stream carries one [`TenantMessage`]: `Attest` gets
-/// evidence from `attestor`, `Generate` the generation's events from a [`Session`] of its own.
+/// The most tenant connections an agent holds at once; more are refused at the handshake.
+pub const MAX_TENANT_CONNECTIONS: usize = 256;
+
+/// Answers tenants on `endpoint`: each stream carries one [`TenantMessage`] (at most
+/// [`talaria_wire::MAX_TENANT_MESSAGE`] bytes): `Attest` gets evidence from `attestor`,
+/// `Generate` the generation's events from a [`Session`] of its own. A tenant whose connection
+/// closes stops its generations, queued or running.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     tenancy: Tenancy,
     attestor: Attestor,
-    max_frame: usize,
     api_keys: Arc<Vec<[u8; 32]>>,
 ) {
+    let connections = Arc::new(AtomicUsize::new(0));
     while let Some(incoming) = endpoint.accept().await {
+        if connections.load(Ordering::Acquire) >= MAX_TENANT_CONNECTIONS {
+            tracing::warn!(
+                peer = %incoming.remote_address(),
+                error_type = "overloaded",
+                "tenant connection refused: {MAX_TENANT_CONNECTIONS} open"
+            );
+            incoming.refuse();
+            continue;
+        }
+        connections.fetch_add(1, Ordering::AcqRel);
         let (tenancy, attestor) = (tenancy.clone(), attestor.clone());
         let api_keys = api_keys.clone();
+        let connections = connections.clone();
         actix_rt::spawn(async move {
+            let _open = Counted(&connections);
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
@@ -252,62 +595,79 @@ pub async fn serve(
             };
             let peer = conn.remote_address();
             tracing::info!(%peer, "tenant connected");
-            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            while let Ok((send, recv)) = conn.accept_bi().await {
                 let (tenancy, attestor) = (tenancy.clone(), attestor.clone());
                 let api_keys = api_keys.clone();
+                let closed = conn.clone();
                 actix_rt::spawn(async move {
-                    let first = match talaria_wire::net::read_frame(&mut recv, max_frame).await {
-                        Ok(Some(f)) => frame::body::<TenantMessage>(&f),
-                        Ok(None) => return,
-                        Err(e) => Err(e),
-                    };
-                    let mut rx = match first {
-                        Ok(TenantMessage::Generate { request, api_key }) => {
-                            if crate::key_accepted(&api_keys, &api_key) {
-                                tenancy.generate(request).await
-                            } else {
-                                tracing::warn!(%peer, error_type = "invalid_api_key", "generation refused");
-                                only(TenantEvent::Error(ErrorReply::new(
-                                    "invalid_api_key",
-                                    "no API key of this agent's tenant",
-                                )))
-                            }
-                        }
-                        Ok(TenantMessage::Attest { nonce }) => only(
-                            match tokio::task::spawn_blocking(move || attestor(nonce)).await {
-                                Ok(Ok((evidence, claims))) => {
-                                    TenantEvent::Attestation { evidence, claims }
-                                }
-                                Ok(Err(e)) => TenantEvent::Error(e),
-                                Err(e) => {
-                                    TenantEvent::Error(ErrorReply::new("internal", e.to_string()))
-                                }
-                            },
-                        ),
-                        Err(e) => {
-                            tracing::warn!(%peer, error_type = e.error_type(), "bad tenant request: {e}");
-                            only(TenantEvent::Error(crate::frame_error(&e)))
-                        }
-                    };
-                    while let Some(event) = rx.recv().await {
-                        let bytes = match frame::encode::<_, ()>(&event, None) {
-                            Ok(b) => b,
-                            Err(e) => {
-                                tracing::warn!("encoding an event: {e}");
-                                break;
-                            }
-                        };
-                        if talaria_wire::net::write_frame(&mut send, &bytes)
-                            .await
-                            .is_err()
-                        {
-                            tracing::info!(%peer, "tenant went away");
-                            break;
-                        }
+                    let stream = answer_stream(send, recv, peer, tenancy, attestor, api_keys);
+                    tokio::select! {
+                        () = stream => {}
+                        // Dropping the stream's work drops its events' receiver: the
+                        // generation sees its tenant gone and stops.
+                        _ = closed.closed() => tracing::info!(%peer, "tenant went away"),
                     }
-                    let _ = send.finish();
                 });
             }
         });
     }
+}
+
+/// Answers one tenant stream.
+async fn answer_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    peer: std::net::SocketAddr,
+    tenancy: Tenancy,
+    attestor: Attestor,
+    api_keys: Arc<Vec<[u8; 32]>>,
+) {
+    let first =
+        match talaria_wire::net::read_frame(&mut recv, talaria_wire::MAX_TENANT_MESSAGE).await {
+            Ok(Some(f)) => frame::body::<TenantMessage>(&f),
+            Ok(None) => return,
+            Err(e) => Err(e),
+        };
+    let mut rx = match first {
+        Ok(TenantMessage::Generate { request, api_key }) => {
+            if crate::key_accepted(&api_keys, &api_key) {
+                tenancy.generate(request).await
+            } else {
+                tracing::warn!(%peer, error_type = "invalid_api_key", "generation refused");
+                only(TenantEvent::Error(ErrorReply::new(
+                    "invalid_api_key",
+                    "no API key of this agent's tenant",
+                )))
+            }
+        }
+        Ok(TenantMessage::Attest { nonce }) => only(
+            match tokio::task::spawn_blocking(move || attestor(nonce)).await {
+                Ok(Ok((evidence, claims))) => TenantEvent::Attestation { evidence, claims },
+                Ok(Err(e)) => TenantEvent::Error(e),
+                Err(e) => TenantEvent::Error(ErrorReply::new("internal", e.to_string())),
+            },
+        ),
+        Err(e) => {
+            tracing::warn!(%peer, error_type = e.error_type(), "bad tenant request: {e}");
+            let _ = recv.stop(0u32.into());
+            only(TenantEvent::Error(crate::frame_error(&e)))
+        }
+    };
+    while let Some(event) = rx.recv().await {
+        let bytes = match frame::encode::<_, ()>(&event, None) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!("encoding an event: {e}");
+                break;
+            }
+        };
+        if talaria_wire::net::write_frame(&mut send, &bytes)
+            .await
+            .is_err()
+        {
+            tracing::info!(%peer, "tenant went away");
+            break;
+        }
+    }
+    let _ = send.finish();
 }

@@ -99,8 +99,8 @@ fn run_setup(compute: &dyn StageCompute, frame: &[u8], since: Instant) -> JobRes
     Ok((reply, t0.elapsed().as_micros() as u64))
 }
 
-/// Decodes an admitted masked call.
-fn decode_call(frame: &[u8]) -> Result<MaskedCall, ErrorReply> {
+/// Decodes an admitted masked call of at most `max_rows` rows.
+fn decode_call(frame: &[u8], max_rows: usize) -> Result<MaskedCall, ErrorReply> {
     let (head, payload): (Request, &[u8]) = frame::split(frame).map_err(|e| frame_error(&e))?;
     let Request::Call { session, op, seq } = head else {
         return Err(ErrorReply::new(
@@ -111,6 +111,15 @@ fn decode_call(frame: &[u8]) -> Result<MaskedCall, ErrorReply> {
     let call: MaskedCall = frame::body(payload).map_err(|e| frame_error(&e))?;
     if call.session != session || call.op != op || call.seq != seq {
         return Err(mismatch("session, op or seq"));
+    }
+    let rows = call.x.shape().0;
+    if rows > max_rows {
+        return Err(ErrorReply::new(
+            "too_many_rows",
+            format!(
+                "a call carries at most {max_rows} rows (the context and its extra rows), not {rows}"
+            ),
+        ));
     }
     Ok(call)
 }
@@ -129,18 +138,37 @@ struct Queue {
     /// Live sessions of the stage: how many calls of one op could possibly arrive together.
     sessions: AtomicUsize,
     policy: Batching,
+    limits: ShardLimits,
 }
+
+/// What a shard accepts: rows per call, and jobs waiting at once.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardLimits {
+    /// Most rows in one call (`talaria_wire::max_call_rows` of the model).
+    pub max_rows: usize,
+    /// Most jobs queued; beyond it a job is refused as `overloaded`.
+    pub max_queued: usize,
+}
+
+/// Default [`ShardLimits::max_queued`]: far more than the calls of every session a stage
+/// serves (each has one in flight), far less than memory allows.
+pub const DEFAULT_MAX_QUEUED: usize = 1024;
 
 impl Queue {
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiting>> {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn push(&self, w: Waiting) {
+    /// Queues `w`, or gives it back when the queue is full.
+    fn push(&self, w: Waiting) -> Result<(), Waiting> {
         let mut jobs = self.lock();
+        if jobs.len() >= self.limits.max_queued {
+            return Err(w);
+        }
         jobs.push_back(w);
         metrics::STAGE_QUEUE_DEPTH.set(jobs.len() as i64);
         self.ready.notify_one();
+        Ok(())
     }
 
     /// The next batch. Set-ups go first, alone. Otherwise the calls of the earliest op (in
@@ -212,6 +240,7 @@ fn distinct_tenants<'a>(jobs: impl Iterator<Item = &'a Waiting>) -> usize {
 
 /// Runs batches from `queue` for the life of the process.
 fn work(queue: Arc<Queue>, compute: Arc<dyn StageCompute>) {
+    let max_rows = queue.limits.max_rows;
     loop {
         let batch = queue.next_batch();
         let started = Instant::now();
@@ -230,7 +259,7 @@ fn work(queue: Arc<Queue>, compute: Arc<dyn StageCompute>) {
         let mut seen = Vec::with_capacity(batch.len());
         let mut owners = Vec::with_capacity(batch.len());
         for w in batch {
-            match decode_call(&w.job.frame) {
+            match decode_call(&w.job.frame, max_rows) {
                 Ok(call) => {
                     calls.push(call);
                     seen.push(Arrival {
@@ -283,13 +312,19 @@ pub struct GpuShard {
 }
 
 impl GpuShard {
-    /// A shard computing with `compute`, batching as `policy` says.
-    pub fn new(compute: Arc<dyn StageCompute>, policy: Batching) -> std::io::Result<Self> {
+    /// A shard computing with `compute`, batching as `policy` says, accepting what `limits`
+    /// allow.
+    pub fn new(
+        compute: Arc<dyn StageCompute>,
+        policy: Batching,
+        limits: ShardLimits,
+    ) -> std::io::Result<Self> {
         let queue = Arc::new(Queue {
             jobs: Mutex::new(VecDeque::new()),
             ready: Condvar::new(),
             sessions: AtomicUsize::new(0),
             policy,
+            limits,
         });
         let q = queue.clone();
         std::thread::Builder::new()
@@ -313,11 +348,20 @@ impl Handler<Compute> for GpuShard {
 
     fn handle(&mut self, msg: Compute, _: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
-        self.queue.push(Waiting {
+        let queued = self.queue.push(Waiting {
             job: msg.0,
             since: Instant::now(),
             reply: tx,
         });
+        if queued.is_err() {
+            let max = self.queue.limits.max_queued;
+            return Box::pin(async move {
+                Err(ErrorReply::new(
+                    "overloaded",
+                    format!("the stage has {max} jobs waiting (its limit): try again"),
+                ))
+            });
+        }
         Box::pin(async move {
             rx.await
                 .map_err(|_| ErrorReply::new("internal", "the shard's worker stopped"))?
@@ -513,26 +557,56 @@ mod tests {
                 max_calls,
                 max_wait,
             },
+            limits: ShardLimits {
+                max_rows: 16,
+                max_queued: 8,
+            },
         }
     }
 
     /// Queues a job; its tag (in the frame) tells the batches apart.
     fn push(q: &Queue, tag: u8, op: OpId, tenant: &str, setup: bool) {
         let (reply, _) = oneshot::channel();
-        q.push(Waiting {
-            job: Job {
-                frame: vec![tag],
-                op,
-                tenant: tenant.into(),
-                setup,
-            },
-            since: Instant::now(),
-            reply,
-        });
+        assert!(
+            q.push(Waiting {
+                job: Job {
+                    frame: vec![tag],
+                    op,
+                    tenant: tenant.into(),
+                    setup,
+                },
+                since: Instant::now(),
+                reply,
+            })
+            .is_ok(),
+            "queue full"
+        );
     }
 
     fn tags(batch: &[Waiting]) -> Vec<u8> {
         batch.iter().map(|w| w.job.frame[0]).collect()
+    }
+
+    #[test]
+    fn a_full_queue_refuses_and_a_served_one_accepts_again() {
+        let q = queue(1, 8, Duration::ZERO);
+        for tag in 0..8 {
+            push(&q, tag, op(0), "a", false);
+        }
+        let (reply, _) = oneshot::channel();
+        let extra = Waiting {
+            job: Job {
+                frame: vec![99],
+                op: op(0),
+                tenant: "a".into(),
+                setup: false,
+            },
+            since: Instant::now(),
+            reply,
+        };
+        let extra = q.push(extra).expect_err("the ninth job is refused");
+        assert_eq!(q.next_batch().len(), 8);
+        assert!(q.push(extra).is_ok());
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use actix::Actor;
 use anyhow::{Context, Result};
 use clap::Parser;
-use talaria_actors::router::{Admission, IsConnected, NodeLink, RouteTable, Router};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use talaria_actors::router::{Admission, NodeLink, RouteTable, Router};
 use talaria_attestation::{
     AttestationError, Bound, Evidence, InsecurePolicy, Policy, Purpose, Tcb, parse_measurement,
 };
@@ -125,6 +127,7 @@ fn main() -> Result<()> {
     let topology = Topology::load_for(&args.topology, Role::Coordinator)?;
     let tls = talaria_actors::tls_material(&topology, args.tls_dir.as_deref())
         .map_err(anyhow::Error::msg)?;
+    talaria_wire::net::set_liveness(topology.deadlines.idle);
     let path = topology.coordinator_file();
     let file = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
     Part::Coordinator
@@ -136,6 +139,9 @@ fn main() -> Result<()> {
     let routes = RouteTable::new(&topology, provision.config.n_layers)
         .context("the stages do not cover the model")?;
     let (vocab, d_model) = (provision.config.vocab, provision.config.d_model);
+    // An agent sends requests only: none is larger than the largest call of this model.
+    let max_request =
+        talaria_wire::max_request_frame(&provision.config).min(topology.max_frame_bytes);
     let provision = talaria_wire::frame::encode::<_, ()>(
         &Provision {
             config: provision.config,
@@ -153,37 +159,41 @@ fn main() -> Result<()> {
         // The coordinator proves itself to the gpu-nodes with the cluster's certificate: they
         // serve no one else.
         let client = tls.cluster_client(talaria_wire::ALPN_CLOUD)?;
+        let live: Arc<[AtomicBool]> = topology
+            .stages
+            .iter()
+            .map(|_| AtomicBool::new(false))
+            .collect();
         let nodes = topology
             .stages
             .iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(i, s)| {
                 NodeLink::new(
                     s.name.clone(),
                     s.listen,
                     tls.clone(),
                     client.clone(),
                     topology.max_frame_bytes,
+                    live.clone(),
+                    i,
                 )
                 .start()
             })
             .collect::<Vec<_>>();
-        // Ready means routable: every stage connected.
+        // Ready means routable: every part of the model has a stage connected.
         loop {
-            let mut up = 0;
-            for n in &nodes {
-                up += usize::from(n.send(IsConnected).await.unwrap_or(false));
-            }
-            if up == nodes.len() {
+            let up: Vec<bool> = live.iter().map(|l| l.load(Ordering::Relaxed)).collect();
+            let parts_up = (0..routes.n_parts())
+                .filter(|&p| routes.replicas(p).iter().any(|&n| up[n]))
+                .count();
+            if parts_up == routes.n_parts() {
                 break;
             }
-            tracing::debug!(
-                connected = up,
-                stages = nodes.len(),
-                "waiting for gpu-nodes"
-            );
+            tracing::debug!(parts_up, parts = routes.n_parts(), "waiting for gpu-nodes");
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        tracing::info!("every stage connected");
+        tracing::info!("every part of the model has a stage connected");
         let admission = Arc::new(AttestedAdmission::new(&topology)?);
         let limits = topology
             .agents
@@ -193,7 +203,16 @@ fn main() -> Result<()> {
         if let Some(addr) = topology.coordinator_metrics {
             talaria_actors::metrics::serve(addr)?;
         }
-        let router = Router::new(routes, nodes, admission, Arc::new(provision), limits).start();
+        let router = Router::new(
+            routes,
+            nodes,
+            live,
+            admission,
+            Arc::new(provision),
+            limits,
+            topology.deadlines.clone(),
+        )
+        .start();
         // Agents present a certificate of their own; admission checks that the attested key is
         // that certificate.
         let endpoint = tls.server(
@@ -203,7 +222,7 @@ fn main() -> Result<()> {
         )?;
         tracing::info!(listen = %topology.coordinator, stages = topology.stages.len(), "serving");
         println!("ready {}", topology.coordinator);
-        talaria_actors::router::serve(endpoint, router, topology.max_frame_bytes).await;
+        talaria_actors::router::serve(endpoint, router, max_request).await;
         Ok(())
     })
 }

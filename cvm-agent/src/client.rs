@@ -139,7 +139,7 @@ async fn open(
 pub async fn attest(conn: &quinn::Connection, trust: &Trust) -> Result<Attested, ClientError> {
     let nonce: [u8; 32] = rand::random();
     let (_send, mut recv) = open(conn, &TenantMessage::Attest { nonce }).await?;
-    let f = talaria_wire::net::read_frame(&mut recv, talaria_wire::DEFAULT_MAX_FRAME)
+    let f = talaria_wire::net::read_frame(&mut recv, talaria_wire::MAX_TENANT_EVENT)
         .await?
         .ok_or(ClientError::NoAnswer)?;
     let (evidence, claims) = match frame::body::<TenantEvent>(&f)? {
@@ -208,7 +208,7 @@ pub async fn generate(
     let _ = send.finish();
     let answer = loop {
         let Some(f) =
-            talaria_wire::net::read_frame(&mut recv, talaria_wire::DEFAULT_MAX_FRAME).await?
+            talaria_wire::net::read_frame(&mut recv, talaria_wire::MAX_TENANT_EVENT).await?
         else {
             break Err(ClientError::NoAnswer);
         };

@@ -3,18 +3,18 @@
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use talaria_actors::metrics;
-use talaria_actors::session::{BlockingUplink, Conversation};
+use talaria_actors::session::{BlockingUplink, Conversation, Gone};
 use talaria_engine::{
     ChatMessage, EngineError, GenerateRequest, ModelConfig, StopReason, Tokenizer, Transformer,
     chat_prompt, generate_until,
 };
 use talaria_remo::{Calibration, Precision, Rank, RemoConfig};
-use talaria_topology::RemoSection;
+use talaria_topology::{Deadlines, RemoSection};
 use talaria_wire::frame;
 use talaria_wire::{
     CloudLink, ErrorReply, LatencySplit, LinkError, MaskedCall, MaskedReply, Prompt, Provision,
@@ -40,6 +40,11 @@ const KNOWN_ERROR_TYPES: &[&str] = &[
     "internal",
     "shape",
     "bad_op",
+    "deadline_exceeded",
+    "overloaded",
+    "too_many_rows",
+    "too_many_sessions",
+    "cancelled",
 ];
 
 fn link_error(error_type: &str, message: String) -> LinkError {
@@ -53,16 +58,22 @@ fn link_error(error_type: &str, message: String) -> LinkError {
     }
 }
 
-/// One request on the uplink: `head` and `body` out, the answer payload decoded as `R`.
-/// Returns the gpu compute time the answer reports, in µs.
+/// The largest answer to a request that carries no tensor (a session id, an empty reply).
+const SMALL_REPLY: usize = 4096;
+
+/// One request on the uplink: `head` and `body` out, an answer of at most `max_reply` bytes
+/// within `deadline`, its payload decoded as `R`. Returns the gpu compute time the answer
+/// reports, in µs.
 pub fn exchange<B: Serialize, R: DeserializeOwned>(
     uplink: &BlockingUplink,
     head: &Request,
     body: Option<&B>,
+    max_reply: usize,
+    deadline: Duration,
 ) -> Result<(R, u64), LinkError> {
     let frame = frame::encode(head, body).map_err(|e| link_error(e.error_type(), e.to_string()))?;
     let answer = uplink
-        .exchange(frame)
+        .exchange(frame, max_reply, deadline)
         .map_err(|e| link_error(e.error_type(), e.to_string()))?;
     let (reply, payload): (Reply, &[u8]) =
         frame::split(&answer).map_err(|e| link_error(e.error_type(), e.to_string()))?;
@@ -75,23 +86,68 @@ pub fn exchange<B: Serialize, R: DeserializeOwned>(
     }
 }
 
+/// How large and how late the answers of a session's requests may be.
+#[derive(Clone)]
+pub struct LinkBounds {
+    pub config: ModelConfig,
+    pub deadlines: Deadlines,
+    /// Largest set-up answer (the topology's `max_frame_bytes`).
+    pub max_frame: usize,
+}
+
+impl LinkBounds {
+    /// The agent's own deadline for a masked call: the coordinator's, for the first stage and
+    /// a replica after it, and a second to spare. A backstop: the coordinator answers first.
+    fn call_deadline(&self) -> Duration {
+        self.deadlines.call * 2 + Duration::from_secs(1)
+    }
+
+    fn setup_deadline(&self) -> Duration {
+        self.deadlines.setup + Duration::from_secs(1)
+    }
+}
+
 /// A session's link through the coordinator to the gpu-node stages. Closes the session when
-/// dropped.
+/// dropped. Stops at the next request once its tenant is gone.
 pub struct ClusterLink {
     uplink: BlockingUplink,
     session: SessionId,
     /// Gpu compute time reported by the stages, µs.
     gpu_us: u64,
+    bounds: LinkBounds,
+    gone: Option<Gone>,
+}
+
+fn cancelled() -> LinkError {
+    LinkError {
+        error_type: "cancelled",
+        message: "the tenant went away".into(),
+    }
 }
 
 impl ClusterLink {
-    /// Opens a new session with the coordinator.
-    pub fn open(uplink: BlockingUplink) -> Result<Self, LinkError> {
-        let (session, _) = exchange::<(), SessionId>(&uplink, &Request::OpenSession, None)?;
+    /// Opens a new session with the coordinator; its requests stop once `gone` says so.
+    pub fn open(
+        uplink: BlockingUplink,
+        bounds: LinkBounds,
+        gone: Option<Gone>,
+    ) -> Result<Self, LinkError> {
+        if gone.as_ref().is_some_and(|g| g()) {
+            return Err(cancelled());
+        }
+        let (session, _) = exchange::<(), SessionId>(
+            &uplink,
+            &Request::OpenSession,
+            None,
+            SMALL_REPLY,
+            bounds.setup_deadline(),
+        )?;
         Ok(Self {
             uplink,
             session,
             gpu_us: 0,
+            bounds,
+            gone,
         })
     }
 
@@ -112,8 +168,13 @@ impl ClusterLink {
         &mut self,
         head: Request,
         body: &B,
+        max_reply: usize,
+        deadline: Duration,
     ) -> Result<R, LinkError> {
-        let (reply, us) = exchange(&self.uplink, &head, Some(body))?;
+        if self.gone.as_ref().is_some_and(|g| g()) {
+            return Err(cancelled());
+        }
+        let (reply, us) = exchange(&self.uplink, &head, Some(body), max_reply, deadline)?;
         self.gpu_us += us;
         Ok(reply)
     }
@@ -125,7 +186,8 @@ impl CloudLink for ClusterLink {
             session: self.session,
             op: req.op,
         };
-        self.send(head, req)
+        let (max, deadline) = (self.bounds.max_frame, self.bounds.setup_deadline());
+        self.send(head, req, max, deadline)
     }
 
     fn call(&mut self, call: &MaskedCall) -> Result<MaskedReply, LinkError> {
@@ -134,7 +196,10 @@ impl CloudLink for ClusterLink {
             op: call.op,
             seq: call.seq,
         };
-        self.send(head, call)
+        // The answer is read no further than the call implies: rows × d_out values.
+        let max = talaria_wire::max_call_reply(&self.bounds.config, call.op, call.x.shape().0);
+        let deadline = self.bounds.call_deadline();
+        self.send(head, call, max, deadline)
     }
 }
 
@@ -143,7 +208,8 @@ impl Drop for ClusterLink {
         let close = Request::CloseSession {
             session: self.session,
         };
-        if let Err(e) = exchange::<(), ()>(&self.uplink, &close, None) {
+        let deadline = self.bounds.setup_deadline();
+        if let Err(e) = exchange::<(), ()>(&self.uplink, &close, None, SMALL_REPLY, deadline) {
             tracing::warn!(session = self.session, "closing the session: {e}");
         }
     }
@@ -186,6 +252,7 @@ pub struct AgentShared {
     pub calibration: Calibration,
     pub cache: PublicCache,
     pub uplink: BlockingUplink,
+    pub bounds: LinkBounds,
 }
 
 impl AgentShared {
@@ -197,6 +264,8 @@ impl AgentShared {
         calibration: Calibration,
         uplink: BlockingUplink,
         manifest: Option<Arc<ModelManifest>>,
+        deadlines: Deadlines,
+        max_frame: usize,
     ) -> Result<Self, AgentError> {
         if let Some(m) = &manifest {
             m.check_provision(&provision)?;
@@ -225,6 +294,11 @@ impl AgentShared {
         }
         .build()?;
         Ok(Self {
+            bounds: LinkBounds {
+                config: config.clone(),
+                deadlines,
+                max_frame,
+            },
             config,
             tokenizer,
             model,
@@ -238,9 +312,10 @@ impl AgentShared {
         })
     }
 
-    /// Opens a session with the cloud and sets ReMO up for it.
-    pub fn open(self: &Arc<Self>) -> Result<AgentConversation, AgentError> {
-        let link = ClusterLink::open(self.uplink.clone())?;
+    /// Opens a session with the cloud and sets ReMO up for it; its requests stop once `gone`
+    /// says its tenant went away.
+    pub fn open(self: &Arc<Self>, gone: Option<Gone>) -> Result<AgentConversation, AgentError> {
+        let link = ClusterLink::open(self.uplink.clone(), self.bounds.clone(), gone)?;
         let session = link.session();
         let linear = RemoLinear::connect_shared(
             &self.config,
@@ -388,6 +463,11 @@ impl Conversation for AgentConversation {
         let session = self.linear.link_mut().session();
         let last = match self.generate(req, emit) {
             Ok(done) => done,
+            Err(e) if e.error_type() == "cancelled" => {
+                metrics::AGENT_CANCELLED.inc();
+                tracing::info!(session, "generation stopped: its tenant went away");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(
                     session,

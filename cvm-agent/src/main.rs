@@ -9,10 +9,13 @@ use actix::Actor;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use talaria_actors::openai::Api;
-use talaria_actors::session::{BlockingUplink, Conversation, ConversationFactory, Tenancy, Uplink};
+use talaria_actors::session::{
+    BlockingUplink, Conversation, ConversationFactory, HelloFn, Join, Joined, Tenancy, Uplink,
+    UplinkHealth,
+};
 use talaria_attestation::{Bound, Evidence, Purpose, hardware_evidence};
 use talaria_cvm_agent::claims::{AgentClaims, check_floor};
-use talaria_cvm_agent::cluster::{AgentShared, exchange, remo_config};
+use talaria_cvm_agent::cluster::{AgentShared, remo_config};
 use talaria_cvm_agent::manifest::ModelManifest;
 use talaria_topology::{Role, Topology};
 use talaria_wire::net::TenantIdentity;
@@ -154,31 +157,20 @@ fn main() -> Result<()> {
     let calibration = talaria_cvm_agent::default_calibration().context("embedded calibration")?;
     let max_frame = topology.max_frame_bytes;
 
+    talaria_wire::net::set_liveness(topology.deadlines.idle);
+
     actix::System::new().block_on(async move {
         // The agent presents its tenant-facing certificate on the cloud connection too: the
         // coordinator admits it only if the attested key is the one this connection proves.
         let client = identity.client(&tls, talaria_wire::ALPN_CLOUD)?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(args.connect_timeout_s);
-        let conn = loop {
-            match tls.connect(&client, topology.coordinator).await {
-                Ok(c) => break c,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!("coordinator not reachable yet: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => bail!("coordinator {}: {e}", topology.coordinator),
-            }
-        };
-        let uplink = BlockingUplink(Uplink::new(conn, max_frame).start());
         let tenant = agent.tenant.clone();
         let insecure = args.insecure_no_attestation;
         // The key the reports bind: the certificate this agent serves its tenant with.
         let key = identity.cert_der().to_vec();
         let hello_key = key.clone();
-        // Admission and provisioning wait on the uplink: off the event loop.
-        let shared = tokio::task::spawn_blocking(move || -> Result<AgentShared> {
-            let (nonce, _) = exchange::<(), [u8; 32]>(&uplink, &Request::Challenge, None)
-                .context("asking the coordinator for a nonce")?;
+        // Every admission (the first, and each after the uplink drops) proves the agent anew
+        // over a fresh nonce.
+        let hello: HelloFn = Arc::new(move |nonce| {
             // Admission binds the tenant name under its own purpose: a tenant's attestation
             // (the other purpose) relayed here does not verify.
             let bound = Bound {
@@ -187,20 +179,53 @@ fn main() -> Result<()> {
                 key: &hello_key,
                 claims: tenant.as_bytes(),
             };
-            let hello = Request::Hello {
+            Ok(Request::Hello {
                 agent: format!("cvm-agent pid {}", std::process::id()),
-                evidence: evidence(insecure, &bound).map_err(|e| anyhow!("{e}"))?,
+                evidence: evidence(insecure, &bound)?,
                 key: hello_key.clone(),
-                tenant,
-            };
-            let (provision, _) = exchange::<(), Provision>(&uplink, &hello, None)
-                .context("admission by the coordinator")?;
+                tenant: tenant.clone(),
+            })
+        });
+        let health = UplinkHealth::default();
+        let uplink = Uplink::new(
+            Join {
+                endpoint: client,
+                tls: tls.clone(),
+                coordinator: topology.coordinator,
+                hello,
+                max_frame,
+            },
+            health.clone(),
+        )
+        .start();
+        let provision = tokio::time::timeout(
+            Duration::from_secs(args.connect_timeout_s),
+            uplink.send(Joined),
+        )
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "not admitted by the coordinator {} within {} s",
+                topology.coordinator,
+                args.connect_timeout_s
+            )
+        })?
+        .map_err(|e| anyhow!("uplink: {e}"))?
+        .map_err(|e| anyhow!("{e}"))?;
+        let provision: Provision =
+            talaria_wire::frame::body(&provision).context("the coordinator's provision")?;
+        let uplink = BlockingUplink(uplink);
+        let deadlines = topology.deadlines.clone();
+        // Building the model half is heavy: off the event loop.
+        let shared = tokio::task::spawn_blocking(move || -> Result<AgentShared> {
             Ok(AgentShared::new(
                 provision,
                 remo,
                 calibration,
                 uplink,
                 Some(manifest),
+                deadlines,
+                max_frame,
             )?)
         })
         .await??;
@@ -212,9 +237,9 @@ fn main() -> Result<()> {
             "admitted and provisioned"
         );
         let max_tokens = shared.config.max_seq;
-        let factory: ConversationFactory = Arc::new(move || {
+        let factory: ConversationFactory = Arc::new(move |gone| {
             shared
-                .open()
+                .open(Some(gone))
                 .map(|c| Box::new(c) as Box<dyn Conversation>)
                 .map_err(|e| ErrorReply::new(e.error_type(), e.to_string()))
         });
@@ -227,21 +252,21 @@ fn main() -> Result<()> {
             };
             Ok((evidence(insecure, &bound)?, claims.clone()))
         });
-        let tenancy = Tenancy::new(factory, agent.max_sessions);
+        let tenancy = Tenancy::new(factory, agent.max_sessions, agent.max_waiting);
         if let Some(addr) = agent.http {
             let api = Api {
                 model: topology.model_name.clone(),
                 tenancy: tenancy.clone(),
                 max_tokens,
                 api_keys: api_key_digests.clone(),
+                health,
             };
             talaria_actors::openai::serve(addr, api, identity.server_config(b"http/1.1")?)?;
         }
         let endpoint = identity.server(agent.listen, talaria_wire::ALPN_TENANT)?;
         tracing::info!(listen = %agent.listen, max_sessions = agent.max_sessions, "serving the tenant");
         println!("ready {}", agent.listen);
-        talaria_actors::session::serve(endpoint, tenancy, attestor, max_frame, api_key_digests)
-            .await;
+        talaria_actors::session::serve(endpoint, tenancy, attestor, api_key_digests).await;
         Ok(())
     })
 }

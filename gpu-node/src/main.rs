@@ -7,9 +7,9 @@ use std::sync::Arc;
 use actix::Actor;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use talaria_actors::stage::{GpuShard, LayerStage};
+use talaria_actors::stage::{DEFAULT_MAX_QUEUED, GpuShard, LayerStage, ShardLimits};
 use talaria_gguf::GgufFile;
-use talaria_gpu_node::{CloudExecutor, LinearWeights, Part, Tap, read_config};
+use talaria_gpu_node::{CloudExecutor, Fault, Faulty, LinearWeights, Part, Tap, read_config};
 use talaria_topology::{Role, Topology};
 
 #[derive(Parser)]
@@ -46,6 +46,7 @@ fn main() -> Result<()> {
     };
     let tls = talaria_actors::tls_material(&topology, args.tls_dir.as_deref())
         .map_err(anyhow::Error::msg)?;
+    talaria_wire::net::set_liveness(topology.deadlines.idle);
 
     let t0 = std::time::Instant::now();
     let path = topology.stage_file(&stage);
@@ -82,6 +83,7 @@ fn main() -> Result<()> {
     let weight_bytes = weights.bytes();
     let tap = args.tap.as_ref().map(Tap::create).transpose()?;
     let executor = Arc::new(CloudExecutor::new(weights, tap));
+    let fault = Fault::from_env(&stage.name).map_err(anyhow::Error::msg)?;
     tracing::info!(
         stage = %stage.name,
         layers = ?stage.layers,
@@ -104,11 +106,21 @@ fn main() -> Result<()> {
         if let Some(addr) = stage.metrics {
             talaria_actors::metrics::serve(addr)?;
         }
-        let shard = GpuShard::new(executor.clone(), topology.batching.clone())?.start();
-        let layer_stage = LayerStage::new(stage.name.clone(), executor, shard).start();
+        let limits = ShardLimits {
+            max_rows: talaria_wire::max_call_rows(&config),
+            max_queued: DEFAULT_MAX_QUEUED,
+        };
+        let compute: Arc<dyn talaria_actors::stage::StageCompute> = match fault {
+            None => executor,
+            Some(f) => Arc::new(Faulty::new(executor, f)),
+        };
+        let shard = GpuShard::new(compute.clone(), topology.batching.clone(), limits)?.start();
+        let layer_stage = LayerStage::new(stage.name.clone(), compute, shard).start();
         tracing::info!(stage = %stage.name, listen = %stage.listen, "serving");
         println!("ready {}", stage.listen);
-        talaria_actors::stage::serve(endpoint, layer_stage, topology.max_frame_bytes).await;
+        // A stage reads requests only: none is larger than the largest call of this model.
+        let max_request = talaria_wire::max_request_frame(&config).min(topology.max_frame_bytes);
+        talaria_actors::stage::serve(endpoint, layer_stage, max_request).await;
         Ok(())
     })
 }

@@ -37,6 +37,11 @@ impl StageCompute for CloudExecutor {
 
     fn open(&self, session: SessionId, tenant: &str) {
         self.record_open(session, tenant);
+        // The index is current at every session's start and end: a session that never closes
+        // here (its calls moved to a replica) is still in it by the next one's start.
+        if let Err(e) = self.finish_tap() {
+            tracing::warn!("tap index not written: {e}");
+        }
     }
 
     fn close(&self, _session: SessionId) {

@@ -191,6 +191,13 @@ impl RemoConfig {
                 "rank fraction {f} must be in (0, 1); use full rank otherwise"
             )));
         }
+        if self.dummy_rows > talaria_wire::MAX_EXTRA_ROWS {
+            return Err(RemoError::Config(format!(
+                "dummy_rows {} is more than a call may carry beyond the context ({})",
+                self.dummy_rows,
+                talaria_wire::MAX_EXTRA_ROWS
+            )));
+        }
         if self.precision.is_int() {
             if self.rank != Rank::Full {
                 return Err(RemoError::Config(

@@ -92,7 +92,16 @@ struct Proc {
     name: String,
     child: Child,
     log: PathBuf,
+    bin: String,
+    args: Vec<String>,
+    /// When it was restarted, latest last.
+    restarts: Vec<Instant>,
 }
+
+/// A child that dies is restarted unless it died this often within [`RESTART_WINDOW`]: then
+/// something is wrong that restarting will not mend, and the cluster stops.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -140,6 +149,25 @@ fn spawn(
 ) -> Result<Proc> {
     let log = logs.join(format!("{name}.log"));
     let log_file = std::fs::File::create(&log).with_context(|| format!("{}", log.display()))?;
+    let child = launch(name, bin, args, log_file, ready)?;
+    Ok(Proc {
+        name: name.into(),
+        child,
+        log,
+        bin: bin.into(),
+        args: args.to_vec(),
+        restarts: Vec::new(),
+    })
+}
+
+/// Starts `bin` with `args`, its stderr into `log_file`.
+fn launch(
+    name: &str,
+    bin: &str,
+    args: &[String],
+    log_file: std::fs::File,
+    ready: &mpsc::Sender<String>,
+) -> Result<Child> {
     let mut cmd = Command::new(sibling(bin)?);
     cmd.args(args)
         .stdin(Stdio::null())
@@ -169,11 +197,26 @@ fn spawn(
             }
         }
     });
-    Ok(Proc {
-        name: name.into(),
-        child,
-        log,
-    })
+    Ok(child)
+}
+
+impl Proc {
+    /// Starts the process again after it exited, its log continued; `false` when it has been
+    /// restarted too often lately.
+    fn restart(&mut self, ready: &mpsc::Sender<String>) -> Result<bool> {
+        let now = Instant::now();
+        self.restarts.retain(|t| now - *t < RESTART_WINDOW);
+        if self.restarts.len() >= MAX_RESTARTS {
+            return Ok(false);
+        }
+        self.restarts.push(now);
+        let log_file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("{}", self.log.display()))?;
+        self.child = launch(&self.name, &self.bin, &self.args, log_file, ready)?;
+        Ok(true)
+    }
 }
 
 /// Waits until every process in `procs[from..]` said it is ready.
@@ -214,6 +257,7 @@ pub struct Running {
     pub topology: Topology,
     pub info: ClusterInfo,
     info_path: PathBuf,
+    ready: (mpsc::Sender<String>, mpsc::Receiver<String>),
 }
 
 impl Drop for Running {
@@ -226,37 +270,59 @@ impl Drop for Running {
 }
 
 impl Running {
-    /// Waits until a signal asks to stop (`Ok`) or a process dies (its error).
+    /// Waits until a signal asks to stop (`Ok`). A process that dies is restarted (the others
+    /// recover: agents join again, the coordinator dials the stage again); one that keeps
+    /// dying stops the cluster with its error.
     fn wait(&mut self) -> Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let procs = &mut self.procs;
-        let exited = rt.block_on(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            loop {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => return Ok::<_, std::io::Error>(None),
-                    _ = term.recv() => return Ok(None),
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                        for p in procs.iter_mut() {
-                            if let Ok(Some(status)) = p.child.try_wait() {
-                                return Ok(Some((p.name.clone(), status, p.log.clone())));
+        loop {
+            let procs = &mut self.procs;
+            let exited = rt.block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                loop {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => return Ok::<_, std::io::Error>(None),
+                        _ = term.recv() => return Ok(None),
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                            for (i, p) in procs.iter_mut().enumerate() {
+                                if let Ok(Some(status)) = p.child.try_wait() {
+                                    return Ok(Some((i, status)));
+                                }
                             }
                         }
                     }
                 }
+            })?;
+            while let Ok(name) = self.ready.1.try_recv() {
+                eprintln!("  {name}: ready");
             }
-        })?;
-        if let Some((name, status, log)) = exited {
-            bail!(
-                "{name} exited ({status}); its log ({}):\n{}",
-                log.display(),
-                tail(&log, 20)
-            );
+            let Some((i, status)) = exited else {
+                return Ok(());
+            };
+            let p = &mut self.procs[i];
+            if !p.restart(&self.ready.0)? {
+                bail!(
+                    "{} exited ({status}) {MAX_RESTARTS} times within {} s; its log ({}):\n{}",
+                    p.name,
+                    RESTART_WINDOW.as_secs(),
+                    p.log.display(),
+                    tail(&p.log, 20)
+                );
+            }
+            eprintln!("{} exited ({status}); restarted it", p.name);
+            let (name, pid) = (p.name.clone(), p.child.id());
+            if let Some(entry) = self.info.pids.iter_mut().find(|(n, _)| *n == name) {
+                entry.1 = pid;
+            }
+            talaria_wire::net::write_atomic(
+                &self.info_path,
+                serde_json::to_string_pretty(&self.info)?.as_bytes(),
+                false,
+            )?;
         }
-        Ok(())
     }
 }
 
@@ -348,12 +414,17 @@ pub fn start(args: &UpArgs) -> Result<Running> {
         logs: logs.clone(),
     };
     let info_path = run_dir.join("cluster.json");
-    std::fs::write(&info_path, serde_json::to_string_pretty(&info)?)?;
+    talaria_wire::net::write_atomic(
+        &info_path,
+        serde_json::to_string_pretty(&info)?.as_bytes(),
+        false,
+    )?;
     Ok(Running {
         procs,
         topology,
         info,
         info_path,
+        ready: (tx, rx),
     })
 }
 

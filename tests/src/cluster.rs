@@ -76,6 +76,30 @@ pub fn ask_agent(
     .map_err(|e| e.to_string())
 }
 
+/// `GET path` over HTTPS from an agent's API at `addr`, trusting `ca`: the body, or the status
+/// code alone (`"<code>"`) when it is not 200. Python's standard library is the client.
+pub fn https_get(ca: &Path, addr: SocketAddr, path: &str) -> String {
+    let script = format!(
+        "import ssl,urllib.request,urllib.error\n\
+         c=ssl.create_default_context(cafile={:?})\n\
+         try:\n print(urllib.request.urlopen('https://127.0.0.1:{}{}',context=c,timeout=20).read().decode())\n\
+         except urllib.error.HTTPError as e:\n print(e.code)",
+        ca.display().to_string(),
+        addr.port(),
+        path
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// `GET /metrics` of a Prometheus endpoint.
 pub fn scrape(addr: SocketAddr) -> String {
     talaria_actors::metrics::scrape(addr).expect("metrics endpoint")
@@ -127,6 +151,12 @@ impl LocalCluster {
     /// [`start`](Self::start) with more arguments for `talaria up`; `{dir}` in them stands
     /// for the cluster's own temporary folder.
     pub fn start_with(topology: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(topology, extra, &[])
+    }
+
+    /// [`start_with`](Self::start_with), with `env` set for the launcher and its children (a
+    /// test fault, `talaria_gpu_node::FAULT_ENV`).
+    pub fn start_with_env(topology: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let topo = dir.path().join("topology.toml");
         std::fs::write(&topo, topology).unwrap();
@@ -141,6 +171,7 @@ impl LocalCluster {
                     .iter()
                     .map(|a| a.replace("{dir}", &dir.path().display().to_string())),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -229,6 +260,23 @@ impl LocalCluster {
         talaria_topology::Topology::load(self.dir.path().join("topology.toml")).unwrap()
     }
 
+    /// The process id of `name` now, as the launcher's `cluster.json` says (it changes when the
+    /// launcher restarts a process).
+    pub fn current_pid(&self, name: &str) -> u32 {
+        let info: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(self.run_dir().join("cluster.json")).unwrap(),
+        )
+        .unwrap();
+        info["pids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p[0] == name)
+            .unwrap_or_else(|| panic!("no process {name}"))[1]
+            .as_u64()
+            .unwrap() as u32
+    }
+
     /// The process id of `name` (a stage name, `coordinator`, `agent-<tenant>`).
     pub fn pid(&self, name: &str) -> u32 {
         self.info["pids"]
@@ -280,6 +328,8 @@ pub struct RawPeer {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     cert: Option<Vec<u8>>,
+    /// Streams kept open on purpose.
+    held: std::sync::Mutex<Vec<(quinn::SendStream, quinn::RecvStream)>>,
 }
 
 /// Which client certificate a [`RawPeer`] presents.
@@ -306,7 +356,10 @@ impl RawPeer {
 
     /// [`connect_as`](Self::connect_as), or why the handshake failed.
     pub fn try_connect_as(tls: &TlsMaterial, addr: SocketAddr, who: Who) -> Result<Self, String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // A worker of its own drives the connection between requests: its keep-alives keep it
+        // open while the test does other things (peers close a silent connection in ~2 s).
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
@@ -332,7 +385,67 @@ impl RawPeer {
             endpoint,
             conn,
             cert,
+            held: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Connects to an agent's tenant port (no client certificate, the tenant protocol).
+    pub fn connect_tenant(tls: &TlsMaterial, addr: SocketAddr) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (endpoint, conn) = rt.block_on(async {
+            let endpoint = tls.client(talaria_wire::ALPN_TENANT).unwrap();
+            let conn = tls.connect(&endpoint, addr).await.unwrap();
+            (endpoint, conn)
+        });
+        Self {
+            rt,
+            endpoint,
+            conn,
+            cert: None,
+            held: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Sends `bytes` and `filler` zero bytes on a new stream, finished; the answer frame's
+    /// header, decoded as a cloud `Reply` or a `TenantEvent`, in debug form (or why there was
+    /// none).
+    pub fn send_partial(&self, bytes: &[u8], filler: usize) -> String {
+        self.rt.block_on(async {
+            let Ok((mut send, mut recv)) = self.conn.open_bi().await else {
+                return "no stream".into();
+            };
+            let _ = send.write_all(bytes).await;
+            let _ = send.write_all(&vec![0; filler]).await;
+            let _ = send.finish();
+            match talaria_wire::net::read_frame(&mut recv, 1 << 24).await {
+                Ok(Some(answer)) => match frame::split::<Reply>(&answer) {
+                    Ok((reply, _)) => format!("{reply:?}"),
+                    Err(_) => format!("{:?}", frame::body::<talaria_wire::TenantEvent>(&answer)),
+                },
+                Ok(None) => "no answer".into(),
+                Err(e) => e.to_string(),
+            }
+        })
+    }
+
+    /// Opens `streams` streams, each sending `bytes` and `filler` zero bytes and never
+    /// finishing: frames that claim more than they carry, held open until the peer drops.
+    pub fn hold_partial(&self, bytes: &[u8], filler: usize, streams: usize) {
+        let mut held = self.held.lock().unwrap();
+        self.rt.block_on(async {
+            for _ in 0..streams {
+                let Ok((mut send, recv)) = self.conn.open_bi().await else {
+                    return;
+                };
+                let _ = send.write_all(bytes).await;
+                let _ = send.write_all(&vec![0; filler]).await;
+                held.push((send, recv));
+            }
+        });
     }
 
     /// The certificate this peer presented, when it made its own key.

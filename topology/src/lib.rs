@@ -106,7 +106,31 @@ impl Default for Batching {
     }
 }
 
-/// One gpu-node process: a contiguous range of layers, and maybe the LM head.
+/// How long each exchange may take before it is an error, and how fast a dead peer is noticed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deadlines {
+    /// A masked call, from the coordinator's forward to the stage's answer.
+    pub call: Duration,
+    /// A set-up (its reply can be hundreds of MB on a slow link), a session's opening or close.
+    pub setup: Duration,
+    /// A connection with no packet from its peer this long is dead (the QUIC idle timeout;
+    /// keep-alives go every quarter of it).
+    pub idle: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self {
+            call: Duration::from_secs(60),
+            setup: Duration::from_secs(300),
+            idle: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One gpu-node process: a contiguous range of layers, and maybe the LM head. Stages with the
+/// same layers and LM head are replicas of each other: the coordinator spreads sessions over
+/// them and moves a call to another when one fails.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stage {
     pub name: String,
@@ -126,6 +150,11 @@ impl Stage {
     pub fn owns_layer(&self, layer: usize) -> bool {
         self.layers.contains(&layer)
     }
+
+    /// Whether `other` serves exactly what this stage serves (a replica).
+    pub fn same_part(&self, other: &Stage) -> bool {
+        self.layers == other.layers && self.lm_head == other.lm_head
+    }
 }
 
 /// One tenant's cvm-agent.
@@ -139,6 +168,8 @@ pub struct Agent {
     /// Most generations of this tenant running at once (the coordinator refuses more sessions;
     /// the agent queues requests beyond it).
     pub max_sessions: usize,
+    /// Most requests waiting for a slot; more are refused as overloaded.
+    pub max_waiting: usize,
     /// Where the agent publishes the certificate it serves its tenant with (`ca.pem`,
     /// `cert.pem`: public). Its key is made in the agent's memory at every start and never
     /// written; the agent never serves with the cluster's key. Without it, a local cluster's
@@ -162,6 +193,10 @@ impl Agent {
 
 /// Default cap on a tenant's concurrent sessions.
 pub const DEFAULT_MAX_SESSIONS: usize = 16;
+
+/// Default number of requests an agent holds waiting for a free session slot; beyond it a
+/// request is refused as `overloaded` (HTTP 429).
+pub const DEFAULT_MAX_WAITING: usize = 64;
 
 /// ReMO parameters the agents start with, as written (the cvm-agent interprets them; this crate
 /// carries no ReMO code).
@@ -255,6 +290,7 @@ pub struct Topology {
     /// The name in the servers' certificate, checked by clients.
     pub server_name: String,
     pub max_frame_bytes: usize,
+    pub deadlines: Deadlines,
     /// Admit agents that present no hardware attestation (development only; logged loudly).
     pub allow_insecure_agents: bool,
     /// The hardware attestation policy, if provisioned.
@@ -275,6 +311,7 @@ struct RawTopology {
     remo: Option<RemoSection>,
     tls: RawTls,
     limits: Option<RawLimits>,
+    deadlines: Option<RawDeadlines>,
     batching: Option<RawBatching>,
     admission: Option<RawAdmission>,
     attestation: Option<RawAttestation>,
@@ -343,6 +380,7 @@ struct RawAgent {
     listen: String,
     http: Option<String>,
     max_sessions: Option<usize>,
+    max_waiting: Option<usize>,
     tenant_tls: Option<String>,
     #[serde(default)]
     api_key_sha256: Vec<String>,
@@ -363,6 +401,14 @@ struct RawTls {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_frame_bytes: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeadlines {
+    call_ms: Option<u64>,
+    setup_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -628,6 +674,10 @@ impl Topology {
             for (j, b) in stages.iter().enumerate().skip(i + 1) {
                 let overlap =
                     a.layers.start().max(b.layers.start())..=a.layers.end().min(b.layers.end());
+                if a.same_part(b) {
+                    // A replica: the same layers and LM head, another process.
+                    continue;
+                }
                 if !a.layers.is_empty() && !b.layers.is_empty() && !overlap.is_empty() {
                     c.problem(
                         format!("stage[{j}].layers"),
@@ -641,14 +691,24 @@ impl Topology {
                 }
             }
         }
-        match stages.iter().filter(|s| s.lm_head).count() {
+        let lm_heads: Vec<&Stage> = stages.iter().filter(|s| s.lm_head).collect();
+        let lm_head_parts = lm_heads
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| !lm_heads[..*i].iter().any(|t| t.same_part(s)))
+            .count();
+        match lm_head_parts {
             1 => {}
             0 if !stages.is_empty() => c.problem(
                 "stage",
                 "no stage has `lm_head = true`: one must serve the LM head",
             ),
             0 => {}
-            _ => c.problem("stage", "more than one stage has `lm_head = true`"),
+            _ => c.problem(
+                "stage",
+                "stages with `lm_head = true` serve different layers: one part serves the LM \
+                 head (its replicas have the same layers)",
+            ),
         }
 
         let mut tenants = HashSet::new();
@@ -690,6 +750,7 @@ impl Topology {
                 listen,
                 http,
                 max_sessions,
+                max_waiting: a.max_waiting.unwrap_or(DEFAULT_MAX_WAITING),
                 tenant_tls: a.tenant_tls.as_deref().map(resolve),
                 api_key_sha256: a.api_key_sha256.clone(),
             });
@@ -740,6 +801,25 @@ impl Topology {
                 "limits.max_frame_bytes",
                 format!("{max_frame_bytes} is outside 64 KiB ..= 4 GiB"),
             );
+        }
+
+        let dd = Deadlines::default();
+        let deadlines = match raw.deadlines {
+            None => dd,
+            Some(d) => Deadlines {
+                call: d.call_ms.map_or(dd.call, Duration::from_millis),
+                setup: d.setup_ms.map_or(dd.setup, Duration::from_millis),
+                idle: d.idle_timeout_ms.map_or(dd.idle, Duration::from_millis),
+            },
+        };
+        if deadlines.call < Duration::from_millis(100) {
+            c.problem("deadlines.call_ms", "must be at least 100 ms");
+        }
+        if deadlines.setup < deadlines.call {
+            c.problem("deadlines.setup_ms", "must be at least deadlines.call_ms");
+        }
+        if !(Duration::from_millis(200)..=Duration::from_secs(600)).contains(&deadlines.idle) {
+            c.problem("deadlines.idle_timeout_ms", "must be in 200 ..= 600000");
         }
 
         let d = Batching::default();
@@ -850,6 +930,7 @@ impl Topology {
                 .clone()
                 .unwrap_or_else(|| DEFAULT_SERVER_NAME.into()),
             max_frame_bytes,
+            deadlines,
             allow_insecure_agents: raw.admission.is_some_and(|a| a.allow_insecure),
             attestation,
         })
@@ -909,6 +990,19 @@ impl Topology {
     /// The agent of `tenant`.
     pub fn agent(&self, tenant: &str) -> Option<&Agent> {
         self.agents.iter().find(|a| a.tenant == tenant)
+    }
+
+    /// The stages grouped into parts: each group's stages are replicas of one another (same
+    /// layers, same LM head), groups in order of their first stage.
+    pub fn parts(&self) -> Vec<Vec<usize>> {
+        let mut parts: Vec<Vec<usize>> = Vec::new();
+        for (i, s) in self.stages.iter().enumerate() {
+            match parts.iter_mut().find(|p| self.stages[p[0]].same_part(s)) {
+                Some(p) => p.push(i),
+                None => parts.push(vec![i]),
+            }
+        }
+        parts
     }
 
     /// The index of the stage that serves `layer` (`None`: the LM head's stage).

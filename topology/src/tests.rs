@@ -229,3 +229,53 @@ fn an_agent_needs_only_the_clusters_ca() {
         ["tls.cert", "tls.key"]
     );
 }
+
+#[test]
+fn stages_with_the_same_part_are_replicas_and_mere_overlaps_are_refused() {
+    let m = model_file();
+    let replicas = format!(
+        "{TWO_STAGES}[[stage]]\nname = \"b2\"\nlisten = \"127.0.0.1:7412\"\nlayers = \"15-29\"\nlm_head = true\n"
+    );
+    let t = Topology::parse(&local(m.path(), &replicas), Path::new("t.toml")).unwrap();
+    assert_eq!(t.parts(), vec![vec![0], vec![1, 2]]);
+    // The same layers without the LM head is another part overlapping it; so are layers that
+    // only overlap.
+    let overlap = format!(
+        "{TWO_STAGES}[[stage]]\nname = \"c\"\nlisten = \"127.0.0.1:7412\"\nlayers = \"15-29\"\n"
+    );
+    assert_eq!(keys(&local(m.path(), &overlap)), ["stage[2].layers"]);
+    let partial = format!(
+        "{TWO_STAGES}[[stage]]\nname = \"c\"\nlisten = \"127.0.0.1:7412\"\nlayers = \"10-20\"\nlm_head = true\n"
+    );
+    let k = keys(&local(m.path(), &partial));
+    assert!(k.contains(&"stage[2].layers".to_string()), "{k:?}");
+    assert!(k.contains(&"stage".to_string()), "two LM-head parts: {k:?}");
+}
+
+#[test]
+fn deadlines_and_waiting_lists_default_and_are_checked() {
+    let m = model_file();
+    let t = Topology::parse(&local(m.path(), TWO_STAGES), Path::new("t.toml")).unwrap();
+    assert_eq!(t.deadlines, Deadlines::default());
+    assert_eq!(t.deadlines.idle, Duration::from_secs(2));
+    assert_eq!(t.agents[0].max_waiting, DEFAULT_MAX_WAITING);
+    let custom = format!(
+        "{}[deadlines]\ncall_ms = 1500\nsetup_ms = 3000\nidle_timeout_ms = 500\n",
+        local(m.path(), TWO_STAGES)
+    );
+    let t = Topology::parse(&custom, Path::new("t.toml")).unwrap();
+    assert_eq!(t.deadlines.call, Duration::from_millis(1500));
+    assert_eq!(t.deadlines.idle, Duration::from_millis(500));
+    let bad = format!(
+        "{}[deadlines]\ncall_ms = 10\nsetup_ms = 5\nidle_timeout_ms = 50\n",
+        local(m.path(), TWO_STAGES)
+    );
+    assert_eq!(
+        keys(&bad),
+        [
+            "deadlines.call_ms",
+            "deadlines.setup_ms",
+            "deadlines.idle_timeout_ms"
+        ]
+    );
+}

@@ -10,6 +10,46 @@ use serde::de::DeserializeOwned;
 /// model (the LM head's `R_pub` at rank d − 1 in f64, 226 MB) fits.
 pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
 
+/// The most rows beyond a model's context one masked call may carry (dummy and padding rows);
+/// the agent's ReMO configuration is validated against it.
+pub const MAX_EXTRA_ROWS: usize = 64;
+
+/// The largest tenant request frame (a `TenantMessage`): a prompt of a few MB.
+pub const MAX_TENANT_MESSAGE: usize = 4 << 20;
+
+/// The largest frame of events a tenant client reads (an attestation, a token, a summary).
+pub const MAX_TENANT_EVENT: usize = 16 << 20;
+
+/// What a call or reply frame holds beyond its values: header, tensor tag, shape and lengths.
+const FRAME_OVERHEAD: usize = 4096;
+
+/// The most rows a masked call of a model with `config` may carry.
+pub fn max_call_rows(config: &talaria_engine::ModelConfig) -> usize {
+    config.max_seq.saturating_add(MAX_EXTRA_ROWS)
+}
+
+/// The largest request frame a cloud process (coordinator, gpu-node) reads for a model with
+/// `config`: a masked call of [`max_call_rows`] rows of the widest op input, in 8-byte values.
+/// Set-ups, hellos and session requests are far smaller.
+pub fn max_request_frame(config: &talaria_engine::ModelConfig) -> usize {
+    max_call_rows(config)
+        .saturating_mul(config.d_model.max(config.d_ff))
+        .saturating_mul(8)
+        .saturating_add(FRAME_OVERHEAD)
+}
+
+/// The largest reply frame a call of `rows` rows of `op` can have: `rows × d_out` values of 8
+/// bytes. What the agent reads of a reply is bounded by the call it answers.
+pub fn max_call_reply(
+    config: &talaria_engine::ModelConfig,
+    op: talaria_engine::OpId,
+    rows: usize,
+) -> usize {
+    rows.saturating_mul(op.shape(config).1)
+        .saturating_mul(8)
+        .saturating_add(FRAME_OVERHEAD)
+}
+
 /// A frame that cannot be read or decoded.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum FrameError {

@@ -340,14 +340,43 @@ fn client_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
+/// How fast a dead peer is noticed: a connection with no packet from its peer for `idle` is
+/// closed, and a keep-alive every `idle / 4` keeps a quiet but live one open. Set once per
+/// process, before its endpoints are made ([`set_liveness`]); 2 s unless a topology says
+/// otherwise.
+static IDLE_TIMEOUT_MS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(DEFAULT_IDLE_TIMEOUT.as_millis() as u64);
+
+/// The default idle timeout: a SIGKILLed or SIGSTOPped peer is noticed within it.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The most bidirectional streams a peer may have open on one connection at once. Each stream
+/// is at most one request in flight; a session has one call in flight at a time, so this bounds
+/// what a peer can make a server hold, not what an honest one needs.
+pub const MAX_STREAMS: u32 = 256;
+
+/// Sets the idle timeout of the endpoints this process makes from now on (at least 200 ms).
+pub fn set_liveness(idle: Duration) {
+    let ms = idle.as_millis().max(200) as u64;
+    IDLE_TIMEOUT_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The idle timeout endpoints of this process use.
+pub fn idle_timeout() -> Duration {
+    Duration::from_millis(IDLE_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 fn transport() -> Arc<quinn::TransportConfig> {
+    let idle = idle_timeout();
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(4096u32.into())
+    // Flow control bounds what a peer can make this side buffer: 16 MiB per stream, 64 MiB per
+    // connection, whatever frame lengths it claims.
+    t.max_concurrent_bidi_streams(MAX_STREAMS.into())
         .max_concurrent_uni_streams(0u32.into())
-        .stream_receive_window((32u32 << 20).into())
-        .receive_window((256u32 << 20).into())
-        .send_window(256 << 20)
-        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .stream_receive_window((16u32 << 20).into())
+        .receive_window((64u32 << 20).into())
+        .send_window(64 << 20)
+        .keep_alive_interval(Some(idle / 4))
         // Masked rows are bulk data: on a path with a large MTU (loopback, jumbo frames) far
         // fewer, larger datagrams carry them. Discovery starts from the safe 1200 bytes and
         // only climbs as far as the path delivers (RFC 8899), so an Ethernet path stays at
@@ -357,11 +386,9 @@ fn transport() -> Arc<quinn::TransportConfig> {
             m.upper_bound(MAX_UDP_PAYLOAD);
             m
         }))
-        .max_idle_timeout(Some(
-            Duration::from_secs(60)
-                .try_into()
-                .expect("60 s is a valid idle timeout"),
-        ));
+        .max_idle_timeout(Some(quinn::IdleTimeout::try_from(idle).unwrap_or_else(
+            |_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(2_000)),
+        )));
     Arc::new(t)
 }
 
@@ -551,6 +578,8 @@ fn conn_err(e: impl std::fmt::Display) -> FrameError {
 }
 
 /// Reads one length-prefixed frame, refusing one longer than `max` before reading its body.
+/// Memory grows with the bytes that actually arrive, never with what the prefix claims: a peer
+/// that announces a large frame and sends little of it holds little.
 /// `Ok(None)`: the stream ended cleanly before a frame began.
 pub async fn read_frame(recv: &mut RecvStream, max: usize) -> Result<Option<Vec<u8>>, FrameError> {
     let mut prefix = [0u8; 4];
@@ -565,15 +594,24 @@ pub async fn read_frame(recv: &mut RecvStream, max: usize) -> Result<Option<Vec<
         Err(quinn::ReadExactError::ReadError(e)) => return Err(conn_err(e)),
     }
     let len = check_len(prefix, max)?;
-    let mut buf = vec![0u8; len];
-    recv.read_exact(&mut buf).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(n) => {
-            FrameError::Malformed(format!("stream ended after {n} of {len} frame bytes"))
+    let mut buf = Vec::with_capacity(len.min(READ_CHUNK));
+    while buf.len() < len {
+        let want = (len - buf.len()).min(READ_CHUNK);
+        match recv.read_chunk(want, true).await.map_err(conn_err)? {
+            Some(chunk) => buf.extend_from_slice(&chunk.bytes),
+            None => {
+                return Err(FrameError::Malformed(format!(
+                    "stream ended after {} of {len} frame bytes",
+                    buf.len()
+                )));
+            }
         }
-        quinn::ReadExactError::ReadError(e) => conn_err(e),
-    })?;
+    }
     Ok(Some(buf))
 }
+
+/// The most bytes taken from a stream at once while reading a frame.
+const READ_CHUNK: usize = 1 << 20;
 
 /// Writes one length-prefixed frame.
 pub async fn write_frame(send: &mut SendStream, frame: &[u8]) -> Result<(), FrameError> {

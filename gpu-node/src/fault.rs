@@ -1,0 +1,103 @@
+//! Test-only faults: a gpu-node that misbehaves on purpose, so that tests with real processes
+//! can show how the rest of the cluster copes. Off unless the environment variable
+//! [`FAULT_ENV`] names this very stage; a node running with one logs it loudly at start.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use talaria_actors::stage::{Arrival, StageCompute};
+use talaria_engine::OpId;
+use talaria_wire::{ErrorReply, MaskedCall, SessionId, SetupRequest};
+
+/// `<stage>:<fault>`, e.g. `stage-1:hang-after-calls=40`.
+pub const FAULT_ENV: &str = "TALARIA_TEST_FAULT";
+
+/// What a faulty stage does wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Computes every call it receives (its tap records them), but from call `n` on never
+    /// answers: its connection stays alive, its worker is stuck. A hung stage.
+    HangAfterCalls(u64),
+}
+
+impl Fault {
+    /// The fault [`FAULT_ENV`] asks of stage `stage`, if it names it.
+    pub fn from_env(stage: &str) -> Result<Option<Fault>, String> {
+        let Ok(value) = std::env::var(FAULT_ENV) else {
+            return Ok(None);
+        };
+        let Some((name, fault)) = value.split_once(':') else {
+            return Err(format!("{FAULT_ENV}={value:?}: expected <stage>:<fault>"));
+        };
+        if name != stage {
+            return Ok(None);
+        }
+        match fault.split_once('=') {
+            Some(("hang-after-calls", n)) => n
+                .parse()
+                .map(|n| Some(Fault::HangAfterCalls(n)))
+                .map_err(|e| format!("{FAULT_ENV}: {n:?}: {e}")),
+            _ => Err(format!(
+                "{FAULT_ENV}: unknown fault {fault:?} (known: hang-after-calls=N)"
+            )),
+        }
+    }
+}
+
+/// A stage's compute with a [`Fault`].
+pub struct Faulty {
+    inner: Arc<dyn StageCompute>,
+    fault: Fault,
+    calls: AtomicU64,
+}
+
+impl Faulty {
+    /// `inner`, doing `fault` wrong.
+    pub fn new(inner: Arc<dyn StageCompute>, fault: Fault) -> Self {
+        tracing::error!(
+            ?fault,
+            "TEST FAULT: this gpu-node misbehaves on purpose ({FAULT_ENV})"
+        );
+        Self {
+            inner,
+            fault,
+            calls: AtomicU64::new(0),
+        }
+    }
+}
+
+impl StageCompute for Faulty {
+    fn owns(&self, op: OpId) -> bool {
+        self.inner.owns(op)
+    }
+
+    fn setup(&self, req: &SetupRequest, seen: Arrival) -> Result<Vec<u8>, ErrorReply> {
+        self.inner.setup(req, seen)
+    }
+
+    fn call_batch(
+        &self,
+        calls: &[MaskedCall],
+        seen: &[Arrival],
+    ) -> Vec<Result<Vec<u8>, ErrorReply>> {
+        let before = self.calls.fetch_add(calls.len() as u64, Ordering::Relaxed);
+        let answers = self.inner.call_batch(calls, seen);
+        match self.fault {
+            Fault::HangAfterCalls(n) if before + calls.len() as u64 > n => {
+                tracing::error!("TEST FAULT: hanging for good");
+                loop {
+                    std::thread::park();
+                }
+            }
+            Fault::HangAfterCalls(_) => answers,
+        }
+    }
+
+    fn open(&self, session: SessionId, tenant: &str) {
+        self.inner.open(session, tenant);
+    }
+
+    fn close(&self, session: SessionId) {
+        self.inner.close(session);
+    }
+}
