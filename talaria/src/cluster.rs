@@ -277,32 +277,32 @@ impl Running {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        loop {
-            let procs = &mut self.procs;
-            let exited = rt.block_on(async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-                loop {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => return Ok::<_, std::io::Error>(None),
-                        _ = term.recv() => return Ok(None),
-                        _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                            for (i, p) in procs.iter_mut().enumerate() {
-                                if let Ok(Some(status)) = p.child.try_wait() {
-                                    return Ok(Some((i, status)));
-                                }
-                            }
-                        }
+        rt.block_on(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = term.recv() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                        self.restart_exited()?;
                     }
                 }
-            })?;
-            while let Ok(name) = self.ready.1.try_recv() {
-                eprintln!("  {name}: ready");
             }
-            let Some((i, status)) = exited else {
-                return Ok(());
+        })
+    }
+
+    /// Restarts every process that exited since the last look; the names restarted. A process
+    /// that died [`MAX_RESTARTS`] times within [`RESTART_WINDOW`] is an error.
+    pub fn restart_exited(&mut self) -> Result<Vec<String>> {
+        while let Ok(name) = self.ready.1.try_recv() {
+            eprintln!("  {name}: ready");
+        }
+        let mut restarted = Vec::new();
+        for p in self.procs.iter_mut() {
+            let Ok(Some(status)) = p.child.try_wait() else {
+                continue;
             };
-            let p = &mut self.procs[i];
             if !p.restart(&self.ready.0)? {
                 bail!(
                     "{} exited ({status}) {MAX_RESTARTS} times within {} s; its log ({}):\n{}",
@@ -313,16 +313,19 @@ impl Running {
                 );
             }
             eprintln!("{} exited ({status}); restarted it", p.name);
-            let (name, pid) = (p.name.clone(), p.child.id());
-            if let Some(entry) = self.info.pids.iter_mut().find(|(n, _)| *n == name) {
-                entry.1 = pid;
+            if let Some(entry) = self.info.pids.iter_mut().find(|(n, _)| *n == p.name) {
+                entry.1 = p.child.id();
             }
+            restarted.push(p.name.clone());
+        }
+        if !restarted.is_empty() {
             talaria_wire::net::write_atomic(
                 &self.info_path,
                 serde_json::to_string_pretty(&self.info)?.as_bytes(),
                 false,
             )?;
         }
+        Ok(restarted)
     }
 }
 
