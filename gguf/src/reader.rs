@@ -231,7 +231,9 @@ impl GgufFile {
                 });
             }
             let end = t.offset.checked_add(t.n_bytes);
-            if end.is_none_or(|e| e > data_len) {
+            // An empty tensor fits in an empty data section, but its bytes are still read at
+            // `data_start`: the section must begin inside the file.
+            if end.is_none_or(|e| e > data_len) || data_start > data.len() as u64 {
                 return Err(GgufError::Truncated {
                     what: format!("data of tensor {:?}", t.name),
                     offset: data_start + t.offset,

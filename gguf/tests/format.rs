@@ -234,3 +234,26 @@ fn a_subset_keeps_the_metadata_and_the_named_tensors_byte_for_byte() {
         Err(GgufError::MissingTensor(_))
     ));
 }
+
+#[test]
+fn an_empty_tensor_past_the_end_of_a_short_file_is_an_error_not_a_panic() {
+    // Found while writing the talaria-fuzz gguf target: a tensor of no elements at offset 0
+    // passed the bounds check (0 + 0 bytes fit in an empty data section) while the data section
+    // began past the end of the file, and reading its bytes sliced out of range.
+    let mut w = GgufWriter::new();
+    w.kv("general.alignment", Value::U32(1 << 20));
+    w.tensor(TensorPayload {
+        name: "empty".into(),
+        dims: vec![0],
+        ty: GgmlType::F32,
+        bytes: Vec::new(),
+    });
+    let bytes = w.to_bytes();
+    // The writer pads to the alignment; a file cut after its directory is what a peer may send.
+    let cut = bytes.len() - (1 << 20) + 200;
+    let short = bytes[..cut.min(bytes.len())].to_vec();
+    match GgufFile::from_bytes(short) {
+        Ok(f) => assert_eq!(f.tensor_bytes("empty").unwrap(), &[] as &[u8]),
+        Err(e) => assert!(matches!(e, GgufError::Truncated { .. }), "{e}"),
+    }
+}
