@@ -10,6 +10,7 @@ mod generate;
 mod load;
 mod lossless;
 mod provision;
+mod soak;
 
 use std::path::PathBuf;
 
@@ -54,6 +55,10 @@ enum Command {
     /// each K asked; writes tokens/s, TTFT and inter-token latency, and the gpu-nodes' batch
     /// sizes as JSON.
     Load(load::LoadArgs),
+    /// Soak and chaos: N tenants × M sessions for T minutes against a cluster with two replicas
+    /// of every stage while gpu-nodes and the coordinator are killed at random; checks every
+    /// answer against the plain engine's and writes a JSON report.
+    Soak(soak::SoakArgs),
     /// Attack a tap as the honest-but-curious cloud would: how many prompt tokens each attack
     /// reconstructs (scored against the tap's truth.json when there is one).
     Attack(attack::AttackArgs),
@@ -123,6 +128,7 @@ fn main() -> Result<()> {
         Command::Tls(args) => provision::tls(args),
         Command::Manifest(args) => provision::manifest(args),
         Command::Load(args) => load::run(args),
+        Command::Soak(args) => soak::run(args),
         Command::Attack(args) => attack::run(args),
         Command::AttackReport(args) => attack::report(args),
     }

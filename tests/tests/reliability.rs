@@ -501,3 +501,55 @@ fn abandoned_requests_stop_and_oversized_or_malformed_input_is_refused_with_memo
         want
     );
 }
+
+/// The soak's short fixed-seed pass: two sessions for 40 s while a gpu-node or the coordinator
+/// is killed every ~8 s; every answer must equal the plain engine's and none may be lost.
+#[test]
+fn a_short_soak_under_chaos_loses_no_answer_and_gives_no_wrong_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("soak.json");
+    let out = std::process::Command::new(talaria_tests::cluster::bin("talaria"))
+        .args([
+            "soak",
+            "--tenants",
+            "1",
+            "--sessions",
+            "2",
+            "--minutes",
+            "0.67",
+            "--gen-tokens",
+            "8",
+            "--kill-every-s",
+            "8",
+            "--seed",
+            "3",
+            "--base-port",
+            "17700",
+        ])
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .arg("--json")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap_or_default())
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    eprintln!("{report:#}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report["passed"], true);
+    assert_eq!(report["outcomes"]["wrong"], 0);
+    assert_eq!(report["outcomes"]["lost"], 0);
+    assert!(
+        report["outcomes"]["answered"].as_u64().unwrap() >= 4,
+        "{report}"
+    );
+    assert!(
+        report["kills"].as_array().unwrap().len() >= 3,
+        "the chaos ran: {report}"
+    );
+}
