@@ -100,6 +100,35 @@ pub fn https_get(ca: &Path, addr: SocketAddr, path: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// `POST path` of JSON `body` with bearer `key` over HTTPS to an agent's API at `addr`,
+/// trusting `ca`: the whole response body (a stream of server-sent events is read to its end),
+/// or the status code alone when it is not 200.
+pub fn https_post(ca: &Path, addr: SocketAddr, path: &str, key: &str, body: &str) -> String {
+    let script = format!(
+        "import ssl,urllib.request,urllib.error\n\
+         c=ssl.create_default_context(cafile={:?})\n\
+         r=urllib.request.Request('https://127.0.0.1:{}{}',data={:?}.encode(),\
+         headers={{'Authorization':'Bearer '+{:?},'Content-Type':'application/json'}})\n\
+         try:\n print(urllib.request.urlopen(r,context=c,timeout=120).read().decode())\n\
+         except urllib.error.HTTPError as e:\n print(e.code)",
+        ca.display().to_string(),
+        addr.port(),
+        path,
+        body,
+        key
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// `GET /metrics` of a Prometheus endpoint.
 pub fn scrape(addr: SocketAddr) -> String {
     talaria_actors::metrics::scrape(addr).expect("metrics endpoint")
@@ -292,6 +321,19 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed test keeps its cluster's logs: the temporary folder goes with it.
+            let keep = std::env::temp_dir()
+                .join("talaria-failed-test-logs")
+                .join(self.dir.path().file_name().unwrap_or_default());
+            let logs = self.run_dir().join("logs");
+            if std::fs::create_dir_all(&keep).is_ok() {
+                for entry in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
+                    let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
+                }
+                eprintln!("the cluster's logs are kept in {}", keep.display());
+            }
+        }
         // SIGTERM lets the launcher stop its children.
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);

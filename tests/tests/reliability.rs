@@ -262,6 +262,24 @@ fn a_hung_stage_is_left_for_its_replica_with_the_same_bytes_and_without_one_is_a
         .ask(&greedy(PROMPT.to_vec(), 4), |_| {})
         .expect_err("no stage answers");
     let took = t0.elapsed();
+    // Streamed over the OpenAI API, the failure ends the stream with an error event in
+    // OpenAI's shape, then [DONE]: never a silent cut.
+    let sse = talaria_tests::cluster::https_post(
+        &cluster.agent_tls("t").ca,
+        cluster.topology().agent("t").unwrap().http.unwrap(),
+        "/v1/completions",
+        &tenant.key,
+        &format!(
+            r#"{{"model": "{}", "prompt": [504, 3575], "max_tokens": 4, "stream": true}}"#,
+            cluster.topology().model_name
+        ),
+    );
+    let events: Vec<&str> = sse.lines().filter(|l| l.starts_with("data: ")).collect();
+    assert!(
+        events.iter().any(|e| e.starts_with("data: {\"error\"")),
+        "an error event: {sse}"
+    );
+    assert_eq!(events.last(), Some(&"data: [DONE]"), "{sse}");
     kill(stopped, libc::SIGCONT);
     assert!(
         ["deadline_exceeded", "node_unavailable"].contains(&err.as_str()),

@@ -194,7 +194,7 @@ fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig) -> Result<Endpoi
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
-    std::net::UdpSocket::bind(addr)
+    server_socket(addr)
         .and_then(|socket| endpoint_on(socket, Some(config)))
         .map_err(|e| TlsError::Bind {
             addr,
@@ -328,16 +328,34 @@ fn endpoint_on(
     Endpoint::new(config, server, socket, runtime)
 }
 
-/// A UDP socket bound to `addr`; for an IPv6 address, dual-stack if the host allows it.
-fn client_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+/// The socket buffers asked for (the kernel caps them at `net.core.rmem_max`/`wmem_max`). A
+/// busy process reads its socket late: with the kernel's ~208 KiB default, a burst of 64 KiB
+/// datagrams (a set-up reply, a prefill) overflows it, the losses back QUIC's timers off, and a
+/// live peer can go silent past the idle timeout.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+fn udp_socket(addr: SocketAddr, dual_stack: bool) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
+    if dual_stack && addr.is_ipv6() {
         // Not fatal: IPv4 peers then need the IPv4 fallback.
         let _ = socket.set_only_v6(false);
     }
+    // Not fatal: a host may allow less.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+/// A UDP socket bound to `addr`; for an IPv6 address, dual-stack if the host allows it.
+fn client_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    udp_socket(addr, true)
+}
+
+/// A server's UDP socket on `addr`.
+fn server_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    udp_socket(addr, false)
 }
 
 /// How fast a dead peer is noticed: a connection with no packet from its peer for `idle` is
