@@ -123,7 +123,12 @@ pub fn init_logging() {
 
 /// Resident memory of this process in bytes (Linux; `None` elsewhere).
 pub fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    rss_bytes_of(std::process::id())
+}
+
+/// Resident memory of process `pid` in bytes (Linux; `None` elsewhere or when it is gone).
+pub fn rss_bytes_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))?

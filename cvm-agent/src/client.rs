@@ -71,6 +71,17 @@ pub struct Trust {
     pub expect: Expect,
 }
 
+impl Trust {
+    /// A development tenant's trust: agents without SEV-SNP hardware are accepted (a local
+    /// cluster's), nothing below the floor is, and no further claim is required.
+    pub fn development() -> Self {
+        Self {
+            allow_insecure: true,
+            ..Self::default()
+        }
+    }
+}
+
 /// Claims a tenant requires beyond the floor: each `None` is not checked.
 #[derive(Debug, Clone, Default)]
 pub struct Expect {

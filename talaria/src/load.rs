@@ -290,12 +290,7 @@ fn session(
         .enable_all()
         .build()
         .map_err(|e| anyhow!("runtime: {e}"))?;
-    let trust = Trust {
-        policy: None,
-        allow_insecure: true,
-        accept_below_floor: false,
-        expect: Default::default(),
-    };
+    let trust = Trust::development();
     let start = Instant::now();
     let mut tokens = Vec::new();
     rt.block_on(client::generate(tls, addr, &trust, req, api_key, |_, _| {

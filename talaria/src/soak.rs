@@ -153,16 +153,7 @@ struct Report {
 }
 
 fn rss_mb(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
+    talaria_actors::rss_bytes_of(pid).map(|b| b as f64 / (1 << 20) as f64)
 }
 
 /// One tenant's agent, as a client reaches it.
@@ -179,12 +170,7 @@ fn ask(agent: &Agent, req: &TenantRequest) -> Result<Vec<u32>, String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let trust = Trust {
-        policy: None,
-        allow_insecure: true,
-        accept_below_floor: false,
-        expect: Default::default(),
-    };
+    let trust = Trust::development();
     rt.block_on(client::generate(
         &agent.tls,
         agent.addr,

@@ -47,75 +47,69 @@ pub fn free_port() -> u16 {
 }
 
 /// Generates through the agent at `addr` as a development tenant (an agent without SEV-SNP
-/// hardware is trusted): the generated ids, or the error's text.
-pub fn ask_agent(
+/// hardware is trusted), calling `on_token` with each id as it comes: the generated ids, or the
+/// client's typed error. A worker thread drives the connection.
+pub fn generate_streaming(
     tls: &TlsMaterial,
     addr: SocketAddr,
     api_key: &str,
     req: &talaria_wire::TenantRequest,
-) -> Result<Vec<u32>, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+    mut on_token: impl FnMut(u32),
+) -> Result<Vec<u32>, talaria_cvm_agent::client::ClientError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let trust = talaria_cvm_agent::client::Trust {
-        policy: None,
-        allow_insecure: true,
-        accept_below_floor: false,
-        expect: Default::default(),
-    };
+    let trust = talaria_cvm_agent::client::Trust::development();
     rt.block_on(talaria_cvm_agent::client::generate(
         tls,
         addr,
         &trust,
         req,
         api_key,
-        |_, _| {},
+        |id, _| on_token(id),
     ))
     .map(|a| a.generation.ids)
-    .map_err(|e| e.to_string())
+}
+
+/// [`generate_streaming`] without a callback: the ids, or the error's text.
+pub fn ask_agent(
+    tls: &TlsMaterial,
+    addr: SocketAddr,
+    api_key: &str,
+    req: &talaria_wire::TenantRequest,
+) -> Result<Vec<u32>, String> {
+    generate_streaming(tls, addr, api_key, req, |_| {}).map_err(|e| e.to_string())
 }
 
 /// `GET path` over HTTPS from an agent's API at `addr`, trusting `ca`: the body, or the status
 /// code alone (`"<code>"`) when it is not 200. Python's standard library is the client.
 pub fn https_get(ca: &Path, addr: SocketAddr, path: &str) -> String {
-    let script = format!(
-        "import ssl,urllib.request,urllib.error\n\
-         c=ssl.create_default_context(cafile={:?})\n\
-         try:\n print(urllib.request.urlopen('https://127.0.0.1:{}{}',context=c,timeout=20).read().decode())\n\
-         except urllib.error.HTTPError as e:\n print(e.code)",
-        ca.display().to_string(),
-        addr.port(),
-        path
-    );
-    let out = Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    https(ca, addr, path, None)
 }
 
-/// `POST path` of JSON `body` with bearer `key` over HTTPS to an agent's API at `addr`,
-/// trusting `ca`: the whole response body (a stream of server-sent events is read to its end),
-/// or the status code alone when it is not 200.
+/// `POST path` of JSON `body` with bearer `key`, as [`https_get`]; a stream of server-sent
+/// events is read to its end.
 pub fn https_post(ca: &Path, addr: SocketAddr, path: &str, key: &str, body: &str) -> String {
+    https(ca, addr, path, Some((key, body)))
+}
+
+fn https(ca: &Path, addr: SocketAddr, path: &str, post: Option<(&str, &str)>) -> String {
+    let request = match post {
+        None => format!("'https://127.0.0.1:{}{path}'", addr.port()),
+        Some((key, body)) => format!(
+            "urllib.request.Request('https://127.0.0.1:{}{path}',data={body:?}.encode(),\
+             headers={{'Authorization':'Bearer '+{key:?},'Content-Type':'application/json'}})",
+            addr.port()
+        ),
+    };
     let script = format!(
         "import ssl,urllib.request,urllib.error\n\
          c=ssl.create_default_context(cafile={:?})\n\
-         r=urllib.request.Request('https://127.0.0.1:{}{}',data={:?}.encode(),\
-         headers={{'Authorization':'Bearer '+{:?},'Content-Type':'application/json'}})\n\
-         try:\n print(urllib.request.urlopen(r,context=c,timeout=120).read().decode())\n\
+         try:\n print(urllib.request.urlopen({request},context=c,timeout=120).read().decode())\n\
          except urllib.error.HTTPError as e:\n print(e.code)",
         ca.display().to_string(),
-        addr.port(),
-        path,
-        body,
-        key
     );
     let out = Command::new("python3")
         .args(["-c", &script])
@@ -351,17 +345,7 @@ impl Drop for LocalCluster {
 
 /// Resident memory of a process, in bytes.
 pub fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kb * 1024
+    talaria_actors::rss_bytes_of(pid).unwrap_or_else(|| panic!("no process {pid}"))
 }
 
 /// A raw peer on the cloud protocol: sends any bytes, decodes the answer's header.

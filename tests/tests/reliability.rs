@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use talaria_engine::{BlockOp, OpId, SamplingParams};
 use talaria_gpu_node::FAULT_ENV;
-use talaria_tests::cluster::{LocalCluster, RawPeer, Who, free_port, metric, rss_bytes, scrape};
+use talaria_tests::cluster::{
+    LocalCluster, RawPeer, Who, free_port, generate_streaming, metric, rss_bytes, scrape,
+};
 use talaria_tests::{plain_greedy, real_model};
 use talaria_wire::{MaskedCall, Prompt, Reply, Request, TenantRequest, Tensor, TlsMaterial};
 
@@ -79,30 +81,11 @@ impl Tenant {
         req: &TenantRequest,
         mut on_token: impl FnMut(usize),
     ) -> Result<Vec<u32>, String> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let trust = talaria_cvm_agent::client::Trust {
-            policy: None,
-            allow_insecure: true,
-            accept_below_floor: false,
-            expect: Default::default(),
-        };
         let mut n = 0;
-        rt.block_on(talaria_cvm_agent::client::generate(
-            &self.tls,
-            self.addr,
-            &trust,
-            req,
-            &self.key,
-            |_, _| {
-                n += 1;
-                on_token(n);
-            },
-        ))
-        .map(|a| a.generation.ids)
+        generate_streaming(&self.tls, self.addr, &self.key, req, |_| {
+            n += 1;
+            on_token(n);
+        })
         .map_err(|e| e.error_type().to_string())
     }
 }
@@ -366,12 +349,7 @@ fn abandoned_requests_stop_and_oversized_or_malformed_input_is_refused_with_memo
                 .enable_all()
                 .build()
                 .unwrap();
-            let trust = talaria_cvm_agent::client::Trust {
-                policy: None,
-                allow_insecure: true,
-                accept_below_floor: false,
-                expect: Default::default(),
-            };
+            let trust = talaria_cvm_agent::client::Trust::development();
             let mut told = false;
             let request = greedy(PROMPT.to_vec(), 2000);
             rt.block_on(async {

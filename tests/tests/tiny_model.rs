@@ -93,11 +93,14 @@ fn context_limit_stops_cleanly() {
         11,
         "the last token needs no position"
     );
+    // A prompt the context cannot hold is the tenant's error, not an empty success.
     let too_long: Vec<u32> = (0..11).collect();
-    assert!(matches!(
-        e.generate(&greedy(1, &too_long), |_| Ok(())),
-        Ok(g) if g.stop_reason == StopReason::Context && g.ids.is_empty()
-    ));
+    let err = e.generate(&greedy(1, &too_long), |_| Ok(())).unwrap_err();
+    assert_eq!(err.error_type(), "context_length_exceeded");
+    // One that exactly fills it still gets its one token.
+    let full: Vec<u32> = (0..10).collect();
+    let g = e.generate(&greedy(5, &full), |_| Ok(())).unwrap();
+    assert_eq!((g.ids.len(), g.stop_reason), (1, StopReason::Context));
 }
 
 #[test]
