@@ -290,27 +290,25 @@ impl LocalCluster {
             &std::fs::read_to_string(self.run_dir().join("cluster.json")).unwrap(),
         )
         .unwrap();
-        info["pids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p[0] == name)
-            .unwrap_or_else(|| panic!("no process {name}"))[1]
-            .as_u64()
-            .unwrap() as u32
+        pid_in(&info, name)
     }
 
     /// The process id of `name` (a stage name, `coordinator`, `agent-<tenant>`).
     pub fn pid(&self, name: &str) -> u32 {
-        self.info["pids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p[0] == name)
-            .unwrap_or_else(|| panic!("no process {name}"))[1]
-            .as_u64()
-            .unwrap() as u32
+        pid_in(&self.info, name)
     }
+}
+
+/// The pid of process `name` in a launcher's `cluster.json`.
+fn pid_in(info: &serde_json::Value, name: &str) -> u32 {
+    info["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p[0] == name)
+        .unwrap_or_else(|| panic!("no process {name}"))[1]
+        .as_u64()
+        .unwrap() as u32
 }
 
 impl Drop for LocalCluster {

@@ -196,12 +196,8 @@ fn a_killed_gpu_node_and_a_killed_coordinator_cost_the_tenant_nothing() {
 
 /// The calls of one session a stage's tap recorded: `(seq, op, npy bytes)`.
 fn tapped_calls(dir: &Path, session: u64) -> Vec<(u64, String, Vec<u8>)> {
-    let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("index.json")).unwrap()).unwrap();
-    index["events"]
-        .as_array()
-        .unwrap()
-        .iter()
+    tap_events(dir)
+        .into_iter()
         .filter(|e| e["kind"] == "call" && e["session"].as_u64() == Some(session))
         .map(|e| {
             (
@@ -295,14 +291,17 @@ fn a_hung_stage_is_left_for_its_replica_with_the_same_bytes_and_without_one_is_a
     );
 }
 
-/// The session of the first call a tap recorded.
-fn session_of(dir: &Path) -> u64 {
+/// The events of a stage's tap index, in order.
+fn tap_events(dir: &Path) -> Vec<serde_json::Value> {
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("index.json")).unwrap()).unwrap();
-    index["events"]
-        .as_array()
-        .unwrap()
-        .iter()
+    index["events"].as_array().unwrap().clone()
+}
+
+/// The session of the first call a tap recorded.
+fn session_of(dir: &Path) -> u64 {
+    tap_events(dir)
+        .into_iter()
         .find(|e| e["kind"] == "call")
         .expect("a call")["session"]
         .as_u64()
