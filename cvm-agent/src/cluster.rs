@@ -13,7 +13,7 @@ use talaria_engine::{
     ChatMessage, EngineError, GenerateRequest, ModelConfig, StopReason, Tokenizer, Transformer,
     chat_prompt, generate_until,
 };
-use talaria_remo::{Calibration, Precision, Rank, RemoConfig};
+use talaria_remo::{Calibration, PadRows, Precision, Rank, RemoConfig};
 use talaria_topology::{Deadlines, RemoSection};
 use talaria_wire::frame;
 use talaria_wire::{
@@ -218,6 +218,12 @@ impl Drop for ClusterLink {
 /// The ReMO parameters a topology's `[remo]` section describes (defaults for what it omits).
 pub fn remo_config(section: &RemoSection) -> Result<RemoConfig, String> {
     let d = RemoConfig::default();
+    let precision = section
+        .precision
+        .as_deref()
+        .map(str::parse::<Precision>)
+        .transpose()?
+        .unwrap_or(d.precision);
     let config = RemoConfig {
         enabled: section.enabled.unwrap_or(d.enabled),
         rank: section
@@ -227,13 +233,14 @@ pub fn remo_config(section: &RemoSection) -> Result<RemoConfig, String> {
             .transpose()?
             .unwrap_or(d.rank),
         scale: section.scale.unwrap_or(d.scale),
-        precision: section
-            .precision
+        precision,
+        dummy_rows: section.dummy_rows.unwrap_or(precision.default_dummy_rows()),
+        pad_rows: section
+            .pad_rows
             .as_deref()
-            .map(str::parse::<Precision>)
+            .map(str::parse::<PadRows>)
             .transpose()?
-            .unwrap_or(d.precision),
-        dummy_rows: section.dummy_rows.unwrap_or(d.dummy_rows),
+            .unwrap_or(d.pad_rows),
         shuffle: section.shuffle.unwrap_or(d.shuffle),
         pool: section.pool.unwrap_or(d.pool),
         frac_bits: section.frac_bits.unwrap_or(d.frac_bits),

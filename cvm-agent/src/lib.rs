@@ -198,6 +198,7 @@ impl<L: CloudLink> RemoLinear<L> {
         let t0 = Instant::now();
         let pools = cache.and_then(|c| c.pools(&remo));
         let mut masker = Masker::new(remo, session, seed)?;
+        masker.set_context(config.max_seq);
         if let Some(pools) = pools {
             masker.share_pools(pools);
         }

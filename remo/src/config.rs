@@ -42,7 +42,8 @@ impl Precision {
         self == Precision::Int
     }
 
-    /// Largest relative error a canary row may show before the reply is declared corrupt.
+    /// Largest relative error a canary row may show before the reply is declared corrupt (the
+    /// canaries of rank < d only, where Freivalds' check is impossible).
     pub fn canary_tolerance(self) -> f64 {
         match self {
             Precision::F32 | Precision::F64Client => 1e-4,
@@ -50,7 +51,85 @@ impl Precision {
             Precision::Int => 0.0,
         }
     }
+
+    /// The unit roundoff of the cloud's GEMM in a float mode (IEEE f32 or f64; a TF32 GEMM
+    /// rounds to 2^-11 and fails the checks).
+    pub fn cloud_unit_roundoff(self) -> f64 {
+        match self {
+            Precision::F64Gemm => f64::EPSILON / 2.0,
+            _ => f64::from(f32::EPSILON) / 2.0,
+        }
+    }
+
+    /// The dummy rows a configuration of this precision gets unless it says otherwise: none in
+    /// the integer mode (its pads hide a row alone, and Freivalds' check verifies every row),
+    /// [`FLOOR_DUMMY_ROWS`] in the float modes (their shuffle hides a decode row only among
+    /// them).
+    pub fn default_dummy_rows(self) -> usize {
+        if self.is_int() { 0 } else { FLOOR_DUMMY_ROWS }
+    }
 }
+
+/// How the row count of a prefill call is hidden: it is padded with cover rows (pads, verified
+/// like every row) up to a bucket, so the cloud learns the bucket, not the prompt's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PadRows {
+    /// No padding: the cloud reads the exact prompt length.
+    Off,
+    /// The next power of two, and at least this many rows.
+    Pow2(usize),
+    /// Always the session's context length: the length is hidden completely.
+    Max,
+}
+
+impl PadRows {
+    /// The rows a call of `n` rows is sent with, at most `limit` (the context length) unless
+    /// `n` itself is more.
+    pub fn bucket(self, n: usize, limit: usize) -> usize {
+        let b = match self {
+            PadRows::Off => n,
+            PadRows::Pow2(min) => n.max(min).checked_next_power_of_two().unwrap_or(n),
+            PadRows::Max => limit,
+        };
+        b.min(limit).max(n)
+    }
+}
+
+impl std::str::FromStr for PadRows {
+    type Err = String;
+
+    /// `off`, `max`, `pow2` (from 16) or `pow2:MIN`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(PadRows::Off),
+            "max" => Ok(PadRows::Max),
+            "pow2" => Ok(PadRows::Pow2(DEFAULT_PAD_MIN)),
+            _ => {
+                let min = s
+                    .strip_prefix("pow2:")
+                    .and_then(|m| m.parse::<usize>().ok())
+                    .filter(|&m| (1..=1 << 20).contains(&m))
+                    .ok_or_else(|| format!("{s:?}: expected off, max, pow2 or pow2:MIN"))?;
+                Ok(PadRows::Pow2(min))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for PadRows {
+    /// The form [`FromStr`](std::str::FromStr) reads.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PadRows::Off => f.write_str("off"),
+            PadRows::Pow2(m) => write!(f, "pow2:{m}"),
+            PadRows::Max => f.write_str("max"),
+        }
+    }
+}
+
+/// The least bucket of the default padding (`docs/remo.md`, "Length hiding").
+pub const DEFAULT_PAD_MIN: usize = 16;
 
 /// Rank of the public mask basis.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -122,9 +201,9 @@ impl std::str::FromStr for Rank {
 /// Every ReMO parameter, with defaults chosen from measurements (see `docs/remo.md`).
 ///
 /// What every mode leaves visible to the cloud, whatever it hides: the number of rows of every
-/// call (the prompt's length in the prefill, plus the public number of dummy rows), the number
-/// of decode steps (the response's length), the timing of every call, the frame sizes, and which
-/// tenant's session a call belongs to.
+/// call (in the prefill the prompt length's bucket, [`PadRows`]), the number of decode steps
+/// (the response's length), the timing of every call, the frame sizes, and which tenant's
+/// session a call belongs to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RemoConfig {
     /// Whether to mask at all; off gives the plaintext split (the attack suite's control).
@@ -134,9 +213,14 @@ pub struct RemoConfig {
     /// the integer mode).
     pub scale: f64,
     pub precision: Precision,
-    /// Pure-mask rows added to every call: canaries whose products the CVM knows. They do not
-    /// hide the row count (it is `n + dummy_rows`, and `dummy_rows` is public).
+    /// Pure-mask rows added to every call, shuffled with the real ones: cover for a decode row
+    /// in the float modes. They do not hide the row count (`dummy_rows` is public); Freivalds'
+    /// check verifies them like every row (with rank < d, where it cannot, they are canaries
+    /// whose products the CVM knows).
     pub dummy_rows: usize,
+    /// Length hiding: prefill calls padded to a bucket of rows.
+    #[serde(default = "default_pad_rows")]
+    pub pad_rows: PadRows,
     /// Shuffle the rows of every call with a fresh permutation (hides which row is a canary).
     pub shuffle: bool,
     /// Masks precomputed per op, ahead of the calls, on a background thread (0: on the spot).
@@ -145,6 +229,10 @@ pub struct RemoConfig {
     /// product could overflow 63 bits gets fewer).
     #[serde(default = "default_frac_bits")]
     pub frac_bits: u32,
+}
+
+fn default_pad_rows() -> PadRows {
+    RemoConfig::default().pad_rows
 }
 
 fn default_frac_bits() -> u32 {
@@ -167,7 +255,8 @@ impl Default for RemoConfig {
             rank: Rank::Full,
             scale: 100.0,
             precision: Precision::Int,
-            dummy_rows: 2,
+            dummy_rows: 0,
+            pad_rows: PadRows::Pow2(DEFAULT_PAD_MIN),
             shuffle: true,
             pool: 32,
             frac_bits: 32,
@@ -228,6 +317,9 @@ impl RemoConfig {
         if !self.enabled {
             why.push("masking is off: the cloud sees every activation".to_string());
             return why;
+        }
+        if self.pad_rows == PadRows::Off {
+            why.push("prefill rows are not padded: the cloud reads every prompt's length".into());
         }
         if let Rank::Fraction(f) = self.rank {
             why.push(format!(
@@ -306,7 +398,7 @@ mod floor_tests {
         let d = RemoConfig::default();
         assert!(d.below_floor().is_empty());
         // The integer mode has no σ, and its pads hide every row alone: a small σ or no dummy
-        // rows is not a weakening there.
+        // rows is not a weakening there (no dummy rows is its default).
         for weaker in [
             RemoConfig {
                 scale: 1.0,
@@ -321,6 +413,7 @@ mod floor_tests {
         }
         let float = RemoConfig {
             precision: Precision::F64Gemm,
+            dummy_rows: Precision::F64Gemm.default_dummy_rows(),
             ..d.clone()
         };
         assert!(float.below_floor().is_empty());
@@ -338,6 +431,13 @@ mod floor_tests {
                     ..float.clone()
                 },
                 "σ = 30",
+            ),
+            (
+                RemoConfig {
+                    pad_rows: PadRows::Off,
+                    ..d.clone()
+                },
+                "not padded",
             ),
             (
                 RemoConfig {

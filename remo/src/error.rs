@@ -26,6 +26,8 @@ pub enum RemoError {
     Canary { op: OpId, relative_error: f64 },
     #[error("{op}: {wrong} values of the canary rows differ: the reply is corrupt")]
     IntCanary { op: OpId, wrong: usize },
+    #[error("{op}: {reason}: the reply is corrupt")]
+    Integrity { op: OpId, reason: String },
     #[error("{op}: cannot encode in fixed point without overflow: {reason}")]
     Overflow { op: OpId, reason: String },
     #[error(transparent)]
@@ -43,7 +45,9 @@ impl RemoError {
             RemoError::NotSetUp(_) => "remo_not_set_up",
             RemoError::Shape { .. } => "shape",
             RemoError::ReplyShape { .. } => "reply_shape",
-            RemoError::Canary { .. } | RemoError::IntCanary { .. } => "canary",
+            RemoError::Canary { .. }
+            | RemoError::IntCanary { .. }
+            | RemoError::Integrity { .. } => "integrity",
             RemoError::Overflow { .. } => "fixed_point_overflow",
             RemoError::Wire(_) => "wire",
             RemoError::Engine(e) => e.error_type(),

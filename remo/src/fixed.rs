@@ -43,14 +43,15 @@ impl IntOp {
         Ok(Self { weight, bound })
     }
 
-    /// Encodes row `x` into `out`; returns the fractional bits chosen.
+    /// Encodes row `x` into `out`; returns the fractional bits chosen and the bound
+    /// [`product_bound`] on every value of the row's exact product.
     pub fn encode(
         &self,
         op: OpId,
         x: &[f32],
         f_max: u32,
         out: &mut [u64],
-    ) -> Result<u32, RemoError> {
+    ) -> Result<(u32, u64), RemoError> {
         let gain = self.weight.gain.as_deref();
         let v = |i: usize| f64::from(x[i]) * gain.map_or(1.0, |g| f64::from(g[i]));
         let mut sq = 0f64;
@@ -79,17 +80,17 @@ impl IntOp {
         for (i, o) in out.iter_mut().enumerate() {
             *o = (v(i) * scale).round() as i64 as u64;
         }
-        Ok(f)
+        Ok((f, product_bound(sq.sqrt(), x.len(), self.bound, f)))
     }
 
-    /// Encodes every row of `x` (`d_in` wide, checked): the residues and each row's fractional
-    /// bits.
+    /// Encodes every row of `x` (`d_in` wide, checked): the residues, each row's fractional
+    /// bits and each row's bound on its product.
     pub fn encode_rows(
         &self,
         op: OpId,
         x: &Rows,
         f_max: u32,
-    ) -> Result<(Vec<u64>, Vec<u32>), RemoError> {
+    ) -> Result<(Vec<u64>, Vec<u32>, Vec<u64>), RemoError> {
         let d_in = self.weight.d_in;
         if x.cols() != d_in {
             return Err(RemoError::Shape {
@@ -100,11 +101,26 @@ impl IntOp {
         }
         let mut enc = vec![0u64; x.rows() * d_in];
         let mut frac_bits = Vec::with_capacity(x.rows());
+        let mut bounds = Vec::with_capacity(x.rows());
         for (r, row) in enc.chunks_exact_mut(d_in).enumerate() {
-            frac_bits.push(self.encode(op, x.row(r), f_max, row)?);
+            let (f, b) = self.encode(op, x.row(r), f_max, row)?;
+            frac_bits.push(f);
+            bounds.push(b);
         }
-        Ok((enc, frac_bits))
+        Ok((enc, frac_bits, bounds))
     }
+}
+
+/// A bound on `|X·W_int[:, j]|` for every `j`, for a row of f64 norm `norm` (after the gain)
+/// encoded with `f` fractional bits: `‖X‖₂ ≤ norm·2^f + √d/2` (each value rounded by at most
+/// ½), times the column bound (Cauchy–Schwarz), enlarged by `2^-30` for the f64 rounding of both
+/// norms (relative errors of order `d·2^-53`) and rounded up. Below `2^62` for every `f` that
+/// [`frac_bits`] chooses.
+pub fn product_bound(norm: f64, d: usize, column_bound: f64, f: u32) -> u64 {
+    let b = (norm * 2f64.powi(f as i32) + (d as f64).sqrt() / 2.0) * column_bound.max(1.0);
+    let b = (b * (1.0 + 2f64.powi(-30))).ceil() + 1.0;
+    // `as` saturates: a bound past 2^64 (never chosen) reads as u64::MAX, which fails nothing.
+    b as u64
 }
 
 /// The largest `f ≤ f_max` with `(norm · 2^f + √d / 2) · bound < 2^62`, if it is at least
@@ -186,7 +202,7 @@ impl FixedPointLinear {
     /// `X · W_int` exactly, for the encoding of `x`.
     pub fn product(&mut self, op: OpId, x: &Rows) -> Result<IntProduct, RemoError> {
         let int = self.ops.get(&op).ok_or(RemoError::NotSetUp(op))?;
-        let (enc, frac_bits) = int.encode_rows(op, x, self.frac_bits)?;
+        let (enc, frac_bits, _) = int.encode_rows(op, x, self.frac_bits)?;
         self.downshifted_rows += frac_bits.iter().filter(|&&f| f < self.frac_bits).count() as u64;
         let values = int_matmul(&enc, x.rows(), &int.weight)
             .into_iter()

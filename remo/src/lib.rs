@@ -15,8 +15,12 @@ pub mod fixed;
 pub mod grid;
 pub use talaria_wire::gemm;
 mod masker;
+pub mod verify;
 
-pub use config::{Calibration, FLOOR_DUMMY_ROWS, FLOOR_SCALE, Precision, Rank, RemoConfig, op_key};
+pub use config::{
+    Calibration, DEFAULT_PAD_MIN, FLOOR_DUMMY_ROWS, FLOOR_SCALE, PadRows, Precision, Rank,
+    RemoConfig, op_key,
+};
 pub use error::RemoError;
 pub use fixed::{FixedPointLinear, IntProduct};
 pub use masker::{Masker, MaskerStats, Pending, PublicOp, SharedPools};

@@ -1,6 +1,7 @@
 //! The CVM's side of ReMO for one session: public set-up per op, private mask coefficients,
 //! the offline mask pool (the session's own, or one its agent's sessions share), masking with
-//! dummy rows and a shuffle, and unmasking with canary checks.
+//! cover rows (dummies and length padding) and a shuffle, and unmasking after Freivalds' check of
+//! every row (`verify`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +20,10 @@ use talaria_wire::{
 use crate::fixed::{IntOp, IntProduct};
 use crate::gemm::{matmul_f32, matmul_f64, matmul_f64_f32, matmul_f64_nt};
 use crate::grid;
-use crate::{Precision, RemoConfig, RemoError};
+use crate::verify::{
+    CallCheck, CheckVectors, FLOAT_VECTORS, FloatCheck, IntCheck, int_vectors_for,
+};
+use crate::{PadRows, Precision, RemoConfig, RemoError};
 
 /// What the CVM knows of an op after set-up: all of it public.
 struct OpPublic {
@@ -93,6 +97,94 @@ struct OpState {
     scale: f64,
     rng: ChaCha20Rng,
     pool: VecDeque<MaskPair>,
+    /// Freivalds' secret vectors (identity basis only), made on first use and dropped after a
+    /// failed check so that they are never used again.
+    check: Option<Arc<CheckVectors>>,
+}
+
+impl OpState {
+    fn new(public: Arc<OpPublic>, scale: f64, rng: ChaCha20Rng) -> Self {
+        Self {
+            public,
+            scale,
+            rng,
+            pool: VecDeque::new(),
+            check: None,
+        }
+    }
+
+    /// The op's check vectors, made (or, in the integer mode, extended) to at least `k`;
+    /// `None` with an orthonormal basis, where the CVM does not hold `W`.
+    fn vectors(&mut self, precision: Precision, k: usize) -> Option<Arc<CheckVectors>> {
+        let public = self.public.clone();
+        if public.basis.is_some() {
+            return None;
+        }
+        if self.check.as_ref().is_none_or(|c| c.len() < k) {
+            let made = match &public.int {
+                Some(int) => {
+                    let have = match self.check.as_deref() {
+                        Some(CheckVectors::Int(c)) => Some(c),
+                        _ => None,
+                    };
+                    CheckVectors::Int(IntCheck::extended(have, &int.weight, &mut self.rng, k))
+                }
+                None => {
+                    let unit = precision.cloud_unit_roundoff();
+                    let (d_in, d_out) = (public.d_in, public.d_out);
+                    CheckVectors::Float(if public.r_pub_f64.is_empty() {
+                        FloatCheck::new(&public.r_pub_f32, d_in, d_out, unit, &mut self.rng)
+                    } else {
+                        FloatCheck::new(&public.r_pub_f64, d_in, d_out, unit, &mut self.rng)
+                    })
+                }
+            };
+            self.check = Some(Arc::new(made));
+        }
+        self.check.clone()
+    }
+}
+
+/// Draws the float modes' mask coefficients: with the identity basis integer multiples of the
+/// op's power-of-two grid (see `grid`), so that every value of the grid is a reachable mask;
+/// with a basis (rank < d, which leaks anyway) plain Gaussians.
+fn float_coeffs(public: &OpPublic, scale: f64, rng: &mut ChaCha20Rng, count: usize) -> Vec<f64> {
+    let step = public.basis.is_none().then(|| grid::grid_step(scale));
+    (0..count * public.m)
+        .map(|_| {
+            let z = Distribution::<f64>::sample(&StandardNormal, &mut *rng);
+            match step {
+                Some(g) => g * grid::mask_steps(scale, g, z),
+                None => scale * z,
+            }
+        })
+        .collect()
+}
+
+/// `count` cover rows: masks of the identity basis without their products (Freivalds' check
+/// verifies them; their outputs are dropped).
+fn cover_masks(
+    public: &OpPublic,
+    scale: f64,
+    rng: &mut ChaCha20Rng,
+    count: usize,
+) -> Vec<MaskPair> {
+    let d_in = public.d_in;
+    if public.int.is_some() {
+        return (0..count)
+            .map(|_| MaskPair::Int {
+                pad: (0..d_in).map(|_| rng.random()).collect(),
+                product: Vec::new(),
+            })
+            .collect();
+    }
+    float_coeffs(public, scale, rng, count)
+        .chunks_exact(d_in)
+        .map(|m| MaskPair::Float {
+            mask: m.to_vec(),
+            product: Vec::new(),
+        })
+        .collect()
 }
 
 /// Draws `count` fresh masks with their products, as batched GEMMs.
@@ -107,19 +199,7 @@ fn make_pairs(
         return int_pairs(int, rng, count);
     }
     let (d_in, d_out, m) = (public.d_in, public.d_out, public.m);
-    // Full rank: integer multiples of the op's power-of-two grid (see `grid`), so that every
-    // value of the grid is a reachable mask. With a basis (rank < d, which leaks anyway) the
-    // coefficients are plain Gaussians.
-    let step = public.basis.is_none().then(|| grid::grid_step(scale));
-    let coeffs: Vec<f64> = (0..count * m)
-        .map(|_| {
-            let z = Distribution::<f64>::sample(&StandardNormal, &mut *rng);
-            match step {
-                Some(g) => g * grid::mask_steps(scale, g, z),
-                None => scale * z,
-            }
-        })
-        .collect();
+    let coeffs = float_coeffs(public, scale, rng, count);
     let round32 = |v: &mut Vec<f64>| v.iter_mut().for_each(|x| *x = f64::from(*x as f32));
     // The mask actually added, and the coefficients whose product with R_pub removes it.
     let (masks, coeffs) = match (&public.basis, precision) {
@@ -314,12 +394,11 @@ impl SharedPools {
             .unwrap_or_else(|e| e.into_inner())
             .entry(op)
             .or_insert_with(|| {
-                Arc::new(Mutex::new(OpState {
-                    public: public.public.clone(),
+                Arc::new(Mutex::new(OpState::new(
+                    public.public.clone(),
                     scale,
-                    rng: ChaCha20Rng::from_seed(rand::rng().random()),
-                    pool: VecDeque::new(),
-                }))
+                    ChaCha20Rng::from_seed(rand::rng().random()),
+                )))
             })
             .clone()
     }
@@ -356,11 +435,18 @@ pub struct Pending {
     op: OpId,
     seq: u64,
     n_real: usize,
-    /// `slots[j]`: where logical row `j` (real rows first, then dummies) sits in the sent batch.
+    /// Canary rows (rank < d only): pure masks whose products are known.
+    n_canary: usize,
+    /// `slots[j]`: where logical row `j` (real rows first, then canaries, then cover rows)
+    /// sits in the sent batch.
     slots: Vec<usize>,
-    /// Products of the masks of logical rows; empty when masking is off.
+    /// Products of the masks of the real and canary rows; empty when masking is off.
     products: Products,
     d_out: usize,
+    /// Freivalds' check of every sent row (identity basis).
+    check: Option<CallCheck>,
+    /// The op's state, whose check vectors a failure retires.
+    state: Option<Arc<Mutex<OpState>>>,
 }
 
 /// What unmasking a call needs besides the reply.
@@ -370,6 +456,8 @@ enum Products {
         products: Vec<Vec<u64>>,
         /// Fractional bits of each real row.
         frac_bits: Vec<u32>,
+        /// Each real row's bound on its exact product (the range check).
+        bounds: Vec<u64>,
         shift: u32,
     },
 }
@@ -397,6 +485,12 @@ pub struct MaskerStats {
     pub mask_generation_macs: u64,
     /// Integer mode: rows encoded with fewer fractional bits than configured, to fit 63 bits.
     pub downshifted_rows: u64,
+    /// Cover rows added to hide a prefill's length (`pad_rows`).
+    pub padding_rows: u64,
+    /// Rows verified by Freivalds' check.
+    pub checked_rows: u64,
+    /// Seconds spent on Freivalds' check (both halves; vector set-up included).
+    pub verify_s: f64,
 }
 
 /// One session's ReMO state.
@@ -415,6 +509,12 @@ pub struct Masker {
     seq: u64,
     stats: MaskerStats,
     offline: OfflineClock,
+    /// Nanoseconds of Freivalds' check.
+    verify_clock: OfflineClock,
+    /// The context length, which bounds the padded row count.
+    context: Option<usize>,
+    /// Whether the session's first pass (the prefill) has reached the LM head.
+    prefilled: bool,
 }
 
 impl Masker {
@@ -439,7 +539,40 @@ impl Masker {
             seq: 0,
             stats: MaskerStats::default(),
             offline: OfflineClock::default(),
+            verify_clock: OfflineClock::default(),
+            context: None,
+            prefilled: false,
         })
+    }
+
+    /// The session's context length: padded calls never exceed it (and `pad_rows = max` pads
+    /// to it).
+    pub fn set_context(&mut self, max_seq: usize) {
+        self.context = Some(max_seq);
+    }
+
+    /// The rows a call of `n` real rows is sent with before dummies: padded to its bucket when
+    /// its row count could tell the prompt's length — a call of more than one row, or a block
+    /// op of the session's first pass (a one-token prompt). A causal pass's LM head call has
+    /// one row whatever the prompt, and so do decode steps.
+    fn padded_rows(&mut self, op: OpId, n: usize) -> Result<usize, RemoError> {
+        let prefill = n > 1 || (!self.prefilled && op != OpId::LmHead);
+        if op == OpId::LmHead {
+            self.prefilled = true;
+        }
+        if !prefill || self.config.pad_rows == PadRows::Off {
+            return Ok(n);
+        }
+        let limit = match (self.context, self.config.pad_rows) {
+            (Some(c), _) => c,
+            (None, PadRows::Max) => {
+                return Err(RemoError::Config(
+                    "pad_rows = max needs the session's context length".into(),
+                ));
+            }
+            (None, _) => usize::MAX,
+        };
+        Ok(self.config.pad_rows.bucket(n, limit))
     }
 
     /// The parameters.
@@ -451,6 +584,7 @@ impl Masker {
     pub fn stats(&self) -> MaskerStats {
         let mut s = self.stats.clone();
         s.mask_generation_s = self.offline.load(Ordering::Relaxed) as f64 * 1e-9;
+        s.verify_s = self.verify_clock.load(Ordering::Relaxed) as f64 * 1e-9;
         s
     }
 
@@ -604,12 +738,11 @@ impl Masker {
             self.shared_ops.insert(op);
             return;
         }
-        let state = OpState {
-            public: public.public,
+        let state = OpState::new(
+            public.public,
             scale,
-            rng: ChaCha20Rng::from_seed(self.rng.random()),
-            pool: VecDeque::new(),
-        };
+            ChaCha20Rng::from_seed(self.rng.random()),
+        );
         self.ops.insert(op, Arc::new(Mutex::new(state)));
     }
 
@@ -654,9 +787,12 @@ impl Masker {
                 op,
                 seq: self.seq,
                 n_real: n,
+                n_canary: 0,
                 slots: (0..n).collect(),
                 products: Products::Float(Vec::new()),
                 d_out: 0,
+                check: None,
+                state: None,
             };
             return Ok((tensor, pending));
         }
@@ -676,24 +812,35 @@ impl Masker {
         let encoded = match &s.public.int {
             Some(int) => {
                 let f_max = self.config.frac_bits;
-                let (enc, frac_bits) = int.encode_rows(op, x, f_max)?;
+                let (enc, frac_bits, bounds) = int.encode_rows(op, x, f_max)?;
                 self.stats.downshifted_rows +=
                     frac_bits.iter().filter(|&&f| f < f_max).count() as u64;
-                Some((enc, frac_bits, int.weight.shift))
+                Some((enc, frac_bits, bounds, int.weight.shift))
             }
             None => None,
         };
-        let k = self.config.dummy_rows;
-        let total = n + k;
+        let padded = self.padded_rows(op, n)?;
+        let cover = padded - n + self.config.dummy_rows;
+        let total = n + cover;
+        let t_check = std::time::Instant::now();
+        let k = match &encoded {
+            Some((_, _, bounds, _)) => bounds.iter().map(|&b| int_vectors_for(b)).max(),
+            None => Some(FLOAT_VECTORS),
+        };
+        let vectors = s.vectors(self.config.precision, k.unwrap_or(1));
+        let mut check_ns = t_check.elapsed().as_nanos() as u64;
+        // Without Freivalds' check (rank < d) the cover rows are canaries with known products.
+        let n_canary = if vectors.is_some() { 0 } else { cover };
+        let n_pairs = n + n_canary;
         let mut pairs = Vec::with_capacity(total);
-        while pairs.len() < total {
+        while pairs.len() < n_pairs {
             match s.pool.pop_front() {
                 Some(p) => {
                     pairs.push(p);
                     self.stats.pool_hits += 1;
                 }
                 None => {
-                    let need = total - pairs.len();
+                    let need = n_pairs - pairs.len();
                     self.stats.pool_misses += need as u64;
                     let public = s.public.clone();
                     let scale = s.scale;
@@ -707,12 +854,16 @@ impl Masker {
                 }
             }
         }
+        let public = s.public.clone();
         drop(s);
         if let Some(w) = &self.worker {
             nudge(&w.wake);
         }
         if let Some(wake) = &self.shared_wake {
             nudge(wake);
+        }
+        if vectors.is_some() {
+            pairs.extend(cover_masks(&public, scale, &mut self.rng, cover));
         }
 
         let mut slots: Vec<usize> = (0..total).collect();
@@ -723,32 +874,74 @@ impl Masker {
             }
         }
         self.stats.rows_sent += total as u64;
-        self.stats.dummy_rows += k as u64;
-        self.stats.mask_generation_macs += pair_macs * total as u64;
+        self.stats.dummy_rows += self.config.dummy_rows as u64;
+        self.stats.padding_rows += (padded - n) as u64;
+        self.stats.mask_generation_macs += pair_macs * n_pairs as u64;
         let (tensor, products) = match encoded {
-            Some((enc, frac_bits, shift)) => {
-                Self::pad_rows(pairs, &slots, n, &enc, d_in, frac_bits, shift)
+            Some((enc, frac_bits, bounds, shift)) => {
+                Self::pad_rows(pairs, &slots, n, &enc, d_in, frac_bits, bounds, shift)
             }
             None => {
                 let step = identity.then(|| grid::grid_step(scale));
                 Self::mask_rows(op, self.config.precision, pairs, &slots, x, step)?
             }
         };
+        let t_check = std::time::Instant::now();
+        let check = vectors.map(|v| Self::sent_side(v, &tensor, k.unwrap_or(1)));
+        check_ns += t_check.elapsed().as_nanos() as u64;
+        self.verify_clock.fetch_add(check_ns, Ordering::Relaxed);
         let pending = Pending {
             op,
             seq: self.seq,
             n_real: n,
+            n_canary,
             slots,
             products,
             d_out,
+            check,
+            state: Some(state),
         };
         Ok((tensor, pending))
     }
 
-    /// The float modes' rows: real rows plus their masks, dummy rows pure masks, in slot order.
+    /// The sent half of Freivalds' check for every row of `tensor`: `x̃·u_t` (and in the float
+    /// modes `|x̃|·a_t`), with `k` vectors in the integer mode.
+    fn sent_side(vectors: Arc<CheckVectors>, tensor: &Tensor, k: usize) -> CallCheck {
+        let (rows, cols) = tensor.shape();
+        let (mut int_sent, mut float_sent) = (Vec::new(), Vec::new());
+        let stride = match (&*vectors, tensor) {
+            (CheckVectors::Int(c), Tensor::U64 { data, .. }) => {
+                int_sent.reserve(rows * k);
+                data.chunks_exact(cols)
+                    .for_each(|x| c.sent(x, k, &mut int_sent));
+                k
+            }
+            (CheckVectors::Float(c), Tensor::F32 { data, .. }) => {
+                data.chunks_exact(cols)
+                    .for_each(|x| c.sent(x, &mut float_sent));
+                2 * FLOAT_VECTORS
+            }
+            (CheckVectors::Float(c), Tensor::F64 { data, .. }) => {
+                data.chunks_exact(cols)
+                    .for_each(|x| c.sent(x, &mut float_sent));
+                2 * FLOAT_VECTORS
+            }
+            // The precision of the tensor is the mode's, and so are the vectors: never reached,
+            // and a check with no values would fail every row rather than pass it.
+            _ => 0,
+        };
+        CallCheck {
+            vectors,
+            int_sent,
+            float_sent,
+            stride,
+        }
+    }
+
+    /// The float modes' rows: real rows plus their masks, cover rows pure masks, in slot order.
     /// With the identity basis (`step`: its grid) each value is the exact sum of the row rounded
     /// to the grid and a grid mask, rounded once to f32 where the mode sends f32 (see `grid`);
-    /// with a basis, the plain sum.
+    /// with a basis, the plain sum. Products are kept for the rows that have them.
     fn mask_rows(
         op: OpId,
         precision: Precision,
@@ -786,7 +979,9 @@ impl Masker {
                     f32_rows[slot * d_in + i] = v as f32;
                 }
             }
-            products.push(product);
+            if !product.is_empty() {
+                products.push(product);
+            }
         }
         let tensor = if f64_out {
             Tensor::F64 {
@@ -804,8 +999,9 @@ impl Masker {
         Ok((tensor, Products::Float(products)))
     }
 
-    /// The integer mode's rows: encoded real rows plus their pads modulo `2^64`, dummy rows
+    /// The integer mode's rows: encoded real rows plus their pads modulo `2^64`, cover rows
     /// pure pads, in slot order.
+    #[allow(clippy::too_many_arguments)]
     fn pad_rows(
         pairs: Vec<MaskPair>,
         slots: &[usize],
@@ -813,14 +1009,17 @@ impl Masker {
         enc: &[u64],
         d_in: usize,
         frac_bits: Vec<u32>,
+        bounds: Vec<u64>,
         shift: u32,
     ) -> (Tensor, Products) {
         let total = pairs.len();
         let mut rows = vec![0u64; total * d_in];
         let mut products = Vec::with_capacity(total);
         for (j, pair) in pairs.into_iter().enumerate() {
-            let MaskPair::Int { pad, product } = pair else {
-                unreachable!("an integer session draws pads")
+            // An integer session draws only pads: `make_pairs` and `cover_masks` follow the op.
+            let (pad, product) = match pair {
+                MaskPair::Int { pad, product } => (pad, product),
+                MaskPair::Float { .. } => (Vec::new(), Vec::new()),
             };
             let dst = &mut rows[slots[j] * d_in..(slots[j] + 1) * d_in];
             if j < n {
@@ -829,9 +1028,11 @@ impl Masker {
                     *d = v.wrapping_add(p);
                 }
             } else {
-                dst.copy_from_slice(&pad);
+                dst[..pad.len()].copy_from_slice(&pad);
             }
-            products.push(product);
+            if !product.is_empty() {
+                products.push(product);
+            }
         }
         let tensor = Tensor::U64 {
             rows: total,
@@ -843,12 +1044,14 @@ impl Masker {
             Products::Int {
                 products,
                 frac_bits,
+                bounds,
                 shift,
             },
         )
     }
 
-    /// Removes the masks from the cloud's reply, after checking every canary row.
+    /// Removes the masks from the cloud's reply, after checking every row of it (Freivalds'
+    /// check, the canaries with rank < d, and the integer mode's range check).
     pub fn unmask(&self, pending: Pending, y: &Tensor) -> Result<Rows, RemoError> {
         y.validate()?;
         let op = pending.op;
@@ -869,6 +1072,7 @@ impl Masker {
             return Ok(Rows::new(rows, cols, data)?);
         }
         self.check_reply(&pending, y)?;
+        self.verify(&pending, y)?;
         let products = match &pending.products {
             Products::Float(p) => p,
             Products::Int { .. } => return Self::unpad(pending, y)?.decode(),
@@ -885,9 +1089,13 @@ impl Masker {
                 Tensor::U64 { .. } => unreachable!("checked: the reply is in the call's precision"),
             }
         };
-        // Canaries first: a reply that fails one is not used at all.
+        // Canaries (rank < d) first: a reply that fails one is not used at all.
         let tol = precision.canary_tolerance();
-        for (&slot, expected) in pending.slots.iter().zip(products).skip(pending.n_real) {
+        let canaries = pending.n_real..pending.n_real + pending.n_canary;
+        for (&slot, expected) in pending.slots[canaries.clone()]
+            .iter()
+            .zip(&products[canaries])
+        {
             let got = row(slot);
             let scale = expected.iter().fold(1f64, |a, v| a.max(v.abs()));
             let err = got
@@ -917,6 +1125,61 @@ impl Masker {
         Ok(Rows::new(pending.n_real, d_out, out)?)
     }
 
+    /// Freivalds' check of every row of the reply: `ỹ·v_t = x̃·u_t` (within the rounding
+    /// bound in the float modes). A failure retires the op's vectors.
+    fn verify(&self, pending: &Pending, y: &Tensor) -> Result<(), RemoError> {
+        let Some(check) = &pending.check else {
+            return Ok(());
+        };
+        let t0 = std::time::Instant::now();
+        let d_out = pending.d_out;
+        let stride = check.stride;
+        let failed = (0..pending.slots.len()).find(|&slot| {
+            let ok = match (&*check.vectors, y) {
+                (CheckVectors::Int(c), Tensor::U64 { data, .. }) => c.passes(
+                    &data[slot * d_out..][..d_out],
+                    &check.int_sent[slot * stride..][..stride],
+                ),
+                (CheckVectors::Float(c), Tensor::F32 { data, .. }) => c.passes(
+                    &data[slot * d_out..][..d_out],
+                    &check.float_sent[slot * stride..][..stride],
+                ),
+                (CheckVectors::Float(c), Tensor::F64 { data, .. }) => c.passes(
+                    &data[slot * d_out..][..d_out],
+                    &check.float_sent[slot * stride..][..stride],
+                ),
+                _ => false,
+            };
+            // An empty check (stride 0) never passes a row.
+            !ok || stride == 0
+        });
+        self.verify_clock
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match failed {
+            None => Ok(()),
+            Some(slot) => {
+                Self::retire_vectors(pending);
+                Err(RemoError::Integrity {
+                    op: pending.op,
+                    reason: format!("row {slot} of the reply fails Freivalds' check"),
+                })
+            }
+        }
+    }
+
+    /// Drops the op's check vectors after a failure, unless they were already replaced.
+    fn retire_vectors(pending: &Pending) {
+        if let (Some(state), Some(check)) = (&pending.state, &pending.check) {
+            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            if s.check
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(c, &check.vectors))
+            {
+                s.check = None;
+            }
+        }
+    }
+
     /// Checks a reply's shape and precision against its call.
     fn check_reply(&self, pending: &Pending, y: &Tensor) -> Result<(), RemoError> {
         let total = pending.slots.len();
@@ -943,30 +1206,34 @@ impl Masker {
     }
 
     /// The integer mode's unmasking: the exact product `X · W_int` of the encoded real rows,
-    /// after checking that every canary row is its pad's product bit for bit.
+    /// after Freivalds' check of every row, the canaries' (rank < d) and the range check.
     pub fn unmask_exact(&self, pending: Pending, y: &Tensor) -> Result<IntProduct, RemoError> {
         y.validate()?;
         self.check_reply(&pending, y)?;
+        self.verify(&pending, y)?;
         Self::unpad(pending, y)
     }
 
-    /// [`Masker::unmask_exact`] on a reply already checked against its call.
+    /// [`Masker::unmask_exact`] on a reply already checked against its call by Freivalds'
+    /// check: the canaries, the subtraction and the range check.
     fn unpad(pending: Pending, y: &Tensor) -> Result<IntProduct, RemoError> {
         let op = pending.op;
         let (
             Products::Int {
                 products,
                 frac_bits,
+                bounds,
                 shift,
             },
             Tensor::U64 { data, .. },
-        ) = (pending.products, y)
+        ) = (&pending.products, y)
         else {
             return Err(RemoError::Setup(format!("{op}: not an integer-mode call")));
         };
         let d_out = pending.d_out;
         let row = |slot: usize| &data[slot * d_out..(slot + 1) * d_out];
-        let wrong: usize = (pending.n_real..pending.slots.len())
+        let canaries = pending.n_real..pending.n_real + pending.n_canary;
+        let wrong: usize = canaries
             .map(|j| {
                 row(pending.slots[j])
                     .iter()
@@ -980,13 +1247,25 @@ impl Masker {
         }
         let mut values = Vec::with_capacity(pending.n_real * d_out);
         for (j, p) in products.iter().enumerate().take(pending.n_real) {
+            let start = values.len();
             values.extend(
                 row(pending.slots[j])
                     .iter()
                     .zip(p)
                     .map(|(&g, &e)| g.wrapping_sub(e) as i64),
             );
+            // The exact product is within the row's bound; a value past it is an error in the
+            // high bits, which Freivalds' check alone catches only with probability 1/2 or less
+            // per vector.
+            if values[start..].iter().any(|v| v.unsigned_abs() > bounds[j]) {
+                Self::retire_vectors(&pending);
+                return Err(RemoError::Integrity {
+                    op,
+                    reason: format!("a value of real row {j} is outside its bound"),
+                });
+            }
         }
+        let (frac_bits, shift) = (frac_bits.clone(), *shift);
         Ok(IntProduct {
             rows: pending.n_real,
             cols: d_out,

@@ -1,10 +1,11 @@
 //! The integer mode against an in-test cloud that holds an integer weight and answers with the
-//! wrapping product: exactness against the plain fixed-point engine, canaries, the overflow path.
+//! wrapping product: exactness against the plain fixed-point engine, length padding, a tampered
+//! cover row, the overflow path (the cheating clouds of issue 23 are in `freivalds.rs`).
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use talaria_engine::{BlockOp, OpId, Rows};
-use talaria_remo::{FixedPointLinear, Masker, Precision, RemoConfig, RemoError};
+use talaria_remo::{FixedPointLinear, Masker, PadRows, Precision, RemoConfig, RemoError};
 use talaria_wire::{INT_BLOCK, IntWeight, RPub, SetupReply, Tensor, int_matmul};
 
 const OP: OpId = OpId::Block {
@@ -88,7 +89,11 @@ fn unmasked_products_equal_the_plain_fixed_point_products_bit_for_bit() {
         for (n, seed) in [(1, 1), (5, 2), (3, 3)] {
             let x = rows(n, 96, 3.0, seed);
             let (sent, pending) = m.mask(OP, &x).unwrap();
-            assert_eq!(sent.shape(), (n + dummies, 96));
+            // Every call here is of the session's first pass (no LM head yet): padded to its
+            // bucket, then the dummies.
+            let padded = config.pad_rows.bucket(n, usize::MAX);
+            assert_eq!(padded, 16);
+            assert_eq!(sent.shape(), (padded + dummies, 96));
             let got = m.unmask_exact(pending, &cloud(&w, &sent)).unwrap();
             let want = plain.product(OP, &x).unwrap();
             assert_eq!(got, want, "pool {pool}, {n} rows");
@@ -120,6 +125,7 @@ fn the_cloud_sees_fresh_uniform_residues() {
         RemoConfig {
             shuffle: false,
             dummy_rows: 0,
+            pad_rows: PadRows::Off,
             ..int_config()
         },
     );
@@ -145,34 +151,37 @@ fn the_cloud_sees_fresh_uniform_residues() {
 }
 
 #[test]
-fn a_changed_canary_value_is_caught_exactly() {
+fn a_changed_cover_row_value_is_caught() {
     let w = weight(64, 32, 3);
     let mut m = masker(
         &w,
         RemoConfig {
             shuffle: false,
+            dummy_rows: 2,
             ..int_config()
         },
     );
     let x = rows(2, 64, 1.0, 4);
     let (sent, p) = m.mask(OP, &x).unwrap();
+    assert_eq!(m.stats().padding_rows, 14);
     let mut y = cloud(&w, &sent);
     let Tensor::U64 { data, cols, .. } = &mut y else {
         panic!()
     };
-    // The last row is a canary; flip its lowest bit.
+    // Without the shuffle the last row is a dummy: its output is dropped, but Freivalds'
+    // check verifies it like every row. Flip its lowest bit.
     let last = data.len() - *cols;
     data[last] ^= 1;
     match m.unmask_exact(p, &y) {
-        Err(RemoError::IntCanary { wrong, .. }) => assert_eq!(wrong, 1),
-        other => panic!("expected a canary error, got {other:?}"),
+        Err(e @ RemoError::Integrity { .. }) => assert_eq!(e.error_type(), "integrity"),
+        other => panic!("expected an integrity error, got {other:?}"),
     }
     // A float reply to an integer call is refused.
     let (_, p) = m.mask(OP, &x).unwrap();
     let float = Tensor::F64 {
-        rows: 4,
+        rows: 18,
         cols: 32,
-        data: vec![0.0; 128],
+        data: vec![0.0; 18 * 32],
     };
     assert_eq!(m.unmask(p, &float).unwrap_err().error_type(), "wire");
 }

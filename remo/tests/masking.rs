@@ -6,7 +6,7 @@ use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use talaria_engine::{BlockOp, OpId, Rows};
-use talaria_remo::{Masker, Precision, Rank, RemoConfig, RemoError, SharedPools};
+use talaria_remo::{Masker, PadRows, Precision, Rank, RemoConfig, RemoError, SharedPools};
 use talaria_wire::{RPub, SetupReply, SetupRequest, Tensor, expand_basis};
 
 const OP: OpId = OpId::Block {
@@ -106,6 +106,9 @@ impl Cloud {
 fn float() -> RemoConfig {
     RemoConfig {
         precision: Precision::F64Gemm,
+        dummy_rows: Precision::F64Gemm.default_dummy_rows(),
+        // These tests are about the masks; length padding is tested in `freivalds.rs`.
+        pad_rows: PadRows::Off,
         ..RemoConfig::default()
     }
 }
@@ -279,9 +282,19 @@ fn the_mask_does_not_depend_on_the_row() {
 }
 
 #[test]
-fn a_corrupted_canary_row_is_detected() {
+fn a_corrupted_row_is_detected_by_freivalds_check_and_with_rank_below_d_by_the_canaries() {
     let cloud = Cloud::random(32, 16, 3);
-    for precision in [Precision::F32, Precision::F64Gemm] {
+    let tamper = |y: &Tensor, row: usize| -> Tensor {
+        let mut y = y.clone();
+        match &mut y {
+            Tensor::F32 { data, cols, .. } => data[row * *cols] += 0.5,
+            Tensor::F64 { data, cols, .. } => data[row * *cols] += 0.5,
+            Tensor::U64 { .. } => unreachable!("a float session"),
+        }
+        y
+    };
+    let x = rows(3, 32, 1.0, 1);
+    for precision in [Precision::F32, Precision::F64Client, Precision::F64Gemm] {
         let config = RemoConfig {
             precision,
             dummy_rows: 1,
@@ -289,26 +302,34 @@ fn a_corrupted_canary_row_is_detected() {
             pool: 0,
             ..float()
         };
-        let mut m = masker(&cloud, config, 6);
-        let x = rows(3, 32, 1.0, 1);
-        let tamper = |y: &Tensor, row: usize| -> Tensor {
-            let mut y = y.clone();
-            match &mut y {
-                Tensor::F32 { data, cols, .. } => data[row * *cols] += 0.5,
-                Tensor::F64 { data, cols, .. } => data[row * *cols] += 0.5,
-                Tensor::U64 { .. } => unreachable!("a float session"),
-            }
-            y
-        };
-        // Without the shuffle the canary is the last row: tampering it is caught...
+        // Full rank: every row is verified, real or dummy.
+        let mut m = masker(&cloud, config.clone(), 6);
+        for row in 0..4 {
+            let (sent, p) = m.mask(OP, &x).unwrap();
+            let err = m.unmask(p, &tamper(&cloud.call(&sent), row)).unwrap_err();
+            assert_eq!(
+                err.error_type(),
+                "integrity",
+                "{precision:?} row {row}: {err}"
+            );
+        }
+        let (sent, p) = m.mask(OP, &x).unwrap();
+        assert!(m.unmask(p, &cloud.call(&sent)).is_ok());
+        // Rank < d: the CVM holds only M·W, so only the canaries (the dummy rows, with their
+        // products) can catch a cloud; without the shuffle the canary is the last row.
+        let mut m = masker(
+            &cloud,
+            RemoConfig {
+                rank: Rank::Fraction(0.5),
+                ..config
+            },
+            6,
+        );
         let (sent, p) = m.mask(OP, &x).unwrap();
         let err = m.unmask(p, &tamper(&cloud.call(&sent), 3)).unwrap_err();
         assert!(matches!(err, RemoError::Canary { .. }), "{err}");
-        // ...while tampering a real row is not (only canaries detect; the shuffle makes a
-        // tampering cloud hit them blindly).
         let (sent, p) = m.mask(OP, &x).unwrap();
         assert!(m.unmask(p, &tamper(&cloud.call(&sent), 0)).is_ok());
-        // An honest reply passes.
         let (sent, p) = m.mask(OP, &x).unwrap();
         assert!(m.unmask(p, &cloud.call(&sent)).is_ok());
     }
@@ -455,7 +476,8 @@ fn sessions_sharing_pools_get_fresh_masks_exact_products_and_a_warm_start() {
     let mut c = shared_masker(&cloud, config.clone(), &pools);
     let (sent, pending) = c.mask(OP, &zero).unwrap();
     c.unmask(pending, &cloud.call(&sent)).unwrap();
-    assert_eq!((c.stats().pool_hits, c.stats().pool_misses), (3, 0));
+    // One pair for the real row; the two dummies are cover rows, pure masks with no product.
+    assert_eq!((c.stats().pool_hits, c.stats().pool_misses), (1, 0));
     // ... made by the agent's pool thread: the session has none of its own.
     std::thread::sleep(std::time::Duration::from_millis(100));
     assert_eq!(c.stats().mask_generation_s, 0.0);

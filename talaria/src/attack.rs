@@ -382,6 +382,7 @@ fn grid(small: bool) -> Vec<Setting> {
     let float = |precision: Precision, scale: f64| RemoConfig {
         precision,
         scale,
+        dummy_rows: precision.default_dummy_rows(),
         ..base.clone()
     };
     let f64_gemm = |x: f64| float(Precision::F64Gemm, x);

@@ -14,7 +14,7 @@ use talaria_gguf::GgufFile;
 use talaria_gpu_node::{
     CloudExecutor, IntWeights, LinearWeights, PlainEngine, Tap, read_provision,
 };
-use talaria_remo::{Calibration, FixedPointLinear, Precision, Rank, RemoConfig};
+use talaria_remo::{Calibration, FixedPointLinear, PadRows, Precision, Rank, RemoConfig};
 use talaria_wire::Loopback;
 
 /// Which engine answers.
@@ -50,9 +50,14 @@ pub struct RemoArgs {
     /// The integer mode's fractional bits f (rows that could overflow 63 bits get fewer).
     #[arg(long, default_value_t = RemoConfig::default().frac_bits)]
     pub remo_frac_bits: u32,
-    /// Dummy (canary) rows added to every call.
-    #[arg(long, default_value_t = RemoConfig::default().dummy_rows)]
-    pub remo_dummy_rows: usize,
+    /// Dummy rows added to every call and shuffled with the real ones (default: 0 in the integer
+    /// mode, 2 in the float modes, whose shuffle hides a decode row among them).
+    #[arg(long)]
+    pub remo_dummy_rows: Option<usize>,
+    /// Length hiding: prefill calls padded to a bucket of rows, `pow2:MIN` (the next power of
+    /// two, at least MIN), `max` (the context length) or `off` (the cloud reads the length).
+    #[arg(long, default_value_t = RemoConfig::default().pad_rows, value_parser = parse_pad_rows)]
+    pub remo_pad_rows: PadRows,
     /// Shuffle the rows of every call.
     #[arg(long, default_value_t = RemoConfig::default().shuffle, action = clap::ArgAction::Set)]
     pub remo_shuffle: bool,
@@ -81,6 +86,10 @@ pub fn parse_precision(s: &str) -> Result<Precision, String> {
     s.parse()
 }
 
+fn parse_pad_rows(s: &str) -> Result<PadRows, String> {
+    s.parse()
+}
+
 impl RemoArgs {
     /// The flags' defaults: `RemoConfig::default()`, no seed, no tap, the CPU.
     pub fn defaults() -> Self {
@@ -89,7 +98,8 @@ impl RemoArgs {
             remo_rank: c.rank,
             remo_scale: c.scale,
             remo_precision: c.precision,
-            remo_dummy_rows: c.dummy_rows,
+            remo_dummy_rows: None,
+            remo_pad_rows: c.pad_rows,
             remo_shuffle: c.shuffle,
             remo_pool: c.pool,
             remo_frac_bits: c.frac_bits,
@@ -107,7 +117,10 @@ impl RemoArgs {
             rank: self.remo_rank,
             scale: self.remo_scale,
             precision: self.remo_precision,
-            dummy_rows: self.remo_dummy_rows,
+            dummy_rows: self
+                .remo_dummy_rows
+                .unwrap_or(self.remo_precision.default_dummy_rows()),
+            pad_rows: self.remo_pad_rows,
             shuffle: self.remo_shuffle,
             pool: self.remo_pool,
             frac_bits: self.remo_frac_bits,

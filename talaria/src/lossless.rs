@@ -91,6 +91,7 @@ fn grid(base: &RemoConfig) -> Vec<RemoConfig> {
             v.push(RemoConfig {
                 precision,
                 scale,
+                dummy_rows: base.dummy_rows.max(precision.default_dummy_rows()),
                 ..base.clone()
             });
         }
@@ -234,6 +235,10 @@ pub fn run(args: LosslessArgs) -> Result<()> {
                 v.push(RemoConfig {
                     precision,
                     scale,
+                    dummy_rows: args
+                        .remo
+                        .remo_dummy_rows
+                        .unwrap_or(precision.default_dummy_rows()),
                     ..base.clone()
                 });
             }

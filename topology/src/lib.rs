@@ -210,7 +210,10 @@ pub struct RemoSection {
     pub precision: Option<String>,
     /// The integer mode's fractional bits.
     pub frac_bits: Option<u32>,
+    /// Default: 0 in the integer mode, 2 in the float modes.
     pub dummy_rows: Option<usize>,
+    /// Length hiding: `pow2:MIN`, `max` or `off` (default `pow2:16`).
+    pub pad_rows: Option<String>,
     pub shuffle: Option<bool>,
     pub pool: Option<usize>,
     /// `false`: the plaintext split (attack-suite control only).

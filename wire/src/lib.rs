@@ -24,7 +24,7 @@ pub use protocol::{
     ALPN_CLOUD, ALPN_TENANT, ErrorReply, LatencySplit, Prompt, Provision, Reply, Request,
     TenantEvent, TenantMessage, TenantRequest, first_stop,
 };
-pub use ring::{INT_BLOCK, IntWeight, int_matmul};
+pub use ring::{INT_BLOCK, IntWeight, int_matmul, int_weight_times};
 pub use tensor::{Tensor, WireError};
 
 use serde::{Deserialize, Serialize};

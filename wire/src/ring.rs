@@ -141,6 +141,62 @@ pub fn int_matmul(x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64> {
     y
 }
 
+/// `W_int · v` modulo `2^64` for each of `vs` (every one `d_out` long): the `d_in`-long vectors
+/// `u` of Freivalds' check, `x̃ · u = (x̃ · W_int) · v`. Per block,
+/// `u_i = Σ_j q_ij (D_bj v_j) + Σ_j M_bj v_j`; blocks in parallel, each code row read once for
+/// all vectors.
+pub fn int_weight_times(w: &IntWeight, vs: &[Vec<u64>]) -> Vec<Vec<u64>> {
+    let (d_in, d_out) = (w.d_in, w.d_out);
+    assert!(vs.iter().all(|v| v.len() == d_out), "vector length");
+    let k = vs.len();
+    let blocks: Vec<Vec<u64>> = (0..d_in / INT_BLOCK)
+        .into_par_iter()
+        .map(|b| {
+            let scales = &w.scales[b * d_out..(b + 1) * d_out];
+            let mins = &w.mins[b * d_out..(b + 1) * d_out];
+            // `D_bj v_j` per vector, and the block's constant `Σ_j M_bj v_j`.
+            let scaled: Vec<Vec<u64>> = vs
+                .iter()
+                .map(|v| {
+                    scales
+                        .iter()
+                        .zip(v)
+                        .map(|(&s, &x)| s.wrapping_mul(x))
+                        .collect()
+                })
+                .collect();
+            let offsets: Vec<u64> = vs
+                .iter()
+                .map(|v| {
+                    mins.iter()
+                        .zip(v)
+                        .fold(0u64, |a, (&m, &x)| a.wrapping_add(m.wrapping_mul(x)))
+                })
+                .collect();
+            // `[i][t]` for the block's 32 inputs.
+            let mut out = vec![0u64; INT_BLOCK * k];
+            for i in 0..INT_BLOCK {
+                let codes = &w.codes[(b * INT_BLOCK + i) * d_out..][..d_out];
+                for t in 0..k {
+                    let dot = codes.iter().zip(&scaled[t]).fold(0u64, |a, (&q, &s)| {
+                        a.wrapping_add(s.wrapping_mul(u64::from(q)))
+                    });
+                    out[i * k + t] = dot.wrapping_add(offsets[t]);
+                }
+            }
+            out
+        })
+        .collect();
+    (0..k)
+        .map(|t| {
+            blocks
+                .iter()
+                .flat_map(|blk| (0..INT_BLOCK).map(move |i| blk[i * k + t]))
+                .collect()
+        })
+        .collect()
+}
+
 /// The operands every tile of one product shares.
 struct Operands<'a> {
     x: &'a [u64],
@@ -320,6 +376,39 @@ mod tests {
             mins: (0..blocks).map(|_| rng.random::<u64>()).collect(),
             shift: 18,
             gain: None,
+        }
+    }
+
+    #[test]
+    fn the_weight_times_a_vector_is_the_transpose_of_the_product() {
+        // (x · W) · v = x · (W · v) mod 2^64 for every x and v: Freivalds' identity.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let w = random_weight(&mut rng, 96, 70);
+        let vs: Vec<Vec<u64>> = (0..3)
+            .map(|_| (0..70).map(|_| rng.random()).collect())
+            .collect();
+        let us = int_weight_times(&w, &vs);
+        let x: Vec<u64> = (0..2 * 96).map(|_| rng.random()).collect();
+        let y = int_matmul(&x, 2, &w);
+        let dot = |a: &[u64], b: &[u64]| {
+            a.iter()
+                .zip(b)
+                .fold(0u64, |s, (&p, &q)| s.wrapping_add(p.wrapping_mul(q)))
+        };
+        for (v, u) in vs.iter().zip(&us) {
+            for r in 0..2 {
+                assert_eq!(
+                    dot(&y[r * 70..(r + 1) * 70], v),
+                    dot(&x[r * 96..(r + 1) * 96], u)
+                );
+            }
+        }
+        // And u is W · v by definition.
+        for i in 0..96 {
+            let want = (0..70).fold(0u64, |s, j| {
+                s.wrapping_add((w.at(i, j) as u64).wrapping_mul(vs[1][j]))
+            });
+            assert_eq!(us[1][i], want);
         }
     }
 
