@@ -113,14 +113,16 @@ impl OpState {
         }
     }
 
-    /// The op's check vectors, made (or, in the integer mode, extended) to at least `k`;
-    /// `None` with an orthonormal basis, where the CVM does not hold `W`.
-    fn vectors(&mut self, precision: Precision, k: usize) -> Option<Arc<CheckVectors>> {
+    /// The op's check vectors, made (or, in the integer mode, extended) to at least `k`, and
+    /// how many were made now; `None` with an orthonormal basis, where the CVM does not hold
+    /// `W`.
+    fn vectors(&mut self, precision: Precision, k: usize) -> (Option<Arc<CheckVectors>>, usize) {
         let public = self.public.clone();
         if public.basis.is_some() {
-            return None;
+            return (None, 0);
         }
-        if self.check.as_ref().is_none_or(|c| c.len() < k) {
+        let had = self.check.as_ref().map_or(0, |c| c.len());
+        if had < k {
             let made = match &public.int {
                 Some(int) => {
                     let have = match self.check.as_deref() {
@@ -141,7 +143,8 @@ impl OpState {
             };
             self.check = Some(Arc::new(made));
         }
-        self.check.clone()
+        let now = self.check.as_ref().map_or(0, |c| c.len());
+        (self.check.clone(), now.saturating_sub(had))
     }
 }
 
@@ -489,6 +492,9 @@ pub struct MaskerStats {
     pub padding_rows: u64,
     /// Rows verified by Freivalds' check.
     pub checked_rows: u64,
+    /// Secret check vectors this session's calls made (the first use of an op, more for a
+    /// row with a larger bound, and fresh ones after a failure).
+    pub check_vectors_made: u64,
     /// Seconds spent on Freivalds' check (both halves; vector set-up included).
     pub verify_s: f64,
 }
@@ -827,7 +833,8 @@ impl Masker {
             Some((_, _, bounds, _)) => bounds.iter().map(|&b| int_vectors_for(b)).max(),
             None => Some(FLOAT_VECTORS),
         };
-        let vectors = s.vectors(self.config.precision, k.unwrap_or(1));
+        let (vectors, made) = s.vectors(self.config.precision, k.unwrap_or(1));
+        self.stats.check_vectors_made += made as u64;
         let mut check_ns = t_check.elapsed().as_nanos() as u64;
         // Without Freivalds' check (rank < d) the cover rows are canaries with known products.
         let n_canary = if vectors.is_some() { 0 } else { cover };
@@ -888,6 +895,9 @@ impl Masker {
         };
         let t_check = std::time::Instant::now();
         let check = vectors.map(|v| Self::sent_side(v, &tensor, k.unwrap_or(1)));
+        if check.is_some() {
+            self.stats.checked_rows += total as u64;
+        }
         check_ns += t_check.elapsed().as_nanos() as u64;
         self.verify_clock.fetch_add(check_ns, Ordering::Relaxed);
         let pending = Pending {
