@@ -200,7 +200,10 @@ fn the_integer_check_catches_every_cheat_at_least_as_often_as_its_bound() {
     assert_eq!(trials, 2536);
     // After each failure the op's vectors were retired and new ones made: never reused.
     let made = m.stats().check_vectors_made;
-    assert!(made as usize >= trials, "{made} vectors made over {trials} failures");
+    assert!(
+        made as usize >= trials,
+        "{made} vectors made over {trials} failures"
+    );
 }
 
 #[test]
@@ -315,7 +318,8 @@ impl FloatCloud {
                 for r in 0..rows {
                     for i in 0..self.d_in {
                         for o in 0..self.d_out {
-                            y[r * self.d_out + o] += data[r * self.d_in + i] * self.w[i * self.d_out + o];
+                            y[r * self.d_out + o] +=
+                                data[r * self.d_in + i] * self.w[i * self.d_out + o];
                         }
                     }
                 }
@@ -358,7 +362,8 @@ fn float_masker(cloud: &FloatCloud, precision: Precision, seed: u8) -> Masker {
         op: OP,
         r_pub: RPub::Float(r_pub),
     };
-    m.install(&req, reply, cloud.d_in, cloud.d_out, 1.0).unwrap();
+    m.install(&req, reply, cloud.d_in, cloud.d_out, 1.0)
+        .unwrap();
     m
 }
 
