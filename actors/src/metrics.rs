@@ -166,6 +166,12 @@ pub static AGENT_CANCELLED: LazyLock<IntCounter> = LazyLock::new(|| {
         "Requests stopped because their tenant went away",
     )
 });
+pub static AGENT_INTEGRITY_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "talaria_agent_integrity_failures_total",
+        "Replies of the cloud that failed verification (the session was aborted)",
+    )
+});
 pub static AGENT_ACTIVE: LazyLock<IntGauge> = LazyLock::new(|| {
     gauge(
         "talaria_agent_active_generations",

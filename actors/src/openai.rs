@@ -110,6 +110,8 @@ impl ApiError {
             }
             "node_unavailable" | "connection" | "no_route" | "not_admitted" | "unknown_session"
             | "deadline_exceeded" => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
+            // The cloud answered with a wrong product: a bad upstream, not a retryable outage.
+            "integrity" => (StatusCode::BAD_GATEWAY, "server_error"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
         };
         Self {
@@ -790,6 +792,7 @@ mod tests {
             ("deadline_exceeded", StatusCode::SERVICE_UNAVAILABLE, true),
             ("connection", StatusCode::SERVICE_UNAVAILABLE, true),
             ("context_length_exceeded", StatusCode::BAD_REQUEST, false),
+            ("integrity", StatusCode::BAD_GATEWAY, false),
         ] {
             let response = ApiError::from_reply(&ErrorReply::new(error_type, "x")).error_response();
             assert_eq!(response.status(), status, "{error_type}");

@@ -476,6 +476,13 @@ impl Conversation for AgentConversation {
                 return;
             }
             Err(e) => {
+                if e.error_type() == "integrity" {
+                    metrics::AGENT_INTEGRITY_FAILURES.inc();
+                    tracing::error!(
+                        session,
+                        "the cloud returned a product that fails verification: session aborted"
+                    );
+                }
                 tracing::warn!(
                     session,
                     error_type = e.error_type(),

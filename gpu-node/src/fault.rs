@@ -1,16 +1,21 @@
 //! Test-only faults: a gpu-node that misbehaves on purpose, so that tests with real processes
 //! can show how the rest of the cluster copes. Off unless the environment variable
-//! [`FAULT_ENV`] names this very stage; a node running with one logs it loudly at start.
+//! [`FAULT_ENV`] names this very stage, and refused even then unless [`ALLOW_FAULTS_ENV`] is
+//! `1` as well (a typo or a stray variable cannot make a node misbehave); a node running with
+//! one logs it loudly at start.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use talaria_actors::stage::{Arrival, StageCompute};
 use talaria_engine::OpId;
-use talaria_wire::{ErrorReply, MaskedCall, SessionId, SetupRequest};
+use talaria_wire::{ErrorReply, MaskedCall, MaskedReply, SessionId, SetupRequest, Tensor, frame};
 
 /// `<stage>:<fault>`, e.g. `stage-1:hang-after-calls=40`.
 pub const FAULT_ENV: &str = "TALARIA_TEST_FAULT";
+
+/// Must be `1` for [`FAULT_ENV`] to be obeyed.
+pub const ALLOW_FAULTS_ENV: &str = "TALARIA_ALLOW_TEST_FAULTS";
 
 /// What a faulty stage does wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +23,10 @@ pub enum Fault {
     /// Computes every call it receives (its tap records them), but from call `n` on never
     /// answers: its connection stays alive, its worker is stuck. A hung stage.
     HangAfterCalls(u64),
+    /// Answers every call, but from call `n` on changes one value of each reply (the first
+    /// element: `+2^20` in the integer mode, doubled plus one in the float modes). A cloud
+    /// returning wrong products.
+    CorruptAfterCalls(u64),
 }
 
 impl Fault {
@@ -32,16 +41,38 @@ impl Fault {
         if name != stage {
             return Ok(None);
         }
+        if std::env::var(ALLOW_FAULTS_ENV).as_deref() != Ok("1") {
+            return Err(format!(
+                "{FAULT_ENV} asks stage {stage} to misbehave, refused: test faults need \
+                 {ALLOW_FAULTS_ENV}=1 as well"
+            ));
+        }
+        let count = |n: &str| {
+            n.parse::<u64>()
+                .map_err(|e| format!("{FAULT_ENV}: {n:?}: {e}"))
+        };
         match fault.split_once('=') {
-            Some(("hang-after-calls", n)) => n
-                .parse()
-                .map(|n| Some(Fault::HangAfterCalls(n)))
-                .map_err(|e| format!("{FAULT_ENV}: {n:?}: {e}")),
+            Some(("hang-after-calls", n)) => Ok(Some(Fault::HangAfterCalls(count(n)?))),
+            Some(("corrupt-after-calls", n)) => Ok(Some(Fault::CorruptAfterCalls(count(n)?))),
             _ => Err(format!(
-                "{FAULT_ENV}: unknown fault {fault:?} (known: hang-after-calls=N)"
+                "{FAULT_ENV}: unknown fault {fault:?} (known: hang-after-calls=N, \
+                 corrupt-after-calls=N)"
             )),
         }
     }
+}
+
+/// An encoded reply with its first value changed.
+fn corrupt(bytes: &[u8]) -> Result<Vec<u8>, ErrorReply> {
+    let mut reply: MaskedReply =
+        frame::body(bytes).map_err(|e| ErrorReply::new("internal", e.to_string()))?;
+    match &mut reply.y {
+        Tensor::U64 { data, .. } => data[0] = data[0].wrapping_add(1 << 20),
+        Tensor::F32 { data, .. } => data[0] = data[0] * 2.0 + 1.0,
+        Tensor::F64 { data, .. } => data[0] = data[0] * 2.0 + 1.0,
+    }
+    tracing::error!("TEST FAULT: corrupting a reply");
+    frame::encode::<_, ()>(&reply, None).map_err(|e| ErrorReply::new("internal", e.to_string()))
 }
 
 /// A stage's compute with a [`Fault`].
@@ -90,6 +121,14 @@ impl StageCompute for Faulty {
                 }
             }
             Fault::HangAfterCalls(_) => answers,
+            Fault::CorruptAfterCalls(n) => answers
+                .into_iter()
+                .enumerate()
+                .map(|(i, a)| match a {
+                    Ok(bytes) if before + i as u64 >= n => corrupt(&bytes),
+                    other => other,
+                })
+                .collect(),
         }
     }
 

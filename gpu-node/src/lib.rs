@@ -15,7 +15,7 @@ mod weights;
 
 pub use cloud::CloudExecutor;
 pub use error::NodeError;
-pub use fault::{FAULT_ENV, Fault, Faulty};
+pub use fault::{ALLOW_FAULTS_ENV, FAULT_ENV, Fault, Faulty};
 pub use int_weights::IntWeights;
 pub use model_file::{read_config, read_provision, read_tokenizer_spec};
 pub use plain::PlainEngine;

@@ -36,6 +36,8 @@ struct Args {
 fn main() -> Result<()> {
     talaria_actors::init_logging();
     let args = Args::parse();
+    // First: a refused test fault stops the node before it loads anything.
+    let fault = Fault::from_env(&args.stage).map_err(anyhow::Error::msg)?;
     let topology = Topology::load_for(&args.topology, Role::Stage(&args.stage))?;
     let Some(stage) = topology.stage(&args.stage).cloned() else {
         bail!(
@@ -83,7 +85,6 @@ fn main() -> Result<()> {
     let weight_bytes = weights.bytes();
     let tap = args.tap.as_ref().map(Tap::create).transpose()?;
     let executor = Arc::new(CloudExecutor::new(weights, tap));
-    let fault = Fault::from_env(&stage.name).map_err(anyhow::Error::msg)?;
     tracing::info!(
         stage = %stage.name,
         layers = ?stage.layers,

@@ -1,7 +1,8 @@
 //! Staying up with real processes on loopback: a replica takes over a killed or hung gpu-node
 //! (the resent call is the very bytes first sent), a hung stage without a replica is an error
 //! within the deadline, the agent survives a coordinator restart, abandoned requests stop
-//! consuming the cloud, and oversized or malformed input is refused with memory bounded.
+//! consuming the cloud, and oversized or malformed input is refused with memory bounded; a
+//! gpu-node that corrupts its replies is caught by the agent's Freivalds check.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,7 +10,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use talaria_engine::{BlockOp, OpId, SamplingParams};
-use talaria_gpu_node::FAULT_ENV;
+use talaria_gpu_node::{ALLOW_FAULTS_ENV, FAULT_ENV};
 use talaria_tests::cluster::{
     LocalCluster, RawPeer, Who, free_port, generate_streaming, metric, rss_bytes, scrape,
 };
@@ -216,7 +217,10 @@ fn a_hung_stage_is_left_for_its_replica_with_the_same_bytes_and_without_one_is_a
     let cluster = LocalCluster::start_with_env(
         &replicated(&model, "[deadlines]\ncall_ms = 1500\nsetup_ms = 3000\n"),
         &["--tap", "{dir}/tap"],
-        &[(FAULT_ENV, "stage-1a:hang-after-calls=150")],
+        &[
+            (FAULT_ENV, "stage-1a:hang-after-calls=150"),
+            (ALLOW_FAULTS_ENV, "1"),
+        ],
     );
     let tenant = Tenant::of(&cluster);
     let want = want_for(&model, 6);
@@ -547,4 +551,59 @@ fn a_short_soak_under_chaos_loses_no_answer_and_gives_no_wrong_one() {
         report["kills"].as_array().unwrap().len() >= 3,
         "the chaos ran: {report}"
     );
+}
+
+#[test]
+fn a_gpu_node_that_corrupts_its_replies_is_caught_through_the_cluster() {
+    let model = real_model();
+    // stage-0 (layers 0-14, no replica: 60 calls a pass) answers its first 150 calls honestly,
+    // then changes one value of every reply: the third pass's 31st call is the first wrong one.
+    let cluster = LocalCluster::start_with_env(
+        &replicated(&model, ""),
+        &[],
+        &[
+            (FAULT_ENV, "stage-0:corrupt-after-calls=150"),
+            (ALLOW_FAULTS_ENV, "1"),
+        ],
+    );
+    let tenant = Tenant::of(&cluster);
+    let mut tokens = 0;
+    let err = tenant
+        .ask(&greedy(PROMPT.to_vec(), 8), |n| tokens = n)
+        .expect_err("a wrong product is caught");
+    assert_eq!(err, "integrity");
+    assert_eq!(
+        tokens, 2,
+        "the tokens of the two honest passes were streamed, no more"
+    );
+    // Over the OpenAI API: 502 Bad Gateway, and the agent stays up for the next one.
+    let body = talaria_tests::cluster::https_post(
+        &cluster.agent_tls("t").ca,
+        cluster.topology().agent("t").unwrap().http.unwrap(),
+        "/v1/completions",
+        &tenant.key,
+        &format!(
+            r#"{{"model": "{}", "prompt": [504, 3575], "max_tokens": 2}}"#,
+            cluster.topology().model_name
+        ),
+    );
+    assert_eq!(
+        body, "502",
+        "the OpenAI API's status for an integrity failure"
+    );
+    assert_eq!(health(&cluster), 200);
+
+    // The switch itself: a node asked to misbehave without the second variable refuses to
+    // start, before it loads anything.
+    let out = std::process::Command::new(talaria_tests::cluster::bin("gpu-node"))
+        .args(["--topology"])
+        .arg(cluster.dir.path().join("topology.toml"))
+        .args(["--stage", "stage-0"])
+        .env(FAULT_ENV, "stage-0:corrupt-after-calls=1")
+        .env_remove(ALLOW_FAULTS_ENV)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refused"), "{stderr}");
 }
