@@ -3,6 +3,7 @@
 mod attack;
 mod bench;
 mod bench_gemm;
+mod bench_verify;
 mod calibrate;
 mod cluster;
 mod engines;
@@ -44,6 +45,10 @@ enum Command {
     /// Time the cloud side's products for one forward pass in f32, f64 and the integer mode's
     /// wrapping u64, on the same weights; prints JSON.
     BenchGemm(bench_gemm::BenchGemmArgs),
+    /// What verifying every product and hiding the prompt's length cost, in process: pad work
+    /// and Freivalds' check per decode token with 0 and 2 dummy rows, and each padding
+    /// policy's prefill cost against what it hides; prints JSON.
+    BenchVerify(bench_verify::BenchVerifyArgs),
     /// Measure each op's input RMS quantile (ρ_op) on public text for ReMO's mask scale.
     Calibrate(calibrate::CalibrateArgs),
     /// Compare the plain and ReMO engines: greedy agreement, logit drift, mask cost.
@@ -120,6 +125,7 @@ fn main() -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::BenchGemm(args) => bench_gemm::run(args),
+        Command::BenchVerify(args) => bench_verify::run(args),
         Command::Calibrate(args) => calibrate::run(args),
         Command::Lossless(args) => lossless::run(args),
         Command::Up(args) => cluster::up(args),

@@ -106,12 +106,18 @@ fn the_small_grid_finds_every_leak_and_nothing_at_the_default() {
         ],
     );
     assert!(report["victim_tokens"].as_u64().unwrap() >= 30, "{report}");
-    // No mode hides the lengths yet: the cloud reads every prompt's and response's length off
-    // the row counts, the integer default included (docs/attacks.md).
-    for name in ["plaintext", "default"] {
+    // The response's length is read off the decode passes in every mode; the prompt's off the
+    // prefill's rows with masking off (the attack's power), and only to its bucket at the
+    // default, whose padding sends 16 rows for every one of these short prompts
+    // (docs/attacks.md).
+    for (name, prompts_read) in [("plaintext", 4), ("default", 0)] {
         let m = &setting(&report, name)["metadata"];
         assert_eq!(m["sessions"].as_u64(), Some(4), "{name}: {m}");
-        assert_eq!(m["prompt_length_exact"].as_u64(), Some(4), "{name}: {m}");
+        assert_eq!(
+            m["prompt_length_exact"].as_u64(),
+            Some(prompts_read),
+            "{name}: {m}"
+        );
         assert_eq!(m["response_length_exact"].as_u64(), Some(4), "{name}: {m}");
     }
     let leaky_out = dir.path().join("leaky");
