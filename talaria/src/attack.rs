@@ -15,7 +15,7 @@ use talaria_attacks::{
 };
 use talaria_cvm_agent::{PublicCache, RemoLinear};
 use talaria_engine::{BlockOp, GenerateRequest, OpId, SamplingParams, generate};
-use talaria_remo::{Precision, Rank, RemoConfig};
+use talaria_remo::{PadRows, Precision, Rank, RemoConfig};
 
 use crate::engines::{Cloud, RemoArgs, default_calibration};
 use crate::lossless::{self, SettingReport};
@@ -378,11 +378,14 @@ fn grid(small: bool) -> Vec<Setting> {
         name: name.into(),
         config,
     };
-    // The float modes are explicit choices: each is measured beside the default.
+    // The float modes are explicit choices: each is measured beside the default. They are
+    // recorded without length padding, so the attacks know every prompt's length (the stronger
+    // attacker, and the setting of the reports in docs/attacks); the default pads.
     let float = |precision: Precision, scale: f64| RemoConfig {
         precision,
         scale,
         dummy_rows: precision.default_dummy_rows(),
+        pad_rows: PadRows::Off,
         ..base.clone()
     };
     let f64_gemm = |x: f64| float(Precision::F64Gemm, x);

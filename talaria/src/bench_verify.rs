@@ -135,9 +135,21 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
         context = e.model.config().max_seq;
         let prompt = bench_prompt(&e.tokenizer, args.prompt_tokens)?;
         // Warm: the check vectors and the pool; then prefill alone, then prefill and decode.
-        generate(&e.model, &mut e.linear, &request(prompt.clone(), 2), |_| Ok(()), None)?;
+        generate(
+            &e.model,
+            &mut e.linear,
+            &request(prompt.clone(), 2),
+            |_| Ok(()),
+            None,
+        )?;
         let s0 = e.linear.stats();
-        generate(&e.model, &mut e.linear, &request(prompt.clone(), 1), |_| Ok(()), None)?;
+        generate(
+            &e.model,
+            &mut e.linear,
+            &request(prompt.clone(), 1),
+            |_| Ok(()),
+            None,
+        )?;
         let s1 = e.linear.stats();
         let g = generate(
             &e.model,
@@ -171,7 +183,10 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
             verify_ms_per_decode_token: per(both.verify_s, prefill.verify_s) * 1e3,
             rows_per_decode_token: per(both.rows_sent as f64, prefill.rows_sent as f64),
         });
-        eprintln!("dummy rows {dummy_rows}: {:?}", serde_json::to_string(decode.last().unwrap())?);
+        eprintln!(
+            "dummy rows {dummy_rows}: {:?}",
+            serde_json::to_string(decode.last().unwrap())?
+        );
     }
 
     let mut padding = Vec::new();
@@ -185,11 +200,23 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
         for &n in &args.pad_lengths {
             let prompt = bench_prompt(&e.tokenizer, n)?;
             // Warm once, then measure a prefill.
-            generate(&e.model, &mut e.linear, &request(prompt.clone(), 1), |_| Ok(()), None)?;
+            generate(
+                &e.model,
+                &mut e.linear,
+                &request(prompt.clone(), 1),
+                |_| Ok(()),
+                None,
+            )?;
             let cloud0 = e.linear.timings().cloud_s;
             let s0 = e.linear.stats();
             let t0 = Instant::now();
-            generate(&e.model, &mut e.linear, &request(prompt.clone(), 1), |_| Ok(()), None)?;
+            generate(
+                &e.model,
+                &mut e.linear,
+                &request(prompt.clone(), 1),
+                |_| Ok(()),
+                None,
+            )?;
             let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
             let d = diff(&s0, &e.linear.stats());
             padding.push(PadRow {

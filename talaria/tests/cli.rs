@@ -382,13 +382,17 @@ fn lossless_reports_agreement_drift_and_cost() {
         assert_eq!(r["token_agreement"], 1.0, "{r}");
         assert!(r["max_abs_dlogit"].as_f64().unwrap() < 0.1);
         assert!(r["online_mask_ms_per_token"].as_f64().unwrap() > 0.0);
-        // One pad product per real row: the model's multiply-adds again, and no more (the
-        // dummy rows are cover rows whose products Freivalds' check makes unnecessary).
+        // One pad product per real row and no more: the dummy rows are cover rows whose
+        // products Freivalds' check makes unnecessary. (Below the model's multiply-adds per
+        // position: a prefill runs the LM head for its last position only.)
         let (offline, model) = (
             r["offline_mask_macs_per_token"].as_f64().unwrap(),
             r["model_macs_per_token"].as_f64().unwrap(),
         );
-        assert!((offline - model).abs() <= 1e-9 * model, "{offline} vs {model}");
+        assert!(
+            offline <= model && offline > 0.8 * model,
+            "{offline} vs {model}"
+        );
     }
     assert_eq!(reports[1]["config"]["precision"], "f64-gemm");
     assert!(reports[1]["max_abs_dlogit"].as_f64().unwrap() < 1e-3);

@@ -47,6 +47,10 @@ fn victim(dir: &Path, prompt: &str, seed: u64, remo: &[&str]) -> Value {
         &seed,
         "--remo-pool",
         "0",
+        // The ideal attacker is given every prompt's length (no length padding): the stronger
+        // attacker for what these tests measure, the hiding of the content.
+        "--remo-pad-rows",
+        "off",
         "--json",
     ];
     args.extend_from_slice(remo);
