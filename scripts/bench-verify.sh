@@ -71,8 +71,8 @@ print("|---|---|---|---|---|")
 for p in r["padding"]:
     print(f"| {p['policy']} | {p['prompt_tokens']} | {p['rows_sent_per_op']} | {p['prefill_ms']:.0f} | {p['cloud_ms']:.0f} |")
 print()
-print("| policy | lengths | mean prefill rows / real rows | bits the cloud reads | bits of the length |")
-print("|---|---|---|---|---|")
+print("| policy | lengths | prefill rows / real rows, per prompt | all rows / all real rows | bits the cloud reads | bits of the length |")
+print("|---|---|---|---|---|---|")
 for h in r["hiding"]:
-    print(f"| {h['policy']} | {h['distribution']} | {h['mean_overhead']:.2f} | {h['bits_seen']:.2f} | {h['bits_of_length']:.2f} |")
+    print(f"| {h['policy']} | {h['distribution']} | {h['mean_overhead']:.2f} | {h['work_overhead']:.2f} | {h['bits_seen']:.2f} | {h['bits_of_length']:.2f} |")
 PY

@@ -28,6 +28,9 @@ pub struct BenchVerifyArgs {
     /// Padding policies measured.
     #[arg(long, value_delimiter = ',', default_value = "off,pow2:16,pow2:64")]
     pub pad_policies: Vec<String>,
+    /// Only the padding policies' arithmetic (overhead and entropy), no measurement.
+    #[arg(long)]
+    pub hiding_only: bool,
     /// Write the JSON report here too.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -51,6 +54,9 @@ struct DecodeRow {
     verify_ms_per_decode_token: f64,
     /// Rows sent per generated token (real, dummies).
     rows_per_decode_token: f64,
+    /// Freivalds vectors per op at the end (the integer mode makes as many as the op's largest
+    /// row bound needs: `⌈20 / lz(B)⌉`).
+    check_vectors_per_op: f64,
 }
 
 #[derive(Serialize)]
@@ -68,8 +74,11 @@ struct PadHiding {
     policy: String,
     /// Lengths drawn log-uniformly from 1 to the context (or uniformly from 1 to 512).
     distribution: String,
-    /// Mean of padded rows / real rows over the distribution (prefill work, CVM and cloud).
+    /// Mean of padded rows / real rows over the distribution, per prompt.
     mean_overhead: f64,
+    /// Padded rows over real rows, summed over the distribution: the extra prefill work of a
+    /// stream of such prompts (cloud GEMMs, CVM cover masks and checks).
+    work_overhead: f64,
     /// Entropy of what the cloud reads (the bucket), bits; the exact length's is beside it.
     bits_seen: f64,
     bits_of_length: f64,
@@ -126,7 +135,12 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
     let flags = RemoArgs::defaults();
     let mut decode = Vec::new();
     let mut context = 0;
-    for dummy_rows in [0, 2] {
+    let dummy_settings: &[usize] = if args.hiding_only { &[] } else { &[0, 2] };
+    if args.hiding_only {
+        let f = talaria_gguf::GgufFile::open(&model)?;
+        context = talaria_gpu_node::read_config(&f)?.max_seq;
+    }
+    for &dummy_rows in dummy_settings {
         let config = RemoConfig {
             dummy_rows,
             ..RemoConfig::default()
@@ -182,6 +196,8 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
             pad_ms_per_decode_token: macs * s_per_mac * 1e3,
             verify_ms_per_decode_token: per(both.verify_s, prefill.verify_s) * 1e3,
             rows_per_decode_token: per(both.rows_sent as f64, prefill.rows_sent as f64),
+            check_vectors_per_op: all.check_vectors_made as f64
+                / talaria_cvm_agent::all_ops(e.model.config()).len() as f64,
         });
         eprintln!(
             "dummy rows {dummy_rows}: {:?}",
@@ -190,7 +206,12 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
     }
 
     let mut padding = Vec::new();
-    for policy in &args.pad_policies {
+    let policies: &[String] = if args.hiding_only {
+        &[]
+    } else {
+        &args.pad_policies
+    };
+    for policy in policies {
         let pad_rows: PadRows = policy.parse().map_err(anyhow::Error::msg)?;
         let config = RemoConfig {
             pad_rows,
@@ -241,6 +262,11 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
             ("uniform 1..512", &uniform),
         ] {
             let total: f64 = dist.iter().map(|d| d.1).sum();
+            let real: f64 = dist.iter().map(|&(l, w)| w * l as f64).sum();
+            let padded: f64 = dist
+                .iter()
+                .map(|&(l, w)| w * p.bucket(l, context) as f64)
+                .sum();
             let overhead = dist
                 .iter()
                 .map(|&(l, w)| w * p.bucket(l, context) as f64 / l as f64)
@@ -250,6 +276,7 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
                 policy: policy.into(),
                 distribution: name.into(),
                 mean_overhead: overhead,
+                work_overhead: padded / real,
                 bits_seen: entropy(dist, |l| p.bucket(l, context)),
                 bits_of_length: entropy(dist, |l| l),
             });
