@@ -238,6 +238,12 @@ impl<L: CloudLink> RemoLinear<L> {
         })
     }
 
+    /// A new sequence starts on this session (the in-process engines reuse one for several
+    /// generations): its first pass is padded whatever its length.
+    pub fn new_sequence(&mut self) {
+        self.masker.new_sequence();
+    }
+
     /// What the masker did so far.
     pub fn stats(&self) -> MaskerStats {
         self.masker.stats()

@@ -89,7 +89,7 @@ impl PadRows {
     pub fn bucket(self, n: usize, limit: usize) -> usize {
         let b = match self {
             PadRows::Off => n,
-            PadRows::Pow2(min) => n.max(min).checked_next_power_of_two().unwrap_or(n),
+            PadRows::Pow2(min) => n.max(min).checked_next_power_of_two().unwrap_or(limit),
             PadRows::Max => limit,
         };
         b.min(limit).max(n)
@@ -109,7 +109,7 @@ impl std::str::FromStr for PadRows {
                 let min = s
                     .strip_prefix("pow2:")
                     .and_then(|m| m.parse::<usize>().ok())
-                    .filter(|&m| (1..=1 << 20).contains(&m))
+                    .filter(|&m| (1..=MAX_PAD_MIN).contains(&m))
                     .ok_or_else(|| format!("{s:?}: expected off, max, pow2 or pow2:MIN"))?;
                 Ok(PadRows::Pow2(min))
             }
@@ -130,6 +130,9 @@ impl std::fmt::Display for PadRows {
 
 /// The least bucket of the default padding (`docs/remo.md`, "Length hiding").
 pub const DEFAULT_PAD_MIN: usize = 16;
+
+/// The largest least bucket `pow2:MIN` may ask for.
+pub const MAX_PAD_MIN: usize = 1 << 20;
 
 /// Rank of the public mask basis.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -285,6 +288,13 @@ impl RemoConfig {
                 "dummy_rows {} is more than a call may carry beyond the context ({})",
                 self.dummy_rows,
                 talaria_wire::MAX_EXTRA_ROWS
+            )));
+        }
+        if let PadRows::Pow2(min) = self.pad_rows
+            && !(1..=MAX_PAD_MIN).contains(&min)
+        {
+            return Err(RemoError::Config(format!(
+                "pad_rows pow2:{min}: the least bucket must be 1..={MAX_PAD_MIN}"
             )));
         }
         if self.precision.is_int() {

@@ -76,11 +76,25 @@ impl IntOp {
                 ),
             }
         })?;
+        // The bound with its rounding margin must stay below 2^62 (Freivalds' check counts on
+        // it): one bit fewer where the margin tips it over.
+        let mut f = f;
+        let mut bound = product_bound(sq.sqrt(), x.len(), self.bound, f);
+        while bound >= 1 << 62 {
+            if f <= MIN_FRAC_BITS {
+                return Err(RemoError::Overflow {
+                    op,
+                    reason: "the row's product bound does not fit below 2^62".into(),
+                });
+            }
+            f -= 1;
+            bound = product_bound(sq.sqrt(), x.len(), self.bound, f);
+        }
         let scale = 2f64.powi(f as i32);
         for (i, o) in out.iter_mut().enumerate() {
             *o = (v(i) * scale).round() as i64 as u64;
         }
-        Ok((f, product_bound(sq.sqrt(), x.len(), self.bound, f)))
+        Ok((f, bound))
     }
 
     /// Encodes every row of `x` (`d_in` wide, checked): the residues, each row's fractional

@@ -21,7 +21,8 @@ use crate::fixed::{IntOp, IntProduct};
 use crate::gemm::{matmul_f32, matmul_f64, matmul_f64_f32, matmul_f64_nt};
 use crate::grid;
 use crate::verify::{
-    CallCheck, CheckVectors, FLOAT_VECTORS, FloatCheck, IntCheck, int_vectors_for,
+    COVER_ROW_VECTORS, CallCheck, CheckKind, CheckVectors, FLOAT_VECTORS, FloatCheck, IntCheck,
+    REAL_ROW_VECTORS,
 };
 use crate::{PadRows, Precision, RemoConfig, RemoError};
 
@@ -113,38 +114,42 @@ impl OpState {
         }
     }
 
-    /// The op's check vectors, made (or, in the integer mode, extended) to at least `k`, and
-    /// how many were made now; `None` with an orthonormal basis, where the CVM does not hold
-    /// `W`.
-    fn vectors(&mut self, precision: Precision, k: usize) -> (Option<Arc<CheckVectors>>, usize) {
+    /// The op's check vectors, made on its first use (all of them at once, so that when and how
+    /// long this takes does not depend on any row), and how many were made now; `None` with an
+    /// orthonormal basis, where the CVM does not hold `W`.
+    fn vectors(&mut self, precision: Precision) -> (Option<Arc<CheckVectors>>, usize) {
         let public = self.public.clone();
         if public.basis.is_some() {
             return (None, 0);
         }
-        let had = self.check.as_ref().map_or(0, |c| c.len());
-        if had < k {
-            let made = match &public.int {
-                Some(int) => {
-                    let have = match self.check.as_deref() {
-                        Some(CheckVectors::Int(c)) => Some(c),
-                        _ => None,
-                    };
-                    CheckVectors::Int(IntCheck::extended(have, &int.weight, &mut self.rng, k))
-                }
-                None => {
-                    let unit = precision.cloud_unit_roundoff();
-                    let (d_in, d_out) = (public.d_in, public.d_out);
-                    CheckVectors::Float(if public.r_pub_f64.is_empty() {
-                        FloatCheck::new(&public.r_pub_f32, d_in, d_out, unit, &mut self.rng)
-                    } else {
-                        FloatCheck::new(&public.r_pub_f64, d_in, d_out, unit, &mut self.rng)
-                    })
-                }
-            };
-            self.check = Some(Arc::new(made));
+        if self.check.is_some() {
+            return (self.check.clone(), 0);
         }
-        let now = self.check.as_ref().map_or(0, |c| c.len());
-        (self.check.clone(), now.saturating_sub(had))
+        let (kind, made) = match &public.int {
+            Some(int) => (
+                CheckKind::Int(IntCheck::new(&int.weight, &mut self.rng)),
+                COVER_ROW_VECTORS,
+            ),
+            None => {
+                let unit = if precision.gemm_f64() {
+                    (f64::EPSILON / 2.0, f64::MIN_POSITIVE)
+                } else {
+                    (
+                        precision.cloud_unit_roundoff(),
+                        f64::from(f32::MIN_POSITIVE),
+                    )
+                };
+                let (d_in, d_out) = (public.d_in, public.d_out);
+                let check = if public.r_pub_f64.is_empty() {
+                    FloatCheck::new(&public.r_pub_f32, d_in, d_out, unit, &mut self.rng)
+                } else {
+                    FloatCheck::new(&public.r_pub_f64, d_in, d_out, unit, &mut self.rng)
+                };
+                (CheckKind::Float(check), FLOAT_VECTORS)
+            }
+        };
+        self.check = Some(Arc::new(CheckVectors::new(kind)));
+        (self.check.clone(), made)
     }
 }
 
@@ -557,6 +562,12 @@ impl Masker {
         self.context = Some(max_seq);
     }
 
+    /// A new sequence starts (a masker reused for another generation): its first pass is padded
+    /// even if it has one row.
+    pub fn new_sequence(&mut self) {
+        self.prefilled = false;
+    }
+
     /// The rows a call of `n` real rows is sent with before dummies: padded to its bucket when
     /// its row count could tell the prompt's length — a call of more than one row, or a block
     /// op of the session's first pass (a one-token prompt). A causal pass's LM head call has
@@ -829,11 +840,7 @@ impl Masker {
         let cover = padded - n + self.config.dummy_rows;
         let total = n + cover;
         let t_check = std::time::Instant::now();
-        let k = match &encoded {
-            Some((_, _, bounds, _)) => bounds.iter().map(|&b| int_vectors_for(b)).max(),
-            None => Some(FLOAT_VECTORS),
-        };
-        let (vectors, made) = s.vectors(self.config.precision, k.unwrap_or(1));
+        let (vectors, made) = s.vectors(self.config.precision);
         self.stats.check_vectors_made += made as u64;
         let mut check_ns = t_check.elapsed().as_nanos() as u64;
         // Without Freivalds' check (rank < d) the cover rows are canaries with known products.
@@ -851,13 +858,17 @@ impl Masker {
                     self.stats.pool_misses += need as u64;
                     let public = s.public.clone();
                     let scale = s.scale;
-                    pairs.extend(make_pairs(
-                        &public,
-                        scale,
-                        self.config.precision,
-                        &mut s.rng,
-                        need,
-                    ));
+                    // Made on the spot, the pairs' time shows in the call's: make the bucket's
+                    // worth (`padded` rows, public), not the prompt's, and keep what is left over
+                    // for the next calls.
+                    let make = need.max(padded.saturating_sub(pairs.len()));
+                    let mut made =
+                        make_pairs(&public, scale, self.config.precision, &mut s.rng, make);
+                    let rest = made.split_off(need);
+                    pairs.extend(made);
+                    for p in rest.into_iter().rev() {
+                        s.pool.push_front(p);
+                    }
                 }
             }
         }
@@ -894,7 +905,7 @@ impl Masker {
             }
         };
         let t_check = std::time::Instant::now();
-        let check = vectors.map(|v| Self::sent_side(v, &tensor, k.unwrap_or(1)));
+        let check = vectors.map(|v| Self::sent_side(v, &tensor, &slots[..n]));
         if check.is_some() {
             self.stats.checked_rows += total as u64;
         }
@@ -915,29 +926,38 @@ impl Masker {
     }
 
     /// The sent half of Freivalds' check for every row of `tensor`: `x̃·u_t` (and in the float
-    /// modes `|x̃|·a_t`), with `k` vectors in the integer mode.
-    fn sent_side(vectors: Arc<CheckVectors>, tensor: &Tensor, k: usize) -> CallCheck {
+    /// modes `|x̃|·a_t`). In the integer mode the rows at `real` get [`REAL_ROW_VECTORS`], the
+    /// cover rows [`COVER_ROW_VECTORS`]; the values sit at a stride of the larger.
+    fn sent_side(vectors: Arc<CheckVectors>, tensor: &Tensor, real: &[usize]) -> CallCheck {
         let (rows, cols) = tensor.shape();
         let (mut int_sent, mut float_sent) = (Vec::new(), Vec::new());
-        let stride = match (&*vectors, tensor) {
-            (CheckVectors::Int(c), Tensor::U64 { data, .. }) => {
-                int_sent.reserve(rows * k);
-                data.chunks_exact(cols)
-                    .for_each(|x| c.sent(x, k, &mut int_sent));
-                k
+        let mut counts = vec![0u8; rows];
+        let stride = match (&vectors.kind, tensor) {
+            (CheckKind::Int(c), Tensor::U64 { data, .. }) => {
+                counts.iter_mut().for_each(|k| *k = COVER_ROW_VECTORS as u8);
+                real.iter()
+                    .for_each(|&slot| counts[slot] = REAL_ROW_VECTORS as u8);
+                int_sent.reserve(rows * COVER_ROW_VECTORS);
+                for (x, &k) in data.chunks_exact(cols).zip(&counts) {
+                    c.sent(x, k as usize, &mut int_sent);
+                    int_sent.resize(int_sent.len() + COVER_ROW_VECTORS - k as usize, 0);
+                }
+                COVER_ROW_VECTORS
             }
-            (CheckVectors::Float(c), Tensor::F32 { data, .. }) => {
+            (CheckKind::Float(c), Tensor::F32 { data, .. }) => {
                 data.chunks_exact(cols)
                     .for_each(|x| c.sent(x, &mut float_sent));
+                counts.iter_mut().for_each(|k| *k = 2 * FLOAT_VECTORS as u8);
                 2 * FLOAT_VECTORS
             }
-            (CheckVectors::Float(c), Tensor::F64 { data, .. }) => {
+            (CheckKind::Float(c), Tensor::F64 { data, .. }) => {
                 data.chunks_exact(cols)
                     .for_each(|x| c.sent(x, &mut float_sent));
+                counts.iter_mut().for_each(|k| *k = 2 * FLOAT_VECTORS as u8);
                 2 * FLOAT_VECTORS
             }
             // The precision of the tensor is the mode's, and so are the vectors: never reached,
-            // and a check with no values would fail every row rather than pass it.
+            // and a check with no values fails every row rather than pass it.
             _ => 0,
         };
         CallCheck {
@@ -945,6 +965,7 @@ impl Masker {
             int_sent,
             float_sent,
             stride,
+            counts,
         }
     }
 
@@ -1144,24 +1165,28 @@ impl Masker {
         let t0 = std::time::Instant::now();
         let d_out = pending.d_out;
         let stride = check.stride;
+        // Vectors retired by a failure (of this session or another sharing them) vouch for
+        // nothing: a call masked with them before the failure fails too.
+        let retired = check.vectors.is_retired();
         let failed = (0..pending.slots.len()).find(|&slot| {
-            let ok = match (&*check.vectors, y) {
-                (CheckVectors::Int(c), Tensor::U64 { data, .. }) => c.passes(
+            let k = usize::from(check.counts[slot]);
+            let ok = match (&check.vectors.kind, y) {
+                (CheckKind::Int(c), Tensor::U64 { data, .. }) => c.passes(
                     &data[slot * d_out..][..d_out],
-                    &check.int_sent[slot * stride..][..stride],
+                    &check.int_sent[slot * stride..][..k],
                 ),
-                (CheckVectors::Float(c), Tensor::F32 { data, .. }) => c.passes(
+                (CheckKind::Float(c), Tensor::F32 { data, .. }) => c.passes(
                     &data[slot * d_out..][..d_out],
-                    &check.float_sent[slot * stride..][..stride],
+                    &check.float_sent[slot * stride..][..k],
                 ),
-                (CheckVectors::Float(c), Tensor::F64 { data, .. }) => c.passes(
+                (CheckKind::Float(c), Tensor::F64 { data, .. }) => c.passes(
                     &data[slot * d_out..][..d_out],
-                    &check.float_sent[slot * stride..][..stride],
+                    &check.float_sent[slot * stride..][..k],
                 ),
                 _ => false,
             };
             // An empty check (stride 0) never passes a row.
-            !ok || stride == 0
+            retired || !ok || stride == 0 || k == 0
         });
         self.verify_clock
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -1177,8 +1202,12 @@ impl Masker {
         }
     }
 
-    /// Drops the op's check vectors after a failure, unless they were already replaced.
+    /// Retires the call's check vectors after a failure — every call masked with them fails
+    /// from now on, in any session — and drops them from the op, unless already replaced.
     fn retire_vectors(pending: &Pending) {
+        if let Some(check) = &pending.check {
+            check.vectors.retire();
+        }
         if let (Some(state), Some(check)) = (&pending.state, &pending.check) {
             let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
             if s.check

@@ -9,9 +9,13 @@
 //! **Integer mode** (`docs/remo.md`, "Verifying every product"): in `Z/2^64` an error `e` whose
 //! entries are all multiples of `2^j`, one of them exactly, passes one uniform `v` with
 //! probability `2^(j-64)`. The range check after unmasking catches every error with
-//! `2^j > 2·B` deterministically (`B`: the row's Cauchy–Schwarz bound on `|X·W|`), so a row passes
-//! one vector with probability at most `2^-(lz(B))` (`lz`: leading zeros of `B` in 64 bits) and
-//! [`int_vectors_for`] vectors keep every error pattern's chance at most `2^-SOUNDNESS_BITS`.
+//! `2^j > 2·B` deterministically (`B < 2^62`: the row's Cauchy–Schwarz bound on `|X·W|`), so a
+//! real row passes one vector with probability at most `2^-lz(B) ≤ 1/4`: [`REAL_ROW_VECTORS`]
+//! keep every error pattern's chance at most `2^-SOUNDNESS_BITS`. Cover rows have no range check
+//! (their products are never made), so they get [`COVER_ROW_VECTORS`]: a high-bit error in one
+//! passes no more often than any error in a real row, and the cloud cannot tell cover rows from
+//! real ones by cheating on them. Both counts are fixed: the check's time depends on public row
+//! counts only, never on the rows' values.
 //!
 //! **Float modes**: the honest product carries rounding error, so a row passes when
 //! `|ỹ·v − x̃·u|` is within the worst-case rounding error of the cloud's GEMM and of the check's
@@ -31,6 +35,14 @@ pub const SOUNDNESS_BITS: u32 = 20;
 /// Vectors of the float modes' check.
 pub const FLOAT_VECTORS: usize = 4;
 
+/// Vectors for a real row of the integer mode: its bound is below `2^62`, so each vector lets an
+/// error through with probability at most `2^-2`.
+pub const REAL_ROW_VECTORS: usize = 10;
+
+/// Vectors for a cover row of the integer mode: no range check, so each vector lets a top-bit
+/// error through with probability `1/2`.
+pub const COVER_ROW_VECTORS: usize = SOUNDNESS_BITS as usize;
+
 /// Vectors an integer row whose exact product is bounded by `bound` (`|X·W| ≤ bound`) needs:
 /// each vector lets an error through with probability at most `2^-lz(bound)`; 10 for the
 /// largest bound the encoder allows (just under `2^62`).
@@ -39,19 +51,35 @@ pub fn int_vectors_for(bound: u64) -> usize {
     SOUNDNESS_BITS.div_ceil(bits) as usize
 }
 
-/// An op's secret check vectors.
-pub(crate) enum CheckVectors {
+/// An op's secret check vectors, and whether they were retired after a failure (then every
+/// call masked with them fails, even one of another session already in flight).
+pub(crate) struct CheckVectors {
+    pub kind: CheckKind,
+    pub retired: std::sync::atomic::AtomicBool,
+}
+
+pub(crate) enum CheckKind {
     Int(IntCheck),
     Float(FloatCheck),
 }
 
 impl CheckVectors {
-    /// How many vectors are made.
-    pub fn len(&self) -> usize {
-        match self {
-            CheckVectors::Int(c) => c.v.len(),
-            CheckVectors::Float(c) => c.v.len(),
+    pub fn new(kind: CheckKind) -> Self {
+        Self {
+            kind,
+            retired: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether a failure has retired them.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Marks them as never to be trusted again.
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -68,21 +96,13 @@ fn dot_wrapping(a: &[u64], b: &[u64]) -> u64 {
 }
 
 impl IntCheck {
-    /// `have` extended to `k` vectors (the new ones fresh from `rng`).
-    pub fn extended(
-        have: Option<&IntCheck>,
-        w: &IntWeight,
-        rng: &mut ChaCha20Rng,
-        k: usize,
-    ) -> IntCheck {
-        let (mut v, mut u) = have.map_or((Vec::new(), Vec::new()), |c| (c.v.clone(), c.u.clone()));
-        if k > v.len() {
-            let fresh: Vec<Vec<u64>> = (v.len()..k)
-                .map(|_| (0..w.d_out).map(|_| rng.random()).collect())
-                .collect();
-            u.extend(int_weight_times(w, &fresh));
-            v.extend(fresh);
-        }
+    /// [`COVER_ROW_VECTORS`] fresh vectors from `rng` (real rows use the first
+    /// [`REAL_ROW_VECTORS`]).
+    pub fn new(w: &IntWeight, rng: &mut ChaCha20Rng) -> IntCheck {
+        let v: Vec<Vec<u64>> = (0..COVER_ROW_VECTORS)
+            .map(|_| (0..w.d_out).map(|_| rng.random()).collect())
+            .collect();
+        let u = int_weight_times(w, &v);
         IntCheck { v, u }
     }
 
@@ -91,7 +111,7 @@ impl IntCheck {
         out.extend(self.u[..k].iter().map(|u| dot_wrapping(x, u)));
     }
 
-    /// Whether `ỹ·v_t` equals each of `sent`.
+    /// Whether `ỹ·v_t` equals each of `sent` (as many vectors as `sent` has values).
     pub fn passes(&self, y: &[u64], sent: &[u64]) -> bool {
         sent.iter()
             .zip(&self.v)
@@ -104,8 +124,12 @@ pub(crate) struct FloatCheck {
     pub v: Vec<Vec<f64>>,
     pub u: Vec<Vec<f64>>,
     pub a: Vec<Vec<f64>>,
-    /// The cloud GEMM's unit roundoff.
+    /// The cloud GEMM's unit roundoff, and the least normal of its format (a GEMM that flushes
+    /// subnormals to zero errs by up to that much per product).
     pub unit: f64,
+    pub tiny: f64,
+    /// `Σ_j |v_t[j]|`.
+    pub v_abs: Vec<f64>,
     pub d_in: usize,
     pub d_out: usize,
 }
@@ -122,7 +146,7 @@ impl FloatCheck {
         w: &[T],
         d_in: usize,
         d_out: usize,
-        unit: f64,
+        (unit, tiny): (f64, f64),
         rng: &mut ChaCha20Rng,
     ) -> FloatCheck {
         let v: Vec<Vec<f64>> = (0..FLOAT_VECTORS)
@@ -146,11 +170,17 @@ impl FloatCheck {
                 a[t][i] = m;
             }
         }
+        let v_abs = v
+            .iter()
+            .map(|vt| vt.iter().map(|x| x.abs()).sum())
+            .collect();
         FloatCheck {
             v,
             u,
             a,
             unit,
+            tiny,
+            v_abs,
             d_in,
             d_out,
         }
@@ -172,26 +202,33 @@ impl FloatCheck {
 
     /// Whether reply row `y` passes, given `sent` as [`FloatCheck::sent`] made it. With
     /// `A = |x̃|·|W|·|v|` and `B = |ỹ|·|v|`, an honest GEMM's `|ỹ·v − x̃·W·v| ≤ γ_{d_in+1}(u_c)·A`
-    /// (any summation order, with or without FMA), and the check's own f64 arithmetic adds at
-    /// most `2(γ_{d_out} + γ_{d_in})·A + γ_{d_out}·B`.
+    /// (any summation order, with or without FMA; `2(d_in + 1)·tiny·Σ|v|` more if it flushes
+    /// subnormals), and the check's own f64 arithmetic adds at most
+    /// `2(γ_{d_out} + γ_{d_in})·A + γ_{d_out}·B`. Every value and the tolerance must be finite: an
+    /// infinity would make the tolerance infinite and pass anything.
     pub fn passes<T: Copy + Into<f64>>(&self, y: &[T], sent: &[f64]) -> bool {
         let g64 = |n| gamma(n, f64::EPSILON / 2.0);
         let cloud = gamma(self.d_in + 1, self.unit);
-        sent.chunks_exact(2).zip(&self.v).all(|(s, v)| {
-            let (mut dot, mut b) = (0f64, 0f64);
-            for (&yj, &vj) in y.iter().zip(v) {
-                let p = yj.into() * vj;
-                dot += p;
-                b += p.abs();
-            }
-            let (expect, a) = (s[0], s[1]);
-            let tol = ((cloud + 2.0 * (g64(self.d_out) + g64(self.d_in))) * a
-                + g64(self.d_out) * b)
-                * (1.0 + 1e-6)
-                + f64::MIN_POSITIVE;
-            // Written so that a NaN or an infinity fails.
-            (dot - expect).abs() <= tol
-        })
+        let flush = 2.0 * (self.d_in + 1) as f64 * self.tiny;
+        sent.chunks_exact(2)
+            .zip(&self.v)
+            .zip(&self.v_abs)
+            .all(|((s, v), &v_abs)| {
+                let (mut dot, mut b) = (0f64, 0f64);
+                for (&yj, &vj) in y.iter().zip(v) {
+                    let p = yj.into() * vj;
+                    dot += p;
+                    b += p.abs();
+                }
+                let (expect, a) = (s[0], s[1]);
+                let tol = ((cloud + 2.0 * (g64(self.d_out) + g64(self.d_in))) * a
+                    + g64(self.d_out) * b
+                    + flush * v_abs)
+                    * (1.0 + 1e-6)
+                    + f64::MIN_POSITIVE;
+                // A NaN fails the comparison; an infinity anywhere fails `is_finite`.
+                dot.is_finite() && tol.is_finite() && (dot - expect).abs() <= tol
+            })
     }
 }
 
@@ -203,11 +240,20 @@ pub(crate) struct CallCheck {
     pub float_sent: Vec<f64>,
     /// Values per slot.
     pub stride: usize,
+    /// Values of each slot that are checked (the integer mode's real and cover rows differ).
+    pub counts: Vec<u8>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fixed_counts_meet_the_bound() {
+        // A real row's bound is below 2^62: at most 10 vectors; a cover row's is unknown: 20.
+        assert_eq!(int_vectors_for((1 << 62) - 1), REAL_ROW_VECTORS);
+        assert_eq!(int_vectors_for(u64::MAX), COVER_ROW_VECTORS);
+    }
 
     #[test]
     fn vectors_needed_follow_the_bound() {

@@ -172,8 +172,9 @@ fn the_integer_check_catches_every_cheat_at_least_as_often_as_its_bound() {
     let w = int_weight(128, 96, 1);
     let mut m = int_masker(&w, int_config(), 1);
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    // Ordinary rows (bound ~2^48: k = 2 vectors) and massive ones (bound just under 2^62:
-    // fewer fractional bits and k = 10): e = 2^j in one element, for every j, 12 trials each.
+    // Ordinary rows (bound ~2^48) and massive ones (bound just under 2^62, fewer fractional
+    // bits): e = 2^j in one element, for every j, 12 trials each; real rows are checked with 10
+    // vectors, which a bound below 2^62 needs at most.
     let mut trials = 0;
     for scale in [1.0f32, 3.0e4] {
         for j in 0..64 {
@@ -207,7 +208,7 @@ fn the_integer_check_catches_every_cheat_at_least_as_often_as_its_bound() {
 }
 
 #[test]
-fn an_honest_cloud_never_fails_the_integer_check_and_the_vectors_follow_the_bound() {
+fn an_honest_cloud_never_fails_the_integer_check_and_the_vectors_are_made_once() {
     let w = int_weight(128, 96, 2);
     let mut m = int_masker(
         &w,
@@ -233,9 +234,11 @@ fn an_honest_cloud_never_fails_the_integer_check_and_the_vectors_follow_the_boun
         };
         m.unmask_exact(pending, &y).unwrap();
     }
-    // The massive rows needed the most vectors: 10 for a bound just under 2^62.
-    assert_eq!(m.stats().check_vectors_made, 10);
+    // All 20 made at the op's first call, whatever the rows: the check's timing depends on row
+    // counts only. A bound just under 2^62 needs 10 (real rows); a cover row, unbounded, 20.
+    assert_eq!(m.stats().check_vectors_made, 20);
     assert_eq!(int_vectors_for((1 << 62) - 1), 10);
+    assert_eq!(int_vectors_for(u64::MAX), 20);
 }
 
 #[test]
@@ -522,4 +525,141 @@ fn length_padding_sends_buckets_of_verified_cover_rows() {
     unset.set_context(48);
     let (sent, _) = unset.mask(OP, &rows(3, 64, 1.0, &mut rng)).unwrap();
     assert_eq!(sent.shape().0, 48);
+}
+
+#[test]
+fn a_top_bit_error_in_a_cover_row_passes_no_more_often_than_the_bound() {
+    // The probe that would tell cover rows from real ones: 2^63 added to one row. A real row
+    // fails it always (the range check); a cover row, which has no range check, passes each
+    // vector half the time, so it gets 20 vectors: at most 2^-20, not the 1/4 of 2 vectors.
+    let w = int_weight(64, 32, 8);
+    let mut m = int_masker(&w, int_config(), 8);
+    m.set_context(64);
+    let mut rng = ChaCha8Rng::seed_from_u64(18);
+    let (mut cover_passed, mut real_passed) = (0, 0);
+    for trial in 0..400 {
+        // 3 real rows padded to 16 (no shuffle: rows 3..16 are cover rows).
+        let x = rows(3, 64, 1.0, &mut rng);
+        let (sent, pending) = m.mask(OP, &x).unwrap();
+        let Tensor::U64 { data, rows: r, .. } = &sent else {
+            panic!()
+        };
+        assert_eq!(*r, 16);
+        let mut y = Tensor::U64 {
+            rows: 16,
+            cols: 32,
+            data: int_matmul(data, 16, &w),
+        };
+        let row = if trial % 2 == 0 {
+            3 + trial % 13
+        } else {
+            trial % 3
+        };
+        let (d, cols) = u64_data(&mut y);
+        d[row * cols + 5] = d[row * cols + 5].wrapping_add(1 << 63);
+        if m.unmask_exact(pending, &y).is_ok() {
+            if row >= 3 {
+                cover_passed += 1;
+            } else {
+                real_passed += 1;
+            }
+        }
+    }
+    assert_eq!((cover_passed, real_passed), (0, 0));
+}
+
+#[test]
+fn infinities_and_overflowing_values_fail_the_float_check() {
+    // An infinity makes the rounding tolerance infinite; an f64 near the top of its range makes
+    // |ỹ|·|v| overflow to one. Either must fail, never pass everything (with greedy decoding it
+    // would let the cloud choose the token).
+    let cloud = FloatCloud::new(96, 64, 9);
+    let mut rng = ChaCha8Rng::seed_from_u64(19);
+    for precision in [Precision::F32, Precision::F64Client, Precision::F64Gemm] {
+        let mut m = float_masker(&cloud, precision, 9);
+        let mut values = vec![f64::INFINITY, f64::NEG_INFINITY, f64::NAN];
+        if precision == Precision::F64Gemm {
+            values.extend([-2.5e305, 1e306]);
+        }
+        for bad in values {
+            for whole_row in [false, true] {
+                let x = rows(2, 96, 1.0, &mut rng);
+                let (sent, pending) = m.mask(OP, &x).unwrap();
+                let mut y = cloud.call(&sent);
+                match &mut y {
+                    Tensor::F32 { data, .. } => {
+                        let end = if whole_row { 63 } else { 1 };
+                        data[..end].iter_mut().for_each(|v| *v = bad as f32);
+                    }
+                    Tensor::F64 { data, .. } => {
+                        let end = if whole_row { 63 } else { 1 };
+                        data[..end].iter_mut().for_each(|v| *v = bad);
+                    }
+                    Tensor::U64 { .. } => unreachable!(),
+                }
+                let err = m.unmask(pending, &y).err();
+                assert_eq!(
+                    err.map(|e| e.error_type()),
+                    Some("integrity"),
+                    "{precision:?}: {bad:e} (whole row: {whole_row})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn vectors_retired_by_one_session_fail_another_sessions_calls_in_flight() {
+    use std::sync::Arc;
+    use talaria_remo::SharedPools;
+    let w = int_weight(64, 32, 10);
+    let config = RemoConfig {
+        pool: 4,
+        ..int_config()
+    };
+    let pools = Arc::new(SharedPools::new(config.clone()));
+    let session = |seed: u8| {
+        let mut m = Masker::new(config.clone(), u64::from(seed), None).unwrap();
+        m.share_pools(pools.clone());
+        let req = m.setup_request(OP, 64).unwrap();
+        let reply = SetupReply {
+            op: OP,
+            r_pub: RPub::Int(w.clone()),
+        };
+        m.install(&req, reply, 64, 32, 1.0).unwrap();
+        m
+    };
+    let (mut a, mut b) = (session(1), session(2));
+    let mut rng = ChaCha8Rng::seed_from_u64(20);
+    let honest = |sent: &Tensor| {
+        let Tensor::U64 { data, rows: r, .. } = sent else {
+            panic!()
+        };
+        Tensor::U64 {
+            rows: *r,
+            cols: 32,
+            data: int_matmul(data, *r, &w),
+        }
+    };
+    // Both sessions' calls are masked with the agent's vectors for the op.
+    let (sa, pa) = a.mask(OP, &rows(2, 64, 1.0, &mut rng)).unwrap();
+    let (sb, pb) = b.mask(OP, &rows(2, 64, 1.0, &mut rng)).unwrap();
+    // The cloud cheats on A's call: caught.
+    let mut ya = honest(&sa);
+    let (d, _) = u64_data(&mut ya);
+    d[0] ^= 1;
+    assert_eq!(
+        a.unmask_exact(pa, &ya).unwrap_err().error_type(),
+        "integrity"
+    );
+    // B's call was masked with the same vectors before the failure: whatever the reply, those
+    // vectors vouch for nothing any more.
+    assert_eq!(
+        b.unmask_exact(pb, &honest(&sb)).unwrap_err().error_type(),
+        "integrity"
+    );
+    // B's next call gets fresh vectors and an honest reply passes.
+    let (sb, pb) = b.mask(OP, &rows(2, 64, 1.0, &mut rng)).unwrap();
+    b.unmask_exact(pb, &honest(&sb)).unwrap();
+    assert_eq!(b.stats().check_vectors_made, 20);
 }

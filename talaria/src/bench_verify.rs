@@ -149,6 +149,7 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
         context = e.model.config().max_seq;
         let prompt = bench_prompt(&e.tokenizer, args.prompt_tokens)?;
         // Warm: the check vectors and the pool; then prefill alone, then prefill and decode.
+        e.linear.new_sequence();
         generate(
             &e.model,
             &mut e.linear,
@@ -157,6 +158,7 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
             None,
         )?;
         let s0 = e.linear.stats();
+        e.linear.new_sequence();
         generate(
             &e.model,
             &mut e.linear,
@@ -165,6 +167,7 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
             None,
         )?;
         let s1 = e.linear.stats();
+        e.linear.new_sequence();
         let g = generate(
             &e.model,
             &mut e.linear,
@@ -221,6 +224,7 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
         for &n in &args.pad_lengths {
             let prompt = bench_prompt(&e.tokenizer, n)?;
             // Warm once, then measure a prefill.
+            e.linear.new_sequence();
             generate(
                 &e.model,
                 &mut e.linear,
@@ -231,6 +235,7 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
             let cloud0 = e.linear.timings().cloud_s;
             let s0 = e.linear.stats();
             let t0 = Instant::now();
+            e.linear.new_sequence();
             generate(
                 &e.model,
                 &mut e.linear,

@@ -300,6 +300,9 @@ impl Engine {
         req: &GenerateRequest,
         on_token: impl FnMut(u32) -> Result<(), EngineError>,
     ) -> Result<Generation, EngineError> {
+        if let Engine::Remo(e) = self {
+            e.linear.new_sequence();
+        }
         let (_, model, linear) = self.parts();
         generate(model, linear, req, on_token, None)
     }
