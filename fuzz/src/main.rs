@@ -20,7 +20,7 @@ const STACK: usize = 2 << 20;
 #[derive(Parser)]
 #[command(about = "Fuzz every decoder of untrusted input (stable Rust, no framework)")]
 struct Args {
-    /// A target (wire, gguf, topology, openai, sev) or `all`.
+    /// A target (wire, gguf, topology, openai, sev, reply) or `all`.
     #[arg(long, default_value = "all")]
     target: String,
     /// Mutated inputs per target.

@@ -37,7 +37,7 @@ pub struct Target {
 }
 
 /// Every target, in the order `--target all` runs them.
-pub const TARGETS: [Target; 5] = [
+pub const TARGETS: [Target; 6] = [
     Target {
         name: "wire",
         run: wire,
@@ -73,6 +73,13 @@ pub const TARGETS: [Target; 5] = [
         text: false,
         dict: &[],
     },
+    Target {
+        name: "reply",
+        run: reply,
+        seeds: reply_seeds,
+        text: false,
+        dict: &[],
+    },
 ];
 
 /// The target called `name`.
@@ -85,6 +92,145 @@ fn sig<T, E: std::fmt::Display>(stage: &str, r: &Result<T, E>) -> u64 {
         Ok(_) => signature(stage, "ok"),
         Err(e) => signature(stage, &e.to_string()),
     }
+}
+
+// ---- reply: what the CVM does with a cloud's answer to a masked call ---------------------------
+
+const REPLY_OP: OpId = OpId::Block {
+    layer: 0,
+    op: BlockOp::Down,
+};
+
+/// A small integer weight, as a cloud would send it at set-up.
+fn reply_weight() -> IntWeight {
+    let (d_in, d_out) = (64, 24);
+    IntWeight {
+        d_in,
+        d_out,
+        codes: (0..d_in * d_out).map(|i| (i * 7 % 16) as u8).collect(),
+        scales: (0..2 * d_out).map(|i| 100 + i as u64).collect(),
+        mins: (0..2 * d_out).map(|i| (-(i as i64) * 50) as u64).collect(),
+        shift: 16,
+        gain: None,
+    }
+}
+
+/// Maskers of one session each: the integer default (padding, no dummies) and f32 with dummy
+/// rows, set up with the small weight.
+fn reply_maskers() -> Vec<talaria_remo::Masker> {
+    use talaria_remo::{Masker, Precision, RemoConfig};
+    let w = reply_weight();
+    let float_w: Vec<f32> = (0..w.d_in * w.d_out)
+        .map(|k| w.at(k / w.d_out, k % w.d_out) as f32 / 65536.0)
+        .collect();
+    [Precision::Int, Precision::F32]
+        .into_iter()
+        .map(|precision| {
+            let config = RemoConfig {
+                precision,
+                dummy_rows: precision.default_dummy_rows(),
+                pool: 0,
+                ..RemoConfig::default()
+            };
+            let mut m = Masker::new(config, 1, Some([7; 32])).expect("valid config");
+            m.set_context(64);
+            let req = m.setup_request(REPLY_OP, w.d_in).expect("masking on");
+            let r_pub = if req.integer {
+                RPub::Int(w.clone())
+            } else {
+                RPub::Float(Tensor::F32 {
+                    rows: w.d_in,
+                    cols: w.d_out,
+                    data: float_w.clone(),
+                })
+            };
+            let reply = SetupReply {
+                op: REPLY_OP,
+                r_pub,
+            };
+            m.install(&req, reply, w.d_in, w.d_out, 1.0)
+                .expect("set-up");
+            m
+        })
+        .collect()
+}
+
+thread_local! {
+    static MASKERS: std::cell::RefCell<Vec<talaria_remo::Masker>> =
+        std::cell::RefCell::new(reply_maskers());
+}
+
+/// One masked call of 3 rows per masker, answered with the decoded reply: every path of the
+/// checks (shape, precision, Freivalds, range) ends in a typed error or rows, never a panic.
+pub fn reply(data: &[u8]) -> Vec<u64> {
+    let decoded = frame::body::<MaskedReply>(data);
+    let mut parts = vec![sig("masked_reply", &decoded)];
+    let Ok(reply) = decoded else {
+        return parts;
+    };
+    let x = talaria_engine::Rows::new(3, 64, (0..192).map(|i| (i % 13) as f32 - 6.0).collect())
+        .expect("rows");
+    MASKERS.with(|m| {
+        for masker in m.borrow_mut().iter_mut() {
+            let (_, pending) = masker.mask(REPLY_OP, &x).expect("a valid row masks");
+            let r = masker.unmask(pending, &reply.y);
+            parts.push(match &r {
+                Ok(rows) => signature("unmask", &format!("ok {}", rows.rows())),
+                Err(e) => signature("unmask", e.error_type()),
+            });
+        }
+    });
+    parts
+}
+
+/// Honest replies to each masker's call, and a few near misses.
+pub fn reply_seeds() -> Vec<Vec<u8>> {
+    let w = reply_weight();
+    let x = talaria_engine::Rows::new(3, 64, (0..192).map(|i| (i % 13) as f32 - 6.0).collect())
+        .expect("rows");
+    let mut seeds = Vec::new();
+    for mut m in reply_maskers() {
+        let (sent, pending) = m.mask(REPLY_OP, &x).expect("masks");
+        let y = match &sent {
+            Tensor::U64 { data, rows, .. } => Tensor::U64 {
+                rows: *rows,
+                cols: w.d_out,
+                data: talaria_wire::int_matmul(data, *rows, &w),
+            },
+            other => {
+                let rows = other.shape().0;
+                let v = other.to_f64();
+                let mut y = vec![0f32; rows * w.d_out];
+                for r in 0..rows {
+                    for i in 0..w.d_in {
+                        for j in 0..w.d_out {
+                            y[r * w.d_out + j] +=
+                                v[r * w.d_in + i] as f32 * (w.at(i, j) as f32 / 65536.0);
+                        }
+                    }
+                }
+                Tensor::F32 {
+                    rows,
+                    cols: w.d_out,
+                    data: y,
+                }
+            }
+        };
+        drop(pending);
+        let reply = MaskedReply {
+            seq: 1,
+            y: y.clone(),
+        };
+        seeds.push(bytes_of(&reply));
+        let mut bad = y;
+        match &mut bad {
+            Tensor::U64 { data, .. } => data[0] ^= 1 << 63,
+            Tensor::F32 { data, .. } => data[0] = f32::INFINITY,
+            Tensor::F64 { data, .. } => data[0] = f64::NAN,
+        }
+        seeds.push(bytes_of(&MaskedReply { seq: 1, y: bad }));
+    }
+    seeds
 }
 
 // ---- wire -------------------------------------------------------------------------------------

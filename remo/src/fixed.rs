@@ -99,12 +99,7 @@ impl IntOp {
 
     /// Encodes every row of `x` (`d_in` wide, checked): the residues, each row's fractional
     /// bits and each row's bound on its product.
-    pub fn encode_rows(
-        &self,
-        op: OpId,
-        x: &Rows,
-        f_max: u32,
-    ) -> Result<(Vec<u64>, Vec<u32>, Vec<u64>), RemoError> {
+    pub fn encode_rows(&self, op: OpId, x: &Rows, f_max: u32) -> Result<EncodedRows, RemoError> {
         let d_in = self.weight.d_in;
         if x.cols() != d_in {
             return Err(RemoError::Shape {
@@ -121,8 +116,22 @@ impl IntOp {
             frac_bits.push(f);
             bounds.push(b);
         }
-        Ok((enc, frac_bits, bounds))
+        Ok(EncodedRows {
+            residues: enc,
+            frac_bits,
+            bounds,
+        })
     }
+}
+
+/// Rows encoded for the integer mode.
+pub struct EncodedRows {
+    /// The fixed-point values, row-major, as residues modulo `2^64`.
+    pub residues: Vec<u64>,
+    /// Each row's fractional bits.
+    pub frac_bits: Vec<u32>,
+    /// Each row's bound on its exact product ([`product_bound`], below `2^62`).
+    pub bounds: Vec<u64>,
 }
 
 /// A bound on `|X·W_int[:, j]|` for every `j`, for a row of f64 norm `norm` (after the gain)
@@ -216,7 +225,11 @@ impl FixedPointLinear {
     /// `X · W_int` exactly, for the encoding of `x`.
     pub fn product(&mut self, op: OpId, x: &Rows) -> Result<IntProduct, RemoError> {
         let int = self.ops.get(&op).ok_or(RemoError::NotSetUp(op))?;
-        let (enc, frac_bits, _) = int.encode_rows(op, x, self.frac_bits)?;
+        let EncodedRows {
+            residues: enc,
+            frac_bits,
+            ..
+        } = int.encode_rows(op, x, self.frac_bits)?;
         self.downshifted_rows += frac_bits.iter().filter(|&&f| f < self.frac_bits).count() as u64;
         let values = int_matmul(&enc, x.rows(), &int.weight)
             .into_iter()

@@ -829,7 +829,11 @@ impl Masker {
         let encoded = match &s.public.int {
             Some(int) => {
                 let f_max = self.config.frac_bits;
-                let (enc, frac_bits, bounds) = int.encode_rows(op, x, f_max)?;
+                let crate::fixed::EncodedRows {
+                    residues: enc,
+                    frac_bits,
+                    bounds,
+                } = int.encode_rows(op, x, f_max)?;
                 self.stats.downshifted_rows +=
                     frac_bits.iter().filter(|&&f| f < f_max).count() as u64;
                 Some((enc, frac_bits, bounds, int.weight.shift))

@@ -404,11 +404,11 @@ mod tests {
             }
         }
         // And u is W · v by definition.
-        for i in 0..96 {
+        for (i, &got) in us[1].iter().enumerate() {
             let want = (0..70).fold(0u64, |s, j| {
                 s.wrapping_add((w.at(i, j) as u64).wrapping_mul(vs[1][j]))
             });
-            assert_eq!(us[1][i], want);
+            assert_eq!(got, want);
         }
     }
 
