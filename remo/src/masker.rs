@@ -901,7 +901,7 @@ impl Masker {
         self.stats.mask_generation_macs += pair_macs * n_pairs as u64;
         let (tensor, products) = match encoded {
             Some((enc, frac_bits, bounds, shift)) => {
-                Self::pad_rows(pairs, &slots, n, &enc, d_in, frac_bits, bounds, shift)
+                Self::pad_rows(op, pairs, &slots, n, &enc, d_in, frac_bits, bounds, shift)?
             }
             None => {
                 let step = identity.then(|| grid::grid_step(scale));
@@ -1038,6 +1038,7 @@ impl Masker {
     /// pure pads, in slot order.
     #[allow(clippy::too_many_arguments)]
     fn pad_rows(
+        op: OpId,
         pairs: Vec<MaskPair>,
         slots: &[usize],
         n: usize,
@@ -1046,15 +1047,17 @@ impl Masker {
         frac_bits: Vec<u32>,
         bounds: Vec<u64>,
         shift: u32,
-    ) -> (Tensor, Products) {
+    ) -> Result<(Tensor, Products), RemoError> {
         let total = pairs.len();
         let mut rows = vec![0u64; total * d_in];
         let mut products = Vec::with_capacity(total);
         for (j, pair) in pairs.into_iter().enumerate() {
-            // An integer session draws only pads: `make_pairs` and `cover_masks` follow the op.
-            let (pad, product) = match pair {
-                MaskPair::Int { pad, product } => (pad, product),
-                MaskPair::Float { .. } => (Vec::new(), Vec::new()),
+            // An integer session draws only pads (`make_pairs` and `cover_masks` follow the op);
+            // anything else would leave a row unpadded, so it is an error, never a fallback.
+            let MaskPair::Int { pad, product } = pair else {
+                return Err(RemoError::Setup(format!(
+                    "{op}: an integer call drew float masks"
+                )));
             };
             let dst = &mut rows[slots[j] * d_in..(slots[j] + 1) * d_in];
             if j < n {
@@ -1063,7 +1066,7 @@ impl Masker {
                     *d = v.wrapping_add(p);
                 }
             } else {
-                dst[..pad.len()].copy_from_slice(&pad);
+                dst.copy_from_slice(&pad);
             }
             if !product.is_empty() {
                 products.push(product);
@@ -1074,7 +1077,7 @@ impl Masker {
             cols: d_in,
             data: rows,
         };
-        (
+        Ok((
             tensor,
             Products::Int {
                 products,
@@ -1082,7 +1085,7 @@ impl Masker {
                 bounds,
                 shift,
             },
-        )
+        ))
     }
 
     /// Removes the masks from the cloud's reply, after checking every row of it (Freivalds'

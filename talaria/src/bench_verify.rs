@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
-use talaria_engine::{GenerateRequest, SamplingParams, generate};
+use talaria_engine::{GenerateRequest, SamplingParams};
 use talaria_remo::{MaskerStats, PadRows, RemoConfig};
 
 use crate::bench::bench_prompt;
@@ -149,32 +149,11 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
         context = e.model.config().max_seq;
         let prompt = bench_prompt(&e.tokenizer, args.prompt_tokens)?;
         // Warm: the check vectors and the pool; then prefill alone, then prefill and decode.
-        e.linear.new_sequence();
-        generate(
-            &e.model,
-            &mut e.linear,
-            &request(prompt.clone(), 2),
-            |_| Ok(()),
-            None,
-        )?;
+        e.generate(&request(prompt.clone(), 2), |_| Ok(()))?;
         let s0 = e.linear.stats();
-        e.linear.new_sequence();
-        generate(
-            &e.model,
-            &mut e.linear,
-            &request(prompt.clone(), 1),
-            |_| Ok(()),
-            None,
-        )?;
+        e.generate(&request(prompt.clone(), 1), |_| Ok(()))?;
         let s1 = e.linear.stats();
-        e.linear.new_sequence();
-        let g = generate(
-            &e.model,
-            &mut e.linear,
-            &request(prompt.clone(), args.gen_tokens + 1),
-            |_| Ok(()),
-            None,
-        )?;
+        let g = e.generate(&request(prompt.clone(), args.gen_tokens + 1), |_| Ok(()))?;
         let s2 = e.linear.stats();
         let (prefill, both) = (diff(&s0, &s1), diff(&s1, &s2));
         let tokens = args.gen_tokens as f64;
@@ -224,25 +203,11 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
         for &n in &args.pad_lengths {
             let prompt = bench_prompt(&e.tokenizer, n)?;
             // Warm once, then measure a prefill.
-            e.linear.new_sequence();
-            generate(
-                &e.model,
-                &mut e.linear,
-                &request(prompt.clone(), 1),
-                |_| Ok(()),
-                None,
-            )?;
+            e.generate(&request(prompt.clone(), 1), |_| Ok(()))?;
             let cloud0 = e.linear.timings().cloud_s;
             let s0 = e.linear.stats();
             let t0 = Instant::now();
-            e.linear.new_sequence();
-            generate(
-                &e.model,
-                &mut e.linear,
-                &request(prompt.clone(), 1),
-                |_| Ok(()),
-                None,
-            )?;
+            e.generate(&request(prompt.clone(), 1), |_| Ok(()))?;
             let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
             let d = diff(&s0, &e.linear.stats());
             padding.push(PadRow {

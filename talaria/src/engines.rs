@@ -180,6 +180,19 @@ impl RemoEngine {
     }
 }
 
+impl RemoEngine {
+    /// Generates `req` as a new sequence of this engine's ReMO session (its first pass padded
+    /// whatever its length).
+    pub fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        on_token: impl FnMut(u32) -> Result<(), EngineError>,
+    ) -> Result<Generation, EngineError> {
+        self.linear.new_sequence();
+        generate(&self.model, &mut self.linear, req, on_token, None)
+    }
+}
+
 /// The cloud side in this process (the weights, and the tap if one is asked for) and the CVM
 /// side it provisions, not yet joined by a ReMO session.
 pub struct Cloud {
@@ -301,7 +314,7 @@ impl Engine {
         on_token: impl FnMut(u32) -> Result<(), EngineError>,
     ) -> Result<Generation, EngineError> {
         if let Engine::Remo(e) = self {
-            e.linear.new_sequence();
+            return e.generate(req, on_token);
         }
         let (_, model, linear) = self.parts();
         generate(model, linear, req, on_token, None)
