@@ -14,7 +14,7 @@ use talaria_attestation::{
     AttestationError, Bound, Evidence, InsecurePolicy, Policy, Purpose, Tcb, parse_measurement,
 };
 use talaria_gguf::GgufFile;
-use talaria_gpu_node::{Part, read_provision};
+use talaria_model_file::{Part, read_provision};
 use talaria_topology::{Role, Topology};
 use talaria_wire::{ErrorReply, Provision, Tensor};
 

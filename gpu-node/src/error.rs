@@ -1,17 +1,15 @@
 use talaria_engine::EngineError;
 use talaria_gguf::GgufError;
+use talaria_model_file::ModelFileError;
 
 /// Everything the cloud side can fail at.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    /// The model file cannot serve: corrupt, unsupported, or shaped unlike its configuration.
     #[error(transparent)]
-    Gguf(#[from] GgufError),
+    ModelFile(#[from] ModelFileError),
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("unsupported model: {0}")]
-    Unsupported(String),
-    #[error("invalid model: {0}")]
-    InvalidModel(String),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("tap: {0}")]
@@ -24,14 +22,23 @@ pub enum NodeError {
     },
 }
 
+impl From<GgufError> for NodeError {
+    fn from(e: GgufError) -> Self {
+        NodeError::ModelFile(e.into())
+    }
+}
+
 impl NodeError {
+    /// A malformed model: a tensor or value unlike what the configuration says.
+    pub(crate) fn invalid_model(message: String) -> Self {
+        NodeError::ModelFile(ModelFileError::InvalidModel(message))
+    }
+
     /// A short machine-readable label for logs and metrics.
     pub fn error_type(&self) -> &'static str {
         match self {
-            NodeError::Gguf(_) => "model_file",
+            NodeError::ModelFile(e) => e.error_type(),
             NodeError::Engine(e) => e.error_type(),
-            NodeError::Unsupported(_) => "unsupported_model",
-            NodeError::InvalidModel(_) => "invalid_model",
             NodeError::BadRequest(_) => "bad_request",
             NodeError::Tap(_) => "tap",
             NodeError::Batch { error_type, .. } => error_type,

@@ -8,7 +8,7 @@ use talaria_gguf::{GgufFile, exact_shift, integer_blocks};
 use talaria_wire::{INT_BLOCK, IntWeight, int_matmul};
 
 use crate::NodeError;
-use crate::weights::{OpSource, block_sources, lm_head_source, load_vector};
+use talaria_model_file::{OpSource, block_sources, lm_head_source, load_vector};
 
 /// A stage's projections in integer form (the integer mode's weights).
 pub struct IntWeights {
@@ -31,7 +31,7 @@ fn fuse(
     for (name, width) in parts {
         let t = f.tensor(name)?;
         if t.dims != [d_in as u64, *width as u64] {
-            return Err(NodeError::InvalidModel(format!(
+            return Err(NodeError::invalid_model(format!(
                 "tensor {name:?} has dims {:?}, expected [{d_in}, {width}]",
                 t.dims
             )));
@@ -68,7 +68,7 @@ fn fuse(
         col0 += part_out;
     }
     w.validate()
-        .map_err(|e| NodeError::InvalidModel(e.to_string()))?;
+        .map_err(|e| NodeError::invalid_model(e.to_string()))?;
     Ok(w)
 }
 
@@ -81,9 +81,10 @@ impl IntWeights {
         lm_head: bool,
     ) -> Result<Self, NodeError> {
         if !c.d_model.is_multiple_of(INT_BLOCK) || !c.d_ff.is_multiple_of(INT_BLOCK) {
-            return Err(NodeError::Unsupported(
+            return Err(talaria_model_file::ModelFileError::Unsupported(
                 "the integer mode needs widths that are multiples of 32".into(),
-            ));
+            )
+            .into());
         }
         let load = |src: &OpSource| -> Result<IntWeight, NodeError> {
             let gain = src

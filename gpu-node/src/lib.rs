@@ -1,4 +1,4 @@
-//! The cloud side of Talaria: it reads the model file, holds the block weights (norm gains folded
+//! The cloud side of Talaria: it reads its shard of the model file (`talaria-model-file`), holds the block weights (norm gains folded
 //! in) and answers linear calls. It extracts the material a CVM may be provisioned with, and
 //! offers the unprotected [`PlainEngine`] as the baseline every masked engine is compared with.
 
@@ -6,9 +6,7 @@ mod cloud;
 mod error;
 mod fault;
 mod int_weights;
-mod model_file;
 mod plain;
-mod shard;
 mod stage;
 mod tap;
 mod weights;
@@ -17,9 +15,7 @@ pub use cloud::CloudExecutor;
 pub use error::NodeError;
 pub use fault::{ALLOW_FAULTS_ENV, FAULT_ENV, Fault, Faulty};
 pub use int_weights::IntWeights;
-pub use model_file::{read_config, read_provision, read_tokenizer_spec};
 pub use plain::PlainEngine;
-pub use shard::{Part, SHARD_LAYERS, SHARD_LM_HEAD, SHARD_PART, SHARD_SOURCE_SHA256};
 pub use tap::{NpyData, Tap, write_npy};
 pub use weights::{CpuBackend, LinearWeights};
 

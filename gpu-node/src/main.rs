@@ -9,7 +9,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use talaria_actors::stage::{DEFAULT_MAX_QUEUED, GpuShard, LayerStage, ShardLimits};
 use talaria_gguf::GgufFile;
-use talaria_gpu_node::{CloudExecutor, Fault, Faulty, LinearWeights, Part, Tap, read_config};
+use talaria_gpu_node::{CloudExecutor, Fault, Faulty, LinearWeights, Tap};
+use talaria_model_file::{Part, read_config};
 use talaria_topology::{Role, Topology};
 
 #[derive(Parser)]

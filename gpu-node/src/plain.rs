@@ -4,7 +4,8 @@ use talaria_gguf::GgufFile;
 
 use talaria_engine::{EngineError, GenerateRequest, Generation, Tokenizer, Transformer, generate};
 
-use crate::{LinearWeights, NodeError, read_provision};
+use crate::{LinearWeights, NodeError};
+use talaria_model_file::read_provision;
 
 /// The unprotected engine: both halves of the model in one process, no masking.
 pub struct PlainEngine {

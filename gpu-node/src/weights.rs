@@ -10,6 +10,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 use talaria_gguf::GgufFile;
+use talaria_model_file::{OpSource, block_sources, lm_head_source, load_vector};
 use talaria_topology::Backend as Placement;
 
 use talaria_engine::{BlockOp, EngineError, LinearOps, ModelConfig, OpId, Rows};
@@ -280,74 +281,11 @@ struct Stored {
 fn load_stored(f: &GgufFile, name: &str, d_in: usize, d_out: usize) -> Result<Stored, NodeError> {
     let (values, dims) = f.dequantize(name)?;
     if dims != [d_in as u64, d_out as u64] {
-        return Err(NodeError::InvalidModel(format!(
+        return Err(NodeError::invalid_model(format!(
             "tensor {name:?} has dims {dims:?}, expected [{d_in}, {d_out}]"
         )));
     }
     Ok(Stored { values, d_out })
-}
-
-/// Where one op's weight is stored: its parts (name, output width), fused side by side, its input
-/// width, and the norm gain in front of it — folded in by the float weights, sent along by the
-/// integer ones.
-pub(crate) struct OpSource {
-    pub(crate) parts: Vec<(String, usize)>,
-    pub(crate) d_in: usize,
-    pub(crate) gain: Option<String>,
-}
-
-/// The sources of layer `l`'s ops, in [`BlockOp::ALL`] order.
-pub(crate) fn block_sources(c: &ModelConfig, l: usize) -> [OpSource; 4] {
-    let name = |t: &str| format!("blk.{l}.{t}.weight");
-    let op = |parts: &[(&str, usize)], d_in: usize, gain: Option<&str>| OpSource {
-        parts: parts.iter().map(|&(t, d)| (name(t), d)).collect(),
-        d_in,
-        gain: gain.map(name),
-    };
-    [
-        op(
-            &[
-                ("attn_q", c.d_model),
-                ("attn_k", c.kv_dim()),
-                ("attn_v", c.kv_dim()),
-            ],
-            c.d_model,
-            Some("attn_norm"),
-        ),
-        op(&[("attn_output", c.d_model)], c.d_model, None),
-        op(
-            &[("ffn_gate", c.d_ff), ("ffn_up", c.d_ff)],
-            c.d_model,
-            Some("ffn_norm"),
-        ),
-        op(&[("ffn_down", c.d_model)], c.d_ff, None),
-    ]
-}
-
-/// The LM head's source. Tied embeddings: without `output.weight` the LM head is the token
-/// embedding table.
-pub(crate) fn lm_head_source(f: &GgufFile, c: &ModelConfig) -> OpSource {
-    let head = if f.has_tensor("output.weight") {
-        "output.weight"
-    } else {
-        "token_embd.weight"
-    };
-    OpSource {
-        parts: vec![(head.into(), c.vocab)],
-        d_in: c.d_model,
-        gain: Some("output_norm.weight".into()),
-    }
-}
-
-/// A norm gain of `len` values.
-pub(crate) fn load_vector(f: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, NodeError> {
-    let (values, dims) = f.dequantize(name)?;
-    if dims != [len as u64] {
-        return Err(NodeError::InvalidModel(format!(
-            "tensor {name:?} has dims {dims:?}, expected [{len}]"
-        )));
-    }
-    Ok(values)
 }
 
 /// Lays stored projections side by side as one `[d_in, Σ d_out]` row-major matrix, scaling
@@ -408,9 +346,10 @@ impl LinearWeights {
             )?),
             #[cfg(not(feature = "cuda"))]
             Placement::Cuda(_) => {
-                return Err(NodeError::Unsupported(format!(
+                return Err(talaria_model_file::ModelFileError::Unsupported(format!(
                     "backend {placement}: this build has no `cuda` feature"
-                )));
+                ))
+                .into());
             }
         };
         Ok(Self {
@@ -476,7 +415,7 @@ impl<B: Backend> Stack<B> {
     ) -> Result<Self, NodeError> {
         let c = config;
         if *layers.end() >= c.n_layers {
-            return Err(NodeError::InvalidModel(format!(
+            return Err(NodeError::invalid_model(format!(
                 "layers {}-{} asked of a model with {} layers",
                 layers.start(),
                 layers.end(),

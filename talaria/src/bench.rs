@@ -93,7 +93,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(e) => bench_prompt(e.tokenizer(), args.prompt_tokens.max(1))?,
         None => {
             let f = talaria_gguf::GgufFile::open(&model_path)?;
-            let spec = talaria_gpu_node::read_tokenizer_spec(&f)?;
+            let spec = talaria_model_file::read_tokenizer_spec(&f)?;
             bench_prompt(
                 &talaria_engine::Tokenizer::from_spec(&spec)?,
                 args.prompt_tokens.max(1),

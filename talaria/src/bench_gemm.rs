@@ -12,7 +12,8 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use talaria_engine::{OpId, Rows};
 use talaria_gguf::GgufFile;
-use talaria_gpu_node::{LinearWeights, read_config};
+use talaria_gpu_node::LinearWeights;
+use talaria_model_file::read_config;
 
 #[derive(Debug, Args)]
 pub struct BenchGemmArgs {

@@ -138,7 +138,7 @@ pub fn run(args: BenchVerifyArgs) -> Result<()> {
     let dummy_settings: &[usize] = if args.hiding_only { &[] } else { &[0, 2] };
     if args.hiding_only {
         let f = talaria_gguf::GgufFile::open(&model)?;
-        context = talaria_gpu_node::read_config(&f)?.max_seq;
+        context = talaria_model_file::read_config(&f)?.max_seq;
     }
     for &dummy_rows in dummy_settings {
         let config = RemoConfig {

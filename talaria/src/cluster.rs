@@ -332,7 +332,7 @@ impl Running {
 /// Starts every process of `args.topology` and waits until each is ready.
 pub fn start(args: &UpArgs) -> Result<Running> {
     let topology = Topology::load(&args.topology)?;
-    let config = talaria_gpu_node::read_config(&GgufFile::open(topology.coordinator_file())?)?;
+    let config = talaria_model_file::read_config(&GgufFile::open(topology.coordinator_file())?)?;
     topology.check_layers(config.n_layers)?;
     let run_dir = args.run_dir.clone().unwrap_or_else(default_run_dir);
     let logs = run_dir.join("logs");

@@ -11,9 +11,8 @@ use talaria_engine::{
     generate,
 };
 use talaria_gguf::GgufFile;
-use talaria_gpu_node::{
-    CloudExecutor, IntWeights, LinearWeights, PlainEngine, Tap, read_provision,
-};
+use talaria_gpu_node::{CloudExecutor, IntWeights, LinearWeights, PlainEngine, Tap};
+use talaria_model_file::read_provision;
 use talaria_remo::{Calibration, FixedPointLinear, PadRows, Precision, Rank, RemoConfig};
 use talaria_wire::Loopback;
 

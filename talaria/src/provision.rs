@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
 use talaria_gguf::GgufFile;
-use talaria_gpu_node::{Part, read_config};
+use talaria_model_file::{Part, read_config};
 use talaria_model_store as store;
 use talaria_wire::TlsMaterial;
 
@@ -199,7 +199,7 @@ pub fn model_manifest(path: &Path) -> Result<talaria_cvm_agent::manifest::ModelM
         hex::encode(h.finalize())
     };
     let f = GgufFile::open(path)?;
-    let p = talaria_gpu_node::read_provision(&f)?;
+    let p = talaria_model_file::read_provision(&f)?;
     let config = p.config.clone();
     let layers = 0..=config.n_layers.saturating_sub(1);
     let mut weights =

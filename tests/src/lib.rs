@@ -294,7 +294,7 @@ pub fn remo_split<L: talaria_wire::CloudLink>(
     wrap: impl FnOnce(talaria_gpu_node::CloudExecutor) -> L,
 ) -> Result<RemoSplit<L>, talaria_cvm_agent::AgentError> {
     let f = talaria_gguf::GgufFile::open(path).unwrap();
-    let provision = talaria_gpu_node::read_provision(&f).unwrap();
+    let provision = talaria_model_file::read_provision(&f).unwrap();
     let mut weights = talaria_gpu_node::LinearWeights::load(&f, &provision.config).unwrap();
     if config.precision.is_int() {
         weights.load_int(&f).unwrap();

@@ -82,7 +82,8 @@ fn fetching_again_finds_the_verified_file() {
 fn shards_hold_their_part_and_nothing_else() {
     use talaria_engine::{BlockOp, OpId};
     use talaria_gguf::GgufFile;
-    use talaria_gpu_node::{LinearWeights, Part, read_config};
+    use talaria_gpu_node::LinearWeights;
+    use talaria_model_file::{Part, read_config};
     let whole = GgufFile::open(real_model()).unwrap();
     let config = read_config(&whole).unwrap();
     let cut = |part: &Part| {

@@ -329,7 +329,7 @@ fn abandoned_requests_stop_and_oversized_or_malformed_input_is_refused_with_memo
     };
 
     // 1. A prompt longer than the context is the OpenAI error, not an empty success.
-    let max_seq = talaria_gpu_node::read_config(&talaria_gguf::GgufFile::open(&model).unwrap())
+    let max_seq = talaria_model_file::read_config(&talaria_gguf::GgufFile::open(&model).unwrap())
         .unwrap()
         .max_seq;
     let err = tenant

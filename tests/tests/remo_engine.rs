@@ -79,7 +79,7 @@ impl LinearOps for ExactnessCheck {
 #[test]
 fn the_integer_mode_gives_the_golden_ids_through_products_equal_to_plain_fixed_point_bit_for_bit() {
     let f = talaria_gguf::GgufFile::open(real_model()).unwrap();
-    let provision = talaria_gpu_node::read_provision(&f).unwrap();
+    let provision = talaria_model_file::read_provision(&f).unwrap();
     let c = provision.config.clone();
     let mut weights = talaria_gpu_node::LinearWeights::load(&f, &c).unwrap();
     weights.load_int(&f).unwrap();
@@ -456,7 +456,7 @@ fn every_float_mode_passes_its_checks_on_every_golden_prompt() {
 /// The cloud's executor over all of the real model's weights, recording nothing.
 fn real_cloud() -> CloudExecutor {
     let f = talaria_gguf::GgufFile::open(real_model()).unwrap();
-    let config = talaria_gpu_node::read_config(&f).unwrap();
+    let config = talaria_model_file::read_config(&f).unwrap();
     CloudExecutor::new(
         talaria_gpu_node::LinearWeights::load(&f, &config).unwrap(),
         None,

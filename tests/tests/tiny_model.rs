@@ -5,7 +5,8 @@ use talaria_engine::{
     BlockOp, EngineError, GenerateRequest, LinearOps, OpId, Rows, SamplingParams, StopReason,
 };
 use talaria_gguf::GgufFile;
-use talaria_gpu_node::{LinearWeights, NodeError, PlainEngine, read_config};
+use talaria_gpu_node::{LinearWeights, NodeError, PlainEngine};
+use talaria_model_file::{ModelFileError, read_config};
 use talaria_tests::{TINY_D, TinyOptions, tiny_model};
 
 fn tiny(opts: &TinyOptions) -> Result<PlainEngine, NodeError> {
@@ -196,14 +197,17 @@ fn loader_errors_are_typed() {
         architecture: "qwen2".into(),
         ..Default::default()
     });
-    assert!(matches!(wrong_arch, Err(NodeError::Unsupported(_))));
+    assert!(matches!(
+        wrong_arch,
+        Err(NodeError::ModelFile(ModelFileError::Unsupported(_)))
+    ));
 
     let missing = tiny(&TinyOptions {
         drop_tensor: Some("blk.1.ffn_up.weight".into()),
         ..Default::default()
     });
     assert!(
-        matches!(missing, Err(NodeError::Gguf(talaria_gguf::GgufError::MissingTensor(ref n))) if n == "blk.1.ffn_up.weight")
+        matches!(missing, Err(NodeError::ModelFile(ModelFileError::Gguf(talaria_gguf::GgufError::MissingTensor(ref n)))) if n == "blk.1.ffn_up.weight")
     );
 
     for name in [
@@ -219,7 +223,7 @@ fn loader_errors_are_typed() {
             .err()
             .unwrap_or_else(|| panic!("misshapen {name} was accepted"));
         assert!(
-            matches!(err, NodeError::InvalidModel(ref m) if m.contains(name)),
+            matches!(err, NodeError::ModelFile(ModelFileError::InvalidModel(ref m)) if m.contains(name)),
             "{err}"
         );
     }

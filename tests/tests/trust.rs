@@ -287,7 +287,7 @@ fn the_embedded_manifest_pins_the_model_and_scaled_weights_are_refused() {
     // stay the same if attn_out is scaled by 1/c, but the float masks are then c-fold weaker)
     // does not, in either mode.
     let f = talaria_gguf::GgufFile::open(&model).unwrap();
-    let p = talaria_gpu_node::read_provision(&f).unwrap();
+    let p = talaria_model_file::read_provision(&f).unwrap();
     let config = p.config.clone();
     let mut weights =
         LinearWeights::load_on(&f, &config, 0..=0, false, talaria_topology::Backend::Cpu).unwrap();

@@ -3,24 +3,24 @@
 use talaria_engine::{CvmProvision, ModelConfig, TokenizerSpec};
 use talaria_gguf::{GgufFile, Value};
 
-use crate::NodeError;
+use crate::ModelFileError;
 
 /// Largest sizes accepted from metadata: bounds allocations on a corrupt file.
 const MAX_DIM: u64 = 1 << 20;
 const MAX_LAYERS: u64 = 1024;
 
 /// Reads and validates the hyper-parameters of a `llama` model.
-pub fn read_config(f: &GgufFile) -> Result<ModelConfig, NodeError> {
+pub fn read_config(f: &GgufFile) -> Result<ModelConfig, ModelFileError> {
     let arch = f.get_str("general.architecture")?;
     if arch != "llama" {
-        return Err(NodeError::Unsupported(format!(
+        return Err(ModelFileError::Unsupported(format!(
             "architecture {arch:?} (only \"llama\" is implemented)"
         )));
     }
-    let dim = |key: &str, max: u64| -> Result<usize, NodeError> {
+    let dim = |key: &str, max: u64| -> Result<usize, ModelFileError> {
         let v = f.get_u64(&format!("llama.{key}"))?;
         if v == 0 || v > max {
-            return Err(NodeError::InvalidModel(format!("llama.{key} = {v}")));
+            return Err(ModelFileError::InvalidModel(format!("llama.{key} = {v}")));
         }
         Ok(v as usize)
     };
@@ -32,7 +32,7 @@ pub fn read_config(f: &GgufFile) -> Result<ModelConfig, NodeError> {
         None => n_heads,
     };
     if d_model % n_heads != 0 {
-        return Err(NodeError::InvalidModel(format!(
+        return Err(ModelFileError::InvalidModel(format!(
             "{n_heads} heads do not divide {d_model}"
         )));
     }
@@ -40,7 +40,7 @@ pub fn read_config(f: &GgufFile) -> Result<ModelConfig, NodeError> {
     if let Ok(rot) = f.get_u64("llama.rope.dimension_count")
         && rot as usize != head_dim
     {
-        return Err(NodeError::Unsupported(format!(
+        return Err(ModelFileError::Unsupported(format!(
             "partial RoPE ({rot} of {head_dim} dims)"
         )));
     }
@@ -64,15 +64,15 @@ pub fn read_config(f: &GgufFile) -> Result<ModelConfig, NodeError> {
 }
 
 /// Reads the tokenizer description from `tokenizer.ggml.*`.
-pub fn read_tokenizer_spec(f: &GgufFile) -> Result<TokenizerSpec, NodeError> {
-    let id = |key: &str| -> Result<Option<u32>, NodeError> {
+pub fn read_tokenizer_spec(f: &GgufFile) -> Result<TokenizerSpec, ModelFileError> {
+    let id = |key: &str| -> Result<Option<u32>, ModelFileError> {
         match f.metadata().get(key) {
             None => Ok(None),
             Some(v) => v
                 .as_u64()
                 .and_then(|i| u32::try_from(i).ok())
                 .map(Some)
-                .ok_or_else(|| NodeError::InvalidModel(format!("{key} = {v:?}"))),
+                .ok_or_else(|| ModelFileError::InvalidModel(format!("{key} = {v:?}"))),
         }
     };
     let token_types = f
@@ -81,10 +81,10 @@ pub fn read_tokenizer_spec(f: &GgufFile) -> Result<TokenizerSpec, NodeError> {
         .map(|v| {
             v.as_i64()
                 .and_then(|t| i32::try_from(t).ok())
-                .ok_or_else(|| NodeError::InvalidModel(format!("token type {v:?}")))
+                .ok_or_else(|| ModelFileError::InvalidModel(format!("token type {v:?}")))
         })
         .collect::<Result<_, _>>()?;
-    let strings = |key: &str| -> Result<Vec<String>, NodeError> {
+    let strings = |key: &str| -> Result<Vec<String>, ModelFileError> {
         Ok(f.get_string_array(key)?
             .into_iter()
             .map(str::to_string)
@@ -100,7 +100,7 @@ pub fn read_tokenizer_spec(f: &GgufFile) -> Result<TokenizerSpec, NodeError> {
         token_types,
         merges: strings("tokenizer.ggml.merges")?,
         eos: id("tokenizer.ggml.eos_token_id")?
-            .ok_or_else(|| NodeError::InvalidModel("no eos token id".into()))?,
+            .ok_or_else(|| ModelFileError::InvalidModel("no eos token id".into()))?,
         bos: id("tokenizer.ggml.bos_token_id")?,
         add_bos: matches!(
             f.metadata().get("tokenizer.ggml.add_bos_token"),
@@ -110,11 +110,11 @@ pub fn read_tokenizer_spec(f: &GgufFile) -> Result<TokenizerSpec, NodeError> {
 }
 
 /// The material a CVM is provisioned with: configuration, tokenizer and embedding table.
-pub fn read_provision(f: &GgufFile) -> Result<CvmProvision, NodeError> {
+pub fn read_provision(f: &GgufFile) -> Result<CvmProvision, ModelFileError> {
     let config = read_config(f)?;
     let (embeddings, dims) = f.dequantize("token_embd.weight")?;
     if dims != [config.d_model as u64, config.vocab as u64] {
-        return Err(NodeError::InvalidModel(format!(
+        return Err(ModelFileError::InvalidModel(format!(
             "token_embd.weight has dims {dims:?}, expected [{}, {}]",
             config.d_model, config.vocab
         )));

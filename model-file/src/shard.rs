@@ -9,8 +9,8 @@ use std::ops::RangeInclusive;
 use talaria_engine::ModelConfig;
 use talaria_gguf::{GgufFile, GgufWriter, Value};
 
-use crate::NodeError;
-use crate::weights::{OpSource, block_sources, lm_head_source};
+use crate::ModelFileError;
+use crate::sources::{OpSource, block_sources, lm_head_source};
 
 /// Metadata key: which part of the model a shard is (`coordinator` or `stage`).
 pub const SHARD_PART: &str = "talaria.shard.part";
@@ -59,9 +59,9 @@ impl Part {
         f: &GgufFile,
         config: &ModelConfig,
         source_sha256: &str,
-    ) -> Result<GgufWriter, NodeError> {
+    ) -> Result<GgufWriter, ModelFileError> {
         if f.metadata().contains_key(SHARD_PART) {
-            return Err(NodeError::InvalidModel(
+            return Err(ModelFileError::InvalidModel(
                 "this file is already a shard: cut shards from the whole model".into(),
             ));
         }
@@ -75,7 +75,7 @@ impl Part {
             }
             Part::Stage { layers, lm_head } => {
                 if *layers.end() >= config.n_layers || layers.is_empty() {
-                    return Err(NodeError::InvalidModel(format!(
+                    return Err(ModelFileError::InvalidModel(format!(
                         "layers {}-{}: the model has layers 0-{}",
                         layers.start(),
                         layers.end(),
@@ -96,13 +96,13 @@ impl Part {
     /// Checks that `f` can serve this part: the whole model, or a shard cut for it (or for a
     /// part that includes it). A shard for another part is refused here, with what it holds,
     /// rather than failing later on a missing tensor.
-    pub fn check_file(&self, f: &GgufFile) -> Result<(), NodeError> {
+    pub fn check_file(&self, f: &GgufFile) -> Result<(), ModelFileError> {
         let Ok(part) = f.get_str(SHARD_PART) else {
             return Ok(());
         };
-        let held = || -> Result<(RangeInclusive<usize>, bool), NodeError> {
+        let held = || -> Result<(RangeInclusive<usize>, bool), ModelFileError> {
             let layers = f.get_str(SHARD_LAYERS)?;
-            let bad = || NodeError::InvalidModel(format!("{SHARD_LAYERS} {layers:?}"));
+            let bad = || ModelFileError::InvalidModel(format!("{SHARD_LAYERS} {layers:?}"));
             let (a, b) = layers.split_once('-').ok_or_else(bad)?;
             let range = a.parse().map_err(|_| bad())?..=b.parse().map_err(|_| bad())?;
             Ok((range, f.get_bool(SHARD_LM_HEAD)?))
@@ -115,7 +115,7 @@ impl Part {
                 if covers && (have_head || !lm_head) {
                     Ok(())
                 } else {
-                    Err(NodeError::InvalidModel(format!(
+                    Err(ModelFileError::InvalidModel(format!(
                         "this shard holds layers {}-{}{}; the stage needs layers {}-{}{}",
                         have.start(),
                         have.end(),
@@ -126,7 +126,7 @@ impl Part {
                     )))
                 }
             }
-            (_, other) => Err(NodeError::InvalidModel(format!(
+            (_, other) => Err(ModelFileError::InvalidModel(format!(
                 "this is a shard for the {other:?} part of the model, not for {self:?}"
             ))),
         }
