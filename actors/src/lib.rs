@@ -62,7 +62,7 @@ where
         };
         let handle = handle.clone();
         actix_rt::spawn(async move {
-            let answer = match talaria_wire::net::read_frame(&mut recv, max_frame).await {
+            let answer = match talaria_net::read_frame(&mut recv, max_frame).await {
                 Ok(Some(frame)) => handle(frame).await,
                 Ok(None) => return,
                 Err(e) => {
@@ -72,7 +72,7 @@ where
                     err_frame(&frame_error(&e))
                 }
             };
-            if let Err(e) = talaria_wire::net::write_frame(&mut send, &answer).await {
+            if let Err(e) = talaria_net::write_frame(&mut send, &answer).await {
                 tracing::debug!(%peer, "answer not delivered: {e}");
                 return;
             }
@@ -86,7 +86,7 @@ where
 pub fn tls_material(
     topology: &talaria_topology::Topology,
     generated_dir: Option<&std::path::Path>,
-) -> Result<talaria_wire::TlsMaterial, String> {
+) -> Result<talaria_net::TlsMaterial, String> {
     let (ca, cert, key) = match (&topology.tls, generated_dir) {
         (talaria_topology::TlsSource::Files { ca, cert, key }, _) => {
             (ca.clone(), cert.clone(), key.clone())
@@ -102,7 +102,7 @@ pub fn tls_material(
             );
         }
     };
-    Ok(talaria_wire::TlsMaterial {
+    Ok(talaria_net::TlsMaterial {
         ca,
         cert,
         key,

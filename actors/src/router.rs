@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use talaria_engine::OpId;
+use talaria_net::TlsMaterial;
 use talaria_wire::frame;
-use talaria_wire::{ErrorReply, Request, SessionId, TlsMaterial};
+use talaria_wire::{ErrorReply, Request, SessionId};
 
 use crate::{err_frame, frame_error, metrics, ok_frame};
 
@@ -735,7 +736,7 @@ impl Handler<Forward> for NodeLink {
         let name = self.name.clone();
         let me = ctx.address();
         Box::pin(async move {
-            let exchange = talaria_wire::net::request(&conn, &msg.frame, max);
+            let exchange = talaria_net::request(&conn, &msg.frame, max);
             match tokio::time::timeout(msg.deadline, exchange).await {
                 Ok(Ok(answer)) => answer,
                 Ok(Err(e)) => {
@@ -790,7 +791,7 @@ impl Actor for AgentLink {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let (id, router) = (self.id, self.router.clone());
         // Sent before any of its frames: the router knows the key before a Hello can arrive.
-        if let Some(cert) = talaria_wire::net::peer_cert_der(&self.conn) {
+        if let Some(cert) = talaria_net::peer_cert_der(&self.conn) {
             router.do_send(AgentCert(id, cert));
         }
         let serve = crate::serve_streams(self.conn.clone(), self.max_frame, move |frame| {

@@ -46,7 +46,7 @@ impl UplinkHealth {
 #[derive(Clone)]
 pub struct Join {
     pub endpoint: quinn::Endpoint,
-    pub tls: talaria_wire::TlsMaterial,
+    pub tls: talaria_net::TlsMaterial,
     pub coordinator: std::net::SocketAddr,
     pub hello: HelloFn,
     /// Largest answer frame accepted where the request does not bound it (a set-up reply).
@@ -61,7 +61,7 @@ async fn ask(
     deadline: Duration,
 ) -> Result<Vec<u8>, ErrorReply> {
     let frame = frame::encode::<_, ()>(head, None).map_err(|e| crate::frame_error(&e))?;
-    let answer = tokio::time::timeout(deadline, talaria_wire::net::request(conn, &frame, max))
+    let answer = tokio::time::timeout(deadline, talaria_net::request(conn, &frame, max))
         .await
         .map_err(|_| {
             ErrorReply::new(
@@ -279,7 +279,7 @@ impl Handler<Exchange> for Uplink {
         Box::pin(async move {
             tokio::time::timeout(
                 msg.deadline,
-                talaria_wire::net::request(&conn, &msg.frame, msg.max_reply),
+                talaria_net::request(&conn, &msg.frame, msg.max_reply),
             )
             .await
             .map_err(|_| {
@@ -622,12 +622,11 @@ async fn answer_stream(
     attestor: Attestor,
     api_keys: Arc<Vec<[u8; 32]>>,
 ) {
-    let first =
-        match talaria_wire::net::read_frame(&mut recv, talaria_wire::MAX_TENANT_MESSAGE).await {
-            Ok(Some(f)) => frame::body::<TenantMessage>(&f),
-            Ok(None) => return,
-            Err(e) => Err(e),
-        };
+    let first = match talaria_net::read_frame(&mut recv, talaria_wire::MAX_TENANT_MESSAGE).await {
+        Ok(Some(f)) => frame::body::<TenantMessage>(&f),
+        Ok(None) => return,
+        Err(e) => Err(e),
+    };
     let mut rx = match first {
         Ok(TenantMessage::Generate { request, api_key }) => {
             if crate::key_accepted(&api_keys, &api_key) {
@@ -661,10 +660,7 @@ async fn answer_stream(
                 break;
             }
         };
-        if talaria_wire::net::write_frame(&mut send, &bytes)
-            .await
-            .is_err()
-        {
+        if talaria_net::write_frame(&mut send, &bytes).await.is_err() {
             tracing::info!(%peer, "tenant went away");
             break;
         }

@@ -45,7 +45,7 @@ use std::rc::Rc;
 
 use serde::{Deserialize, Serialize};
 use talaria_engine::{BlockOp, KvCache, OpId};
-use talaria_remo::gemm::matmul_f64_nt;
+use talaria_kernels::gemm::matmul_f64_nt;
 
 use crate::attack::{Attacker, Geometry, Pass};
 use crate::score::{Basis, log_sum_exp};

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
 use talaria_engine::{BlockOp, OpId};
-use talaria_remo::gemm::{matmul_f32, matmul_f64};
+use talaria_kernels::gemm::{matmul_f32, matmul_f64};
 
 use crate::AttackError;
 use crate::attack::{Attacker, Geometry, Pass, keep_rows};

@@ -1,7 +1,7 @@
 //! Comparing observed (masked) rows with candidate rows: distances and Gaussian likelihoods,
 //! in the full space or in the complement of a public basis.
 
-use talaria_remo::gemm::{matmul_f64, matmul_f64_nt};
+use talaria_kernels::gemm::{matmul_f64, matmul_f64_nt};
 
 use crate::tap::Matrix;
 

@@ -127,7 +127,7 @@ fn main() -> Result<()> {
     let topology = Topology::load_for(&args.topology, Role::Coordinator)?;
     let tls = talaria_actors::tls_material(&topology, args.tls_dir.as_deref())
         .map_err(anyhow::Error::msg)?;
-    talaria_wire::net::set_liveness(topology.deadlines.idle);
+    talaria_net::set_liveness(topology.deadlines.idle);
     let path = topology.coordinator_file();
     let file = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
     Part::Coordinator
@@ -218,7 +218,7 @@ fn main() -> Result<()> {
         let endpoint = tls.server(
             topology.coordinator,
             talaria_wire::ALPN_CLOUD,
-            talaria_wire::ClientAuth::AnyCertificate,
+            talaria_net::ClientAuth::AnyCertificate,
         )?;
         tracing::info!(listen = %topology.coordinator, stages = topology.stages.len(), "serving");
         println!("ready {}", topology.coordinator);

@@ -8,10 +8,9 @@ use talaria_attestation::{
 use talaria_engine::Generation;
 
 use crate::claims::{AgentClaims, BelowFloor, check_floor};
+use talaria_net::TlsMaterial;
 use talaria_wire::frame::{self, FrameError};
-use talaria_wire::{
-    ErrorReply, LatencySplit, TenantEvent, TenantMessage, TenantRequest, TlsMaterial,
-};
+use talaria_wire::{ErrorReply, LatencySplit, TenantEvent, TenantMessage, TenantRequest};
 
 /// What can go wrong for a tenant.
 #[derive(Debug, thiserror::Error)]
@@ -19,7 +18,7 @@ pub enum ClientError {
     #[error(transparent)]
     Frame(#[from] FrameError),
     #[error(transparent)]
-    Tls(#[from] talaria_wire::TlsError),
+    Tls(#[from] talaria_net::TlsError),
     #[error("the agent refused: {0}")]
     Refused(ErrorReply),
     #[error("the agent ended the stream without an answer")]
@@ -139,7 +138,7 @@ async fn open(
         .await
         .map_err(|e| FrameError::Connection(e.to_string()))?;
     let bytes = frame::encode::<_, ()>(msg, None)?;
-    talaria_wire::net::write_frame(&mut send, &bytes).await?;
+    talaria_net::write_frame(&mut send, &bytes).await?;
     let _ = send.finish();
     Ok((send, recv))
 }
@@ -150,7 +149,7 @@ async fn open(
 pub async fn attest(conn: &quinn::Connection, trust: &Trust) -> Result<Attested, ClientError> {
     let nonce: [u8; 32] = rand::random();
     let (_send, mut recv) = open(conn, &TenantMessage::Attest { nonce }).await?;
-    let f = talaria_wire::net::read_frame(&mut recv, talaria_wire::MAX_TENANT_EVENT)
+    let f = talaria_net::read_frame(&mut recv, talaria_wire::MAX_TENANT_EVENT)
         .await?
         .ok_or(ClientError::NoAnswer)?;
     let (evidence, claims) = match frame::body::<TenantEvent>(&f)? {
@@ -159,7 +158,7 @@ pub async fn attest(conn: &quinn::Connection, trust: &Trust) -> Result<Attested,
         _ => return Err(ClientError::NoAnswer),
     };
     let evidence: Evidence = frame::body(&evidence)?;
-    let key = talaria_wire::net::peer_cert_der(conn).unwrap_or_default();
+    let key = talaria_net::peer_cert_der(conn).unwrap_or_default();
     let bound = Bound {
         purpose: Purpose::Tenant,
         nonce: &nonce,
@@ -215,11 +214,10 @@ pub async fn generate(
         },
         None,
     )?;
-    talaria_wire::net::write_frame(&mut send, &bytes).await?;
+    talaria_net::write_frame(&mut send, &bytes).await?;
     let _ = send.finish();
     let answer = loop {
-        let Some(f) =
-            talaria_wire::net::read_frame(&mut recv, talaria_wire::MAX_TENANT_EVENT).await?
+        let Some(f) = talaria_net::read_frame(&mut recv, talaria_wire::MAX_TENANT_EVENT).await?
         else {
             break Err(ClientError::NoAnswer);
         };

@@ -17,8 +17,8 @@ use talaria_attestation::{Bound, Evidence, Purpose, hardware_evidence};
 use talaria_cvm_agent::claims::{AgentClaims, check_floor};
 use talaria_cvm_agent::cluster::{AgentShared, remo_config};
 use talaria_cvm_agent::manifest::ModelManifest;
+use talaria_net::TenantIdentity;
 use talaria_topology::{Role, Topology};
-use talaria_wire::net::TenantIdentity;
 use talaria_wire::{ErrorReply, Provision, Request};
 
 #[derive(Parser)]
@@ -157,7 +157,7 @@ fn main() -> Result<()> {
     let calibration = talaria_cvm_agent::default_calibration().context("embedded calibration")?;
     let max_frame = topology.max_frame_bytes;
 
-    talaria_wire::net::set_liveness(topology.deadlines.idle);
+    talaria_net::set_liveness(topology.deadlines.idle);
 
     actix::System::new().block_on(async move {
         // The agent presents its tenant-facing certificate on the cloud connection too: the

@@ -17,12 +17,13 @@ use talaria_gguf::{
     GgmlType, GgufFile, GgufWriter, TensorPayload, Value, exact_shift, integer_blocks,
     quantize_q4_1, quantize_q8_0,
 };
+use talaria_kernels::IntWeight;
 use talaria_topology::{Role, Topology};
 use talaria_wire::frame::{self, DEFAULT_MAX_FRAME};
 use talaria_wire::{
-    BasisSpec, ErrorReply, IntWeight, LatencySplit, MaskedCall, MaskedReply, Prompt, Provision,
-    RPub, Reply, Request, SessionId, SetupReply, SetupRequest, TenantEvent, TenantMessage,
-    TenantRequest, Tensor,
+    BasisSpec, ErrorReply, LatencySplit, MaskedCall, MaskedReply, Prompt, Provision, RPub, Reply,
+    Request, SessionId, SetupReply, SetupRequest, TenantEvent, TenantMessage, TenantRequest,
+    Tensor,
 };
 
 use crate::runner::signature;
@@ -195,7 +196,7 @@ pub fn reply_seeds() -> Vec<Vec<u8>> {
             Tensor::U64 { data, rows, .. } => Tensor::U64 {
                 rows: *rows,
                 cols: w.d_out,
-                data: talaria_wire::int_matmul(data, *rows, &w),
+                data: talaria_kernels::int_matmul(data, *rows, &w),
             },
             other => {
                 let rows = other.shape().0;

@@ -5,7 +5,7 @@
 
 use talaria_engine::{BlockOp, EngineError, ModelConfig, OpId};
 use talaria_gguf::{GgufFile, exact_shift, integer_blocks};
-use talaria_wire::{INT_BLOCK, IntWeight, int_matmul};
+use talaria_kernels::{INT_BLOCK, IntWeight, int_matmul};
 
 use crate::NodeError;
 use talaria_model_file::{OpSource, block_sources, lm_head_source, load_vector};

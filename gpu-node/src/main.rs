@@ -49,7 +49,7 @@ fn main() -> Result<()> {
     };
     let tls = talaria_actors::tls_material(&topology, args.tls_dir.as_deref())
         .map_err(anyhow::Error::msg)?;
-    talaria_wire::net::set_liveness(topology.deadlines.idle);
+    talaria_net::set_liveness(topology.deadlines.idle);
 
     let t0 = std::time::Instant::now();
     let path = topology.stage_file(&stage);
@@ -103,7 +103,7 @@ fn main() -> Result<()> {
         let endpoint = tls.server(
             stage.listen,
             talaria_wire::ALPN_CLOUD,
-            talaria_wire::ClientAuth::Cluster,
+            talaria_net::ClientAuth::Cluster,
         )?;
         if let Some(addr) = stage.metrics {
             talaria_actors::metrics::serve(addr)?;

@@ -17,7 +17,7 @@ use talaria_engine::{BlockOp, EngineError, LinearOps, ModelConfig, OpId, Rows};
 
 use crate::NodeError;
 use crate::int_weights::IntWeights;
-use talaria_wire::IntWeight;
+use talaria_kernels::IntWeight;
 
 /// The tensor backend of the CPU build.
 pub type CpuBackend = Flex;

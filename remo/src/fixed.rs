@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use talaria_engine::{EngineError, LinearOps, OpId, Rows};
-use talaria_wire::{IntWeight, int_matmul};
+use talaria_kernels::{IntWeight, int_matmul};
 
 use crate::RemoError;
 

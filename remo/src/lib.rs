@@ -13,7 +13,6 @@ mod config;
 mod error;
 pub mod fixed;
 pub mod grid;
-pub use talaria_wire::gemm;
 mod masker;
 pub mod verify;
 

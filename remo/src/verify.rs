@@ -26,7 +26,7 @@ use std::sync::Arc;
 use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
-use talaria_wire::{IntWeight, int_weight_times};
+use talaria_kernels::{IntWeight, int_weight_times};
 
 /// Every error pattern in a call's real rows passes with probability at most `2^-SOUNDNESS_BITS`
 /// (integer mode).

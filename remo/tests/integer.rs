@@ -5,8 +5,9 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use talaria_engine::{BlockOp, OpId, Rows};
+use talaria_kernels::{INT_BLOCK, IntWeight, int_matmul};
 use talaria_remo::{FixedPointLinear, Masker, PadRows, Precision, RemoConfig, RemoError};
-use talaria_wire::{INT_BLOCK, IntWeight, RPub, SetupReply, Tensor, int_matmul};
+use talaria_wire::{RPub, SetupReply, Tensor};
 
 const OP: OpId = OpId::Block {
     layer: 2,

@@ -13,8 +13,9 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use talaria_cvm_agent::client::{self, Answer};
 use talaria_gguf::GgufFile;
+use talaria_net::TlsMaterial;
 use talaria_topology::{TlsSource, Topology};
-use talaria_wire::{TenantRequest, TlsMaterial};
+use talaria_wire::TenantRequest;
 
 /// What a running local cluster tells its tenants: where the agents are and whom to trust.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,7 +45,7 @@ fn make_api_key(dir: &Path, tenant: &str) -> Result<(PathBuf, String)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let key = format!("tk-{}", hex::encode(rand::random::<[u8; 32]>()));
     let path = dir.join(format!("{tenant}.key"));
-    talaria_wire::net::write_atomic(&path, key.as_bytes(), true)?;
+    talaria_net::write_atomic(&path, key.as_bytes(), true)?;
     Ok((path, hex::encode(sha2::Sha256::digest(key.as_bytes()))))
 }
 
@@ -319,7 +320,7 @@ impl Running {
             restarted.push(p.name.clone());
         }
         if !restarted.is_empty() {
-            talaria_wire::net::write_atomic(
+            talaria_net::write_atomic(
                 &self.info_path,
                 serde_json::to_string_pretty(&self.info)?.as_bytes(),
                 false,
@@ -417,7 +418,7 @@ pub fn start(args: &UpArgs) -> Result<Running> {
         logs: logs.clone(),
     };
     let info_path = run_dir.join("cluster.json");
-    talaria_wire::net::write_atomic(
+    talaria_net::write_atomic(
         &info_path,
         serde_json::to_string_pretty(&info)?.as_bytes(),
         false,

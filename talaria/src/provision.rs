@@ -13,7 +13,7 @@ use serde::Serialize;
 use talaria_gguf::GgufFile;
 use talaria_model_file::{Part, read_config};
 use talaria_model_store as store;
-use talaria_wire::TlsMaterial;
+use talaria_net::TlsMaterial;
 
 #[derive(Debug, Args)]
 pub struct ShardArgs {

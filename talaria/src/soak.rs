@@ -19,7 +19,8 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use talaria_cvm_agent::client::{self, Trust};
 use talaria_engine::SamplingParams;
-use talaria_wire::{Prompt, TenantRequest, TlsMaterial};
+use talaria_net::TlsMaterial;
+use talaria_wire::{Prompt, TenantRequest};
 
 use crate::cluster::{Running, UpArgs};
 

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use talaria_net::TlsMaterial;
 use talaria_wire::frame;
-use talaria_wire::{ErrorReply, Reply, Request, TlsMaterial};
+use talaria_wire::{ErrorReply, Reply, Request};
 
 /// A binary of the workspace, next to the test executable's folder (`target/<profile>/`).
 pub fn bin(name: &str) -> PathBuf {
@@ -389,7 +390,7 @@ impl RawPeer {
             .unwrap();
         let identity = match who {
             Who::OwnKey => {
-                Some(talaria_wire::net::TenantIdentity::generate(&tls.server_name, &[]).unwrap())
+                Some(talaria_net::TenantIdentity::generate(&tls.server_name, &[]).unwrap())
             }
             _ => None,
         };
@@ -445,7 +446,7 @@ impl RawPeer {
             let _ = send.write_all(bytes).await;
             let _ = send.write_all(&vec![0; filler]).await;
             let _ = send.finish();
-            match talaria_wire::net::read_frame(&mut recv, 1 << 24).await {
+            match talaria_net::read_frame(&mut recv, 1 << 24).await {
                 Ok(Some(answer)) => match frame::split::<Reply>(&answer) {
                     Ok((reply, _)) => format!("{reply:?}"),
                     Err(_) => format!("{:?}", frame::body::<talaria_wire::TenantEvent>(&answer)),
@@ -484,7 +485,7 @@ impl RawPeer {
             // A peer may stop reading an oversize frame: a failed write is part of the test.
             let _ = send.write_all(bytes).await;
             let _ = send.finish();
-            let answer = talaria_wire::net::read_frame(&mut recv, 1 << 30)
+            let answer = talaria_net::read_frame(&mut recv, 1 << 30)
                 .await
                 .map_err(|e| e.to_string())?
                 .ok_or("no answer")?;

@@ -4,7 +4,9 @@
 //!   and its build cannot grow a path to one;
 //! - the cvm-agent links no model-file reader and no tensor library: it is never handed the
 //!   weights' file format, only the provision the coordinator sends;
-//! - the coordinator links no tensor library and no ReMO: it routes frames and provisions agents.
+//! - the coordinator links no tensor library and no ReMO: it routes frames and provisions agents;
+//! - ReMO, the CVM's pure computation, and the protocol it speaks (`talaria-wire`, sans I/O) link
+//!   no network code: the QUIC endpoints are `talaria-net`.
 //!
 //! Each check has its power shown on the same graph: the crate it forbids is linked by some
 //! other package, so a check that read the wrong tree would fail.
@@ -58,10 +60,12 @@ fn each_process_links_only_its_side_of_the_trust_boundary() {
     let gpu_node = linked("talaria-gpu-node");
     let agent = linked("talaria-cvm-agent");
     let coordinator = linked("talaria-coordinator");
+    let remo = linked("talaria-remo");
+    let wire = linked("talaria-wire");
 
     // (process, what it links, crates it must not link, name prefixes it must not link)
     type Case<'a> = (&'a str, &'a BTreeSet<String>, &'a [&'a str], &'a [&'a str]);
-    let cases: [Case; 3] = [
+    let cases: [Case; 5] = [
         (
             "gpu-node",
             &gpu_node,
@@ -80,6 +84,18 @@ fn each_process_links_only_its_side_of_the_trust_boundary() {
             &["talaria-remo", "talaria-cvm-agent", "talaria-gpu-node"],
             &["burn"],
         ),
+        (
+            "remo",
+            &remo,
+            &["talaria-net", "quinn", "rustls", "tokio"],
+            &[],
+        ),
+        (
+            "wire",
+            &wire,
+            &["talaria-net", "quinn", "rustls", "tokio"],
+            &[],
+        ),
     ];
     for (who, names, forbidden, prefixes) in cases {
         let bad = offenders(names, forbidden, prefixes);
@@ -95,6 +111,10 @@ fn each_process_links_only_its_side_of_the_trust_boundary() {
         ("talaria-gguf", &gpu_node),
         ("talaria-model-file", &coordinator),
         ("talaria-gpu-node", &talaria),
+        ("talaria-net", &agent),
+        ("quinn", &agent),
+        ("rustls", &coordinator),
+        ("tokio", &gpu_node),
     ] {
         assert!(
             by.contains(name),

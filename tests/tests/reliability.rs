@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 
 use talaria_engine::{BlockOp, OpId, SamplingParams};
 use talaria_gpu_node::{ALLOW_FAULTS_ENV, FAULT_ENV};
+use talaria_net::TlsMaterial;
 use talaria_tests::cluster::{
     LocalCluster, RawPeer, Who, free_port, generate_streaming, metric, rss_bytes, scrape,
 };
 use talaria_tests::{plain_greedy, real_model};
-use talaria_wire::{MaskedCall, Prompt, Reply, Request, TenantRequest, Tensor, TlsMaterial};
+use talaria_wire::{MaskedCall, Prompt, Reply, Request, TenantRequest, Tensor};
 
 fn greedy(ids: Vec<u32>, max_tokens: usize) -> TenantRequest {
     TenantRequest {

@@ -153,7 +153,7 @@ fn a_key_planted_on_the_agents_host_is_never_used_and_the_attestation_binds_what
     let dir = tempfile::tempdir().unwrap();
     let planted_dir = dir.path().join("agent-tls");
     let planted =
-        talaria_wire::TlsMaterial::generate(&planted_dir, talaria_topology::DEFAULT_SERVER_NAME)
+        talaria_net::TlsMaterial::generate(&planted_dir, talaria_topology::DEFAULT_SERVER_NAME)
             .unwrap();
     let planted_ca = dir.path().join("planted-ca.pem");
     std::fs::copy(&planted.ca, &planted_ca).unwrap();

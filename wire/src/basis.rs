@@ -8,7 +8,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use crate::gemm::{matmul_f64, matmul_f64_nt};
+use talaria_kernels::gemm::{matmul_f64, matmul_f64_nt};
 
 /// A public mask basis `M_pub` (`m × d_in`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

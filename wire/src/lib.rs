@@ -1,16 +1,13 @@
 //! What crosses between the CVM side and the cloud side: the ReMO set-up and the masked linear
-//! calls, as serde types that postcard encodes, the frames that carry them and the QUIC
-//! connections the frames travel on. Everything here is, by definition, seen by the
+//! calls, as serde types that postcard encodes, and the frames that carry them (sans I/O: the
+//! QUIC connections they travel on are `talaria-net`). Everything here is, by definition, seen by the
 //! cloud: no private coefficient, token or plaintext activation has a type in this crate.
 
 mod basis;
 pub mod digest;
 pub mod frame;
-pub mod gemm;
 mod link;
-pub mod net;
 mod protocol;
-pub mod ring;
 mod tensor;
 
 pub use basis::{BasisSpec, expand_basis};
@@ -19,16 +16,15 @@ pub use frame::{
     max_call_reply, max_call_rows, max_request_frame,
 };
 pub use link::{CloudLink, LinkError, Loopback};
-pub use net::{ClientAuth, TlsError, TlsMaterial};
 pub use protocol::{
     ALPN_CLOUD, ALPN_TENANT, ErrorReply, LatencySplit, Prompt, Provision, Reply, Request,
     TenantEvent, TenantMessage, TenantRequest, first_stop,
 };
-pub use ring::{INT_BLOCK, IntWeight, int_matmul, int_weight_times};
 pub use tensor::{Tensor, WireError};
 
 use serde::{Deserialize, Serialize};
 use talaria_engine::OpId;
+use talaria_kernels::IntWeight;
 
 /// Identifies a session (one conversation) to the cloud side.
 pub type SessionId = u64;

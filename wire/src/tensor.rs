@@ -14,8 +14,8 @@ pub enum WireError {
         expected: &'static str,
         found: &'static str,
     },
-    #[error("integer weight: {0}")]
-    BadIntWeight(String),
+    #[error(transparent)]
+    BadIntWeight(#[from] talaria_kernels::BadIntWeight),
 }
 
 /// A row-major matrix in the precision the call asked for.

@@ -10,7 +10,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::frame::{FrameError, check_len};
+use talaria_wire::frame::{FrameError, check_len};
 
 /// TLS set-up failures.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,10 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::WireError;
+/// An integer weight whose lengths do not match its shape (a peer may send anything).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("integer weight: {0}")]
+pub struct BadIntWeight(pub String);
 
 /// Inputs per block of an integer weight (a GGUF Q4_1 / Q8_0 block).
 pub const INT_BLOCK: usize = 32;
@@ -38,10 +41,8 @@ pub struct IntWeight {
 
 impl IntWeight {
     /// Checks every length against the shape: a peer may send anything.
-    pub fn validate(&self) -> Result<(), WireError> {
-        let bad = |what: &str| {
-            WireError::BadIntWeight(format!("{what} ({} x {})", self.d_in, self.d_out))
-        };
+    pub fn validate(&self) -> Result<(), BadIntWeight> {
+        let bad = |what: &str| BadIntWeight(format!("{what} ({} x {})", self.d_in, self.d_out));
         if self.d_in == 0 || !self.d_in.is_multiple_of(INT_BLOCK) {
             return Err(bad("input width is not a positive multiple of 32"));
         }

@@ -1,0 +1,9 @@
+//! The arithmetic both sides share, with no I/O and no protocol: the row-major GEMMs the mask
+//! pool, the bases and the attacks multiply with ([`gemm`]), and the integer mode's ring
+//! ([`ring`]): the exact integer form of a block-quantized weight and the wrapping 64-bit
+//! products the cloud (masked rows) and the CVM (pads, Freivalds' vectors) take with it.
+
+pub mod gemm;
+pub mod ring;
+
+pub use ring::{BadIntWeight, INT_BLOCK, IntWeight, int_matmul, int_weight_times};
