@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use talaria_engine::{BlockOp, KvCache, OpId};
-use talaria_remo::Calibration;
+use talaria_params::Calibration;
 
 use crate::score::{self, Basis, Distance, Space, log_sum_exp, matrix_f32};
 use crate::sim::Simulator;

@@ -11,7 +11,8 @@
 
 use rayon::prelude::*;
 use talaria_engine::{BlockOp, OpId};
-use talaria_remo::{Precision, grid};
+use talaria_params::Precision;
+use talaria_params::grid_step;
 
 use crate::AttackError;
 use crate::attack::{Attacker, SessionGuess};
@@ -55,10 +56,10 @@ impl Reachable {
             (true, _, MaskFamily::ScaledGaussian, true) => Reachable::ScaledF64 { scale },
             (true, _, MaskFamily::ScaledGaussian, false) => Reachable::ScaledF32,
             (true, _, MaskFamily::Grid, true) => Reachable::GridF64 {
-                step: grid::grid_step(scale),
+                step: grid_step(scale),
             },
             (true, _, MaskFamily::Grid, false) => Reachable::GridF32 {
-                step: grid::grid_step(scale),
+                step: grid_step(scale),
             },
         }
     }

@@ -23,7 +23,7 @@ pub(crate) struct Cache {
     fitted: Option<(Fitted, OpId, Ridge)>,
 }
 
-type Fitted = (std::path::PathBuf, talaria_remo::RemoConfig);
+type Fitted = (std::path::PathBuf, talaria_params::RemoConfig);
 
 struct Recordings {
     /// Per op: rows (`tokens.len() × d_in`).

@@ -46,7 +46,7 @@ pub enum AttackError {
     #[error("model: {0}")]
     Node(#[from] talaria_gpu_node::NodeError),
     #[error("ReMO parameters: {0}")]
-    Remo(#[from] talaria_remo::RemoError),
+    Params(#[from] talaria_params::ParamsError),
 }
 
 impl AttackError {
@@ -71,15 +71,23 @@ fn read_versioned<T: serde::de::DeserializeOwned>(
     want: &str,
     format: impl Fn(&T) -> &str,
 ) -> Result<T, AttackError> {
+    /// Only the format name, read first: a file of another version is refused by its name,
+    /// not by whichever field its schema changed.
+    #[derive(serde::Deserialize)]
+    struct Versioned {
+        format: String,
+    }
     let bytes = std::fs::read(path).map_err(AttackError::io(path))?;
-    let value: T = serde_json::from_slice(&bytes).map_err(AttackError::json(path))?;
-    let found = format(&value);
+    let Versioned { format: found } =
+        serde_json::from_slice(&bytes).map_err(AttackError::json(path))?;
     if found != want {
         return Err(AttackError::Format(format!(
             "{}: format {found:?}, expected {want}",
             path.display()
         )));
     }
+    let value: T = serde_json::from_slice(&bytes).map_err(AttackError::json(path))?;
+    debug_assert_eq!(format(&value), want);
     Ok(value)
 }
 

@@ -1130,24 +1130,29 @@ mod tests {
     fn write_tap(dir: &std::path::Path, calls: &[Call], index_rows: impl Fn(usize) -> usize) {
         use talaria_gpu_node::{NpyData, write_npy};
         std::fs::create_dir_all(dir).unwrap();
-        crate::Public::write(dir, &talaria_remo::RemoConfig::default()).unwrap();
+        crate::Public::write(dir, &talaria_params::RemoConfig::default()).unwrap();
         let mut events = Vec::new();
         for (i, c) in calls.iter().enumerate() {
             let file = format!("call-{i:06}.npy");
             let v = &c.values;
             write_npy(&dir.join(&file), v.rows, v.cols, NpyData::U64(&v.data)).unwrap();
-            let (op, layer) = match c.op {
-                OpId::Block { layer, op } => (op.name().to_string(), Some(layer)),
-                OpId::LmHead => ("lm_head".to_string(), None),
-            };
-            events.push(
-                serde_json::json!({"kind": "call", "session": 1, "seq": i + 1,
-                "op": op, "layer": layer, "rows": index_rows(v.rows), "cols": v.cols,
-                "dtype": "uint64", "file": file}),
-            );
+            events.push(talaria_gpu_node::TapEvent::Call {
+                session: 1,
+                t_us: None,
+                frame_bytes: None,
+                seq: i as u64 + 1,
+                op: c.op,
+                rows: index_rows(v.rows),
+                cols: v.cols,
+                dtype: talaria_gpu_node::TapDtype::Uint64,
+                file,
+            });
         }
-        let index = serde_json::json!({"format": "talaria-tap-1", "events": events});
-        std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+        let index = talaria_gpu_node::TapIndex {
+            format: talaria_gpu_node::TAP_FORMAT.into(),
+            events,
+        };
+        std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
     }
 
     #[test]

@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use talaria_engine::{BlockOp, ModelConfig, OpId};
-use talaria_remo::RemoConfig;
+use talaria_engine::{ModelConfig, OpId};
+use talaria_gpu_node::{TAP_FORMAT, TapEvent, TapIndex};
+use talaria_params::RemoConfig;
 
 use crate::{AttackError, read_versioned};
 
@@ -67,41 +68,6 @@ impl Public {
             rows
         }
     }
-}
-
-#[derive(Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-enum Event {
-    Open {
-        session: u64,
-        tenant: String,
-    },
-    Setup {
-        session: u64,
-        op: String,
-        layer: Option<usize>,
-        basis_file: Option<String>,
-    },
-    Call {
-        session: u64,
-        seq: u64,
-        op: String,
-        layer: Option<usize>,
-        rows: usize,
-        cols: usize,
-        file: String,
-        /// Absent in taps written before arrival times were recorded.
-        #[serde(default)]
-        t_us: Option<u64>,
-        #[serde(default)]
-        frame_bytes: Option<usize>,
-    },
-}
-
-#[derive(Deserialize)]
-struct Index {
-    format: String,
-    events: Vec<Event>,
 }
 
 /// A row-major matrix of f64 values.
@@ -194,24 +160,6 @@ pub struct Tap {
     sessions: BTreeMap<u64, SessionTap>,
 }
 
-fn parse_op(op: &str, layer: Option<usize>) -> Result<OpId, AttackError> {
-    let block = |op| {
-        layer
-            .map(|layer| OpId::Block { layer, op })
-            .ok_or_else(|| AttackError::Format(format!("op {op:?} without a layer")))
-    };
-    match op {
-        "lm_head" => Ok(OpId::LmHead),
-        other => BlockOp::ALL
-            .into_iter()
-            .find(|b| b.name() == other)
-            .map_or_else(
-                || Err(AttackError::Format(format!("unknown op {other:?}"))),
-                block,
-            ),
-    }
-}
-
 /// A file named by the index, kept inside the tap directory.
 fn inside(dir: &Path, name: &str) -> Result<PathBuf, AttackError> {
     let p = Path::new(name);
@@ -227,8 +175,8 @@ impl Tap {
     /// Opens a tap: `index.json` and `public.json`.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, AttackError> {
         let dir = dir.into();
-        let index: Index =
-            read_versioned(&dir.join("index.json"), "talaria-tap-1", |i: &Index| {
+        let index: TapIndex =
+            read_versioned(&dir.join("index.json"), TAP_FORMAT, |i: &TapIndex| {
                 &i.format
             })?;
         let public: Public =
@@ -238,35 +186,36 @@ impl Tap {
         let mut sessions: BTreeMap<u64, SessionTap> = BTreeMap::new();
         for e in index.events {
             match e {
-                Event::Open { session, tenant } => {
+                TapEvent::Open {
+                    session, tenant, ..
+                } => {
                     sessions.entry(session).or_default().tenant = Some(tenant);
                 }
-                Event::Setup {
+                TapEvent::Setup {
                     session,
                     op,
-                    layer,
                     basis_file,
+                    ..
                 } => {
-                    let op = parse_op(&op, layer)?;
                     if let Some(f) = basis_file {
                         let s = sessions.entry(session).or_default();
                         s.bases.insert(op, inside(&dir, &f)?);
                     }
                 }
-                Event::Call {
+                TapEvent::Call {
                     session,
                     seq,
                     op,
-                    layer,
                     rows,
                     cols,
                     file,
                     t_us,
                     frame_bytes,
+                    ..
                 } => {
                     let call = CallRef {
                         seq,
-                        op: parse_op(&op, layer)?,
+                        op,
                         rows,
                         cols,
                         file: inside(&dir, &file)?,

@@ -4,7 +4,7 @@
 //! operator's topology file said.
 
 use serde::{Deserialize, Serialize};
-use talaria_remo::RemoConfig;
+use talaria_params::RemoConfig;
 
 /// The claims an agent's tenant attestation binds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

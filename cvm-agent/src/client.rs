@@ -88,7 +88,7 @@ pub struct Expect {
     pub tenant: Option<String>,
     /// Exactly this ReMO precision (e.g. `int`: the one-time pad, not a float mode that merely
     /// meets the floor).
-    pub precision: Option<talaria_remo::Precision>,
+    pub precision: Option<talaria_params::Precision>,
     /// Exactly these API-key hashes (hex), so that nobody added one.
     pub api_key_sha256: Option<Vec<String>>,
 }

@@ -13,8 +13,8 @@ use talaria_engine::{
     ChatMessage, EngineError, GenerateRequest, ModelConfig, StopReason, Tokenizer, Transformer,
     chat_prompt, generate_until,
 };
-use talaria_remo::{Calibration, PadRows, Precision, Rank, RemoConfig};
-use talaria_topology::{Deadlines, RemoSection};
+use talaria_params::{Calibration, RemoConfig};
+use talaria_topology::Deadlines;
 use talaria_wire::frame;
 use talaria_wire::{
     CloudLink, ErrorReply, LatencySplit, LinkError, MaskedCall, MaskedReply, Prompt, Provision,
@@ -213,40 +213,6 @@ impl Drop for ClusterLink {
             tracing::warn!(session = self.session, "closing the session: {e}");
         }
     }
-}
-
-/// The ReMO parameters a topology's `[remo]` section describes (defaults for what it omits).
-pub fn remo_config(section: &RemoSection) -> Result<RemoConfig, String> {
-    let d = RemoConfig::default();
-    let precision = section
-        .precision
-        .as_deref()
-        .map(str::parse::<Precision>)
-        .transpose()?
-        .unwrap_or(d.precision);
-    let config = RemoConfig {
-        enabled: section.enabled.unwrap_or(d.enabled),
-        rank: section
-            .rank
-            .as_deref()
-            .map(str::parse::<Rank>)
-            .transpose()?
-            .unwrap_or(d.rank),
-        scale: section.scale.unwrap_or(d.scale),
-        precision,
-        dummy_rows: section.dummy_rows.unwrap_or(precision.default_dummy_rows()),
-        pad_rows: section
-            .pad_rows
-            .as_deref()
-            .map(str::parse::<PadRows>)
-            .transpose()?
-            .unwrap_or(d.pad_rows),
-        shuffle: section.shuffle.unwrap_or(d.shuffle),
-        pool: section.pool.unwrap_or(d.pool),
-        frac_bits: section.frac_bits.unwrap_or(d.frac_bits),
-    };
-    config.validate().map_err(|e| e.to_string())?;
-    Ok(config)
 }
 
 /// What every session of an agent shares: the provisioned model half, the ReMO parameters, the
@@ -494,21 +460,5 @@ impl Conversation for AgentConversation {
             }
         };
         emit(last);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The gpu-nodes load the integer weights exactly when the agents will ask for them.
-    #[test]
-    fn the_topology_default_is_the_integer_mode_on_both_sides() {
-        let mut section = RemoSection::default();
-        assert!(remo_config(&section).unwrap().precision.is_int());
-        assert!(section.integer_mode());
-        section.precision = Some("f64-gemm".into());
-        assert!(!remo_config(&section).unwrap().precision.is_int());
-        assert!(!section.integer_mode());
     }
 }

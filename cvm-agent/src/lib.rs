@@ -12,9 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use talaria_engine::{BlockOp, EngineError, LinearOps, ModelConfig, OpId, Rows};
-use talaria_remo::{
-    Calibration, Masker, MaskerStats, PublicOp, RemoConfig, RemoError, SharedPools,
-};
+use talaria_params::{Calibration, RemoConfig};
+use talaria_remo::{Masker, MaskerStats, PublicOp, RemoError, SharedPools};
 pub use talaria_wire::{CloudLink, LinkError};
 use talaria_wire::{MaskedCall, SessionId};
 
@@ -204,7 +203,7 @@ impl<L: CloudLink> RemoLinear<L> {
         }
         for op in all_ops(config) {
             let (d_in, d_out) = op.shape(config);
-            let rho = calibration.rho(op)?;
+            let rho = calibration.rho(op).map_err(RemoError::from)?;
             if let Some(public) = cache.and_then(|c| c.get(op)) {
                 masker.install_public(op, public, rho);
                 continue;

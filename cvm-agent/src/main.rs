@@ -15,7 +15,7 @@ use talaria_actors::session::{
 };
 use talaria_attestation::{Bound, Evidence, Purpose, hardware_evidence};
 use talaria_cvm_agent::claims::{AgentClaims, check_floor};
-use talaria_cvm_agent::cluster::{AgentShared, remo_config};
+use talaria_cvm_agent::cluster::AgentShared;
 use talaria_cvm_agent::manifest::ModelManifest;
 use talaria_net::TenantIdentity;
 use talaria_topology::{Role, Topology};
@@ -112,11 +112,11 @@ fn main() -> Result<()> {
         );
     }
     tracing::info!(dir = %cert_dir.display(), "serving the tenant with a key made at this start");
-    let remo = remo_config(&topology.remo).map_err(|e| anyhow!("topology [remo]: {e}"))?;
+    let remo = topology.remo.config.clone();
     // The topology is the operator's: below the floor the agent does not start unless the
     // file says the tenant accepted it, and even then its attestation binds the configuration
     // and the tenant's own verifier refuses it unless the tenant accepted it there too.
-    let accepted = topology.remo.tenant_accepts_below_floor.unwrap_or(false);
+    let accepted = topology.remo.tenant_accepts_below_floor;
     check_floor(&remo, accepted).map_err(|e| anyhow!("topology [remo]: {e}"))?;
     if agent.http.is_some() && !remo.below_floor().is_empty() {
         // An HTTPS client of the OpenAI API never sees the attested claims: it cannot accept

@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use talaria_engine::{ModelConfig, OpId};
-use talaria_remo::op_key;
 use talaria_wire::{Provision, RPub, SetupReply};
 
 /// The manifest of the model this repository serves (`talaria manifest` writes it; a test
@@ -81,7 +80,7 @@ impl ModelManifest {
         for op in crate::all_ops(config) {
             let (float, int) = replies(op)?;
             ops.insert(
-                op_key(op),
+                op.to_string(),
                 OpDigests {
                     float: hex32(talaria_wire::digest::sha256(&float)),
                     int: hex32(talaria_wire::digest::sha256(&int)),
@@ -110,7 +109,7 @@ impl ModelManifest {
 
     /// Checks a full-rank set-up reply (identity basis) for `op`.
     pub fn check_setup(&self, op: OpId, reply: &SetupReply) -> Result<(), ManifestMismatch> {
-        let key = op_key(op);
+        let key = op.to_string();
         let want = self
             .ops
             .get(&key)

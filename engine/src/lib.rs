@@ -20,7 +20,7 @@ pub use config::ModelConfig;
 pub use error::EngineError;
 pub use forward::{KvCache, Transformer};
 pub use generate::{GenerateRequest, Generation, StopReason, generate, generate_until};
-pub use linear::{BlockOp, LinearOps, OpId, Rows};
+pub use linear::{BlockOp, LinearOps, OpId, Rows, op_text};
 pub use provision::CvmProvision;
 pub use sampling::{Sampler, SamplingParams, argmax};
 pub use tokenizer::{

@@ -62,12 +62,47 @@ impl OpId {
     }
 }
 
+/// The one text form of an op, in logs, errors, calibration files, taps and the CLI:
+/// `"<layer>.<op>"` (`"3.gate_up"`) or `"lm_head"`. [`FromStr`](std::str::FromStr) reads it back.
 impl std::fmt::Display for OpId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            OpId::Block { layer, op } => write!(f, "layer {layer} {}", op.name()),
+            OpId::Block { layer, op } => write!(f, "{layer}.{}", op.name()),
             OpId::LmHead => f.write_str("lm_head"),
         }
+    }
+}
+
+impl std::str::FromStr for BlockOp {
+    type Err = String;
+
+    /// A block op's [`BlockOp::name`].
+    fn from_str(s: &str) -> Result<Self, String> {
+        BlockOp::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| format!("{s:?}: a block op is one of qkv, attn_out, gate_up, down"))
+    }
+}
+
+impl std::str::FromStr for OpId {
+    type Err = String;
+
+    /// `"<layer>.<op>"` or `"lm_head"`, as [`Display`](std::fmt::Display) writes them.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "lm_head" {
+            return Ok(OpId::LmHead);
+        }
+        let (layer, op) = s
+            .split_once('.')
+            .ok_or_else(|| format!("{s:?}: expected <layer>.<op> or lm_head"))?;
+        let layer = layer
+            .parse()
+            .map_err(|_| format!("{s:?}: {layer:?} is not a layer number"))?;
+        Ok(OpId::Block {
+            layer,
+            op: op.parse()?,
+        })
     }
 }
 
@@ -123,4 +158,58 @@ impl Rows {
 pub trait LinearOps {
     /// Computes `x · W_op` for every row of `x`.
     fn linear(&mut self, op: OpId, x: &Rows) -> Result<Rows, EngineError>;
+}
+
+#[cfg(test)]
+mod op_text_tests {
+    use super::*;
+
+    #[test]
+    fn every_op_has_one_text_form_that_reads_back() {
+        let mut ops: Vec<OpId> = (0..30)
+            .flat_map(|layer| BlockOp::ALL.map(|op| OpId::Block { layer, op }))
+            .collect();
+        ops.push(OpId::LmHead);
+        for op in ops {
+            assert_eq!(op.to_string().parse::<OpId>(), Ok(op));
+        }
+        assert_eq!(
+            OpId::Block {
+                layer: 3,
+                op: BlockOp::GateUp
+            }
+            .to_string(),
+            "3.gate_up"
+        );
+        for bad in [
+            "",
+            "3",
+            "3.",
+            ".qkv",
+            "x.qkv",
+            "3.qkvv",
+            "-1.down",
+            "lm-head",
+            "3.lm_head",
+        ] {
+            assert!(bad.parse::<OpId>().is_err(), "{bad:?} was read");
+        }
+    }
+}
+
+/// Serde in an op's one text form (`#[serde(with = "talaria_engine::op_text")]`), for files
+/// people read (taps, calibrations); the wire keeps the derived binary form.
+pub mod op_text {
+    use super::OpId;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(op: &OpId, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(op)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OpId, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }

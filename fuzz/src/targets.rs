@@ -119,7 +119,8 @@ fn reply_weight() -> IntWeight {
 /// Maskers of one session each: the integer default (padding, no dummies) and f32 with dummy
 /// rows, set up with the small weight.
 fn reply_maskers() -> Vec<talaria_remo::Masker> {
-    use talaria_remo::{Masker, Precision, RemoConfig};
+    use talaria_params::{Precision, RemoConfig};
+    use talaria_remo::Masker;
     let w = reply_weight();
     let float_w: Vec<f32> = (0..w.d_in * w.d_out)
         .map(|k| w.at(k / w.d_out, k % w.d_out) as f32 / 65536.0)

@@ -16,13 +16,5 @@ pub use error::NodeError;
 pub use fault::{ALLOW_FAULTS_ENV, FAULT_ENV, Fault, Faulty};
 pub use int_weights::IntWeights;
 pub use plain::PlainEngine;
-pub use tap::{NpyData, Tap, write_npy};
+pub use tap::{NpyData, TAP_FORMAT, Tap, TapBasis, TapDtype, TapEvent, TapIndex, write_npy};
 pub use weights::{CpuBackend, LinearWeights};
-
-/// A file-name-safe name of an op: `l03-down`, `lm_head`.
-pub(crate) fn tap_op_name(op: talaria_engine::OpId) -> String {
-    match op {
-        talaria_engine::OpId::Block { layer, op } => format!("l{layer:02}-{}", op.name()),
-        talaria_engine::OpId::LmHead => "lm_head".into(),
-    }
-}

@@ -6,73 +6,95 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use talaria_actors::stage::Arrival;
 use talaria_engine::OpId;
 use talaria_wire::{BasisSpec, MaskedCall, SetupRequest, Tensor};
 
 use crate::NodeError;
 
-/// One recorded event, in arrival order.
-#[derive(Debug, Clone, Serialize)]
+/// The tap index's format name (`docs/tap-format.md`); readers refuse any other.
+pub const TAP_FORMAT: &str = "talaria-tap-2";
+
+/// `index.json`: the tap's events in arrival order. Written here, read by `talaria-attacks` and
+/// anyone's own tools; this is the only definition of the schema.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TapIndex {
+    pub format: String,
+    pub events: Vec<TapEvent>,
+}
+
+/// One recorded event. Times are µs since the tap started and frame sizes are the request
+/// frame's bytes; both are `None` where not recorded (in process there is no frame).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-enum Event {
+pub enum TapEvent {
     /// A session opened on a cluster stage: the coordinator names its tenant.
     Open {
         session: u64,
         tenant: String,
-        t_us: u64,
+        #[serde(default)]
+        t_us: Option<u64>,
     },
+    /// The CVM asked for an op's `R_pub`.
     Setup {
         session: u64,
-        t_us: u64,
+        #[serde(default)]
+        t_us: Option<u64>,
+        #[serde(default)]
         frame_bytes: Option<usize>,
-        op: String,
-        layer: Option<usize>,
+        #[serde(with = "talaria_engine::op_text")]
+        op: OpId,
         d_in: usize,
-        basis: &'static str,
+        basis: TapBasis,
         rank: usize,
         /// The expanded public basis (`rank × d_in`, f64), for orthonormal bases.
         basis_file: Option<String>,
     },
+    /// One masked linear call; its rows are in `file`.
     Call {
         session: u64,
-        /// Arrival, in µs since the tap started.
-        t_us: u64,
-        /// The request frame's length; `None` in process (no wire).
+        #[serde(default)]
+        t_us: Option<u64>,
+        #[serde(default)]
         frame_bytes: Option<usize>,
         seq: u64,
-        op: String,
-        layer: Option<usize>,
+        #[serde(with = "talaria_engine::op_text")]
+        op: OpId,
         rows: usize,
         cols: usize,
-        dtype: &'static str,
+        dtype: TapDtype,
         file: String,
     },
 }
 
-#[derive(Serialize)]
-struct Index<'a> {
-    format: &'static str,
-    events: &'a [Event],
+/// The public basis a set-up named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TapBasis {
+    Identity,
+    Orthonormal,
+}
+
+/// The element type of a call's `.npy` file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TapDtype {
+    Float32,
+    Float64,
+    /// The integer mode's residues modulo 2^64.
+    Uint64,
 }
 
 /// Records the cloud's view into a directory.
 pub struct Tap {
     dir: PathBuf,
     start: Instant,
-    events: Vec<Event>,
+    events: Vec<TapEvent>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
     move |e| NodeError::Tap(format!("{}: {e}", path.display()))
-}
-
-fn op_parts(op: OpId) -> (String, Option<usize>) {
-    match op {
-        OpId::Block { layer, op } => (op.name().to_string(), Some(layer)),
-        OpId::LmHead => ("lm_head".into(), None),
-    }
 }
 
 /// Writes a row-major matrix as a NumPy `.npy` (format 1.0, little-endian).
@@ -140,10 +162,10 @@ impl Tap {
 
     pub(crate) fn record_open(&mut self, session: u64, tenant: &str) {
         let t_us = self.t_us(Instant::now());
-        self.events.push(Event::Open {
+        self.events.push(TapEvent::Open {
             session,
             tenant: tenant.to_string(),
-            t_us,
+            t_us: Some(t_us),
         });
     }
 
@@ -154,24 +176,22 @@ impl Tap {
         expanded: Option<&[f64]>,
         seen: Arrival,
     ) -> Result<(), NodeError> {
-        let (op, layer) = op_parts(req.op);
         let rank = req.basis.rank(d_in);
         let (basis, basis_file) = match &req.basis {
-            BasisSpec::Identity => ("identity", None),
+            BasisSpec::Identity => (TapBasis::Identity, None),
             BasisSpec::Orthonormal { .. } => {
-                let name = format!("basis-s{}-{}.npy", req.session, crate::tap_op_name(req.op));
+                let name = format!("basis-s{}-{}.npy", req.session, req.op);
                 if let Some(b) = expanded {
                     write_npy(&self.dir.join(&name), rank, d_in, NpyData::F64(b))?;
                 }
-                ("orthonormal", Some(name))
+                (TapBasis::Orthonormal, Some(name))
             }
         };
-        self.events.push(Event::Setup {
+        self.events.push(TapEvent::Setup {
             session: req.session,
-            t_us: self.t_us(seen.at),
+            t_us: Some(self.t_us(seen.at)),
             frame_bytes: seen.frame_bytes,
-            op,
-            layer,
+            op: req.op,
             d_in,
             basis,
             rank,
@@ -185,31 +205,29 @@ impl Tap {
         call: &MaskedCall,
         seen: Arrival,
     ) -> Result<(), NodeError> {
-        let (op, layer) = op_parts(call.op);
         let (rows, cols) = call.x.shape();
         let file = format!("call-{:06}.npy", self.events.len());
         let path = self.dir.join(&file);
         let dtype = match &call.x {
             Tensor::F32 { data, .. } => {
                 write_npy(&path, rows, cols, NpyData::F32(data))?;
-                "float32"
+                TapDtype::Float32
             }
             Tensor::F64 { data, .. } => {
                 write_npy(&path, rows, cols, NpyData::F64(data))?;
-                "float64"
+                TapDtype::Float64
             }
             Tensor::U64 { data, .. } => {
                 write_npy(&path, rows, cols, NpyData::U64(data))?;
-                "uint64"
+                TapDtype::Uint64
             }
         };
-        self.events.push(Event::Call {
+        self.events.push(TapEvent::Call {
             session: call.session,
-            t_us: self.t_us(seen.at),
+            t_us: Some(self.t_us(seen.at)),
             frame_bytes: seen.frame_bytes,
             seq: call.seq,
-            op,
-            layer,
+            op: call.op,
             rows,
             cols,
             dtype,
@@ -221,9 +239,9 @@ impl Tap {
     /// Writes `index.json`.
     pub fn finish(&mut self) -> Result<(), NodeError> {
         let path = self.dir.join("index.json");
-        let index = Index {
-            format: "talaria-tap-1",
-            events: &self.events,
+        let index = TapIndex {
+            format: TAP_FORMAT.into(),
+            events: self.events.clone(),
         };
         let json = serde_json::to_vec_pretty(&index).map_err(|e| NodeError::Tap(e.to_string()))?;
         std::fs::write(&path, json).map_err(io(&path))

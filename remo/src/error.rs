@@ -36,6 +36,12 @@ pub enum RemoError {
     Engine(#[from] EngineError),
 }
 
+impl From<talaria_params::ParamsError> for RemoError {
+    fn from(e: talaria_params::ParamsError) -> Self {
+        RemoError::Config(e.message)
+    }
+}
+
 impl RemoError {
     /// A short machine-readable label for logs and metrics.
     pub fn error_type(&self) -> &'static str {

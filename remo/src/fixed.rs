@@ -13,11 +13,7 @@ use talaria_kernels::{IntWeight, int_matmul};
 
 use crate::RemoError;
 
-/// The fewest fractional bits a row may be encoded with; a row that needs fewer to fit is
-/// refused rather than sent with almost no precision.
-pub const MIN_FRAC_BITS: u32 = 10;
-/// The most fractional bits the configuration may ask for.
-pub const MAX_FRAC_BITS: u32 = 60;
+pub use talaria_params::{MAX_FRAC_BITS, MIN_FRAC_BITS};
 
 /// An integer weight as the CVM uses it: the weight and the bound on its columns.
 #[derive(Debug)]

@@ -33,17 +33,10 @@ use talaria_engine::OpId;
 
 use crate::RemoError;
 
-/// Bits of the grid below the mask's scale: the mask's standard deviation is `2^(GRID_BITS−1)`
-/// to `2^GRID_BITS` grid steps.
-pub const GRID_BITS: i32 = 32;
+pub use talaria_params::{GRID_BITS, grid_step};
 
 /// The largest `|X + Z|` in grid steps for which `g·(X + Z)` is exact in f64.
 const EXACT: f64 = (1u64 << 53) as f64;
-
-/// The grid step of an op whose mask scale is `scale` (`σ·ρ_op`, positive and finite).
-pub fn grid_step(scale: f64) -> f64 {
-    2f64.powi(scale.log2().ceil() as i32 - GRID_BITS)
-}
 
 /// A mask coordinate in grid steps: `round((s/g)·z)`, clamped far out in the tail (at 2^12
 /// standard deviations, where a normal never reaches) so exactness never depends on luck.

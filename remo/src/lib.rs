@@ -9,17 +9,12 @@
 //! count and order and catch a cloud that returns wrong results. Because masks do not depend on
 //! the data, they and their products are precomputed in a pool on a background thread.
 
-mod config;
 mod error;
 pub mod fixed;
 pub mod grid;
 mod masker;
 pub mod verify;
 
-pub use config::{
-    Calibration, DEFAULT_PAD_MIN, FLOOR_DUMMY_ROWS, FLOOR_SCALE, PadRows, Precision, Rank,
-    RemoConfig, op_key,
-};
 pub use error::RemoError;
 pub use fixed::{FixedPointLinear, IntProduct};
 pub use masker::{Masker, MaskerStats, Pending, PublicOp, SharedPools};

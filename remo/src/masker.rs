@@ -15,15 +15,16 @@ use rand_distr::{Distribution, StandardNormal};
 use talaria_engine::{OpId, Rows};
 use talaria_wire::{BasisSpec, RPub, SessionId, SetupReply, SetupRequest, Tensor, expand_basis};
 
+use crate::RemoError;
 use crate::fixed::{IntOp, IntProduct};
 use crate::grid;
 use crate::verify::{
     COVER_ROW_VECTORS, CallCheck, CheckKind, CheckVectors, FLOAT_VECTORS, FloatCheck, IntCheck,
     REAL_ROW_VECTORS,
 };
-use crate::{PadRows, Precision, RemoConfig, RemoError};
 use talaria_kernels::gemm::{matmul_f32, matmul_f64, matmul_f64_f32, matmul_f64_nt};
 use talaria_kernels::int_matmul;
+use talaria_params::{PadRows, Precision, RemoConfig};
 
 /// What the CVM knows of an op after set-up: all of it public.
 struct OpPublic {

@@ -7,8 +7,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use talaria_engine::{BlockOp, OpId, Rows};
 use talaria_kernels::{INT_BLOCK, IntWeight, int_matmul, int_weight_times};
+use talaria_params::{PadRows, Precision, RemoConfig};
+use talaria_remo::Masker;
 use talaria_remo::verify::int_vectors_for;
-use talaria_remo::{Masker, PadRows, Precision, RemoConfig};
 use talaria_wire::{RPub, SetupReply, Tensor};
 
 const OP: OpId = OpId::Block {

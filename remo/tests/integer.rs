@@ -6,7 +6,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use talaria_engine::{BlockOp, OpId, Rows};
 use talaria_kernels::{INT_BLOCK, IntWeight, int_matmul};
-use talaria_remo::{FixedPointLinear, Masker, PadRows, Precision, RemoConfig, RemoError};
+use talaria_params::{PadRows, Precision, RemoConfig};
+use talaria_remo::{FixedPointLinear, Masker, RemoError};
 use talaria_wire::{RPub, SetupReply, Tensor};
 
 const OP: OpId = OpId::Block {
@@ -224,7 +225,7 @@ fn large_rows_get_fewer_fractional_bits_and_stay_exact_and_huge_ones_are_refused
 #[test]
 fn the_integer_mode_is_full_rank_only_and_checks_the_weight_it_gets() {
     let bad = RemoConfig {
-        rank: talaria_remo::Rank::Fraction(0.5),
+        rank: talaria_params::Rank::Fraction(0.5),
         ..int_config()
     };
     assert!(bad.validate().is_err());

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use talaria_engine::{BlockOp, OpId, Rows};
-use talaria_remo::{Masker, PadRows, Precision, Rank, RemoConfig, RemoError, SharedPools};
+use talaria_params::{PadRows, Precision, Rank, RemoConfig};
+use talaria_remo::{Masker, RemoError, SharedPools};
 use talaria_wire::{RPub, SetupReply, SetupRequest, Tensor, expand_basis};
 
 const OP: OpId = OpId::Block {

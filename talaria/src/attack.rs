@@ -14,30 +14,14 @@ use talaria_attacks::{
     AttackKind, AttackScore, Attacker, Options, SessionGuess, Simulator, Tap, Truth,
 };
 use talaria_cvm_agent::{PublicCache, RemoLinear};
-use talaria_engine::{BlockOp, GenerateRequest, OpId, SamplingParams, generate};
-use talaria_remo::{PadRows, Precision, Rank, RemoConfig};
+use talaria_engine::{GenerateRequest, OpId, SamplingParams, generate};
+use talaria_params::{PadRows, Precision, Rank, RemoConfig};
 
 use crate::engines::{Cloud, RemoArgs, default_calibration};
 use crate::lossless::{self, SettingReport};
 
 fn parse_attack(s: &str) -> Result<AttackKind, String> {
     s.parse()
-}
-
-/// An op as the calibration names it: `<layer>.<op>` or `lm_head`.
-fn parse_op(s: &str) -> Result<OpId, String> {
-    if s == "lm_head" {
-        return Ok(OpId::LmHead);
-    }
-    let (layer, op) = s
-        .split_once('.')
-        .ok_or_else(|| format!("{s:?}: expected <layer>.<op> or lm_head"))?;
-    let layer = layer.parse().map_err(|_| format!("{s:?}: bad layer"))?;
-    let op = BlockOp::ALL
-        .into_iter()
-        .find(|b| b.name() == op)
-        .ok_or_else(|| format!("{s:?}: op is one of qkv, attn_out, gate_up, down"))?;
-    Ok(OpId::Block { layer, op })
 }
 
 fn parse_distance(s: &str) -> Result<Distance, String> {
@@ -55,7 +39,7 @@ pub struct Knobs {
     #[arg(long, default_value_t = Options::default().shortlist)]
     pub shortlist: usize,
     /// The op whose input the forward-simulation attacks match (`<layer>.<op>`).
-    #[arg(long, default_value = "1.qkv", value_parser = parse_op)]
+    #[arg(long, default_value = "1.qkv", value_parser = str::parse::<OpId>)]
     pub forward_view: OpId,
     /// Row distance of the matching attacks: `l2`, or `sorted` (blind to feature permutations).
     #[arg(long, default_value = "l2", value_parser = parse_distance)]

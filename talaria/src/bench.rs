@@ -48,7 +48,7 @@ struct Run {
 struct Report {
     engine: String,
     /// The ReMO parameters, for `--engine remo`.
-    remo: Option<talaria_remo::RemoConfig>,
+    remo: Option<talaria_params::RemoConfig>,
     model: String,
     threads: usize,
     load_ms: f64,

@@ -9,7 +9,8 @@ use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
 use talaria_engine::{GenerateRequest, SamplingParams};
-use talaria_remo::{MaskerStats, PadRows, RemoConfig};
+use talaria_params::{PadRows, RemoConfig};
+use talaria_remo::MaskerStats;
 
 use crate::bench::bench_prompt;
 use crate::engines::{RemoArgs, RemoEngine, default_calibration};

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use talaria_engine::{EngineError, LinearOps, OpId, Rows};
 use talaria_gpu_node::PlainEngine;
-use talaria_remo::{Calibration, op_key};
+use talaria_params::Calibration;
 
 #[derive(Debug, Args)]
 pub struct CalibrateArgs {
@@ -73,7 +73,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     for (op, mut v) in rec.rms {
         v.sort_by(f64::total_cmp);
         let i = ((v.len() - 1) as f64 * args.quantile).round() as usize;
-        rho.insert(op_key(op), v[i]);
+        rho.insert(op.to_string(), v[i]);
     }
     let cal = Calibration {
         quantile: args.quantile,

@@ -491,7 +491,7 @@ pub struct AgentArgs {
     pub expect_tenant: Option<String>,
     /// Refuse the agent unless it runs exactly this ReMO precision (e.g. `int`).
     #[arg(long)]
-    pub expect_precision: Option<talaria_remo::Precision>,
+    pub expect_precision: Option<talaria_params::Precision>,
     /// Refuse the agent unless its API accepts exactly these key hashes (hex); repeatable.
     #[arg(long)]
     pub expect_api_key_sha256: Vec<String>,

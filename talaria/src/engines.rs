@@ -13,7 +13,8 @@ use talaria_engine::{
 use talaria_gguf::GgufFile;
 use talaria_gpu_node::{CloudExecutor, IntWeights, LinearWeights, PlainEngine, Tap};
 use talaria_model_file::read_provision;
-use talaria_remo::{Calibration, FixedPointLinear, PadRows, Precision, Rank, RemoConfig};
+use talaria_params::{Calibration, PadRows, Precision, Rank, RemoConfig};
+use talaria_remo::FixedPointLinear;
 use talaria_wire::Loopback;
 
 /// Which engine answers.

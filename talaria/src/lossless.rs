@@ -9,7 +9,7 @@ use clap::Args;
 use serde::Serialize;
 use talaria_engine::{GenerateRequest, SamplingParams, argmax, generate};
 use talaria_gpu_node::PlainEngine;
-use talaria_remo::{Calibration, Precision, RemoConfig};
+use talaria_params::{Calibration, Precision, RemoConfig};
 
 use crate::engines::{RemoArgs, RemoEngine, default_calibration};
 

@@ -273,7 +273,7 @@ pub fn write_tiny_model(dir: &Path, opts: &TinyOptions) -> PathBuf {
 }
 
 /// The calibration checked in for the default model.
-pub fn calibration() -> talaria_remo::Calibration {
+pub fn calibration() -> talaria_params::Calibration {
     let path = repo_root().join("calibration/smollm2-135m.json");
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
@@ -289,7 +289,7 @@ pub struct RemoSplit<L: talaria_wire::CloudLink> {
 /// Builds a [`RemoSplit`]; `wrap` may put something (a tamperer) between the two sides.
 pub fn remo_split<L: talaria_wire::CloudLink>(
     path: &Path,
-    config: talaria_remo::RemoConfig,
+    config: talaria_params::RemoConfig,
     tap: Option<&Path>,
     wrap: impl FnOnce(talaria_gpu_node::CloudExecutor) -> L,
 ) -> Result<RemoSplit<L>, talaria_cvm_agent::AgentError> {

@@ -204,7 +204,7 @@ fn tapped_calls(dir: &Path, session: u64) -> Vec<(u64, String, Vec<u8>)> {
         .map(|e| {
             (
                 e["seq"].as_u64().unwrap(),
-                format!("{}{}", e["op"], e["layer"]),
+                e["op"].as_str().unwrap().to_string(),
                 std::fs::read(dir.join(e["file"].as_str().unwrap())).unwrap(),
             )
         })
@@ -455,7 +455,7 @@ fn abandoned_requests_stop_and_oversized_or_malformed_input_is_refused_with_memo
         layer: 0,
         op: BlockOp::AttnOut,
     };
-    let rows = max_seq + talaria_wire::MAX_EXTRA_ROWS + 1;
+    let rows = max_seq + talaria_params::MAX_EXTRA_ROWS + 1;
     let call = MaskedCall {
         session,
         seq: 0,

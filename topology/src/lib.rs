@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use talaria_params::RemoConfig;
 
 /// One mistake in a topology file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,39 +199,41 @@ pub const DEFAULT_MAX_SESSIONS: usize = 16;
 /// request is refused as `overloaded` (HTTP 429).
 pub const DEFAULT_MAX_WAITING: usize = 64;
 
-/// ReMO parameters the agents start with, as written (the cvm-agent interprets them; this crate
-/// carries no ReMO code).
+/// The `[remo]` section as written: the parameters' text forms, read by their own `FromStr`
+/// (`talaria-params`) when the file is checked.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawRemo {
+    rank: Option<String>,
+    scale: Option<f64>,
+    precision: Option<String>,
+    frac_bits: Option<u32>,
+    dummy_rows: Option<usize>,
+    pad_rows: Option<String>,
+    shuffle: Option<bool>,
+    pool: Option<usize>,
+    enabled: Option<bool>,
+    tenant_accepts_below_floor: Option<bool>,
+}
+
+/// The ReMO parameters the agents start with, typed and validated (defaults for what the file
+/// omits; the dummy rows' default follows the precision).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RemoSection {
-    /// `full` or a fraction in (0, 1).
-    pub rank: Option<String>,
-    pub scale: Option<f64>,
-    /// `int` (the default), `f32`, `f64-client` or `f64-gemm`.
-    pub precision: Option<String>,
-    /// The integer mode's fractional bits.
-    pub frac_bits: Option<u32>,
-    /// Default: 0 in the integer mode, 2 in the float modes.
-    pub dummy_rows: Option<usize>,
-    /// Length hiding: `pow2:MIN`, `max` or `off` (default `pow2:16`).
-    pub pad_rows: Option<String>,
-    pub shuffle: Option<bool>,
-    pub pool: Option<usize>,
-    /// `false`: the plaintext split (attack-suite control only).
-    pub enabled: Option<bool>,
+    pub config: RemoConfig,
     /// The agent refuses to start below the floor (masking off, rank < d, a float σ below 100
     /// or unshuffled float rows) unless this says the tenant accepted it. The operator writes
     /// this file, so it is not the tenant's consent by itself: the agent's attestation binds
     /// the effective configuration, and the tenant's verifier refuses a configuration below
     /// the floor unless the tenant passes `--accept-below-floor` (docs/remo.md, "The floor").
-    pub tenant_accepts_below_floor: Option<bool>,
+    pub tenant_accepts_below_floor: bool,
 }
 
 impl RemoSection {
-    /// Whether the agents run the integer mode, the default when `precision` is not given (the
-    /// gpu-nodes then load the integer weights).
+    /// Whether the agents run the integer mode, the default (the gpu-nodes then load the
+    /// integer weights).
     pub fn integer_mode(&self) -> bool {
-        self.precision.as_deref().is_none_or(|p| p == "int")
+        self.config.precision.is_int()
     }
 }
 
@@ -311,7 +314,7 @@ struct RawTopology {
     stage: Vec<RawStage>,
     #[serde(default)]
     agent: Vec<RawAgent>,
-    remo: Option<RemoSection>,
+    remo: Option<RawRemo>,
     tls: RawTls,
     limits: Option<RawLimits>,
     deadlines: Option<RawDeadlines>,
@@ -491,36 +494,44 @@ fn parse_backend(text: &str) -> Result<Backend, String> {
     ))
 }
 
-fn check_remo(c: &mut Checker, r: &RemoSection) {
-    if let Some(rank) = &r.rank {
-        let ok = rank == "full" || rank.parse::<f64>().is_ok_and(|f| f > 0.0 && f < 1.0);
-        if !ok {
-            c.problem(
-                "remo.rank",
-                format!("{rank:?}: expected \"full\" or a fraction in (0, 1)"),
-            );
+/// Reads the `[remo]` section into its typed parameters; each bad value is a problem at its
+/// key path, and so is each parameter `RemoConfig::validate` refuses.
+fn check_remo(c: &mut Checker, r: &RawRemo) -> RemoSection {
+    fn parse<T: std::str::FromStr<Err = String>>(
+        c: &mut Checker,
+        key: &str,
+        text: &Option<String>,
+        default: T,
+    ) -> T {
+        match text.as_deref().map(str::parse::<T>) {
+            None => default,
+            Some(Ok(v)) => v,
+            Some(Err(e)) => {
+                c.problem(key, e);
+                default
+            }
         }
     }
-    if let Some(p) = &r.precision
-        && !["f32", "f64-client", "f64-gemm", "int"].contains(&p.as_str())
-    {
-        c.problem(
-            "remo.precision",
-            format!("{p:?}: expected \"f32\", \"f64-client\", \"f64-gemm\" or \"int\""),
-        );
+    let d = RemoConfig::default();
+    let rank = parse(c, "remo.rank", &r.rank, d.rank);
+    let precision = parse(c, "remo.precision", &r.precision, d.precision);
+    let config = RemoConfig {
+        enabled: r.enabled.unwrap_or(d.enabled),
+        rank,
+        scale: r.scale.unwrap_or(d.scale),
+        precision,
+        dummy_rows: r.dummy_rows.unwrap_or(precision.default_dummy_rows()),
+        pad_rows: parse(c, "remo.pad_rows", &r.pad_rows, d.pad_rows),
+        shuffle: r.shuffle.unwrap_or(d.shuffle),
+        pool: r.pool.unwrap_or(d.pool),
+        frac_bits: r.frac_bits.unwrap_or(d.frac_bits),
+    };
+    if let Err(e) = config.validate() {
+        c.problem(format!("remo.{}", e.field), e.message);
     }
-    if r.precision.as_deref() == Some("int") && r.rank.as_deref().is_some_and(|k| k != "full") {
-        c.problem("remo.rank", "the integer mode is full rank only");
-    }
-    if let Some(f) = r.frac_bits
-        && !(10..=60).contains(&f)
-    {
-        c.problem("remo.frac_bits", format!("{f}: must be in 10..=60"));
-    }
-    if let Some(s) = r.scale
-        && !(s.is_finite() && s > 0.0)
-    {
-        c.problem("remo.scale", format!("{s}: must be a positive number"));
+    RemoSection {
+        config,
+        tenant_accepts_below_floor: r.tenant_accepts_below_floor.unwrap_or(false),
     }
 }
 
@@ -759,8 +770,7 @@ impl Topology {
             });
         }
 
-        let remo = raw.remo.unwrap_or_default();
-        check_remo(&mut c, &remo);
+        let remo = check_remo(&mut c, &raw.remo.unwrap_or_default());
 
         let t = &raw.tls;
         let tls = match (t.generate, &t.ca, &t.cert, &t.key) {

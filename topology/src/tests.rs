@@ -127,6 +127,37 @@ fn missing_model_file_unknown_keys_and_bad_tls_are_refused() {
         local(m.path(), TWO_STAGES)
     );
     assert_eq!(keys(&remo), vec!["remo.rank", "remo.precision"]);
+    // Values each parse but together are refused, at the key of the parameter at fault.
+    for (section, key) in [
+        ("precision = \"int\"\nrank = \"0.5\"", "remo.rank"),
+        ("scale = 0.0\nprecision = \"f32\"", "remo.scale"),
+        ("dummy_rows = 65", "remo.dummy_rows"),
+        ("frac_bits = 61", "remo.frac_bits"),
+        ("pad_rows = \"pow2:0\"", "remo.pad_rows"),
+    ] {
+        let text = format!("{}\n[remo]\n{section}", local(m.path(), TWO_STAGES));
+        assert_eq!(keys(&text), vec![key], "{section}");
+    }
+}
+
+/// The `[remo]` section arrives typed: the agents' configuration and whether the gpu-nodes load
+/// the integer weights are one value, so they cannot disagree.
+#[test]
+fn the_remo_section_is_typed_with_the_defaults_of_its_precision() {
+    let m = model_file();
+    let read = |section: &str| {
+        let text = format!("{}\n[remo]\n{section}", local(m.path(), TWO_STAGES));
+        Topology::parse(&text, Path::new("t.toml")).unwrap().remo
+    };
+    let default = read("");
+    assert_eq!(default.config, RemoConfig::default());
+    assert!(default.integer_mode() && !default.tenant_accepts_below_floor);
+    let float = read("precision = \"f64-gemm\"\npad_rows = \"pow2:64\"\nrank = \"full\"");
+    assert!(!float.integer_mode());
+    assert_eq!(float.config.precision, talaria_params::Precision::F64Gemm);
+    assert_eq!(float.config.dummy_rows, talaria_params::FLOOR_DUMMY_ROWS);
+    assert_eq!(float.config.pad_rows, talaria_params::PadRows::Pow2(64));
+    assert_eq!(read("dummy_rows = 0\nprecision = \"f32\"").config.dummy_rows, 0);
 }
 
 #[test]

@@ -10,9 +10,7 @@ use serde::de::DeserializeOwned;
 /// model (the LM head's `R_pub` at rank d − 1 in f64, 226 MB) fits.
 pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
 
-/// The most rows beyond a model's context one masked call may carry (dummy and padding rows);
-/// the agent's ReMO configuration is validated against it.
-pub const MAX_EXTRA_ROWS: usize = 64;
+use talaria_params::MAX_EXTRA_ROWS;
 
 /// The largest tenant request frame (a `TenantMessage`): a prompt of a few MB.
 pub const MAX_TENANT_MESSAGE: usize = 4 << 20;

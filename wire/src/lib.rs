@@ -12,8 +12,8 @@ mod tensor;
 
 pub use basis::{BasisSpec, expand_basis};
 pub use frame::{
-    DEFAULT_MAX_FRAME, FrameError, MAX_EXTRA_ROWS, MAX_TENANT_EVENT, MAX_TENANT_MESSAGE,
-    max_call_reply, max_call_rows, max_request_frame,
+    DEFAULT_MAX_FRAME, FrameError, MAX_TENANT_EVENT, MAX_TENANT_MESSAGE, max_call_reply,
+    max_call_rows, max_request_frame,
 };
 pub use link::{CloudLink, LinkError, Loopback};
 pub use protocol::{

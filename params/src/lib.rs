@@ -1,9 +1,51 @@
+//! ReMO's public parameters: what the tenant chooses, the agent's attestation binds, the
+//! topology file and the CLI write, and the cloud and the attack suite may read. Nothing here is
+//! private: the masks, pads and check vectors drawn under these parameters live in
+//! `talaria-remo`, which the cloud's binaries cannot link.
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use talaria_engine::OpId;
 
-use crate::RemoError;
+/// A parameter outside its range, or a calibration without an op: which field, and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct ParamsError {
+    /// The parameter, as the topology's `[remo]` section and the CLI name it (`scale`, `rank`,
+    /// `dummy_rows`, `pad_rows`, `frac_bits`, `calibration`).
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl ParamsError {
+    fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+/// The most rows beyond a model's context one masked call may carry (dummy and padding rows):
+/// a protocol limit (`talaria_wire::max_call_rows`) the configuration is validated against.
+pub const MAX_EXTRA_ROWS: usize = 64;
+
+/// The fewest fractional bits the integer mode may encode a row with; a row that needs fewer to
+/// fit is refused rather than sent with almost no precision.
+pub const MIN_FRAC_BITS: u32 = 10;
+/// The most fractional bits the configuration may ask for.
+pub const MAX_FRAC_BITS: u32 = 60;
+
+/// Bits of the float modes' mask grid below the mask's scale: the mask's standard deviation is
+/// `2^(GRID_BITS−1)` to `2^GRID_BITS` grid steps (`talaria_remo::grid` draws on it).
+pub const GRID_BITS: i32 = 32;
+
+/// The grid step of an op whose mask scale is `scale` (`σ·ρ_op`, positive and finite): a power
+/// of two fixed by the public scale alone.
+pub fn grid_step(scale: f64) -> f64 {
+    2f64.powi(scale.log2().ceil() as i32 - GRID_BITS)
+}
 
 /// Arithmetic of each side. The integer mode is the default and the only one whose hiding does
 /// not depend on statistics; the float modes are explicit choices that hide only as well as a
@@ -269,49 +311,53 @@ impl Default for RemoConfig {
 
 impl RemoConfig {
     /// Checks every parameter.
-    pub fn validate(&self) -> Result<(), RemoError> {
+    pub fn validate(&self) -> Result<(), ParamsError> {
         if !(self.scale.is_finite() && self.scale > 0.0) {
-            return Err(RemoError::Config(format!(
-                "scale {} must be positive",
-                self.scale
-            )));
+            return Err(ParamsError::new(
+                "scale",
+                format!("scale {} must be positive", self.scale),
+            ));
         }
         if let Rank::Fraction(f) = self.rank
             && !(f > 0.0 && f < 1.0)
         {
-            return Err(RemoError::Config(format!(
-                "rank fraction {f} must be in (0, 1); use full rank otherwise"
-            )));
+            return Err(ParamsError::new(
+                "rank",
+                format!("rank fraction {f} must be in (0, 1); use full rank otherwise"),
+            ));
         }
-        if self.dummy_rows > talaria_wire::MAX_EXTRA_ROWS {
-            return Err(RemoError::Config(format!(
-                "dummy_rows {} is more than a call may carry beyond the context ({})",
-                self.dummy_rows,
-                talaria_wire::MAX_EXTRA_ROWS
-            )));
+        if self.dummy_rows > MAX_EXTRA_ROWS {
+            return Err(ParamsError::new(
+                "dummy_rows",
+                format!(
+                    "dummy_rows {} is more than a call may carry beyond the context ({})",
+                    self.dummy_rows, MAX_EXTRA_ROWS
+                ),
+            ));
         }
         if let PadRows::Pow2(min) = self.pad_rows
             && !(1..=MAX_PAD_MIN).contains(&min)
         {
-            return Err(RemoError::Config(format!(
-                "pad_rows pow2:{min}: the least bucket must be 1..={MAX_PAD_MIN}"
-            )));
+            return Err(ParamsError::new(
+                "pad_rows",
+                format!("pad_rows pow2:{min}: the least bucket must be 1..={MAX_PAD_MIN}"),
+            ));
         }
         if self.precision.is_int() {
             if self.rank != Rank::Full {
-                return Err(RemoError::Config(
-                    "the integer mode is full rank only (its pads are uniform residues)".into(),
+                return Err(ParamsError::new(
+                    "rank",
+                    "the integer mode is full rank only (its pads are uniform residues)",
                 ));
             }
-            if !(crate::fixed::MIN_FRAC_BITS..=crate::fixed::MAX_FRAC_BITS)
-                .contains(&self.frac_bits)
-            {
-                return Err(RemoError::Config(format!(
-                    "frac_bits {} must be in {}..={}",
-                    self.frac_bits,
-                    crate::fixed::MIN_FRAC_BITS,
-                    crate::fixed::MAX_FRAC_BITS
-                )));
+            if !(MIN_FRAC_BITS..=MAX_FRAC_BITS).contains(&self.frac_bits) {
+                return Err(ParamsError::new(
+                    "frac_bits",
+                    format!(
+                        "frac_bits {} must be in {}..={}",
+                        self.frac_bits, MIN_FRAC_BITS, MAX_FRAC_BITS
+                    ),
+                ));
             }
         }
         Ok(())
@@ -375,26 +421,25 @@ pub struct Calibration {
     pub quantile: f64,
     /// What text it was measured on.
     pub corpus: String,
-    /// ρ by op key ([`op_key`]).
+    /// ρ by op, keyed by the op's one text form (`OpId`'s `Display`: `"<layer>.<op>"` or
+    /// `"lm_head"`).
     pub rho: BTreeMap<String, f64>,
-}
-
-/// The key of an op in a calibration file: `"<layer>.<op>"` or `"lm_head"`.
-pub fn op_key(op: OpId) -> String {
-    match op {
-        OpId::Block { layer, op } => format!("{layer}.{}", op.name()),
-        OpId::LmHead => "lm_head".into(),
-    }
 }
 
 impl Calibration {
     /// ρ of an op; every op of the model must be calibrated.
-    pub fn rho(&self, op: OpId) -> Result<f64, RemoError> {
-        let key = op_key(op);
+    pub fn rho(&self, op: OpId) -> Result<f64, ParamsError> {
+        let key = op.to_string();
         match self.rho.get(&key) {
             Some(&r) if r.is_finite() && r > 0.0 => Ok(r),
-            Some(&r) => Err(RemoError::Config(format!("calibration of {key} is {r}"))),
-            None => Err(RemoError::Config(format!("no calibration for {key}"))),
+            Some(&r) => Err(ParamsError::new(
+                "calibration",
+                format!("calibration of {key} is {r}"),
+            )),
+            None => Err(ParamsError::new(
+                "calibration",
+                format!("no calibration for {key}"),
+            )),
         }
     }
 }
