@@ -15,8 +15,9 @@ use actix_web::web::{self, Bytes, Json};
 use actix_web::{HttpResponse, ResponseError};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use talaria_engine::first_stop;
 use talaria_engine::{ChatMessage, SamplingParams, StopReason};
-use talaria_wire::{ErrorReply, Prompt, TenantEvent, TenantRequest, first_stop};
+use talaria_wire::{ErrorReply, Prompt, TenantEvent, TenantRequest};
 use tokio::sync::mpsc;
 
 use crate::metrics;

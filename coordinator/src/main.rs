@@ -16,7 +16,7 @@ use talaria_attestation::{
 use talaria_gguf::GgufFile;
 use talaria_model_file::{Part, read_provision};
 use talaria_topology::{Role, Topology};
-use talaria_wire::{ErrorReply, Provision, Tensor};
+use talaria_wire::ErrorReply;
 
 #[derive(Parser)]
 #[command(
@@ -138,22 +138,10 @@ fn main() -> Result<()> {
     topology.check_layers(provision.config.n_layers)?;
     let routes = RouteTable::new(&topology, provision.config.n_layers)
         .context("the stages do not cover the model")?;
-    let (vocab, d_model) = (provision.config.vocab, provision.config.d_model);
     // An agent sends requests only: none is larger than the largest call of this model.
     let max_request =
         talaria_wire::max_request_frame(&provision.config).min(topology.max_frame_bytes);
-    let provision = talaria_wire::frame::encode::<_, ()>(
-        &Provision {
-            config: provision.config,
-            tokenizer: provision.tokenizer,
-            embeddings: Tensor::F32 {
-                rows: vocab,
-                cols: d_model,
-                data: provision.embeddings,
-            },
-        },
-        None,
-    )?;
+    let provision = talaria_wire::frame::encode::<_, ()>(&provision, None)?;
 
     actix::System::new().block_on(async move {
         // The coordinator proves itself to the gpu-nodes with the cluster's certificate: they

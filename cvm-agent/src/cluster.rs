@@ -10,50 +10,25 @@ use serde::de::DeserializeOwned;
 use talaria_actors::metrics;
 use talaria_actors::session::{BlockingUplink, Conversation, Gone};
 use talaria_engine::{
-    ChatMessage, EngineError, GenerateRequest, ModelConfig, StopReason, Tokenizer, Transformer,
+    ChatMessage, CvmProvision, EngineError, GenerateRequest, ModelConfig, Tokenizer, Transformer,
     chat_prompt, generate_until,
 };
 use talaria_params::{Calibration, RemoConfig};
 use talaria_topology::Deadlines;
 use talaria_wire::frame;
 use talaria_wire::{
-    CloudLink, ErrorReply, LatencySplit, LinkError, MaskedCall, MaskedReply, Prompt, Provision,
-    Reply, Request, SessionId, SetupReply, SetupRequest, TenantEvent, TenantRequest, first_stop,
+    CloudLink, ErrorCode, ErrorReply, LatencySplit, LinkError, MaskedCall, MaskedReply, Prompt,
+    Reply, Request, SessionId, SetupReply, SetupRequest, TenantEvent, TenantRequest,
 };
 
 use crate::manifest::ModelManifest;
 use crate::{AgentError, PublicCache, RemoLinear};
 
-/// The error types a peer may answer with, as static labels (anything else: `cloud_error`).
-const KNOWN_ERROR_TYPES: &[&str] = &[
-    "unknown_session",
-    "layer_not_owned",
-    "bad_request",
-    "malformed_frame",
-    "frame_too_large",
-    "node_unavailable",
-    "no_route",
-    "not_admitted",
-    "attestation_required",
-    "unexpected_request",
-    "connection",
-    "internal",
-    "shape",
-    "bad_op",
-    "deadline_exceeded",
-    "overloaded",
-    "too_many_rows",
-    "too_many_sessions",
-    "cancelled",
-];
-
+/// A cloud's refusal as a link error, its kind read through [`ErrorCode`] (anything else:
+/// `cloud_error`).
 fn link_error(error_type: &str, message: String) -> LinkError {
     LinkError {
-        error_type: KNOWN_ERROR_TYPES
-            .iter()
-            .find(|&&t| t == error_type)
-            .copied()
-            .unwrap_or("cloud_error"),
+        error_type: ErrorCode::read(error_type).as_str(),
         message,
     }
 }
@@ -120,7 +95,7 @@ pub struct ClusterLink {
 
 fn cancelled() -> LinkError {
     LinkError {
-        error_type: "cancelled",
+        error_type: ErrorCode::Cancelled.as_str(),
         message: "the tenant went away".into(),
     }
 }
@@ -232,7 +207,7 @@ impl AgentShared {
     /// Builds the weight-free half from the coordinator's provision, checked first against
     /// `manifest` when given (which then also checks every session's full-rank set-up).
     pub fn new(
-        provision: Provision,
+        provision: CvmProvision,
         remo: RemoConfig,
         calibration: Calibration,
         uplink: BlockingUplink,
@@ -243,29 +218,8 @@ impl AgentShared {
         if let Some(m) = &manifest {
             m.check_provision(&provision)?;
         }
-        provision
-            .embeddings
-            .validate()
-            .map_err(|e| AgentError::Remo(e.into()))?;
-        let embeddings = match provision.embeddings {
-            talaria_wire::Tensor::F32 { data, .. } => data,
-            other => {
-                return Err(AgentError::Remo(
-                    talaria_wire::WireError::WrongPrecision {
-                        expected: "f32",
-                        found: other.precision(),
-                    }
-                    .into(),
-                ));
-            }
-        };
         let config = provision.config.clone();
-        let (tokenizer, model) = talaria_engine::CvmProvision {
-            config: provision.config,
-            tokenizer: provision.tokenizer,
-            embeddings,
-        }
-        .build()?;
+        let (tokenizer, model) = provision.build()?;
         Ok(Self {
             bounds: LinkBounds {
                 config: config.clone(),
@@ -373,7 +327,7 @@ impl AgentConversation {
                 let stop = match (&piece, req.stop.is_empty()) {
                     (Some(p), false) => {
                         text.push_str(p);
-                        first_stop(&req.stop, &text).is_some()
+                        talaria_engine::first_stop(&req.stop, &text).is_some()
                     }
                     _ => false,
                 };
@@ -407,15 +361,7 @@ impl AgentConversation {
         let gpu = self.linear.link_mut().gpu_seconds() - gpu_before;
         let masking = after.online_mask_s - before.online_mask_s;
         let cloud = after.cloud_s - before.cloud_s;
-        let shown = match generation.stop_reason {
-            StopReason::Eos => &generation.ids[..generation.ids.len().saturating_sub(1)],
-            _ => &generation.ids[..],
-        };
-        let mut text = shared.tokenizer.decode(shown)?;
-        // The text ends before the first stop sequence it contains.
-        if let Some(cut) = first_stop(&req.stop, &text) {
-            text.truncate(cut);
-        }
+        let text = generation.text(&shared.tokenizer, &req.stop)?;
         Ok(TenantEvent::Done {
             latency: LatencySplit {
                 cvm_compute_s: (wall - masking - cloud).max(0.0),

@@ -17,9 +17,10 @@ use talaria_attestation::{Bound, Evidence, Purpose, hardware_evidence};
 use talaria_cvm_agent::claims::{AgentClaims, check_floor};
 use talaria_cvm_agent::cluster::AgentShared;
 use talaria_cvm_agent::manifest::ModelManifest;
+use talaria_engine::CvmProvision;
 use talaria_net::TenantIdentity;
 use talaria_topology::{Role, Topology};
-use talaria_wire::{ErrorReply, Provision, Request};
+use talaria_wire::{ErrorReply, Request};
 
 #[derive(Parser)]
 #[command(
@@ -212,7 +213,7 @@ fn main() -> Result<()> {
         })?
         .map_err(|e| anyhow!("uplink: {e}"))?
         .map_err(|e| anyhow!("{e}"))?;
-        let provision: Provision =
+        let provision: CvmProvision =
             talaria_wire::frame::body(&provision).context("the coordinator's provision")?;
         let uplink = BlockingUplink(uplink);
         let deadlines = topology.deadlines.clone();

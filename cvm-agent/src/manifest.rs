@@ -10,8 +10,9 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use talaria_engine::CvmProvision;
 use talaria_engine::{ModelConfig, OpId};
-use talaria_wire::{Provision, RPub, SetupReply};
+use talaria_wire::{RPub, SetupReply};
 
 /// The manifest of the model this repository serves (`talaria manifest` writes it; a test
 /// checks it against the model file).
@@ -72,7 +73,7 @@ impl ModelManifest {
     /// gives `(float, int)` for an op).
     pub fn compute(
         model_sha256: &str,
-        provision: &Provision,
+        provision: &CvmProvision,
         config: &ModelConfig,
         mut replies: impl FnMut(OpId) -> Result<(RPub, RPub), String>,
     ) -> Result<Self, String> {
@@ -96,7 +97,7 @@ impl ModelManifest {
     }
 
     /// Checks the coordinator's provision.
-    pub fn check_provision(&self, provision: &Provision) -> Result<(), ManifestMismatch> {
+    pub fn check_provision(&self, provision: &CvmProvision) -> Result<(), ManifestMismatch> {
         if hex32(talaria_wire::digest::sha256(provision)) != self.provision {
             return Err(ManifestMismatch(
                 "the provision (configuration, tokenizer or embedding table) is not the \

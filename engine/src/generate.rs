@@ -54,6 +54,39 @@ pub struct Generation {
     pub prefill_tok_per_s: f64,
 }
 
+impl Generation {
+    /// The generated ids the text shows: without the stop token that ended it, if one did.
+    pub fn shown_ids(&self) -> &[u32] {
+        match self.stop_reason {
+            StopReason::Eos => &self.ids[..self.ids.len().saturating_sub(1)],
+            _ => &self.ids,
+        }
+    }
+
+    /// The generation's text: its shown ids, ending before the first of `stops` it contains.
+    pub fn text(
+        &self,
+        tokenizer: &crate::Tokenizer,
+        stops: &[String],
+    ) -> Result<String, EngineError> {
+        let mut text = tokenizer.decode(self.shown_ids())?;
+        if let Some(cut) = first_stop(stops, &text) {
+            text.truncate(cut);
+        }
+        Ok(text)
+    }
+}
+
+/// Where the first of `stops` (empty ones ignored) begins in `text`, if any: where a
+/// generation's text ends.
+pub fn first_stop(stops: &[String], text: &str) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+}
+
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }

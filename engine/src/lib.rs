@@ -19,7 +19,7 @@ mod tokenizer;
 pub use config::ModelConfig;
 pub use error::EngineError;
 pub use forward::{KvCache, Transformer};
-pub use generate::{GenerateRequest, Generation, StopReason, generate, generate_until};
+pub use generate::{GenerateRequest, Generation, StopReason, first_stop, generate, generate_until};
 pub use linear::{BlockOp, LinearOps, OpId, Rows, op_text};
 pub use provision::CvmProvision;
 pub use sampling::{Sampler, SamplingParams, argmax};

@@ -11,7 +11,8 @@ use talaria_attestation::{
     AttestationError, Evidence, InsecurePolicy, Policy, parse_report, verify_without_root,
 };
 use talaria_engine::{
-    BlockOp, ChatMessage, Generation, ModelConfig, OpId, SamplingParams, StopReason, TokenizerSpec,
+    BlockOp, ChatMessage, CvmProvision, Generation, ModelConfig, OpId, SamplingParams, StopReason,
+    TokenizerSpec,
 };
 use talaria_gguf::{
     GgmlType, GgufFile, GgufWriter, TensorPayload, Value, exact_shift, integer_blocks,
@@ -21,9 +22,8 @@ use talaria_kernels::IntWeight;
 use talaria_topology::{Role, Topology};
 use talaria_wire::frame::{self, DEFAULT_MAX_FRAME};
 use talaria_wire::{
-    BasisSpec, ErrorReply, LatencySplit, MaskedCall, MaskedReply, Prompt, Provision, RPub, Reply,
-    Request, SessionId, SetupReply, SetupRequest, TenantEvent, TenantMessage, TenantRequest,
-    Tensor,
+    BasisSpec, ErrorReply, LatencySplit, MaskedCall, MaskedReply, Prompt, RPub, Reply, Request,
+    SessionId, SetupReply, SetupRequest, TenantEvent, TenantMessage, TenantRequest, Tensor,
 };
 
 use crate::runner::signature;
@@ -288,11 +288,15 @@ fn payloads(p: &[u8], parts: &mut Vec<u64>) {
     if let Ok(m) = r {
         parts.push(tensor(&m.y));
     }
-    let r = frame::body::<Provision>(p);
+    let r = frame::body::<CvmProvision>(p);
     parts.push(sig("provision", &r));
     if let Ok(v) = r {
-        parts.push(tensor(&v.embeddings));
-        parts.push(sig("config", &v.config.validate()));
+        let config = v.config.validate();
+        parts.push(sig("config", &config));
+        // What the agent does with it: the tokenizer and the weight-free half, built.
+        if config.is_ok() && v.embeddings.len() <= 1 << 16 {
+            parts.push(sig("provision_build", &v.build()));
+        }
     }
     parts.push(sig("session", &frame::body::<SessionId>(p)));
     parts.push(sig("nonce", &frame::body::<[u8; 32]>(p)));
@@ -334,7 +338,7 @@ pub fn wire(data: &[u8]) -> Vec<u64> {
     let r = frame::body::<TenantEvent>(data);
     parts.push(sig("tenant_event", &r));
     if let Ok(TenantEvent::Done { text, .. }) = &r {
-        std::hint::black_box(talaria_wire::first_stop(&["\n".into()], text));
+        std::hint::black_box(talaria_engine::first_stop(&["\n".into()], text));
     }
     let r = frame::body::<Tensor>(data);
     parts.push(sig("tensor", &r));
@@ -426,7 +430,7 @@ pub fn wire_seeds() -> Vec<Vec<u8>> {
     let evidence = bytes_of(&Evidence::Insecure {
         reason: "no /dev/sev-guest".into(),
     });
-    let provision = Provision {
+    let provision = CvmProvision {
         config: config(),
         tokenizer: TokenizerSpec {
             model: "gpt2".into(),
@@ -438,11 +442,7 @@ pub fn wire_seeds() -> Vec<Vec<u8>> {
             bos: None,
             add_bos: false,
         },
-        embeddings: Tensor::F32 {
-            rows: 4,
-            cols: 2,
-            data: vec![0.25; 8],
-        },
+        embeddings: vec![0.25; 8],
     };
     let generation = Generation {
         prompt_ids: vec![1, 2, 3],

@@ -224,11 +224,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     engine.finish()?;
     if args.json {
         // The text ends before the stop token; `ids` keeps it.
-        let shown = match generation.stop_reason {
-            talaria_engine::StopReason::Eos => &generation.ids[..generation.ids.len() - 1],
-            _ => &generation.ids[..],
-        };
-        let text = engine.tokenizer().decode(shown)?;
+        let text = generation.text(engine.tokenizer(), &[])?;
         let out = JsonOutput {
             engine: args.engine,
             model: model_path.display().to_string(),

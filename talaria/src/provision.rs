@@ -190,7 +190,7 @@ pub struct ManifestArgs {
 /// what the coordinator provisions, as `talaria_cvm_agent::manifest` checks them.
 pub fn model_manifest(path: &Path) -> Result<talaria_cvm_agent::manifest::ModelManifest> {
     use talaria_gpu_node::{CloudExecutor, LinearWeights};
-    use talaria_wire::{BasisSpec, SetupRequest, Tensor};
+    use talaria_wire::{BasisSpec, SetupRequest};
     let model_sha256 = {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
@@ -207,16 +207,7 @@ pub fn model_manifest(path: &Path) -> Result<talaria_cvm_agent::manifest::ModelM
     weights.load_int(&f)?;
     drop(f);
     let cloud = CloudExecutor::new(weights, None);
-    let provision = talaria_wire::Provision {
-        embeddings: Tensor::F32 {
-            rows: config.vocab,
-            cols: config.d_model,
-            data: p.embeddings,
-        },
-        config: p.config,
-        tokenizer: p.tokenizer,
-    };
-    talaria_cvm_agent::manifest::ModelManifest::compute(&model_sha256, &provision, &config, |op| {
+    talaria_cvm_agent::manifest::ModelManifest::compute(&model_sha256, &p, &config, |op| {
         let reply = |integer| {
             cloud
                 .setup(&SetupRequest {

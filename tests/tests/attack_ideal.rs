@@ -98,7 +98,7 @@ fn record(scratch: &Path, out: &Path, prompts: &[&str], seed: u64, remo: &[&str]
             "response": ids[..ids.len() - 1],
         }));
     }
-    let index = json!({"format": "talaria-tap-1", "events": events});
+    let index = json!({"format": talaria_gpu_node::TAP_FORMAT, "events": events});
     std::fs::write(out.join("index.json"), index.to_string()).unwrap();
     let truth = json!({"format": "talaria-truth-1", "sessions": truth});
     std::fs::write(out.join("truth.json"), truth.to_string()).unwrap();

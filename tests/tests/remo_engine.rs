@@ -208,7 +208,7 @@ fn the_tap_records_what_the_cloud_sees_and_no_plaintext() {
         ..Default::default()
     });
     let events = index["events"].as_array().unwrap();
-    assert_eq!(index["format"], "talaria-tap-1");
+    assert_eq!(index["format"], talaria_gpu_node::TAP_FORMAT);
     assert_eq!(events.iter().filter(|e| e["kind"] == "setup").count(), 121);
     let calls: Vec<_> = events.iter().filter(|e| e["kind"] == "call").collect();
     assert_eq!(

@@ -157,7 +157,12 @@ fn the_remo_section_is_typed_with_the_defaults_of_its_precision() {
     assert_eq!(float.config.precision, talaria_params::Precision::F64Gemm);
     assert_eq!(float.config.dummy_rows, talaria_params::FLOOR_DUMMY_ROWS);
     assert_eq!(float.config.pad_rows, talaria_params::PadRows::Pow2(64));
-    assert_eq!(read("dummy_rows = 0\nprecision = \"f32\"").config.dummy_rows, 0);
+    assert_eq!(
+        read("dummy_rows = 0\nprecision = \"f32\"")
+            .config
+            .dummy_rows,
+        0
+    );
 }
 
 #[test]

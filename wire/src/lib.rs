@@ -5,20 +5,22 @@
 
 mod basis;
 pub mod digest;
+mod error_code;
 pub mod frame;
 mod link;
 mod protocol;
 mod tensor;
 
 pub use basis::{BasisSpec, expand_basis};
+pub use error_code::ErrorCode;
 pub use frame::{
     DEFAULT_MAX_FRAME, FrameError, MAX_TENANT_EVENT, MAX_TENANT_MESSAGE, max_call_reply,
     max_call_rows, max_request_frame,
 };
 pub use link::{CloudLink, LinkError, Loopback};
 pub use protocol::{
-    ALPN_CLOUD, ALPN_TENANT, ErrorReply, LatencySplit, Prompt, Provision, Reply, Request,
-    TenantEvent, TenantMessage, TenantRequest, first_stop,
+    ALPN_CLOUD, ALPN_TENANT, ErrorReply, LatencySplit, Prompt, Reply, Request, TenantEvent,
+    TenantMessage, TenantRequest,
 };
 pub use tensor::{Tensor, WireError};
 

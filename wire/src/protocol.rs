@@ -7,9 +7,9 @@
 //!   [`TenantRequest`], answered by a sequence of [`TenantEvent`]s.
 
 use serde::{Deserialize, Serialize};
-use talaria_engine::{ChatMessage, Generation, ModelConfig, OpId, SamplingParams, TokenizerSpec};
+use talaria_engine::{ChatMessage, Generation, OpId, SamplingParams};
 
-use crate::{SessionId, Tensor};
+use crate::SessionId;
 
 /// ALPN of the cloud protocol, version 1.
 pub const ALPN_CLOUD: &[u8] = b"talaria-cloud/1";
@@ -24,7 +24,7 @@ pub enum Request {
     Challenge,
     /// agent → coordinator, after `Challenge`: the agent's attestation evidence (a postcard
     /// `talaria_attestation::Evidence`) over the nonce and `key` (the DER of the TLS certificate
-    /// it serves its tenant with). Reply payload: [`Provision`].
+    /// it serves its tenant with). Reply payload: [`CvmProvision`](talaria_engine::CvmProvision).
     Hello {
         tenant: String,
         agent: String,
@@ -78,6 +78,12 @@ pub struct ErrorReply {
 }
 
 impl ErrorReply {
+    /// What kind of refusal this is ([`ErrorCode::CloudError`](crate::ErrorCode) for a name this
+    /// build does not know).
+    pub fn code(&self) -> crate::ErrorCode {
+        crate::ErrorCode::read(&self.error_type)
+    }
+
     /// An error reply of type `error_type`.
     pub fn new(error_type: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
@@ -85,15 +91,6 @@ impl ErrorReply {
             message: message.into(),
         }
     }
-}
-
-/// What an admitted cvm-agent is provisioned with: no block weight is in it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Provision {
-    pub config: ModelConfig,
-    pub tokenizer: TokenizerSpec,
-    /// The token embedding table, `vocab × d_model`.
-    pub embeddings: Tensor,
 }
 
 /// The prompt of a tenant request.
@@ -133,16 +130,6 @@ pub struct TenantRequest {
     /// Stop as soon as the text contains one of these; the text ends before it.
     #[serde(default)]
     pub stop: Vec<String>,
-}
-
-/// Where the first of `stops` (empty ones ignored) begins in `text`, if any: where a
-/// generation's text ends.
-pub fn first_stop(stops: &[String], text: &str) -> Option<usize> {
-    stops
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
 }
 
 /// Where one generation's time went, in seconds.
