@@ -171,68 +171,135 @@ impl Queue {
         Ok(())
     }
 
-    /// The next batch. Set-ups go first, alone. Otherwise the calls of the earliest op (in
-    /// forward-pass order) among those queued: their sessions are the laggards, served at once
-    /// while others wait ahead, so sessions fall into step and later GEMMs serve all of them.
-    /// When every queued call is of one op, it waits (at most `max_wait` from the oldest's
-    /// arrival) while some live session has no call queued and may be about to send one of the
-    /// same op. At most `max_calls` calls, each tenant limited to its fair share when several
-    /// compete; the rest stay queued in arrival order. Blocks while the queue is empty.
+    /// The next batch, as [`next`] decides it; blocks while it says to wait.
     fn next_batch(&self) -> Vec<Waiting> {
         let mut jobs = self.lock();
-        let op = loop {
-            while jobs.is_empty() {
-                jobs = self.ready.wait(jobs).unwrap_or_else(|e| e.into_inner());
-            }
-            if let Some(i) = jobs.iter().position(|w| w.job.setup) {
-                let setup = jobs.remove(i).expect("present");
-                metrics::STAGE_QUEUE_DEPTH.set(jobs.len() as i64);
-                return vec![setup];
-            }
-            let op = jobs.iter().map(|w| w.job.op).min().expect("not empty");
-            let group: Vec<&Waiting> = jobs.iter().filter(|w| w.job.op == op).collect();
-            let oldest = group.iter().map(|w| w.since).min().expect("not empty");
-            let live = self.sessions.load(Ordering::Relaxed);
+        loop {
             let now = Instant::now();
-            let deadline = oldest + self.policy.max_wait;
-            // Serve at once when other ops wait behind this one, when the batch is full, or when
-            // every live session has its call in it: a session has one call in flight at a time,
-            // so nothing more can arrive.
-            if group.len() < jobs.len()
-                || group.len() >= live.min(self.policy.max_calls)
-                || now >= deadline
-            {
-                break op;
-            }
-            jobs = self
-                .ready
-                .wait_timeout(jobs, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        };
-        let tenants = distinct_tenants(jobs.iter().filter(|w| w.job.op == op));
-        let share = self.policy.max_calls.div_ceil(tenants).max(1);
-        let mut taken: HashMap<Arc<str>, usize> = HashMap::new();
-        let mut batch = Vec::new();
-        let mut rest = VecDeque::with_capacity(jobs.len());
-        for w in jobs.drain(..) {
-            let n = taken.entry(w.job.tenant.clone()).or_default();
-            if w.job.op == op && batch.len() < self.policy.max_calls && *n < share {
-                *n += 1;
-                batch.push(w);
-            } else {
-                rest.push_back(w);
+            let view: Vec<Queued<'_>> = jobs.iter().map(Queued::of).collect();
+            let decision = next(
+                &view,
+                self.sessions.load(Ordering::Relaxed),
+                &self.policy,
+                now,
+            );
+            drop(view);
+            match decision {
+                Next::Idle => jobs = self.ready.wait(jobs).unwrap_or_else(|e| e.into_inner()),
+                Next::WaitUntil(deadline) => {
+                    jobs = self
+                        .ready
+                        .wait_timeout(jobs, deadline.saturating_duration_since(now))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                Next::Setup(i) => {
+                    let setup = jobs.remove(i).expect("a position in the queue");
+                    metrics::STAGE_QUEUE_DEPTH.set(jobs.len() as i64);
+                    return vec![setup];
+                }
+                Next::Batch(take) => {
+                    let mut take = take.into_iter().peekable();
+                    let mut batch = Vec::new();
+                    let mut rest = VecDeque::with_capacity(jobs.len());
+                    for (i, w) in jobs.drain(..).enumerate() {
+                        if take.next_if_eq(&i).is_some() {
+                            batch.push(w);
+                        } else {
+                            rest.push_back(w);
+                        }
+                    }
+                    *jobs = rest;
+                    metrics::STAGE_QUEUE_DEPTH.set(jobs.len() as i64);
+                    return batch;
+                }
             }
         }
-        *jobs = rest;
-        metrics::STAGE_QUEUE_DEPTH.set(jobs.len() as i64);
-        batch
     }
 }
 
-/// How many tenants the jobs belong to.
-fn distinct_tenants<'a>(jobs: impl Iterator<Item = &'a Waiting>) -> usize {
-    let mut tenants: Vec<&str> = jobs.map(|w| &*w.job.tenant).collect();
+/// A queued job as the batching policy sees it.
+#[derive(Debug, Clone, Copy)]
+struct Queued<'a> {
+    op: OpId,
+    tenant: &'a str,
+    setup: bool,
+    since: Instant,
+}
+
+impl<'a> Queued<'a> {
+    fn of(w: &'a Waiting) -> Self {
+        Self {
+            op: w.job.op,
+            tenant: &w.job.tenant,
+            setup: w.job.setup,
+            since: w.since,
+        }
+    }
+}
+
+/// What a shard's worker does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Next {
+    /// Nothing is queued: wait for a job.
+    Idle,
+    /// Run the set-up at this position of the queue, alone.
+    Setup(usize),
+    /// Wait until then, or until a job arrives, for more calls of the one op queued.
+    WaitUntil(Instant),
+    /// Run the calls at these positions (increasing; all of one op) as one batch.
+    Batch(Vec<usize>),
+}
+
+/// The batching policy, a pure function of the queue (in arrival order), the stage's live
+/// sessions and the time. Set-ups go first, alone. Otherwise the calls of the earliest op (in
+/// forward-pass order) among those queued: their sessions are the laggards, served at once
+/// while others wait ahead, so sessions fall into step and later GEMMs serve all of them. When
+/// every queued call is of one op, it waits (at most `max_wait` from the oldest's arrival)
+/// while some live session has no call queued and may be about to send one of the same op. At
+/// most `max_calls` calls, each tenant limited to its fair share when several compete; the rest
+/// stay queued in arrival order.
+fn next(queued: &[Queued<'_>], live: usize, policy: &Batching, now: Instant) -> Next {
+    if queued.is_empty() {
+        return Next::Idle;
+    }
+    if let Some(i) = queued.iter().position(|q| q.setup) {
+        return Next::Setup(i);
+    }
+    let op = queued.iter().map(|q| q.op).min().expect("not empty");
+    let group: Vec<&Queued<'_>> = queued.iter().filter(|q| q.op == op).collect();
+    let oldest = group.iter().map(|q| q.since).min().expect("not empty");
+    let deadline = oldest + policy.max_wait;
+    // Serve at once when other ops wait behind this one, when the batch is full, or when every
+    // live session has its call in it: a session has one call in flight at a time, so nothing
+    // more can arrive.
+    let serve =
+        group.len() < queued.len() || group.len() >= live.min(policy.max_calls) || now >= deadline;
+    if !serve {
+        return Next::WaitUntil(deadline);
+    }
+    let share = policy
+        .max_calls
+        .div_ceil(distinct_tenants(group.iter().map(|q| q.tenant)))
+        .max(1);
+    let mut taken: HashMap<&str, usize> = HashMap::new();
+    let mut take = Vec::new();
+    for (i, q) in queued.iter().enumerate() {
+        if q.op != op || take.len() >= policy.max_calls {
+            continue;
+        }
+        let n = taken.entry(q.tenant).or_default();
+        if *n < share {
+            *n += 1;
+            take.push(i);
+        }
+    }
+    Next::Batch(take)
+}
+
+/// How many distinct tenants there are among `tenants`.
+fn distinct_tenants<'a>(tenants: impl Iterator<Item = &'a str>) -> usize {
+    let mut tenants: Vec<&str> = tenants.collect();
     tenants.sort_unstable();
     tenants.dedup();
     tenants.len()
@@ -276,7 +343,7 @@ fn work(queue: Arc<Queue>, compute: Arc<dyn StageCompute>) {
         if calls.is_empty() {
             continue;
         }
-        let tenants = distinct_tenants(owners.iter());
+        let tenants = distinct_tenants(owners.iter().map(|w| &*w.job.tenant));
         let rows: usize = calls.iter().map(|c| c.x.shape().0).sum();
         let t0 = Instant::now();
         let mut replies = compute.call_batch(&calls, &seen);
@@ -430,8 +497,15 @@ impl LayerStage {
         self.shard.do_send(Sessions(self.sessions.len()));
     }
 
-    /// Checks a request's header; returns the job to run, or an immediate answer.
-    fn check(&mut self, frame: Vec<u8>) -> Result<Result<Job, Vec<u8>>, ErrorReply> {
+    /// Checks a request's header and decides what it gets.
+    fn check(&mut self, frame: Vec<u8>) -> Admitted {
+        match self.admit_request(frame) {
+            Ok(admitted) => admitted,
+            Err(e) => Admitted::Refused(e),
+        }
+    }
+
+    fn admit_request(&mut self, frame: Vec<u8>) -> Result<Admitted, ErrorReply> {
         let (head, _): (Request, &[u8]) = frame::split(&frame).map_err(|e| frame_error(&e))?;
         match head {
             Request::StageOpen { session, tenant } => {
@@ -439,7 +513,7 @@ impl LayerStage {
                 self.compute.open(session, &tenant);
                 self.sessions.insert(session, tenant.into());
                 self.sessions_changed();
-                Ok(Err(ok_frame(0, &[])))
+                Ok(Admitted::Answered(ok_frame(0, &[])))
             }
             Request::CloseSession { session } => {
                 if self.sessions.remove(&session).is_none() {
@@ -451,15 +525,15 @@ impl LayerStage {
                 self.sessions_changed();
                 self.compute.close(session);
                 tracing::info!(stage = %self.name, session, "session closed");
-                Ok(Err(ok_frame(0, &[])))
+                Ok(Admitted::Answered(ok_frame(0, &[])))
             }
-            Request::Setup { session, op } => Ok(Ok(Job {
+            Request::Setup { session, op } => Ok(Admitted::Run(Job {
                 tenant: self.admit(session, op)?,
                 op,
                 setup: true,
                 frame,
             })),
-            Request::Call { session, op, .. } => Ok(Ok(Job {
+            Request::Call { session, op, .. } => Ok(Admitted::Run(Job {
                 tenant: self.admit(session, op)?,
                 op,
                 setup: false,
@@ -471,6 +545,16 @@ impl LayerStage {
             )),
         }
     }
+}
+
+/// What a stage does with a request whose header it checked.
+enum Admitted {
+    /// Run it on the shard (a set-up or a masked call of an admitted session).
+    Run(Job),
+    /// Answered at once (a session opened or closed): the encoded answer frame.
+    Answered(Vec<u8>),
+    /// Refused, with why.
+    Refused(ErrorReply),
 }
 
 impl Actor for LayerStage {
@@ -488,12 +572,12 @@ impl Handler<Serve> for LayerStage {
             err_frame(&e)
         };
         match self.check(msg.0) {
-            Err(e) => {
+            Admitted::Refused(e) => {
                 let answer = refuse(e);
                 Box::pin(async move { answer })
             }
-            Ok(Err(answer)) => Box::pin(async move { answer }),
-            Ok(Ok(job)) => {
+            Admitted::Answered(answer) => Box::pin(async move { answer }),
+            Admitted::Run(job) => {
                 let shard = self.shard.clone();
                 Box::pin(async move {
                     match shard.send(Compute(job)).await {
@@ -585,6 +669,58 @@ mod tests {
 
     fn tags(batch: &[Waiting]) -> Vec<u8> {
         batch.iter().map(|w| w.job.frame[0]).collect()
+    }
+
+    /// The policy alone, without a thread or a clock: every rule of [`next`] in turn.
+    #[test]
+    fn the_batching_policy_is_a_pure_decision() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let q = |op: OpId, tenant: &'static str, setup: bool, at: u64| Queued {
+            op,
+            tenant,
+            setup,
+            since: ms(at),
+        };
+        let policy = Batching {
+            max_calls: 4,
+            max_wait: Duration::from_millis(10),
+        };
+        assert_eq!(next(&[], 3, &policy, t0), Next::Idle);
+        // A set-up anywhere goes first, alone.
+        let queue = [q(op(2), "a", false, 0), q(op(9), "b", true, 1)];
+        assert_eq!(next(&queue, 3, &policy, ms(1)), Next::Setup(1));
+        // The earliest op goes first, at once, while a later one waits behind it.
+        let queue = [
+            q(op(5), "a", false, 0),
+            q(op(2), "b", false, 1),
+            q(op(5), "c", false, 2),
+        ];
+        assert_eq!(next(&queue, 3, &policy, ms(2)), Next::Batch(vec![1]));
+        // One op queued, a live session missing: wait until the oldest call's deadline...
+        let queue = [q(op(5), "a", false, 3), q(op(5), "c", false, 4)];
+        assert_eq!(next(&queue, 3, &policy, ms(5)), Next::WaitUntil(ms(13)));
+        // ...and no longer.
+        assert_eq!(next(&queue, 3, &policy, ms(13)), Next::Batch(vec![0, 1]));
+        // Every live session's call is queued: nothing more can come, so no wait.
+        assert_eq!(next(&queue, 2, &policy, ms(5)), Next::Batch(vec![0, 1]));
+        // A lone session never waits.
+        assert_eq!(next(&queue[..1], 1, &policy, ms(3)), Next::Batch(vec![0]));
+        // A full batch: at most max_calls, each tenant its fair share, in arrival order.
+        let queue: Vec<Queued<'_>> = ["g", "g", "g", "g", "g", "g", "s", "s"]
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| q(op(1), t, false, i as u64))
+            .collect();
+        assert_eq!(
+            next(&queue, 16, &policy, ms(8)),
+            Next::Batch(vec![0, 1, 6, 7])
+        );
+        // One tenant alone fills the batch up to max_calls.
+        assert_eq!(
+            next(&queue[..6], 16, &policy, ms(8)),
+            Next::Batch(vec![0, 1, 2, 3])
+        );
     }
 
     #[test]
