@@ -13,8 +13,10 @@ mod error;
 pub mod fixed;
 pub mod grid;
 mod masker;
+mod pool;
 pub mod verify;
 
 pub use error::RemoError;
 pub use fixed::{FixedPointLinear, IntProduct};
-pub use masker::{Masker, MaskerStats, Pending, PublicOp, SharedPools};
+pub use masker::{Masker, MaskerStats, Pending, PublicOp};
+pub use pool::SharedPools;

@@ -1,52 +1,52 @@
-//! The CVM's side of ReMO for one session: public set-up per op, private mask coefficients,
-//! the offline mask pool (the session's own, or one its agent's sessions share), masking with
+//! The CVM's side of ReMO for one session: public set-up per op, private mask coefficients
+//! drawn from the offline pool (`pool`: the session's own, or one its agent's sessions share), masking with
 //! cover rows (dummies and length padding) and a shuffle, and unmasking after Freivalds' check of
 //! every row (`verify`).
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use rand_distr::{Distribution, StandardNormal};
 use talaria_engine::{OpId, Rows};
 use talaria_wire::{BasisSpec, RPub, SessionId, SetupReply, SetupRequest, Tensor, expand_basis};
+
+mod float;
+mod int;
 
 use crate::RemoError;
 use crate::fixed::{IntOp, IntProduct};
 use crate::grid;
-use crate::verify::{
-    COVER_ROW_VECTORS, CallCheck, CheckKind, CheckVectors, FLOAT_VECTORS, FloatCheck, IntCheck,
-    REAL_ROW_VECTORS,
+use crate::pool::{
+    MaskPair, OfflineClock, OpState, PoolWorker, SharedPools, Wake, cover_masks, make_pairs, nudge,
 };
-use talaria_kernels::gemm::{matmul_f32, matmul_f64, matmul_f64_f32, matmul_f64_nt};
-use talaria_kernels::int_matmul;
+use crate::verify::{
+    COVER_ROW_VECTORS, CallCheck, CheckKind, CheckVectors, FLOAT_VECTORS, REAL_ROW_VECTORS,
+};
 use talaria_params::{PadRows, Precision, RemoConfig};
 
 /// What the CVM knows of an op after set-up: all of it public.
-struct OpPublic {
-    d_in: usize,
-    d_out: usize,
+pub(crate) struct OpPublic {
+    pub(crate) d_in: usize,
+    pub(crate) d_out: usize,
     /// `m × d_in` orthonormal rows, or `None` for the identity basis (`m = d_in`).
-    basis: Option<Vec<f64>>,
-    m: usize,
+    pub(crate) basis: Option<Vec<f64>>,
+    pub(crate) m: usize,
     /// `R_pub = M_pub · W`, `m × d_out`, in the precision the mode keeps it (f32 when it is
     /// exact in f32: the identity basis; products are still made in f64 if the mode asks).
-    r_pub_f32: Vec<f32>,
-    r_pub_f64: Vec<f64>,
+    pub(crate) r_pub_f32: Vec<f32>,
+    pub(crate) r_pub_f64: Vec<f64>,
     /// The integer mode's weight (then the basis is the identity and `R_pub` is empty).
-    int: Option<IntOp>,
+    pub(crate) int: Option<IntOp>,
 }
 
 /// An op's public set-up material (`R_pub` and the basis), shareable between sessions: with
 /// the identity basis it is the same for every session, so an agent fetches and holds it once.
 #[derive(Clone)]
 pub struct PublicOp {
-    public: Arc<OpPublic>,
-    identity: bool,
+    pub(crate) public: Arc<OpPublic>,
+    pub(crate) identity: bool,
 }
 
 impl PublicOp {
@@ -60,381 +60,6 @@ impl PublicOp {
         self.public.r_pub_f32.len() * 4
             + self.public.r_pub_f64.len() * 8
             + self.public.int.as_ref().map_or(0, |i| i.weight.bytes())
-    }
-}
-
-/// A mask and its exact product with the op's weight.
-enum MaskPair {
-    Float {
-        mask: Vec<f64>,
-        product: Vec<f64>,
-    },
-    /// A uniform pad and its product modulo `2^64`.
-    Int {
-        pad: Vec<u64>,
-        product: Vec<u64>,
-    },
-}
-
-/// Draws `count` uniform pads (ChaCha20: the top bits of a padded row are the pad's, so only a
-/// cryptographic generator hides them) and their products with the integer weight.
-fn int_pairs(int: &IntOp, rng: &mut ChaCha20Rng, count: usize) -> Vec<MaskPair> {
-    let (d_in, d_out) = (int.weight.d_in, int.weight.d_out);
-    let pads: Vec<u64> = (0..count * d_in).map(|_| rng.random()).collect();
-    let products = int_matmul(&pads, count, &int.weight);
-    pads.chunks_exact(d_in)
-        .zip(products.chunks_exact(d_out))
-        .map(|(p, y)| MaskPair::Int {
-            pad: p.to_vec(),
-            product: y.to_vec(),
-        })
-        .collect()
-}
-
-/// Private per-op state: the coefficient generator and the pool of precomputed pairs.
-struct OpState {
-    public: Arc<OpPublic>,
-    /// σ · ρ_op: constant and public, never derived from a row.
-    scale: f64,
-    rng: ChaCha20Rng,
-    pool: VecDeque<MaskPair>,
-    /// Freivalds' secret vectors (identity basis only), made on first use and dropped after a
-    /// failed check so that they are never used again.
-    check: Option<Arc<CheckVectors>>,
-}
-
-impl OpState {
-    fn new(public: Arc<OpPublic>, scale: f64, rng: ChaCha20Rng) -> Self {
-        Self {
-            public,
-            scale,
-            rng,
-            pool: VecDeque::new(),
-            check: None,
-        }
-    }
-
-    /// The op's check vectors, made on its first use (all of them at once, so that when and how
-    /// long this takes does not depend on any row), and how many were made now; `None` with an
-    /// orthonormal basis, where the CVM does not hold `W`.
-    fn vectors(&mut self, precision: Precision) -> (Option<Arc<CheckVectors>>, usize) {
-        let public = self.public.clone();
-        if public.basis.is_some() {
-            return (None, 0);
-        }
-        if self.check.is_some() {
-            return (self.check.clone(), 0);
-        }
-        let (kind, made) = match &public.int {
-            Some(int) => (
-                CheckKind::Int(IntCheck::new(&int.weight, &mut self.rng)),
-                COVER_ROW_VECTORS,
-            ),
-            None => {
-                let unit = if precision.gemm_f64() {
-                    (f64::EPSILON / 2.0, f64::MIN_POSITIVE)
-                } else {
-                    (
-                        precision.cloud_unit_roundoff(),
-                        f64::from(f32::MIN_POSITIVE),
-                    )
-                };
-                let (d_in, d_out) = (public.d_in, public.d_out);
-                let check = if public.r_pub_f64.is_empty() {
-                    FloatCheck::new(&public.r_pub_f32, d_in, d_out, unit, &mut self.rng)
-                } else {
-                    FloatCheck::new(&public.r_pub_f64, d_in, d_out, unit, &mut self.rng)
-                };
-                (CheckKind::Float(check), FLOAT_VECTORS)
-            }
-        };
-        self.check = Some(Arc::new(CheckVectors::new(kind)));
-        (self.check.clone(), made)
-    }
-}
-
-/// Draws the float modes' mask coefficients: with the identity basis integer multiples of the
-/// op's power-of-two grid (see `grid`), so that every value of the grid is a reachable mask;
-/// with a basis (rank < d, which leaks anyway) plain Gaussians.
-fn float_coeffs(public: &OpPublic, scale: f64, rng: &mut ChaCha20Rng, count: usize) -> Vec<f64> {
-    let step = public.basis.is_none().then(|| grid::grid_step(scale));
-    (0..count * public.m)
-        .map(|_| {
-            let z = Distribution::<f64>::sample(&StandardNormal, &mut *rng);
-            match step {
-                Some(g) => g * grid::mask_steps(scale, g, z),
-                None => scale * z,
-            }
-        })
-        .collect()
-}
-
-/// `count` cover rows: masks of the identity basis without their products (Freivalds' check
-/// verifies them; their outputs are dropped).
-fn cover_masks(
-    public: &OpPublic,
-    scale: f64,
-    rng: &mut ChaCha20Rng,
-    count: usize,
-) -> Vec<MaskPair> {
-    let d_in = public.d_in;
-    if public.int.is_some() {
-        return (0..count)
-            .map(|_| MaskPair::Int {
-                pad: (0..d_in).map(|_| rng.random()).collect(),
-                product: Vec::new(),
-            })
-            .collect();
-    }
-    float_coeffs(public, scale, rng, count)
-        .chunks_exact(d_in)
-        .map(|m| MaskPair::Float {
-            mask: m.to_vec(),
-            product: Vec::new(),
-        })
-        .collect()
-}
-
-/// Draws `count` fresh masks with their products, as batched GEMMs.
-fn make_pairs(
-    public: &OpPublic,
-    scale: f64,
-    precision: Precision,
-    rng: &mut ChaCha20Rng,
-    count: usize,
-) -> Vec<MaskPair> {
-    if let Some(int) = &public.int {
-        return int_pairs(int, rng, count);
-    }
-    let (d_in, d_out, m) = (public.d_in, public.d_out, public.m);
-    let coeffs = float_coeffs(public, scale, rng, count);
-    let round32 = |v: &mut Vec<f64>| v.iter_mut().for_each(|x| *x = f64::from(*x as f32));
-    // The mask actually added, and the coefficients whose product with R_pub removes it.
-    let (masks, coeffs) = match (&public.basis, precision) {
-        (None, _) => (coeffs.clone(), coeffs),
-        (Some(b), Precision::F64Gemm) => (matmul_f64(&coeffs, b, count, m, d_in), coeffs),
-        (Some(b), Precision::F32 | Precision::Int) => {
-            let mut r = matmul_f64(&coeffs, b, count, m, d_in);
-            round32(&mut r);
-            (r, coeffs)
-        }
-        (Some(b), Precision::F64Client) => {
-            // The exact coefficients of the rounded mask: project it back onto the basis.
-            let mut r = matmul_f64(&coeffs, b, count, m, d_in);
-            round32(&mut r);
-            let c = matmul_f64_nt(&r, b, count, d_in, m);
-            (r, c)
-        }
-    };
-    let products: Vec<f64> = if precision.r_pub_f64() && public.r_pub_f64.is_empty() {
-        matmul_f64_f32(&coeffs, &public.r_pub_f32, count, m, d_out)
-    } else if precision.r_pub_f64() {
-        matmul_f64(&coeffs, &public.r_pub_f64, count, m, d_out)
-    } else {
-        let c32: Vec<f32> = coeffs.iter().map(|&x| x as f32).collect();
-        matmul_f32(&c32, &public.r_pub_f32, count, m, d_out)
-            .into_iter()
-            .map(f64::from)
-            .collect()
-    };
-    masks
-        .chunks_exact(d_in)
-        .zip(products.chunks_exact(d_out))
-        .map(|(r, p)| MaskPair::Float {
-            mask: r.to_vec(),
-            product: p.to_vec(),
-        })
-        .collect()
-}
-
-/// Nanoseconds spent drawing masks and multiplying them out (pool or on the spot).
-type OfflineClock = Arc<std::sync::atomic::AtomicU64>;
-
-fn timed_pairs(
-    clock: &OfflineClock,
-    public: &OpPublic,
-    scale: f64,
-    precision: Precision,
-    rng: &mut ChaCha20Rng,
-    count: usize,
-) -> Vec<MaskPair> {
-    let t0 = std::time::Instant::now();
-    let pairs = make_pairs(public, scale, precision, rng, count);
-    clock.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    pairs
-}
-
-/// Wakes a pool worker: a flag and its condition variable.
-type Wake = Arc<(Mutex<bool>, Condvar)>;
-
-fn nudge(wake: &Wake) {
-    let (lock, cv) = &**wake;
-    *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
-    cv.notify_one();
-}
-
-/// Fills every op's pool on a background thread, so the critical path pays only an add and a
-/// subtract per element.
-struct PoolWorker {
-    stop: Arc<AtomicBool>,
-    wake: Wake,
-    handle: Option<JoinHandle<()>>,
-    /// How many ops it fills.
-    ops: usize,
-}
-
-impl PoolWorker {
-    fn start(
-        ops: Vec<Arc<Mutex<OpState>>>,
-        target: usize,
-        precision: Precision,
-        clock: OfflineClock,
-    ) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let wake: Wake = Arc::new((Mutex::new(false), Condvar::new()));
-        let n_ops = ops.len();
-        let (stop2, wake2) = (stop.clone(), wake.clone());
-        let handle = std::thread::Builder::new()
-            .name("remo-pool".into())
-            .spawn(move || {
-                while !stop2.load(Ordering::Relaxed) {
-                    let mut worked = false;
-                    for op in &ops {
-                        // Draw coefficients under the lock, multiply outside it.
-                        let (public, scale, mut rng, need) = {
-                            let mut s = op.lock().unwrap_or_else(|e| e.into_inner());
-                            // Refill only below half full, to the top: batches of at least
-                            // target/2 pairs amortise reading R_pub over many masks.
-                            if s.pool.len() * 2 > target {
-                                continue;
-                            }
-                            let need = target - s.pool.len();
-                            let fork = ChaCha20Rng::from_seed(s.rng.random());
-                            (s.public.clone(), s.scale, fork, need)
-                        };
-                        let pairs = timed_pairs(&clock, &public, scale, precision, &mut rng, need);
-                        op.lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .pool
-                            .extend(pairs);
-                        worked = true;
-                        if stop2.load(Ordering::Relaxed) {
-                            return;
-                        }
-                    }
-                    if !worked {
-                        let (lock, cv) = &*wake2;
-                        let mut woken = lock.lock().unwrap_or_else(|e| e.into_inner());
-                        if !*woken {
-                            woken = cv
-                                .wait_timeout(woken, Duration::from_millis(50))
-                                .unwrap_or_else(|e| e.into_inner())
-                                .0;
-                        }
-                        *woken = false;
-                    }
-                }
-            })
-            .ok();
-        Self {
-            stop,
-            wake,
-            handle,
-            ops: n_ops,
-        }
-    }
-}
-
-impl Drop for PoolWorker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        nudge(&self.wake);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-/// The mask pools of every session of one agent. A mask pair depends only on the op's public
-/// weight and the configuration — with the identity basis (the default) and in the integer mode
-/// that is the same for every session — so the sessions can draw from one pool per op, filled
-/// by one thread: nothing is left over when a session ends, a new session finds masks ready,
-/// and an agent with many sessions runs one pool thread instead of one each. Each pair is still
-/// taken by exactly one call (under the op's lock), from a generator seeded by the operating
-/// system. Sessions with an orthonormal basis (rank < d) keep pools of their own.
-pub struct SharedPools {
-    config: RemoConfig,
-    ops: Mutex<HashMap<OpId, Arc<Mutex<OpState>>>>,
-    worker: Mutex<Option<PoolWorker>>,
-    clock: OfflineClock,
-}
-
-impl SharedPools {
-    /// Pools for sessions of `config` (sessions of another configuration do not share them).
-    pub fn new(config: RemoConfig) -> Self {
-        Self {
-            config,
-            ops: Mutex::new(HashMap::new()),
-            worker: Mutex::new(None),
-            clock: OfflineClock::default(),
-        }
-    }
-
-    /// Mask pairs ready in the pools, over all ops.
-    pub fn ready(&self) -> usize {
-        self.ops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).pool.len())
-            .sum()
-    }
-
-    /// Seconds the shared pool thread has spent making masks and their products.
-    pub fn mask_generation_s(&self) -> f64 {
-        self.clock.load(Ordering::Relaxed) as f64 * 1e-9
-    }
-
-    /// The op's shared state, made on first use with `public` and a fresh generator.
-    fn state(&self, op: OpId, public: &PublicOp, scale: f64) -> Arc<Mutex<OpState>> {
-        self.ops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(op)
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(OpState::new(
-                    public.public.clone(),
-                    scale,
-                    ChaCha20Rng::from_seed(rand::rng().random()),
-                )))
-            })
-            .clone()
-    }
-
-    /// Starts (or, when ops were added since, restarts) the pool thread; its wake handle.
-    fn start(&self) -> Option<Wake> {
-        let ops: Vec<_> = self
-            .ops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        if self.config.pool == 0 || ops.is_empty() {
-            return None;
-        }
-        let mut worker = self.worker.lock().unwrap_or_else(|e| e.into_inner());
-        if worker.as_ref().is_none_or(|w| w.ops < ops.len()) {
-            // Dropping the old worker joins it first.
-            *worker = None;
-            *worker = Some(PoolWorker::start(
-                ops,
-                self.config.pool,
-                self.config.precision,
-                self.clock.clone(),
-            ));
-        }
-        worker.as_ref().map(|w| w.wake.clone())
     }
 }
 
@@ -973,121 +598,6 @@ impl Masker {
         }
     }
 
-    /// The float modes' rows: real rows plus their masks, cover rows pure masks, in slot order.
-    /// With the identity basis (`step`: its grid) each value is the exact sum of the row rounded
-    /// to the grid and a grid mask, rounded once to f32 where the mode sends f32 (see `grid`);
-    /// with a basis, the plain sum. Products are kept for the rows that have them.
-    fn mask_rows(
-        op: OpId,
-        precision: Precision,
-        pairs: Vec<MaskPair>,
-        slots: &[usize],
-        x: &Rows,
-        step: Option<f64>,
-    ) -> Result<(Tensor, Products), RemoError> {
-        let (n, total, d_in) = (x.rows(), pairs.len(), x.cols());
-        let f64_out = precision.gemm_f64();
-        let mut f64_rows = vec![0f64; if f64_out { total * d_in } else { 0 }];
-        let mut f32_rows = vec![0f32; if f64_out { 0 } else { total * d_in }];
-        let mut products = Vec::with_capacity(total);
-        for (j, pair) in pairs.into_iter().enumerate() {
-            let MaskPair::Float { mask, product } = pair else {
-                return Err(RemoError::Setup(format!(
-                    "{op}: a float call drew integer pads"
-                )));
-            };
-            let slot = slots[j];
-            let real = (j < n).then(|| x.row(j));
-            for i in 0..d_in {
-                let v = match (real, step) {
-                    (None, _) => mask[i],
-                    (Some(r), Some(g)) => grid::masked_value(op, r[i], mask[i], g)?,
-                    (Some(r), None) => match precision {
-                        // f32 end to end: the f32 sum of the row and the rounded mask.
-                        Precision::F32 | Precision::Int => f64::from(r[i] + mask[i] as f32),
-                        _ => f64::from(r[i]) + mask[i],
-                    },
-                };
-                if f64_out {
-                    f64_rows[slot * d_in + i] = v;
-                } else {
-                    f32_rows[slot * d_in + i] = v as f32;
-                }
-            }
-            if !product.is_empty() {
-                products.push(product);
-            }
-        }
-        let tensor = if f64_out {
-            Tensor::F64 {
-                rows: total,
-                cols: d_in,
-                data: f64_rows,
-            }
-        } else {
-            Tensor::F32 {
-                rows: total,
-                cols: d_in,
-                data: f32_rows,
-            }
-        };
-        Ok((tensor, Products::Float(products)))
-    }
-
-    /// The integer mode's rows: encoded real rows plus their pads modulo `2^64`, cover rows
-    /// pure pads, in slot order.
-    #[allow(clippy::too_many_arguments)]
-    fn pad_rows(
-        op: OpId,
-        pairs: Vec<MaskPair>,
-        slots: &[usize],
-        n: usize,
-        enc: &[u64],
-        d_in: usize,
-        frac_bits: Vec<u32>,
-        bounds: Vec<u64>,
-        shift: u32,
-    ) -> Result<(Tensor, Products), RemoError> {
-        let total = pairs.len();
-        let mut rows = vec![0u64; total * d_in];
-        let mut products = Vec::with_capacity(total);
-        for (j, pair) in pairs.into_iter().enumerate() {
-            // An integer session draws only pads (`make_pairs` and `cover_masks` follow the op);
-            // anything else would leave a row unpadded, so it is an error, never a fallback.
-            let MaskPair::Int { pad, product } = pair else {
-                return Err(RemoError::Setup(format!(
-                    "{op}: an integer call drew float masks"
-                )));
-            };
-            let dst = &mut rows[slots[j] * d_in..(slots[j] + 1) * d_in];
-            if j < n {
-                let src = &enc[j * d_in..(j + 1) * d_in];
-                for ((d, &v), &p) in dst.iter_mut().zip(src).zip(&pad) {
-                    *d = v.wrapping_add(p);
-                }
-            } else {
-                dst.copy_from_slice(&pad);
-            }
-            if !product.is_empty() {
-                products.push(product);
-            }
-        }
-        let tensor = Tensor::U64 {
-            rows: total,
-            cols: d_in,
-            data: rows,
-        };
-        Ok((
-            tensor,
-            Products::Int {
-                products,
-                frac_bits,
-                bounds,
-                shift,
-            },
-        ))
-    }
-
     /// Removes the masks from the cloud's reply, after checking every row of it (Freivalds'
     /// check, the canaries with rank < d, and the integer mode's range check).
     pub fn unmask(&self, pending: Pending, y: &Tensor) -> Result<Rows, RemoError> {
@@ -1117,16 +627,20 @@ impl Masker {
         };
         let d_out = pending.d_out;
         let precision = self.config.precision;
-        let row = |slot: usize| -> Vec<f64> {
-            match y {
-                Tensor::F32 { data, .. } => data[slot * d_out..(slot + 1) * d_out]
-                    .iter()
-                    .map(|&v| f64::from(v))
-                    .collect(),
-                Tensor::F64 { data, .. } => data[slot * d_out..(slot + 1) * d_out].to_vec(),
-                Tensor::U64 { .. } => unreachable!("checked: the reply is in the call's precision"),
+        // A float call's reply in f64 (`check_reply` already refused another precision; a
+        // residue tensor here is refused again rather than trusted to be impossible).
+        let values: std::borrow::Cow<'_, [f64]> = match y {
+            Tensor::F32 { data, .. } => data.iter().map(|&v| f64::from(v)).collect(),
+            Tensor::F64 { data, .. } => data.as_slice().into(),
+            Tensor::U64 { .. } => {
+                return Err(talaria_wire::WireError::WrongPrecision {
+                    expected: "f32 or f64",
+                    found: "u64",
+                }
+                .into());
             }
         };
+        let row = |slot: usize| -> Vec<f64> { values[slot * d_out..(slot + 1) * d_out].to_vec() };
         // Canaries (rank < d) first: a reply that fails one is not used at all.
         let tol = precision.canary_tolerance();
         let canaries = pending.n_real..pending.n_real + pending.n_canary;
@@ -1249,75 +763,5 @@ impl Masker {
             .into());
         }
         Ok(())
-    }
-
-    /// The integer mode's unmasking: the exact product `X · W_int` of the encoded real rows,
-    /// after Freivalds' check of every row, the canaries' (rank < d) and the range check.
-    pub fn unmask_exact(&self, pending: Pending, y: &Tensor) -> Result<IntProduct, RemoError> {
-        y.validate()?;
-        self.check_reply(&pending, y)?;
-        self.verify(&pending, y)?;
-        Self::unpad(pending, y)
-    }
-
-    /// [`Masker::unmask_exact`] on a reply already checked against its call by Freivalds'
-    /// check: the canaries, the subtraction and the range check.
-    fn unpad(pending: Pending, y: &Tensor) -> Result<IntProduct, RemoError> {
-        let op = pending.op;
-        let (
-            Products::Int {
-                products,
-                frac_bits,
-                bounds,
-                shift,
-            },
-            Tensor::U64 { data, .. },
-        ) = (&pending.products, y)
-        else {
-            return Err(RemoError::Setup(format!("{op}: not an integer-mode call")));
-        };
-        let d_out = pending.d_out;
-        let row = |slot: usize| &data[slot * d_out..(slot + 1) * d_out];
-        let canaries = pending.n_real..pending.n_real + pending.n_canary;
-        let wrong: usize = canaries
-            .map(|j| {
-                row(pending.slots[j])
-                    .iter()
-                    .zip(&products[j])
-                    .filter(|(g, e)| g != e)
-                    .count()
-            })
-            .sum();
-        if wrong > 0 {
-            return Err(RemoError::IntCanary { op, wrong });
-        }
-        let mut values = Vec::with_capacity(pending.n_real * d_out);
-        for (j, p) in products.iter().enumerate().take(pending.n_real) {
-            let start = values.len();
-            values.extend(
-                row(pending.slots[j])
-                    .iter()
-                    .zip(p)
-                    .map(|(&g, &e)| g.wrapping_sub(e) as i64),
-            );
-            // The exact product is within the row's bound; a value past it is an error in the
-            // high bits, which Freivalds' check alone catches only with probability 1/2 or less
-            // per vector.
-            if values[start..].iter().any(|v| v.unsigned_abs() > bounds[j]) {
-                Self::retire_vectors(&pending);
-                return Err(RemoError::Integrity {
-                    op,
-                    reason: format!("a value of real row {j} is outside its bound"),
-                });
-            }
-        }
-        let (frac_bits, shift) = (frac_bits.clone(), *shift);
-        Ok(IntProduct {
-            rows: pending.n_real,
-            cols: d_out,
-            values,
-            frac_bits,
-            shift,
-        })
     }
 }
