@@ -1,20 +1,13 @@
-//! The actix actors of a Talaria cluster. Each is a thin shell: it owns one piece of state, takes
-//! messages, and hands heavy work to a thread pool; the logic it runs lives in the crates that
-//! plug into it through traits (the gpu-node's [`stage::StageCompute`], the cvm-agent's
-//! [`session::Conversation`]), so this crate depends on nothing that holds weights or secrets.
+//! What every process of a Talaria cluster shares at run time, and nothing more: serving framed
+//! requests on QUIC streams (`serve_streams`), the answer frames and error replies every server
+//! writes, the tenant API-key check, and the Prometheus metrics every binary exposes.
 //!
-//! - gpu-node: [`stage::LayerStage`] (validates and admits requests for its layers) and
-//!   [`stage::GpuShard`] (runs the matrix multiplies off the event loop).
-//! - coordinator: [`router::Router`] (sessions and routes), [`router::NodeLink`] (one per
-//!   gpu-node connection) and [`router::AgentLink`] (one per cvm-agent connection).
-//! - cvm-agent: [`session::Uplink`] (the connection to the coordinator) and
-//!   [`session::Session`] (one per conversation).
+//! Each process's own runtime lives in its binary's crate: the gpu-node's stage and shard
+//! (`talaria_gpu_node::runtime`), the coordinator's router (`coordinator/src/router.rs`), the
+//! cvm-agent's uplink, sessions and OpenAI API (`talaria_cvm_agent::{session, openai}`). So no
+//! binary carries another process's actors.
 
 pub mod metrics;
-pub mod openai;
-pub mod router;
-pub mod session;
-pub mod stage;
 
 use talaria_wire::frame::{self, FrameError};
 use talaria_wire::{ErrorReply, Reply};

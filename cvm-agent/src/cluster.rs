@@ -5,10 +5,10 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::session::{BlockingUplink, Gone};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use talaria_actors::metrics;
-use talaria_actors::session::{BlockingUplink, Conversation, Gone};
 use talaria_engine::{
     ChatMessage, CvmProvision, EngineError, GenerateRequest, ModelConfig, Tokenizer, Transformer,
     chat_prompt, generate_until,
@@ -377,8 +377,10 @@ impl AgentConversation {
     }
 }
 
-impl Conversation for AgentConversation {
-    fn run(&mut self, req: TenantRequest, emit: &mut dyn FnMut(TenantEvent) -> bool) {
+impl AgentConversation {
+    /// Runs one generation to its end, on a worker thread. `emit` sends an event to the tenant
+    /// and returns `false` once the tenant is gone (the generation then stops).
+    pub fn run(&mut self, req: TenantRequest, emit: &mut dyn FnMut(TenantEvent) -> bool) {
         let session = self.linear.link_mut().session();
         let last = match self.generate(req, emit) {
             Ok(done) => done,

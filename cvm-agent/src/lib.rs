@@ -6,6 +6,8 @@ pub mod claims;
 pub mod client;
 pub mod cluster;
 pub mod manifest;
+pub mod openai;
+pub mod session;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -8,15 +8,14 @@ use std::time::Duration;
 use actix::Actor;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
-use talaria_actors::openai::Api;
-use talaria_actors::session::{
-    BlockingUplink, Conversation, ConversationFactory, HelloFn, Join, Joined, Tenancy, Uplink,
-    UplinkHealth,
-};
 use talaria_attestation::{Bound, Evidence, Purpose, hardware_evidence};
 use talaria_cvm_agent::claims::{AgentClaims, check_floor};
 use talaria_cvm_agent::cluster::AgentShared;
 use talaria_cvm_agent::manifest::ModelManifest;
+use talaria_cvm_agent::openai::Api;
+use talaria_cvm_agent::session::{
+    BlockingUplink, ConversationFactory, HelloFn, Join, Joined, Tenancy, Uplink, UplinkHealth,
+};
 use talaria_engine::CvmProvision;
 use talaria_net::TenantIdentity;
 use talaria_topology::{Role, Topology};
@@ -241,10 +240,9 @@ fn main() -> Result<()> {
         let factory: ConversationFactory = Arc::new(move |gone| {
             shared
                 .open(Some(gone))
-                .map(|c| Box::new(c) as Box<dyn Conversation>)
                 .map_err(|e| ErrorReply::new(e.error_type(), e.to_string()))
         });
-        let attestor: talaria_actors::session::Attestor = Arc::new(move |nonce| {
+        let attestor: talaria_cvm_agent::session::Attestor = Arc::new(move |nonce| {
             let bound = Bound {
                 purpose: Purpose::Tenant,
                 nonce: &nonce,
@@ -262,12 +260,12 @@ fn main() -> Result<()> {
                 api_keys: api_key_digests.clone(),
                 health,
             };
-            talaria_actors::openai::serve(addr, api, identity.server_config(b"http/1.1")?)?;
+            talaria_cvm_agent::openai::serve(addr, api, identity.server_config(b"http/1.1")?)?;
         }
         let endpoint = identity.server(agent.listen, talaria_wire::ALPN_TENANT)?;
         tracing::info!(listen = %agent.listen, max_sessions = agent.max_sessions, "serving the tenant");
         println!("ready {}", agent.listen);
-        talaria_actors::session::serve(endpoint, tenancy, attestor, api_key_digests).await;
+        talaria_cvm_agent::session::serve(endpoint, tenancy, attestor, api_key_digests).await;
         Ok(())
     })
 }

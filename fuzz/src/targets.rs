@@ -6,10 +6,10 @@ use std::sync::OnceLock;
 
 use serde::Serialize;
 use serde_json::json;
-use talaria_actors::openai::{Limits, decode_body};
 use talaria_attestation::{
     AttestationError, Evidence, InsecurePolicy, Policy, parse_report, verify_without_root,
 };
+use talaria_cvm_agent::openai::{Limits, decode_body};
 use talaria_engine::{
     BlockOp, ChatMessage, CvmProvision, Generation, ModelConfig, OpId, SamplingParams, StopReason,
     TokenizerSpec,

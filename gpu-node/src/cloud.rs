@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use talaria_actors::stage::Arrival;
+use crate::runtime::Arrival;
 use talaria_engine::{OpId, Rows};
 use talaria_wire::{
     BasisSpec, CloudLink, LinkError, MaskedCall, MaskedReply, RPub, SetupReply, SetupRequest,

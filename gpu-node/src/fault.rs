@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use talaria_actors::stage::{Arrival, StageCompute};
+use crate::runtime::{Arrival, StageCompute};
 use talaria_engine::OpId;
 use talaria_wire::{ErrorReply, MaskedCall, MaskedReply, SessionId, SetupRequest, Tensor, frame};
 

@@ -7,6 +7,7 @@ mod error;
 mod fault;
 mod int_weights;
 mod plain;
+pub mod runtime;
 mod stage;
 mod tap;
 mod weights;

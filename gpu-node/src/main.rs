@@ -7,8 +7,8 @@ use std::sync::Arc;
 use actix::Actor;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use talaria_actors::stage::{DEFAULT_MAX_QUEUED, GpuShard, LayerStage, ShardLimits};
 use talaria_gguf::GgufFile;
+use talaria_gpu_node::runtime::{DEFAULT_MAX_QUEUED, GpuShard, LayerStage, ShardLimits};
 use talaria_gpu_node::{CloudExecutor, Fault, Faulty, LinearWeights, Tap};
 use talaria_model_file::{Part, read_config};
 use talaria_topology::{Role, Topology};
@@ -112,7 +112,7 @@ fn main() -> Result<()> {
             max_rows: talaria_wire::max_call_rows(&config),
             max_queued: DEFAULT_MAX_QUEUED,
         };
-        let compute: Arc<dyn talaria_actors::stage::StageCompute> = match fault {
+        let compute: Arc<dyn talaria_gpu_node::runtime::StageCompute> = match fault {
             None => executor,
             Some(f) => Arc::new(Faulty::new(executor, f)),
         };
@@ -122,7 +122,7 @@ fn main() -> Result<()> {
         println!("ready {}", stage.listen);
         // A stage reads requests only: none is larger than the largest call of this model.
         let max_request = talaria_wire::max_request_frame(&config).min(topology.max_frame_bytes);
-        talaria_actors::stage::serve(endpoint, layer_stage, max_request).await;
+        talaria_gpu_node::runtime::serve(endpoint, layer_stage, max_request).await;
         Ok(())
     })
 }

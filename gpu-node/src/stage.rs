@@ -1,6 +1,6 @@
 //! The executor as a cluster stage: what the `LayerStage` and `GpuShard` actors call.
 
-use talaria_actors::stage::{Arrival, StageCompute};
+use crate::runtime::{Arrival, StageCompute};
 use talaria_engine::OpId;
 use talaria_wire::{ErrorReply, MaskedCall, SessionId, SetupRequest, frame};
 

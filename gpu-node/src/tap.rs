@@ -6,8 +6,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::runtime::Arrival;
 use serde::{Deserialize, Serialize};
-use talaria_actors::stage::Arrival;
 use talaria_engine::OpId;
 use talaria_wire::{BasisSpec, MaskedCall, SetupRequest, Tensor};
 

@@ -20,8 +20,8 @@ use talaria_engine::{ChatMessage, SamplingParams, StopReason};
 use talaria_wire::{ErrorReply, Prompt, TenantEvent, TenantRequest};
 use tokio::sync::mpsc;
 
-use crate::metrics;
 use crate::session::{Tenancy, UplinkHealth};
+use talaria_actors::metrics;
 
 /// What the API serves: the model's id and the sessions.
 #[derive(Clone)]
@@ -68,7 +68,7 @@ fn authorize(
             "no API key: send it as `Authorization: Bearer <key>` (the client's api_key)",
         ));
     };
-    if crate::key_accepted(keys, key.trim()) {
+    if talaria_actors::key_accepted(keys, key.trim()) {
         Ok(())
     } else {
         Err(refuse("incorrect API key"))

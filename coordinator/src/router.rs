@@ -15,7 +15,9 @@ use talaria_net::TlsMaterial;
 use talaria_wire::frame;
 use talaria_wire::{ErrorReply, Request, SessionId};
 
-use crate::{err_frame, frame_error, metrics, ok_frame};
+use talaria_actors::{err_frame, frame_error, metrics, ok_frame};
+
+use crate::admission::AttestedAdmission;
 
 /// Which part of the model serves each op, and which stages (replicas) serve each part: pure,
 /// built from the topology.
@@ -87,20 +89,6 @@ impl RouteTable {
     }
 }
 
-/// Decides whether an agent may join: the coordinator's attestation policy.
-pub trait Admission: Send + Sync + 'static {
-    /// `Ok(())` to admit `tenant`'s agent, whose `evidence` must bind `nonce` (issued on this
-    /// connection) and `key`, or the reason for refusing it.
-    fn admit(
-        &self,
-        tenant: &str,
-        agent: &str,
-        evidence: &[u8],
-        nonce: &[u8; 32],
-        key: &[u8],
-    ) -> Result<(), ErrorReply>;
-}
-
 /// The largest attestation evidence a `Hello` may carry: an SNP report (1184 bytes) and its
 /// certificate chain fit many times over.
 pub const MAX_EVIDENCE_BYTES: usize = 64 << 10;
@@ -138,7 +126,7 @@ pub struct AgentGone(pub AgentId);
 pub struct Router {
     routes: RouteTable,
     nodes: Vec<Addr<NodeLink>>,
-    admission: Arc<dyn Admission>,
+    admission: Arc<AttestedAdmission>,
     /// The encoded [`talaria_wire::Provision`] handed to admitted agents.
     provision: Arc<Vec<u8>>,
     agents: HashMap<AgentId, String>,
@@ -182,7 +170,7 @@ impl Router {
         routes: RouteTable,
         nodes: Vec<Addr<NodeLink>>,
         live: Arc<[AtomicBool]>,
-        admission: Arc<dyn Admission>,
+        admission: Arc<AttestedAdmission>,
         provision: Arc<Vec<u8>>,
         limits: HashMap<String, usize>,
         deadlines: talaria_topology::Deadlines,
@@ -794,17 +782,18 @@ impl Actor for AgentLink {
         if let Some(cert) = talaria_net::peer_cert_der(&self.conn) {
             router.do_send(AgentCert(id, cert));
         }
-        let serve = crate::serve_streams(self.conn.clone(), self.max_frame, move |frame| {
-            let router = router.clone();
-            async move {
-                router
-                    .send(Route { agent: id, frame })
-                    .await
-                    .unwrap_or_else(|e| {
-                        err_frame(&ErrorReply::new("internal", format!("router: {e}")))
-                    })
-            }
-        });
+        let serve =
+            talaria_actors::serve_streams(self.conn.clone(), self.max_frame, move |frame| {
+                let router = router.clone();
+                async move {
+                    router
+                        .send(Route { agent: id, frame })
+                        .await
+                        .unwrap_or_else(|e| {
+                            err_frame(&ErrorReply::new("internal", format!("router: {e}")))
+                        })
+                }
+            });
         ctx.spawn(serve.into_actor(self).map(|(), act, ctx| {
             act.router.do_send(AgentGone(act.id));
             ctx.stop();

@@ -10,7 +10,9 @@ use talaria_wire::frame::{self, FrameError};
 use talaria_wire::{ErrorReply, Reply, Request, TenantEvent, TenantMessage, TenantRequest};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use crate::metrics;
+use talaria_actors::metrics;
+
+use crate::cluster::AgentConversation;
 
 /// A request frame for the coordinator, whose answer may be at most `max_reply` bytes and must
 /// come within `deadline`; the result is the answer frame.
@@ -60,7 +62,7 @@ async fn ask(
     max: usize,
     deadline: Duration,
 ) -> Result<Vec<u8>, ErrorReply> {
-    let frame = frame::encode::<_, ()>(head, None).map_err(|e| crate::frame_error(&e))?;
+    let frame = frame::encode::<_, ()>(head, None).map_err(|e| talaria_actors::frame_error(&e))?;
     let answer = tokio::time::timeout(deadline, talaria_net::request(conn, &frame, max))
         .await
         .map_err(|_| {
@@ -69,9 +71,9 @@ async fn ask(
                 "no answer from the coordinator in time",
             )
         })?
-        .map_err(|e| crate::frame_error(&e))?;
+        .map_err(|e| talaria_actors::frame_error(&e))?;
     let (reply, payload): (Reply, &[u8]) =
-        frame::split(&answer).map_err(|e| crate::frame_error(&e))?;
+        frame::split(&answer).map_err(|e| talaria_actors::frame_error(&e))?;
     match reply {
         Reply::Ok { .. } => Ok(payload.to_vec()),
         Reply::Err(e) => Err(e),
@@ -318,17 +320,10 @@ impl BlockingUplink {
 /// Whether the tenant of a generation went away (it then should stop, whatever it waits on).
 pub type Gone = Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// One conversation's logic, implemented by the cvm-agent crate. Runs on a worker thread.
-pub trait Conversation: Send + 'static {
-    /// Runs one generation to its end. `emit` sends an event to the tenant and returns `false`
-    /// once the tenant is gone (the generation should then stop).
-    fn run(&mut self, req: TenantRequest, emit: &mut dyn FnMut(TenantEvent) -> bool);
-}
-
 /// Makes a conversation (opening a session with the cloud) whose requests stop once `gone`
 /// says its tenant went away. Runs on a worker thread.
 pub type ConversationFactory =
-    Arc<dyn Fn(Gone) -> Result<Box<dyn Conversation>, ErrorReply> + Send + Sync>;
+    Arc<dyn Fn(Gone) -> Result<AgentConversation, ErrorReply> + Send + Sync>;
 
 /// Asks a session to generate; events arrive on `events`. `slot` is held until it ends.
 #[derive(Message)]
@@ -629,7 +624,7 @@ async fn answer_stream(
     };
     let mut rx = match first {
         Ok(TenantMessage::Generate { request, api_key }) => {
-            if crate::key_accepted(&api_keys, &api_key) {
+            if talaria_actors::key_accepted(&api_keys, &api_key) {
                 tenancy.generate(request).await
             } else {
                 tracing::warn!(%peer, error_type = "invalid_api_key", "generation refused");
@@ -649,7 +644,7 @@ async fn answer_stream(
         Err(e) => {
             tracing::warn!(%peer, error_type = e.error_type(), "bad tenant request: {e}");
             let _ = recv.stop(0u32.into());
-            only(TenantEvent::Error(crate::frame_error(&e)))
+            only(TenantEvent::Error(talaria_actors::frame_error(&e)))
         }
     };
     while let Some(event) = rx.recv().await {

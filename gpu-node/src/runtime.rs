@@ -13,7 +13,7 @@ use talaria_wire::{ErrorReply, MaskedCall, Request, SessionId, SetupRequest};
 
 use tokio::sync::oneshot;
 
-use crate::{err_frame, frame_error, metrics, ok_frame};
+use talaria_actors::{err_frame, frame_error, metrics, ok_frame};
 
 /// The weight-dependent work of a stage, implemented by the gpu-node crate. Computes on the
 /// shard's worker thread; the stage's event loop asks it only `owns` and `close`.
@@ -604,7 +604,7 @@ pub async fn serve(endpoint: quinn::Endpoint, stage: Addr<LayerStage>, max_frame
                 }
             };
             tracing::info!(peer = %conn.remote_address(), "connected");
-            crate::serve_streams(conn, max_frame, move |frame| {
+            talaria_actors::serve_streams(conn, max_frame, move |frame| {
                 let stage = stage.clone();
                 async move {
                     stage.send(Serve(frame)).await.unwrap_or_else(|e| {
