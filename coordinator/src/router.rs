@@ -127,7 +127,7 @@ pub struct Router {
     routes: RouteTable,
     nodes: Vec<Addr<NodeLink>>,
     admission: Arc<AttestedAdmission>,
-    /// The encoded [`talaria_wire::Provision`] handed to admitted agents.
+    /// The encoded `talaria_engine::CvmProvision` handed to admitted agents.
     provision: Arc<Vec<u8>>,
     agents: HashMap<AgentId, String>,
     /// The nonce issued to each connection that asked, used once.

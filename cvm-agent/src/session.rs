@@ -240,7 +240,7 @@ impl Actor for Uplink {
     }
 }
 
-/// Waits for the first admission: its provision payload (a `talaria_wire::Provision`).
+/// Waits for the first admission: its provision payload (a `talaria_engine::CvmProvision`).
 #[derive(Message)]
 #[rtype(result = "Result<Arc<Vec<u8>>, ErrorReply>")]
 pub struct Joined;
