@@ -236,7 +236,7 @@ impl GgufFile {
             if end.is_none_or(|e| e > data_len) || data_start > data.len() as u64 {
                 return Err(GgufError::Truncated {
                     what: format!("data of tensor {:?}", t.name),
-                    offset: data_start + t.offset,
+                    offset: data_start.saturating_add(t.offset),
                     needed: t.n_bytes,
                     len: data.len() as u64,
                 });

@@ -257,3 +257,19 @@ fn an_empty_tensor_past_the_end_of_a_short_file_is_an_error_not_a_panic() {
         Err(e) => assert!(matches!(e, GgufError::Truncated { .. }), "{e}"),
     }
 }
+
+#[test]
+fn a_tensor_offset_near_u64_max_is_a_truncation_error_not_an_overflow() {
+    // Found by the talaria-fuzz gguf target in a debug build (overflow checks on): the
+    // Truncated error's offset, `data_start + offset`, overflowed for a tensor offset of
+    // 0xffff_ffff_ffff_ff40 and panicked; in release it wrapped to a meaningless number.
+    let hex = "474755460300000002000000000000000200000000000000110000000000000067656e6572616c2e616c69676e6d656e7404000000400000000c0000000000000067656e6572616c2e6e616d6508000000040000000000000074696e790100000000000000610100000003000000000000000000000000000000000000000100000000000000620400000001000000000000000100000000000000010000000000000002000000000000000000000040ffffffffffffffff00000000000000000000803f000000400000404000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000080400000a040";
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    match GgufFile::from_bytes(bytes) {
+        Err(GgufError::Truncated { offset, .. }) => assert_eq!(offset, u64::MAX),
+        other => panic!("expected a truncation error, got {:?}", other.err()),
+    }
+}
