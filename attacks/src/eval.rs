@@ -33,7 +33,7 @@ impl Truth {
     pub const FORMAT: &'static str = "talaria-truth-1";
 
     pub fn read(path: &Path) -> Result<Self, AttackError> {
-        crate::read_versioned(path, Self::FORMAT, |t: &Truth| &t.format)
+        crate::read_versioned(path, Self::FORMAT)
     }
 
     pub fn write(&self, path: &Path) -> Result<(), AttackError> {

@@ -175,14 +175,8 @@ impl Tap {
     /// Opens a tap: `index.json` and `public.json`.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, AttackError> {
         let dir = dir.into();
-        let index: TapIndex =
-            read_versioned(&dir.join("index.json"), TAP_FORMAT, |i: &TapIndex| {
-                &i.format
-            })?;
-        let public: Public =
-            read_versioned(&dir.join(PUBLIC_FILE), Public::FORMAT, |p: &Public| {
-                &p.format
-            })?;
+        let index: TapIndex = read_versioned(&dir.join("index.json"), TAP_FORMAT)?;
+        let public: Public = read_versioned(&dir.join(PUBLIC_FILE), Public::FORMAT)?;
         let mut sessions: BTreeMap<u64, SessionTap> = BTreeMap::new();
         for e in index.events {
             match e {

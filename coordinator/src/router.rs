@@ -13,7 +13,7 @@ use actix::prelude::*;
 use talaria_engine::OpId;
 use talaria_net::TlsMaterial;
 use talaria_wire::frame;
-use talaria_wire::{ErrorReply, Request, SessionId};
+use talaria_wire::{ErrorCode, ErrorReply, Request, SessionId};
 
 use talaria_actors::{err_frame, frame_error, metrics, ok_frame};
 
@@ -159,7 +159,7 @@ fn unreachable_stage(answer: &[u8]) -> bool {
     matches!(
         frame::split::<talaria_wire::Reply>(answer),
         Ok((talaria_wire::Reply::Err(e), _))
-            if matches!(e.error_type.as_str(), "node_unavailable" | "connection" | "deadline_exceeded")
+            if matches!(e.code(), ErrorCode::NodeUnavailable | ErrorCode::Connection | ErrorCode::DeadlineExceeded)
     )
 }
 

@@ -157,6 +157,12 @@ fn reply_maskers() -> Vec<talaria_remo::Masker> {
         .collect()
 }
 
+/// The rows every masker of the reply target masks: 3 rows of the small weight's input width.
+fn reply_rows() -> talaria_engine::Rows {
+    talaria_engine::Rows::new(3, 64, (0..192).map(|i| (i % 13) as f32 - 6.0).collect())
+        .expect("rows")
+}
+
 thread_local! {
     static MASKERS: std::cell::RefCell<Vec<talaria_remo::Masker>> =
         std::cell::RefCell::new(reply_maskers());
@@ -170,8 +176,7 @@ pub fn reply(data: &[u8]) -> Vec<u64> {
     let Ok(reply) = decoded else {
         return parts;
     };
-    let x = talaria_engine::Rows::new(3, 64, (0..192).map(|i| (i % 13) as f32 - 6.0).collect())
-        .expect("rows");
+    let x = reply_rows();
     MASKERS.with(|m| {
         for masker in m.borrow_mut().iter_mut() {
             let (_, pending) = masker.mask(REPLY_OP, &x).expect("a valid row masks");
@@ -188,8 +193,7 @@ pub fn reply(data: &[u8]) -> Vec<u64> {
 /// Honest replies to each masker's call, and a few near misses.
 pub fn reply_seeds() -> Vec<Vec<u8>> {
     let w = reply_weight();
-    let x = talaria_engine::Rows::new(3, 64, (0..192).map(|i| (i % 13) as f32 - 6.0).collect())
-        .expect("rows");
+    let x = reply_rows();
     let mut seeds = Vec::new();
     for mut m in reply_maskers() {
         let (sent, pending) = m.mask(REPLY_OP, &x).expect("masks");

@@ -497,15 +497,8 @@ impl LayerStage {
         self.shard.do_send(Sessions(self.sessions.len()));
     }
 
-    /// Checks a request's header and decides what it gets.
-    fn check(&mut self, frame: Vec<u8>) -> Admitted {
-        match self.admit_request(frame) {
-            Ok(admitted) => admitted,
-            Err(e) => Admitted::Refused(e),
-        }
-    }
-
-    fn admit_request(&mut self, frame: Vec<u8>) -> Result<Admitted, ErrorReply> {
+    /// Checks a request's header: the job to run, an immediate answer, or why it is refused.
+    fn check(&mut self, frame: Vec<u8>) -> Result<Admitted, ErrorReply> {
         let (head, _): (Request, &[u8]) = frame::split(&frame).map_err(|e| frame_error(&e))?;
         match head {
             Request::StageOpen { session, tenant } => {
@@ -547,14 +540,12 @@ impl LayerStage {
     }
 }
 
-/// What a stage does with a request whose header it checked.
+/// What a stage does with a request whose header it admitted.
 enum Admitted {
     /// Run it on the shard (a set-up or a masked call of an admitted session).
     Run(Job),
     /// Answered at once (a session opened or closed): the encoded answer frame.
     Answered(Vec<u8>),
-    /// Refused, with why.
-    Refused(ErrorReply),
 }
 
 impl Actor for LayerStage {
@@ -572,12 +563,12 @@ impl Handler<Serve> for LayerStage {
             err_frame(&e)
         };
         match self.check(msg.0) {
-            Admitted::Refused(e) => {
+            Err(e) => {
                 let answer = refuse(e);
                 Box::pin(async move { answer })
             }
-            Admitted::Answered(answer) => Box::pin(async move { answer }),
-            Admitted::Run(job) => {
+            Ok(Admitted::Answered(answer)) => Box::pin(async move { answer }),
+            Ok(Admitted::Run(job)) => {
                 let shard = self.shard.clone();
                 Box::pin(async move {
                     match shard.send(Compute(job)).await {

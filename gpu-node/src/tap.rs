@@ -90,7 +90,7 @@ pub enum TapDtype {
 pub struct Tap {
     dir: PathBuf,
     start: Instant,
-    events: Vec<TapEvent>,
+    index: TapIndex,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
@@ -151,7 +151,10 @@ impl Tap {
         Ok(Self {
             dir,
             start: Instant::now(),
-            events: Vec::new(),
+            index: TapIndex {
+                format: TAP_FORMAT.into(),
+                events: Vec::new(),
+            },
         })
     }
 
@@ -162,7 +165,7 @@ impl Tap {
 
     pub(crate) fn record_open(&mut self, session: u64, tenant: &str) {
         let t_us = self.t_us(Instant::now());
-        self.events.push(TapEvent::Open {
+        self.index.events.push(TapEvent::Open {
             session,
             tenant: tenant.to_string(),
             t_us: Some(t_us),
@@ -187,7 +190,7 @@ impl Tap {
                 (TapBasis::Orthonormal, Some(name))
             }
         };
-        self.events.push(TapEvent::Setup {
+        self.index.events.push(TapEvent::Setup {
             session: req.session,
             t_us: Some(self.t_us(seen.at)),
             frame_bytes: seen.frame_bytes,
@@ -206,7 +209,7 @@ impl Tap {
         seen: Arrival,
     ) -> Result<(), NodeError> {
         let (rows, cols) = call.x.shape();
-        let file = format!("call-{:06}.npy", self.events.len());
+        let file = format!("call-{:06}.npy", self.index.events.len());
         let path = self.dir.join(&file);
         let dtype = match &call.x {
             Tensor::F32 { data, .. } => {
@@ -222,7 +225,7 @@ impl Tap {
                 TapDtype::Uint64
             }
         };
-        self.events.push(TapEvent::Call {
+        self.index.events.push(TapEvent::Call {
             session: call.session,
             t_us: Some(self.t_us(seen.at)),
             frame_bytes: seen.frame_bytes,
@@ -239,11 +242,8 @@ impl Tap {
     /// Writes `index.json`.
     pub fn finish(&mut self) -> Result<(), NodeError> {
         let path = self.dir.join("index.json");
-        let index = TapIndex {
-            format: TAP_FORMAT.into(),
-            events: self.events.clone(),
-        };
-        let json = serde_json::to_vec_pretty(&index).map_err(|e| NodeError::Tap(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&self.index).map_err(|e| NodeError::Tap(e.to_string()))?;
         std::fs::write(&path, json).map_err(io(&path))
     }
 }

@@ -627,11 +627,15 @@ impl Masker {
         };
         let d_out = pending.d_out;
         let precision = self.config.precision;
-        // A float call's reply in f64 (`check_reply` already refused another precision; a
-        // residue tensor here is refused again rather than trusted to be impossible).
-        let values: std::borrow::Cow<'_, [f64]> = match y {
-            Tensor::F32 { data, .. } => data.iter().map(|&v| f64::from(v)).collect(),
-            Tensor::F64 { data, .. } => data.as_slice().into(),
+        // A row of a float call's reply, widened to f64 when it is read (only the real and
+        // canary rows are). `check_reply` already refused another precision; a residue tensor
+        // here is refused again rather than trusted to be impossible.
+        let span = |slot: usize| slot * d_out..(slot + 1) * d_out;
+        let row: Box<dyn Fn(usize) -> Vec<f64> + '_> = match y {
+            Tensor::F32 { data, .. } => {
+                Box::new(move |slot| data[span(slot)].iter().map(|&v| f64::from(v)).collect())
+            }
+            Tensor::F64 { data, .. } => Box::new(move |slot| data[span(slot)].to_vec()),
             Tensor::U64 { .. } => {
                 return Err(talaria_wire::WireError::WrongPrecision {
                     expected: "f32 or f64",
@@ -640,7 +644,6 @@ impl Masker {
                 .into());
             }
         };
-        let row = |slot: usize| -> Vec<f64> { values[slot * d_out..(slot + 1) * d_out].to_vec() };
         // Canaries (rank < d) first: a reply that fails one is not used at all.
         let tol = precision.canary_tolerance();
         let canaries = pending.n_real..pending.n_real + pending.n_canary;
