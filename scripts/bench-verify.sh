@@ -30,18 +30,10 @@ done
 
 # The cluster: the local topology with the integer default and 0 or 2 dummy rows.
 cluster() { # $1: the talaria binary, $2: dummy rows, $3: output name
-  local dir topo pid
-  dir="$(mktemp -d)"
-  topo="$dir/topology.toml"
-  sed -e "s/^precision = \"int\"/precision = \"int\"\ndummy_rows = $2/" topology/examples/local.toml > "$topo"
-  "$1" up --topology "$topo" --run-dir "$dir/run" > "$dir/up.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 1 600); do grep -q "^ready " "$dir/up.log" && break; sleep 0.5; done
-  grep -q "^ready " "$dir/up.log" || { cat "$dir/up.log"; kill "$pid"; return 1; }
-  "$1" bench --engine cluster --cluster-dir "$dir/run" --allow-insecure-agent \
+  start_cluster "$1" int "$2"
+  "$1" bench --engine cluster --cluster-dir "$CLUSTER_DIR/run" --allow-insecure-agent \
     --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" --runs 2 --out "$OUT/$3.json" > /dev/null
-  kill "$pid"; wait "$pid" 2>/dev/null || true
-  rm -rf "$dir"
+  stop_cluster
 }
 for dummies in 0 2; do
   cluster "$TALARIA" "$dummies" "cluster-d$dummies"

@@ -55,3 +55,32 @@ fetch_model() {
   MODEL="$("$TALARIA" fetch-model)"
   export MODEL
 }
+
+# llama.cpp's Python binding in the virtualenv (built from source: needs cmake, installed here if
+# missing, and a C++ compiler), for the comparison benchmark.
+ensure_llama_cpp() {
+  if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+    command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; }
+    "$VENV/bin/pip" install --quiet -r tools/requirements-llamacpp.txt
+  fi
+}
+
+# Starts `talaria up` ($1: the talaria binary) on topology/examples/local.toml with its [remo]
+# precision set to $2 and $3 dummy rows, in a fresh folder, and waits until it is ready.
+# Sets CLUSTER_DIR (its run folder is $CLUSTER_DIR/run) and CLUSTER_PID; stop_cluster ends it.
+start_cluster() {
+  CLUSTER_DIR="$(mktemp -d)"
+  sed -e "s/^precision = \"int\"/precision = \"$2\"\ndummy_rows = $3/" topology/examples/local.toml \
+    > "$CLUSTER_DIR/topology.toml"
+  "$1" up --topology "$CLUSTER_DIR/topology.toml" --run-dir "$CLUSTER_DIR/run" \
+    > "$CLUSTER_DIR/up.log" 2>&1 &
+  CLUSTER_PID=$!
+  for _ in $(seq 1 600); do grep -q "^ready " "$CLUSTER_DIR/up.log" && break; sleep 0.5; done
+  grep -q "^ready " "$CLUSTER_DIR/up.log" || { cat "$CLUSTER_DIR/up.log"; stop_cluster; return 1; }
+}
+
+stop_cluster() {
+  kill "$CLUSTER_PID" 2>/dev/null || true
+  wait "$CLUSTER_PID" 2>/dev/null || true
+  rm -rf "$CLUSTER_DIR"
+}

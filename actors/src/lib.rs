@@ -12,15 +12,20 @@ pub mod metrics;
 use talaria_wire::frame::{self, FrameError};
 use talaria_wire::{ErrorReply, Reply};
 
-/// An answer frame carrying `payload` (already encoded).
 /// Whether `key` is one of the tenant's API keys, given their SHA-256. The key is hashed before
 /// any comparison, so the time taken says nothing about how much of it matched.
 pub fn key_accepted(keys: &[[u8; 32]], key: &str) -> bool {
-    use sha2::Digest;
-    let digest: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
-    keys.contains(&digest)
+    accepted_key(keys, key).is_some()
 }
 
+/// The SHA-256 of `key` when it is one of `keys`: who asks, for what is kept per key.
+pub fn accepted_key(keys: &[[u8; 32]], key: &str) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    let digest: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
+    keys.contains(&digest).then_some(digest)
+}
+
+/// An answer frame carrying `payload` (already encoded).
 pub fn ok_frame(compute_us: u64, payload: &[u8]) -> Vec<u8> {
     frame::encode_raw(&Reply::Ok { compute_us }, payload)
         .unwrap_or_else(|e| err_frame(&frame_error(&e)))

@@ -232,6 +232,38 @@ pub static AGENT_MASK_POOL_READY: LazyLock<IntGauge> = LazyLock::new(|| {
         "Mask pairs ready in the agent's shared pools, all ops together",
     )
 });
+/// Requests that looked for a conversation's cached keys and values, by result (`hit`: it
+/// reused some, `miss`: it ran its whole prompt).
+pub static AGENT_PREFIX_LOOKUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "talaria_agent_prefix_cache_lookups_total",
+                "Requests that looked for a cached conversation prefix, by result (hit, miss)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric"),
+    )
+});
+pub static AGENT_PREFIX_REUSED_TOKENS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "talaria_agent_prefix_cache_reused_tokens_total",
+        "Prompt tokens taken from the conversation cache instead of being run (and masked)",
+    )
+});
+pub static AGENT_PREFIX_EVICTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "talaria_agent_prefix_cache_evictions_total",
+        "Conversation caches dropped to stay within the agent's budget",
+    )
+});
+pub static AGENT_PREFIX_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "talaria_agent_prefix_cache_bytes",
+        "Bytes of keys and values the conversation cache holds",
+    )
+});
 
 /// The registry in Prometheus' text format.
 pub fn render() -> String {

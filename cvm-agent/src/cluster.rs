@@ -2,7 +2,7 @@
 //! runs.
 
 use std::ops::ControlFlow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::session::{BlockingUplink, Gone};
@@ -10,8 +10,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use talaria_actors::metrics;
 use talaria_engine::{
-    ChatMessage, CvmProvision, EngineError, GenerateRequest, ModelConfig, Tokenizer, Transformer,
-    chat_prompt, generate_until,
+    ChatMessage, CvmProvision, EngineError, GenerateRequest, KvCache, ModelConfig, PrefixCache,
+    Tokenizer, Transformer, cached_ids, chat_prompt, generate_cached,
 };
 use talaria_params::{Calibration, RemoConfig};
 use talaria_topology::Deadlines;
@@ -190,8 +190,32 @@ impl Drop for ClusterLink {
     }
 }
 
+/// Who asks: the SHA-256 of the API key a request came with. What the agent keeps between
+/// requests (a conversation's keys and values) is only ever reused by the same principal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Principal(pub [u8; 32]);
+
+impl Principal {
+    /// The principal of this key's requests that carry `salt`: their own partition of the
+    /// conversation cache (SHA-256 of the key's digest and the salt, so any salt fits in 32
+    /// bytes).
+    pub fn salted(self, salt: Option<&str>) -> Self {
+        use sha2::Digest;
+        match salt {
+            None => self,
+            Some(salt) => {
+                let mut h = sha2::Sha256::new();
+                h.update(b"talaria cache salt\0");
+                h.update(self.0);
+                h.update(salt.as_bytes());
+                Self(h.finalize().into())
+            }
+        }
+    }
+}
+
 /// What every session of an agent shares: the provisioned model half, the ReMO parameters, the
-/// shared set-up material and the uplink.
+/// shared set-up material, the uplink and the conversation cache.
 pub struct AgentShared {
     pub config: ModelConfig,
     pub tokenizer: Tokenizer,
@@ -201,11 +225,16 @@ pub struct AgentShared {
     pub cache: PublicCache,
     pub uplink: BlockingUplink,
     pub bounds: LinkBounds,
+    /// The KV caches of past requests, per principal, so that the next turn of a conversation
+    /// runs only its new tokens.
+    pub conversations: Mutex<PrefixCache<Principal>>,
 }
 
 impl AgentShared {
     /// Builds the weight-free half from the coordinator's provision, checked first against
-    /// `manifest` when given (which then also checks every session's full-rank set-up).
+    /// `manifest` when given (which then also checks every session's full-rank set-up). Past
+    /// conversations' caches are kept within `conversation_bytes`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         provision: CvmProvision,
         remo: RemoConfig,
@@ -214,6 +243,7 @@ impl AgentShared {
         manifest: Option<Arc<ModelManifest>>,
         deadlines: Deadlines,
         max_frame: usize,
+        conversation_bytes: usize,
     ) -> Result<Self, AgentError> {
         if let Some(m) = &manifest {
             m.check_provision(&provision)?;
@@ -236,7 +266,46 @@ impl AgentShared {
                 None => PublicCache::with_shared_pools(),
             },
             uplink,
+            conversations: Mutex::new(PrefixCache::new(conversation_bytes)),
         })
+    }
+
+    fn conversations(&self) -> std::sync::MutexGuard<'_, PrefixCache<Principal>> {
+        // The cache is consistent between calls: a panic elsewhere leaves nothing half-done.
+        self.conversations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The cache to run `prompt` of `principal` with: the principal's cached conversation that
+    /// shares the longest prefix with it (taken out, so no two generations share one), or an
+    /// empty one.
+    pub fn take_conversation(&self, principal: &Principal, prompt: &[u32]) -> KvCache {
+        let taken = self.conversations().take(principal, prompt);
+        let result = if taken.is_some() { "hit" } else { "miss" };
+        metrics::AGENT_PREFIX_LOOKUPS
+            .with_label_values(&[result])
+            .inc();
+        match taken {
+            Some(r) => {
+                metrics::AGENT_PREFIX_REUSED_TOKENS.inc_by(r.reused as u64);
+                r.cache
+            }
+            None => self.model.new_cache(),
+        }
+    }
+
+    /// Keeps `cache`, whose positions are `ids`, for `principal`'s next request.
+    pub fn keep_conversation(&self, principal: Principal, ids: Vec<u32>, mut cache: KvCache) {
+        // The copy that gives back spare capacity happens outside the lock.
+        cache.shrink_to_fit();
+        let mut conversations = self.conversations();
+        let before = conversations.stats().evictions;
+        conversations.put(principal, ids, cache);
+        let stats = conversations.stats();
+        drop(conversations);
+        metrics::AGENT_PREFIX_EVICTIONS.inc_by(stats.evictions - before);
+        metrics::AGENT_PREFIX_BYTES.set(stats.bytes as i64);
     }
 
     /// Opens a session with the cloud and sets ReMO up for it; its requests stop once `gone`
@@ -293,10 +362,18 @@ impl AgentConversation {
     fn generate(
         &mut self,
         req: TenantRequest,
+        principal: Principal,
         emit: &mut dyn FnMut(TenantEvent) -> bool,
     ) -> Result<TenantEvent, EngineError> {
         let shared = &self.shared;
+        let principal = principal.salted(req.cache_salt.as_deref());
         let prompt_ids = shared.prompt_ids(&req.prompt)?;
+        // An empty prompt or one beyond the context fails in the generation, before any call.
+        let mut cache = if prompt_ids.is_empty() {
+            shared.model.new_cache()
+        } else {
+            shared.take_conversation(&principal, &prompt_ids)
+        };
         let request = GenerateRequest {
             prompt_ids,
             max_tokens: req.max_tokens,
@@ -314,10 +391,11 @@ impl AgentConversation {
         let mut stream = shared.tokenizer.decode_stream();
         // The text so far, to find stop sequences in (only kept when there are any).
         let mut text = String::new();
-        let generation = generate_until(
+        let generation = generate_cached(
             &shared.model,
             &mut self.linear,
             &request,
+            &mut cache,
             |id| {
                 let piece = if request.stop_ids.contains(&id) {
                     None
@@ -355,7 +433,10 @@ impl AgentConversation {
             .with_label_values(&["on_the_spot"])
             .inc_by(stats.pool_misses - stats_before.pool_misses);
         metrics::AGENT_MASK_POOL_READY.set(shared.cache.pool_ready() as i64);
+        // A failed or abandoned generation's cache is dropped: only what ended well is kept.
         let generation = generation?;
+        let ids = cached_ids(&generation.prompt_ids, &generation.ids, cache.len());
+        shared.keep_conversation(principal, ids, cache);
         let wall = t0.elapsed().as_secs_f64();
         let after = self.linear.timings().clone();
         let gpu = self.linear.link_mut().gpu_seconds() - gpu_before;
@@ -378,11 +459,17 @@ impl AgentConversation {
 }
 
 impl AgentConversation {
-    /// Runs one generation to its end, on a worker thread. `emit` sends an event to the tenant
-    /// and returns `false` once the tenant is gone (the generation then stops).
-    pub fn run(&mut self, req: TenantRequest, emit: &mut dyn FnMut(TenantEvent) -> bool) {
+    /// Runs one generation of `principal` to its end, on a worker thread. `emit` sends an
+    /// event to the tenant and returns `false` once the tenant is gone (the generation then
+    /// stops).
+    pub fn run(
+        &mut self,
+        req: TenantRequest,
+        principal: Principal,
+        emit: &mut dyn FnMut(TenantEvent) -> bool,
+    ) {
         let session = self.linear.link_mut().session();
-        let last = match self.generate(req, emit) {
+        let last = match self.generate(req, principal, emit) {
             Ok(done) => done,
             Err(e) if e.error_type() == "cancelled" => {
                 metrics::AGENT_CANCELLED.inc();

@@ -216,6 +216,7 @@ fn main() -> Result<()> {
             talaria_wire::frame::body(&provision).context("the coordinator's provision")?;
         let uplink = BlockingUplink(uplink);
         let deadlines = topology.deadlines.clone();
+        let conversation_bytes = agent.conversation_cache_bytes;
         // Building the model half is heavy: off the event loop.
         let shared = tokio::task::spawn_blocking(move || -> Result<AgentShared> {
             Ok(AgentShared::new(
@@ -226,6 +227,7 @@ fn main() -> Result<()> {
                 Some(manifest),
                 deadlines,
                 max_frame,
+                conversation_bytes,
             )?)
         })
         .await??;

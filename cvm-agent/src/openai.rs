@@ -16,10 +16,11 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use talaria_engine::first_stop;
-use talaria_engine::{ChatMessage, SamplingParams, StopReason};
+use talaria_engine::{ChatMessage, Generation, SamplingParams, StopReason};
 use talaria_wire::{ErrorReply, Prompt, TenantEvent, TenantRequest};
 use tokio::sync::mpsc;
 
+use crate::cluster::Principal;
 use crate::session::{Tenancy, UplinkHealth};
 use talaria_actors::metrics;
 
@@ -51,7 +52,7 @@ impl Api {
 fn authorize(
     keys: &[[u8; 32]],
     headers: &actix_web::http::header::HeaderMap,
-) -> Result<(), ApiError> {
+) -> Result<Principal, ApiError> {
     let presented = headers
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -68,8 +69,8 @@ fn authorize(
             "no API key: send it as `Authorization: Bearer <key>` (the client's api_key)",
         ));
     };
-    if talaria_actors::key_accepted(keys, key.trim()) {
-        Ok(())
+    if let Some(digest) = talaria_actors::accepted_key(keys, key.trim()) {
+        Ok(Principal(digest))
     } else {
         Err(refuse("incorrect API key"))
     }
@@ -233,6 +234,8 @@ struct Common {
     n: Option<usize>,
     #[serde(default)]
     echo: bool,
+    /// vLLM's extension: conversations are reused only within one key and salt.
+    cache_salt: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -331,6 +334,7 @@ impl Limits<'_> {
             sampling,
             ignore_eos: false,
             stop,
+            cache_salt: c.cache_salt.clone(),
         })
     }
 }
@@ -446,8 +450,15 @@ fn envelope(kind: Kind, id: &str, created: u64, model: &str, choices: Value, who
     })
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// OpenAI's usage object; `prompt_tokens_details.cached_tokens` counts the prompt's leading
+/// tokens taken from the conversation cache.
+fn usage(generation: &Generation) -> Value {
+    let (prompt, completion) = (generation.prompt_ids.len(), generation.ids.len());
+    json!({
+        "prompt_tokens": prompt, "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": generation.cached_tokens},
+    })
 }
 
 fn sse(v: &Value) -> Bytes {
@@ -457,6 +468,7 @@ fn sse(v: &Value) -> Bytes {
 /// Runs one request: the whole answer as JSON, or its stream of server-sent events.
 async fn answer(
     api: &Api,
+    principal: Principal,
     kind: Kind,
     common: &Common,
     prompt: Prompt,
@@ -464,7 +476,7 @@ async fn answer(
 ) -> Result<HttpResponse, ApiError> {
     let request = api.limits().request(common, prompt, default_max)?;
     let stops = request.stop.clone();
-    let mut events = api.tenancy.generate(request).await;
+    let mut events = api.tenancy.generate(request, principal).await;
     let prefix = if kind == Kind::Chat {
         "chatcmpl"
     } else {
@@ -492,7 +504,7 @@ async fn answer(
                         )]),
                         true,
                     );
-                    body["usage"] = usage(generation.prompt_ids.len(), generation.ids.len());
+                    body["usage"] = usage(&generation);
                     return Ok(HttpResponse::Ok().json(body));
                 }
                 Some(TenantEvent::Error(e)) => return Err(ApiError::from_reply(&e)),
@@ -554,7 +566,7 @@ async fn answer(
                     )]))));
                     if include_usage {
                         let mut last = chunk_of(json!([]));
-                        last["usage"] = usage(generation.prompt_ids.len(), generation.ids.len());
+                        last["usage"] = usage(&generation);
                         let _ = tx.send(sse(&last));
                     }
                     break;
@@ -687,12 +699,14 @@ pub fn decode_body(limits: Limits<'_>, chat: bool, json: &[u8]) -> Result<Tenant
 
 async fn completions(
     api: web::Data<Api>,
+    principal: web::ReqData<Principal>,
     body: Json<CompletionBody>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let prompt = completion_prompt(body.prompt)?;
     answer(
         &api,
+        *principal,
         Kind::Completion,
         &body.common,
         prompt,
@@ -701,10 +715,22 @@ async fn completions(
     .await
 }
 
-async fn chat(api: web::Data<Api>, body: Json<ChatBody>) -> Result<HttpResponse, ApiError> {
+async fn chat(
+    api: web::Data<Api>,
+    principal: web::ReqData<Principal>,
+    body: Json<ChatBody>,
+) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let prompt = chat_prompt(body.messages)?;
-    answer(&api, Kind::Chat, &body.common, prompt, api.max_tokens).await
+    answer(
+        &api,
+        *principal,
+        Kind::Chat,
+        &body.common,
+        prompt,
+        api.max_tokens,
+    )
+    .await
 }
 
 /// A JSON body that does not parse: OpenAI's 400 shape, not actix's plain text.
@@ -737,9 +763,11 @@ pub fn configure(api: Api) -> impl Fn(&mut web::ServiceConfig) + Clone {
                     .wrap_fn({
                         let keys = api.api_keys.clone();
                         move |req, srv| {
+                            use actix_web::HttpMessage;
                             use actix_web::dev::Service;
                             match authorize(&keys, req.headers()) {
-                                Ok(()) => {
+                                Ok(principal) => {
+                                    req.extensions_mut().insert(principal);
                                     let fut = srv.call(req);
                                     Box::pin(
                                         async move { fut.await.map(|r| r.map_into_boxed_body()) },

@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use talaria_actors::metrics;
 
-use crate::cluster::AgentConversation;
+use crate::cluster::{AgentConversation, Principal};
 
 /// A request frame for the coordinator, whose answer may be at most `max_reply` bytes and must
 /// come within `deadline`; the result is the answer frame.
@@ -330,6 +330,8 @@ pub type ConversationFactory =
 #[rtype(result = "()")]
 pub struct Generate {
     pub request: TenantRequest,
+    /// Who asks (what the agent keeps between requests is kept per principal).
+    pub principal: Principal,
     pub events: mpsc::UnboundedSender<TenantEvent>,
     /// When the tenant asked (time to first token counts from here, queueing included).
     pub arrived: Instant,
@@ -418,6 +420,7 @@ impl Handler<Generate> for Session {
             let _active = Raised::new(&metrics::AGENT_ACTIVE);
             let Generate {
                 request,
+                principal,
                 events,
                 arrived,
                 slot,
@@ -432,7 +435,7 @@ impl Handler<Generate> for Session {
             let mut last = None;
             let mut emit = |event| deliver(&events, event, arrived, &mut last);
             match factory(gone) {
-                Ok(mut conversation) => conversation.run(request, &mut emit),
+                Ok(mut conversation) => conversation.run(request, principal, &mut emit),
                 Err(e) => {
                     tracing::warn!(error_type = %e.error_type, "session not opened: {}", e.message);
                     emit(TenantEvent::Error(e));
@@ -467,9 +470,14 @@ impl Tenancy {
         }
     }
 
-    /// Starts `request` in a session of its own once a slot is free. Its events arrive on the
-    /// receiver; dropping the receiver (or this future, while it waits) cancels the generation.
-    pub async fn generate(&self, request: TenantRequest) -> mpsc::UnboundedReceiver<TenantEvent> {
+    /// Starts `principal`'s `request` in a session of its own once a slot is free. Its events
+    /// arrive on the receiver; dropping the receiver (or this future, while it waits) cancels
+    /// the generation.
+    pub async fn generate(
+        &self,
+        request: TenantRequest,
+        principal: Principal,
+    ) -> mpsc::UnboundedReceiver<TenantEvent> {
         let arrived = Instant::now();
         metrics::AGENT_REQUESTS.inc();
         let slot = match self.slots.clone().try_acquire_owned() {
@@ -511,6 +519,7 @@ impl Tenancy {
             .start()
             .do_send(Generate {
                 request,
+                principal,
                 events,
                 arrived,
                 slot: Some(slot),
@@ -624,8 +633,8 @@ async fn answer_stream(
     };
     let mut rx = match first {
         Ok(TenantMessage::Generate { request, api_key }) => {
-            if talaria_actors::key_accepted(&api_keys, &api_key) {
-                tenancy.generate(request).await
+            if let Some(digest) = talaria_actors::accepted_key(&api_keys, &api_key) {
+                tenancy.generate(request, Principal(digest)).await
             } else {
                 tracing::warn!(%peer, error_type = "invalid_api_key", "generation refused");
                 only(TenantEvent::Error(ErrorReply::new(

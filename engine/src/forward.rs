@@ -33,6 +33,30 @@ impl KvCache {
         self.max
     }
 
+    /// Forgets every position from `len` on (nothing when it holds `len` or fewer).
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.len {
+            self.len = len;
+            self.rollback();
+        }
+    }
+
+    /// Bytes the cache holds in memory (what it has allocated, used or not).
+    pub fn bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(self.values.iter())
+            .map(|v| v.capacity() * std::mem::size_of::<f32>())
+            .sum()
+    }
+
+    /// Gives back the memory allocated beyond the cached positions.
+    pub fn shrink_to_fit(&mut self) {
+        for v in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            v.shrink_to_fit();
+        }
+    }
+
     fn rollback(&mut self) {
         let keep = self.len * self.kv_dim;
         for v in self.keys.iter_mut().chain(self.values.iter_mut()) {

@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::EngineError;
-use crate::forward::Transformer;
+use crate::forward::{KvCache, Transformer};
 use crate::linear::LinearOps;
 use crate::sampling::{Sampler, SamplingParams};
 
@@ -50,8 +50,10 @@ pub struct Generation {
     pub decode_ms: f64,
     /// Decode steps per second (tokens after the first).
     pub decode_tok_per_s: f64,
-    /// Prompt tokens per second.
+    /// Prompt tokens run per second (the reused ones not counted).
     pub prefill_tok_per_s: f64,
+    /// Leading prompt tokens whose keys and values came from a cache instead of being run.
+    pub cached_tokens: usize,
 }
 
 impl Generation {
@@ -118,6 +120,23 @@ pub fn generate_until(
     model: &Transformer,
     linear: &mut dyn LinearOps,
     req: &GenerateRequest,
+    on_token: impl FnMut(u32) -> Result<ControlFlow<()>, EngineError>,
+    on_logits: Option<LogitsHook<'_>>,
+) -> Result<Generation, EngineError> {
+    let mut cache = model.new_cache();
+    generate_cached(model, linear, req, &mut cache, on_token, on_logits)
+}
+
+/// As [`generate_until`], continuing `cache`, which holds the keys and values of the prompt's
+/// first `cache.len()` tokens (fewer than the whole prompt): only the rest of the prompt runs.
+///
+/// Afterwards `cache` holds the positions that ran, in order: the prompt, then every generated
+/// id but the last (which was never run). [`cached_ids`] names them.
+pub fn generate_cached(
+    model: &Transformer,
+    linear: &mut dyn LinearOps,
+    req: &GenerateRequest,
+    cache: &mut KvCache,
     mut on_token: impl FnMut(u32) -> Result<ControlFlow<()>, EngineError>,
     mut on_logits: Option<LogitsHook<'_>>,
 ) -> Result<Generation, EngineError> {
@@ -125,12 +144,21 @@ pub fn generate_until(
         return Err(EngineError::EmptyPrompt);
     }
     let mut sampler = Sampler::new(req.sampling.clone())?;
-    let mut cache = model.new_cache();
     // A prompt the context cannot hold is the tenant's error, not an empty success.
     if req.prompt_ids.len() > cache.capacity() {
         return Err(EngineError::ContextLengthExceeded {
             prompt: req.prompt_ids.len(),
             max: cache.capacity(),
+        });
+    }
+    let cached = cache.len();
+    if cached >= req.prompt_ids.len() {
+        return Err(EngineError::BadOp {
+            op: "generate".into(),
+            reason: format!(
+                "a cache of {cached} positions for a prompt of {} tokens: the last must run",
+                req.prompt_ids.len()
+            ),
         });
     }
     let mut ids = Vec::new();
@@ -139,13 +167,13 @@ pub fn generate_until(
     let t0 = Instant::now();
     let mut prefill_ms = 0.0;
     let mut t_decode = t0;
-    let mut input = req.prompt_ids.clone();
+    let mut input = req.prompt_ids[cached..].to_vec();
     while ids.len() < req.max_tokens {
         if cache.len() + input.len() > cache.capacity() {
             stop_reason = StopReason::Context;
             break;
         }
-        let logits = model.forward(linear, &mut cache, &input)?;
+        let logits = model.forward(linear, cache, &input)?;
         if let Some(f) = on_logits.as_mut() {
             f(&logits);
         }
@@ -179,10 +207,16 @@ pub fn generate_until(
             0.0
         },
         prefill_tok_per_s: if prefill_ms > 0.0 {
-            req.prompt_ids.len() as f64 / (prefill_ms / 1e3)
+            (req.prompt_ids.len() - cached) as f64 / (prefill_ms / 1e3)
         } else {
             0.0
         },
+        cached_tokens: cached,
         ids,
     })
+}
+
+/// The tokens of the first `len` positions a generation ran: its prompt, then its ids.
+pub fn cached_ids(prompt: &[u32], ids: &[u32], len: usize) -> Vec<u32> {
+    prompt.iter().chain(ids).take(len).copied().collect()
 }

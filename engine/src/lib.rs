@@ -12,6 +12,7 @@ mod forward;
 mod generate;
 mod linear;
 pub mod ops;
+mod prefix_cache;
 mod provision;
 mod sampling;
 mod tokenizer;
@@ -19,8 +20,12 @@ mod tokenizer;
 pub use config::ModelConfig;
 pub use error::EngineError;
 pub use forward::{KvCache, Transformer};
-pub use generate::{GenerateRequest, Generation, StopReason, first_stop, generate, generate_until};
+pub use generate::{
+    GenerateRequest, Generation, StopReason, cached_ids, first_stop, generate, generate_cached,
+    generate_until,
+};
 pub use linear::{BlockOp, LinearOps, OpId, Rows, op_text};
+pub use prefix_cache::{PrefixCache, PrefixStats, Reused};
 pub use provision::CvmProvision;
 pub use sampling::{Sampler, SamplingParams, argmax};
 pub use tokenizer::{

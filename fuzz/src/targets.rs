@@ -407,6 +407,7 @@ fn tenant_request(prompt: Prompt) -> TenantRequest {
         },
         ignore_eos: false,
         stop: vec!["\n\n".into(), "END".into()],
+        cache_salt: None,
     }
 }
 
@@ -456,6 +457,7 @@ pub fn wire_seeds() -> Vec<Vec<u8>> {
         decode_ms: 2.5,
         decode_tok_per_s: 400.0,
         prefill_tok_per_s: 2000.0,
+        cached_tokens: 0,
     };
     vec![
         frame_of(&Request::Challenge, None::<&()>),

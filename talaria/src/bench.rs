@@ -61,6 +61,10 @@ struct Report {
     prompt_ids: Vec<u32>,
     /// Greedy ids of the first run, to check another engine computes the same thing.
     ids: Vec<u32>,
+    /// `--engine remo`: the share of mask pairs its calls found ready in the pool (made ahead,
+    /// off the critical path), over every run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pool_hit_rate: Option<f64>,
 }
 
 /// A prompt of exactly `n` tokens from a fixed public text, so every engine sees the same ids.
@@ -119,6 +123,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     sampling: req.sampling.clone(),
                     ignore_eos: true,
                     stop: Vec::new(),
+                    // Every run cold: a fresh salt reuses no earlier run's conversation.
+                    cache_salt: Some(crate::fresh_salt()),
                 };
                 let a = crate::cluster::generate(&args.agent, &tenant, |_, _| {})?;
                 (a.generation, Some(a.latency))
@@ -149,6 +155,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         runs,
         prompt_ids: prompt,
         ids: first_ids.unwrap_or_default(),
+        pool_hit_rate: engine
+            .as_ref()
+            .and_then(|e| e.pool_use())
+            .filter(|&(hits, misses)| hits + misses > 0)
+            .map(|(hits, misses)| hits as f64 / (hits + misses) as f64),
     };
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(out) = &args.out {

@@ -320,6 +320,18 @@ impl Engine {
         generate(model, linear, req, on_token, None)
     }
 
+    /// Mask pairs the ReMO engine's calls took from its pool and made on the spot (the pool had
+    /// run dry), so far; `None` for the other engines.
+    pub fn pool_use(&self) -> Option<(u64, u64)> {
+        match self {
+            Engine::Remo(e) => {
+                let s = e.linear.stats();
+                Some((s.pool_hits, s.pool_misses))
+            }
+            _ => None,
+        }
+    }
+
     /// Writes the tap's index, if one is recording.
     pub fn finish(&mut self) -> Result<()> {
         if let Engine::Remo(e) = self {

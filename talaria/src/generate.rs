@@ -109,6 +109,7 @@ fn run_cluster(args: GenerateArgs) -> Result<()> {
         sampling: args.sampling(),
         ignore_eos: args.ignore_eos,
         stop: Vec::new(),
+        cache_salt: None,
     };
     let t0 = Instant::now();
     let mut out = std::io::stdout().lock();

@@ -324,6 +324,8 @@ fn request(tenant: usize, session: usize, gen_tokens: usize) -> TenantRequest {
         sampling: SamplingParams::default(),
         ignore_eos: true,
         stop: Vec::new(),
+        // Every request cold, as a new conversation would be.
+        cache_salt: Some(crate::fresh_salt()),
     }
 }
 

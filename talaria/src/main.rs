@@ -2,6 +2,7 @@
 
 mod attack;
 mod bench;
+mod bench_chat;
 mod bench_gemm;
 mod bench_verify;
 mod calibrate;
@@ -42,6 +43,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode speed on the real model; prints JSON.
     Bench(bench::BenchArgs),
+    /// What the agent's conversation cache saves: a chat with a long history through a
+    /// cluster's agent, then its next turn on the cached conversation and cold; prints JSON.
+    BenchChat(bench_chat::BenchChatArgs),
     /// Time the cloud side's products for one forward pass in f32, f64 and the integer mode's
     /// wrapping u64, on the same weights; prints JSON.
     BenchGemm(bench_gemm::BenchGemmArgs),
@@ -81,6 +85,11 @@ enum Command {
     Tls(provision::TlsArgs),
     /// Check a cvm-agent's SEV-SNP attestation (bound to its TLS certificate) before trusting it.
     Verify(cluster::VerifyArgs),
+}
+
+/// A salt no earlier request used: the agent then reuses no cached conversation for it.
+pub(crate) fn fresh_salt() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
 }
 
 /// Where the model file is: `--model-file` if given, else the default model in the cache.
@@ -124,6 +133,7 @@ fn main() -> Result<()> {
         }
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::BenchChat(args) => bench_chat::run(args),
         Command::BenchGemm(args) => bench_gemm::run(args),
         Command::BenchVerify(args) => bench_verify::run(args),
         Command::Calibrate(args) => calibrate::run(args),

@@ -285,6 +285,7 @@ pub fn run(args: SoakArgs) -> Result<()> {
                             sampling: SamplingParams::default(),
                             ignore_eos: false,
                             stop: Vec::new(),
+                            cache_salt: None,
                         };
                         let mut attempt = 0;
                         loop {

@@ -20,6 +20,7 @@ fn greedy(prompt: Prompt, max_tokens: usize) -> TenantRequest {
         sampling: SamplingParams::default(),
         ignore_eos: false,
         stop: Vec::new(),
+        cache_salt: None,
     }
 }
 
@@ -104,6 +105,33 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
         16,
     );
     assert_eq!(ask(&cluster, "tenant-a", &chat).unwrap(), want);
+
+    // 2b. The conversation cache's benchmark, short: the next turn of a chat reuses the first
+    //     turn's keys and values, and answers what the same turn run cold answers.
+    let out = Command::new(bin("talaria"))
+        .args(["bench-chat", "--allow-insecure-agent"])
+        .args(["--history-tokens", "100", "--gen-tokens", "4"])
+        .arg("--model-file")
+        .arg(&model)
+        .arg("--cluster-dir")
+        .arg(cluster.run_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bench: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = bench["first"]["prompt_tokens"].as_u64().unwrap();
+    assert!(first >= 100, "{bench}");
+    assert_eq!(bench["first"]["cached_tokens"], 0, "{bench}");
+    assert!(
+        bench["second_warm"]["cached_tokens"].as_u64().unwrap() >= first,
+        "{bench}"
+    );
+    assert_eq!(bench["second_cold"]["cached_tokens"], 0, "{bench}");
+    assert_eq!(bench["same_answer"], true, "{bench}");
 
     // 3. Only the cluster's own processes reach a gpu-node: a peer with a key of its own (an
     //    agent, a tenant) or with none cannot open a session there, so it can neither fetch a

@@ -158,6 +158,7 @@ fn a_cuda_stage_answers_through_the_cluster() {
         sampling: Default::default(),
         ignore_eos: false,
         stop: Vec::new(),
+        cache_salt: None,
     };
     let answer = talaria_tests::cluster::ask_agent(
         &cluster.agent_tls(&topo.agents[0].tenant),

@@ -25,6 +25,7 @@ fn greedy(ids: Vec<u32>, max_tokens: usize) -> TenantRequest {
         sampling: SamplingParams::default(),
         ignore_eos: false,
         stop: Vec::new(),
+        cache_salt: None,
     }
 }
 

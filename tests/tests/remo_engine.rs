@@ -1,8 +1,11 @@
 //! The ReMO split on the real model: the same greedy answers as the plain engine, a tap that
 //! holds no plaintext, and a tampering cloud caught by the canaries.
 
+use std::ops::ControlFlow;
+
 use talaria_engine::{
-    EngineError, GenerateRequest, LinearOps, OpId, Rows, SamplingParams, Transformer, generate,
+    ChatMessage, EngineError, GenerateRequest, LinearOps, OpId, PrefixCache, Rows, SamplingParams,
+    Transformer, cached_ids, chat_prompt, generate, generate_cached, generate_until,
 };
 use talaria_gpu_node::CloudExecutor;
 use talaria_params::{Precision, RemoConfig};
@@ -602,4 +605,133 @@ fn a_batch_of_calls_from_several_sessions_answers_each_as_if_alone() {
         // The same GEMM over more rows: equal up to the summation order of the backend.
         assert!(worst <= scale * 1e-6, "call {i}: off by {worst} of {scale}");
     }
+}
+
+/// The next turn of a chat run on the first turn's cached keys and values answers what running
+/// the whole history again answers, from logits equal bit for bit (the integer mode's products
+/// are exact, so which rows share a call changes nothing), and sends the cloud only the new rows.
+#[test]
+fn a_second_turn_on_the_first_turns_cache_equals_running_the_whole_history() {
+    let config = RemoConfig {
+        precision: Precision::Int,
+        ..Default::default()
+    };
+    let mut split = remo_split(&real_model(), config, None, Loopback).unwrap();
+    let eos = split.tokenizer.eos();
+    let message = |role: &str, content: &str| ChatMessage {
+        role: role.into(),
+        content: content.into(),
+    };
+    let request = |prompt_ids: Vec<u32>| GenerateRequest {
+        prompt_ids,
+        max_tokens: 12,
+        sampling: SamplingParams::default(),
+        stop_ids: vec![eos],
+    };
+    let question = message("user", "What is the capital of France?");
+    let first = split
+        .tokenizer
+        .encode(&chat_prompt(std::slice::from_ref(&question)))
+        .unwrap();
+    let mut cache = split.model.new_cache();
+    let go = |_| Ok(ControlFlow::Continue(()));
+    let g1 = generate_cached(
+        &split.model,
+        &mut split.linear,
+        &request(first.clone()),
+        &mut cache,
+        go,
+        None,
+    )
+    .unwrap();
+    assert_eq!(g1.cached_tokens, 0);
+    assert_eq!(
+        cache.len(),
+        first.len() + g1.ids.len() - 1,
+        "all but the last id ran"
+    );
+    let reply = split.tokenizer.decode(g1.shown_ids()).unwrap();
+    let mut conversations = PrefixCache::new(1 << 30);
+    conversations.put(0u8, cached_ids(&first, &g1.ids, cache.len()), cache);
+
+    // Runs `prompt` on the cache `conversations` offers and again from nothing: the same ids from
+    // the same logits, bit for bit, with fewer rows sent. Keeps the warm run's cache.
+    let mut warm_and_cold = |prompt: Vec<u32>, conversations: &mut PrefixCache<u8>| {
+        let mut taken = conversations.take(&0, &prompt).expect("a cached prefix");
+        let bits = |l: &[f32]| l.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+        let (mut warm_logits, mut cold_logits) = (Vec::new(), Vec::new());
+        split.linear.new_sequence();
+        let rows_before = split.linear.stats().rows_sent;
+        let warm = generate_cached(
+            &split.model,
+            &mut split.linear,
+            &request(prompt.clone()),
+            &mut taken.cache,
+            go,
+            Some(&mut |l: &[f32]| warm_logits.push(bits(l))),
+        )
+        .unwrap();
+        let warm_rows = split.linear.stats().rows_sent - rows_before;
+        split.linear.new_sequence();
+        let rows_before = split.linear.stats().rows_sent;
+        let cold = generate_until(
+            &split.model,
+            &mut split.linear,
+            &request(prompt.clone()),
+            go,
+            Some(&mut |l: &[f32]| cold_logits.push(bits(l))),
+        )
+        .unwrap();
+        let cold_rows = split.linear.stats().rows_sent - rows_before;
+        assert_eq!(warm.ids, cold.ids);
+        assert!(
+            warm_logits == cold_logits,
+            "every logit of every step is equal bit for bit"
+        );
+        assert_eq!((warm.cached_tokens, cold.cached_tokens), (taken.reused, 0));
+        assert!(
+            warm_rows < cold_rows,
+            "the warm run sends fewer rows ({warm_rows}) than the cold one ({cold_rows})"
+        );
+        eprintln!(
+            "{} tokens: {} reused; rows sent {warm_rows} (cold {cold_rows}); answer {:?}",
+            prompt.len(),
+            warm.cached_tokens,
+            split.tokenizer.decode(warm.shown_ids()).unwrap()
+        );
+        let ids = cached_ids(&prompt, &warm.ids, taken.cache.len());
+        conversations.put(0, ids, taken.cache);
+        warm.cached_tokens
+    };
+    let chat = |last: &str| {
+        chat_prompt(&[
+            question.clone(),
+            message("assistant", &reply),
+            message("user", last),
+        ])
+    };
+    // The next turn: the whole first turn is reused.
+    let second = split
+        .tokenizer
+        .encode(&chat("And the capital of Italy?"))
+        .unwrap();
+    let reused = warm_and_cold(second.clone(), &mut conversations);
+    assert!(
+        reused >= first.len(),
+        "the whole first prompt is reused: {reused} of {}",
+        first.len()
+    );
+    // A branch: the same history with another last question reuses the cache only up to where
+    // they part, inside the cached positions.
+    let branch = split
+        .tokenizer
+        .encode(&chat("And the capital of Spain?"))
+        .unwrap();
+    let parted = second
+        .iter()
+        .zip(&branch)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let reused = warm_and_cold(branch, &mut conversations);
+    assert_eq!(reused, parted, "cut back to the shared prefix");
 }

@@ -8,7 +8,9 @@ use std::process::Command;
 
 use talaria_engine::{ChatMessage, SamplingParams, chat_prompt};
 use talaria_gpu_node::PlainEngine;
-use talaria_tests::cluster::{LocalCluster, ask_agent, free_port, metric, scrape};
+use talaria_tests::cluster::{
+    LocalCluster, ask_agent, free_port, https_get, https_post, metric, scrape,
+};
 use talaria_tests::{plain_greedy, real_model, repo_root};
 use talaria_wire::{Prompt, TenantRequest};
 
@@ -51,12 +53,20 @@ fn serving_topology(tenants: &[Tenant]) -> (String, Vec<SocketAddr>) {
             a.max_sessions
         );
         if let Some(port) = a.http {
-            t += &format!("http = \"127.0.0.1:{port}\"\n");
+            t += &format!(
+                "http = \"127.0.0.1:{port}\"\napi_key_sha256 = [\"{SECOND_KEY_SHA256}\"]\n"
+            );
         }
     }
     t += "[remo]\npool = 4\n[tls]\ngenerate = true\n[admission]\nallow_insecure = true\n";
     (t, metrics)
 }
+
+/// A second API key of each tenant with an HTTPS API (beside the one `talaria up` makes): another
+/// principal, whose requests never reuse the first one's cached conversations.
+const SECOND_KEY: &str = "second-principal-key";
+/// Its SHA-256, as the topology lists it.
+const SECOND_KEY_SHA256: &str = "e8b2f834a5bfd4f73113d0ecb215b476699888cb81a5b3888368befb5a206425";
 
 fn python() -> PathBuf {
     std::env::var_os("TALARIA_PYTHON")
@@ -140,6 +150,13 @@ fn the_openai_client_gets_the_plain_engines_greedy_answer_streamed_and_whole() {
         );
     }
     assert!(got["chat_stream"]["chunks"].as_u64().unwrap() > 1, "{got}");
+    // The first chat ran its whole prompt; the second, the same prompt with the same key, reused
+    // all of it but the last token from the conversation cache, and answered the same.
+    let cached =
+        |v: &serde_json::Value| v["usage"]["prompt_tokens_details"]["cached_tokens"].clone();
+    assert_eq!(cached(&got["chat"]), 0, "{got}");
+    assert_eq!(cached(&got["chat_stream"]), prompt_len - 1, "{got}");
+    assert_conversation_cache_is_per_key_and_exact(&cluster, &ca, port, question, &chat_text);
     let completion_text = text_of(&plain, &want_completion);
     assert!(!completion_text.is_empty());
     assert_eq!(got["completion"]["text"], completion_text.as_str(), "{got}");
@@ -234,6 +251,7 @@ fn sixty_four_concurrent_sessions_of_four_tenants_are_batched_and_each_gets_its_
                         sampling: SamplingParams::default(),
                         ignore_eos: false,
                         stop: Vec::new(),
+                        cache_salt: None,
                     };
                     ask_agent(&tls, addr, &key, &req)
                 })
@@ -259,4 +277,61 @@ fn sixty_four_concurrent_sessions_of_four_tenants_are_batched_and_each_gets_its_
         assert!(multi_tenant > 0.0, "no batch mixed tenants");
         assert_eq!(metric(&text, "talaria_stage_sessions"), 0.0);
     }
+}
+
+/// Through the agent's HTTPS API: the same prompt under another API key reuses nothing of the
+/// first key's conversations and answers the same; the first key's next turn reuses its history
+/// (question and answer) and answers what the same turn run cold (a fresh `cache_salt`) answers.
+fn assert_conversation_cache_is_per_key_and_exact(
+    cluster: &LocalCluster,
+    ca: &std::path::Path,
+    port: u16,
+    question: &str,
+    first_answer: &str,
+) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let key = cluster.api_key("tenant-a");
+    let chat = |key: &str, messages: serde_json::Value, salt: Option<&str>| -> serde_json::Value {
+        let mut body = serde_json::json!({
+            "model": "SmolLM2-135M-Instruct.Q4_1", "messages": messages,
+            "max_tokens": 12, "temperature": 0,
+        });
+        if let Some(salt) = salt {
+            body["cache_salt"] = salt.into();
+        }
+        let out = https_post(ca, addr, "/v1/chat/completions", key, &body.to_string());
+        serde_json::from_str(&out).unwrap_or_else(|_| panic!("not JSON: {out}"))
+    };
+    let text = |v: &serde_json::Value| v["choices"][0]["message"]["content"].clone();
+    let cached = |v: &serde_json::Value| {
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no cached_tokens: {v}"))
+    };
+    let first = serde_json::json!([{"role": "user", "content": question}]);
+    let other = chat(SECOND_KEY, first, None);
+    assert_eq!(cached(&other), 0, "another key reuses nothing: {other}");
+    assert_eq!(text(&other), first_answer);
+
+    let history = serde_json::json!([
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": first_answer},
+        {"role": "user", "content": "And the capital of Italy?"},
+    ]);
+    let warm = chat(&key, history.clone(), None);
+    let cold = chat(&key, history, Some("a salt of its own"));
+    let prompt = warm["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        cached(&warm) > prompt / 2,
+        "the next turn reuses its history: {warm}"
+    );
+    assert_eq!(cached(&cold), 0, "a fresh salt reuses nothing: {cold}");
+    assert_eq!(text(&warm), text(&cold), "{warm} / {cold}");
+    let metrics = https_get(ca, addr, "/metrics");
+    let hits = metric(
+        &metrics,
+        "talaria_agent_prefix_cache_lookups_total{result=\"hit\"}",
+    );
+    assert!(hits >= 3.0, "{hits} hits");
+    assert!(metric(&metrics, "talaria_agent_prefix_cache_bytes") > 0.0);
 }

@@ -11,9 +11,10 @@ use serde::Deserialize;
 use talaria_params::RemoConfig;
 
 use crate::{
-    Agent, AttestationSection, Backend, Batching, DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_SESSIONS,
-    DEFAULT_MAX_WAITING, DEFAULT_SERVER_NAME, Deadlines, Problem, RemoSection, Role, Stage,
-    TlsSource, Topology, TopologyError, default_min_tcb,
+    Agent, AttestationSection, Backend, Batching, DEFAULT_CONVERSATION_CACHE_MIB,
+    DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_SESSIONS, DEFAULT_MAX_WAITING, DEFAULT_SERVER_NAME,
+    Deadlines, MAX_CONVERSATION_CACHE_MIB, Problem, RemoSection, Role, Stage, TlsSource, Topology,
+    TopologyError, default_min_tcb,
 };
 
 /// Reads and validates topology text as if read from `path` by the process `role`: every
@@ -276,6 +277,15 @@ fn check_agents(
                 );
             }
         }
+        let cache_mib = a
+            .conversation_cache_mib
+            .unwrap_or(DEFAULT_CONVERSATION_CACHE_MIB);
+        if cache_mib > MAX_CONVERSATION_CACHE_MIB {
+            c.problem(
+                key("conversation_cache_mib"),
+                format!("at most {MAX_CONVERSATION_CACHE_MIB} (1 TiB)"),
+            );
+        }
         let max_sessions = a.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS);
         if max_sessions == 0 {
             c.problem(key("max_sessions"), "must be at least 1");
@@ -286,6 +296,7 @@ fn check_agents(
             http,
             max_sessions,
             max_waiting: a.max_waiting.unwrap_or(DEFAULT_MAX_WAITING),
+            conversation_cache_bytes: cache_mib.min(MAX_CONVERSATION_CACHE_MIB) << 20,
             tenant_tls: a.tenant_tls.as_deref().map(|f| files.resolve(f)),
             api_key_sha256: a.api_key_sha256.clone(),
         });
@@ -552,6 +563,7 @@ struct RawAgent {
     http: Option<String>,
     max_sessions: Option<usize>,
     max_waiting: Option<usize>,
+    conversation_cache_mib: Option<usize>,
     tenant_tls: Option<String>,
     #[serde(default)]
     api_key_sha256: Vec<String>,

@@ -169,6 +169,9 @@ pub struct Agent {
     pub max_sessions: usize,
     /// Most requests waiting for a slot; more are refused as overloaded.
     pub max_waiting: usize,
+    /// Bytes of past conversations' keys and values the agent keeps so that a conversation's
+    /// next turn runs only its new tokens (0: none kept).
+    pub conversation_cache_bytes: usize,
     /// Where the agent publishes the certificate it serves its tenant with (`ca.pem`,
     /// `cert.pem`: public). Its key is made in the agent's memory at every start and never
     /// written; the agent never serves with the cluster's key. Without it, a local cluster's
@@ -196,6 +199,12 @@ pub const DEFAULT_MAX_SESSIONS: usize = 16;
 /// Default number of requests an agent holds waiting for a free session slot; beyond it a
 /// request is refused as `overloaded` (HTTP 429).
 pub const DEFAULT_MAX_WAITING: usize = 64;
+
+/// Default memory an agent gives its conversation cache, in MiB.
+pub const DEFAULT_CONVERSATION_CACHE_MIB: usize = 256;
+
+/// Most memory an agent may give its conversation cache, in MiB (1 TiB).
+pub const MAX_CONVERSATION_CACHE_MIB: usize = 1 << 20;
 
 /// The ReMO parameters the agents start with, typed and validated (defaults for what the file
 /// omits; the dummy rows' default follows the precision).

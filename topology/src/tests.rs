@@ -315,3 +315,26 @@ fn deadlines_and_waiting_lists_default_and_are_checked() {
         ]
     );
 }
+
+#[test]
+fn the_conversation_cache_budget_defaults_and_is_bounded() {
+    let m = model_file();
+    let t = Topology::parse(&local(m.path(), TWO_STAGES), Path::new("t.toml")).unwrap();
+    assert_eq!(
+        t.agents[0].conversation_cache_bytes,
+        DEFAULT_CONVERSATION_CACHE_MIB << 20
+    );
+    let with = |line: &str| {
+        local(m.path(), TWO_STAGES).replace(
+            "listen = \"127.0.0.1:7420\"\n",
+            &format!("listen = \"127.0.0.1:7420\"\n{line}\n"),
+        )
+    };
+    let off = Topology::parse(&with("conversation_cache_mib = 0"), Path::new("t.toml")).unwrap();
+    assert_eq!(off.agents[0].conversation_cache_bytes, 0);
+    assert_eq!(
+        keys(&with("conversation_cache_mib = 1048577")),
+        ["agent[0].conversation_cache_mib"]
+    );
+    assert!(Topology::parse(&with("conversation_cache_mib = -1"), Path::new("t.toml")).is_err());
+}

@@ -130,6 +130,10 @@ pub struct TenantRequest {
     /// Stop as soon as the text contains one of these; the text ends before it.
     #[serde(default)]
     pub stop: Vec<String>,
+    /// The agent reuses a past conversation's cached keys and values only for requests of the
+    /// same API key and the same salt (vLLM's `cache_salt`): a fresh salt runs the prompt cold.
+    #[serde(default)]
+    pub cache_salt: Option<String>,
 }
 
 /// Where one generation's time went, in seconds.

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Every speed number of docs/performance.md's main table in one run, beside llama.cpp on the same
+# GGUF, prompt ids and machine: the plain and fixed-point engines, ReMO in process in each
+# precision, a local cluster (`talaria up`) in the integer and f64-gemm modes with 0 and 2 dummy
+# rows, the pool's hit rate beside each ReMO row, the agent's conversation cache on a chat with a
+# long history (`talaria bench-chat`), and the cloud's products (`talaria bench-gemm`).
+# Writes $OUT/results.json and $OUT/table.md (default bench-results/performance).
+#
+# PROMPT_TOKENS (128), GEN_TOKENS (64), RUNS (2), HISTORY_TOKENS (1000); LLAMA=0 skips llama.cpp
+# (it is built from source the first time: cmake and a C++ compiler); QUICK=1 is the short pass
+# (32/8 tokens, one run, a 200-token history, no llama.cpp).
+source "$(dirname "$0")/lib.sh"
+ensure_rust
+ensure_venv
+if [ "${QUICK:-0}" = 1 ]; then
+  : "${PROMPT_TOKENS:=32}" "${GEN_TOKENS:=8}" "${RUNS:=1}" "${HISTORY_TOKENS:=200}" "${LLAMA:=0}"
+fi
+PROMPT_TOKENS="${PROMPT_TOKENS:-128}"
+GEN_TOKENS="${GEN_TOKENS:-64}"
+RUNS="${RUNS:-2}"
+HISTORY_TOKENS="${HISTORY_TOKENS:-1000}"
+LLAMA="${LLAMA:-1}"
+if [ "$LLAMA" = 1 ]; then ensure_llama_cpp; fi
+build_release
+fetch_model
+OUT="${OUT:-bench-results/performance}"
+mkdir -p "$OUT"
+bench() { # $1: output name, the rest: talaria bench flags
+  local name="$1"; shift
+  echo "== $name" >&2
+  "$TALARIA" bench "$@" --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" \
+    --runs "$RUNS" --out "$OUT/$name.json" > /dev/null
+}
+
+bench plain --engine plain
+if [ "$LLAMA" = 1 ]; then
+  echo "== llama.cpp" >&2
+  "$VENV/bin/python" tools/bench_llamacpp.py "$MODEL" "$OUT/plain.json" > "$OUT/llama-cpp.json"
+fi
+bench fixed --engine fixed
+bench remo-int-d0 --engine remo --remo-precision int --remo-dummy-rows 0
+bench remo-int-d2 --engine remo --remo-precision int --remo-dummy-rows 2
+bench remo-f64-gemm-d2 --engine remo --remo-precision f64-gemm --remo-dummy-rows 2
+bench remo-f32-d2 --engine remo --remo-precision f32 --remo-dummy-rows 2
+
+# A local cluster (topology/examples/local.toml) with $2's precision and $3 dummy rows.
+cluster() { # $1: output name, $2: precision, $3: dummy rows, $4: chat (also bench-chat) or not
+  echo "== cluster $1" >&2
+  start_cluster "$TALARIA" "$2" "$3"
+  "$TALARIA" bench --engine cluster --cluster-dir "$CLUSTER_DIR/run" --allow-insecure-agent \
+    --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" --runs "$RUNS" \
+    --out "$OUT/$1.json" > /dev/null
+  # The agent's counters (its HTTPS API, loopback): where the mask pairs came from.
+  curl -sk https://127.0.0.1:8420/metrics > "$OUT/$1.metrics" || true
+  if [ "$4" = chat ]; then
+    echo "== bench-chat on $1" >&2
+    "$TALARIA" bench-chat --cluster-dir "$CLUSTER_DIR/run" --allow-insecure-agent \
+      --history-tokens "$HISTORY_TOKENS" --gen-tokens 16 --out "$OUT/chat.json" > /dev/null
+  fi
+  stop_cluster
+}
+cluster cluster-int-d0 int 0 chat
+cluster cluster-int-d2 int 2 -
+cluster cluster-f64-gemm-d2 f64-gemm 2 -
+cluster cluster-f64-gemm-d0 f64-gemm 0 -
+
+echo "== bench-gemm" >&2
+"$TALARIA" bench-gemm --rows 3,130 --runs "$RUNS" --out "$OUT/gemm.json" > /dev/null
+
+"$VENV/bin/python" - "$OUT" <<'PY'
+import json, os, platform, re, subprocess, sys
+out = sys.argv[1]
+load = lambda n: json.load(open(f"{out}/{n}.json")) if os.path.exists(f"{out}/{n}.json") else None
+
+def pool_rate(name):
+    j = load(name)
+    if j and j.get("pool_hit_rate") is not None:
+        return j["pool_hit_rate"]
+    path = f"{out}/{name}.metrics"
+    if not os.path.exists(path):
+        return None
+    text = open(path).read()
+    get = lambda src: float((re.search(r'talaria_agent_mask_pairs_total\{source="%s"\} (\S+)' % src, text) or [0, 0])[1])
+    pool, spot = get("pool"), get("on_the_spot")
+    return pool / (pool + spot) if pool + spot else None
+
+rows = [
+    ("llama.cpp (llama-cpp-python, same GGUF)", "llama-cpp"),
+    ("plain", "plain"),
+    ("fixed (the integer mode's reference)", "fixed"),
+    ("remo int, 0 dummy rows (the default)", "remo-int-d0"),
+    ("remo int, 2 dummy rows", "remo-int-d2"),
+    ("remo f64-gemm, 2 dummy rows", "remo-f64-gemm-d2"),
+    ("remo f32, 2 dummy rows", "remo-f32-d2"),
+    ("cluster int, 0 dummy rows (the default)", "cluster-int-d0"),
+    ("cluster int, 2 dummy rows", "cluster-int-d2"),
+    ("cluster f64-gemm, 2 dummy rows", "cluster-f64-gemm-d2"),
+    ("cluster f64-gemm, 0 dummy rows", "cluster-f64-gemm-d0"),
+]
+plain = load("plain")
+result = {"machine": {"cpu": platform.processor() or platform.machine(),
+                      "cores": os.cpu_count()},
+          "engines": [], "chat": load("chat"), "gemm": None}
+try:
+    result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+except OSError:
+    pass
+for label, name in rows:
+    j = load(name)
+    if j is None:
+        continue
+    same = None
+    if plain and name not in ("plain", "llama-cpp") and j.get("ids"):
+        same = j["ids"] == plain["ids"]
+    result["engines"].append({
+        "engine": label, "name": name,
+        "prefill_tok_per_s": j["median_prefill_tok_per_s"],
+        "decode_tok_per_s": j["median_decode_tok_per_s"],
+        "pool_hit_rate": pool_rate(name),
+        "greedy_ids_equal_plain": same,
+    })
+g = load("gemm")
+if g:
+    result["gemm"] = [{"rows": p["rows"], "f32_ms": p["total_f32_ms"], "f64_ms": p["total_f64_ms"],
+                       "u64_ms": p["total_u64_ms"], "u64_over_f32": p["u64_over_f32"]} for p in g["passes"]]
+    result["u64_kernel"] = g["u64_kernel"]
+json.dump(result, open(f"{out}/results.json", "w"), indent=2)
+
+md = []
+md.append(f"| engine | prefill tok/s | decode tok/s | decode vs plain | pool hit rate | greedy ids = plain |")
+md.append("|---|---|---|---|---|---|")
+base = plain["median_decode_tok_per_s"] if plain else None
+for e in result["engines"]:
+    rate = "" if e["pool_hit_rate"] is None else f"{100 * e['pool_hit_rate']:.0f} %"
+    same = {None: "", True: "yes", False: "**no**"}[e["greedy_ids_equal_plain"]]
+    ratio = f"{e['decode_tok_per_s'] / base:.2f}×" if base else ""
+    md.append(f"| {e['engine']} | {e['prefill_tok_per_s']:.1f} | {e['decode_tok_per_s']:.2f} | {ratio} | {rate} | {same} |")
+c = result["chat"]
+if c:
+    md.append("")
+    md.append("| conversation cache (cluster int) | prompt tokens | cached | TTFT s (client) | agent prefill s | calls |")
+    md.append("|---|---|---|---|---|---|")
+    for k, label in [("first", "first turn"), ("second_warm", "next turn, cached"), ("second_cold", "next turn, cold")]:
+        t = c[k]
+        md.append(f"| {label} | {t['prompt_tokens']} | {t['cached_tokens']} | {t['ttft_s']:.2f} | {t['agent_prefill_s']:.2f} | {t['calls']} |")
+    md.append("")
+    md.append(f"Next turn's TTFT over the first turn's: **{c['warm_over_first_ttft']:.3f}**; "
+              f"cached over cold: {c['warm_over_cold_ttft']:.3f}; same answer: {c['same_answer']}.")
+if result["gemm"]:
+    md.append("")
+    md.append(f"| cloud products, one pass (`bench-gemm`, {result['u64_kernel']}) | f32 ms | f64 ms | u64 ms | u64 / f32 |")
+    md.append("|---|---|---|---|---|")
+    for p in result["gemm"]:
+        md.append(f"| {p['rows']} rows | {p['f32_ms']:.1f} | {p['f64_ms']:.1f} | {p['u64_ms']:.1f} | {p['u64_over_f32']:.2f} |")
+open(f"{out}/table.md", "w").write("\n".join(md) + "\n")
+print("\n".join(md))
+PY
