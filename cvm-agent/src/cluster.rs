@@ -225,15 +225,15 @@ pub struct AgentShared {
     pub cache: PublicCache,
     pub uplink: BlockingUplink,
     pub bounds: LinkBounds,
-    /// The KV caches of past requests, per principal, so that the next turn of a conversation
-    /// runs only its new tokens.
-    pub conversations: Mutex<PrefixCache<Principal>>,
+    /// The KV caches of past requests, reused per salted principal and paid for per API key,
+    /// so that the next turn of a conversation runs only its new tokens.
+    pub conversations: Mutex<PrefixCache<Principal, Principal>>,
 }
 
 impl AgentShared {
     /// Builds the weight-free half from the coordinator's provision, checked first against
     /// `manifest` when given (which then also checks every session's full-rank set-up). Past
-    /// conversations' caches are kept within `conversation_bytes`.
+    /// conversations' caches are kept within `conversation_bytes` per API key.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         provision: CvmProvision,
@@ -270,18 +270,22 @@ impl AgentShared {
         })
     }
 
-    fn conversations(&self) -> std::sync::MutexGuard<'_, PrefixCache<Principal>> {
+    fn conversations(&self) -> std::sync::MutexGuard<'_, PrefixCache<Principal, Principal>> {
         // The cache is consistent between calls: a panic elsewhere leaves nothing half-done.
         self.conversations
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The cache to run `prompt` of `principal` with: the principal's cached conversation that
-    /// shares the longest prefix with it (taken out, so no two generations share one), or an
-    /// empty one.
-    pub fn take_conversation(&self, principal: &Principal, prompt: &[u32]) -> KvCache {
-        let taken = self.conversations().take(principal, prompt);
+    /// The cache to run `prompt` of `partition` (a salted principal) with: the partition's
+    /// cached conversation that shares the longest prefix with it (taken out, so no two
+    /// generations share one), or an empty one.
+    pub fn take_conversation(&self, partition: &Principal, prompt: &[u32]) -> KvCache {
+        let mut conversations = self.conversations();
+        let taken = conversations.take(partition, prompt);
+        let bytes = conversations.stats().bytes;
+        drop(conversations);
+        metrics::AGENT_PREFIX_BYTES.set(bytes as i64);
         let result = if taken.is_some() { "hit" } else { "miss" };
         metrics::AGENT_PREFIX_LOOKUPS
             .with_label_values(&[result])
@@ -295,13 +299,20 @@ impl AgentShared {
         }
     }
 
-    /// Keeps `cache`, whose positions are `ids`, for `principal`'s next request.
-    pub fn keep_conversation(&self, principal: Principal, ids: Vec<u32>, mut cache: KvCache) {
+    /// Keeps `cache`, whose positions are `ids`, for the next request of `partition`, within
+    /// the budget of API key `key`.
+    pub fn keep_conversation(
+        &self,
+        key: Principal,
+        partition: Principal,
+        ids: Vec<u32>,
+        mut cache: KvCache,
+    ) {
         // The copy that gives back spare capacity happens outside the lock.
         cache.shrink_to_fit();
         let mut conversations = self.conversations();
         let before = conversations.stats().evictions;
-        conversations.put(principal, ids, cache);
+        conversations.put(key, partition, ids, cache);
         let stats = conversations.stats();
         drop(conversations);
         metrics::AGENT_PREFIX_EVICTIONS.inc_by(stats.evictions - before);
@@ -325,6 +336,7 @@ impl AgentShared {
         Ok(AgentConversation {
             shared: self.clone(),
             linear,
+            leftover: None,
         })
     }
 
@@ -352,6 +364,9 @@ pub fn prompt_ids(tokenizer: &Tokenizer, prompt: &Prompt) -> Result<Vec<u32>, En
 pub struct AgentConversation {
     shared: Arc<AgentShared>,
     linear: RemoLinear<ClusterLink>,
+    /// What the last generation leaves for the conversation cache, kept once its tenant has
+    /// its last event: the API key that pays, the salted principal, the ids and their cache.
+    leftover: Option<(Principal, Principal, Vec<u32>, KvCache)>,
 }
 
 fn error_reply(e: &EngineError) -> ErrorReply {
@@ -366,14 +381,17 @@ impl AgentConversation {
         emit: &mut dyn FnMut(TenantEvent) -> bool,
     ) -> Result<TenantEvent, EngineError> {
         let shared = &self.shared;
-        let principal = principal.salted(req.cache_salt.as_deref());
+        let key = principal;
+        let partition = principal.salted(req.cache_salt.as_deref());
         let prompt_ids = shared.prompt_ids(&req.prompt)?;
         // An empty prompt or one beyond the context fails in the generation, before any call.
         let mut cache = if prompt_ids.is_empty() {
             shared.model.new_cache()
         } else {
-            shared.take_conversation(&principal, &prompt_ids)
+            shared.take_conversation(&partition, &prompt_ids)
         };
+        // The ids chosen so far: with the prompt, they name the positions the cache holds.
+        let mut chosen = Vec::new();
         let request = GenerateRequest {
             prompt_ids,
             max_tokens: req.max_tokens,
@@ -397,6 +415,7 @@ impl AgentConversation {
             &request,
             &mut cache,
             |id| {
+                chosen.push(id);
                 let piece = if request.stop_ids.contains(&id) {
                     None
                 } else {
@@ -433,10 +452,14 @@ impl AgentConversation {
             .with_label_values(&["on_the_spot"])
             .inc_by(stats.pool_misses - stats_before.pool_misses);
         metrics::AGENT_MASK_POOL_READY.set(shared.cache.pool_ready() as i64);
-        // A failed or abandoned generation's cache is dropped: only what ended well is kept.
+        // Whatever happened, the cache holds exactly the positions that ran (a failed pass is
+        // rolled back) and each came from verified products: it is kept, after the tenant's
+        // last event, so that a stopped or failed turn does not cost the conversation its history.
+        if !request.prompt_ids.is_empty() {
+            let ids = cached_ids(&request.prompt_ids, &chosen, cache.len());
+            self.leftover = Some((key, partition, ids, cache));
+        }
         let generation = generation?;
-        let ids = cached_ids(&generation.prompt_ids, &generation.ids, cache.len());
-        shared.keep_conversation(principal, ids, cache);
         let wall = t0.elapsed().as_secs_f64();
         let after = self.linear.timings().clone();
         let gpu = self.linear.link_mut().gpu_seconds() - gpu_before;
@@ -469,12 +492,29 @@ impl AgentConversation {
         emit: &mut dyn FnMut(TenantEvent) -> bool,
     ) {
         let session = self.linear.link_mut().session();
-        let last = match self.generate(req, principal, emit) {
+        let last = self.last_event(req, principal, emit, session);
+        if let Some(last) = last {
+            emit(last);
+        }
+        if let Some((key, partition, ids, cache)) = self.leftover.take() {
+            self.shared.keep_conversation(key, partition, ids, cache);
+        }
+    }
+
+    /// Runs the generation; the event that ends it for the tenant (none when it went away).
+    fn last_event(
+        &mut self,
+        req: TenantRequest,
+        principal: Principal,
+        emit: &mut dyn FnMut(TenantEvent) -> bool,
+        session: SessionId,
+    ) -> Option<TenantEvent> {
+        Some(match self.generate(req, principal, emit) {
             Ok(done) => done,
             Err(e) if e.error_type() == "cancelled" => {
                 metrics::AGENT_CANCELLED.inc();
                 tracing::info!(session, "generation stopped: its tenant went away");
-                return;
+                return None;
             }
             Err(e) => {
                 if e.error_type() == "integrity" {
@@ -493,7 +533,6 @@ impl AgentConversation {
                 );
                 TenantEvent::Error(error_reply(&e))
             }
-        };
-        emit(last);
+        })
     }
 }

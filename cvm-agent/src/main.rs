@@ -216,7 +216,8 @@ fn main() -> Result<()> {
             talaria_wire::frame::body(&provision).context("the coordinator's provision")?;
         let uplink = BlockingUplink(uplink);
         let deadlines = topology.deadlines.clone();
-        let conversation_bytes = agent.conversation_cache_bytes;
+        // Split evenly between the API keys: no key's conversations can push out another's.
+        let conversation_bytes = agent.conversation_cache_bytes / api_key_digests.len().max(1);
         // Building the model half is heavy: off the event loop.
         let shared = tokio::task::spawn_blocking(move || -> Result<AgentShared> {
             Ok(AgentShared::new(

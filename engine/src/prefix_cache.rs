@@ -1,11 +1,13 @@
 //! Conversation KV caches kept between requests, so that a request which extends an earlier one
 //! (the next turn of a chat) runs only its new tokens.
 //!
-//! An entry is the KV cache of a token sequence, tagged with the partition (the principal) it
-//! belongs to; a request only ever reuses an entry of its own partition. A request takes the entry
-//! that shares the longest prefix with its prompt out of the cache (so no two generations ever
-//! share a cache), cut back to that prefix, and puts its own extended cache back when it ends.
-//! Entries beyond the memory budget go, least recently used first.
+//! An entry is the KV cache of a token sequence, tagged with the partition it belongs to (who may
+//! reuse it) and the group whose memory budget it counts against (who pays for it). A request
+//! only ever reuses an entry of its own partition. It takes the entry that shares the longest
+//! prefix with its prompt out of the cache (so no two generations ever share a cache), cut back to
+//! that prefix, and puts its own extended cache back when it ends. Each group has a budget of its
+//! own: a group's entries beyond it go, least recently used first, and no group's entries ever
+//! make another's go.
 
 use crate::forward::KvCache;
 
@@ -33,7 +35,8 @@ pub struct Reused {
     pub reused: usize,
 }
 
-struct Entry<P> {
+struct Entry<G, P> {
+    group: G,
     partition: P,
     /// The tokens of the cached positions: `ids.len() == cache.len()`.
     ids: Vec<u32>,
@@ -41,10 +44,10 @@ struct Entry<P> {
     used: u64,
 }
 
-/// KV caches of past sequences, per partition, within a memory budget.
-pub struct PrefixCache<P> {
+/// KV caches of past sequences, per partition, within a memory budget per group.
+pub struct PrefixCache<G, P> {
     budget: usize,
-    entries: Vec<Entry<P>>,
+    entries: Vec<Entry<G, P>>,
     clock: u64,
     stats: PrefixStats,
 }
@@ -53,8 +56,8 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-impl<P: Eq> PrefixCache<P> {
-    /// An empty cache holding at most `budget` bytes (0: it keeps nothing).
+impl<G: Eq + Clone, P: Eq> PrefixCache<G, P> {
+    /// An empty cache holding at most `budget` bytes per group (0: it keeps nothing).
     pub fn new(budget: usize) -> Self {
         Self {
             budget,
@@ -64,7 +67,7 @@ impl<P: Eq> PrefixCache<P> {
         }
     }
 
-    /// The memory budget in bytes.
+    /// The memory budget of each group, in bytes.
     pub fn budget(&self) -> usize {
         self.budget
     }
@@ -103,13 +106,14 @@ impl<P: Eq> PrefixCache<P> {
         Some(Reused { cache, reused })
     }
 
-    /// Keeps `cache`, the KV cache of `ids`, for `partition`. Entries of the partition whose
-    /// tokens it extends go (it holds all they do), then the least recently used ones until the
-    /// cache is within its budget; one larger than the whole budget is not kept.
+    /// Keeps `cache`, the KV cache of `ids`, for `partition`, counted against `group`'s budget.
+    /// Entries of the partition whose tokens it extends go (it holds all they do), then the
+    /// group's least recently used ones until the group is within its budget; one larger than
+    /// the whole budget is not kept.
     ///
     /// # Panics
     /// If `ids` is not as long as the cache: the entry would answer for positions it lacks.
-    pub fn put(&mut self, partition: P, ids: Vec<u32>, mut cache: KvCache) {
+    pub fn put(&mut self, group: G, partition: P, ids: Vec<u32>, mut cache: KvCache) {
         assert_eq!(
             ids.len(),
             cache.len(),
@@ -126,15 +130,27 @@ impl<P: Eq> PrefixCache<P> {
         self.entries
             .retain(|e| !(e.partition == partition && ids.starts_with(&e.ids)));
         self.clock += 1;
+        let mut bytes: usize = self
+            .entries
+            .iter()
+            .filter(|e| e.group == group)
+            .map(|e| e.cache.bytes())
+            .sum::<usize>()
+            + cache.bytes();
         self.entries.push(Entry {
+            group: group.clone(),
             partition,
             ids,
             cache,
             used: self.clock,
         });
-        let mut bytes: usize = self.entries.iter().map(|e| e.cache.bytes()).sum();
         while bytes > self.budget {
-            let Some((oldest, _)) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.used)
+            let Some((oldest, _)) = self
+                .entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.group == group)
+                .min_by_key(|(_, e)| e.used)
             else {
                 break;
             };
@@ -188,9 +204,9 @@ mod tests {
     fn the_longest_shared_prefix_of_the_same_partition_is_taken_and_cut_back() {
         let m = model();
         let mut c = PrefixCache::new(1 << 20);
-        c.put("a", vec![1, 2, 3, 4], filled(&m, &[1, 2, 3, 4]));
-        c.put("a", vec![1, 2, 9], filled(&m, &[1, 2, 9]));
-        c.put("b", vec![1, 2, 3, 4, 5], filled(&m, &[1, 2, 3, 4, 5]));
+        c.put("a", "a", vec![1, 2, 3, 4], filled(&m, &[1, 2, 3, 4]));
+        c.put("a", "a", vec![1, 2, 9], filled(&m, &[1, 2, 9]));
+        c.put("b", "b", vec![1, 2, 3, 4, 5], filled(&m, &[1, 2, 3, 4, 5]));
         // Partition b's longer match is never offered to a.
         let got = c.take(&"a", &[1, 2, 3, 4, 5, 6]).expect("a hit");
         assert_eq!(got.reused, 4);
@@ -208,7 +224,7 @@ mod tests {
     fn a_repeated_prompt_reruns_its_last_token() {
         let m = model();
         let mut c = PrefixCache::new(1 << 20);
-        c.put(0u8, vec![3, 4, 5], filled(&m, &[3, 4, 5]));
+        c.put(0u8, 0u8, vec![3, 4, 5], filled(&m, &[3, 4, 5]));
         let got = c.take(&0, &[3, 4, 5]).expect("a hit");
         assert_eq!(got.reused, 2, "the last token runs again to give logits");
         assert_eq!(got.cache.len(), 2);
@@ -224,9 +240,9 @@ mod tests {
         let size = probe.bytes();
         assert!(size > 0);
         let mut c = PrefixCache::new(2 * size);
-        c.put(0u8, vec![1, 2, 3, 4], one.clone());
-        c.put(0u8, vec![5, 6, 7, 8], filled(&m, &[5, 6, 7, 8]));
-        c.put(0u8, vec![9, 10, 11, 12], filled(&m, &[9, 10, 11, 12]));
+        c.put(0u8, 0u8, vec![1, 2, 3, 4], one.clone());
+        c.put(0u8, 0u8, vec![5, 6, 7, 8], filled(&m, &[5, 6, 7, 8]));
+        c.put(0u8, 0u8, vec![9, 10, 11, 12], filled(&m, &[9, 10, 11, 12]));
         let s = c.stats();
         assert_eq!((s.entries, s.evictions), (2, 1));
         assert!(s.bytes <= c.budget());
@@ -234,12 +250,12 @@ mod tests {
         assert!(c.take(&0, &[9, 10, 11, 12, 0]).is_some());
         // An entry larger than the whole budget is not kept.
         let mut small = PrefixCache::new(size - 1);
-        small.put(0u8, vec![1, 2, 3, 4], one);
+        small.put(0u8, 0u8, vec![1, 2, 3, 4], one);
         assert_eq!(small.stats().entries, 0);
         assert_eq!(small.stats().evictions, 1);
         // Nothing is kept with no budget.
         let mut none = PrefixCache::new(0);
-        none.put(0u8, vec![1], filled(&m, &[1]));
+        none.put(0u8, 0u8, vec![1], filled(&m, &[1]));
         assert!(none.take(&0, &[1, 2]).is_none());
     }
 
@@ -247,10 +263,65 @@ mod tests {
     fn an_extended_sequence_replaces_the_entries_it_extends() {
         let m = model();
         let mut c = PrefixCache::new(1 << 20);
-        c.put(0u8, vec![1, 2], filled(&m, &[1, 2]));
-        c.put(1u8, vec![1, 2], filled(&m, &[1, 2]));
-        c.put(0u8, vec![1, 2, 3], filled(&m, &[1, 2, 3]));
+        c.put(0u8, 0u8, vec![1, 2], filled(&m, &[1, 2]));
+        c.put(1u8, 1u8, vec![1, 2], filled(&m, &[1, 2]));
+        c.put(0u8, 0u8, vec![1, 2, 3], filled(&m, &[1, 2, 3]));
         assert_eq!(c.stats().entries, 2, "partition 1's entry stays");
         assert_eq!(c.take(&0, &[1, 2, 3, 4]).expect("a hit").reused, 3);
+    }
+
+    #[test]
+    fn a_group_pays_for_its_own_entries_only() {
+        let m = model();
+        let mut probe = filled(&m, &[1, 2, 3, 4]);
+        probe.shrink_to_fit();
+        let mut c = PrefixCache::new(2 * probe.bytes());
+        // Group "x" keeps two entries; group "y" then fills its own budget many times over.
+        c.put("x", 1u8, vec![1, 2, 3, 4], filled(&m, &[1, 2, 3, 4]));
+        c.put("x", 2u8, vec![5, 6, 7, 8], filled(&m, &[5, 6, 7, 8]));
+        for i in 0..6 {
+            let ids = [9 + i, 1, 2, 3];
+            c.put("y", 3u8, ids.to_vec(), filled(&m, &ids));
+        }
+        assert_eq!(c.stats().entries, 4, "two of x, the last two of y");
+        assert!(c.take(&1, &[1, 2, 3, 4, 0]).is_some(), "x's entries stay");
+        assert!(c.take(&2, &[5, 6, 7, 8, 0]).is_some());
+        assert!(c.take(&3, &[9, 1, 2, 3, 0]).is_none(), "y's oldest went");
+        assert!(c.take(&3, &[14, 1, 2, 3, 0]).is_some());
+    }
+
+    #[test]
+    fn a_generation_stopped_by_an_error_leaves_the_positions_that_ran() {
+        use crate::{GenerateRequest, SamplingParams, cached_ids, generate_cached};
+        let m = model();
+        let mut cache = filled(&m, &[1, 2]);
+        let req = GenerateRequest {
+            prompt_ids: vec![1, 2, 3, 4],
+            max_tokens: 8,
+            sampling: SamplingParams::default(),
+            stop_ids: vec![],
+        };
+        let mut chosen = Vec::new();
+        let gone = generate_cached(
+            &m,
+            &mut Zeros(m.config().clone()),
+            &req,
+            &mut cache,
+            |id| {
+                chosen.push(id);
+                if chosen.len() == 3 {
+                    return Err(EngineError::EmptyPrompt);
+                }
+                Ok(std::ops::ControlFlow::Continue(()))
+            },
+            None,
+        );
+        assert!(gone.is_err());
+        // The prompt and the first two chosen ids ran; the third never did.
+        assert_eq!(cache.len(), 4 + 2);
+        assert_eq!(
+            cached_ids(&req.prompt_ids, &chosen, cache.len()),
+            [&req.prompt_ids[..], &chosen[..2]].concat()
+        );
     }
 }

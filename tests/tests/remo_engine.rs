@@ -652,11 +652,11 @@ fn a_second_turn_on_the_first_turns_cache_equals_running_the_whole_history() {
     );
     let reply = split.tokenizer.decode(g1.shown_ids()).unwrap();
     let mut conversations = PrefixCache::new(1 << 30);
-    conversations.put(0u8, cached_ids(&first, &g1.ids, cache.len()), cache);
+    conversations.put(0u8, 0u8, cached_ids(&first, &g1.ids, cache.len()), cache);
 
     // Runs `prompt` on the cache `conversations` offers and again from nothing: the same ids from
     // the same logits, bit for bit, with fewer rows sent. Keeps the warm run's cache.
-    let mut warm_and_cold = |prompt: Vec<u32>, conversations: &mut PrefixCache<u8>| {
+    let mut warm_and_cold = |prompt: Vec<u32>, conversations: &mut PrefixCache<u8, u8>| {
         let mut taken = conversations.take(&0, &prompt).expect("a cached prefix");
         let bits = |l: &[f32]| l.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
         let (mut warm_logits, mut cold_logits) = (Vec::new(), Vec::new());
@@ -700,7 +700,7 @@ fn a_second_turn_on_the_first_turns_cache_equals_running_the_whole_history() {
             split.tokenizer.decode(warm.shown_ids()).unwrap()
         );
         let ids = cached_ids(&prompt, &warm.ids, taken.cache.len());
-        conversations.put(0, ids, taken.cache);
+        conversations.put(0, 0, ids, taken.cache);
         warm.cached_tokens
     };
     let chat = |last: &str| {

@@ -3,7 +3,7 @@
 //! - **cloud** (`talaria-cloud/1`): cvm-agent → coordinator → gpu-node. Every request is one
 //!   QUIC bidirectional stream carrying one frame whose header is a [`Request`]; the answer is
 //!   one frame whose header is a [`Reply`]. The coordinator routes on the header alone.
-//! - **tenant** (`talaria-tenant/1`): tenant → cvm-agent. One stream per generation: a
+//! - **tenant** (`talaria-tenant/2`): tenant → cvm-agent. One stream per generation: a
 //!   [`TenantRequest`], answered by a sequence of [`TenantEvent`]s.
 
 use serde::{Deserialize, Serialize};
@@ -14,7 +14,7 @@ use crate::SessionId;
 /// ALPN of the cloud protocol, version 1.
 pub const ALPN_CLOUD: &[u8] = b"talaria-cloud/1";
 /// ALPN of the tenant protocol, version 1.
-pub const ALPN_TENANT: &[u8] = b"talaria-tenant/1";
+pub const ALPN_TENANT: &[u8] = b"talaria-tenant/2";
 
 /// The routing header of a request on the cloud protocol.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
