@@ -50,6 +50,11 @@ pub struct LoadArgs {
     /// Seconds to wait for the cluster to be ready.
     #[arg(long, default_value_t = 600)]
     pub ready_timeout_s: u64,
+    /// Drive the gpu-nodes alone: `--tenants` counts concurrent sessions (each its own tenant)
+    /// opened on the stages directly, each making `--gen-tokens` decode steps of one-row
+    /// integer-mode calls of uniform residues, with no CVM work (`load_synthetic.rs`).
+    #[arg(long)]
+    pub synthetic: bool,
 }
 
 /// Percentiles of a sample, in milliseconds.
@@ -86,7 +91,7 @@ fn percentiles(mut v: Vec<f64>) -> Percentiles {
 
 /// A histogram as `/metrics` gives it: cumulative counts per upper bound, sum and count.
 #[derive(Debug, Clone, Default, Serialize)]
-struct Histogram {
+pub(crate) struct Histogram {
     /// Observations in each bucket (not cumulative), by upper bound.
     buckets: BTreeMap<String, u64>,
     sum: f64,
@@ -157,7 +162,7 @@ const BATCH_METRICS: [&str; 3] = [
 ];
 
 /// Every stage's batch histograms now.
-fn stage_histograms(stages: &[(String, SocketAddr)]) -> Result<Vec<Vec<Histogram>>> {
+pub(crate) fn stage_histograms(stages: &[(String, SocketAddr)]) -> Result<Vec<Vec<Histogram>>> {
     stages
         .iter()
         .map(|(name, addr)| {
@@ -173,7 +178,7 @@ fn stage_histograms(stages: &[(String, SocketAddr)]) -> Result<Vec<Vec<Histogram
 
 /// What one stage's shard did during a step.
 #[derive(Debug, Serialize)]
-struct StageBatches {
+pub(crate) struct StageBatches {
     stage: String,
     /// Masked calls (sessions) per GEMM.
     calls_per_batch: Histogram,
@@ -183,8 +188,26 @@ struct StageBatches {
     rows_per_batch: Histogram,
 }
 
+/// What each stage's shard did between two readings of its histograms.
+pub(crate) fn batches(
+    stages: &[(String, SocketAddr)],
+    before: &[Vec<Histogram>],
+    after: &[Vec<Histogram>],
+) -> Vec<StageBatches> {
+    stages
+        .iter()
+        .zip(before.iter().zip(after))
+        .map(|((name, _), (b, a))| StageBatches {
+            stage: name.clone(),
+            calls_per_batch: delta(&a[0], &b[0]),
+            tenants_per_batch: delta(&a[1], &b[1]),
+            rows_per_batch: delta(&a[2], &b[2]),
+        })
+        .collect()
+}
+
 /// CPU seconds a process has used (user + system), from `/proc/PID/stat`.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start at its closing ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -196,7 +219,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 /// CPU seconds of each kind of process (`stage-*`, `coordinator`, `agent-*`).
-fn cpu_by_role(pids: &[(String, u32)]) -> BTreeMap<String, f64> {
+pub(crate) fn cpu_by_role(pids: &[(String, u32)]) -> BTreeMap<String, f64> {
     let mut by = BTreeMap::new();
     for (name, pid) in pids {
         let role = if name.starts_with("agent-") {
@@ -236,6 +259,9 @@ struct Report {
     max_wait_us: u64,
     cores: usize,
     steps: Vec<Step>,
+    /// `--synthetic`: the gpu-nodes alone.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    synthetic: Vec<crate::load_synthetic::SyntheticStep>,
 }
 
 /// The topology of the load cluster: two stages, `tenants` agents.
@@ -358,7 +384,12 @@ pub fn run(args: LoadArgs) -> Result<()> {
     if args.tenants.is_empty() || args.tenants.contains(&0) || args.sessions == 0 {
         bail!("--tenants and --sessions must be positive");
     }
-    let most = *args.tenants.iter().max().expect("not empty");
+    // The synthetic load needs no agent beyond the one every topology has.
+    let most = if args.synthetic {
+        1
+    } else {
+        *args.tenants.iter().max().expect("not empty")
+    };
     let run_dir = args
         .run_dir
         .clone()
@@ -398,6 +429,26 @@ pub fn run(args: LoadArgs) -> Result<()> {
         .filter_map(|s| s.metrics.map(|m| (s.name.clone(), m)))
         .collect();
 
+    if args.synthetic {
+        let synthetic =
+            crate::load_synthetic::run(&cluster, &args.tenants, args.gen_tokens, &stages)?;
+        let model = cluster.topology.model_name.clone();
+        drop(cluster);
+        return write_report(
+            &args,
+            Report {
+                model,
+                gen_tokens: args.gen_tokens,
+                sessions_per_tenant: 1,
+                max_calls: args.max_calls,
+                max_wait_us: args.max_wait_us,
+                cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                steps: Vec::new(),
+                synthetic,
+            },
+        );
+    }
+
     // Warm-up, not measured: each agent's first session fetches R_pub (once per agent).
     eprintln!("warming up {most} agent(s)");
     let t0 = Instant::now();
@@ -434,16 +485,7 @@ pub fn run(args: LoadArgs) -> Result<()> {
             .iter()
             .flat_map(|t| t.tokens.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()))
             .collect();
-        let batches = stages
-            .iter()
-            .zip(before.iter().zip(&after))
-            .map(|((name, _), (b, a))| StageBatches {
-                stage: name.clone(),
-                calls_per_batch: delta(&a[0], &b[0]),
-                tenants_per_batch: delta(&a[1], &b[1]),
-                rows_per_batch: delta(&a[2], &b[2]),
-            })
-            .collect();
+        let batches = batches(&stages, &before, &after);
         let tokens_per_s = generated as f64 / wall;
         let one = steps
             .iter()
@@ -494,7 +536,13 @@ pub fn run(args: LoadArgs) -> Result<()> {
         max_wait_us: args.max_wait_us,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         steps,
+        synthetic: Vec::new(),
     };
+    write_report(&args, report)
+}
+
+/// Writes and prints the report.
+fn write_report(args: &LoadArgs, report: Report) -> Result<()> {
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(path) = &args.json {
         if let Some(dir) = path.parent() {

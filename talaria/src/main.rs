@@ -10,6 +10,7 @@ mod cluster;
 mod engines;
 mod generate;
 mod load;
+mod load_synthetic;
 mod lossless;
 mod provision;
 mod soak;

@@ -335,3 +335,49 @@ fn assert_conversation_cache_is_per_key_and_exact(
     assert!(hits >= 3.0, "{hits} hits");
     assert!(metric(&metrics, "talaria_agent_prefix_cache_bytes") > 0.0);
 }
+
+/// `talaria load --synthetic`, short: sessions of different tenants, opened on the gpu-nodes
+/// directly with no CVM work, are served in shared GEMMs, and every decode step of every session
+/// is answered.
+#[test]
+fn the_synthetic_load_batches_the_calls_of_different_tenants_together() {
+    let model = real_model();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("synthetic.json");
+    let out = Command::new(talaria_tests::cluster::bin("talaria"))
+        .args([
+            "load",
+            "--synthetic",
+            "--tenants",
+            "1,4",
+            "--gen-tokens",
+            "2",
+        ])
+        .arg("--base-port")
+        .arg(free_port().to_string())
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .arg("--json")
+        .arg(&json)
+        .env("TALARIA_HOME", model.parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let steps = report["synthetic"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "{report}");
+    assert_eq!(steps[0]["tokens"], 2);
+    assert_eq!(steps[1]["tokens"], 8);
+    for stage in steps[1]["batches"].as_array().unwrap() {
+        // Four sessions of four tenants in step: most GEMMs carry several of them.
+        let calls = stage["calls_per_batch"]["mean"].as_f64().unwrap();
+        let tenants = stage["tenants_per_batch"]["mean"].as_f64().unwrap();
+        assert!(calls > 1.5 && tenants > 1.5, "{stage}");
+    }
+    assert!(steps[1]["speedup_vs_one_session"].as_f64().unwrap() > 0.0);
+}

@@ -1,0 +1,228 @@
+//! `talaria load --synthetic`: the gpu-nodes alone. Sessions are opened on the stages directly
+//! (as the coordinator opens them, with the cluster's certificate) and driven with
+//! masked-shaped traffic and no CVM work: every decode step is one call per op, in forward-pass
+//! order, each of one row of uniform residues mod 2^64 — what an integer-mode call of one token
+//! with no dummy rows is to the cloud. This shows what cross-tenant batching gives a gpu-node
+//! when the CVMs (and their attention, masking and verification) are elsewhere.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Serialize;
+use talaria_engine::{ModelConfig, OpId};
+use talaria_net::TlsMaterial;
+use talaria_wire::{MaskedCall, Reply, Request, Tensor, frame};
+
+use crate::cluster::Running;
+
+/// One point of the synthetic curve: `sessions` concurrent sessions, each of its own tenant.
+#[derive(Debug, Serialize)]
+pub struct SyntheticStep {
+    sessions: usize,
+    /// Decode steps (one call per op) of all sessions.
+    tokens: usize,
+    wall_s: f64,
+    /// Decode steps of all sessions per second: the gpu-nodes' throughput.
+    tokens_per_s: f64,
+    /// `tokens_per_s` over the one-session step's, if measured.
+    speedup_vs_one_session: Option<f64>,
+    /// Masked calls answered per second, all stages together.
+    calls_per_s: f64,
+    batches: Vec<crate::load::StageBatches>,
+    /// CPU milliseconds per decode step, by process (the driver's own included).
+    cpu_ms_per_token: BTreeMap<String, f64>,
+}
+
+/// Where each op runs: the stage index of every op, in forward-pass order.
+fn route(cluster: &Running, config: &ModelConfig) -> Result<Vec<(OpId, usize)>> {
+    talaria_cvm_agent::all_ops(config)
+        .into_iter()
+        .map(|op| {
+            let layer = match op {
+                OpId::Block { layer, .. } => Some(layer),
+                OpId::LmHead => None,
+            };
+            let stage = cluster
+                .topology
+                .stage_for(layer)
+                .ok_or_else(|| anyhow!("no stage serves {op}"))?;
+            Ok((op, stage))
+        })
+        .collect()
+}
+
+/// One request on `conn`; an error unless the answer is `Ok`.
+async fn ask(conn: &quinn::Connection, frame: &[u8], max: usize) -> Result<()> {
+    let answer = talaria_net::request(conn, frame, max).await?;
+    match frame::split::<Reply>(&answer)?.0 {
+        Reply::Ok { .. } => Ok(()),
+        Reply::Err(e) => Err(anyhow!("{}: {}", e.error_type, e.message)),
+    }
+}
+
+/// One session: opened on every stage, `tokens` decode steps, closed.
+async fn session(
+    conns: &[quinn::Connection],
+    ops: &[(OpId, usize)],
+    config: &ModelConfig,
+    session: u64,
+    tokens: usize,
+) -> Result<usize> {
+    let open = frame::encode::<_, ()>(
+        &Request::StageOpen {
+            session,
+            tenant: format!("synthetic-{session}"),
+        },
+        None,
+    )?;
+    for conn in conns {
+        ask(conn, &open, 4096).await?;
+    }
+    // Uniform residues, made once per op: the cloud cannot tell them from fresh ones.
+    let rows: Vec<Vec<u64>> = ops
+        .iter()
+        .map(|(op, _)| (0..op.shape(config).0).map(|_| rand::random()).collect())
+        .collect();
+    let mut seq = 0u64;
+    for _ in 0..tokens {
+        for ((op, stage), x) in ops.iter().zip(&rows) {
+            seq += 1;
+            let call = MaskedCall {
+                session,
+                seq,
+                op: *op,
+                x: Tensor::U64 {
+                    rows: 1,
+                    cols: x.len(),
+                    data: x.clone(),
+                },
+            };
+            let frame = frame::encode(
+                &Request::Call {
+                    session,
+                    op: *op,
+                    seq,
+                },
+                Some(&call),
+            )?;
+            let max = talaria_wire::max_call_reply(config, *op, 1);
+            ask(&conns[*stage], &frame, max)
+                .await
+                .with_context(|| format!("session {session}, {op}"))?;
+        }
+    }
+    let close = frame::encode::<_, ()>(&Request::CloseSession { session }, None)?;
+    for conn in conns {
+        ask(conn, &close, 4096).await?;
+    }
+    Ok(tokens * ops.len())
+}
+
+/// Runs `counts` concurrent sessions each (in order) on `cluster`'s stages; `stages` are their
+/// metrics addresses.
+pub fn run(
+    cluster: &Running,
+    counts: &[usize],
+    tokens: usize,
+    stages: &[(String, SocketAddr)],
+) -> Result<Vec<SyntheticStep>> {
+    let config = talaria_model_file::read_config(&talaria_gguf::GgufFile::open(
+        cluster.topology.coordinator_file(),
+    )?)?;
+    if !cluster.topology.remo.config.precision.is_int() {
+        bail!("--synthetic sends integer-mode calls: the cluster's [remo] precision must be int");
+    }
+    let ops = route(cluster, &config)?;
+    let ca = cluster.info.ca.clone();
+    let dir = ca
+        .parent()
+        .ok_or_else(|| anyhow!("{}: no folder", ca.display()))?;
+    let tls = TlsMaterial {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+        server_name: cluster.info.server_name.clone(),
+        ca,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let conns: Vec<quinn::Connection> = rt.block_on(async {
+        let endpoint = tls.cluster_client(talaria_wire::ALPN_CLOUD)?;
+        let mut conns = Vec::new();
+        for stage in &cluster.topology.stages {
+            conns.push(tls.connect(&endpoint, stage.listen).await?);
+        }
+        anyhow::Ok(conns)
+    })?;
+    let stage_pids: Vec<(String, u32)> = cluster
+        .info
+        .pids
+        .iter()
+        .filter(|(name, _)| name.starts_with("stage-"))
+        .cloned()
+        .collect();
+    let mut steps: Vec<SyntheticStep> = Vec::new();
+    let mut next_session = 1u64 << 40;
+    // Warm-up, not measured: the stages' first products touch their weights.
+    rt.block_on(session(&conns, &ops, &config, next_session, 2))?;
+    next_session += 1;
+    for &n in counts {
+        eprintln!("synthetic: {n} session(s) × {tokens} decode steps");
+        let before = crate::load::stage_histograms(stages)?;
+        let cpu_before = crate::load::cpu_by_role(&stage_pids);
+        let me_before = crate::load::cpu_seconds(std::process::id()).unwrap_or(0.0);
+        let t0 = Instant::now();
+        let first = next_session;
+        next_session += n as u64;
+        let calls: usize = rt
+            .block_on(async {
+                let runs = (0..n as u64).map(|i| session(&conns, &ops, &config, first + i, tokens));
+                futures::future::try_join_all(runs).await
+            })?
+            .into_iter()
+            .sum();
+        let wall = t0.elapsed().as_secs_f64();
+        let after = crate::load::stage_histograms(stages)?;
+        let mut cpu: BTreeMap<String, f64> = crate::load::cpu_by_role(&stage_pids)
+            .into_iter()
+            .map(|(k, v)| (k.clone(), v - cpu_before.get(&k).unwrap_or(&0.0)))
+            .collect();
+        cpu.insert(
+            "driver".into(),
+            crate::load::cpu_seconds(std::process::id()).unwrap_or(0.0) - me_before,
+        );
+        let generated = n * tokens;
+        let tokens_per_s = generated as f64 / wall;
+        let one = steps
+            .iter()
+            .find(|s| s.sessions == 1)
+            .map(|s| s.tokens_per_s);
+        let step = SyntheticStep {
+            sessions: n,
+            tokens: generated,
+            wall_s: wall,
+            tokens_per_s,
+            speedup_vs_one_session: one.map(|o| tokens_per_s / o),
+            calls_per_s: calls as f64 / wall,
+            batches: crate::load::batches(stages, &before, &after),
+            cpu_ms_per_token: cpu
+                .into_iter()
+                .map(|(k, v)| (k, v * 1e3 / generated as f64))
+                .collect(),
+        };
+        eprintln!(
+            "  {:.2} steps/s ({:.0} calls/s) in {:.1} s{}",
+            step.tokens_per_s,
+            step.calls_per_s,
+            step.wall_s,
+            step.speedup_vs_one_session
+                .map(|s| format!(", {s:.2}× one session"))
+                .unwrap_or_default()
+        );
+        steps.push(step);
+    }
+    Ok(steps)
+}
