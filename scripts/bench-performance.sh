@@ -98,8 +98,11 @@ rows = [
     ("cluster f64-gemm, 0 dummy rows", "cluster-f64-gemm-d0"),
 ]
 plain = load("plain")
-result = {"machine": {"cpu": platform.processor() or platform.machine(),
-                      "cores": os.cpu_count()},
+cpuinfo = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+model_name = (re.search(r"model name\s*:\s*(.*)", cpuinfo) or [None, platform.machine()])[1]
+flags = set((re.search(r"flags\s*:\s*(.*)", cpuinfo) or [None, ""])[1].split())
+result = {"machine": {"cpu": model_name, "cores": os.cpu_count(),
+                      "vector": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"},
           "engines": [], "chat": load("chat"), "gemm": None}
 try:
     result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -127,6 +130,9 @@ if g:
 json.dump(result, open(f"{out}/results.json", "w"), indent=2)
 
 md = []
+m = result["machine"]
+md.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['vector']}; commit {result.get('commit', '?')}.")
+md.append("")
 md.append(f"| engine | prefill tok/s | decode tok/s | decode vs plain | pool hit rate | greedy ids = plain |")
 md.append("|---|---|---|---|---|---|")
 base = plain["median_decode_tok_per_s"] if plain else None
