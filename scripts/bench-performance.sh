@@ -64,6 +64,12 @@ cluster cluster-int-d2 int 2 -
 cluster cluster-f64-gemm-d2 f64-gemm 2 -
 cluster cluster-f64-gemm-d0 f64-gemm 0 -
 
+echo "== load --synthetic" >&2
+SYNTH_DIR="$(mktemp -d)"
+"$TALARIA" load --synthetic --tenants 1,4,16 --gen-tokens "${SYNTH_TOKENS:-8}" \
+  --run-dir "$SYNTH_DIR" --json "$OUT/synthetic.json" > /dev/null
+rm -rf "$SYNTH_DIR"
+
 echo "== bench-gemm" >&2
 "$TALARIA" bench-gemm --rows 3,130 --runs "$RUNS" --out "$OUT/gemm.json" > /dev/null
 
@@ -103,7 +109,8 @@ model_name = (re.search(r"model name\s*:\s*(.*)", cpuinfo) or [None, platform.ma
 flags = set((re.search(r"flags\s*:\s*(.*)", cpuinfo) or [None, ""])[1].split())
 result = {"machine": {"cpu": model_name, "cores": os.cpu_count(),
                       "vector": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"},
-          "engines": [], "chat": load("chat"), "gemm": None}
+          "engines": [], "chat": load("chat"), "gemm": None,
+          "synthetic": (load("synthetic") or {}).get("synthetic")}
 try:
     result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 except OSError:
@@ -152,6 +159,15 @@ if c:
     md.append("")
     md.append(f"Next turn's TTFT over the first turn's: **{c['warm_over_first_ttft']:.3f}**; "
               f"cached over cold: {c['warm_over_cold_ttft']:.3f}; same answer: {c['same_answer']}.")
+if result["synthetic"]:
+    md.append("")
+    md.append("| gpu-nodes alone (`load --synthetic`) | steps/s | × one session | calls per GEMM (stage 0, 1) | stage CPU ms / step |")
+    md.append("|---|---|---|---|---|")
+    for s in result["synthetic"]:
+        per = " / ".join(f"{b['calls_per_batch']['mean']:.1f}" for b in s["batches"])
+        cpu = sum(v for k, v in s["cpu_ms_per_token"].items() if k.startswith("stage-"))
+        x = "" if s["speedup_vs_one_session"] is None else f"{s['speedup_vs_one_session']:.2f}"
+        md.append(f"| {s['sessions']} session(s) | {s['tokens_per_s']:.2f} | {x} | {per} | {cpu:.0f} |")
 if result["gemm"]:
     md.append("")
     md.append(f"| cloud products, one pass (`bench-gemm`, {result['u64_kernel']}) | f32 ms | f64 ms | u64 ms | u64 / f32 |")

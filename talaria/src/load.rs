@@ -96,7 +96,7 @@ pub(crate) struct Histogram {
     buckets: BTreeMap<String, u64>,
     sum: f64,
     count: u64,
-    mean: f64,
+    pub(crate) mean: f64,
 }
 
 /// Reads histogram `name` from a Prometheus text exposition.
@@ -155,10 +155,12 @@ fn delta(after: &Histogram, before: &Histogram) -> Histogram {
     }
 }
 
-const BATCH_METRICS: [&str; 3] = [
+const BATCH_METRICS: [&str; 5] = [
     "talaria_stage_batch_calls",
     "talaria_stage_batch_tenants",
     "talaria_stage_batch_rows",
+    "talaria_stage_queue_seconds",
+    "talaria_stage_compute_seconds",
 ];
 
 /// Every stage's batch histograms now.
@@ -179,13 +181,17 @@ pub(crate) fn stage_histograms(stages: &[(String, SocketAddr)]) -> Result<Vec<Ve
 /// What one stage's shard did during a step.
 #[derive(Debug, Serialize)]
 pub(crate) struct StageBatches {
-    stage: String,
+    pub(crate) stage: String,
     /// Masked calls (sessions) per GEMM.
-    calls_per_batch: Histogram,
+    pub(crate) calls_per_batch: Histogram,
     /// Distinct tenants per GEMM.
     tenants_per_batch: Histogram,
     /// Masked rows per GEMM.
     rows_per_batch: Histogram,
+    /// Seconds each call waited in the shard's queue for its batch.
+    pub(crate) queue_seconds_per_call: Histogram,
+    /// Seconds of compute per batch.
+    pub(crate) compute_seconds_per_batch: Histogram,
 }
 
 /// What each stage's shard did between two readings of its histograms.
@@ -202,6 +208,8 @@ pub(crate) fn batches(
             calls_per_batch: delta(&a[0], &b[0]),
             tenants_per_batch: delta(&a[1], &b[1]),
             rows_per_batch: delta(&a[2], &b[2]),
+            queue_seconds_per_call: delta(&a[3], &b[3]),
+            compute_seconds_per_batch: delta(&a[4], &b[4]),
         })
         .collect()
 }

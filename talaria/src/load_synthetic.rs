@@ -222,6 +222,15 @@ pub fn run(
                 .map(|s| format!(", {s:.2}× one session"))
                 .unwrap_or_default()
         );
+        for b in &step.batches {
+            eprintln!(
+                "  {}: {:.2} calls per GEMM, {:.2} ms queued per call, {:.2} ms compute per GEMM",
+                b.stage,
+                b.calls_per_batch.mean,
+                b.queue_seconds_per_call.mean * 1e3,
+                b.compute_seconds_per_batch.mean * 1e3
+            );
+        }
         steps.push(step);
     }
     Ok(steps)
