@@ -8,7 +8,8 @@
 #
 # PROMPT_TOKENS (128), GEN_TOKENS (64), RUNS (2), HISTORY_TOKENS (1000); LLAMA=0 skips llama.cpp
 # (it is built from source the first time: cmake and a C++ compiler); QUICK=1 is the short pass
-# (32/8 tokens, one run, a 200-token history, no llama.cpp).
+# (32/8 tokens, one run, a 200-token history, no llama.cpp). RESUME=1 keeps the results already
+# in $OUT and measures only what is missing.
 source "$(dirname "$0")/lib.sh"
 ensure_rust
 ensure_venv
@@ -27,13 +28,14 @@ OUT="${OUT:-bench-results/performance}"
 mkdir -p "$OUT"
 bench() { # $1: output name, the rest: talaria bench flags
   local name="$1"; shift
+  if [ "${RESUME:-0}" = 1 ] && [ -f "$OUT/$name.json" ]; then return; fi
   echo "== $name" >&2
   "$TALARIA" bench "$@" --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" \
     --runs "$RUNS" --out "$OUT/$name.json" > /dev/null
 }
 
 bench plain --engine plain
-if [ "$LLAMA" = 1 ]; then
+if [ "$LLAMA" = 1 ] && ! { [ "${RESUME:-0}" = 1 ] && [ -f "$OUT/llama-cpp.json" ]; }; then
   echo "== llama.cpp" >&2
   "$VENV/bin/python" tools/bench_llamacpp.py "$MODEL" "$OUT/plain.json" > "$OUT/llama-cpp.json"
 fi
@@ -44,10 +46,18 @@ bench remo-f64-gemm-d2 --engine remo --remo-precision f64-gemm --remo-dummy-rows
 bench remo-f32-d2 --engine remo --remo-precision f32 --remo-dummy-rows 2
 
 # A local cluster (topology/examples/local.toml) with $2's precision and $3 dummy rows.
+# A float mode with fewer than 2 dummy rows is below the floor: the agent starts it only when the
+# topology says the tenant accepts that, and the tenant's client must accept it too.
 cluster() { # $1: output name, $2: precision, $3: dummy rows, $4: chat (also bench-chat) or not
+  if [ "${RESUME:-0}" = 1 ] && [ -f "$OUT/$1.json" ]; then return; fi
+  local floor="" accept=()
+  if [ "$2" != int ] && [ "$3" -lt 2 ]; then
+    floor="tenant_accepts_below_floor = true"
+    accept=(--accept-below-floor)
+  fi
   echo "== cluster $1" >&2
-  start_cluster "$TALARIA" "$2" "$3"
-  "$TALARIA" bench --engine cluster --cluster-dir "$CLUSTER_DIR/run" --allow-insecure-agent \
+  start_cluster "$TALARIA" "$2" "$3" "$floor"
+  "$TALARIA" bench --engine cluster --cluster-dir "$CLUSTER_DIR/run" --allow-insecure-agent "${accept[@]}" \
     --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" --runs "$RUNS" \
     --out "$OUT/$1.json" > /dev/null
   # The agent's counters (its HTTPS API, loopback): where the mask pairs came from.

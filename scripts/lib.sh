@@ -66,11 +66,15 @@ ensure_llama_cpp() {
 }
 
 # Starts `talaria up` ($1: the talaria binary) on topology/examples/local.toml with its [remo]
-# precision set to $2 and $3 dummy rows, in a fresh folder, and waits until it is ready.
+# precision set to $2 and $3 dummy rows (and $4, if given, as one more line of [remo]: then the
+# agent serves no HTTPS API, which a configuration below the floor may not have), in a fresh
+# folder, and waits until it is ready.
 # Sets CLUSTER_DIR (its run folder is $CLUSTER_DIR/run) and CLUSTER_PID; stop_cluster ends it.
 start_cluster() {
   CLUSTER_DIR="$(mktemp -d)"
-  sed -e "s/^precision = \"int\"/precision = \"$2\"\ndummy_rows = $3/" topology/examples/local.toml \
+  local no_http=()
+  if [ -n "${4:-}" ]; then no_http=(-e '/^http = /d'); fi
+  sed "${no_http[@]}" -e "s/^precision = \"int\"/precision = \"$2\"\ndummy_rows = $3\n${4:-}/" topology/examples/local.toml \
     > "$CLUSTER_DIR/topology.toml"
   "$1" up --topology "$CLUSTER_DIR/topology.toml" --run-dir "$CLUSTER_DIR/run" \
     > "$CLUSTER_DIR/up.log" 2>&1 &
