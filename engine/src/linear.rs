@@ -160,6 +160,12 @@ pub trait LinearOps {
     fn linear(&mut self, op: OpId, x: &Rows) -> Result<Rows, EngineError>;
 }
 
+impl<T: LinearOps + ?Sized> LinearOps for &mut T {
+    fn linear(&mut self, op: OpId, x: &Rows) -> Result<Rows, EngineError> {
+        (**self).linear(op, x)
+    }
+}
+
 #[cfg(test)]
 mod op_text_tests {
     use super::*;

@@ -74,6 +74,27 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
+/// `Σ a[i] · b[i]` in eight interleaved partial sums (lane `i % 8`), added pairwise at the end:
+/// a fixed order every engine shares, which the compiler can keep in vector registers (a single
+/// running sum cannot be reordered, so it would run one add at a time).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
+    ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)) + tail
+}
+
 /// Causal attention of one query row at absolute position `pos` over cached keys and values
 /// `0..=pos` (each row `n_kv_heads * head_dim` wide). Writes `n_heads * head_dim` values to `out`.
 pub fn attend(
@@ -94,7 +115,7 @@ pub fn attend(
         scores.clear();
         scores.extend((0..=pos).map(|t| {
             let k = &keys[t * kv_dim + kv_off..t * kv_dim + kv_off + s.head_dim];
-            qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+            dot(qh, k) * scale
         }));
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0;

@@ -4,6 +4,8 @@
 //! products the cloud (masked rows) and the CVM (pads, Freivalds' vectors) take with it.
 
 pub mod gemm;
+pub mod quant;
 pub mod ring;
 
+pub use quant::{BadQuantWeight, QuantMatrix, QuantType};
 pub use ring::{BadIntWeight, INT_BLOCK, IntWeight, int_matmul, int_weight_times};

@@ -57,6 +57,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         tokenizer,
         model,
         weights,
+        ..
     } = &mut engine;
     let mut rec = Recorder {
         inner: weights,

@@ -299,11 +299,11 @@ impl Engine {
     }
 
     /// The weight-free half and the linear ops.
-    pub fn parts(&mut self) -> (&Tokenizer, &Transformer, &mut dyn LinearOps) {
+    pub fn parts(&mut self) -> (&Tokenizer, &Transformer, Box<dyn LinearOps + '_>) {
         match self {
-            Engine::Plain(e) => (&e.tokenizer, &e.model, &mut e.weights),
-            Engine::Remo(e) => (&e.tokenizer, &e.model, &mut e.linear),
-            Engine::Fixed(e) => (&e.tokenizer, &e.model, &mut e.linear),
+            Engine::Plain(e) => (&e.tokenizer, &e.model, Box::new(e.linear())),
+            Engine::Remo(e) => (&e.tokenizer, &e.model, Box::new(&mut e.linear)),
+            Engine::Fixed(e) => (&e.tokenizer, &e.model, Box::new(&mut e.linear)),
         }
     }
 
@@ -311,13 +311,15 @@ impl Engine {
     pub fn generate(
         &mut self,
         req: &GenerateRequest,
-        on_token: impl FnMut(u32) -> Result<(), EngineError>,
+        on_token: impl FnMut(u32) -> Result<(), EngineError> + Send,
     ) -> Result<Generation, EngineError> {
-        if let Engine::Remo(e) = self {
-            return e.generate(req, on_token);
+        match self {
+            Engine::Remo(e) => return e.generate(req, on_token),
+            Engine::Plain(e) => return e.generate(req, on_token),
+            Engine::Fixed(_) => {}
         }
-        let (_, model, linear) = self.parts();
-        generate(model, linear, req, on_token, None)
+        let (_, model, mut linear) = self.parts();
+        generate(model, &mut *linear, req, on_token, None)
     }
 
     /// Mask pairs the ReMO engine's calls took from its pool and made on the spot (the pool had

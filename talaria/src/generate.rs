@@ -199,12 +199,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let generation: Generation = if args.json {
         engine.generate(&req, |_| Ok(()))?
     } else {
-        let (tokenizer, model, weights) = engine.parts();
+        let (tokenizer, model, mut weights) = engine.parts();
         let mut stream = tokenizer.decode_stream();
         let mut out = std::io::stdout().lock();
         let generation = talaria_engine::generate(
             model,
-            weights,
+            &mut *weights,
             &req,
             |id| {
                 if req.stop_ids.contains(&id) {
