@@ -2,9 +2,12 @@
 //! decode: one token's row is read against the Q4_1 / Q8_0 blocks themselves (0.6 and 1.06
 //! bytes per weight) instead of f32 copies (4 bytes), as llama.cpp's CPU kernels do.
 //!
-//! The activations stay f32 (llama.cpp rounds them to 8 bits first): a block's contribution is
-//! `d · Σ qᵢxᵢ + m · Σ xᵢ` with the codes `qᵢ` converted to f32 exactly, so the only difference
-//! from the dense f32 product is the order of the additions.
+//! A block's contribution is `d · Σ qᵢxᵢ + m · Σ xᵢ`. The activations are rounded per block of
+//! 32 to 16-bit integers at the block's own scale (`max |x| / 32767`; llama.cpp rounds them to 8
+//! bits), so `Σ qᵢxᵢ` is an exact integer sum (`vpmaddwd`), and `Σ xᵢ` stays f32. The rounding
+//! moves each product by at most `2^-16` of its block's largest input times the weight: about
+//! a thousandth of llama.cpp's 8-bit error, and below what changes a greedy answer on the
+//! goldens.
 
 use rayon::prelude::*;
 
@@ -172,7 +175,7 @@ impl QuantMatrix {
             )));
         }
         let nb = self.d_in / QUANT_BLOCK;
-        // The gain applied once, and each block's input sum (the minimum's factor).
+        // The gain applied once, then every row prepared for the blocks.
         let x: Vec<f32> = match &self.gain {
             Some(g) => x
                 .chunks_exact(self.d_in)
@@ -180,14 +183,7 @@ impl QuantMatrix {
                 .collect(),
             None => x.to_vec(),
         };
-        // Each block folded to 8 lanes (lane l: values l, l+8, l+16, l+24): the minimum's
-        // factor, summed in the same vector as the codes' products.
-        let sums: Vec<f32> = x
-            .chunks_exact(QUANT_BLOCK)
-            .flat_map(|b| {
-                std::array::from_fn::<f32, 8, _>(|l| (b[l] + b[l + 8]) + (b[l + 16] + b[l + 24]))
-            })
-            .collect();
+        let p = Prepared::new(&x);
         // Output-major (`d_out × rows`) while computing, so threads own whole chunks.
         const CHUNK: usize = 64;
         let mut t = vec![0f32; self.d_out * rows];
@@ -202,9 +198,7 @@ impl QuantMatrix {
                     for (k, y) in out.chunks_exact_mut(rows).enumerate() {
                         let j = first + k;
                         for (r, y) in y.iter_mut().enumerate() {
-                            let xr = &x[r * self.d_in..(r + 1) * self.d_in];
-                            let sr = &sums[r * 8 * nb..(r + 1) * 8 * nb];
-                            *y = dot_row(part, j, nb, xr, sr);
+                            *y = dot_row(part, j, &p.row(r, nb));
                         }
                     }
                 });
@@ -223,8 +217,65 @@ impl QuantMatrix {
     }
 }
 
-/// Row `j` of `part` times `x` (`nb` blocks; `sums` each block folded to 8 lanes).
-fn dot_row(part: &Part, j: usize, nb: usize, x: &[f32], sums: &[f32]) -> f32 {
+/// Input rows as the kernels read them: per block of 32, the values as 16-bit integers at the
+/// block's scale, the scale, and the values' f32 sum (the minimum's factor).
+struct Prepared {
+    q: Vec<i16>,
+    scale: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+/// The sum of a block's 32 values, in eight lanes added pairwise.
+fn sum32(b: &[f32]) -> f32 {
+    let l: [f32; 8] = std::array::from_fn(|l| (b[l] + b[l + 8]) + (b[l + 16] + b[l + 24]));
+    ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
+}
+
+/// One row of [`Prepared`], `nb` blocks.
+struct Row<'a> {
+    q: &'a [i16],
+    scale: &'a [f32],
+    sums: &'a [f32],
+}
+
+impl Prepared {
+    /// `x`: whole blocks of 32 values.
+    fn new(x: &[f32]) -> Self {
+        let n = x.len() / QUANT_BLOCK;
+        let mut p = Prepared {
+            q: Vec::with_capacity(x.len()),
+            scale: Vec::with_capacity(n),
+            sums: Vec::with_capacity(n),
+        };
+        for b in x.chunks_exact(QUANT_BLOCK) {
+            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let (scale, inv) = if amax > 0.0 && amax.is_finite() {
+                (amax / 32767.0, 32767.0 / amax)
+            } else {
+                (0.0, 0.0)
+            };
+            p.q.extend(
+                b.iter()
+                    .map(|v| (v * inv).round().clamp(-32767.0, 32767.0) as i16),
+            );
+            p.scale.push(scale);
+            p.sums.push(sum32(b));
+        }
+        p
+    }
+
+    fn row(&self, r: usize, nb: usize) -> Row<'_> {
+        Row {
+            q: &self.q[r * nb * 32..(r + 1) * nb * 32],
+            scale: &self.scale[r * nb..(r + 1) * nb],
+            sums: &self.sums[r * nb..(r + 1) * nb],
+        }
+    }
+}
+
+/// Row `j` of `part` times the prepared row `x`.
+fn dot_row(part: &Part, j: usize, x: &Row<'_>) -> f32 {
+    let nb = x.scale.len();
     let blocks = j * nb..(j + 1) * nb;
     match part {
         Part::Q4_1 { d, m, qs, .. } => {
@@ -232,10 +283,10 @@ fn dot_row(part: &Part, j: usize, nb: usize, x: &[f32], sums: &[f32]) -> f32 {
             let (d, m) = (&d[blocks.clone()], &m[blocks]);
             #[cfg(target_arch = "x86_64")]
             if simd::available() {
-                // SAFETY: the CPU has AVX2 and FMA (checked); lengths are nb blocks each.
-                return unsafe { simd::q4_1(qs, d, m, x, sums) };
+                // SAFETY: the CPU has AVX2 and FMA (checked); the kernel checks the lengths.
+                return unsafe { simd::q4_1(qs, d, m, x) };
             }
-            portable::q4_1(qs, d, x) + portable::mins(m, sums)
+            portable::q4_1(qs, d, m, x)
         }
         Part::Q8_0 { d, qs, .. } => {
             let (qs, d) = (&qs[blocks.start * 32..blocks.end * 32], &d[blocks]);
@@ -251,44 +302,45 @@ fn dot_row(part: &Part, j: usize, nb: usize, x: &[f32], sums: &[f32]) -> f32 {
 
 /// The kernels' meaning, for CPUs without AVX2 and FMA.
 mod portable {
-    /// `Σ_b d[b] · Σ_i q[b][i] · x[32b + i]` over `d.len()` Q4_1 blocks (codes only).
-    pub fn q4_1(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
-        let blocks = qs.chunks_exact(16).zip(x.chunks_exact(32)).zip(d);
-        blocks
-            .map(|((q, xb), d)| {
-                let s: f32 = (0..16)
-                    .map(|i| f32::from(q[i] & 0x0f) * xb[i] + f32::from(q[i] >> 4) * xb[i + 16])
-                    .sum();
-                d * s
-            })
-            .sum()
+    use super::Row;
+
+    /// `Σ_b d[b] · scale[b] · Σ_i q[b][i] · x.q[32b + i] + m[b] · x.sums[b]` over Q4_1 blocks.
+    pub fn q4_1(qs: &[u8], d: &[f32], m: &[f32], x: &Row<'_>) -> f32 {
+        assert!(qs.len() == 16 * d.len() && m.len() == d.len() && x.scale.len() == d.len());
+        let mut acc = 0f32;
+        for (b, q) in qs.chunks_exact(16).enumerate() {
+            let xq = &x.q[32 * b..32 * b + 32];
+            let s: i32 = (0..16)
+                .map(|i| {
+                    i32::from(q[i] & 0x0f) * i32::from(xq[i])
+                        + i32::from(q[i] >> 4) * i32::from(xq[i + 16])
+                })
+                .sum();
+            acc += d[b] * x.scale[b] * s as f32 + m[b] * x.sums[b];
+        }
+        acc
     }
 
-    /// `Σ_b m[b] · Σ_l sums[8b + l]`.
-    pub fn mins(m: &[f32], sums: &[f32]) -> f32 {
-        m.iter()
-            .zip(sums.chunks_exact(8))
-            .map(|(m, s)| m * s.iter().sum::<f32>())
-            .sum()
-    }
-
-    /// `Σ_b d[b] · Σ_i q[b][i] · x[32b + i]` over `d.len()` Q8_0 blocks.
-    pub fn q8_0(qs: &[i8], d: &[f32], x: &[f32]) -> f32 {
-        let blocks = qs.chunks_exact(32).zip(x.chunks_exact(32)).zip(d);
-        blocks
-            .map(|((q, xb), d)| {
-                d * q
-                    .iter()
-                    .zip(xb)
-                    .map(|(&q, x)| f32::from(q) * x)
-                    .sum::<f32>()
-            })
-            .sum()
+    /// `Σ_b d[b] · scale[b] · Σ_i q[b][i] · x.q[32b + i]` over Q8_0 blocks.
+    pub fn q8_0(qs: &[i8], d: &[f32], x: &Row<'_>) -> f32 {
+        assert!(qs.len() == 32 * d.len() && x.scale.len() == d.len());
+        let mut acc = 0f32;
+        for (b, q) in qs.chunks_exact(32).enumerate() {
+            let xq = &x.q[32 * b..32 * b + 32];
+            let s: i32 = q
+                .iter()
+                .zip(xq)
+                .map(|(&q, &v)| i32::from(q) * i32::from(v))
+                .sum();
+            acc += d[b] * x.scale[b] * s as f32;
+        }
+        acc
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
+    use super::Row;
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
@@ -305,63 +357,111 @@ mod simd {
         _mm_cvtss_f32(s)
     }
 
-    /// `Σ_b d[b] · Σ_i q[b][i] · x[32b + i] + m[b] · Σ_l sums[8b + l]` over `d.len()` Q4_1
-    /// blocks.
+    /// [`super::portable::q4_1`].
     ///
     /// # Safety
-    /// AVX2 and FMA; `qs` holds 16 bytes, `m` one value, `x` 32 and `sums` 8 per block of `d`.
+    /// AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn q4_1(qs: &[u8], d: &[f32], m: &[f32], x: &[f32], sums: &[f32]) -> f32 {
+    pub unsafe fn q4_1(qs: &[u8], d: &[f32], m: &[f32], x: &Row<'_>) -> f32 {
         let nb = d.len();
-        assert!(qs.len() == nb * 16 && m.len() == nb && x.len() == nb * 32 && sums.len() == nb * 8);
+        assert!(qs.len() == nb * 16 && m.len() == nb && x.scale.len() == nb);
+        assert!(x.q.len() == nb * 32 && x.sums.len() == nb);
         let low = _mm_set1_epi8(0x0f);
-        let mut acc = _mm256_setzero_ps();
-        for (b, &db) in d.iter().enumerate() {
-            // SAFETY: in bounds by the lengths above.
+        // Block b's codes times its inputs, as 8 f32 lanes.
+        let block = |b: usize| {
+            // SAFETY: b < nb, in bounds by the lengths above.
             unsafe {
                 let q = _mm_loadu_si128(qs.as_ptr().add(16 * b) as *const __m128i);
-                let xp = x.as_ptr().add(32 * b);
-                let lo = _mm_and_si128(q, low);
-                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
-                let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-                let mut s = _mm256_mul_ps(f(lo), _mm256_loadu_ps(xp));
-                s = _mm256_fmadd_ps(f(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xp.add(8)), s);
-                s = _mm256_fmadd_ps(f(hi), _mm256_loadu_ps(xp.add(16)), s);
-                s = _mm256_fmadd_ps(f(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xp.add(24)), s);
-                acc = _mm256_fmadd_ps(s, _mm256_set1_ps(db), acc);
-                let xs = _mm256_loadu_ps(sums.as_ptr().add(8 * b));
-                acc = _mm256_fmadd_ps(xs, _mm256_set1_ps(*m.get_unchecked(b)), acc);
+                let xp = x.q.as_ptr().add(32 * b) as *const __m256i;
+                let lo = _mm256_cvtepu8_epi16(_mm_and_si128(q, low));
+                let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), low));
+                let p = _mm256_add_epi32(
+                    _mm256_madd_epi16(lo, _mm256_loadu_si256(xp)),
+                    _mm256_madd_epi16(hi, _mm256_loadu_si256(xp.add(1))),
+                );
+                let f = *d.get_unchecked(b) * *x.scale.get_unchecked(b);
+                (_mm256_cvtepi32_ps(p), _mm256_set1_ps(f))
             }
+        };
+        // Two accumulators (even and odd blocks): one chain of dependent adds would wait on
+        // the add's latency every block.
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut b = 0;
+        while b + 2 <= nb {
+            let (p0, f0) = block(b);
+            let (p1, f1) = block(b + 1);
+            acc0 = _mm256_fmadd_ps(p0, f0, acc0);
+            acc1 = _mm256_fmadd_ps(p1, f1, acc1);
+            b += 2;
         }
-        unsafe { hsum(acc) }
+        if b < nb {
+            let (p0, f0) = block(b);
+            acc0 = _mm256_fmadd_ps(p0, f0, acc0);
+        }
+        // SAFETY: AVX2 and FMA, as this function.
+        unsafe { hsum(_mm256_add_ps(acc0, acc1)) + dot(m, x.sums) }
     }
 
-    /// `Σ_b d[b] · Σ_i q[b][i] · x[32b + i]` over `d.len()` Q8_0 blocks.
+    /// `Σ a[i] · b[i]` over the shorter length.
     ///
     /// # Safety
-    /// AVX2 and FMA; `qs` and `x` hold 32 values per block of `d`.
+    /// AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn q8_0(qs: &[i8], d: &[f32], x: &[f32]) -> f32 {
-        assert!(qs.len() == d.len() * 32 && x.len() == d.len() * 32);
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
         let mut acc = _mm256_setzero_ps();
-        for (b, &db) in d.iter().enumerate() {
-            // SAFETY: in bounds by the lengths above.
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n.
             unsafe {
-                let qp = qs.as_ptr().add(32 * b);
-                let xp = x.as_ptr().add(32 * b);
-                let f = |k: usize| {
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                        qp.add(8 * k) as *const __m128i
-                    )))
-                };
-                let mut s = _mm256_mul_ps(f(0), _mm256_loadu_ps(xp));
-                s = _mm256_fmadd_ps(f(1), _mm256_loadu_ps(xp.add(8)), s);
-                s = _mm256_fmadd_ps(f(2), _mm256_loadu_ps(xp.add(16)), s);
-                s = _mm256_fmadd_ps(f(3), _mm256_loadu_ps(xp.add(24)), s);
-                acc = _mm256_fmadd_ps(s, _mm256_set1_ps(db), acc);
+                let va = _mm256_loadu_ps(a.as_ptr().add(i));
+                acc = _mm256_fmadd_ps(va, _mm256_loadu_ps(b.as_ptr().add(i)), acc);
             }
+            i += 8;
         }
-        unsafe { hsum(acc) }
+        let rest: f32 = a[i..n].iter().zip(&b[i..n]).map(|(a, b)| a * b).sum();
+        // SAFETY: as this function.
+        unsafe { hsum(acc) + rest }
+    }
+
+    /// [`super::portable::q8_0`].
+    ///
+    /// # Safety
+    /// AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn q8_0(qs: &[i8], d: &[f32], x: &Row<'_>) -> f32 {
+        let nb = d.len();
+        assert!(qs.len() == nb * 32 && x.scale.len() == nb && x.q.len() == nb * 32);
+        let block = |b: usize| {
+            // SAFETY: b < nb, in bounds by the lengths above.
+            unsafe {
+                let q = _mm256_loadu_si256(qs.as_ptr().add(32 * b) as *const __m256i);
+                let xp = x.q.as_ptr().add(32 * b) as *const __m256i;
+                let q0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+                let q1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
+                let p = _mm256_add_epi32(
+                    _mm256_madd_epi16(q0, _mm256_loadu_si256(xp)),
+                    _mm256_madd_epi16(q1, _mm256_loadu_si256(xp.add(1))),
+                );
+                let f = *d.get_unchecked(b) * *x.scale.get_unchecked(b);
+                (_mm256_cvtepi32_ps(p), _mm256_set1_ps(f))
+            }
+        };
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut b = 0;
+        while b + 2 <= nb {
+            let (p0, f0) = block(b);
+            let (p1, f1) = block(b + 1);
+            acc0 = _mm256_fmadd_ps(p0, f0, acc0);
+            acc1 = _mm256_fmadd_ps(p1, f1, acc1);
+            b += 2;
+        }
+        if b < nb {
+            let (p0, f0) = block(b);
+            acc0 = _mm256_fmadd_ps(p0, f0, acc0);
+        }
+        // SAFETY: as this function.
+        unsafe { hsum(_mm256_add_ps(acc0, acc1)) }
     }
 }
 
@@ -421,17 +521,29 @@ mod tests {
                     .chain(w2.chunks_exact(d_in))
                     .enumerate()
                 {
-                    let want: f64 = (0..d_in)
-                        .map(|i| f64::from(x[r * d_in + i] * gain[i]) * f64::from(w[i]))
-                        .sum();
-                    let got = y[r * (r1 + r2) + j];
+                    let terms =
+                        (0..d_in).map(|i| f64::from(x[r * d_in + i] * gain[i]) * f64::from(w[i]));
+                    let want: f64 = terms.clone().sum();
+                    let size: f64 = terms.map(f64::abs).sum();
+                    let got = f64::from(y[r * (r1 + r2) + j]);
+                    // 16-bit inputs: each product within 2^-16 of its block's largest.
                     assert!(
-                        (f64::from(got) - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "row {r} out {j}: {got} against {want}"
+                        (got - want).abs() <= 1e-4 * size,
+                        "row {r} out {j}: {got} against {want} (of {size})"
                     );
                 }
             }
         }
+        // A zero row and an exact one: small integers times Q8_0 codes with d = 1 are exact.
+        let mut one = QuantMatrix::new(32, None).unwrap();
+        let mut block = half::f16::from_f32(1.0).to_le_bytes().to_vec();
+        block.extend((0..32).map(|i| (i as i8 - 16) as u8));
+        one.push(QuantType::Q8_0, 1, &block).unwrap();
+        assert_eq!(one.matmul(&[0.0; 32], 1).unwrap(), [0.0]);
+        let x: Vec<f32> = (0..32).map(|i| (i % 5) as f32).collect();
+        let want: f32 = (0..32).map(|i| (i % 5) as f32 * (i as f32 - 16.0)).sum();
+        let got = one.matmul(&x, 1).unwrap()[0];
+        assert!((got - want).abs() <= 1e-3, "{got} against {want}");
     }
 
     #[test]
@@ -444,16 +556,17 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
         let nb = 9;
         let x: Vec<f32> = (0..32 * nb).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let p = Prepared::new(&x);
+        let row = p.row(0, nb);
         let d: Vec<f32> = (0..nb).map(|_| rng.random_range(0.001..0.1)).collect();
+        let m: Vec<f32> = (0..nb).map(|_| rng.random_range(-0.2..0.0)).collect();
         let q4: Vec<u8> = (0..16 * nb).map(|_| rng.random()).collect();
         let q8: Vec<i8> = (0..32 * nb).map(|_| rng.random()).collect();
         let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * (1.0 + b.abs());
-        // SAFETY: the CPU has AVX2 and FMA; the lengths match nb blocks.
-        let m: Vec<f32> = (0..nb).map(|_| rng.random_range(-0.2..0.0)).collect();
-        let sums: Vec<f32> = (0..8 * nb).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let (f4, f8) = unsafe { (simd::q4_1(&q4, &d, &m, &x, &sums), simd::q8_0(&q8, &d, &x)) };
-        let p4 = portable::q4_1(&q4, &d, &x) + portable::mins(&m, &sums);
-        let p8 = portable::q8_0(&q8, &d, &x);
+        // SAFETY: the CPU has AVX2 and FMA.
+        let (f4, f8) = unsafe { (simd::q4_1(&q4, &d, &m, &row), simd::q8_0(&q8, &d, &row)) };
+        let p4 = portable::q4_1(&q4, &d, &m, &row);
+        let p8 = portable::q8_0(&q8, &d, &row);
         assert!(close(f4, p4), "{f4} against {p4}");
         assert!(close(f8, p8), "{f8} against {p8}");
         assert!(

@@ -61,6 +61,12 @@ fn chat_template_matches_the_golden_prompts() {
 #[test]
 fn greedy_ids_match_the_reference_forward_pass() {
     let mut e = engine().lock().unwrap();
+    // Decode reads the stored Q4_1 / Q8_0 blocks, so the goldens check that path, not the
+    // dense fallback.
+    assert!(
+        e.quant.is_some(),
+        "the plain engine decodes from dense weights"
+    );
     let eos = e.tokenizer.eos();
     for case in golden_cases() {
         let g = e.generate(&case.request(eos), |_| Ok(())).unwrap();
