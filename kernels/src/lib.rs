@@ -1,7 +1,8 @@
 //! The arithmetic both sides share, with no I/O and no protocol: the row-major GEMMs the mask
-//! pool, the bases and the attacks multiply with ([`gemm`]), and the integer mode's ring
+//! pool, the bases and the attacks multiply with ([`gemm`]), the integer mode's ring
 //! ([`ring`]): the exact integer form of a block-quantized weight and the wrapping 64-bit
-//! products the cloud (masked rows) and the CVM (pads, Freivalds' vectors) take with it.
+//! products the cloud (masked rows) and the CVM (pads, Freivalds' vectors) take with it, and
+//! the unprotected engine's decode product on the stored blocks themselves ([`quant`]).
 
 pub mod gemm;
 pub mod quant;
