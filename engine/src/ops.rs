@@ -74,25 +74,28 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
-/// `Σ a[i] · b[i]` in eight interleaved partial sums (lane `i % 8`), added pairwise at the end:
-/// a fixed order every engine shares, which the compiler can keep in vector registers (a single
-/// running sum cannot be reordered, so it would run one add at a time).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
+/// `Σ a[i] · b[i]` in eight interleaved partial sums (lane `i % 8`), added in lane order, then
+/// the tail: a fixed order every machine and engine shares (the basis expansion relies on it
+/// for identical bits), which the compiler can keep in vector registers (a single running sum
+/// cannot be reordered, so it would run one add at a time).
+pub fn dot<T>(a: &[T], b: &[T]) -> T
+where
+    T: Copy + Default + std::ops::Add<Output = T> + std::ops::Mul<Output = T> + std::iter::Sum,
+{
+    let mut lanes = [T::default(); 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
+    let tail: T = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(&x, &y)| x * y)
         .sum();
     for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+        for k in 0..8 {
+            lanes[k] = lanes[k] + x[k] * y[k];
         }
     }
-    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
-    ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)) + tail
+    lanes.iter().copied().sum::<T>() + tail
 }
 
 /// Causal attention of one query row at absolute position `pos` over cached keys and values

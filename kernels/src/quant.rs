@@ -383,8 +383,18 @@ mod simd {
                 (_mm256_cvtepi32_ps(p), _mm256_set1_ps(f))
             }
         };
-        // Two accumulators (even and odd blocks): one chain of dependent adds would wait on
-        // the add's latency every block.
+        // SAFETY: AVX2 and FMA, as this function.
+        unsafe { blocks(nb, block) + dot(m, x.sums) }
+    }
+
+    /// `Σ_b p_b · f_b` over the `nb` blocks, where `block(b)` gives block `b`'s products as 8
+    /// lanes and its factor (broadcast). Two accumulators (even and odd blocks): one chain of
+    /// dependent adds would wait on the add's latency every block.
+    ///
+    /// # Safety
+    /// AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn blocks(nb: usize, block: impl Fn(usize) -> (__m256, __m256)) -> f32 {
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut b = 0;
         while b + 2 <= nb {
@@ -398,8 +408,8 @@ mod simd {
             let (p0, f0) = block(b);
             acc0 = _mm256_fmadd_ps(p0, f0, acc0);
         }
-        // SAFETY: AVX2 and FMA, as this function.
-        unsafe { hsum(_mm256_add_ps(acc0, acc1)) + dot(m, x.sums) }
+        // SAFETY: as this function.
+        unsafe { hsum(_mm256_add_ps(acc0, acc1)) }
     }
 
     /// `Σ a[i] · b[i]` over the shorter length.
@@ -447,21 +457,8 @@ mod simd {
                 (_mm256_cvtepi32_ps(p), _mm256_set1_ps(f))
             }
         };
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut b = 0;
-        while b + 2 <= nb {
-            let (p0, f0) = block(b);
-            let (p1, f1) = block(b + 1);
-            acc0 = _mm256_fmadd_ps(p0, f0, acc0);
-            acc1 = _mm256_fmadd_ps(p1, f1, acc1);
-            b += 2;
-        }
-        if b < nb {
-            let (p0, f0) = block(b);
-            acc0 = _mm256_fmadd_ps(p0, f0, acc0);
-        }
         // SAFETY: as this function.
-        unsafe { hsum(_mm256_add_ps(acc0, acc1)) }
+        unsafe { blocks(nb, block) }
     }
 }
 

@@ -9,6 +9,8 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use talaria_kernels::gemm::{matmul_f64, matmul_f64_nt};
+// Inner products in eight lanes in a fixed order: every machine expands a seed to the same bits.
+use talaria_engine::ops::dot;
 
 /// A public mask basis `M_pub` (`m × d_in`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,25 +85,6 @@ pub fn expand_basis(spec: &BasisSpec, d_in: usize) -> Option<Vec<f64>> {
 
 /// Rows orthogonalised together in [`expand_basis`].
 const BLOCK: usize = 64;
-
-/// An inner product summed in eight interleaved lanes (fixed order: every machine expands a
-/// seed to the same bits), which the compiler can vectorise.
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut lanes = [0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            lanes[k] += x[k] * y[k];
-        }
-    }
-    lanes.iter().sum::<f64>() + tail
-}
 
 #[cfg(test)]
 mod tests {
