@@ -1,13 +1,13 @@
 //! Products with block-quantized weights as GGUF stores them, for the unprotected engine's
-//! decode: one token's row is read against the Q4_1 / Q8_0 blocks themselves (0.6 and 1.06
-//! bytes per weight) instead of f32 copies (4 bytes), as llama.cpp's CPU kernels do.
+//! decode: one token's row is read against the Q4_1 / Q8_0 blocks themselves (their codes and
+//! f32 scales: 0.75 and 1.13 bytes per weight) instead of f32 copies (4 bytes), as llama.cpp's
+//! CPU kernels do.
 //!
 //! A block's contribution is `d · Σ qᵢxᵢ + m · Σ xᵢ`. The activations are rounded per block of
 //! 32 to 16-bit integers at the block's own scale (`max |x| / 32767`; llama.cpp rounds them to 8
 //! bits), so `Σ qᵢxᵢ` is an exact integer sum (`vpmaddwd`), and `Σ xᵢ` stays f32. The rounding
-//! moves each product by at most `2^-16` of its block's largest input times the weight: about
-//! a thousandth of llama.cpp's 8-bit error, and below what changes a greedy answer on the
-//! goldens.
+//! moves each product by at most `2^-16` of its block's largest input times the weight: 1/256
+//! of llama.cpp's 8-bit rounding, and below what changes a greedy answer on the goldens.
 
 use rayon::prelude::*;
 
