@@ -34,6 +34,22 @@ impl NodeError {
         NodeError::ModelFile(ModelFileError::InvalidModel(message))
     }
 
+    /// Checks that tensor `name` is stored as `[d_in, d_out]` (GGUF order), as the op using it
+    /// expects.
+    pub(crate) fn check_dims(
+        name: &str,
+        dims: &[u64],
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<(), Self> {
+        if dims != [d_in as u64, d_out as u64] {
+            return Err(NodeError::invalid_model(format!(
+                "tensor {name:?} has dims {dims:?}, expected [{d_in}, {d_out}]"
+            )));
+        }
+        Ok(())
+    }
+
     /// A short machine-readable label for logs and metrics.
     pub fn error_type(&self) -> &'static str {
         match self {

@@ -30,12 +30,7 @@ fn fuse(
     let mut d_out = 0;
     for (name, width) in parts {
         let t = f.tensor(name)?;
-        if t.dims != [d_in as u64, *width as u64] {
-            return Err(NodeError::invalid_model(format!(
-                "tensor {name:?} has dims {:?}, expected [{d_in}, {width}]",
-                t.dims
-            )));
-        }
+        NodeError::check_dims(name, &t.dims, d_in, *width)?;
         d_out += width;
         shift = shift.max(exact_shift(name, t.ty, f.tensor_bytes(name)?)?);
     }

@@ -35,12 +35,7 @@ fn load_op(f: &GgufFile, s: &OpSource) -> Result<QuantMatrix, NodeError> {
     let mut m = QuantMatrix::new(s.d_in, gain).map_err(bad)?;
     for (name, d_out) in &s.parts {
         let t = f.tensor(name)?;
-        if t.dims != [s.d_in as u64, *d_out as u64] {
-            return Err(NodeError::invalid_model(format!(
-                "tensor {name:?} has dims {:?}, expected [{}, {d_out}]",
-                t.dims, s.d_in
-            )));
-        }
+        NodeError::check_dims(name, &t.dims, s.d_in, *d_out)?;
         let ty = match t.ty {
             GgmlType::Q4_1 => QuantType::Q4_1,
             GgmlType::Q8_0 => QuantType::Q8_0,
@@ -64,23 +59,12 @@ impl QuantWeights {
         Ok(Self { ops })
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.ops.values().map(QuantMatrix::bytes).sum()
-    }
-
+    /// `x · W_op`; `x`'s shape is checked by the caller ([`LinearWeights::check_input`]).
     fn matmul(&self, op: OpId, x: &Rows) -> Result<Rows, EngineError> {
         let m = self.ops.get(&op).ok_or_else(|| EngineError::BadOp {
             op: op.to_string(),
             reason: "not held".into(),
         })?;
-        if x.cols() != m.d_in() {
-            return Err(EngineError::Shape {
-                op: op.to_string(),
-                expected: m.d_in(),
-                found: x.cols(),
-            });
-        }
         let y = m
             .matmul(x.data(), x.rows())
             .map_err(|e| EngineError::BadOp {
@@ -100,7 +84,11 @@ pub struct PlainLinear<'a> {
 impl LinearOps for PlainLinear<'_> {
     fn linear(&mut self, op: OpId, x: &Rows) -> Result<Rows, EngineError> {
         match self.quant {
-            Some(q) if x.rows() <= QUANT_MAX_ROWS => q.matmul(op, x),
+            Some(q) if x.rows() <= QUANT_MAX_ROWS => {
+                self.dense
+                    .check_input(op, x.rows(), x.cols(), x.data().len())?;
+                q.matmul(op, x)
+            }
             _ => self.dense.matmul(op, x),
         }
     }

@@ -280,11 +280,7 @@ struct Stored {
 
 fn load_stored(f: &GgufFile, name: &str, d_in: usize, d_out: usize) -> Result<Stored, NodeError> {
     let (values, dims) = f.dequantize(name)?;
-    if dims != [d_in as u64, d_out as u64] {
-        return Err(NodeError::invalid_model(format!(
-            "tensor {name:?} has dims {dims:?}, expected [{d_in}, {d_out}]"
-        )));
-    }
+    NodeError::check_dims(name, &dims, d_in, d_out)?;
     Ok(Stored { values, d_out })
 }
 

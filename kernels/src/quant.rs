@@ -11,8 +11,7 @@
 
 use rayon::prelude::*;
 
-/// Values per GGUF Q4_1 / Q8_0 block.
-pub const QUANT_BLOCK: usize = 32;
+use crate::INT_BLOCK;
 
 /// A quantized weight whose bytes do not match its shape.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -42,13 +41,6 @@ impl Part {
     fn rows(&self) -> usize {
         match self {
             Part::Q4_1 { rows, .. } | Part::Q8_0 { rows, .. } => *rows,
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        match self {
-            Part::Q4_1 { d, m, qs, .. } => 4 * (d.len() + m.len()) + qs.len(),
-            Part::Q8_0 { d, qs, .. } => 4 * d.len() + qs.len(),
         }
     }
 }
@@ -88,9 +80,9 @@ fn f16(b: &[u8], at: usize) -> f32 {
 impl QuantMatrix {
     /// An empty projection of `d_in` inputs; [`QuantMatrix::push`] adds its output rows.
     pub fn new(d_in: usize, gain: Option<Vec<f32>>) -> Result<Self, BadQuantWeight> {
-        if d_in == 0 || !d_in.is_multiple_of(QUANT_BLOCK) {
+        if d_in == 0 || !d_in.is_multiple_of(INT_BLOCK) {
             return Err(BadQuantWeight(format!(
-                "input width {d_in} is not a positive multiple of {QUANT_BLOCK}"
+                "input width {d_in} is not a positive multiple of {INT_BLOCK}"
             )));
         }
         if let Some(g) = &gain
@@ -111,7 +103,7 @@ impl QuantMatrix {
 
     /// Appends `rows` output rows stored as `ty` blocks in `bytes` (as a GGUF tensor holds them).
     pub fn push(&mut self, ty: QuantType, rows: usize, bytes: &[u8]) -> Result<(), BadQuantWeight> {
-        let nb = self.d_in / QUANT_BLOCK;
+        let nb = self.d_in / INT_BLOCK;
         let blocks = rows * nb;
         if bytes.len() != blocks * ty.block_bytes() {
             return Err(BadQuantWeight(format!(
@@ -158,12 +150,6 @@ impl QuantMatrix {
         self.d_out
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.parts.iter().map(Part::bytes).sum::<usize>()
-            + self.gain.as_ref().map_or(0, |g| 4 * g.len())
-    }
-
     /// `x · W` for `rows` row-major rows of `x`, row-major `rows × d_out`. Output rows are
     /// split between rayon's threads; every weight block is read once per call.
     pub fn matmul(&self, x: &[f32], rows: usize) -> Result<Vec<f32>, BadQuantWeight> {
@@ -174,7 +160,7 @@ impl QuantMatrix {
                 self.d_in
             )));
         }
-        let nb = self.d_in / QUANT_BLOCK;
+        let nb = self.d_in / INT_BLOCK;
         // The gain applied once, then every row prepared for the blocks.
         let x: Vec<f32> = match &self.gain {
             Some(g) => x
@@ -241,13 +227,13 @@ struct Row<'a> {
 impl Prepared {
     /// `x`: whole blocks of 32 values.
     fn new(x: &[f32]) -> Self {
-        let n = x.len() / QUANT_BLOCK;
+        let n = x.len() / INT_BLOCK;
         let mut p = Prepared {
             q: Vec::with_capacity(x.len()),
             scale: Vec::with_capacity(n),
             sums: Vec::with_capacity(n),
         };
-        for b in x.chunks_exact(QUANT_BLOCK) {
+        for b in x.chunks_exact(INT_BLOCK) {
             let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
             let (scale, inv) = if amax > 0.0 && amax.is_finite() {
                 (amax / 32767.0, 32767.0 / amax)
@@ -471,7 +457,7 @@ mod tests {
     fn blocks(ty: QuantType, rows: usize, d_in: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let (mut bytes, mut dense) = (Vec::new(), Vec::new());
-        for _ in 0..rows * d_in / QUANT_BLOCK {
+        for _ in 0..rows * d_in / INT_BLOCK {
             let d = half::f16::from_f32(rng.random_range(0.001..0.05));
             bytes.extend(d.to_le_bytes());
             let d = d.to_f32();
