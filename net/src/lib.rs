@@ -325,7 +325,80 @@ fn endpoint_on(
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
-    Endpoint::new(config, server, socket, runtime)
+    let socket = GsoLimit(runtime.wrap_udp_socket(socket)?);
+    Endpoint::new_with_abstract_socket(config, server, Arc::new(socket), runtime)
+}
+
+/// The most bytes one UDP send may carry in all: an IPv4 datagram's 65,535 less its IP and UDP
+/// headers (IPv6 allows 20 more; this is the bound for both).
+const MAX_SEND_BYTES: usize = 65_535 - 20 - 8;
+
+/// A UDP socket whose segmentation-offload sends never exceed [`MAX_SEND_BYTES`].
+///
+/// quinn batches up to ten datagrams of the path's MTU into one `sendmsg` (GSO) without
+/// bounding their sum, and quinn-udp takes the kernel's `EMSGSIZE` for an MTU probe's and
+/// reports the send as done. Once discovery finds a large MTU (loopback: 65,495 bytes), any
+/// batch of two large datagrams — a 393 KB LM-head answer, or a few concurrent answers on one
+/// connection — was silently dropped whole. Every such drop is a tail loss (a probe timeout
+/// before it is resent) and a congestion event, and a few of them make quinn's black-hole
+/// detection drop the path's MTU to 1,200 bytes for the rest of the connection. This splits
+/// such a batch into sends of whole segments that fit.
+#[derive(Debug)]
+struct GsoLimit(Arc<dyn quinn::AsyncUdpSocket>);
+
+impl quinn::AsyncUdpSocket for GsoLimit {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.0.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        let segment = match transmit.segment_size {
+            Some(segment) if segment > 0 && transmit.contents.len() > MAX_SEND_BYTES => segment,
+            _ => return self.0.try_send(transmit),
+        };
+        let per_send = (MAX_SEND_BYTES / segment).max(1) * segment;
+        for (i, chunk) in transmit.contents.chunks(per_send).enumerate() {
+            let part = quinn::udp::Transmit {
+                contents: chunk,
+                segment_size: (chunk.len() > segment).then_some(segment),
+                ..transmit.clone()
+            };
+            match self.0.try_send(&part) {
+                Ok(()) => {}
+                // Nothing sent yet: quinn waits for the socket and tries the whole batch again.
+                Err(e) if i == 0 => return Err(e),
+                // Part of the batch is out: the rest counts as lost (as a full socket buffer
+                // would drop it), and QUIC's recovery resends it.
+                Err(_) => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.0.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.0.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.0.may_fragment()
+    }
 }
 
 /// The socket buffers asked for (the kernel caps them at `net.core.rmem_max`/`wmem_max`). A

@@ -51,10 +51,15 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 600)]
     pub ready_timeout_s: u64,
     /// Drive the gpu-nodes alone: `--tenants` counts concurrent sessions (each its own tenant)
-    /// opened on the stages directly, each making `--gen-tokens` decode steps of one-row
-    /// integer-mode calls of uniform residues, with no CVM work (`load_synthetic.rs`).
+    /// opened on the stages directly, each making `--gen-tokens` decode steps of one-row calls
+    /// of the cluster's ReMO precision, with no CVM work (`load_synthetic.rs`).
     #[arg(long)]
     pub synthetic: bool,
+    /// With `--synthetic`: the cluster's ReMO precision, so the rows the stages get (and the
+    /// product they run) are that mode's. The float modes are below the protection floor; the
+    /// synthetic load carries no tenant data, so its topology accepts them.
+    #[arg(long, default_value_t = talaria_params::Precision::Int, requires = "synthetic")]
+    pub precision: talaria_params::Precision,
 }
 
 /// Percentiles of a sample, in milliseconds.
@@ -302,8 +307,11 @@ fn topology_text(args: &LoadArgs, tenants: usize) -> String {
     let _ = writeln!(
         t,
         "[batching]\nmax_calls = {}\nmax_wait_us = {}\n\n[tls]\ngenerate = true\n\n\
-         [admission]\nallow_insecure = true",
-        args.max_calls, args.max_wait_us
+         [admission]\nallow_insecure = true\n\n[remo]\nprecision = \"{}\"\ntenant_accepts_below_floor = {}",
+        args.max_calls,
+        args.max_wait_us,
+        args.precision,
+        !args.precision.is_int()
     );
     t
 }

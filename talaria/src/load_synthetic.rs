@@ -1,15 +1,16 @@
 //! `talaria load --synthetic`: the gpu-nodes alone. Sessions are opened on the stages directly
 //! (as the coordinator opens them, with the cluster's certificate) and driven with
 //! masked-shaped traffic and no CVM work: every decode step is one call per op, in forward-pass
-//! order, each of one row of uniform residues mod 2^64 — what an integer-mode call of one token
-//! with no dummy rows is to the cloud. This shows what cross-tenant batching gives a gpu-node
+//! order, each of one row of the cluster's ReMO precision (uniform residues mod 2^64 in the
+//! integer mode; float rows in the float modes) — what a call of one token with no dummy rows is
+//! to the cloud. This shows what cross-tenant batching gives a gpu-node
 //! when the CVMs (and their attention, masking and verification) are elsewhere.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use serde::Serialize;
 use talaria_engine::{ModelConfig, OpId};
 use talaria_net::TlsMaterial;
@@ -33,6 +34,74 @@ pub struct SyntheticStep {
     batches: Vec<crate::load::StageBatches>,
     /// CPU milliseconds per decode step, by process (the driver's own included).
     cpu_ms_per_token: BTreeMap<String, f64>,
+    /// The driver's QUIC connection to each stage, in stage order, after this step.
+    links: Vec<LinkStats>,
+}
+
+/// What a connection's path looked like: datagrams lost, or an MTU fallen back to 1,200 bytes,
+/// stall every call on it.
+#[derive(Debug, Serialize)]
+struct LinkStats {
+    rtt_us: u64,
+    current_mtu: u16,
+    lost_packets: u64,
+    congestion_events: u64,
+}
+
+impl LinkStats {
+    fn of(conn: &quinn::Connection) -> Self {
+        let path = conn.stats().path;
+        Self {
+            rtt_us: path.rtt.as_micros() as u64,
+            current_mtu: path.current_mtu,
+            lost_packets: path.lost_packets,
+            congestion_events: path.congestion_events,
+        }
+    }
+}
+
+/// The rows a call of the cluster's ReMO precision carries to the cloud.
+#[derive(Debug, Clone, Copy)]
+enum RowKind {
+    /// The integer mode: residues mod 2^64.
+    U64,
+    /// `f32` and `f64-client`: the cloud's product in f32.
+    F32,
+    /// `f64-gemm`: the cloud's product in f64.
+    F64,
+}
+
+impl RowKind {
+    fn of(precision: talaria_params::Precision) -> Self {
+        use talaria_params::Precision;
+        match precision {
+            Precision::Int => Self::U64,
+            Precision::F32 | Precision::F64Client => Self::F32,
+            Precision::F64Gemm => Self::F64,
+        }
+    }
+
+    /// One row of `cols` values: uniform residues, or floats of a masked row's magnitude.
+    fn row(self, cols: usize) -> Tensor {
+        let float = || (rand::random::<f64>() - 0.5) * 2e3;
+        match self {
+            Self::U64 => Tensor::U64 {
+                rows: 1,
+                cols,
+                data: (0..cols).map(|_| rand::random()).collect(),
+            },
+            Self::F32 => Tensor::F32 {
+                rows: 1,
+                cols,
+                data: (0..cols).map(|_| float() as f32).collect(),
+            },
+            Self::F64 => Tensor::F64 {
+                rows: 1,
+                cols,
+                data: (0..cols).map(|_| float()).collect(),
+            },
+        }
+    }
 }
 
 /// Where each op runs: the stage index of every op, in forward-pass order.
@@ -67,6 +136,7 @@ async fn session(
     conns: &[quinn::Connection],
     ops: &[(OpId, usize)],
     config: &ModelConfig,
+    kind: RowKind,
     session: u64,
     tokens: usize,
 ) -> Result<usize> {
@@ -80,10 +150,11 @@ async fn session(
     for conn in conns {
         ask(conn, &open, 4096).await?;
     }
-    // Uniform residues, made once per op: the cloud cannot tell them from fresh ones.
-    let rows: Vec<Vec<u64>> = ops
+    // One row per op, made once: the cloud cannot tell uniform residues from fresh ones, and
+    // the float modes' masked rows are noise-like at the mask's scale.
+    let rows: Vec<Tensor> = ops
         .iter()
-        .map(|(op, _)| (0..op.shape(config).0).map(|_| rand::random()).collect())
+        .map(|(op, _)| kind.row(op.shape(config).0))
         .collect();
     let mut seq = 0u64;
     for _ in 0..tokens {
@@ -93,11 +164,7 @@ async fn session(
                 session,
                 seq,
                 op: *op,
-                x: Tensor::U64 {
-                    rows: 1,
-                    cols: x.len(),
-                    data: x.clone(),
-                },
+                x: x.clone(),
             };
             let frame = frame::encode(
                 &Request::Call {
@@ -131,9 +198,7 @@ pub fn run(
     let config = talaria_model_file::read_config(&talaria_gguf::GgufFile::open(
         cluster.topology.coordinator_file(),
     )?)?;
-    if !cluster.topology.remo.config.precision.is_int() {
-        bail!("--synthetic sends integer-mode calls: the cluster's [remo] precision must be int");
-    }
+    let kind = RowKind::of(cluster.topology.remo.config.precision);
     let ops = route(cluster, &config)?;
     let ca = cluster.info.ca.clone();
     let dir = ca
@@ -167,7 +232,7 @@ pub fn run(
     let mut steps: Vec<SyntheticStep> = Vec::new();
     let mut next_session = 1u64 << 40;
     // Warm-up, not measured: the stages' first products touch their weights.
-    rt.block_on(session(&conns, &ops, &config, next_session, 2))?;
+    rt.block_on(session(&conns, &ops, &config, kind, next_session, 2))?;
     next_session += 1;
     for &n in counts {
         eprintln!("synthetic: {n} session(s) × {tokens} decode steps");
@@ -179,7 +244,7 @@ pub fn run(
         next_session += n as u64;
         let calls: usize = rt
             .block_on(async {
-                let runs = (0..n as u64).map(|i| session(&conns, &ops, &config, first + i, tokens));
+                let runs = (0..n as u64).map(|i| session(&conns, &ops, &config, kind, first + i, tokens));
                 futures::future::try_join_all(runs).await
             })?
             .into_iter()
@@ -212,6 +277,7 @@ pub fn run(
                 .into_iter()
                 .map(|(k, v)| (k, v * 1e3 / generated as f64))
                 .collect(),
+            links: conns.iter().map(LinkStats::of).collect(),
         };
         eprintln!(
             "  {:.2} steps/s ({:.0} calls/s) in {:.1} s{}",
