@@ -74,11 +74,17 @@ cluster cluster-int-d2 int 2 -
 cluster cluster-f64-gemm-d2 f64-gemm 2 -
 cluster cluster-f64-gemm-d0 f64-gemm 0 -
 
-echo "== load --synthetic" >&2
-SYNTH_DIR="$(mktemp -d)"
-"$TALARIA" load --synthetic --tenants 1,4,16 --gen-tokens "${SYNTH_TOKENS:-8}" \
-  --run-dir "$SYNTH_DIR" --json "$OUT/synthetic.json" > /dev/null
-rm -rf "$SYNTH_DIR"
+# The gpu-nodes alone, in the integer mode (the default) and in f32 (whose product costs
+# little per row, so it shows what batching gives when the product is not the bound).
+for precision in int f32; do
+  name=synthetic; [ "$precision" = int ] || name="synthetic-$precision"
+  if [ "${RESUME:-0}" = 1 ] && [ -f "$OUT/$name.json" ]; then continue; fi
+  echo "== load --synthetic --precision $precision" >&2
+  SYNTH_DIR="$(mktemp -d)"
+  "$TALARIA" load --synthetic --precision "$precision" --tenants 1,4,16 \
+    --gen-tokens "${SYNTH_TOKENS:-8}" --run-dir "$SYNTH_DIR" --json "$OUT/$name.json" > /dev/null
+  rm -rf "$SYNTH_DIR"
+done
 
 echo "== bench-gemm" >&2
 "$TALARIA" bench-gemm --rows 3,130 --runs "$RUNS" --out "$OUT/gemm.json" > /dev/null
@@ -120,7 +126,8 @@ flags = set((re.search(r"flags\s*:\s*(.*)", cpuinfo) or [None, ""])[1].split())
 result = {"machine": {"cpu": model_name, "cores": os.cpu_count(),
                       "vector": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"},
           "engines": [], "chat": load("chat"), "gemm": None,
-          "synthetic": (load("synthetic") or {}).get("synthetic")}
+          "synthetic": (load("synthetic") or {}).get("synthetic"),
+          "synthetic_f32": (load("synthetic-f32") or {}).get("synthetic")}
 try:
     result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 except OSError:
@@ -169,15 +176,18 @@ if c:
     md.append("")
     md.append(f"Next turn's TTFT over the first turn's: **{c['warm_over_first_ttft']:.3f}**; "
               f"cached over cold: {c['warm_over_cold_ttft']:.3f}; same answer: {c['same_answer']}.")
-if result["synthetic"]:
+if result["synthetic"] or result["synthetic_f32"]:
     md.append("")
-    md.append("| gpu-nodes alone (`load --synthetic`) | steps/s | × one session | calls per GEMM (stage 0, 1) | stage CPU ms / step |")
-    md.append("|---|---|---|---|---|")
-    for s in result["synthetic"]:
-        per = " / ".join(f"{b['calls_per_batch']['mean']:.1f}" for b in s["batches"])
-        cpu = sum(v for k, v in s["cpu_ms_per_token"].items() if k.startswith("stage-"))
-        x = "" if s["speedup_vs_one_session"] is None else f"{s['speedup_vs_one_session']:.2f}"
-        md.append(f"| {s['sessions']} session(s) | {s['tokens_per_s']:.2f} | {x} | {per} | {cpu:.0f} |")
+    md.append("| gpu-nodes alone (`load --synthetic`) | steps/s | × one session | calls per GEMM (stage 0, 1) | ms compute per GEMM (stage 0, 1) | stage CPU ms / step | datagrams lost |")
+    md.append("|---|---|---|---|---|---|---|")
+    for mode, steps in (("int", result["synthetic"]), ("f32", result["synthetic_f32"])):
+        for s in steps or []:
+            per = " / ".join(f"{b['calls_per_batch']['mean']:.1f}" for b in s["batches"])
+            gemm = " / ".join(f"{1e3 * b['compute_seconds_per_batch']['mean']:.2f}" for b in s["batches"])
+            cpu = sum(v for k, v in s["cpu_ms_per_token"].items() if k.startswith("stage-"))
+            x = "" if s["speedup_vs_one_session"] is None else f"{s['speedup_vs_one_session']:.2f}"
+            lost = sum(l["lost_packets"] for l in s.get("links", []))
+            md.append(f"| {mode}, {s['sessions']} session(s) | {s['tokens_per_s']:.2f} | {x} | {per} | {gemm} | {cpu:.0f} | {lost} |")
 if result["gemm"]:
     md.append("")
     md.append(f"| cloud products, one pass (`bench-gemm`, {result['u64_kernel']}) | f32 ms | f64 ms | u64 ms | u64 / f32 |")

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, TextEncoder,
-    exponential_buckets,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    TextEncoder, exponential_buckets,
 };
 
 /// A registered gauge, as the statics hold it.
@@ -144,6 +144,35 @@ pub static ROUTER_STAGES_UP: LazyLock<IntGauge> = LazyLock::new(|| {
     gauge(
         "talaria_router_stages_connected",
         "gpu-node stages (replicas included) connected now",
+    )
+});
+/// Datagrams the coordinator's connections to its stages lost, by stage (quinn's loss
+/// detection). On loopback or a datacenter link this stays at 0; a rising count means calls wait
+/// on retransmission timers.
+pub static ROUTER_LINK_LOST: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "talaria_router_link_datagrams_lost_total",
+                "Datagrams the coordinator's connection to each stage lost",
+            ),
+            &["stage"],
+        )
+        .expect("valid metric"),
+    )
+});
+/// The largest datagram each stage link carries now (path MTU discovery; 1200 after a black hole
+/// was detected).
+pub static ROUTER_LINK_MTU: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register(
+        IntGaugeVec::new(
+            Opts::new(
+                "talaria_router_link_mtu_bytes",
+                "Largest UDP payload the coordinator's connection to each stage sends now",
+            ),
+            &["stage"],
+        )
+        .expect("valid metric"),
     )
 });
 

@@ -590,7 +590,12 @@ pub struct NodeLink {
     index: usize,
     /// Not dialled again before this: the node failed a deadline.
     cool_until: Option<tokio::time::Instant>,
+    /// The current connection's lost datagrams and path MTU when last read.
+    path_seen: (u64, u16),
 }
+
+/// How often a link's QUIC path statistics are read into the metrics.
+const PATH_STATS_EVERY: Duration = Duration::from_secs(1);
 
 /// How long a stage that missed a deadline is left alone: new sessions go to its replicas
 /// meanwhile (its connection may be alive while its worker is stuck).
@@ -637,7 +642,32 @@ impl NodeLink {
             live,
             index,
             cool_until: None,
+            path_seen: (0, 0),
         }
+    }
+
+    /// Reads the connection's losses and path MTU into the metrics; a fall of the MTU (quinn's
+    /// black-hole detection, after losses of large datagrams) is logged once.
+    fn read_path(&mut self) {
+        let Some(conn) = &self.conn else { return };
+        let path = conn.stats().path;
+        let (lost, mtu) = self.path_seen;
+        metrics::ROUTER_LINK_LOST
+            .with_label_values(&[&self.name])
+            .inc_by(path.lost_packets.saturating_sub(lost));
+        metrics::ROUTER_LINK_MTU
+            .with_label_values(&[&self.name])
+            .set(path.current_mtu.into());
+        if path.current_mtu < mtu {
+            tracing::warn!(
+                stage = %self.name,
+                from = mtu,
+                to = path.current_mtu,
+                lost = path.lost_packets,
+                "the path to the gpu-node now carries smaller datagrams"
+            );
+        }
+        self.path_seen = (path.lost_packets, path.current_mtu);
     }
 
     fn set_live(&self, up: bool) {
@@ -682,6 +712,7 @@ impl NodeLink {
         ctx.spawn(dial.into_actor(self).map(|conn, act, ctx| {
             tracing::info!(stage = %act.name, addr = %act.addr, "gpu-node connected");
             act.conn = Some(conn.clone());
+            act.path_seen = (0, 0);
             act.connecting = false;
             act.set_live(true);
             // Noticed within the idle timeout when the node dies or stops answering.
@@ -702,6 +733,7 @@ impl Actor for NodeLink {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.reconnect(ctx);
+        ctx.run_interval(PATH_STATS_EVERY, |act, _| act.read_path());
     }
 }
 

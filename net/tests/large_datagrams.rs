@@ -32,7 +32,12 @@ fn concurrent_large_answers_lose_no_datagram_and_keep_the_mtu() {
         let addr: SocketAddr = server.local_addr().expect("server address");
         // Answers every stream with ANSWER bytes, and reports its side's statistics at the end.
         let served = tokio::spawn(async move {
-            let conn = server.accept().await.expect("incoming").await.expect("handshake");
+            let conn = server
+                .accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("handshake");
             let answers = conn.clone();
             let serving = tokio::spawn(async move {
                 while let Ok((mut send, mut recv)) = answers.accept_bi().await {
@@ -56,8 +61,13 @@ fn concurrent_large_answers_lose_no_datagram_and_keep_the_mtu() {
         // Discovery climbs to loopback's MTU within a few round trips.
         let t0 = Instant::now();
         while conn.stats().path.current_mtu < 60_000 {
-            assert!(t0.elapsed() < Duration::from_secs(5), "MTU discovery did not climb");
-            talaria_net::request(&conn, b"ping", ANSWER + 16).await.expect("warm-up");
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "MTU discovery did not climb"
+            );
+            talaria_net::request(&conn, b"ping", ANSWER + 16)
+                .await
+                .expect("warm-up");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // Rounds of eight concurrent requests on the one connection.

@@ -244,7 +244,8 @@ pub fn run(
         next_session += n as u64;
         let calls: usize = rt
             .block_on(async {
-                let runs = (0..n as u64).map(|i| session(&conns, &ops, &config, kind, first + i, tokens));
+                let runs =
+                    (0..n as u64).map(|i| session(&conns, &ops, &config, kind, first + i, tokens));
                 futures::future::try_join_all(runs).await
             })?
             .into_iter()

@@ -27,13 +27,15 @@ struct Tenant {
     max_sessions: usize,
 }
 
-/// Two stages with `/metrics`, `tenants`, and a small mask pool (sessions open faster).
-fn serving_topology(tenants: &[Tenant]) -> (String, Vec<SocketAddr>) {
+/// Two stages with `/metrics`, `tenants`, and a small mask pool (sessions open faster); the
+/// stages' metrics addresses, then the coordinator's.
+fn serving_topology(tenants: &[Tenant]) -> (String, Vec<SocketAddr>, SocketAddr) {
     let metrics: Vec<SocketAddr> = (0..2)
         .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
         .collect();
+    let coordinator_metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut t = format!(
-        "[model]\nfile = \"{}\"\n[coordinator]\nlisten = \"127.0.0.1:{}\"\n",
+        "[model]\nfile = \"{}\"\n[coordinator]\nlisten = \"127.0.0.1:{}\"\nmetrics = \"{coordinator_metrics}\"\n",
         real_model().display(),
         free_port()
     );
@@ -59,7 +61,7 @@ fn serving_topology(tenants: &[Tenant]) -> (String, Vec<SocketAddr>) {
         }
     }
     t += "[remo]\npool = 4\n[tls]\ngenerate = true\n[admission]\nallow_insecure = true\n";
-    (t, metrics)
+    (t, metrics, coordinator_metrics)
 }
 
 /// A second API key of each tenant with an HTTPS API (beside the one `talaria up` makes): another
@@ -77,7 +79,7 @@ fn python() -> PathBuf {
 #[test]
 fn the_openai_client_gets_the_plain_engines_greedy_answer_streamed_and_whole() {
     let port = free_port();
-    let (topology, _) = serving_topology(&[Tenant {
+    let (topology, _, _) = serving_topology(&[Tenant {
         name: "tenant-a".into(),
         http: Some(port),
         max_sessions: 4,
@@ -213,7 +215,7 @@ fn sixty_four_concurrent_sessions_of_four_tenants_are_batched_and_each_gets_its_
             max_sessions: 8,
         })
         .collect();
-    let (topology, metrics) = serving_topology(&tenants);
+    let (topology, metrics, coordinator_metrics) = serving_topology(&tenants);
     let cluster = LocalCluster::start(&topology);
     let topo = cluster.topology();
     // 64 different prompts, and what the plain engine answers to each.
@@ -276,6 +278,23 @@ fn sixty_four_concurrent_sessions_of_four_tenants_are_batched_and_each_gets_its_
         assert!(calls > batches, "no batch held more than one call");
         assert!(multi_tenant > 0.0, "no batch mixed tenants");
         assert_eq!(metric(&text, "talaria_stage_sessions"), 0.0);
+    }
+
+    // Sixty-four sessions' prefills (multi-datagram requests) and concurrent calls crossed the
+    // coordinator's link to each stage without a lost datagram, and the links still carry
+    // loopback's large datagrams: a segmentation-offload batch larger than one IP datagram was
+    // refused by the kernel and lost whole, and a few such losses dropped the path to 1,200 bytes.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let text = scrape(coordinator_metrics);
+    for stage in ["stage-0", "stage-1"] {
+        let label = format!("{{stage=\"{stage}\"}}");
+        let lost = metric(
+            &text,
+            &format!("talaria_router_link_datagrams_lost_total{label}"),
+        );
+        let mtu = metric(&text, &format!("talaria_router_link_mtu_bytes{label}"));
+        assert_eq!(lost, 0.0, "{stage}: datagrams lost on loopback");
+        assert!(mtu > 60_000.0, "{stage}: path MTU {mtu}");
     }
 }
 
