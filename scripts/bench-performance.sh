@@ -186,7 +186,7 @@ if result["synthetic"] or result["synthetic_f32"]:
             gemm = " / ".join(f"{1e3 * b['compute_seconds_per_batch']['mean']:.2f}" for b in s["batches"])
             cpu = sum(v for k, v in s["cpu_ms_per_token"].items() if k.startswith("stage-"))
             x = "" if s["speedup_vs_one_session"] is None else f"{s['speedup_vs_one_session']:.2f}"
-            lost = sum(l["lost_packets"] for l in s.get("links", []))
+            lost = sum(l["lost_packets"] for l in s.get("links", [])) + s.get("answer_datagrams_lost", 0)
             md.append(f"| {mode}, {s['sessions']} session(s) | {s['tokens_per_s']:.2f} | {x} | {per} | {gemm} | {cpu:.0f} | {lost} |")
 if result["gemm"]:
     md.append("")

@@ -76,6 +76,21 @@ pub static STAGE_QUEUE_DEPTH: LazyLock<IntGauge> = LazyLock::new(|| {
 });
 pub static STAGE_SESSIONS: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("talaria_stage_sessions", "Live sessions on this stage"));
+/// Datagrams this stage sent (its answers) that its connections lost, all connections together.
+pub static STAGE_LINK_LOST: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "talaria_stage_link_datagrams_lost_total",
+        "Datagrams this stage sent on its connections that were lost",
+    )
+});
+/// Times a connection of this stage concluded its path drops large datagrams and fell back to
+/// 1,200-byte ones (quinn's black-hole detection).
+pub static STAGE_LINK_BLACK_HOLES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "talaria_stage_link_black_holes_total",
+        "Times a connection of this stage fell back to 1200-byte datagrams",
+    )
+});
 pub static STAGE_BATCH_CALLS: LazyLock<Histogram> = LazyLock::new(|| {
     histogram(
         "talaria_stage_batch_calls",
@@ -146,15 +161,15 @@ pub static ROUTER_STAGES_UP: LazyLock<IntGauge> = LazyLock::new(|| {
         "gpu-node stages (replicas included) connected now",
     )
 });
-/// Datagrams the coordinator's connections to its stages lost, by stage (quinn's loss
-/// detection). On loopback or a datacenter link this stays at 0; a rising count means calls wait
+/// Datagrams the coordinator sent on its connection to each stage that were lost, by stage
+/// (quinn's loss detection sees the sender's side only: the stages count their answers'). On loopback or a datacenter link this stays at 0; a rising count means calls wait
 /// on retransmission timers.
 pub static ROUTER_LINK_LOST: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(
         IntCounterVec::new(
             Opts::new(
                 "talaria_router_link_datagrams_lost_total",
-                "Datagrams the coordinator's connection to each stage lost",
+                "Datagrams the coordinator sent on its connection to each stage that were lost",
             ),
             &["stage"],
         )

@@ -612,7 +612,7 @@ impl Handler<Unresponsive> for NodeLink {
     fn handle(&mut self, _: Unresponsive, _: &mut Context<Self>) {
         self.cool_until = Some(tokio::time::Instant::now() + UNRESPONSIVE_COOL_DOWN);
         self.set_live(false);
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.forget_conn() {
             // Its watcher redials, after the cool-down.
             conn.close(0u32.into(), b"unresponsive");
         }
@@ -670,6 +670,16 @@ impl NodeLink {
         self.path_seen = (path.lost_packets, path.current_mtu);
     }
 
+    /// Drops the connection, counting its last losses first; the MTU gauge reads 0 until the
+    /// next one.
+    fn forget_conn(&mut self) -> Option<quinn::Connection> {
+        self.read_path();
+        metrics::ROUTER_LINK_MTU
+            .with_label_values(&[&self.name])
+            .set(0);
+        self.conn.take()
+    }
+
     fn set_live(&self, up: bool) {
         if self.live[self.index].swap(up, Ordering::Relaxed) != up {
             let n = self
@@ -719,7 +729,7 @@ impl NodeLink {
             ctx.spawn(async move { conn.closed().await }.into_actor(act).map(
                 |reason, act, ctx| {
                     tracing::warn!(stage = %act.name, addr = %act.addr, "gpu-node lost: {reason}");
-                    act.conn = None;
+                    act.forget_conn();
                     act.set_live(false);
                     act.reconnect(ctx);
                 },
@@ -743,7 +753,7 @@ impl Handler<Forward> for NodeLink {
     fn handle(&mut self, msg: Forward, ctx: &mut Context<Self>) -> Self::Result {
         let live = self.conn.clone().filter(|c| c.close_reason().is_none());
         let Some(conn) = live else {
-            self.conn = None;
+            self.forget_conn();
             self.set_live(false);
             self.reconnect(ctx);
             let answer = err_frame(&ErrorReply::new(

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use talaria_engine::OpId;
@@ -582,6 +582,33 @@ impl Handler<Serve> for LayerStage {
     }
 }
 
+/// Adds what `conn` lost of the datagrams this stage sent (and its black-hole fallbacks) to the
+/// stage's metrics, every second and once more when it closes.
+async fn count_path_losses(conn: quinn::Connection) {
+    let (mut lost, mut black_holes) = (0, 0);
+    loop {
+        let closed = tokio::time::timeout(Duration::from_secs(1), conn.closed())
+            .await
+            .is_ok();
+        let path = conn.stats().path;
+        metrics::STAGE_LINK_LOST.inc_by(path.lost_packets.saturating_sub(lost));
+        metrics::STAGE_LINK_BLACK_HOLES
+            .inc_by(path.black_holes_detected.saturating_sub(black_holes));
+        if path.black_holes_detected > black_holes {
+            tracing::warn!(
+                peer = %conn.remote_address(),
+                mtu = path.current_mtu,
+                lost = path.lost_packets,
+                "a connection now carries 1200-byte datagrams: its path dropped large ones"
+            );
+        }
+        (lost, black_holes) = (path.lost_packets, path.black_holes_detected);
+        if closed {
+            return;
+        }
+    }
+}
+
 /// Serves a stage on `endpoint` until it closes: every connection, every stream.
 pub async fn serve(endpoint: quinn::Endpoint, stage: Addr<LayerStage>, max_frame: usize) {
     while let Some(incoming) = endpoint.accept().await {
@@ -595,6 +622,7 @@ pub async fn serve(endpoint: quinn::Endpoint, stage: Addr<LayerStage>, max_frame
                 }
             };
             tracing::info!(peer = %conn.remote_address(), "connected");
+            actix_rt::spawn(count_path_losses(conn.clone()));
             talaria_actors::serve_streams(conn, max_frame, move |frame| {
                 let stage = stage.clone();
                 async move {

@@ -457,15 +457,24 @@ pub fn idle_timeout() -> Duration {
     Duration::from_millis(IDLE_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed))
 }
 
+/// The most stream data a peer may have sent beyond what this side has read, per connection
+/// and per stream.
+const RECEIVE_WINDOW: u32 = 2 << 20;
+
 fn transport() -> Arc<quinn::TransportConfig> {
     let idle = idle_timeout();
     let mut t = quinn::TransportConfig::default();
-    // Flow control bounds what a peer can make this side buffer: 16 MiB per stream, 64 MiB per
-    // connection, whatever frame lengths it claims.
+    // Flow control bounds what a peer can make this side buffer, whatever frame lengths it
+    // claims, and what a peer can have in flight towards it: no more than the socket's receive
+    // buffer takes (SOCKET_BUFFER). With 64 MiB a stage's burst of concurrent answers (sixteen
+    // 393 KB LM-head rows) overflowed the coordinator's 4 MiB buffer and the kernel dropped
+    // thousands of datagrams in the 64-session test; with 2 MiB none, and a prefill's frames
+    // cross loopback as fast (`talaria bench --engine cluster`, f64-gemm: 49–51 prefill tok/s
+    // either way). On a path of round-trip time T this allows at most 2 MiB / T per connection.
     t.max_concurrent_bidi_streams(MAX_STREAMS.into())
         .max_concurrent_uni_streams(0u32.into())
-        .stream_receive_window((16u32 << 20).into())
-        .receive_window((64u32 << 20).into())
+        .stream_receive_window(RECEIVE_WINDOW.into())
+        .receive_window(RECEIVE_WINDOW.into())
         .send_window(64 << 20)
         .keep_alive_interval(Some(idle / 4))
         // Masked rows are bulk data: on a path with a large MTU (loopback, jumbo frames) far

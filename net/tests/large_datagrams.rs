@@ -82,10 +82,10 @@ fn concurrent_large_answers_lose_no_datagram_and_keep_the_mtu() {
         }
         conn.close(0u32.into(), b"done");
         let stats = served.await.expect("server task");
+        // The bug's signature: large datagrams lost, then the path's fallback to 1,200 bytes.
         assert_eq!(
-            (stats.path.lost_packets, stats.path.black_holes_detected),
-            (0, 0),
-            "the server's answers lost datagrams on loopback: {:?}",
+            stats.path.black_holes_detected, 0,
+            "the server's path fell back to small datagrams: {:?}",
             stats.path
         );
         assert!(
@@ -93,6 +93,23 @@ fn concurrent_large_answers_lose_no_datagram_and_keep_the_mtu() {
             "the server's path MTU fell to {}",
             stats.path.current_mtu
         );
+        // Loopback loses nothing unless a receive buffer overflows: where the kernel grants the
+        // endpoints' 4 MiB buffers, no loss at all.
+        if rmem_max() >= 4 << 20 {
+            assert_eq!(
+                stats.path.lost_packets, 0,
+                "the server's answers lost datagrams on loopback: {:?}",
+                stats.path
+            );
+        }
         assert!(stats.udp_tx.bytes > 80 * ANSWER as u64);
     });
+}
+
+/// The largest socket receive buffer the kernel grants (Linux; 0 where unknown).
+fn rmem_max() -> usize {
+    std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }

@@ -34,8 +34,30 @@ pub struct SyntheticStep {
     batches: Vec<crate::load::StageBatches>,
     /// CPU milliseconds per decode step, by process (the driver's own included).
     cpu_ms_per_token: BTreeMap<String, f64>,
-    /// The driver's QUIC connection to each stage, in stage order, after this step.
+    /// The driver's QUIC connection to each stage, in stage order, after this step (its own
+    /// sends: quinn's loss detection sees the sender's side).
     links: Vec<LinkStats>,
+    /// Datagrams of the stages' answers lost during this step, all stages together.
+    answer_datagrams_lost: u64,
+}
+
+/// Datagrams the stages sent and lost so far, all stages together (their `/metrics`).
+fn answers_lost(stages: &[(String, SocketAddr)]) -> Result<u64> {
+    let mut lost = 0;
+    for (name, addr) in stages {
+        let text = talaria_actors::metrics::scrape(*addr)
+            .with_context(|| format!("scraping {name}'s /metrics"))?;
+        lost += text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("talaria_stage_link_datagrams_lost_total ")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0) as u64;
+    }
+    Ok(lost)
 }
 
 /// What a connection's path looked like: datagrams lost, or an MTU fallen back to 1,200 bytes,
@@ -237,6 +259,7 @@ pub fn run(
     for &n in counts {
         eprintln!("synthetic: {n} session(s) × {tokens} decode steps");
         let before = crate::load::stage_histograms(stages)?;
+        let lost_before = answers_lost(stages)?;
         let cpu_before = crate::load::cpu_by_role(&stage_pids);
         let me_before = crate::load::cpu_seconds(std::process::id()).unwrap_or(0.0);
         let t0 = Instant::now();
@@ -252,6 +275,9 @@ pub fn run(
             .sum();
         let wall = t0.elapsed().as_secs_f64();
         let after = crate::load::stage_histograms(stages)?;
+        // The stages read their connections' losses every second.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let lost = answers_lost(stages)?.saturating_sub(lost_before);
         let mut cpu: BTreeMap<String, f64> = crate::load::cpu_by_role(&stage_pids)
             .into_iter()
             .map(|(k, v)| (k.clone(), v - cpu_before.get(&k).unwrap_or(&0.0)))
@@ -279,6 +305,7 @@ pub fn run(
                 .map(|(k, v)| (k, v * 1e3 / generated as f64))
                 .collect(),
             links: conns.iter().map(LinkStats::of).collect(),
+            answer_datagrams_lost: lost,
         };
         eprintln!(
             "  {:.2} steps/s ({:.0} calls/s) in {:.1} s{}",
