@@ -61,7 +61,10 @@ where
         let handle = handle.clone();
         actix_rt::spawn(async move {
             let answer = match talaria_net::read_frame(&mut recv, max_frame).await {
-                Ok(Some(frame)) => handle(frame).await,
+                Ok(Some(frame)) => {
+                    talaria_net::take_end(&mut recv);
+                    handle(frame).await
+                }
                 Ok(None) => return,
                 Err(e) => {
                     tracing::warn!(%peer, error_type = e.error_type(), "refused a frame: {e}");

@@ -730,9 +730,23 @@ pub async fn request(conn: &Connection, frame: &[u8], max: usize) -> Result<Vec<
     let (mut send, mut recv) = conn.open_bi().await.map_err(conn_err)?;
     write_frame(&mut send, frame).await?;
     send.finish().map_err(conn_err)?;
-    read_frame(&mut recv, max).await?.ok_or_else(|| {
+    let answer = read_frame(&mut recv, max).await?.ok_or_else(|| {
         FrameError::Connection("the peer closed the stream without an answer".into())
-    })
+    })?;
+    take_end(&mut recv);
+    Ok(answer)
+}
+
+/// Takes the end of a one-frame stream whose frame was read, when it has already arrived (the
+/// peer finishes right after its frame, so the end usually comes in the frame's last packet);
+/// never waits. A receive stream dropped before its end was read makes quinn tell the peer to
+/// stop sending (a STOP_SENDING frame): one more packet each way, and a wake-up of the peer,
+/// on every request. Whatever else is there (a second frame, which the protocol does not have)
+/// is left unread, and the stream is stopped as before.
+pub fn take_end(recv: &mut RecvStream) {
+    use std::future::Future;
+    let read = std::pin::pin!(recv.read_chunk(1, true));
+    let _ = read.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
 }
 
 /// The DER of the certificate the peer of `conn` presented (its first), if any.
