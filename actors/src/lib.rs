@@ -82,6 +82,55 @@ where
     }
 }
 
+/// A connection's path statistics as last read: what quinn counts of this side's sends (it
+/// sees the sender's losses only, so each side reports its own).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PathSeen {
+    lost: u64,
+    black_holes: u64,
+    mtu: u16,
+}
+
+/// What changed on a path since the last read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathDelta {
+    /// Datagrams this side sent that were declared lost since the last read.
+    pub lost: u64,
+    /// Black-hole fallbacks (to 1,200-byte datagrams) since the last read.
+    pub black_holes: u64,
+    /// The path's MTU now.
+    pub mtu: u16,
+}
+
+impl PathSeen {
+    /// Reads `conn`'s path: what changed since the last read. A fall of the MTU or a black-hole
+    /// fallback (quinn's answer to lost large datagrams) is logged, naming `peer`.
+    pub fn read(&mut self, conn: &quinn::Connection, peer: &str) -> PathDelta {
+        let path = conn.stats().path;
+        let delta = PathDelta {
+            lost: path.lost_packets.saturating_sub(self.lost),
+            black_holes: path.black_holes_detected.saturating_sub(self.black_holes),
+            mtu: path.current_mtu,
+        };
+        if delta.black_holes > 0 || path.current_mtu < self.mtu {
+            tracing::warn!(
+                %peer,
+                from = self.mtu,
+                to = path.current_mtu,
+                lost = path.lost_packets,
+                black_holes = path.black_holes_detected,
+                "the path now carries smaller datagrams: it dropped large ones"
+            );
+        }
+        *self = PathSeen {
+            lost: path.lost_packets,
+            black_holes: path.black_holes_detected,
+            mtu: path.current_mtu,
+        };
+        delta
+    }
+}
+
 /// The cluster's TLS material as the topology names it: its files, or for a generated set,
 /// the directory the launcher generated it into.
 pub fn tls_material(

@@ -337,6 +337,13 @@ pub fn scrape(addr: SocketAddr) -> std::io::Result<String> {
     Ok(body)
 }
 
+/// The value of the sample `name` (a counter or gauge without labels, or `name{labels}` spelled
+/// out) in a text exposition, if it is there.
+pub fn value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// Serves `GET /metrics` over plain HTTP on `addr` (cloud-internal: it carries counts and
 /// timings, no payloads). Runs until the process ends; must be called inside an actix `System`.
 pub fn serve(addr: SocketAddr) -> std::io::Result<()> {

@@ -590,8 +590,8 @@ pub struct NodeLink {
     index: usize,
     /// Not dialled again before this: the node failed a deadline.
     cool_until: Option<tokio::time::Instant>,
-    /// The current connection's lost datagrams and path MTU when last read.
-    path_seen: (u64, u16),
+    /// The current connection's path statistics when last read.
+    path_seen: talaria_actors::PathSeen,
 }
 
 /// How often a link's QUIC path statistics are read into the metrics.
@@ -642,32 +642,21 @@ impl NodeLink {
             live,
             index,
             cool_until: None,
-            path_seen: (0, 0),
+            path_seen: talaria_actors::PathSeen::default(),
         }
     }
 
-    /// Reads the connection's losses and path MTU into the metrics; a fall of the MTU (quinn's
-    /// black-hole detection, after losses of large datagrams) is logged once.
+    /// Reads the connection's losses and path MTU into the metrics (a fall of the MTU is
+    /// logged).
     fn read_path(&mut self) {
         let Some(conn) = &self.conn else { return };
-        let path = conn.stats().path;
-        let (lost, mtu) = self.path_seen;
+        let delta = self.path_seen.read(conn, &self.name);
         metrics::ROUTER_LINK_LOST
             .with_label_values(&[&self.name])
-            .inc_by(path.lost_packets.saturating_sub(lost));
+            .inc_by(delta.lost);
         metrics::ROUTER_LINK_MTU
             .with_label_values(&[&self.name])
-            .set(path.current_mtu.into());
-        if path.current_mtu < mtu {
-            tracing::warn!(
-                stage = %self.name,
-                from = mtu,
-                to = path.current_mtu,
-                lost = path.lost_packets,
-                "the path to the gpu-node now carries smaller datagrams"
-            );
-        }
-        self.path_seen = (path.lost_packets, path.current_mtu);
+            .set(delta.mtu.into());
     }
 
     /// Drops the connection, counting its last losses first; the MTU gauge reads 0 until the
@@ -722,7 +711,7 @@ impl NodeLink {
         ctx.spawn(dial.into_actor(self).map(|conn, act, ctx| {
             tracing::info!(stage = %act.name, addr = %act.addr, "gpu-node connected");
             act.conn = Some(conn.clone());
-            act.path_seen = (0, 0);
+            act.path_seen = talaria_actors::PathSeen::default();
             act.connecting = false;
             act.set_live(true);
             // Noticed within the idle timeout when the node dies or stops answering.

@@ -585,24 +585,15 @@ impl Handler<Serve> for LayerStage {
 /// Adds what `conn` lost of the datagrams this stage sent (and its black-hole fallbacks) to the
 /// stage's metrics, every second and once more when it closes.
 async fn count_path_losses(conn: quinn::Connection) {
-    let (mut lost, mut black_holes) = (0, 0);
+    let peer = conn.remote_address().to_string();
+    let mut seen = talaria_actors::PathSeen::default();
     loop {
         let closed = tokio::time::timeout(Duration::from_secs(1), conn.closed())
             .await
             .is_ok();
-        let path = conn.stats().path;
-        metrics::STAGE_LINK_LOST.inc_by(path.lost_packets.saturating_sub(lost));
-        metrics::STAGE_LINK_BLACK_HOLES
-            .inc_by(path.black_holes_detected.saturating_sub(black_holes));
-        if path.black_holes_detected > black_holes {
-            tracing::warn!(
-                peer = %conn.remote_address(),
-                mtu = path.current_mtu,
-                lost = path.lost_packets,
-                "a connection now carries 1200-byte datagrams: its path dropped large ones"
-            );
-        }
-        (lost, black_holes) = (path.lost_packets, path.black_holes_detected);
+        let delta = seen.read(&conn, &peer);
+        metrics::STAGE_LINK_LOST.inc_by(delta.lost);
+        metrics::STAGE_LINK_BLACK_HOLES.inc_by(delta.black_holes);
         if closed {
             return;
         }

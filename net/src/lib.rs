@@ -421,6 +421,22 @@ fn udp_socket(addr: SocketAddr, dual_stack: bool) -> std::io::Result<std::net::U
     Ok(socket.into())
 }
 
+/// Whether this host grants the endpoints' socket buffers in full (the kernel caps them at
+/// `net.core.rmem_max` and `wmem_max`), read back from a socket made as theirs are. Where it
+/// does, loopback loses no datagram under the cluster's bursts; where it does not, it may.
+pub fn full_socket_buffers() -> bool {
+    let probe = || -> std::io::Result<bool> {
+        let socket = socket2::Socket::from(udp_socket(
+            (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+            false,
+        )?);
+        // Linux reports twice what it grants (the kernel's bookkeeping share).
+        Ok(socket.recv_buffer_size()? >= SOCKET_BUFFER
+            && socket.send_buffer_size()? >= SOCKET_BUFFER)
+    };
+    probe().unwrap_or(false)
+}
+
 /// A UDP socket bound to `addr`; for an IPv6 address, dual-stack if the host allows it.
 fn client_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     udp_socket(addr, true)

@@ -95,7 +95,7 @@ fn concurrent_large_answers_lose_no_datagram_and_keep_the_mtu() {
         );
         // Loopback loses nothing unless a receive buffer overflows: where the kernel grants the
         // endpoints' 4 MiB buffers, no loss at all.
-        if rmem_max() >= 4 << 20 {
+        if talaria_net::full_socket_buffers() {
             assert_eq!(
                 stats.path.lost_packets, 0,
                 "the server's answers lost datagrams on loopback: {:?}",
@@ -104,12 +104,4 @@ fn concurrent_large_answers_lose_no_datagram_and_keep_the_mtu() {
         }
         assert!(stats.udp_tx.bytes > 80 * ANSWER as u64);
     });
-}
-
-/// The largest socket receive buffer the kernel grants (Linux; 0 where unknown).
-fn rmem_max() -> usize {
-    std::fs::read_to_string("/proc/sys/net/core/rmem_max")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }

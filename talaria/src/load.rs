@@ -168,17 +168,32 @@ const BATCH_METRICS: [&str; 5] = [
     "talaria_stage_compute_seconds",
 ];
 
-/// Every stage's batch histograms now.
-pub(crate) fn stage_histograms(stages: &[(String, SocketAddr)]) -> Result<Vec<Vec<Histogram>>> {
+/// One reading of a stage's `/metrics`.
+pub(crate) struct StageReading {
+    /// Its batch histograms ([`BATCH_METRICS`]).
+    histograms: Vec<Histogram>,
+    /// Datagrams it sent and lost so far, over all its connections.
+    pub(crate) datagrams_lost: u64,
+}
+
+/// Every stage's reading now, one scrape each.
+pub(crate) fn read_stages(stages: &[(String, SocketAddr)]) -> Result<Vec<StageReading>> {
     stages
         .iter()
         .map(|(name, addr)| {
             let text = talaria_actors::metrics::scrape(*addr)
                 .with_context(|| format!("scraping {name}'s /metrics"))?;
-            Ok(BATCH_METRICS
-                .iter()
-                .map(|m| parse_histogram(&text, m))
-                .collect())
+            Ok(StageReading {
+                histograms: BATCH_METRICS
+                    .iter()
+                    .map(|m| parse_histogram(&text, m))
+                    .collect(),
+                datagrams_lost: talaria_actors::metrics::value(
+                    &text,
+                    "talaria_stage_link_datagrams_lost_total",
+                )
+                .unwrap_or(0.0) as u64,
+            })
         })
         .collect()
 }
@@ -202,13 +217,14 @@ pub(crate) struct StageBatches {
 /// What each stage's shard did between two readings of its histograms.
 pub(crate) fn batches(
     stages: &[(String, SocketAddr)],
-    before: &[Vec<Histogram>],
-    after: &[Vec<Histogram>],
+    before: &[StageReading],
+    after: &[StageReading],
 ) -> Vec<StageBatches> {
     stages
         .iter()
         .zip(before.iter().zip(after))
-        .map(|((name, _), (b, a))| StageBatches {
+        .map(|((name, _), (b, a))| (name, &b.histograms, &a.histograms))
+        .map(|(name, b, a)| StageBatches {
             stage: name.clone(),
             calls_per_batch: delta(&a[0], &b[0]),
             tenants_per_batch: delta(&a[1], &b[1]),
@@ -479,12 +495,12 @@ pub fn run(args: LoadArgs) -> Result<()> {
             "{k} tenant(s) × {} session(s) × {} tokens",
             args.sessions, args.gen_tokens
         );
-        let before = stage_histograms(&stages)?;
+        let before = read_stages(&stages)?;
         let cpu_before = cpu_by_role(&cluster.info.pids);
         let t0 = Instant::now();
         let traces = run_all(&agents[..k], args.sessions, args.gen_tokens)?;
         let wall = t0.elapsed().as_secs_f64();
-        let after = stage_histograms(&stages)?;
+        let after = read_stages(&stages)?;
         let cpu_after = cpu_by_role(&cluster.info.pids);
         let generated: usize = traces.iter().map(|t| t.tokens.len()).sum();
         if generated != k * args.sessions * args.gen_tokens {

@@ -41,25 +41,6 @@ pub struct SyntheticStep {
     answer_datagrams_lost: u64,
 }
 
-/// Datagrams the stages sent and lost so far, all stages together (their `/metrics`).
-fn answers_lost(stages: &[(String, SocketAddr)]) -> Result<u64> {
-    let mut lost = 0;
-    for (name, addr) in stages {
-        let text = talaria_actors::metrics::scrape(*addr)
-            .with_context(|| format!("scraping {name}'s /metrics"))?;
-        lost += text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("talaria_stage_link_datagrams_lost_total ")?
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-            })
-            .unwrap_or(0.0) as u64;
-    }
-    Ok(lost)
-}
-
 /// What a connection's path looked like: datagrams lost, or an MTU fallen back to 1,200 bytes,
 /// stall every call on it.
 #[derive(Debug, Serialize)]
@@ -258,8 +239,7 @@ pub fn run(
     next_session += 1;
     for &n in counts {
         eprintln!("synthetic: {n} session(s) × {tokens} decode steps");
-        let before = crate::load::stage_histograms(stages)?;
-        let lost_before = answers_lost(stages)?;
+        let before = crate::load::read_stages(stages)?;
         let cpu_before = crate::load::cpu_by_role(&stage_pids);
         let me_before = crate::load::cpu_seconds(std::process::id()).unwrap_or(0.0);
         let t0 = Instant::now();
@@ -274,10 +254,14 @@ pub fn run(
             .into_iter()
             .sum();
         let wall = t0.elapsed().as_secs_f64();
-        let after = crate::load::stage_histograms(stages)?;
         // The stages read their connections' losses every second.
         std::thread::sleep(std::time::Duration::from_millis(1100));
-        let lost = answers_lost(stages)?.saturating_sub(lost_before);
+        let after = crate::load::read_stages(stages)?;
+        let lost = after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a.datagrams_lost.saturating_sub(b.datagrams_lost))
+            .sum();
         let mut cpu: BTreeMap<String, f64> = crate::load::cpu_by_role(&stage_pids)
             .into_iter()
             .map(|(k, v)| (k.clone(), v - cpu_before.get(&k).unwrap_or(&0.0)))

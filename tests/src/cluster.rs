@@ -131,9 +131,7 @@ pub fn scrape(addr: SocketAddr) -> String {
 
 /// The value of the metric line `name` (e.g. `talaria_stage_calls_total`), 0 if absent.
 pub fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
+    talaria_actors::metrics::value(text, name).unwrap_or(0.0)
 }
 
 /// A local topology over `model` with `stages` (`(name, "first-last", lm_head)`) and `tenants`,

@@ -288,7 +288,7 @@ fn sixty_four_concurrent_sessions_of_four_tenants_are_batched_and_each_gets_its_
     // Loopback loses nothing unless a receive buffer overflows, so losses are asserted only where
     // the kernel grants the endpoints' 4 MiB buffers.
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let big_buffers = big_socket_buffers();
+    let big_buffers = talaria_net::full_socket_buffers();
     let text = scrape(coordinator_metrics);
     for stage in ["stage-0", "stage-1"] {
         let label = format!("{{stage=\"{stage}\"}}");
@@ -422,18 +422,9 @@ fn the_synthetic_load_batches_the_calls_of_different_tenants_together() {
     // Concurrent answers on one connection lose nothing on loopback (they were lost whole in
     // segmentation-offload batches larger than one IP datagram, and four sessions then ran
     // slower than one), where the kernel grants the endpoints' 4 MiB buffers.
-    if big_socket_buffers() {
+    if talaria_net::full_socket_buffers() {
         for step in steps {
             assert_eq!(step["answer_datagrams_lost"], 0, "{step}");
         }
     }
-}
-
-/// Whether the kernel grants the 4 MiB socket buffers the endpoints ask for: then loopback
-/// loses no datagram.
-fn big_socket_buffers() -> bool {
-    std::fs::read_to_string("/proc/sys/net/core/rmem_max")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .is_some_and(|v| v >= 4 << 20)
 }
