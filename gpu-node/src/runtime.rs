@@ -376,6 +376,8 @@ fn work(queue: Arc<Queue>, compute: Arc<dyn StageCompute>) {
 /// so the event loop only ever moves frames.
 pub struct GpuShard {
     queue: Arc<Queue>,
+    /// The threads the worker's products run on, the worker itself one of them.
+    _threads: rayon::ThreadPool,
 }
 
 impl GpuShard {
@@ -393,11 +395,23 @@ impl GpuShard {
             policy,
             limits,
         });
+        // The worker is a thread of the pool its products run on: a product's first part runs
+        // on it at once and the other threads take the rest, so a call wakes no thread to hand
+        // the product over and none to hand it back (a thread outside the pool waits on a
+        // latch for the pool's threads). A decode call is a one-row product whose compute is a
+        // few hundred microseconds, where each such wake-up costs about a tenth of a
+        // millisecond on a busy host.
+        let threads = rayon::ThreadPoolBuilder::new()
+            .num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .thread_name(|i| format!("gpu-shard-{i}"))
+            .build()
+            .map_err(std::io::Error::other)?;
         let q = queue.clone();
-        std::thread::Builder::new()
-            .name("gpu-shard".into())
-            .spawn(move || work(q, compute))?;
-        Ok(Self { queue })
+        threads.spawn(move || work(q, compute));
+        Ok(Self {
+            queue,
+            _threads: threads,
+        })
     }
 }
 
