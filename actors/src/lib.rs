@@ -73,6 +73,8 @@ where
                     err_frame(&frame_error(&e))
                 }
             };
+            // A large request's end may arrive after its last bytes: take it now if it has.
+            talaria_net::take_end(&mut recv);
             if let Err(e) = talaria_net::write_frame(&mut send, &answer).await {
                 tracing::debug!(%peer, "answer not delivered: {e}");
                 return;

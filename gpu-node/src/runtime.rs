@@ -305,6 +305,19 @@ fn distinct_tenants<'a>(tenants: impl Iterator<Item = &'a str>) -> usize {
     tenants.len()
 }
 
+/// Runs `f`, turning a panic into a typed error for the jobs it served: the worker runs inside a
+/// rayon pool, where an unwinding panic would abort the process and with it every session.
+fn unpanicked<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, ErrorReply> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| {
+        tracing::error!(
+            what,
+            "the stage's compute panicked: its jobs are answered with an error"
+        );
+        metrics::error("internal");
+        ErrorReply::new("internal", format!("the stage's {what} failed"))
+    })
+}
+
 /// Runs batches from `queue` for the life of the process.
 fn work(queue: Arc<Queue>, compute: Arc<dyn StageCompute>) {
     let max_rows = queue.limits.max_rows;
@@ -316,9 +329,11 @@ fn work(queue: Arc<Queue>, compute: Arc<dyn StageCompute>) {
         }
         if batch[0].job.setup {
             let w = batch.into_iter().next().expect("one job");
-            let _ = w
-                .reply
-                .send(run_setup(compute.as_ref(), &w.job.frame, w.since));
+            let answer = unpanicked("set-up", || {
+                run_setup(compute.as_ref(), &w.job.frame, w.since)
+            })
+            .and_then(|a| a);
+            let _ = w.reply.send(answer);
             continue;
         }
         // Decode every call; one that fails is answered alone, the others still run.
@@ -346,7 +361,10 @@ fn work(queue: Arc<Queue>, compute: Arc<dyn StageCompute>) {
         let tenants = distinct_tenants(owners.iter().map(|w| &*w.job.tenant));
         let rows: usize = calls.iter().map(|c| c.x.shape().0).sum();
         let t0 = Instant::now();
-        let mut replies = compute.call_batch(&calls, &seen);
+        let mut replies = match unpanicked("batch", || compute.call_batch(&calls, &seen)) {
+            Ok(replies) => replies,
+            Err(e) => vec![Err(e); owners.len()],
+        };
         let elapsed = t0.elapsed();
         metrics::STAGE_BATCH_CALLS.observe(calls.len() as f64);
         metrics::STAGE_BATCH_TENANTS.observe(tenants as f64);
@@ -401,8 +419,8 @@ impl GpuShard {
         // latch for the pool's threads). A decode call is a one-row product whose compute is a
         // few hundred microseconds, where each such wake-up costs about a tenth of a
         // millisecond on a busy host.
+        // As many threads as the global pool (one per core, or RAYON_NUM_THREADS).
         let threads = rayon::ThreadPoolBuilder::new()
-            .num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
             .thread_name(|i| format!("gpu-shard-{i}"))
             .build()
             .map_err(std::io::Error::other)?;
@@ -696,6 +714,21 @@ mod tests {
     }
 
     /// The policy alone, without a thread or a clock: every rule of [`next`] in turn.
+    #[test]
+    fn a_panicking_computation_is_a_typed_error_not_an_abort() {
+        assert_eq!(unpanicked("batch", || 7).ok(), Some(7));
+        let e = unpanicked("batch", || -> u32 { panic!("a broken kernel") })
+            .expect_err("the panic is caught");
+        assert_eq!(e.error_type, "internal");
+        // Caught inside a rayon pool's thread too, where an escaping panic would abort.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let e = pool.install(|| unpanicked("set-up", || -> u32 { panic!("again") }));
+        assert!(e.is_err());
+    }
+
     #[test]
     fn the_batching_policy_is_a_pure_decision() {
         let t0 = Instant::now();

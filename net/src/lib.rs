@@ -421,8 +421,8 @@ fn udp_socket(addr: SocketAddr, dual_stack: bool) -> std::io::Result<std::net::U
     Ok(socket.into())
 }
 
-/// Whether this host grants the endpoints' socket buffers in full (the kernel caps them at
-/// `net.core.rmem_max` and `wmem_max`), read back from a socket made as theirs are. Where it
+/// Whether this host grants the endpoints' receive buffers in full (the kernel caps them at
+/// `net.core.rmem_max`), read back from a socket made as theirs are. Where it
 /// does, loopback loses no datagram under the cluster's bursts; where it does not, it may.
 pub fn full_socket_buffers() -> bool {
     let probe = || -> std::io::Result<bool> {
@@ -430,9 +430,14 @@ pub fn full_socket_buffers() -> bool {
             (std::net::Ipv4Addr::LOCALHOST, 0).into(),
             false,
         )?);
-        // Linux reports twice what it grants (the kernel's bookkeeping share).
-        Ok(socket.recv_buffer_size()? >= SOCKET_BUFFER
-            && socket.send_buffer_size()? >= SOCKET_BUFFER)
+        // Linux reports twice what it grants (the kernel's bookkeeping share). Only the receive
+        // side loses datagrams: a full send buffer makes the sender wait.
+        let reported = if cfg!(any(target_os = "linux", target_os = "android")) {
+            2 * SOCKET_BUFFER
+        } else {
+            SOCKET_BUFFER
+        };
+        Ok(socket.recv_buffer_size()? >= reported)
     };
     probe().unwrap_or(false)
 }
