@@ -62,8 +62,11 @@ where
         actix_rt::spawn(async move {
             let answer = match talaria_net::read_frame(&mut recv, max_frame).await {
                 Ok(Some(frame)) => {
+                    let answer = handle(frame).await;
+                    // Taken last, when a large request's end has surely arrived: the stream is
+                    // dropped (and would be stopped) only after the answer.
                     talaria_net::take_end(&mut recv);
-                    handle(frame).await
+                    answer
                 }
                 Ok(None) => return,
                 Err(e) => {
@@ -73,8 +76,6 @@ where
                     err_frame(&frame_error(&e))
                 }
             };
-            // A large request's end may arrive after its last bytes: take it now if it has.
-            talaria_net::take_end(&mut recv);
             if let Err(e) = talaria_net::write_frame(&mut send, &answer).await {
                 tracing::debug!(%peer, "answer not delivered: {e}");
                 return;

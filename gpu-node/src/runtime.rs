@@ -713,7 +713,6 @@ mod tests {
         batch.iter().map(|w| w.job.frame[0]).collect()
     }
 
-    /// The policy alone, without a thread or a clock: every rule of [`next`] in turn.
     #[test]
     fn a_panicking_computation_is_a_typed_error_not_an_abort() {
         assert_eq!(unpanicked("batch", || 7).ok(), Some(7));
@@ -729,6 +728,7 @@ mod tests {
         assert!(e.is_err());
     }
 
+    /// The policy alone, without a thread or a clock: every rule of [`next`] in turn.
     #[test]
     fn the_batching_policy_is_a_pure_decision() {
         let t0 = Instant::now();
