@@ -5,7 +5,7 @@
 
 use talaria_engine::{BlockOp, EngineError, ModelConfig, OpId};
 use talaria_gguf::{GgufFile, exact_shift, integer_blocks};
-use talaria_kernels::{INT_BLOCK, IntWeight, int_matmul};
+use talaria_kernels::{INT_BLOCK, IntWeight, code_index, int_matmul};
 
 use crate::NodeError;
 use talaria_model_file::{OpSource, block_sources, lm_head_source, load_vector};
@@ -53,7 +53,7 @@ fn fuse(
         for o in 0..part_out {
             let col = col0 + o;
             for (i, &q) in ib.codes[o * d_in..(o + 1) * d_in].iter().enumerate() {
-                w.codes[i * d_out + col] = q;
+                w.codes[code_index(d_out, i, col)] = q;
             }
             for b in 0..nb {
                 w.scales[b * d_out + col] = ib.scales[o * nb + b] as u64;

@@ -9,4 +9,6 @@ pub mod quant;
 pub mod ring;
 
 pub use quant::{BadQuantWeight, QuantMatrix, QuantType};
-pub use ring::{BadIntWeight, INT_BLOCK, IntWeight, int_matmul, int_weight_times};
+pub use ring::{
+    BadIntWeight, INT_BLOCK, IntWeight, code_index, int_kernel, int_matmul, int_weight_times,
+};

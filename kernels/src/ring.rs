@@ -24,7 +24,7 @@ pub const INT_BLOCK: usize = 32;
 pub struct IntWeight {
     pub d_in: usize,
     pub d_out: usize,
-    /// Codes, row-major `[d_in][d_out]`.
+    /// Codes `q[i][j]`, inputs in pairs: `[d_in / 2][d_out][2]` (see [`code_index`]).
     #[serde(with = "serde_bytes")]
     pub codes: Vec<u8>,
     /// Per block and column, row-major `[d_in / 32][d_out]`: the scale times `2^shift`
@@ -76,7 +76,7 @@ impl IntWeight {
     pub fn at(&self, i: usize, j: usize) -> i64 {
         let b = (i / INT_BLOCK) * self.d_out + j;
         (self.scales[b] as i64)
-            .wrapping_mul(i64::from(self.codes[i * self.d_out + j]))
+            .wrapping_mul(i64::from(self.codes[code_index(self.d_out, i, j)]))
             .wrapping_add(self.mins[b] as i64)
     }
 
@@ -100,14 +100,48 @@ impl IntWeight {
     }
 }
 
+/// Where code `q[i][j]` sits in [`IntWeight::codes`]: inputs in pairs, `[d_in / 2][d_out][2]`,
+/// so one 16-bit-pair lane of a vector holds a column's codes for two consecutive inputs (the
+/// operand of a pair dot, `vpmaddwd` / `vpdpwssd`).
+pub fn code_index(d_out: usize, i: usize, j: usize) -> usize {
+    ((i / 2) * d_out + j) * 2 + (i & 1)
+}
+
 /// Columns per tile of the product: one tile's accumulators stay in vector registers.
 const TILE: usize = 64;
 
+/// Inputs per block taken in pairs.
+const PAIRS: usize = INT_BLOCK / 2;
+
+/// The bias that makes the 16-bit digits of a 64-bit value signed (see [`digits`]).
+const DIGIT_BIAS: u64 = 0x8000_8000_8000_8000;
+
+/// `x` as four signed 16-bit digits: `x = Σ_l d_l · 2^(16 l) (mod 2^64)` with
+/// `d_l ∈ [-2^15, 2^15)`. The bytes of `x + B` (`B` = 2^15 in every digit) less 2^15 each, and
+/// that subtraction on a 16-bit field is a flip of its top bit.
+fn digits(x: u64) -> [i16; 4] {
+    let y = x.wrapping_add(DIGIT_BIAS) ^ DIGIT_BIAS;
+    [
+        y as i16,
+        (y >> 16) as i16,
+        (y >> 32) as i16,
+        (y >> 48) as i16,
+    ]
+}
+
 /// `x (rows × d_in) · W_int` modulo `2^64`, row-major, on every core.
 ///
-/// Per block, `Σ_i x_i (D q_i + M) = D · Σ_i x_i q_i + M · Σ_i x_i`: the inner sums multiply
-/// 64-bit values by 8-bit codes, the block sums of `x` are shared by every column.
+/// Per block, `Σ_i x_i (D q_i + M) = D · T + M · Σ_i x_i` with `T = Σ_i x_i q_i`: the block sums
+/// of `x` are shared by every column. `T` is taken on the signed 16-bit digits of `x`:
+/// `T = Σ_l 2^(16 l) S_l` with `S_l = Σ_i d_l(x_i) q_i`, and `|S_l| < 32 · 2^15 · 2^8 = 2^28`, so
+/// every `S_l` is exact in a 32-bit lane. A vector pair dot (`vpdpwssd`, or `vpmaddwd` and an
+/// add) takes 32 of those 16 × 16-bit products per instruction, against 8 (AVX-512) or 4 (AVX2)
+/// 32 × 32-bit multiplies for the same work on the 32-bit halves of `x`.
 pub fn int_matmul(x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64> {
+    int_matmul_with(Kernel::best(), x, rows, w)
+}
+
+fn int_matmul_with(kernel: Kernel, x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64> {
     let (d_in, d_out) = (w.d_in, w.d_out);
     assert_eq!(x.len(), rows * d_in, "lhs shape");
     let nb = d_in / INT_BLOCK;
@@ -115,11 +149,20 @@ pub fn int_matmul(x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64> {
         .chunks_exact(INT_BLOCK)
         .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
         .collect();
+    // Per row, input pair and digit: the pair's two digits, one 32-bit lane to broadcast.
+    let pairs: Vec<i32> = x
+        .chunks_exact(2)
+        .flat_map(|p| {
+            let (a, b) = (digits(p[0]), digits(p[1]));
+            (0..4).map(move |l| (u32::from(a[l] as u16) | (u32::from(b[l] as u16) << 16)) as i32)
+        })
+        .collect();
     let operands = Operands {
         x,
         rows,
         w,
         sums: &sums,
+        pairs: &pairs,
         nb,
     };
     let tiles: Vec<usize> = (0..d_out).step_by(TILE).collect();
@@ -128,7 +171,7 @@ pub fn int_matmul(x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64> {
         .map(|&j0| {
             let width = TILE.min(d_out - j0);
             let mut out = vec![0u64; rows * width];
-            tile(&operands, j0, width, &mut out);
+            tile(kernel, &operands, j0, width, &mut out);
             out
         })
         .collect();
@@ -174,15 +217,23 @@ pub fn int_weight_times(w: &IntWeight, vs: &[Vec<u64>]) -> Vec<Vec<u64>> {
                         .fold(0u64, |a, (&m, &x)| a.wrapping_add(m.wrapping_mul(x)))
                 })
                 .collect();
-            // `[i][t]` for the block's 32 inputs.
+            // `[i][t]` for the block's 32 inputs, two inputs (one pair row of codes) at a time.
             let mut out = vec![0u64; INT_BLOCK * k];
-            for i in 0..INT_BLOCK {
-                let codes = &w.codes[(b * INT_BLOCK + i) * d_out..][..d_out];
+            for p in 0..PAIRS {
+                let i = b * INT_BLOCK + 2 * p;
+                let codes = &w.codes[code_index(d_out, i, 0)..][..2 * d_out];
                 for t in 0..k {
-                    let dot = codes.iter().zip(&scaled[t]).fold(0u64, |a, (&q, &s)| {
-                        a.wrapping_add(s.wrapping_mul(u64::from(q)))
-                    });
-                    out[i * k + t] = dot.wrapping_add(offsets[t]);
+                    let (even, odd) = codes.chunks_exact(2).zip(&scaled[t]).fold(
+                        (0u64, 0u64),
+                        |(e, o), (q, &s)| {
+                            (
+                                e.wrapping_add(s.wrapping_mul(u64::from(q[0]))),
+                                o.wrapping_add(s.wrapping_mul(u64::from(q[1]))),
+                            )
+                        },
+                    );
+                    out[2 * p * k + t] = even.wrapping_add(offsets[t]);
+                    out[(2 * p + 1) * k + t] = odd.wrapping_add(offsets[t]);
                 }
             }
             out
@@ -205,52 +256,72 @@ struct Operands<'a> {
     w: &'a IntWeight,
     /// Per row and block, `Σ_i x_i` of the block.
     sums: &'a [u64],
+    /// Per row, input pair and digit `l`: `d_l(x_2p) | d_l(x_2p+1) << 16`, `[rows][d_in/2][4]`.
+    pairs: &'a [i32],
     nb: usize,
 }
 
-/// One tile of columns, compiled for the widest vector unit the CPU has.
-fn tile(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
+/// The vector kernels of [`int_matmul`]'s full tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// 64-bit multiplies, one column at a time.
+    Portable,
+    /// `vpmaddwd` and an add on 256-bit vectors.
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512dq") {
-            // SAFETY: the CPU has the features the function is compiled for (checked above).
-            return unsafe { tile_avx512(a, j0, width, out) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above.
-            return unsafe { tile_avx2(a, j0, width, out) };
-        }
-    }
-    tile_portable(a, j0, width, out)
+    Avx2,
+    /// `vpdpwssd` on 512-bit vectors.
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
 }
 
-/// The portable tile, compiled again with the named target features enabled.
-macro_rules! tile_for {
-    ($name:ident, $features:literal) => {
+impl Kernel {
+    /// The widest this CPU has.
+    fn best() -> Kernel {
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        fn $name(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
-            tile_portable(a, j0, width, out)
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vnni") {
+                return Kernel::Vnni;
+            }
+            if has!("avx2") {
+                return Kernel::Avx2;
+            }
         }
-    };
-}
+        Kernel::Portable
+    }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq")]
-fn tile_avx512(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
-    if width == TILE {
-        tile_fixed_avx512(a, j0, out)
-    } else {
-        tile_portable(a, j0, width, out)
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => "avx512-vnni",
+        }
     }
 }
-tile_for!(tile_avx2, "avx2");
 
-#[inline(always)]
+/// The kernel [`int_matmul`] runs on this CPU: `avx512-vnni` (`vpdpwssd`), `avx2` (`vpmaddwd`)
+/// or `portable` (64-bit multiplies).
+pub fn int_kernel() -> &'static str {
+    Kernel::best().name()
+}
+
+/// One tile of columns; a ragged last tile runs the portable kernel.
+fn tile(kernel: Kernel, a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
+    match kernel {
+        // SAFETY: `Kernel::best` chose it: the CPU has the features it is compiled for.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni if width == TILE => unsafe { tile_vnni(a, j0, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 if width == TILE => unsafe { tile_avx2(a, j0, out) },
+        _ => tile_portable(a, j0, width, out),
+    }
+}
+
+/// The product by its definition on 64-bit values, one column at a time.
 fn tile_portable(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
-    if width == TILE {
-        return tile_fixed::<TILE>(a, j0, out);
-    }
     let w = a.w;
     for r in 0..a.rows {
         for (jj, o) in out[r * width..(r + 1) * width].iter_mut().enumerate() {
@@ -259,7 +330,7 @@ fn tile_portable(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
             for b in 0..a.nb {
                 let mut t = 0u64;
                 for i in b * INT_BLOCK..(b + 1) * INT_BLOCK {
-                    let q = u64::from(w.codes[i * w.d_out + j]);
+                    let q = u64::from(w.codes[code_index(w.d_out, i, j)]);
                     t = t.wrapping_add(a.x[r * w.d_in + i].wrapping_mul(q));
                 }
                 let k = b * w.d_out + j;
@@ -272,51 +343,15 @@ fn tile_portable(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
     }
 }
 
-/// A full tile of `N` columns: the code rows of a block stay in L1 while every row uses them.
-#[inline(always)]
-fn tile_fixed<const N: usize>(a: &Operands, j0: usize, out: &mut [u64]) {
-    let Operands {
-        x,
-        rows,
-        w,
-        sums,
-        nb,
-    } = *a;
-    let (d_in, d_out) = (w.d_in, w.d_out);
-    for b in 0..nb {
-        let scales: &[u64; N] = w.scales[b * d_out + j0..][..N].try_into().expect("tile");
-        let mins: &[u64; N] = w.mins[b * d_out + j0..][..N].try_into().expect("tile");
-        for r in 0..rows {
-            let mut t = [0u64; N];
-            let xs = &x[r * d_in + b * INT_BLOCK..][..INT_BLOCK];
-            for (i, &xi) in xs.iter().enumerate() {
-                let q: &[u8; N] = w.codes[(b * INT_BLOCK + i) * d_out + j0..][..N]
-                    .try_into()
-                    .expect("tile");
-                for j in 0..N {
-                    t[j] = t[j].wrapping_add(xi.wrapping_mul(u64::from(q[j])));
-                }
-            }
-            let s = sums[r * nb + b];
-            let o: &mut [u64; N] = (&mut out[r * N..(r + 1) * N]).try_into().expect("tile");
-            for j in 0..N {
-                o[j] = o[j]
-                    .wrapping_add(scales[j].wrapping_mul(t[j]))
-                    .wrapping_add(mins[j].wrapping_mul(s));
-            }
-        }
-    }
-}
-
-/// The full tile with AVX-512 intrinsics: `x·q = lo·q + (hi·q) << 32 (mod 2^64)` with the 32-bit
-/// halves of `x`, so every product is one `vpmuludq` (32 × 32 → 64 bits) instead of a 64-bit
-/// `vpmullq` (three µops); 64 columns of `lo` and `hi` sums stay in 16 registers through a block.
-/// Neither sum can wrap: 32 terms below 2^40 each.
+/// A full tile with AVX-512 VNNI: per block and row, the four digit sums `S_l` of 64 columns
+/// (16 registers of 16 lanes) take one `vpdpwssd` per digit, 16 columns and input pair; the
+/// codes of a pair row widen from bytes to 16-bit lanes once for all four digits. Then
+/// `T = S_0 + S_1·2^16 + (S_2 + S_3·2^16 mod 2^32)·2^32` in 64-bit lanes, and `D·T + M·Σx`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq")]
-fn tile_fixed_avx512(a: &Operands, j0: usize, out: &mut [u64]) {
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
+fn tile_vnni(a: &Operands, j0: usize, out: &mut [u64]) {
     use std::arch::x86_64::*;
-    const V: usize = TILE / 8;
+    const V: usize = TILE / 16;
     let w = a.w;
     let (d_in, d_out) = (w.d_in, w.d_out);
     for b in 0..a.nb {
@@ -324,36 +359,133 @@ fn tile_fixed_avx512(a: &Operands, j0: usize, out: &mut [u64]) {
         let scales = &w.scales[k0..k0 + TILE];
         let mins = &w.mins[k0..k0 + TILE];
         for r in 0..a.rows {
-            let xs = &a.x[r * d_in + b * INT_BLOCK..][..INT_BLOCK];
-            let mut lo = [_mm512_setzero_si512(); V];
-            let mut hi = [_mm512_setzero_si512(); V];
-            for (i, &xi) in xs.iter().enumerate() {
-                let q = &w.codes[(b * INT_BLOCK + i) * d_out + j0..][..TILE];
-                // `vpmuludq` reads the low 32 bits of each lane: `xi` itself is its low half.
-                let x_lo = _mm512_set1_epi64(xi as i64);
-                let x_hi = _mm512_set1_epi64((xi >> 32) as i64);
-                for v in 0..V {
-                    // SAFETY: `q` holds TILE bytes; this reads 8 of them at offset 8·v < TILE.
-                    let q8 = unsafe { _mm_loadl_epi64(q.as_ptr().add(8 * v).cast()) };
-                    let qv = _mm512_cvtepu8_epi64(q8);
-                    lo[v] = _mm512_add_epi64(lo[v], _mm512_mul_epu32(x_lo, qv));
-                    hi[v] = _mm512_add_epi64(hi[v], _mm512_mul_epu32(x_hi, qv));
+            let px = &a.pairs[(r * d_in / 2 + b * PAIRS) * 4..][..PAIRS * 4];
+            let mut acc = [[_mm512_setzero_si512(); V]; 4];
+            for p in 0..PAIRS {
+                let codes = &w.codes[code_index(d_out, b * INT_BLOCK + 2 * p, j0)..][..2 * TILE];
+                let mut c = [_mm512_setzero_si512(); V];
+                for (v, c) in c.iter_mut().enumerate() {
+                    // SAFETY: `codes` holds 2·TILE bytes; this reads 32 of them at 32·v < 2·TILE.
+                    let q = unsafe { _mm256_loadu_si256(codes.as_ptr().add(32 * v).cast()) };
+                    *c = _mm512_cvtepu8_epi16(q);
+                }
+                for (l, acc) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_epi32(px[p * 4 + l]);
+                    for v in 0..V {
+                        acc[v] = _mm512_dpwssd_epi32(acc[v], c[v], xv);
+                    }
                 }
             }
             let s = _mm512_set1_epi64(a.sums[r * a.nb + b] as i64);
             let o = &mut out[r * TILE..(r + 1) * TILE];
             for v in 0..V {
-                let t = _mm512_add_epi64(lo[v], _mm512_slli_epi64::<32>(hi[v]));
-                // SAFETY: each slice holds TILE values; these access 8 at offset 8·v < TILE.
-                unsafe {
-                    let d = _mm512_loadu_si512(scales.as_ptr().add(8 * v).cast());
-                    let m = _mm512_loadu_si512(mins.as_ptr().add(8 * v).cast());
-                    let prev = _mm512_loadu_si512(o.as_ptr().add(8 * v).cast());
-                    let sum = _mm512_add_epi64(
-                        prev,
-                        _mm512_add_epi64(_mm512_mullo_epi64(d, t), _mm512_mullo_epi64(m, s)),
+                let u = _mm512_add_epi32(acc[2][v], _mm512_slli_epi32::<16>(acc[3][v]));
+                let halves = [
+                    (
+                        _mm512_castsi512_si256(acc[0][v]),
+                        _mm512_castsi512_si256(acc[1][v]),
+                        _mm512_castsi512_si256(u),
+                    ),
+                    (
+                        _mm512_extracti64x4_epi64::<1>(acc[0][v]),
+                        _mm512_extracti64x4_epi64::<1>(acc[1][v]),
+                        _mm512_extracti64x4_epi64::<1>(u),
+                    ),
+                ];
+                for (h, (s0, s1, u)) in halves.into_iter().enumerate() {
+                    let t = _mm512_add_epi64(
+                        _mm512_add_epi64(
+                            _mm512_cvtepi32_epi64(s0),
+                            _mm512_slli_epi64::<16>(_mm512_cvtepi32_epi64(s1)),
+                        ),
+                        _mm512_slli_epi64::<32>(_mm512_cvtepu32_epi64(u)),
                     );
-                    _mm512_storeu_si512(o.as_mut_ptr().add(8 * v).cast(), sum);
+                    let at = 16 * v + 8 * h;
+                    // SAFETY: each slice holds TILE values; these access 8 at `at` < TILE.
+                    unsafe {
+                        let d = _mm512_loadu_si512(scales.as_ptr().add(at).cast());
+                        let m = _mm512_loadu_si512(mins.as_ptr().add(at).cast());
+                        let prev = _mm512_loadu_si512(o.as_ptr().add(at).cast());
+                        let sum = _mm512_add_epi64(
+                            prev,
+                            _mm512_add_epi64(_mm512_mullo_epi64(d, t), _mm512_mullo_epi64(m, s)),
+                        );
+                        _mm512_storeu_si512(o.as_mut_ptr().add(at).cast(), sum);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A full tile with AVX2: as [`tile_vnni`], 16 columns at a time (8 registers of digit sums),
+/// `vpmaddwd` and an add per digit, 8 columns and input pair; `T` in 64-bit lanes, and the
+/// 64-bit `D·T + M·Σx` per column (AVX2 has no 64-bit vector multiply).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn tile_avx2(a: &Operands, j0: usize, out: &mut [u64]) {
+    use std::arch::x86_64::*;
+    const G: usize = 16;
+    let w = a.w;
+    let (d_in, d_out) = (w.d_in, w.d_out);
+    for b in 0..a.nb {
+        let k0 = b * d_out + j0;
+        for r in 0..a.rows {
+            let px = &a.pairs[(r * d_in / 2 + b * PAIRS) * 4..][..PAIRS * 4];
+            let s = a.sums[r * a.nb + b];
+            for g in (0..TILE).step_by(G) {
+                let mut acc = [[_mm256_setzero_si256(); 2]; 4];
+                for p in 0..PAIRS {
+                    let codes =
+                        &w.codes[code_index(d_out, b * INT_BLOCK + 2 * p, j0 + g)..][..2 * G];
+                    let mut c = [_mm256_setzero_si256(); 2];
+                    for (v, c) in c.iter_mut().enumerate() {
+                        // SAFETY: `codes` holds 2·G bytes; this reads 16 at 16·v < 2·G.
+                        let q = unsafe { _mm_loadu_si128(codes.as_ptr().add(16 * v).cast()) };
+                        *c = _mm256_cvtepu8_epi16(q);
+                    }
+                    for (l, acc) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_set1_epi32(px[p * 4 + l]);
+                        for v in 0..2 {
+                            acc[v] = _mm256_add_epi32(acc[v], _mm256_madd_epi16(c[v], xv));
+                        }
+                    }
+                }
+                let mut t = [0u64; G];
+                for v in 0..2 {
+                    let u = _mm256_add_epi32(acc[2][v], _mm256_slli_epi32::<16>(acc[3][v]));
+                    let halves = [
+                        (
+                            _mm256_castsi256_si128(acc[0][v]),
+                            _mm256_castsi256_si128(acc[1][v]),
+                            _mm256_castsi256_si128(u),
+                        ),
+                        (
+                            _mm256_extracti128_si256::<1>(acc[0][v]),
+                            _mm256_extracti128_si256::<1>(acc[1][v]),
+                            _mm256_extracti128_si256::<1>(u),
+                        ),
+                    ];
+                    for (h, (s0, s1, u)) in halves.into_iter().enumerate() {
+                        let tv = _mm256_add_epi64(
+                            _mm256_add_epi64(
+                                _mm256_cvtepi32_epi64(s0),
+                                _mm256_slli_epi64::<16>(_mm256_cvtepi32_epi64(s1)),
+                            ),
+                            _mm256_slli_epi64::<32>(_mm256_cvtepu32_epi64(u)),
+                        );
+                        // SAFETY: `t` holds G values; this writes 4 at 8·v + 4·h < G.
+                        unsafe {
+                            _mm256_storeu_si256(t.as_mut_ptr().add(8 * v + 4 * h).cast(), tv)
+                        };
+                    }
+                }
+                let o = &mut out[r * TILE + g..][..G];
+                let (d, m) = (&w.scales[k0 + g..][..G], &w.mins[k0 + g..][..G]);
+                for j in 0..G {
+                    o[j] = o[j]
+                        .wrapping_add(d[j].wrapping_mul(t[j]))
+                        .wrapping_add(m[j].wrapping_mul(s));
                 }
             }
         }
@@ -442,6 +574,77 @@ mod tests {
                 naive(&x, rows, &w),
                 "{rows} x {d_in} x {d_out}"
             );
+        }
+    }
+
+    #[test]
+    fn four_signed_digits_make_the_value_again() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
+        let extremes = [
+            0,
+            1,
+            u64::MAX,
+            1 << 63,
+            0x7fff_7fff_7fff_7fff,
+            0x7fff_7fff_7fff_8000,
+        ];
+        for x in extremes.into_iter().chain((0..1000).map(|_| rng.random())) {
+            let d = digits(x);
+            let back = (0..4).fold(0u64, |a, l| {
+                a.wrapping_add((i64::from(d[l]) as u64) << (16 * l))
+            });
+            assert_eq!(back, x, "{x:#x}");
+        }
+        // The two extremes: every digit at -2^15, every digit at 2^15 - 1.
+        assert_eq!(digits(0x7fff_7fff_7fff_8000), [i16::MIN; 4]);
+        assert_eq!(digits(0x7fff_7fff_7fff_7fff), [i16::MAX; 4]);
+    }
+
+    /// Every kernel this CPU has, against the definition: random values, and the extremes of
+    /// the digit sums (every digit of every input at -2^15 or 2^15 - 1 against codes of 255),
+    /// of the codes and of the scales.
+    #[test]
+    fn every_kernel_is_the_product_mod_2_64_at_the_extremes() {
+        let mut kernels = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                kernels.push(Kernel::Avx2);
+            }
+            if Kernel::best() == Kernel::Vnni {
+                kernels.push(Kernel::Vnni);
+            }
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for (rows, d_in, d_out) in [(1, 32, 64), (3, 96, 130), (17, 64, 128), (0, 32, 64)] {
+            let random = random_weight(&mut rng, d_in, d_out);
+            let saturated = IntWeight {
+                codes: vec![255; d_in * d_out],
+                scales: vec![u64::MAX; random.scales.len()],
+                mins: vec![1 << 63; random.mins.len()],
+                ..random.clone()
+            };
+            let xs: [Vec<u64>; 4] = [
+                (0..rows * d_in).map(|_| rng.random()).collect(),
+                vec![0x7fff_7fff_7fff_8000; rows * d_in],
+                vec![0x7fff_7fff_7fff_7fff; rows * d_in],
+                (0..rows * d_in)
+                    .map(|i| [u64::MAX, 0, 1 << 63, 1][i % 4])
+                    .collect(),
+            ];
+            for w in [&random, &saturated] {
+                for x in &xs {
+                    let want = naive(x, rows, w);
+                    for &k in &kernels {
+                        assert_eq!(
+                            int_matmul_with(k, x, rows, w),
+                            want,
+                            "{} on {rows} x {d_in} x {d_out}",
+                            k.name()
+                        );
+                    }
+                }
+            }
         }
     }
 

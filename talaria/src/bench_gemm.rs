@@ -80,19 +80,6 @@ fn kind(op: OpId) -> String {
     }
 }
 
-fn kernel() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512dq") {
-            return "avx512";
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return "avx2";
-        }
-    }
-    "portable"
-}
-
 pub fn run(args: BenchGemmArgs) -> Result<()> {
     let path = crate::resolve_model(args.model_file)?;
     let f = GgufFile::open(&path)?;
@@ -159,7 +146,7 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
     let report = Report {
         model: path.display().to_string(),
         threads: rayon::current_num_threads(),
-        u64_kernel: kernel(),
+        u64_kernel: talaria_kernels::int_kernel(),
         runs: args.runs,
         f32_weight_bytes,
         int_weight_bytes,
