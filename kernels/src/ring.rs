@@ -138,10 +138,25 @@ fn digits(x: u64) -> [i16; 4] {
 /// add) takes 32 of those 16 × 16-bit products per instruction, against 8 (AVX-512) or 4 (AVX2)
 /// 32 × 32-bit multiplies for the same work on the 32-bit halves of `x`.
 pub fn int_matmul(x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64> {
-    int_matmul_with(Kernel::best(), x, rows, w)
+    product(IntKernel::best(), x, rows, w)
 }
 
-fn int_matmul_with(kernel: Kernel, x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64> {
+/// [`int_matmul`] on a named kernel (the benchmark compares them side by side).
+///
+/// # Panics
+///
+/// If this CPU cannot run `kernel`.
+pub fn int_matmul_with(kernel: IntKernel, x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64> {
+    assert!(
+        IntKernel::available().contains(&kernel),
+        "this CPU cannot run the {} kernel",
+        kernel.name()
+    );
+    product(kernel, x, rows, w)
+}
+
+/// The product on a kernel the CPU can run.
+fn product(kernel: IntKernel, x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64> {
     let (d_in, d_out) = (w.d_in, w.d_out);
     assert_eq!(x.len(), rows * d_in, "lhs shape");
     let nb = d_in / INT_BLOCK;
@@ -261,9 +276,9 @@ struct Operands<'a> {
     nb: usize,
 }
 
-/// The vector kernels of [`int_matmul`]'s full tiles.
+/// The kernels of [`int_matmul`]'s full tiles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
+pub enum IntKernel {
     /// 64-bit multiplies, one column at a time.
     Portable,
     /// `vpmaddwd` and an add on 256-bit vectors.
@@ -274,48 +289,113 @@ enum Kernel {
     Vnni,
 }
 
-impl Kernel {
-    /// The widest this CPU has.
-    fn best() -> Kernel {
+impl IntKernel {
+    /// Every kernel this CPU can run, the widest last.
+    pub fn available() -> Vec<IntKernel> {
+        let mut all = vec![IntKernel::Portable];
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vnni") {
-                return Kernel::Vnni;
-            }
             if has!("avx2") {
-                return Kernel::Avx2;
+                all.push(IntKernel::Avx2);
+            }
+            if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vnni") {
+                all.push(IntKernel::Vnni);
             }
         }
-        Kernel::Portable
+        all
     }
 
-    fn name(self) -> &'static str {
+    /// The widest this CPU has: the one [`int_matmul`] runs.
+    pub fn best() -> IntKernel {
+        static BEST: std::sync::OnceLock<IntKernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| *IntKernel::available().last().expect("portable"))
+    }
+
+    pub fn name(self) -> &'static str {
         match self {
-            Kernel::Portable => "portable",
+            IntKernel::Portable => "portable",
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => "avx2",
+            IntKernel::Avx2 => "avx2",
             #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni => "avx512-vnni",
+            IntKernel::Vnni => "avx512-vnni",
         }
     }
+
+    /// The machine's peak for this kernel's inner step, measured: 16 × 16-bit multiply-adds per
+    /// second on the calling thread, from independent chains of pair dots that nothing but the
+    /// vector unit bounds (`None` for the portable kernel). A 64-bit product by a code is four
+    /// of them, one per digit.
+    pub fn pair_dot_peak(self) -> Option<f64> {
+        const ITERS: usize = 4_000_000;
+        let t0 = std::time::Instant::now();
+        let macs = match self {
+            IntKernel::Portable => return None,
+            // SAFETY: `available` listed it: the CPU has the features it is compiled for.
+            #[cfg(target_arch = "x86_64")]
+            IntKernel::Avx2 => unsafe { peak_avx2(ITERS) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            IntKernel::Vnni => unsafe { peak_vnni(ITERS) },
+        };
+        Some(macs as f64 / t0.elapsed().as_secs_f64())
+    }
+}
+
+/// Independent accumulator chains for the peak: enough to cover the pair dot's latency on every
+/// port that runs it.
+#[cfg(target_arch = "x86_64")]
+const PEAK_CHAINS: usize = 16;
+
+/// Runs `iters` rounds of [`PEAK_CHAINS`] `vpdpwssd`; returns the multiply-adds done.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn peak_vnni(iters: usize) -> usize {
+    use std::arch::x86_64::*;
+    let a = std::hint::black_box(_mm512_set1_epi32(0x0001_0001));
+    let b = std::hint::black_box(_mm512_set1_epi32(0x0003_0002));
+    let mut acc = [_mm512_setzero_si512(); PEAK_CHAINS];
+    for _ in 0..iters {
+        for v in &mut acc {
+            *v = _mm512_dpwssd_epi32(*v, a, b);
+        }
+    }
+    std::hint::black_box(acc);
+    iters * PEAK_CHAINS * 32
+}
+
+/// Runs `iters` rounds of [`PEAK_CHAINS`] `vpmaddwd` and adds; returns the multiply-adds done.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn peak_avx2(iters: usize) -> usize {
+    use std::arch::x86_64::*;
+    let a = std::hint::black_box(_mm256_set1_epi32(0x0001_0001));
+    let b = std::hint::black_box(_mm256_set1_epi32(0x0003_0002));
+    let mut acc = [_mm256_setzero_si256(); PEAK_CHAINS];
+    for _ in 0..iters {
+        for v in &mut acc {
+            *v = _mm256_add_epi32(*v, _mm256_madd_epi16(a, b));
+        }
+    }
+    std::hint::black_box(acc);
+    iters * PEAK_CHAINS * 16
 }
 
 /// The kernel [`int_matmul`] runs on this CPU: `avx512-vnni` (`vpdpwssd`), `avx2` (`vpmaddwd`)
 /// or `portable` (64-bit multiplies).
 pub fn int_kernel() -> &'static str {
-    Kernel::best().name()
+    IntKernel::best().name()
 }
 
 /// One tile of columns; a ragged last tile runs the portable kernel.
-fn tile(kernel: Kernel, a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
+fn tile(kernel: IntKernel, a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
     match kernel {
-        // SAFETY: `Kernel::best` chose it: the CPU has the features it is compiled for.
+        // SAFETY: `IntKernel::available` listed it: the CPU has the features it is compiled for.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Vnni if width == TILE => unsafe { tile_vnni(a, j0, out) },
+        IntKernel::Vnni if width == TILE => unsafe { tile_vnni(a, j0, out) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 if width == TILE => unsafe { tile_avx2(a, j0, out) },
+        IntKernel::Avx2 if width == TILE => unsafe { tile_avx2(a, j0, out) },
         _ => tile_portable(a, j0, width, out),
     }
 }
@@ -347,6 +427,8 @@ fn tile_portable(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
 /// (16 registers of 16 lanes) take one `vpdpwssd` per digit, 16 columns and input pair; the
 /// codes of a pair row widen from bytes to 16-bit lanes once for all four digits. Then
 /// `T = S_0 + S_1·2^16 + (S_2 + S_3·2^16 mod 2^32)·2^32` in 64-bit lanes, and `D·T + M·Σx`.
+// `v` picks the same column group in each of the four digits' sums.
+#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
 fn tile_vnni(a: &Operands, j0: usize, out: &mut [u64]) {
@@ -358,17 +440,20 @@ fn tile_vnni(a: &Operands, j0: usize, out: &mut [u64]) {
         let k0 = b * d_out + j0;
         let scales = &w.scales[k0..k0 + TILE];
         let mins = &w.mins[k0..k0 + TILE];
+        // The block's codes widened to 16-bit lanes once for every row (4 KiB, in L1).
+        let mut wide = [[_mm512_setzero_si512(); V]; PAIRS];
+        for (p, wide) in wide.iter_mut().enumerate() {
+            let codes = &w.codes[code_index(d_out, b * INT_BLOCK + 2 * p, j0)..][..2 * TILE];
+            for (v, c) in wide.iter_mut().enumerate() {
+                // SAFETY: `codes` holds 2·TILE bytes; this reads 32 of them at 32·v < 2·TILE.
+                let q = unsafe { _mm256_loadu_si256(codes.as_ptr().add(32 * v).cast()) };
+                *c = _mm512_cvtepu8_epi16(q);
+            }
+        }
         for r in 0..a.rows {
             let px = &a.pairs[(r * d_in / 2 + b * PAIRS) * 4..][..PAIRS * 4];
             let mut acc = [[_mm512_setzero_si512(); V]; 4];
-            for p in 0..PAIRS {
-                let codes = &w.codes[code_index(d_out, b * INT_BLOCK + 2 * p, j0)..][..2 * TILE];
-                let mut c = [_mm512_setzero_si512(); V];
-                for (v, c) in c.iter_mut().enumerate() {
-                    // SAFETY: `codes` holds 2·TILE bytes; this reads 32 of them at 32·v < 2·TILE.
-                    let q = unsafe { _mm256_loadu_si256(codes.as_ptr().add(32 * v).cast()) };
-                    *c = _mm512_cvtepu8_epi16(q);
-                }
+            for (p, c) in wide.iter().enumerate() {
                 for (l, acc) in acc.iter_mut().enumerate() {
                     let xv = _mm512_set1_epi32(px[p * 4 + l]);
                     for v in 0..V {
@@ -421,6 +506,8 @@ fn tile_vnni(a: &Operands, j0: usize, out: &mut [u64]) {
 /// A full tile with AVX2: as [`tile_vnni`], 16 columns at a time (8 registers of digit sums),
 /// `vpmaddwd` and an add per digit, 8 columns and input pair; `T` in 64-bit lanes, and the
 /// 64-bit `D·T + M·Σx` per column (AVX2 has no 64-bit vector multiply).
+// `v` picks the same column group in each of the four digits' sums.
+#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn tile_avx2(a: &Operands, j0: usize, out: &mut [u64]) {
@@ -605,16 +692,7 @@ mod tests {
     /// of the codes and of the scales.
     #[test]
     fn every_kernel_is_the_product_mod_2_64_at_the_extremes() {
-        let mut kernels = vec![Kernel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2") {
-                kernels.push(Kernel::Avx2);
-            }
-            if Kernel::best() == Kernel::Vnni {
-                kernels.push(Kernel::Vnni);
-            }
-        }
+        let kernels = IntKernel::available();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
         for (rows, d_in, d_out) in [(1, 32, 64), (3, 96, 130), (17, 64, 128), (0, 32, 64)] {
             let random = random_weight(&mut rng, d_in, d_out);

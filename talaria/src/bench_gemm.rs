@@ -13,6 +13,7 @@ use serde::Serialize;
 use talaria_engine::{OpId, Rows};
 use talaria_gguf::GgufFile;
 use talaria_gpu_node::LinearWeights;
+use talaria_kernels::IntKernel;
 use talaria_model_file::read_config;
 
 #[derive(Debug, Args)]
@@ -44,14 +45,26 @@ struct PassCost {
     total_u64_ms: f64,
     u64_over_f32: f64,
     u64_over_f64: f64,
+    /// The u64 pass on every vector kernel this CPU has, same weights, same rows, each op's
+    /// kernels measured back to back right after its `u64_ms` (the widest kernel through the
+    /// node's weights): warm caches and threads, so at 1 row below `u64_ms`.
+    u64_by_kernel_ms: BTreeMap<&'static str, f64>,
+    /// The widest kernel's 16-bit multiply-adds per second (four per 64-bit product by a
+    /// code) over the measured peak of all threads.
+    u64_fraction_of_peak: f64,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
     model: String,
     threads: usize,
-    /// The vector unit the u64 product was compiled for at run time.
+    /// The kernel the u64 product runs on this CPU.
     u64_kernel: &'static str,
+    /// The machine's peak for each vector kernel's inner step, measured on one thread:
+    /// 16 × 16-bit multiply-adds per second (`IntKernel::pair_dot_peak`).
+    pair_dot_peak_per_thread: BTreeMap<&'static str, f64>,
+    /// 64-bit products by a code in one row's pass: `Σ d_in · d_out` over the ops.
+    u64_products_per_row: usize,
     runs: usize,
     /// Bytes the cloud holds: the f32 weights and the integer forms.
     f32_weight_bytes: usize,
@@ -97,6 +110,28 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let mut passes = Vec::new();
+    let threads = rayon::current_num_threads();
+    let vector_kernels: Vec<IntKernel> = IntKernel::available()
+        .into_iter()
+        .filter(|k| *k != IntKernel::Portable)
+        .collect();
+    let peaks: BTreeMap<&'static str, f64> = vector_kernels
+        .iter()
+        .filter_map(|k| Some((k.name(), k.pair_dot_peak()?)))
+        .collect();
+    for (k, p) in &peaks {
+        eprintln!(
+            "{k}: measured peak {:.1} G 16-bit multiply-adds/s per thread",
+            p / 1e9
+        );
+    }
+    let products_per_row: usize = talaria_cvm_agent::all_ops(&c)
+        .into_iter()
+        .map(|op| {
+            let (d_in, d_out) = op.shape(&c);
+            d_in * d_out
+        })
+        .sum();
     for &rows in &args.rows {
         let mut cost = PassCost {
             rows,
@@ -108,6 +143,8 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
             total_u64_ms: 0.0,
             u64_over_f32: 0.0,
             u64_over_f64: 0.0,
+            u64_by_kernel_ms: BTreeMap::new(),
+            u64_fraction_of_peak: 0.0,
         };
         for op in talaria_cvm_agent::all_ops(&c) {
             let (d_in, _) = op.shape(&c);
@@ -128,6 +165,12 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
             let u = median_ms(args.runs, || {
                 weights.int_matmul(op, rows, &xu).expect("u64 product");
             });
+            for &k in &vector_kernels {
+                let w = weights.int_weight(op)?;
+                *cost.u64_by_kernel_ms.entry(k.name()).or_default() += median_ms(args.runs, || {
+                    talaria_kernels::int_matmul_with(k, &xu, rows, w);
+                });
+            }
             *cost.f32_ms.entry(kind(op)).or_default() += a;
             *cost.f64_ms.entry(kind(op)).or_default() += b;
             *cost.u64_ms.entry(kind(op)).or_default() += u;
@@ -137,16 +180,26 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
         }
         cost.u64_over_f32 = cost.total_u64_ms / cost.total_f32_ms;
         cost.u64_over_f64 = cost.total_u64_ms / cost.total_f64_ms;
+        if let Some(peak) = peaks.get(IntKernel::best().name()) {
+            let macs = 4.0 * (rows * products_per_row) as f64;
+            cost.u64_fraction_of_peak = macs / (cost.total_u64_ms / 1e3) / (peak * threads as f64);
+        }
         eprintln!(
-            "{rows} rows: f32 {:.1} ms, f64 {:.1} ms, u64 {:.1} ms per forward pass",
-            cost.total_f32_ms, cost.total_f64_ms, cost.total_u64_ms
+            "{rows} rows: f32 {:.1} ms, f64 {:.1} ms, u64 {:.1} ms per forward pass ({:.0} % of peak); u64 by kernel {:?}",
+            cost.total_f32_ms,
+            cost.total_f64_ms,
+            cost.total_u64_ms,
+            100.0 * cost.u64_fraction_of_peak,
+            cost.u64_by_kernel_ms
         );
         passes.push(cost);
     }
     let report = Report {
         model: path.display().to_string(),
-        threads: rayon::current_num_threads(),
-        u64_kernel: talaria_kernels::int_kernel(),
+        threads,
+        u64_kernel: IntKernel::best().name(),
+        pair_dot_peak_per_thread: peaks,
+        u64_products_per_row: products_per_row,
         runs: args.runs,
         f32_weight_bytes,
         int_weight_bytes,
