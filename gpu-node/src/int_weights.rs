@@ -49,7 +49,7 @@ fn fuse(
         let (name, part_out) = (name.as_str(), *part_out);
         let t = f.tensor(name)?;
         let ib = integer_blocks(name, t.ty, f.tensor_bytes(name)?, shift)?;
-        // Stored `[out][in]` with blocks along `in`; the product wants `[in][out]`.
+        // Stored `[out][in]` with blocks along `in`; the product wants input pairs, `[in/2][out][2]`.
         for o in 0..part_out {
             let col = col0 + o;
             for (i, &q) in ib.codes[o * d_in..(o + 1) * d_in].iter().enumerate() {

@@ -117,8 +117,8 @@ const PAIRS: usize = INT_BLOCK / 2;
 const DIGIT_BIAS: u64 = 0x8000_8000_8000_8000;
 
 /// `x` as four signed 16-bit digits: `x = Σ_l d_l · 2^(16 l) (mod 2^64)` with
-/// `d_l ∈ [-2^15, 2^15)`. The bytes of `x + B` (`B` = 2^15 in every digit) less 2^15 each, and
-/// that subtraction on a 16-bit field is a flip of its top bit.
+/// `d_l ∈ [-2^15, 2^15)`. The 16-bit fields of `x + B` (`B` = 2^15 in every field) less 2^15
+/// each, and that subtraction on a 16-bit field is a flip of its top bit.
 fn digits(x: u64) -> [i16; 4] {
     let y = x.wrapping_add(DIGIT_BIAS) ^ DIGIT_BIAS;
     [
@@ -186,7 +186,8 @@ fn product(kernel: IntKernel, x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64>
         .map(|&j0| {
             let width = TILE.min(d_out - j0);
             let mut out = vec![0u64; rows * width];
-            tile(kernel, &operands, j0, width, &mut out);
+            // SAFETY: `kernel` is `best()` or was checked against `available()`.
+            unsafe { tile(kernel, &operands, j0, width, &mut out) };
             out
         })
         .collect();
@@ -213,14 +214,15 @@ pub fn int_weight_times(w: &IntWeight, vs: &[Vec<u64>]) -> Vec<Vec<u64>> {
         .map(|b| {
             let scales = &w.scales[b * d_out..(b + 1) * d_out];
             let mins = &w.mins[b * d_out..(b + 1) * d_out];
-            // `D_bj v_j` per vector, and the block's constant `Σ_j M_bj v_j`.
+            // `D_bj v_j` per vector, each twice (for the pair row's two codes of column `j`), and
+            // the block's constant `Σ_j M_bj v_j`.
             let scaled: Vec<Vec<u64>> = vs
                 .iter()
                 .map(|v| {
                     scales
                         .iter()
                         .zip(v)
-                        .map(|(&s, &x)| s.wrapping_mul(x))
+                        .flat_map(|(&s, &x)| [s.wrapping_mul(x); 2])
                         .collect()
                 })
                 .collect();
@@ -238,15 +240,7 @@ pub fn int_weight_times(w: &IntWeight, vs: &[Vec<u64>]) -> Vec<Vec<u64>> {
                 let i = b * INT_BLOCK + 2 * p;
                 let codes = &w.codes[code_index(d_out, i, 0)..][..2 * d_out];
                 for t in 0..k {
-                    let (even, odd) = codes.chunks_exact(2).zip(&scaled[t]).fold(
-                        (0u64, 0u64),
-                        |(e, o), (q, &s)| {
-                            (
-                                e.wrapping_add(s.wrapping_mul(u64::from(q[0]))),
-                                o.wrapping_add(s.wrapping_mul(u64::from(q[1]))),
-                            )
-                        },
-                    );
+                    let (even, odd) = pair_dot(codes, &scaled[t]);
                     out[2 * p * k + t] = even.wrapping_add(offsets[t]);
                     out[(2 * p + 1) * k + t] = odd.wrapping_add(offsets[t]);
                 }
@@ -262,6 +256,25 @@ pub fn int_weight_times(w: &IntWeight, vs: &[Vec<u64>]) -> Vec<Vec<u64>> {
                 .collect()
         })
         .collect()
+}
+
+/// `(Σ_j q[2j] s_j, Σ_j q[2j+1] s_j)` modulo `2^64` for a pair row of codes `q` and `s2`, the
+/// `s_j` each twice: 16 lane sums, so the compiler vectorizes it.
+fn pair_dot(codes: &[u8], s2: &[u64]) -> (u64, u64) {
+    const C: usize = 16;
+    let mut lanes = [0u64; C];
+    let whole = codes.len() / C * C;
+    for (q, s) in codes[..whole].chunks_exact(C).zip(s2.chunks_exact(C)) {
+        for u in 0..C {
+            lanes[u] = lanes[u].wrapping_add(u64::from(q[u]).wrapping_mul(s[u]));
+        }
+    }
+    for (u, (&q, &s)) in codes[whole..].iter().zip(&s2[whole..]).enumerate() {
+        lanes[u] = lanes[u].wrapping_add(u64::from(q).wrapping_mul(s));
+    }
+    lanes.chunks_exact(2).fold((0, 0), |(e, o), l| {
+        (e.wrapping_add(l[0]), o.wrapping_add(l[1]))
+    })
 }
 
 /// The operands every tile of one product shares.
@@ -328,10 +341,13 @@ impl IntKernel {
     /// of them, one per digit.
     pub fn pair_dot_peak(self) -> Option<f64> {
         const ITERS: usize = 4_000_000;
+        if !IntKernel::available().contains(&self) {
+            return None;
+        }
         let t0 = std::time::Instant::now();
         let macs = match self {
             IntKernel::Portable => return None,
-            // SAFETY: `available` listed it: the CPU has the features it is compiled for.
+            // SAFETY: `available` listed it (checked above): the CPU has its features.
             #[cfg(target_arch = "x86_64")]
             IntKernel::Avx2 => unsafe { peak_avx2(ITERS) },
             // SAFETY: as above.
@@ -354,7 +370,8 @@ fn peak_vnni(iters: usize) -> usize {
     use std::arch::x86_64::*;
     let a = std::hint::black_box(_mm512_set1_epi32(0x0001_0001));
     let b = std::hint::black_box(_mm512_set1_epi32(0x0003_0002));
-    let mut acc = [_mm512_setzero_si512(); PEAK_CHAINS];
+    let mut acc: [__m512i; PEAK_CHAINS] =
+        std::array::from_fn(|v| std::hint::black_box(_mm512_set1_epi32(v as i32)));
     for _ in 0..iters {
         for v in &mut acc {
             *v = _mm512_dpwssd_epi32(*v, a, b);
@@ -364,21 +381,24 @@ fn peak_vnni(iters: usize) -> usize {
     iters * PEAK_CHAINS * 32
 }
 
-/// Runs `iters` rounds of [`PEAK_CHAINS`] `vpmaddwd` and adds; returns the multiply-adds done.
+/// Runs `iters` rounds of 12 chained `vpmaddwd` (each on the last one's result, so none can be
+/// hoisted out of the loop; 12 registers of the 16); returns the multiply-adds done. The add
+/// that the kernel pairs with each runs on another port.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn peak_avx2(iters: usize) -> usize {
     use std::arch::x86_64::*;
-    let a = std::hint::black_box(_mm256_set1_epi32(0x0001_0001));
+    const CHAINS: usize = 12;
     let b = std::hint::black_box(_mm256_set1_epi32(0x0003_0002));
-    let mut acc = [_mm256_setzero_si256(); PEAK_CHAINS];
+    let mut acc: [__m256i; CHAINS] =
+        std::array::from_fn(|v| std::hint::black_box(_mm256_set1_epi32(v as i32)));
     for _ in 0..iters {
         for v in &mut acc {
-            *v = _mm256_add_epi32(*v, _mm256_madd_epi16(a, b));
+            *v = _mm256_madd_epi16(*v, b);
         }
     }
     std::hint::black_box(acc);
-    iters * PEAK_CHAINS * 16
+    iters * CHAINS * 16
 }
 
 /// The kernel [`int_matmul`] runs on this CPU: `avx512-vnni` (`vpdpwssd`), `avx2` (`vpmaddwd`)
@@ -388,9 +408,13 @@ pub fn int_kernel() -> &'static str {
 }
 
 /// One tile of columns; a ragged last tile runs the portable kernel.
-fn tile(kernel: IntKernel, a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
+///
+/// # Safety
+///
+/// The CPU runs `kernel` (`IntKernel::available` lists it).
+unsafe fn tile(kernel: IntKernel, a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
     match kernel {
-        // SAFETY: `IntKernel::available` listed it: the CPU has the features it is compiled for.
+        // SAFETY: the caller's promise: the CPU has the features it is compiled for.
         #[cfg(target_arch = "x86_64")]
         IntKernel::Vnni if width == TILE => unsafe { tile_vnni(a, j0, out) },
         // SAFETY: as above.
@@ -400,8 +424,12 @@ fn tile(kernel: IntKernel, a: &Operands, j0: usize, width: usize, out: &mut [u64
     }
 }
 
-/// The product by its definition on 64-bit values, one column at a time.
+/// The product on 64-bit values: a full tile by code pair rows (which the compiler vectorizes),
+/// a ragged one by its definition, one column at a time.
 fn tile_portable(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
+    if width == TILE {
+        return tile_pairs(a, j0, out);
+    }
     let w = a.w;
     for r in 0..a.rows {
         for (jj, o) in out[r * width..(r + 1) * width].iter_mut().enumerate() {
@@ -419,6 +447,39 @@ fn tile_portable(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
                     .wrapping_add(w.mins[k].wrapping_mul(a.sums[r * a.nb + b]));
             }
             *o = acc;
+        }
+    }
+}
+
+/// A full tile on 64-bit values: per block and row, every pair row of codes adds
+/// `x_2p · q_2p,j + x_2p+1 · q_2p+1,j` to 64 column sums.
+fn tile_pairs(a: &Operands, j0: usize, out: &mut [u64]) {
+    let w = a.w;
+    let (d_in, d_out) = (w.d_in, w.d_out);
+    for b in 0..a.nb {
+        let k0 = b * d_out + j0;
+        for r in 0..a.rows {
+            let xs = &a.x[r * d_in + b * INT_BLOCK..][..INT_BLOCK];
+            let mut t = [0u64; TILE];
+            for p in 0..PAIRS {
+                let codes: &[u8; 2 * TILE] = w.codes
+                    [code_index(d_out, b * INT_BLOCK + 2 * p, j0)..][..2 * TILE]
+                    .try_into()
+                    .expect("tile");
+                let (x0, x1) = (xs[2 * p], xs[2 * p + 1]);
+                for (t, q) in t.iter_mut().zip(codes.chunks_exact(2)) {
+                    *t = t
+                        .wrapping_add(x0.wrapping_mul(u64::from(q[0])))
+                        .wrapping_add(x1.wrapping_mul(u64::from(q[1])));
+                }
+            }
+            let s = a.sums[r * a.nb + b];
+            let o = &mut out[r * TILE..(r + 1) * TILE];
+            for (j, o) in o.iter_mut().enumerate() {
+                *o = o
+                    .wrapping_add(w.scales[k0 + j].wrapping_mul(t[j]))
+                    .wrapping_add(w.mins[k0 + j].wrapping_mul(s));
+            }
         }
     }
 }
@@ -517,20 +578,27 @@ fn tile_avx2(a: &Operands, j0: usize, out: &mut [u64]) {
     let (d_in, d_out) = (w.d_in, w.d_out);
     for b in 0..a.nb {
         let k0 = b * d_out + j0;
+        // The block's codes widened to 16-bit lanes once for every row (4 KiB, in L1): per
+        // column group of 16 and pair row, two registers of 8 columns.
+        let mut wide = [[[_mm256_setzero_si256(); 2]; PAIRS]; TILE / G];
+        for (g, wide) in wide.iter_mut().enumerate() {
+            for (p, wide) in wide.iter_mut().enumerate() {
+                let codes =
+                    &w.codes[code_index(d_out, b * INT_BLOCK + 2 * p, j0 + G * g)..][..2 * G];
+                for (v, c) in wide.iter_mut().enumerate() {
+                    // SAFETY: `codes` holds 2·G bytes; this reads 16 at 16·v < 2·G.
+                    let q = unsafe { _mm_loadu_si128(codes.as_ptr().add(16 * v).cast()) };
+                    *c = _mm256_cvtepu8_epi16(q);
+                }
+            }
+        }
         for r in 0..a.rows {
             let px = &a.pairs[(r * d_in / 2 + b * PAIRS) * 4..][..PAIRS * 4];
             let s = a.sums[r * a.nb + b];
-            for g in (0..TILE).step_by(G) {
+            for (gi, wide) in wide.iter().enumerate() {
+                let g = G * gi;
                 let mut acc = [[_mm256_setzero_si256(); 2]; 4];
-                for p in 0..PAIRS {
-                    let codes =
-                        &w.codes[code_index(d_out, b * INT_BLOCK + 2 * p, j0 + g)..][..2 * G];
-                    let mut c = [_mm256_setzero_si256(); 2];
-                    for (v, c) in c.iter_mut().enumerate() {
-                        // SAFETY: `codes` holds 2·G bytes; this reads 16 at 16·v < 2·G.
-                        let q = unsafe { _mm_loadu_si128(codes.as_ptr().add(16 * v).cast()) };
-                        *c = _mm256_cvtepu8_epi16(q);
-                    }
+                for (p, c) in wide.iter().enumerate() {
                     for (l, acc) in acc.iter_mut().enumerate() {
                         let xv = _mm256_set1_epi32(px[p * 4 + l]);
                         for v in 0..2 {

@@ -1,6 +1,6 @@
 //! The two protocols of a cluster, named by their ALPN strings.
 //!
-//! - **cloud** (`talaria-cloud/2`): cvm-agent → coordinator → gpu-node. Every request is one
+//! - **cloud** (`talaria-cloud/3`): cvm-agent → coordinator → gpu-node. Every request is one
 //!   QUIC bidirectional stream carrying one frame whose header is a [`Request`]; the answer is
 //!   one frame whose header is a [`Reply`]. The coordinator routes on the header alone.
 //! - **tenant** (`talaria-tenant/2`): tenant → cvm-agent. One stream per generation: a
@@ -11,9 +11,11 @@ use talaria_engine::{ChatMessage, Generation, OpId, SamplingParams};
 
 use crate::SessionId;
 
-/// ALPN of the cloud protocol, version 2 (the set-up reply carries `engine::CvmProvision` since
-/// issue 24; a version-1 peer fails the handshake instead of a decode).
-pub const ALPN_CLOUD: &[u8] = b"talaria-cloud/2";
+/// ALPN of the cloud protocol, version 3 (version 2: the set-up reply carries
+/// `engine::CvmProvision`; version 3: an integer weight's codes are stored in input pairs,
+/// `kernels::code_index`). A peer of another version fails the handshake instead of reading
+/// the codes in another order.
+pub const ALPN_CLOUD: &[u8] = b"talaria-cloud/3";
 /// ALPN of the tenant protocol, version 2 (`TenantRequest` and `Generation` gained the
 /// conversation cache's fields).
 pub const ALPN_TENANT: &[u8] = b"talaria-tenant/2";
