@@ -149,8 +149,11 @@ for label, name in rows:
 g = load("gemm")
 if g:
     result["gemm"] = [{"rows": p["rows"], "f32_ms": p["total_f32_ms"], "f64_ms": p["total_f64_ms"],
-                       "u64_ms": p["total_u64_ms"], "u64_over_f32": p["u64_over_f32"]} for p in g["passes"]]
+                       "u64_ms": p["total_u64_ms"], "u64_over_f32": p["u64_over_f32"],
+                       "u64_by_kernel_ms": p.get("u64_by_kernel_ms", {}),
+                       "u64_fraction_of_peak": p.get("u64_fraction_of_peak")} for p in g["passes"]]
     result["u64_kernel"] = g["u64_kernel"]
+    result["pair_dot_peak_per_thread"] = g.get("pair_dot_peak_per_thread", {})
 json.dump(result, open(f"{out}/results.json", "w"), indent=2)
 
 md = []
@@ -190,10 +193,18 @@ if result["synthetic"] or result["synthetic_f32"]:
             md.append(f"| {mode}, {s['sessions']} session(s) | {s['tokens_per_s']:.2f} | {x} | {per} | {gemm} | {cpu:.0f} | {lost} |")
 if result["gemm"]:
     md.append("")
-    md.append(f"| cloud products, one pass (`bench-gemm`, {result['u64_kernel']}) | f32 ms | f64 ms | u64 ms | u64 / f32 |")
-    md.append("|---|---|---|---|---|")
+    kernels = sorted({k for p in result["gemm"] for k in p["u64_by_kernel_ms"]})
+    md.append(f"| cloud products, one pass (`bench-gemm`, {result['u64_kernel']}) | f32 ms | f64 ms | u64 ms | u64 / f32 | u64 of peak | "
+              + "".join(f"u64 on {k} ms | " for k in kernels))
+    md.append("|---|---|---|---|---|---|" + "---|" * len(kernels))
     for p in result["gemm"]:
-        md.append(f"| {p['rows']} rows | {p['f32_ms']:.1f} | {p['f64_ms']:.1f} | {p['u64_ms']:.1f} | {p['u64_over_f32']:.2f} |")
+        peak = "" if p["u64_fraction_of_peak"] is None else f"{100 * p['u64_fraction_of_peak']:.0f} %"
+        md.append(f"| {p['rows']} rows | {p['f32_ms']:.1f} | {p['f64_ms']:.1f} | {p['u64_ms']:.1f} | {p['u64_over_f32']:.2f} | {peak} | "
+                  + "".join(f"{p['u64_by_kernel_ms'].get(k, float('nan')):.1f} | " for k in kernels))
+    if result["pair_dot_peak_per_thread"]:
+        md.append("")
+        md.append("Measured peak of the pair dot, per thread (16-bit multiply-adds/s): "
+                  + ", ".join(f"{k} {v / 1e9:.0f} G" for k, v in sorted(result["pair_dot_peak_per_thread"].items())) + ".")
 open(f"{out}/table.md", "w").write("\n".join(md) + "\n")
 print("\n".join(md))
 PY
