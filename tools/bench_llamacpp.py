@@ -13,7 +13,32 @@ import time
 
 import numpy as np
 import llama_cpp
+import llama_cpp.llama_cpp as llama_c
 from llama_cpp import Llama
+
+
+def cpu_has_amx():
+    try:
+        return " amx_int8" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+# On a CPU with AMX, llama.cpp built natively (as ensure_llama_cpp builds it) repacks the Q4_1
+# weights for its AMX backend, and there a prompt's batch crashes the process (SIGSEGV in
+# llama_decode, llama-cpp-python 0.3.36, 2-core Xeon VM, 2026-12-04; one token at a time works).
+# Without the extra buffer types it runs its AVX-512 / VNNI kernels. Elsewhere the extra buffer
+# types (the CPU repack of Q4 blocks) stay on, as they are llama.cpp's fastest path.
+EXTRA_BUFFER_TYPES = not cpu_has_amx()
+if not EXTRA_BUFFER_TYPES:
+    _default_params = llama_c.llama_model_default_params
+
+    def _without_extra_buffer_types():
+        params = _default_params()
+        params.use_extra_bufts = False
+        return params
+
+    llama_c.llama_model_default_params = _without_extra_buffer_types
 
 
 def last_argmax(llm):
@@ -52,6 +77,7 @@ def main():
     print(json.dumps({
         "engine": "llama.cpp (llama-cpp-python)",
         "model": args.model, "threads": args.threads,
+        "extra_buffer_types": EXTRA_BUFFER_TYPES,
         "prompt_tokens": len(prompt), "gen_tokens": gen,
         "median_prefill_tok_per_s": statistics.median(r["prefill_tok_per_s"] for r in runs),
         "median_decode_tok_per_s": statistics.median(r["decode_tok_per_s"] for r in runs),
