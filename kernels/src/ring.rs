@@ -165,13 +165,13 @@ fn product(kernel: IntKernel, x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64>
         .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
         .collect();
     // Per row, input pair and digit: the pair's two digits, one 32-bit lane to broadcast.
-    let pairs: Vec<i32> = x
-        .chunks_exact(2)
-        .flat_map(|p| {
-            let (a, b) = (digits(p[0]), digits(p[1]));
-            (0..4).map(move |l| (u32::from(a[l] as u16) | (u32::from(b[l] as u16) << 16)) as i32)
-        })
-        .collect();
+    let mut pairs = vec![0i32; x.len() * 2];
+    for (p, out) in x.chunks_exact(2).zip(pairs.chunks_exact_mut(4)) {
+        let (a, b) = (digits(p[0]), digits(p[1]));
+        for l in 0..4 {
+            out[l] = (u32::from(a[l] as u16) | (u32::from(b[l] as u16) << 16)) as i32;
+        }
+    }
     let operands = Operands {
         x,
         rows,
@@ -501,16 +501,16 @@ fn tile_vnni(a: &Operands, j0: usize, out: &mut [u64]) {
         let k0 = b * d_out + j0;
         let scales = &w.scales[k0..k0 + TILE];
         let mins = &w.mins[k0..k0 + TILE];
-        // The block's codes widened to 16-bit lanes once for every row (4 KiB, in L1).
-        let mut wide = [[_mm512_setzero_si512(); V]; PAIRS];
-        for (p, wide) in wide.iter_mut().enumerate() {
+        // The block's codes widened to 16-bit lanes once for every row (4 KiB, in L1), written
+        // once (an array zeroed first costs as many stores again).
+        let wide: [[__m512i; V]; PAIRS] = std::array::from_fn(|p| {
             let codes = &w.codes[code_index(d_out, b * INT_BLOCK + 2 * p, j0)..][..2 * TILE];
-            for (v, c) in wide.iter_mut().enumerate() {
+            std::array::from_fn(|v| {
                 // SAFETY: `codes` holds 2·TILE bytes; this reads 32 of them at 32·v < 2·TILE.
                 let q = unsafe { _mm256_loadu_si256(codes.as_ptr().add(32 * v).cast()) };
-                *c = _mm512_cvtepu8_epi16(q);
-            }
-        }
+                _mm512_cvtepu8_epi16(q)
+            })
+        });
         for r in 0..a.rows {
             let px = &a.pairs[(r * d_in / 2 + b * PAIRS) * 4..][..PAIRS * 4];
             let mut acc = [[_mm512_setzero_si512(); V]; 4];
@@ -580,18 +580,17 @@ fn tile_avx2(a: &Operands, j0: usize, out: &mut [u64]) {
         let k0 = b * d_out + j0;
         // The block's codes widened to 16-bit lanes once for every row (4 KiB, in L1): per
         // column group of 16 and pair row, two registers of 8 columns.
-        let mut wide = [[[_mm256_setzero_si256(); 2]; PAIRS]; TILE / G];
-        for (g, wide) in wide.iter_mut().enumerate() {
-            for (p, wide) in wide.iter_mut().enumerate() {
+        let wide: [[[__m256i; 2]; PAIRS]; TILE / G] = std::array::from_fn(|g| {
+            std::array::from_fn(|p| {
                 let codes =
                     &w.codes[code_index(d_out, b * INT_BLOCK + 2 * p, j0 + G * g)..][..2 * G];
-                for (v, c) in wide.iter_mut().enumerate() {
+                std::array::from_fn(|v| {
                     // SAFETY: `codes` holds 2·G bytes; this reads 16 at 16·v < 2·G.
                     let q = unsafe { _mm_loadu_si128(codes.as_ptr().add(16 * v).cast()) };
-                    *c = _mm256_cvtepu8_epi16(q);
-                }
-            }
-        }
+                    _mm256_cvtepu8_epi16(q)
+                })
+            })
+        });
         for r in 0..a.rows {
             let px = &a.pairs[(r * d_in / 2 + b * PAIRS) * 4..][..PAIRS * 4];
             let s = a.sums[r * a.nb + b];
