@@ -325,6 +325,7 @@ impl IntKernel {
         *BEST.get_or_init(|| *IntKernel::available().last().expect("portable"))
     }
 
+    /// `avx512-vnni` (`vpdpwssd`), `avx2` (`vpmaddwd`) or `portable` (64-bit multiplies).
     pub fn name(self) -> &'static str {
         match self {
             IntKernel::Portable => "portable",
@@ -399,12 +400,6 @@ fn peak_avx2(iters: usize) -> usize {
     }
     std::hint::black_box(acc);
     iters * CHAINS * 16
-}
-
-/// The kernel [`int_matmul`] runs on this CPU: `avx512-vnni` (`vpdpwssd`), `avx2` (`vpmaddwd`)
-/// or `portable` (64-bit multiplies).
-pub fn int_kernel() -> &'static str {
-    IntKernel::best().name()
 }
 
 /// One tile of columns; a ragged last tile runs the portable kernel.
