@@ -5,7 +5,8 @@
 #     cuda:0 stage answering through a local cluster),
 #   - `talaria bench` for plain, remo f32 and remo f64-gemm with the cloud side's weights on the
 #     CPU and on cuda:0, in the same run,
-#   - `talaria lossless` (greedy agreement and logit drift against plain f32) on both backends.
+#   - `talaria lossless` (greedy agreement and logit drift against plain f32) on both backends,
+#   - `talaria load --synthetic` (the gpu-nodes' batching, 1 and 16 sessions) on both backends.
 #
 # With cargo and the registry at hand it builds with `--features cuda`. On a machine without
 # them (the lent GPU machines reach no registry), set BIN_DIR to a folder holding release builds
@@ -38,21 +39,34 @@ T="$BIN_DIR/talaria"
 nproc >> "$OUT/device.txt"
 
 B="--prompt-tokens ${PROMPT_TOKENS:-128} --gen-tokens ${GEN_TOKENS:-64} --runs ${RUNS:-2} --model-file $MODEL"
-for backend in cpu cuda:0; do
+# The ReMO precisions measured (f64-gemm needs an f64 GEMM, which burn-cuda 0.21 lacks: on cuda
+# it is refused with a typed error; int runs its product on the CPU whatever the backend).
+PRECISIONS="${PRECISIONS:-int,f32,f64-client,f64-gemm}"
+for backend in ${BACKENDS:-cpu cuda:0}; do
   tag="${backend/:/}"
   echo "== $backend"
   "$T" bench --engine plain --backend "$backend" $B --out "$OUT/bench-plain-$tag.json" >/dev/null \
     || echo "bench plain $backend FAILED"
-  # f64-gemm needs an f64 GEMM, which burn-cuda 0.21 lacks: on cuda it is refused (typed error).
-  for p in f32 f64-client f64-gemm; do
+  for p in ${PRECISIONS//,/ }; do
+    [ "$backend" != cpu ] && [ "$p" = f64-gemm ] && continue
     "$T" bench --engine remo --remo-precision "$p" --backend "$backend" $B \
       --out "$OUT/bench-remo-$p-$tag.json" >/dev/null || echo "bench remo $p $backend FAILED"
   done
-  precisions=f32,f64-client,f64-gemm
-  [ "$backend" = cpu ] || precisions=f32,f64-client
-  "$T" lossless --precisions "$precisions" --scales 100 --n-prompts "${N_PROMPTS:-10}" --max-tokens 32 \
+  lossless=f32,f64-client
+  [ "$backend" = cpu ] && lossless="${LOSSLESS_CPU:-f32,f64-client,f64-gemm}"
+  [ -z "$lossless" ] && continue
+  "$T" lossless --precisions "$lossless" --scales 100 --n-prompts "${N_PROMPTS:-10}" --max-tokens 32 \
     --backend "$backend" --model-file "$MODEL" --out "$OUT/lossless-$tag.json" >/dev/null \
     || echo "lossless $backend FAILED"
+done
+# The gpu-nodes' batching alone (issue 25, item 5): one-row calls of 1 and 16 sessions.
+for backend in ${BACKENDS:-cpu cuda:0}; do
+  for p in ${LOAD_PRECISIONS:-f32,int}; do
+    tag="${backend/:/}"
+    "$T" load --synthetic --precision "$p" --backend "$backend" --tenants 1,16 \
+      --gen-tokens "${LOAD_STEPS:-32}" --run-dir "/tmp/load-$p-$tag" \
+      --json "$OUT/load-$p-$tag.json" >/dev/null || echo "load $p $backend FAILED"
+  done
 done
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
@@ -62,6 +76,12 @@ for f in sorted(out.glob("bench-*.json")):
     d = json.loads(f.read_text())
     summary["bench"][f.stem] = {k: d[k] for k in ("median_prefill_tok_per_s", "median_decode_tok_per_s")}
     summary["bench"][f.stem]["ids_head"] = d["ids"][:8]
+for f in sorted(out.glob("load-*.json")):
+    summary.setdefault("load", {})[f.stem] = [
+        {k: step.get(k) for k in ("sessions", "tokens_per_s", "speedup_vs_one_session",
+                                "calls_per_s", "answer_datagrams_lost")}
+        for step in json.loads(f.read_text()).get("synthetic", [])
+    ]
 for f in sorted(out.glob("lossless-*.json")):
     summary["lossless"][f.stem] = json.loads(f.read_text())
 (out / "summary.json").write_text(json.dumps(summary, indent=1))

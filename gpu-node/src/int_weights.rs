@@ -5,7 +5,7 @@
 
 use talaria_engine::{BlockOp, EngineError, ModelConfig, OpId};
 use talaria_gguf::{GgufFile, exact_shift, integer_blocks};
-use talaria_kernels::{INT_BLOCK, IntWeight, code_index, int_matmul};
+use talaria_kernels::{INT_BLOCK, IntWeight, block_index, code_index, int_matmul};
 
 use crate::NodeError;
 use talaria_model_file::{OpSource, block_sources, lm_head_source, load_vector};
@@ -49,15 +49,17 @@ fn fuse(
         let (name, part_out) = (name.as_str(), *part_out);
         let t = f.tensor(name)?;
         let ib = integer_blocks(name, t.ty, f.tensor_bytes(name)?, shift)?;
-        // Stored `[out][in]` with blocks along `in`; the product wants input pairs, `[in/2][out][2]`.
+        // Stored `[out][in]` with blocks along `in`; the product wants tiles of columns, and in
+        // them input pairs (`code_index`).
         for o in 0..part_out {
             let col = col0 + o;
             for (i, &q) in ib.codes[o * d_in..(o + 1) * d_in].iter().enumerate() {
-                w.codes[code_index(d_out, i, col)] = q;
+                w.codes[code_index(d_in, d_out, i, col)] = q;
             }
             for b in 0..nb {
-                w.scales[b * d_out + col] = ib.scales[o * nb + b] as u64;
-                w.mins[b * d_out + col] = ib.mins[o * nb + b] as u64;
+                let k = block_index(d_in, d_out, b, col);
+                w.scales[k] = ib.scales[o * nb + b] as u64;
+                w.mins[k] = ib.mins[o * nb + b] as u64;
             }
         }
         col0 += part_out;

@@ -10,6 +10,6 @@ pub mod ring;
 
 pub use quant::{BadQuantWeight, QuantMatrix, QuantType};
 pub use ring::{
-    BadIntWeight, INT_BLOCK, IntKernel, IntWeight, code_index, int_matmul, int_matmul_with,
-    int_weight_times,
+    BadIntWeight, INT_BLOCK, IntKernel, IntWeight, block_index, code_index, int_matmul,
+    int_matmul_with, int_weight_times,
 };

@@ -24,11 +24,11 @@ pub const INT_BLOCK: usize = 32;
 pub struct IntWeight {
     pub d_in: usize,
     pub d_out: usize,
-    /// Codes `q[i][j]`, inputs in pairs: `[d_in / 2][d_out][2]` (see [`code_index`]).
+    /// Codes `q[i][j]`, by tiles of 64 columns and in them inputs in pairs (see [`code_index`]).
     #[serde(with = "serde_bytes")]
     pub codes: Vec<u8>,
-    /// Per block and column, row-major `[d_in / 32][d_out]`: the scale times `2^shift`
-    /// (two's complement).
+    /// Per block and column (by tiles of 64 columns, see [`block_index`]): the scale times
+    /// `2^shift` (two's complement).
     pub scales: Vec<u64>,
     /// The same for the block minimum (the offset every code of the block carries).
     pub mins: Vec<u64>,
@@ -74,9 +74,11 @@ impl IntWeight {
 
     /// `W_int[i][j]`.
     pub fn at(&self, i: usize, j: usize) -> i64 {
-        let b = (i / INT_BLOCK) * self.d_out + j;
+        let b = block_index(self.d_in, self.d_out, i / INT_BLOCK, j);
         (self.scales[b] as i64)
-            .wrapping_mul(i64::from(self.codes[code_index(self.d_out, i, j)]))
+            .wrapping_mul(i64::from(
+                self.codes[code_index(self.d_in, self.d_out, i, j)],
+            ))
             .wrapping_add(self.mins[b] as i64)
     }
 
@@ -100,11 +102,24 @@ impl IntWeight {
     }
 }
 
-/// Where code `q[i][j]` sits in [`IntWeight::codes`]: inputs in pairs, `[d_in / 2][d_out][2]`,
-/// so one 16-bit-pair lane of a vector holds a column's codes for two consecutive inputs (the
-/// operand of a pair dot, `vpmaddwd` / `vpdpwssd`).
-pub fn code_index(d_out: usize, i: usize, j: usize) -> usize {
-    ((i / 2) * d_out + j) * 2 + (i & 1)
+/// Where code `q[i][j]` sits in [`IntWeight::codes`]: by tiles of [`TILE`] columns, each tile's
+/// codes contiguous (one stream from memory per tile, which the product sweeps input by input),
+/// and in a tile inputs in pairs, `[d_out / TILE][d_in / 2][TILE][2]` (a ragged last tile as
+/// wide as it is), so one 16-bit-pair lane of a vector holds a column's codes for two
+/// consecutive inputs (the operand of a pair dot, `vpmaddwd` / `vpdpwssd`).
+pub fn code_index(d_in: usize, d_out: usize, i: usize, j: usize) -> usize {
+    let (t, jj) = (j / TILE, j % TILE);
+    let width = TILE.min(d_out - t * TILE);
+    t * TILE * d_in + ((i / 2) * width + jj) * 2 + (i & 1)
+}
+
+/// Where the scale and minimum of block `b` (inputs `32 b ..`) and column `j` sit in
+/// [`IntWeight::scales`] and [`IntWeight::mins`]: by tiles of [`TILE`] columns as the codes are,
+/// `[d_out / TILE][d_in / 32][TILE]`, so a tile's product reads each of them as one stream.
+pub fn block_index(d_in: usize, d_out: usize, b: usize, j: usize) -> usize {
+    let (t, jj) = (j / TILE, j % TILE);
+    let width = TILE.min(d_out - t * TILE);
+    t * TILE * (d_in / INT_BLOCK) + b * width + jj
 }
 
 /// Columns per tile of the product: one tile's accumulators stay in vector registers.
@@ -181,6 +196,8 @@ fn product(kernel: IntKernel, x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64>
         nb,
     };
     let tiles: Vec<usize> = (0..d_out).step_by(TILE).collect();
+    // Each tile accumulates into a buffer of its own, contiguous: written in place into `y`, a
+    // tile's rows lie `d_out` values apart, and at 130 rows the product took 1.5× as long.
     let parts: Vec<Vec<u64>> = tiles
         .par_iter()
         .map(|&j0| {
@@ -212,8 +229,13 @@ pub fn int_weight_times(w: &IntWeight, vs: &[Vec<u64>]) -> Vec<Vec<u64>> {
     let blocks: Vec<Vec<u64>> = (0..d_in / INT_BLOCK)
         .into_par_iter()
         .map(|b| {
-            let scales = &w.scales[b * d_out..(b + 1) * d_out];
-            let mins = &w.mins[b * d_out..(b + 1) * d_out];
+            // The block's scales and minimums in column order (they lie in one run per tile).
+            let (mut scales, mut mins) = (Vec::with_capacity(d_out), Vec::with_capacity(d_out));
+            for j0 in (0..d_out).step_by(TILE) {
+                let (k, width) = (block_index(d_in, d_out, b, j0), TILE.min(d_out - j0));
+                scales.extend_from_slice(&w.scales[k..k + width]);
+                mins.extend_from_slice(&w.mins[k..k + width]);
+            }
             // `D_bj v_j` per vector, each twice (for the pair row's two codes of column `j`), and
             // the block's constant `Σ_j M_bj v_j`.
             let scaled: Vec<Vec<u64>> = vs
@@ -238,11 +260,17 @@ pub fn int_weight_times(w: &IntWeight, vs: &[Vec<u64>]) -> Vec<Vec<u64>> {
             let mut out = vec![0u64; INT_BLOCK * k];
             for p in 0..PAIRS {
                 let i = b * INT_BLOCK + 2 * p;
-                let codes = &w.codes[code_index(d_out, i, 0)..][..2 * d_out];
                 for t in 0..k {
-                    let (even, odd) = pair_dot(codes, &scaled[t]);
-                    out[2 * p * k + t] = even.wrapping_add(offsets[t]);
-                    out[(2 * p + 1) * k + t] = odd.wrapping_add(offsets[t]);
+                    let (mut even, mut odd) = (offsets[t], offsets[t]);
+                    // The pair row's codes lie in one run per tile of columns.
+                    for j0 in (0..d_out).step_by(TILE) {
+                        let width = TILE.min(d_out - j0);
+                        let codes = &w.codes[code_index(d_in, d_out, i, j0)..][..2 * width];
+                        let (e, o) = pair_dot(codes, &scaled[t][2 * j0..2 * (j0 + width)]);
+                        (even, odd) = (even.wrapping_add(e), odd.wrapping_add(o));
+                    }
+                    out[2 * p * k + t] = even;
+                    out[(2 * p + 1) * k + t] = odd;
                 }
             }
             out
@@ -433,10 +461,10 @@ fn tile_portable(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
             for b in 0..a.nb {
                 let mut t = 0u64;
                 for i in b * INT_BLOCK..(b + 1) * INT_BLOCK {
-                    let q = u64::from(w.codes[code_index(w.d_out, i, j)]);
+                    let q = u64::from(w.codes[code_index(w.d_in, w.d_out, i, j)]);
                     t = t.wrapping_add(a.x[r * w.d_in + i].wrapping_mul(q));
                 }
-                let k = b * w.d_out + j;
+                let k = block_index(w.d_in, w.d_out, b, j);
                 acc = acc
                     .wrapping_add(w.scales[k].wrapping_mul(t))
                     .wrapping_add(w.mins[k].wrapping_mul(a.sums[r * a.nb + b]));
@@ -452,13 +480,13 @@ fn tile_pairs(a: &Operands, j0: usize, out: &mut [u64]) {
     let w = a.w;
     let (d_in, d_out) = (w.d_in, w.d_out);
     for b in 0..a.nb {
-        let k0 = b * d_out + j0;
+        let k0 = block_index(d_in, d_out, b, j0);
         for r in 0..a.rows {
             let xs = &a.x[r * d_in + b * INT_BLOCK..][..INT_BLOCK];
             let mut t = [0u64; TILE];
             for p in 0..PAIRS {
                 let codes: &[u8; 2 * TILE] = w.codes
-                    [code_index(d_out, b * INT_BLOCK + 2 * p, j0)..][..2 * TILE]
+                    [code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0)..][..2 * TILE]
                     .try_into()
                     .expect("tile");
                 let (x0, x1) = (xs[2 * p], xs[2 * p + 1]);
@@ -493,13 +521,13 @@ fn tile_vnni(a: &Operands, j0: usize, out: &mut [u64]) {
     let w = a.w;
     let (d_in, d_out) = (w.d_in, w.d_out);
     for b in 0..a.nb {
-        let k0 = b * d_out + j0;
+        let k0 = block_index(d_in, d_out, b, j0);
         let scales = &w.scales[k0..k0 + TILE];
         let mins = &w.mins[k0..k0 + TILE];
         // The block's codes widened to 16-bit lanes once for every row (4 KiB, in L1), written
         // once (an array zeroed first costs as many stores again).
         let wide: [[__m512i; V]; PAIRS] = std::array::from_fn(|p| {
-            let codes = &w.codes[code_index(d_out, b * INT_BLOCK + 2 * p, j0)..][..2 * TILE];
+            let codes = &w.codes[code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0)..][..2 * TILE];
             std::array::from_fn(|v| {
                 // SAFETY: `codes` holds 2·TILE bytes; this reads 32 of them at 32·v < 2·TILE.
                 let q = unsafe { _mm256_loadu_si256(codes.as_ptr().add(32 * v).cast()) };
@@ -572,13 +600,13 @@ fn tile_avx2(a: &Operands, j0: usize, out: &mut [u64]) {
     let w = a.w;
     let (d_in, d_out) = (w.d_in, w.d_out);
     for b in 0..a.nb {
-        let k0 = b * d_out + j0;
+        let k0 = block_index(d_in, d_out, b, j0);
         // The block's codes widened to 16-bit lanes once for every row (4 KiB, in L1): per
         // column group of 16 and pair row, two registers of 8 columns.
         let wide: [[[__m256i; 2]; PAIRS]; TILE / G] = std::array::from_fn(|g| {
             std::array::from_fn(|p| {
                 let codes =
-                    &w.codes[code_index(d_out, b * INT_BLOCK + 2 * p, j0 + G * g)..][..2 * G];
+                    &w.codes[code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0 + G * g)..][..2 * G];
                 std::array::from_fn(|v| {
                     // SAFETY: `codes` holds 2·G bytes; this reads 16 at 16·v < 2·G.
                     let q = unsafe { _mm_loadu_si128(codes.as_ptr().add(16 * v).cast()) };

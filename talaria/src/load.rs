@@ -60,6 +60,10 @@ pub struct LoadArgs {
     /// synthetic load carries no tenant data, so its topology accepts them.
     #[arg(long, default_value_t = talaria_params::Precision::Int, requires = "synthetic")]
     pub precision: talaria_params::Precision,
+    /// Device of the stages' weights: `cpu` or `cuda:N` (a build with the `cuda` feature). The
+    /// integer mode's product runs on the CPU either way.
+    #[arg(long, default_value = "cpu")]
+    pub backend: talaria_topology::Backend,
 }
 
 /// Percentiles of a sample, in milliseconds.
@@ -307,9 +311,10 @@ fn topology_text(args: &LoadArgs, tenants: usize) -> String {
         let _ = writeln!(
             t,
             "[[stage]]\nname = \"stage-{i}\"\nlisten = \"127.0.0.1:{}\"\nmetrics = \"127.0.0.1:{}\"\n\
-             layers = \"{layers}\"\nlm_head = {head}\n",
+             layers = \"{layers}\"\nlm_head = {head}\nbackend = \"{}\"\n",
             p + 10 + i as u16,
-            p + 20 + i as u16
+            p + 20 + i as u16,
+            args.backend
         );
     }
     for i in 0..tenants {

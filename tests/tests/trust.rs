@@ -390,3 +390,45 @@ fn a_cloud_serving_scaled_weights_is_refused_before_the_prompt_is_used() {
     let log = std::fs::read_to_string(cluster.run_dir().join("logs/agent-t.log")).unwrap();
     assert!(log.contains("model_manifest"), "{log}");
 }
+
+#[test]
+fn a_peer_of_another_cloud_protocol_version_fails_the_handshake() {
+    // Version 3 read an integer weight's codes in input pairs across all columns; version 4
+    // stores them by tiles of 64 columns. A peer of one version must not read the other's
+    // weights: the ALPN differs, and the handshake fails before any frame.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = talaria_net::TlsMaterial::generate(dir.path(), "talaria-test").expect("TLS");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let server = tls
+            .server(
+                "127.0.0.1:0".parse().unwrap(),
+                talaria_wire::ALPN_CLOUD,
+                talaria_net::ClientAuth::Anyone,
+            )
+            .expect("server");
+        let addr = server.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Some(incoming) = server.accept().await {
+                let _ = incoming.await;
+            }
+        });
+        for (alpn, speaks) in [
+            (b"talaria-cloud/3".as_slice(), false),
+            (talaria_wire::ALPN_CLOUD, true),
+        ] {
+            let client = tls.client(alpn).expect("client");
+            let conn = tls.connect(&client, addr).await;
+            assert_eq!(
+                conn.is_ok(),
+                speaks,
+                "{}: {:?}",
+                String::from_utf8_lossy(alpn),
+                conn.err()
+            );
+        }
+    });
+}

@@ -1,6 +1,6 @@
 //! The two protocols of a cluster, named by their ALPN strings.
 //!
-//! - **cloud** (`talaria-cloud/3`): cvm-agent → coordinator → gpu-node. Every request is one
+//! - **cloud** (`talaria-cloud/4`): cvm-agent → coordinator → gpu-node. Every request is one
 //!   QUIC bidirectional stream carrying one frame whose header is a [`Request`]; the answer is
 //!   one frame whose header is a [`Reply`]. The coordinator routes on the header alone.
 //! - **tenant** (`talaria-tenant/2`): tenant → cvm-agent. One stream per generation: a
@@ -11,11 +11,12 @@ use talaria_engine::{ChatMessage, Generation, OpId, SamplingParams};
 
 use crate::SessionId;
 
-/// ALPN of the cloud protocol, version 3 (version 2: the set-up reply carries
+/// ALPN of the cloud protocol, version 4 (version 2: the set-up reply carries
 /// `engine::CvmProvision`; version 3: an integer weight's codes are stored in input pairs,
-/// `kernels::code_index`). A peer of another version fails the handshake instead of reading
-/// the codes in another order.
-pub const ALPN_CLOUD: &[u8] = b"talaria-cloud/3";
+/// `kernels::code_index`; version 4: by tiles of 64 columns, codes, scales and minimums,
+/// `kernels::block_index`). A peer of another version fails the handshake instead of reading
+/// the weight in another order.
+pub const ALPN_CLOUD: &[u8] = b"talaria-cloud/4";
 /// ALPN of the tenant protocol, version 2 (`TenantRequest` and `Generation` gained the
 /// conversation cache's fields).
 pub const ALPN_TENANT: &[u8] = b"talaria-tenant/2";
