@@ -14,6 +14,9 @@ pub enum NodeError {
     BadRequest(String),
     #[error("tap: {0}")]
     Tap(String),
+    /// The device a stage's topology names cannot be used on this host.
+    #[error("backend: {0}")]
+    Backend(String),
     /// The GEMM of a batch failed, for every call in it.
     #[error("batched GEMM: {message}")]
     Batch {
@@ -57,6 +60,7 @@ impl NodeError {
             NodeError::Engine(e) => e.error_type(),
             NodeError::BadRequest(_) => "bad_request",
             NodeError::Tap(_) => "tap",
+            NodeError::Backend(_) => "backend",
             NodeError::Batch { error_type, .. } => error_type,
         }
     }

@@ -330,16 +330,31 @@ impl LinearWeights {
                 Split::None,
             )?),
             #[cfg(feature = "cuda")]
-            Placement::Cuda(index) => Placed::Cuda(Stack::load(
-                f,
-                config,
-                layers,
-                lm_head,
-                burn::backend::cuda::CudaDevice::new(index),
-                // One device: one shard, the GPU parallelises the product itself.
-                1,
-                Split::Tf32,
-            )?),
+            Placement::Cuda(index) => {
+                // burn-cuda panics where there is no driver or no such device: a typed error
+                // instead, so a topology naming a GPU the host lacks stops the node cleanly.
+                let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Stack::load(
+                        f,
+                        config,
+                        layers,
+                        lm_head,
+                        burn::backend::cuda::CudaDevice::new(index),
+                        // One device: one shard, the GPU parallelises the product itself.
+                        1,
+                        Split::Tf32,
+                    )
+                }));
+                match loaded {
+                    Ok(stack) => Placed::Cuda(stack?),
+                    Err(_) => {
+                        return Err(NodeError::Backend(format!(
+                            "{placement}: no CUDA device could be opened on this host (no \
+                             driver, or no such device)"
+                        )));
+                    }
+                }
+            }
             #[cfg(not(feature = "cuda"))]
             Placement::Cuda(_) => {
                 return Err(talaria_model_file::ModelFileError::Unsupported(format!(
