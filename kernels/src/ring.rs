@@ -86,13 +86,43 @@ impl IntWeight {
     /// product: `|X·W_int[:, j]| ≤ ‖X‖₂ · this`.
     pub fn column_norm_bound(&self) -> f64 {
         let mut sq = vec![0f64; self.d_out];
+        // In storage order, tile by tile; each column still sums over `i` in increasing order.
+        for j0 in (0..self.d_out).step_by(TILE) {
+            let width = TILE.min(self.d_out - j0);
+            let sq = &mut sq[j0..j0 + width];
+            for b in 0..self.d_in / INT_BLOCK {
+                let k = block_index(self.d_in, self.d_out, b, j0);
+                let (d, m) = (&self.scales[k..k + width], &self.mins[k..k + width]);
+                for p in 0..PAIRS {
+                    let i = b * INT_BLOCK + 2 * p;
+                    let codes =
+                        &self.codes[code_index(self.d_in, self.d_out, i, j0)..][..2 * width];
+                    for (jj, (s, pair)) in sq.iter_mut().zip(codes.chunks_exact(2)).enumerate() {
+                        for &q in pair {
+                            let w = (d[jj] as i64)
+                                .wrapping_mul(i64::from(q))
+                                .wrapping_add(m[jj] as i64)
+                                as f64;
+                            *s += w * w;
+                        }
+                    }
+                }
+            }
+        }
+        // f64 rounding of the sum is far below the bit of headroom callers keep.
+        sq.into_iter().fold(1f64, |m, s| m.max(s.sqrt()))
+    }
+
+    /// [`column_norm_bound`](Self::column_norm_bound) by its definition, entry by entry.
+    #[cfg(test)]
+    fn column_norm_bound_by_entries(&self) -> f64 {
+        let mut sq = vec![0f64; self.d_out];
         for i in 0..self.d_in {
             for (j, s) in sq.iter_mut().enumerate() {
                 let w = self.at(i, j) as f64;
                 *s += w * w;
             }
         }
-        // f64 rounding of the sum is far below the bit of headroom callers keep.
         sq.into_iter().fold(1f64, |m, s| m.max(s.sqrt()))
     }
 
@@ -687,6 +717,29 @@ mod tests {
             shift: 18,
             gain: None,
         }
+    }
+
+    #[test]
+    fn the_column_bound_in_storage_order_is_the_bound_by_its_definition() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        // A ragged last tile (70 = 64 + 6 columns), and a bound set by the last column.
+        let mut w = random_weight(&mut rng, 96, 70);
+        w.scales
+            .iter_mut()
+            .for_each(|s| *s = (*s as i64 >> 20) as u64);
+        w.mins
+            .iter_mut()
+            .for_each(|m| *m = (*m as i64 >> 44) as u64);
+        for b in 0..3 {
+            w.scales[block_index(96, 70, b, 69)] = 1 << 30;
+        }
+        let (fast, slow) = (w.column_norm_bound(), w.column_norm_bound_by_entries());
+        assert_eq!(fast.to_bits(), slow.to_bits(), "{fast} against {slow}");
+        assert!(fast > (96f64).sqrt() * 2f64.powi(30) * 0.5);
+        // A product's shape, over every tile.
+        let big = random_weight(&mut rng, 576, 3072);
+        let (f, s) = (big.column_norm_bound(), big.column_norm_bound_by_entries());
+        assert_eq!(f.to_bits(), s.to_bits());
     }
 
     #[test]
