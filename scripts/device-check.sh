@@ -53,7 +53,8 @@ for backend in ${BACKENDS:-cpu cuda:0}; do
       --out "$OUT/bench-remo-$p-$tag.json" >/dev/null || echo "bench remo $p $backend FAILED"
   done
   lossless=f32,f64-client
-  [ "$backend" = cpu ] && lossless="${LOSSLESS_CPU:-f32,f64-client,f64-gemm}"
+  # LOSSLESS_CPU= (set, empty) skips the CPU's lossless run.
+  [ "$backend" = cpu ] && lossless="${LOSSLESS_CPU-f32,f64-client,f64-gemm}"
   [ -z "$lossless" ] && continue
   "$T" lossless --precisions "$lossless" --scales 100 --n-prompts "${N_PROMPTS:-10}" --max-tokens 32 \
     --backend "$backend" --model-file "$MODEL" --out "$OUT/lossless-$tag.json" >/dev/null \
@@ -61,7 +62,8 @@ for backend in ${BACKENDS:-cpu cuda:0}; do
 done
 # The gpu-nodes' batching alone (issue 25, item 5): one-row calls of 1 and 16 sessions.
 for backend in ${BACKENDS:-cpu cuda:0}; do
-  for p in ${LOAD_PRECISIONS:-f32,int}; do
+  load_precisions="${LOAD_PRECISIONS:-f32,int}"
+  for p in ${load_precisions//,/ }; do
     tag="${backend/:/}"
     "$T" load --synthetic --precision "$p" --backend "$backend" --tenants 1,16 \
       --gen-tokens "${LOAD_STEPS:-32}" --run-dir "/tmp/load-$p-$tag" \

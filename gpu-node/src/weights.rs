@@ -347,10 +347,15 @@ impl LinearWeights {
                 }));
                 match loaded {
                     Ok(stack) => Placed::Cuda(stack?),
-                    Err(_) => {
+                    Err(panic) => {
+                        let why = panic
+                            .downcast_ref::<String>()
+                            .map(String::as_str)
+                            .or_else(|| panic.downcast_ref::<&str>().copied())
+                            .unwrap_or("no message");
                         return Err(NodeError::Backend(format!(
-                            "{placement}: no CUDA device could be opened on this host (no \
-                             driver, or no such device)"
+                            "{placement}: loading the weights there failed (no driver, no such \
+                             device, or out of its memory): {why}"
                         )));
                     }
                 }

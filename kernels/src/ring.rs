@@ -720,6 +720,26 @@ mod tests {
     }
 
     #[test]
+    fn the_layout_puts_every_code_and_every_block_integer_in_a_slot_of_its_own() {
+        // The kernels, `at` and the reference all read through these two functions, so a slot
+        // shared by two entries would pass every product test; count the slots instead.
+        for (d_in, d_out) in [(32, 7), (96, 70), (96, 130), (64, 64), (32, 1)] {
+            let mut codes = vec![0u8; d_in * d_out];
+            let mut blocks = vec![0u8; d_in / INT_BLOCK * d_out];
+            for j in 0..d_out {
+                for i in 0..d_in {
+                    codes[code_index(d_in, d_out, i, j)] += 1;
+                }
+                for b in 0..d_in / INT_BLOCK {
+                    blocks[block_index(d_in, d_out, b, j)] += 1;
+                }
+            }
+            assert!(codes.iter().all(|&n| n == 1), "codes of {d_in} x {d_out}");
+            assert!(blocks.iter().all(|&n| n == 1), "blocks of {d_in} x {d_out}");
+        }
+    }
+
+    #[test]
     fn the_column_bound_in_storage_order_is_the_bound_by_its_definition() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
         // A ragged last tile (70 = 64 + 6 columns), and a bound set by the last column.
