@@ -61,10 +61,10 @@ for backend in ${BACKENDS:-cpu cuda:0}; do
     || echo "lossless $backend FAILED"
 done
 # The gpu-nodes' batching alone (issue 25, item 5): one-row calls of 1 and 16 sessions.
+load_precisions="${LOAD_PRECISIONS:-f32,int}"
 for backend in ${BACKENDS:-cpu cuda:0}; do
-  load_precisions="${LOAD_PRECISIONS:-f32,int}"
+  tag="${backend/:/}"
   for p in ${load_precisions//,/ }; do
-    tag="${backend/:/}"
     "$T" load --synthetic --precision "$p" --backend "$backend" --tenants 1,16 \
       --gen-tokens "${LOAD_STEPS:-32}" --run-dir "/tmp/load-$p-$tag" \
       --json "$OUT/load-$p-$tag.json" >/dev/null || echo "load $p $backend FAILED"

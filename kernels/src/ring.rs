@@ -87,8 +87,7 @@ impl IntWeight {
     pub fn column_norm_bound(&self) -> f64 {
         let mut sq = vec![0f64; self.d_out];
         // In storage order, tile by tile; each column still sums over `i` in increasing order.
-        for j0 in (0..self.d_out).step_by(TILE) {
-            let width = TILE.min(self.d_out - j0);
+        for (j0, width) in tiles(self.d_out) {
             let sq = &mut sq[j0..j0 + width];
             for b in 0..self.d_in / INT_BLOCK {
                 let k = block_index(self.d_in, self.d_out, b, j0);
@@ -138,8 +137,7 @@ impl IntWeight {
 /// wide as it is), so one 16-bit-pair lane of a vector holds a column's codes for two
 /// consecutive inputs (the operand of a pair dot, `vpmaddwd` / `vpdpwssd`).
 pub fn code_index(d_in: usize, d_out: usize, i: usize, j: usize) -> usize {
-    let (t, jj) = (j / TILE, j % TILE);
-    let width = TILE.min(d_out - t * TILE);
+    let (t, jj, width) = tile_of(d_out, j);
     t * TILE * d_in + ((i / 2) * width + jj) * 2 + (i & 1)
 }
 
@@ -147,9 +145,22 @@ pub fn code_index(d_in: usize, d_out: usize, i: usize, j: usize) -> usize {
 /// [`IntWeight::scales`] and [`IntWeight::mins`]: by tiles of [`TILE`] columns as the codes are,
 /// `[d_out / TILE][d_in / 32][TILE]`, so a tile's product reads each of them as one stream.
 pub fn block_index(d_in: usize, d_out: usize, b: usize, j: usize) -> usize {
-    let (t, jj) = (j / TILE, j % TILE);
-    let width = TILE.min(d_out - t * TILE);
+    let (t, jj, width) = tile_of(d_out, j);
     t * TILE * (d_in / INT_BLOCK) + b * width + jj
+}
+
+/// Column `j`'s tile, its place in the tile, and the tile's width (a ragged last tile is as wide
+/// as the columns left).
+fn tile_of(d_out: usize, j: usize) -> (usize, usize, usize) {
+    let t = j / TILE;
+    (t, j % TILE, TILE.min(d_out - t * TILE))
+}
+
+/// The tiles of `d_out` columns, in order: each one's first column and width.
+fn tiles(d_out: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..d_out)
+        .step_by(TILE)
+        .map(move |j0| (j0, TILE.min(d_out - j0)))
 }
 
 /// Columns per tile of the product: one tile's accumulators stay in vector registers.
@@ -225,13 +236,12 @@ fn product(kernel: IntKernel, x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64>
         pairs: &pairs,
         nb,
     };
-    let tiles: Vec<usize> = (0..d_out).step_by(TILE).collect();
+    let strips: Vec<(usize, usize)> = tiles(d_out).collect();
     // Each tile accumulates into a buffer of its own, contiguous: written in place into `y`, a
     // tile's rows lie `d_out` values apart, and at 130 rows the product took 1.5× as long.
-    let parts: Vec<Vec<u64>> = tiles
+    let parts: Vec<Vec<u64>> = strips
         .par_iter()
-        .map(|&j0| {
-            let width = TILE.min(d_out - j0);
+        .map(|&(j0, width)| {
             let mut out = vec![0u64; rows * width];
             // SAFETY: `kernel` is `best()` or was checked against `available()`.
             unsafe { tile(kernel, &operands, j0, width, &mut out) };
@@ -239,8 +249,7 @@ fn product(kernel: IntKernel, x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64>
         })
         .collect();
     let mut y = vec![0u64; rows * d_out];
-    for (&j0, part) in tiles.iter().zip(&parts) {
-        let width = TILE.min(d_out - j0);
+    for (&(j0, width), part) in strips.iter().zip(&parts) {
         for (r, src) in part.chunks_exact(width).enumerate() {
             y[r * d_out + j0..r * d_out + j0 + width].copy_from_slice(src);
         }
@@ -261,8 +270,8 @@ pub fn int_weight_times(w: &IntWeight, vs: &[Vec<u64>]) -> Vec<Vec<u64>> {
         .map(|b| {
             // The block's scales and minimums in column order (they lie in one run per tile).
             let (mut scales, mut mins) = (Vec::with_capacity(d_out), Vec::with_capacity(d_out));
-            for j0 in (0..d_out).step_by(TILE) {
-                let (k, width) = (block_index(d_in, d_out, b, j0), TILE.min(d_out - j0));
+            for (j0, width) in tiles(d_out) {
+                let k = block_index(d_in, d_out, b, j0);
                 scales.extend_from_slice(&w.scales[k..k + width]);
                 mins.extend_from_slice(&w.mins[k..k + width]);
             }
@@ -293,8 +302,7 @@ pub fn int_weight_times(w: &IntWeight, vs: &[Vec<u64>]) -> Vec<Vec<u64>> {
                 for t in 0..k {
                     let (mut even, mut odd) = (offsets[t], offsets[t]);
                     // The pair row's codes lie in one run per tile of columns.
-                    for j0 in (0..d_out).step_by(TILE) {
-                        let width = TILE.min(d_out - j0);
+                    for (j0, width) in tiles(d_out) {
                         let codes = &w.codes[code_index(d_in, d_out, i, j0)..][..2 * width];
                         let (e, o) = pair_dot(codes, &scaled[t][2 * j0..2 * (j0 + width)]);
                         (even, odd) = (even.wrapping_add(e), odd.wrapping_add(o));
