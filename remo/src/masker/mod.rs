@@ -502,12 +502,17 @@ impl Masker {
             }
         }
         let public = s.public.clone();
+        // The pool thread refills an op only below half full: waking it any sooner costs a
+        // context switch (and a scan of every op's lock) on each call for nothing.
+        let refill = s.pool.len() * 2 <= self.config.pool;
         drop(s);
-        if let Some(w) = &self.worker {
-            nudge(&w.wake);
-        }
-        if let Some(wake) = &self.shared_wake {
-            nudge(wake);
+        if refill {
+            if let Some(w) = &self.worker {
+                nudge(&w.wake);
+            }
+            if let Some(wake) = &self.shared_wake {
+                nudge(wake);
+            }
         }
         if vectors.is_some() {
             pairs.extend(cover_masks(&public, scale, &mut self.rng, cover));
