@@ -15,6 +15,7 @@ pub mod metadata;
 pub mod pads;
 pub mod score;
 mod sim;
+pub mod stream;
 pub mod tap;
 
 use std::path::Path;

@@ -152,7 +152,7 @@ pub async fn attest(conn: &quinn::Connection, trust: &Trust) -> Result<Attested,
     let f = talaria_net::read_frame(&mut recv, talaria_wire::MAX_TENANT_EVENT)
         .await?
         .ok_or(ClientError::NoAnswer)?;
-    let (evidence, claims) = match frame::body::<TenantEvent>(&f)? {
+    let (evidence, claims) = match frame::body_padded::<TenantEvent>(&f)? {
         TenantEvent::Attestation { evidence, claims } => (evidence, claims),
         TenantEvent::Error(e) => return Err(ClientError::Refused(e)),
         _ => return Err(ClientError::NoAnswer),
@@ -221,7 +221,7 @@ pub async fn generate(
         else {
             break Err(ClientError::NoAnswer);
         };
-        match frame::body::<TenantEvent>(&f)? {
+        match frame::body_padded::<TenantEvent>(&f)? {
             TenantEvent::Token { id, piece } => on_token(id, piece.as_deref()),
             TenantEvent::Done {
                 generation,

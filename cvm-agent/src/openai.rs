@@ -215,6 +215,14 @@ struct Message {
 struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
+    /// OpenAI's name for padding the stream's events (`obfuscation`): on unless the tenant's
+    /// own request turns it off, over the channel only it and the attested agent read.
+    #[serde(default = "padded_by_default")]
+    include_obfuscation: bool,
+}
+
+fn padded_by_default() -> bool {
+    true
 }
 
 /// The parameters both endpoints share (unknown fields are ignored, as OpenAI's clients send
@@ -461,8 +469,57 @@ fn usage(generation: &Generation) -> Value {
     })
 }
 
-fn sse(v: &Value) -> Bytes {
-    Bytes::from(format!("data: {v}\n\n"))
+/// The size every padded event, and every whole answer, is rounded up to. A streamed event
+/// is one TLS record that the network (the cloud) sees; unpadded, its length is the token's
+/// text length plus a constant, and that sequence of lengths tells an attacker who owns the
+/// model much of the answer (`talaria_attacks::stream`). With a chunk's envelope of about
+/// 260 bytes, every event of one token, and of the text a stop filter held back for a while,
+/// fits in one bucket.
+pub const PAD_BUCKET: usize = 512;
+
+/// What an `obfuscation` field holding the empty string adds to a compact JSON object that
+/// has other fields: `,"obfuscation":""`.
+const PAD_FIELD: usize = 17;
+
+/// An event of a stream: `data: <chunk>\n\n`, the chunk padded, when `pad`, with an
+/// `obfuscation` field (OpenAI's name; clients ignore it) to a multiple of [`PAD_BUCKET`]
+/// bytes.
+fn sse(v: &Value, pad: bool) -> Bytes {
+    let data = |v: &Value| format!("data: {v}\n\n");
+    let plain = data(v);
+    let Some(fields) = v.as_object().filter(|o| pad && !o.is_empty()) else {
+        return Bytes::from(plain);
+    };
+    let total = (plain.len() + PAD_FIELD).next_multiple_of(PAD_BUCKET);
+    let mut padded = fields.clone();
+    padded.insert(
+        "obfuscation".into(),
+        Value::String("x".repeat(total - plain.len() - PAD_FIELD)),
+    );
+    let event = data(&Value::Object(padded));
+    debug_assert_eq!(event.len(), total, "a padded event fills its bucket");
+    Bytes::from(event)
+}
+
+/// The end of a stream, padded as its events are (a comment line, which clients skip).
+fn sse_done(pad: bool) -> Bytes {
+    const DONE: &str = "data: [DONE]\n\n";
+    if !pad {
+        return Bytes::from_static(DONE.as_bytes());
+    }
+    let comment = PAD_BUCKET - DONE.len() - 2;
+    Bytes::from(format!(":{}\n{DONE}", " ".repeat(comment)))
+}
+
+/// A whole answer's JSON, padded with trailing spaces (insignificant in JSON) to a multiple of
+/// [`PAD_BUCKET`] bytes: its length would tell the network the answer's length in bytes.
+fn padded_json(v: &Value) -> HttpResponse {
+    let mut body = v.to_string();
+    let total = body.len().next_multiple_of(PAD_BUCKET);
+    body.extend(std::iter::repeat_n(' ', total - body.len()));
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body)
 }
 
 /// Runs one request: the whole answer as JSON, or its stream of server-sent events.
@@ -505,7 +562,7 @@ async fn answer(
                         true,
                     );
                     body["usage"] = usage(&generation);
-                    return Ok(HttpResponse::Ok().json(body));
+                    return Ok(padded_json(&body));
                 }
                 Some(TenantEvent::Error(e)) => return Err(ApiError::from_reply(&e)),
                 None => {
@@ -521,6 +578,11 @@ async fn answer(
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
+    let pad = common
+        .stream_options
+        .as_ref()
+        .is_none_or(|o| o.include_obfuscation);
+    let sse = move |v: &Value| sse(v, pad);
     let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
     let chunk_of = move |choices: Value| envelope(kind, &id, created, &model, choices, false);
     actix_rt::spawn(async move {
@@ -588,7 +650,7 @@ async fn answer(
             let e = ErrorReply::new("internal", "the generation ended without an answer");
             let _ = tx.send(sse(&ApiError::from_reply(&e).body()));
         }
-        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n"));
+        let _ = tx.send(sse_done(pad));
     });
     let body = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, actix_web::Error>(b), rx))

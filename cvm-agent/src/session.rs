@@ -657,7 +657,7 @@ async fn answer_stream(
         }
     };
     while let Some(event) = rx.recv().await {
-        let bytes = match frame::encode::<_, ()>(&event, None) {
+        let bytes = match frame::encode_padded(&event, talaria_wire::TENANT_EVENT_BUCKET) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!("encoding an event: {e}");

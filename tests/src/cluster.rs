@@ -447,7 +447,10 @@ impl RawPeer {
             match talaria_net::read_frame(&mut recv, 1 << 24).await {
                 Ok(Some(answer)) => match frame::split::<Reply>(&answer) {
                     Ok((reply, _)) => format!("{reply:?}"),
-                    Err(_) => format!("{:?}", frame::body::<talaria_wire::TenantEvent>(&answer)),
+                    Err(_) => format!(
+                        "{:?}",
+                        frame::body_padded::<talaria_wire::TenantEvent>(&answer)
+                    ),
                 },
                 Ok(None) => "no answer".into(),
                 Err(e) => e.to_string(),
@@ -519,5 +522,58 @@ impl Drop for RawPeer {
         self.conn.close(0u32.into(), b"bye");
         let endpoint = self.endpoint.clone();
         self.rt.block_on(async move { endpoint.wait_idle().await });
+    }
+}
+
+/// A TCP forwarder in the network's place between clients and `target`: it keeps, per
+/// connection, every byte `target` sent back, which is what the cloud sees of an answer to a
+/// tenant (TLS hides the bytes, not the records' lengths).
+pub struct Wiretap {
+    pub addr: SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Wiretap {
+    /// Listens on a free loopback port and forwards each connection to `target`.
+    pub fn start(target: SocketAddr) -> Self {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let all = seen.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let Ok(mut server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let (mut up_from, mut up_to) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up_from, &mut up_to);
+                    let _ = up_to.shutdown(std::net::Shutdown::Write);
+                });
+                let all = all.clone();
+                std::thread::spawn(move || {
+                    let mut kept = Vec::new();
+                    let mut buf = [0u8; 16 << 10];
+                    while let Ok(n) = server.read(&mut buf) {
+                        if n == 0 || client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        kept.extend_from_slice(&buf[..n]);
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Write);
+                    all.lock().unwrap().push(kept);
+                });
+            }
+        });
+        Self { addr, seen }
+    }
+
+    /// What `target` sent on each connection that has ended since the last call, in the order
+    /// they ended.
+    pub fn take(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut *self.seen.lock().unwrap())
     }
 }

@@ -9,7 +9,7 @@ use std::process::Command;
 use talaria_engine::{ChatMessage, SamplingParams, chat_prompt};
 use talaria_gpu_node::PlainEngine;
 use talaria_tests::cluster::{
-    LocalCluster, ask_agent, free_port, https_get, https_post, metric, scrape,
+    LocalCluster, Wiretap, ask_agent, free_port, https_get, https_post, metric, scrape,
 };
 use talaria_tests::{plain_greedy, real_model, repo_root};
 use talaria_wire::{Prompt, TenantRequest};
@@ -76,15 +76,20 @@ fn python() -> PathBuf {
         .unwrap_or_else(|| repo_root().join(".venv/bin/python"))
 }
 
-#[test]
-fn the_openai_client_gets_the_plain_engines_greedy_answer_streamed_and_whole() {
+/// A cluster of one tenant, `tenant-a`, whose agent serves the HTTPS API; its port.
+fn https_tenant_cluster() -> (LocalCluster, u16) {
     let port = free_port();
     let (topology, _, _) = serving_topology(&[Tenant {
         name: "tenant-a".into(),
         http: Some(port),
         max_sessions: 4,
     }]);
-    let cluster = LocalCluster::start(&topology);
+    (LocalCluster::start(&topology), port)
+}
+
+#[test]
+fn the_openai_client_gets_the_plain_engines_greedy_answer_streamed_and_whole() {
+    let (cluster, port) = https_tenant_cluster();
     let question = "What is the capital of France?";
     let completion = "The three primary colours are";
     let max_tokens = 12;
@@ -316,6 +321,125 @@ fn sixty_four_concurrent_sessions_of_four_tenants_are_batched_and_each_gets_its_
             "stage {addr}: {lost} answer datagrams lost"
         );
     }
+}
+
+/// The network's view of a streamed answer: the cloud carries the tenant's packets and reads
+/// every TLS record's length. Unpadded, one event is a constant envelope plus one token's text,
+/// and the cloud, which owns the model, tells which of four questions was asked by comparing
+/// the record lengths with the answers it predicts for each (its power, on the tenant's own
+/// opt-out). Padded, the default, every record is whole events of one size.
+#[test]
+fn the_network_reads_token_lengths_from_an_unpadded_stream_and_nothing_from_the_default() {
+    let (cluster, port) = https_tenant_cluster();
+    let tap = Wiretap::start(SocketAddr::from(([127, 0, 0, 1], port)));
+    let ca = cluster.agent_tls("tenant-a").ca;
+    let key = cluster.api_key("tenant-a");
+    let questions = [
+        "Explain how a bicycle works.",
+        "Write a short poem about the sea.",
+        "List three uses of copper.",
+        "Why is the sky blue?",
+    ];
+    let max_tokens = 8;
+
+    // The attacker's guesses: the model's greedy answer to each question, as the length of the
+    // JSON text of each event the agent would stream.
+    let plain = std::cell::RefCell::new(PlainEngine::load(real_model()).unwrap());
+    let guesses: Vec<Vec<usize>> = questions
+        .iter()
+        .map(|q| {
+            let mut plain = plain.borrow_mut();
+            let ids = plain
+                .tokenizer
+                .encode(&chat_prompt(&[ChatMessage {
+                    role: "user".into(),
+                    content: (*q).into(),
+                }]))
+                .unwrap();
+            let answer = plain_greedy(&mut plain, ids, max_tokens);
+            let mut stream = plain.tokenizer.decode_stream();
+            answer
+                .iter()
+                .filter_map(|&id| stream.step(id).unwrap())
+                .filter(|piece| !piece.is_empty())
+                .map(|piece| serde_json::to_string(&piece).unwrap().len() - 2)
+                .collect()
+        })
+        .collect();
+    let streamed = |question: &str, padded: bool| -> Vec<usize> {
+        let body = serde_json::json!({
+            "model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": question}], "stream": true,
+            "stream_options": {"include_obfuscation": padded},
+        });
+        let sse = https_post(
+            &ca,
+            tap.addr,
+            "/v1/chat/completions",
+            &key,
+            &body.to_string(),
+        );
+        assert!(sse.ends_with("data: [DONE]"), "{sse}");
+        let seen = tap.take();
+        assert_eq!(seen.len(), 1, "one connection");
+        talaria_attacks::stream::records(&seen[0])
+    };
+
+    let mut named = 0;
+    let mut padded_views = Vec::new();
+    for (asked, question) in questions.iter().enumerate() {
+        let open = streamed(question, false);
+        let fit = talaria_attacks::stream::fit(&open, &guesses[asked]);
+        // Every event is a record of its own but the last, which goes out with the end of the
+        // answer when both are ready at once.
+        assert!(
+            fit.matched + 1 >= fit.events,
+            "{} of {} events' lengths: {open:?}",
+            fit.matched,
+            fit.events
+        );
+        assert_eq!(
+            talaria_attacks::stream::identify(&open, &guesses),
+            Some(asked),
+            "unpadded, the question is read off the record lengths"
+        );
+        let padded = streamed(question, true);
+        if talaria_attacks::stream::identify(&padded, &guesses) == Some(asked) {
+            named += 1;
+        }
+        padded_views.push(padded);
+    }
+    assert!(named <= 1, "{named} of 4 named through padding");
+    // Padded, every record that carries events is a whole number of them, whatever their text:
+    // each event is a chunk of `PAD_BUCKET` bytes and 7 of HTTP framing, the record adds TLS's
+    // 17 (type and tag), and the answer's last record may end the chunked body (5 bytes). How
+    // many events share a record is timing (the last ones go out together).
+    // The first record is the server's handshake flight (its length varies with the DER of
+    // its signature).
+    let event = talaria_cvm_agent::openai::PAD_BUCKET + 7;
+    for view in &padded_views {
+        let carrying = view.iter().skip(1).filter(|&&r| r >= event);
+        for &r in carrying {
+            assert!(
+                [0, 5].contains(&((r - 17) % event)),
+                "a record of {r} bytes is not whole events: {padded_views:?}"
+            );
+        }
+    }
+    let events = |view: &Vec<usize>| -> usize {
+        view.iter()
+            .skip(1)
+            .filter(|&&r| r >= event)
+            .map(|r| r / event)
+            .sum()
+    };
+    assert!(
+        padded_views
+            .iter()
+            .all(|v| events(v) == events(&padded_views[0])),
+        "as many events for every question: {padded_views:?}"
+    );
+    eprintln!("padded records: {padded_views:?}");
 }
 
 /// Through the agent's HTTPS API: the same prompt under another API key reuses nothing of the

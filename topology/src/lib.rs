@@ -160,7 +160,7 @@ impl Stage {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Agent {
     pub tenant: String,
-    /// Where it serves its tenant the QUIC protocol (`talaria-tenant/2`).
+    /// Where it serves its tenant the QUIC protocol (`talaria-tenant/3`).
     pub listen: SocketAddr,
     /// Where it serves its tenant the OpenAI-compatible HTTPS API and `/metrics`, if anywhere.
     pub http: Option<SocketAddr>,

@@ -110,6 +110,26 @@ pub fn body<B: DeserializeOwned>(payload: &[u8]) -> Result<B, FrameError> {
     Ok(b)
 }
 
+/// A frame body of `head` alone, followed by zero bytes up to a multiple of `bucket` bytes: the
+/// network sees the frame's length, and a frame whose length followed its content (a token's
+/// text) would tell it the content's length. Read with [`body_padded`].
+pub fn encode_padded<H: Serialize>(head: &H, bucket: usize) -> Result<Vec<u8>, FrameError> {
+    let mut out = postcard::to_allocvec(head).map_err(malformed)?;
+    out.resize(out.len().next_multiple_of(bucket.max(1)), 0);
+    Ok(out)
+}
+
+/// Decodes a payload of [`encode_padded`]: one `B`, then nothing but zero bytes.
+pub fn body_padded<B: DeserializeOwned>(payload: &[u8]) -> Result<B, FrameError> {
+    let (b, rest) = postcard::take_from_bytes(payload).map_err(malformed)?;
+    if rest.iter().any(|&byte| byte != 0) {
+        return Err(FrameError::Malformed(
+            "padding after the payload is not zero bytes".into(),
+        ));
+    }
+    Ok(b)
+}
+
 /// Checks a length prefix against the limit before anything is allocated for it.
 pub fn check_len(prefix: [u8; 4], max: usize) -> Result<usize, FrameError> {
     let len = u32::from_le_bytes(prefix) as u64;
@@ -161,6 +181,28 @@ mod tests {
         // Claim a dtype that does not exist.
         bytes[0] = 9;
         assert!(body::<Tensor>(&bytes).is_err());
+    }
+
+    #[test]
+    fn a_padded_frame_fills_its_bucket_and_only_zero_padding_is_read() {
+        let short = encode_padded(&(1u32, Some("a".to_string())), 256).unwrap();
+        let long = encode_padded(&(70_000u32, Some("a longer piece".to_string())), 256).unwrap();
+        assert_eq!((short.len(), long.len()), (256, 256));
+        assert_eq!(
+            body_padded::<(u32, Option<String>)>(&long).unwrap(),
+            (70_000, Some("a longer piece".to_string()))
+        );
+        let mut tampered = short.clone();
+        *tampered.last_mut().unwrap() = 1;
+        assert_eq!(
+            body_padded::<(u32, Option<String>)>(&tampered)
+                .unwrap_err()
+                .error_type(),
+            "malformed_frame"
+        );
+        // A value longer than a bucket takes the next one.
+        let big = encode_padded(&"x".repeat(300), 256).unwrap();
+        assert_eq!(big.len(), 512);
     }
 
     #[test]

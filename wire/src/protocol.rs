@@ -3,8 +3,9 @@
 //! - **cloud** (`talaria-cloud/4`): cvm-agent → coordinator → gpu-node. Every request is one
 //!   QUIC bidirectional stream carrying one frame whose header is a [`Request`]; the answer is
 //!   one frame whose header is a [`Reply`]. The coordinator routes on the header alone.
-//! - **tenant** (`talaria-tenant/2`): tenant → cvm-agent. One stream per generation: a
-//!   [`TenantRequest`], answered by a sequence of [`TenantEvent`]s.
+//! - **tenant** (`talaria-tenant/3`): tenant → cvm-agent. One stream per generation: a
+//!   [`TenantRequest`], answered by a sequence of [`TenantEvent`]s, each frame padded with
+//!   zero bytes to a multiple of [`TENANT_EVENT_BUCKET`] (`frame::encode_padded`).
 
 use serde::{Deserialize, Serialize};
 use talaria_engine::{ChatMessage, Generation, OpId, SamplingParams};
@@ -17,9 +18,14 @@ use crate::SessionId;
 /// `kernels::block_index`). A peer of another version fails the handshake instead of reading
 /// the weight in another order.
 pub const ALPN_CLOUD: &[u8] = b"talaria-cloud/4";
-/// ALPN of the tenant protocol, version 2 (`TenantRequest` and `Generation` gained the
-/// conversation cache's fields).
-pub const ALPN_TENANT: &[u8] = b"talaria-tenant/2";
+/// ALPN of the tenant protocol, version 3 (version 2: `TenantRequest` and `Generation` gained
+/// the conversation cache's fields; version 3: events are padded to [`TENANT_EVENT_BUCKET`]).
+pub const ALPN_TENANT: &[u8] = b"talaria-tenant/3";
+
+/// Every event frame of the tenant protocol is padded to a multiple of this many bytes, so that
+/// the network, which sees each frame's length, does not see the length of each token's text
+/// (one event per token). A token event is at most a few dozen bytes.
+pub const TENANT_EVENT_BUCKET: usize = 256;
 
 /// The routing header of a request on the cloud protocol.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
