@@ -137,7 +137,7 @@ async fn open(
         .open_bi()
         .await
         .map_err(|e| FrameError::Connection(e.to_string()))?;
-    let bytes = frame::encode::<_, ()>(msg, None)?;
+    let bytes = frame::encode_padded(msg, talaria_wire::TENANT_REQUEST_BUCKET)?;
     talaria_net::write_frame(&mut send, &bytes).await?;
     let _ = send.finish();
     Ok((send, recv))
@@ -152,11 +152,12 @@ pub async fn attest(conn: &quinn::Connection, trust: &Trust) -> Result<Attested,
     let f = talaria_net::read_frame(&mut recv, talaria_wire::MAX_TENANT_EVENT)
         .await?
         .ok_or(ClientError::NoAnswer)?;
-    let (evidence, claims) = match frame::body_padded::<TenantEvent>(&f)? {
-        TenantEvent::Attestation { evidence, claims } => (evidence, claims),
-        TenantEvent::Error(e) => return Err(ClientError::Refused(e)),
-        _ => return Err(ClientError::NoAnswer),
-    };
+    let (evidence, claims) =
+        match frame::body_padded::<TenantEvent>(&f, talaria_wire::TENANT_EVENT_BUCKET)? {
+            TenantEvent::Attestation { evidence, claims } => (evidence, claims),
+            TenantEvent::Error(e) => return Err(ClientError::Refused(e)),
+            _ => return Err(ClientError::NoAnswer),
+        };
     let evidence: Evidence = frame::body(&evidence)?;
     let key = talaria_net::peer_cert_der(conn).unwrap_or_default();
     let bound = Bound {
@@ -207,12 +208,12 @@ pub async fn generate(
         .open_bi()
         .await
         .map_err(|e| FrameError::Connection(e.to_string()))?;
-    let bytes = frame::encode::<_, ()>(
+    let bytes = frame::encode_padded(
         &TenantMessage::Generate {
             request: req.clone(),
             api_key: api_key.to_string(),
         },
-        None,
+        talaria_wire::TENANT_REQUEST_BUCKET,
     )?;
     talaria_net::write_frame(&mut send, &bytes).await?;
     let _ = send.finish();
@@ -221,7 +222,7 @@ pub async fn generate(
         else {
             break Err(ClientError::NoAnswer);
         };
-        match frame::body_padded::<TenantEvent>(&f)? {
+        match frame::body_padded::<TenantEvent>(&f, talaria_wire::TENANT_EVENT_BUCKET)? {
             TenantEvent::Token { id, piece } => on_token(id, piece.as_deref()),
             TenantEvent::Done {
                 generation,

@@ -169,7 +169,7 @@ impl ResponseError for ApiError {
             // Busy or briefly without its cloud: worth retrying soon (OpenAI's clients do).
             response.insert_header(("Retry-After", "1"));
         }
-        response.json(self.body())
+        padded_body(response, &self.body())
     }
 }
 
@@ -486,19 +486,22 @@ const PAD_FIELD: usize = 17;
 /// bytes.
 fn sse(v: &Value, pad: bool) -> Bytes {
     let data = |v: &Value| format!("data: {v}\n\n");
-    let plain = data(v);
-    let Some(fields) = v.as_object().filter(|o| pad && !o.is_empty()) else {
-        return Bytes::from(plain);
+    let mut fields = match v.as_object() {
+        Some(fields) if pad => fields.clone(),
+        _ => return Bytes::from(data(v)),
     };
-    let total = (plain.len() + PAD_FIELD).next_multiple_of(PAD_BUCKET);
-    let mut padded = fields.clone();
-    padded.insert(
+    fields.remove("obfuscation");
+    if fields.is_empty() {
+        // Every chunk and error has fields; this keeps the arithmetic below true regardless.
+        fields.insert("object".into(), Value::String("padding".into()));
+    }
+    let plain = data(&Value::Object(fields.clone())).len();
+    let total = (plain + PAD_FIELD).next_multiple_of(PAD_BUCKET);
+    fields.insert(
         "obfuscation".into(),
-        Value::String("x".repeat(total - plain.len() - PAD_FIELD)),
+        Value::String("x".repeat(total - plain - PAD_FIELD)),
     );
-    let event = data(&Value::Object(padded));
-    debug_assert_eq!(event.len(), total, "a padded event fills its bucket");
-    Bytes::from(event)
+    Bytes::from(data(&Value::Object(fields)))
 }
 
 /// The end of a stream, padded as its events are (a comment line, which clients skip).
@@ -511,15 +514,21 @@ fn sse_done(pad: bool) -> Bytes {
     Bytes::from(format!(":{}\n{DONE}", " ".repeat(comment)))
 }
 
-/// A whole answer's JSON, padded with trailing spaces (insignificant in JSON) to a multiple of
-/// [`PAD_BUCKET`] bytes: its length would tell the network the answer's length in bytes.
-fn padded_json(v: &Value) -> HttpResponse {
+/// What a token that streams no text sends when padded: a comment of one bucket, which clients
+/// skip, so that every decode pass is one padded event (a pass without one would show where a
+/// multi-byte character or a held-back stop sequence fell).
+fn sse_filler() -> Bytes {
+    Bytes::from(format!(":{}\n\n", " ".repeat(PAD_BUCKET - 3)))
+}
+
+/// A JSON answer (whole or an error), padded with trailing spaces (insignificant in JSON) to a
+/// multiple of [`PAD_BUCKET`] bytes: its length would tell the network the answer's length in
+/// bytes, or an error's numbers.
+fn padded_body(mut response: actix_web::HttpResponseBuilder, v: &Value) -> HttpResponse {
     let mut body = v.to_string();
     let total = body.len().next_multiple_of(PAD_BUCKET);
     body.extend(std::iter::repeat_n(' ', total - body.len()));
-    HttpResponse::Ok()
-        .content_type("application/json")
-        .body(body)
+    response.content_type("application/json").body(body)
 }
 
 /// Runs one request: the whole answer as JSON, or its stream of server-sent events.
@@ -562,7 +571,7 @@ async fn answer(
                         true,
                     );
                     body["usage"] = usage(&generation);
-                    return Ok(padded_json(&body));
+                    return Ok(padded_body(HttpResponse::Ok(), &body));
                 }
                 Some(TenantEvent::Error(e)) => return Err(ApiError::from_reply(&e)),
                 None => {
@@ -595,19 +604,21 @@ async fn answer(
         while let Some(event) = events.recv().await {
             ended = matches!(event, TenantEvent::Done { .. } | TenantEvent::Error(_));
             let sent = match event {
-                TenantEvent::Token { piece: Some(p), .. } => {
-                    let out = filter.push(&p);
-                    out.is_empty()
-                        || tx
-                            .send(sse(&chunk_of(json!([choice(
-                                kind,
-                                Some(&out),
-                                None,
-                                false
-                            )]))))
-                            .is_ok()
+                TenantEvent::Token { piece, .. } => {
+                    let out = piece.map_or_else(String::new, |p| filter.push(&p));
+                    if !out.is_empty() {
+                        tx.send(sse(&chunk_of(json!([choice(
+                            kind,
+                            Some(&out),
+                            None,
+                            false,
+                        )]))))
+                        .is_ok()
+                    } else {
+                        !pad || tx.send(sse_filler()).is_ok()
+                    }
                 }
-                TenantEvent::Token { .. } | TenantEvent::Attestation { .. } => true,
+                TenantEvent::Attestation { .. } => true,
                 TenantEvent::Done {
                     generation, text, ..
                 } => {
@@ -619,6 +630,9 @@ async fn answer(
                             None,
                             false
                         )]))));
+                    } else if pad {
+                        // As many events whether or not text was held back to the end.
+                        let _ = tx.send(sse_filler());
                     }
                     let _ = tx.send(sse(&chunk_of(json!([choice(
                         kind,
@@ -870,10 +884,59 @@ pub fn serve(addr: SocketAddr, api: Api, tls: rustls::ServerConfig) -> std::io::
 
 #[cfg(test)]
 mod tests {
-    use super::{ApiError, Limits, StopFilter, decode_body};
+    use super::{ApiError, Limits, PAD_BUCKET, StopFilter, decode_body, sse, sse_done, sse_filler};
     use actix_web::ResponseError;
     use actix_web::http::StatusCode;
     use talaria_wire::ErrorReply;
+
+    #[test]
+    fn every_padded_event_is_whole_buckets_and_reads_as_the_chunk_it_pads() {
+        let texts = [
+            String::new(),
+            "a".into(),
+            " Paris".into(),
+            "\n\t\"quoted\" \\ back".into(),
+            "\u{1}\u{1f}".repeat(40),
+            "é日本🦀".repeat(30),
+            "x".repeat(260),
+            "y".repeat(1500),
+        ];
+        for text in &texts {
+            let chunk = serde_json::json!({
+                "id": "chatcmpl-0", "object": "chat.completion.chunk", "created": 1,
+                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}],
+            });
+            for v in [
+                chunk,
+                serde_json::json!({"obfuscation": "stale"}),
+                serde_json::json!({}),
+            ] {
+                let event = sse(&v, true);
+                assert_eq!(
+                    event.len() % PAD_BUCKET,
+                    0,
+                    "{text:?}: {} bytes",
+                    event.len()
+                );
+                let line = std::str::from_utf8(&event).unwrap();
+                let json: serde_json::Value =
+                    serde_json::from_str(line.strip_prefix("data: ").unwrap().trim_end()).unwrap();
+                for (key, value) in v.as_object().unwrap() {
+                    if key != "obfuscation" {
+                        assert_eq!(&json[key], value);
+                    }
+                }
+                // Unpadded, the event is the chunk as it is.
+                assert_eq!(sse(&v, false), format!("data: {v}\n\n").as_bytes());
+            }
+        }
+        for bytes in [sse_done(true), sse_filler()] {
+            assert_eq!(bytes.len(), PAD_BUCKET);
+            let text = std::str::from_utf8(&bytes).unwrap();
+            assert!(text.starts_with(':') && text.ends_with("\n\n"), "{text:?}");
+        }
+        assert!(sse_done(true).ends_with(b"\ndata: [DONE]\n\n"));
+    }
 
     #[test]
     fn busy_and_unreachable_are_retryable_and_an_overlong_prompt_is_the_clients_error() {

@@ -627,7 +627,9 @@ async fn answer_stream(
     api_keys: Arc<Vec<[u8; 32]>>,
 ) {
     let first = match talaria_net::read_frame(&mut recv, talaria_wire::MAX_TENANT_MESSAGE).await {
-        Ok(Some(f)) => frame::body::<TenantMessage>(&f),
+        // Padded by the tenant's client (`TENANT_REQUEST_BUCKET`); a request without padding
+        // is read too, as what follows it must still be zero bytes.
+        Ok(Some(f)) => frame::body_padded::<TenantMessage>(&f, 1),
         Ok(None) => return,
         Err(e) => Err(e),
     };
@@ -657,7 +659,7 @@ async fn answer_stream(
         }
     };
     while let Some(event) = rx.recv().await {
-        let bytes = match frame::encode_padded(&event, talaria_wire::TENANT_EVENT_BUCKET) {
+        let bytes = match frame::encode_padded(&event, event.bucket()) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!("encoding an event: {e}");

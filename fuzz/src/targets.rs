@@ -339,7 +339,7 @@ pub fn wire(data: &[u8]) -> Vec<u64> {
     if let Ok(TenantMessage::Generate { request, .. }) = &r {
         parts.push(sig("sampling", &request.sampling.validate()));
     }
-    let r = frame::body_padded::<TenantEvent>(data);
+    let r = frame::body_padded::<TenantEvent>(data, talaria_wire::TENANT_EVENT_BUCKET);
     parts.push(sig("tenant_event", &r));
     if let Ok(TenantEvent::Done { text, .. }) = &r {
         std::hint::black_box(talaria_engine::first_stop(&["\n".into()], text));

@@ -449,7 +449,10 @@ impl RawPeer {
                     Ok((reply, _)) => format!("{reply:?}"),
                     Err(_) => format!(
                         "{:?}",
-                        frame::body_padded::<talaria_wire::TenantEvent>(&answer)
+                        frame::body_padded::<talaria_wire::TenantEvent>(
+                            &answer,
+                            talaria_wire::TENANT_EVENT_BUCKET,
+                        )
                     ),
                 },
                 Ok(None) => "no answer".into(),

@@ -59,17 +59,25 @@ pub(crate) fn read(text: &str, path: &Path, role: Role) -> Result<Topology, Topo
         &stages,
     );
 
+    let model_name = raw.model.name.clone().unwrap_or_else(|| {
+        model_file
+            .file_stem()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+    });
+    if model_name.len() > MAX_MODEL_NAME {
+        // It is in every event an agent streams: its length moves where an event's text
+        // outgrows the padding's bucket, and the topology is the cloud's file.
+        c.problem(
+            "model.file",
+            format!("the model's name (the file's stem) is longer than {MAX_MODEL_NAME} bytes"),
+        );
+    }
     if !c.problems.is_empty() {
         return Err(TopologyError::Invalid {
             path: path.into(),
             problems: c.problems,
         });
     }
-    let model_name = raw.model.name.clone().unwrap_or_else(|| {
-        model_file
-            .file_stem()
-            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
-    });
     Ok(Topology {
         path: path.into(),
         model_file,
@@ -138,6 +146,9 @@ impl Listens {
         self.0.keys().all(|a| a.ip().is_loopback())
     }
 }
+
+/// The longest model name a topology may give (it is part of every streamed event's envelope).
+pub const MAX_MODEL_NAME: usize = 64;
 
 fn check_model(c: &mut Checker, model: &RawModel, files: &Files) -> PathBuf {
     match (&model.name, &model.file) {

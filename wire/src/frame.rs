@@ -119,8 +119,16 @@ pub fn encode_padded<H: Serialize>(head: &H, bucket: usize) -> Result<Vec<u8>, F
     Ok(out)
 }
 
-/// Decodes a payload of [`encode_padded`]: one `B`, then nothing but zero bytes.
-pub fn body_padded<B: DeserializeOwned>(payload: &[u8]) -> Result<B, FrameError> {
+/// Decodes a payload of [`encode_padded`] with `bucket`: a whole number of buckets holding one
+/// `B`, then nothing but zero bytes. A reader that demands the padding notices a writer that
+/// stopped padding.
+pub fn body_padded<B: DeserializeOwned>(payload: &[u8], bucket: usize) -> Result<B, FrameError> {
+    if !payload.len().is_multiple_of(bucket.max(1)) {
+        return Err(FrameError::Malformed(format!(
+            "a padded frame of {} bytes is not a whole number of {bucket}-byte buckets",
+            payload.len()
+        )));
+    }
     let (b, rest) = postcard::take_from_bytes(payload).map_err(malformed)?;
     if rest.iter().any(|&byte| byte != 0) {
         return Err(FrameError::Malformed(
@@ -189,17 +197,20 @@ mod tests {
         let long = encode_padded(&(70_000u32, Some("a longer piece".to_string())), 256).unwrap();
         assert_eq!((short.len(), long.len()), (256, 256));
         assert_eq!(
-            body_padded::<(u32, Option<String>)>(&long).unwrap(),
+            body_padded::<(u32, Option<String>)>(&long, 256).unwrap(),
             (70_000, Some("a longer piece".to_string()))
         );
         let mut tampered = short.clone();
         *tampered.last_mut().unwrap() = 1;
-        assert_eq!(
-            body_padded::<(u32, Option<String>)>(&tampered)
-                .unwrap_err()
-                .error_type(),
-            "malformed_frame"
-        );
+        let unpadded = encode(&(1u32, Some("a".to_string())), None::<&()>).unwrap();
+        for bad in [tampered, unpadded] {
+            assert_eq!(
+                body_padded::<(u32, Option<String>)>(&bad, 256)
+                    .unwrap_err()
+                    .error_type(),
+                "malformed_frame"
+            );
+        }
         // A value longer than a bucket takes the next one.
         let big = encode_padded(&"x".repeat(300), 256).unwrap();
         assert_eq!(big.len(), 512);

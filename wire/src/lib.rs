@@ -19,8 +19,8 @@ pub use frame::{
 };
 pub use link::{CloudLink, LinkError, Loopback};
 pub use protocol::{
-    ALPN_CLOUD, ALPN_TENANT, ErrorReply, LatencySplit, Prompt, Reply, Request, TENANT_EVENT_BUCKET,
-    TenantEvent, TenantMessage, TenantRequest,
+    ALPN_CLOUD, ALPN_TENANT, ErrorReply, LatencySplit, Prompt, Reply, Request, TENANT_DONE_BUCKET,
+    TENANT_EVENT_BUCKET, TENANT_REQUEST_BUCKET, TenantEvent, TenantMessage, TenantRequest,
 };
 pub use tensor::{Tensor, WireError};
 

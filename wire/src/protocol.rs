@@ -4,8 +4,10 @@
 //!   QUIC bidirectional stream carrying one frame whose header is a [`Request`]; the answer is
 //!   one frame whose header is a [`Reply`]. The coordinator routes on the header alone.
 //! - **tenant** (`talaria-tenant/3`): tenant → cvm-agent. One stream per generation: a
-//!   [`TenantRequest`], answered by a sequence of [`TenantEvent`]s, each frame padded with
-//!   zero bytes to a multiple of [`TENANT_EVENT_BUCKET`] (`frame::encode_padded`).
+//!   [`TenantRequest`], answered by a sequence of [`TenantEvent`]s; every frame is padded with
+//!   zero bytes to a multiple of its bucket (`frame::encode_padded`): events of
+//!   [`TENANT_EVENT_BUCKET`] (the last of [`TENANT_DONE_BUCKET`]), requests of
+//!   [`TENANT_REQUEST_BUCKET`].
 
 use serde::{Deserialize, Serialize};
 use talaria_engine::{ChatMessage, Generation, OpId, SamplingParams};
@@ -26,6 +28,27 @@ pub const ALPN_TENANT: &[u8] = b"talaria-tenant/3";
 /// the network, which sees each frame's length, does not see the length of each token's text
 /// (one event per token). A token event is at most a few dozen bytes.
 pub const TENANT_EVENT_BUCKET: usize = 256;
+
+/// The last event, [`TenantEvent::Done`], carries the whole text and every prompt and answer id:
+/// it is padded to a multiple of this (a multiple of [`TENANT_EVENT_BUCKET`]), which holds
+/// thousands of tokens' worth, so that its length does not tell the answer's length in bytes or
+/// the prompt's in tokens.
+pub const TENANT_DONE_BUCKET: usize = 64 << 10;
+
+/// The tenant's client pads its requests to a multiple of this many bytes: a request's length
+/// would otherwise tell the network the prompt's length in bytes (and, a conversation's history
+/// being sent again each turn, the length of every earlier answer).
+pub const TENANT_REQUEST_BUCKET: usize = 4096;
+
+impl TenantEvent {
+    /// The bucket this event's frame is padded to.
+    pub fn bucket(&self) -> usize {
+        match self {
+            TenantEvent::Done { .. } => TENANT_DONE_BUCKET,
+            _ => TENANT_EVENT_BUCKET,
+        }
+    }
+}
 
 /// The routing header of a request on the cloud protocol.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
