@@ -567,28 +567,24 @@ fn a_bad_topology_is_refused_with_key_paths_before_anything_starts() {
         &[("a", "0-10", false), ("b", "12-29", true)],
         &["t"],
     );
-    std::fs::write(&path, gap).unwrap();
-    let out = Command::new(bin("talaria"))
-        .args(["up", "--topology"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    // `talaria up` on `text`, which must fail: what it said.
+    let refused = |text: String| -> String {
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(bin("talaria"))
+            .args(["up", "--topology"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused(gap);
     assert!(err.contains("no stage serves layer(s) 11"), "{err}");
     // The model's name is in every event an agent streams: the cloud's topology may not stretch
     // it to move where the padding's bucket overflows.
     let long = dir.path().join(format!("{}.gguf", "m".repeat(65)));
     std::os::unix::fs::symlink(&model, &long).unwrap();
-    let named = topology(&long, &[("only", "0-29", true)], &["t"]);
-    std::fs::write(&path, named).unwrap();
-    let out = Command::new(bin("talaria"))
-        .args(["up", "--topology"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(topology(&long, &[("only", "0-29", true)], &["t"]));
     assert!(
         err.contains("model.file") && err.contains("longer than 64 bytes"),
         "{err}"
