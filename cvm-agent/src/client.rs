@@ -152,12 +152,11 @@ pub async fn attest(conn: &quinn::Connection, trust: &Trust) -> Result<Attested,
     let f = talaria_net::read_frame(&mut recv, talaria_wire::MAX_TENANT_EVENT)
         .await?
         .ok_or(ClientError::NoAnswer)?;
-    let (evidence, claims) =
-        match frame::body_padded::<TenantEvent>(&f, talaria_wire::TENANT_EVENT_BUCKET)? {
-            TenantEvent::Attestation { evidence, claims } => (evidence, claims),
-            TenantEvent::Error(e) => return Err(ClientError::Refused(e)),
-            _ => return Err(ClientError::NoAnswer),
-        };
+    let (evidence, claims) = match frame::tenant_event(&f)? {
+        TenantEvent::Attestation { evidence, claims } => (evidence, claims),
+        TenantEvent::Error(e) => return Err(ClientError::Refused(e)),
+        _ => return Err(ClientError::NoAnswer),
+    };
     let evidence: Evidence = frame::body(&evidence)?;
     let key = talaria_net::peer_cert_der(conn).unwrap_or_default();
     let bound = Bound {
@@ -222,7 +221,7 @@ pub async fn generate(
         else {
             break Err(ClientError::NoAnswer);
         };
-        match frame::body_padded::<TenantEvent>(&f, talaria_wire::TENANT_EVENT_BUCKET)? {
+        match frame::tenant_event(&f)? {
             TenantEvent::Token { id, piece } => on_token(id, piece.as_deref()),
             TenantEvent::Done {
                 generation,

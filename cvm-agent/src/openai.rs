@@ -472,9 +472,10 @@ fn usage(generation: &Generation) -> Value {
 /// The size every padded event, and every whole answer, is rounded up to. A streamed event
 /// is one TLS record that the network (the cloud) sees; unpadded, its length is the token's
 /// text length plus a constant, and that sequence of lengths tells an attacker who owns the
-/// model much of the answer (`talaria_attacks::stream`). With a chunk's envelope of about
-/// 260 bytes, every event of one token, and of the text a stop filter held back for a while,
-/// fits in one bucket.
+/// model much of the answer (`talaria_attacks::stream`). A chunk's envelope is at most about
+/// 320 bytes (the topology keeps the model's name to 64 plain bytes), so an event of up to
+/// about 190 bytes of JSON text fits one bucket: every token's; text a long stop sequence held
+/// back may take two.
 pub const PAD_BUCKET: usize = 512;
 
 /// What an `obfuscation` field holding the empty string adds to a compact JSON object that

@@ -627,9 +627,9 @@ async fn answer_stream(
     api_keys: Arc<Vec<[u8; 32]>>,
 ) {
     let first = match talaria_net::read_frame(&mut recv, talaria_wire::MAX_TENANT_MESSAGE).await {
-        // Padded by the tenant's client (`TENANT_REQUEST_BUCKET`); a request without padding
-        // is read too, as what follows it must still be zero bytes.
-        Ok(Some(f)) => frame::body_padded::<TenantMessage>(&f, 1),
+        // Padded by the tenant's client: one that stopped padding is refused, as its requests'
+        // lengths would tell the network its prompts'.
+        Ok(Some(f)) => frame::body_padded::<TenantMessage>(&f, talaria_wire::TENANT_REQUEST_BUCKET),
         Ok(None) => return,
         Err(e) => Err(e),
     };

@@ -334,12 +334,12 @@ pub fn wire(data: &[u8]) -> Vec<u64> {
         }
         Err(e) => parts.push(signature("reply", &e.to_string())),
     }
-    let r = frame::body::<TenantMessage>(data);
+    let r = frame::body_padded::<TenantMessage>(data, talaria_wire::TENANT_REQUEST_BUCKET);
     parts.push(sig("tenant_message", &r));
     if let Ok(TenantMessage::Generate { request, .. }) = &r {
         parts.push(sig("sampling", &request.sampling.validate()));
     }
-    let r = frame::body_padded::<TenantEvent>(data, talaria_wire::TENANT_EVENT_BUCKET);
+    let r = frame::tenant_event(data);
     parts.push(sig("tenant_event", &r));
     if let Ok(TenantEvent::Done { text, .. }) = &r {
         std::hint::black_box(talaria_engine::first_stop(&["\n".into()], text));

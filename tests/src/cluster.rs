@@ -447,13 +447,7 @@ impl RawPeer {
             match talaria_net::read_frame(&mut recv, 1 << 24).await {
                 Ok(Some(answer)) => match frame::split::<Reply>(&answer) {
                     Ok((reply, _)) => format!("{reply:?}"),
-                    Err(_) => format!(
-                        "{:?}",
-                        frame::body_padded::<talaria_wire::TenantEvent>(
-                            &answer,
-                            talaria_wire::TENANT_EVENT_BUCKET,
-                        )
-                    ),
+                    Err(_) => format!("{:?}", frame::tenant_event(&answer)),
                 },
                 Ok(None) => "no answer".into(),
                 Err(e) => e.to_string(),

@@ -584,11 +584,15 @@ fn a_bad_topology_is_refused_with_key_paths_before_anything_starts() {
     // it to move where the padding's bucket overflows.
     let long = dir.path().join(format!("{}.gguf", "m".repeat(65)));
     std::os::unix::fs::symlink(&model, &long).unwrap();
-    let err = refused(topology(&long, &[("only", "0-29", true)], &["t"]));
-    assert!(
-        err.contains("model.file") && err.contains("longer than 64 bytes"),
-        "{err}"
-    );
+    let accented = dir.path().join("modèle.gguf");
+    std::os::unix::fs::symlink(&model, &accented).unwrap();
+    for name in [long, accented] {
+        let err = refused(topology(&name, &[("only", "0-29", true)], &["t"]));
+        assert!(
+            err.contains("model.file") && err.contains("at most 64 bytes of letters"),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -64,12 +64,22 @@ pub(crate) fn read(text: &str, path: &Path, role: Role) -> Result<Topology, Topo
             .file_stem()
             .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
     });
-    if model_name.len() > MAX_MODEL_NAME {
-        // It is in every event an agent streams: its length moves where an event's text
-        // outgrows the padding's bucket, and the topology is the cloud's file.
+    let plain_name = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+    if model_name.len() > MAX_MODEL_NAME || !model_name.chars().all(plain_name) {
+        // It is in every event an agent streams, as JSON: its length there moves where an
+        // event's text outgrows the padding's bucket, and the topology is the cloud's file.
+        // Letters, digits, `.`, `_` and `-` are their own JSON, so its length there is this.
+        let key = if raw.model.name.is_some() {
+            "model.name"
+        } else {
+            "model.file"
+        };
         c.problem(
-            "model.file",
-            format!("the model's name (the file's stem) is longer than {MAX_MODEL_NAME} bytes"),
+            key,
+            format!(
+                "the model's name (the file's stem) must be at most {MAX_MODEL_NAME} bytes of \
+                 letters, digits, '.', '_' and '-'"
+            ),
         );
     }
     if !c.problems.is_empty() {

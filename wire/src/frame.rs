@@ -138,6 +138,20 @@ pub fn body_padded<B: DeserializeOwned>(payload: &[u8], bucket: usize) -> Result
     Ok(b)
 }
 
+/// Decodes a tenant event frame, which must be padded to its event's bucket
+/// ([`crate::TenantEvent::bucket`]: a `Done` of fewer would show the answer's length).
+pub fn tenant_event(payload: &[u8]) -> Result<crate::TenantEvent, FrameError> {
+    let event: crate::TenantEvent = body_padded(payload, crate::TENANT_EVENT_BUCKET)?;
+    if !payload.len().is_multiple_of(event.bucket()) {
+        return Err(FrameError::Malformed(format!(
+            "a tenant event of {} bytes is not padded to its {}-byte bucket",
+            payload.len(),
+            event.bucket()
+        )));
+    }
+    Ok(event)
+}
+
 /// Checks a length prefix against the limit before anything is allocated for it.
 pub fn check_len(prefix: [u8; 4], max: usize) -> Result<usize, FrameError> {
     let len = u32::from_le_bytes(prefix) as u64;

@@ -5,9 +5,9 @@
 //!   one frame whose header is a [`Reply`]. The coordinator routes on the header alone.
 //! - **tenant** (`talaria-tenant/3`): tenant → cvm-agent. One stream per generation: a
 //!   [`TenantRequest`], answered by a sequence of [`TenantEvent`]s; every frame is padded with
-//!   zero bytes to a multiple of its bucket (`frame::encode_padded`): events of
-//!   [`TENANT_EVENT_BUCKET`] (the last of [`TENANT_DONE_BUCKET`]), requests of
-//!   [`TENANT_REQUEST_BUCKET`].
+//!   zero bytes to a multiple of its bucket (`frame::encode_padded`), and a frame that is not is
+//!   refused: events of [`TENANT_EVENT_BUCKET`] (a `Done` of [`TENANT_DONE_BUCKET`];
+//!   `frame::tenant_event`), requests of [`TENANT_REQUEST_BUCKET`].
 
 use serde::{Deserialize, Serialize};
 use talaria_engine::{ChatMessage, Generation, OpId, SamplingParams};
@@ -29,10 +29,11 @@ pub const ALPN_TENANT: &[u8] = b"talaria-tenant/3";
 /// (one event per token). A token event is at most a few dozen bytes.
 pub const TENANT_EVENT_BUCKET: usize = 256;
 
-/// The last event, [`TenantEvent::Done`], carries the whole text and every prompt and answer id:
-/// it is padded to a multiple of this (a multiple of [`TENANT_EVENT_BUCKET`]), which holds
-/// thousands of tokens' worth, so that its length does not tell the answer's length in bytes or
-/// the prompt's in tokens.
+/// The last event of an answer, [`TenantEvent::Done`], carries the whole text and every prompt
+/// and answer id: it is padded to a multiple of this (a multiple of [`TENANT_EVENT_BUCKET`]),
+/// which holds thousands of tokens' worth, so that its length does not tell the answer's length
+/// in bytes or the prompt's in tokens (beyond some 20 000 tokens it shows them in steps of
+/// 64 KiB). A failed generation ends with an [`TenantEvent::Error`] of one event bucket.
 pub const TENANT_DONE_BUCKET: usize = 64 << 10;
 
 /// The tenant's client pads its requests to a multiple of this many bytes: a request's length
