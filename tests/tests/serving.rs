@@ -388,6 +388,32 @@ fn the_network_reads_token_lengths_from_an_unpadded_stream_and_nothing_from_the_
         talaria_attacks::stream::records(&seen[0])
     };
 
+    // A whole answer (`stream: false`): its records after the handshake flight.
+    let whole = |question: &str| -> Vec<usize> {
+        let body = serde_json::json!({
+            "model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": question}],
+        });
+        let out = https_post(
+            &ca,
+            tap.addr,
+            "/v1/chat/completions",
+            &key,
+            &body.to_string(),
+        );
+        let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(
+            answer["choices"][0]["message"]["content"].is_string(),
+            "{out}"
+        );
+        let seen = tap.take();
+        assert_eq!(seen.len(), 1, "one connection");
+        talaria_attacks::stream::records(&seen[0])[1..].to_vec()
+    };
+    // Answers of different lengths, padded to one bucket: the same records.
+    let wholes: Vec<Vec<usize>> = questions.iter().map(|q| whole(q)).collect();
+    assert!(wholes.windows(2).all(|w| w[0] == w[1]), "{wholes:?}");
+
     let mut named = 0;
     let mut padded_views = Vec::new();
     for (asked, question) in questions.iter().enumerate() {
