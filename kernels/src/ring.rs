@@ -425,6 +425,92 @@ impl IntKernel {
     }
 }
 
+/// The machine's peak for AMX's int8 tile product (`tdpbusd`), measured on the calling thread:
+/// unsigned-by-signed 8-bit multiply-adds per second, from four independent 16 × 16 × 64 tile
+/// products; `None` where the CPU has no AMX-INT8 or the kernel does not grant its tile state.
+/// No kernel of [`int_matmul`] uses AMX yet: this states how far above the vector kernels the
+/// machine's integer peak lies (a 64-bit product by a code is eight byte digits on it).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub fn amx_int8_peak() -> Option<f64> {
+    use std::arch::asm;
+    use std::arch::x86_64::__cpuid_count;
+    /// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: Linux hands a process AMX's tile
+    /// state only when it asks.
+    const ARCH_REQ_XCOMP_PERM: u64 = 0x1023;
+    const XFEATURE_XTILEDATA: u64 = 18;
+    const ROUNDS: u64 = 1_000_000;
+    // CPUID leaf 7: EDX bit 24 is AMX-TILE, bit 25 AMX-INT8.
+    let edx = __cpuid_count(7, 0).edx;
+    if edx & (3 << 24) != 3 << 24 {
+        return None;
+    }
+    let granted: i64;
+    // SAFETY: the arch_prctl system call (158) with a request that only asks for a permission;
+    // it clobbers rcx and r11 as every system call does.
+    unsafe {
+        asm!("syscall", inlateout("rax") 158i64 => granted, in("rdi") ARCH_REQ_XCOMP_PERM,
+             in("rsi") XFEATURE_XTILEDATA, lateout("rcx") _, lateout("r11") _,
+             options(nostack));
+    }
+    if granted != 0 {
+        return None;
+    }
+    // Palette 1; eight tiles of 16 rows of 64 bytes.
+    let mut config = [0u8; 64];
+    config[0] = 1;
+    for t in 0..8 {
+        config[16 + 2 * t] = 64;
+        config[48 + t] = 16;
+    }
+    let (ones, twos) = ([1u8; 1024], [2u8; 1024]);
+    let mut out = [0i32; 256];
+    let t0 = std::time::Instant::now();
+    // SAFETY: the CPU has AMX-TILE and AMX-INT8 (CPUID above) and the kernel granted the tile
+    // state (arch_prctl above); every tile load and store reads or writes 16 rows of 64 bytes
+    // of a 1024-byte buffer, and the tiles are released before returning.
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) config.as_ptr(), options(nostack));
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack)
+        );
+        asm!("tileloadd tmm4, [{p} + {s}*1]", p = in(reg) ones.as_ptr(), s = in(reg) 64usize,
+             options(nostack));
+        asm!("tileloadd tmm5, [{p} + {s}*1]", p = in(reg) twos.as_ptr(), s = in(reg) 64usize,
+             options(nostack));
+        asm!("tileloadd tmm6, [{p} + {s}*1]", p = in(reg) twos.as_ptr(), s = in(reg) 64usize,
+             options(nostack));
+        for _ in 0..ROUNDS {
+            asm!(
+                "tdpbusd tmm0, tmm4, tmm5",
+                "tdpbusd tmm1, tmm4, tmm6",
+                "tdpbusd tmm2, tmm4, tmm5",
+                "tdpbusd tmm3, tmm4, tmm6",
+                options(nostack)
+            );
+        }
+        asm!("tilestored [{p} + {s}*1], tmm0", p = in(reg) out.as_mut_ptr(), s = in(reg) 64usize,
+             options(nostack));
+        asm!("tilerelease", options(nostack));
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    // Each product adds 64 × (1 · 2) to every element: a wrong count is no measurement.
+    let expected = i32::try_from(ROUNDS * 128).ok()?;
+    if out.iter().any(|&v| v != expected) {
+        return None;
+    }
+    Some(ROUNDS as f64 * 4.0 * 16.0 * 16.0 * 64.0 / seconds)
+}
+
+/// No AMX off x86-64 Linux.
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+pub fn amx_int8_peak() -> Option<f64> {
+    None
+}
+
 /// Independent accumulator chains for the peak: enough to cover the pair dot's latency on every
 /// port that runs it.
 #[cfg(target_arch = "x86_64")]

@@ -63,6 +63,10 @@ struct Report {
     /// The machine's peak for each vector kernel's inner step, measured on one thread:
     /// 16 × 16-bit multiply-adds per second (`IntKernel::pair_dot_peak`).
     pair_dot_peak_per_thread: BTreeMap<&'static str, f64>,
+    /// AMX's int8 tile product, where the CPU and kernel have it: 8-bit multiply-adds per second
+    /// on one thread (`ring::amx_int8_peak`). No kernel uses it yet; a 64-bit product by a code
+    /// would be eight of them.
+    amx_int8_peak_per_thread: Option<f64>,
     /// 64-bit products by a code in one row's pass: `Σ d_in · d_out` over the ops.
     u64_products_per_row: usize,
     runs: usize,
@@ -119,6 +123,13 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
         .iter()
         .filter_map(|k| Some((k.name(), k.pair_dot_peak()?)))
         .collect();
+    let amx = talaria_kernels::ring::amx_int8_peak();
+    if let Some(p) = amx {
+        eprintln!(
+            "amx-int8: measured peak {:.1} G 8-bit multiply-adds/s per thread",
+            p / 1e9
+        );
+    }
     for (k, p) in &peaks {
         eprintln!(
             "{k}: measured peak {:.1} G 16-bit multiply-adds/s per thread",
@@ -199,6 +210,7 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
         threads,
         u64_kernel: IntKernel::best().name(),
         pair_dot_peak_per_thread: peaks,
+        amx_int8_peak_per_thread: amx,
         u64_products_per_row: products_per_row,
         runs: args.runs,
         f32_weight_bytes,
