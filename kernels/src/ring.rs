@@ -425,24 +425,18 @@ impl IntKernel {
     }
 }
 
-/// The machine's peak for AMX's int8 tile product (`tdpbusd`), measured on the calling thread:
-/// unsigned-by-signed 8-bit multiply-adds per second, from four independent 16 × 16 × 64 tile
-/// products; `None` where the CPU has no AMX-INT8 or the kernel does not grant its tile state.
-/// No kernel of [`int_matmul`] uses AMX yet: this states how far above the vector kernels the
-/// machine's integer peak lies (a 64-bit product by a code is eight byte digits on it).
+/// Whether this CPU has AMX-TILE and AMX-INT8 (CPUID) and Linux granted this process their
+/// tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: it hands it out only to a
+/// process that asks).
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-pub fn amx_int8_peak() -> Option<f64> {
+pub fn amx_granted() -> bool {
     use std::arch::asm;
     use std::arch::x86_64::__cpuid_count;
-    /// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: Linux hands a process AMX's tile
-    /// state only when it asks.
     const ARCH_REQ_XCOMP_PERM: u64 = 0x1023;
     const XFEATURE_XTILEDATA: u64 = 18;
-    const ROUNDS: u64 = 1_000_000;
     // CPUID leaf 7: EDX bit 24 is AMX-TILE, bit 25 AMX-INT8.
-    let edx = __cpuid_count(7, 0).edx;
-    if edx & (3 << 24) != 3 << 24 {
-        return None;
+    if __cpuid_count(7, 0).edx & (3 << 24) != 3 << 24 {
+        return false;
     }
     let granted: i64;
     // SAFETY: the arch_prctl system call (158) with a request that only asks for a permission;
@@ -452,7 +446,26 @@ pub fn amx_int8_peak() -> Option<f64> {
              in("rsi") XFEATURE_XTILEDATA, lateout("rcx") _, lateout("r11") _,
              options(nostack));
     }
-    if granted != 0 {
+    granted == 0
+}
+
+/// No AMX off x86-64 Linux.
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+pub fn amx_granted() -> bool {
+    false
+}
+
+/// The machine's peak for AMX's int8 tile product (`tdpbusd`), measured on the calling thread:
+/// unsigned-by-signed 8-bit multiply-adds per second, from four independent 16 × 16 × 64 tile
+/// products; `None` without AMX ([`amx_granted`]) or, never expected, when the sums come out
+/// wrong.
+/// No kernel of [`int_matmul`] uses AMX yet: this states how far above the vector kernels the
+/// machine's integer peak lies (a 64-bit product by a code is eight byte digits on it).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub fn amx_int8_peak() -> Option<f64> {
+    use std::arch::asm;
+    const ROUNDS: u64 = 1_000_000;
+    if !amx_granted() {
         return None;
     }
     // Palette 1; eight tiles of 16 rows of 64 bytes.
@@ -465,8 +478,8 @@ pub fn amx_int8_peak() -> Option<f64> {
     let (ones, twos) = ([1u8; 1024], [2u8; 1024]);
     let mut out = [0i32; 256];
     let t0 = std::time::Instant::now();
-    // SAFETY: the CPU has AMX-TILE and AMX-INT8 (CPUID above) and the kernel granted the tile
-    // state (arch_prctl above); every tile load and store reads or writes 16 rows of 64 bytes
+    // SAFETY: the CPU has AMX-TILE and AMX-INT8 and the kernel granted the tile state
+    // (`amx_granted`); every tile load and store reads or writes 16 rows of 64 bytes
     // of a 1024-byte buffer, and the tiles are released before returning.
     unsafe {
         asm!("ldtilecfg [{}]", in(reg) config.as_ptr(), options(nostack));
@@ -497,7 +510,7 @@ pub fn amx_int8_peak() -> Option<f64> {
         asm!("tilerelease", options(nostack));
     }
     let seconds = t0.elapsed().as_secs_f64();
-    // Each product adds 64 × (1 · 2) to every element: a wrong count is no measurement.
+    // Each product adds 64 × (1 · 2) to every element: a wrong sum is no measurement.
     let expected = i32::try_from(ROUNDS * 128).ok()?;
     if out.iter().any(|&v| v != expected) {
         return None;
@@ -947,6 +960,19 @@ mod tests {
     /// Every kernel this CPU has, against the definition: random values, and the extremes of
     /// the digit sums (every digit of every input at -2^15 or 2^15 - 1 against codes of 255),
     /// of the codes and of the scales.
+    #[test]
+    fn where_the_host_grants_amx_its_checked_tile_product_outruns_the_vector_kernels() {
+        // Where the host grants AMX, the tile product's sums are right and the machine's integer
+        // peak lies above what the vector kernels reach, per multiply-add; elsewhere no peak.
+        if amx_granted() {
+            let amx = amx_int8_peak().expect("the tile product's sums are right");
+            let vector = IntKernel::best().pair_dot_peak().unwrap_or(0.0);
+            assert!(amx > vector, "amx {amx:e} against {vector:e}");
+        } else {
+            assert_eq!(amx_int8_peak(), None);
+        }
+    }
+
     #[test]
     fn every_kernel_is_the_product_mod_2_64_at_the_extremes() {
         let kernels = IntKernel::available();
