@@ -171,16 +171,20 @@ fn a_killed_gpu_node_and_a_killed_coordinator_cost_the_tenant_nothing() {
         },
     );
 
-    // 3. SIGKILL the coordinator: the agent's health turns 503 within the idle timeout, the
-    //    launcher restarts the coordinator, the agent joins again by itself, and the next
-    //    request is served without restarting the agent.
+    // 3. Hang the coordinator (SIGSTOP: the launcher restarts only processes that exit): the
+    //    agent's health turns 503 within the idle timeout. Then SIGKILL it: the launcher
+    //    restarts the coordinator, the agent joins again by itself, and the next request is
+    //    served without restarting the agent. (Killed at once, a coordinator can be back
+    //    before a poll sees the 503: the agent rejoined 0.3 s after it noticed, in one run.)
     let agent = cluster.pid("agent-t");
-    kill(cluster.pid("coordinator"), libc::SIGKILL);
+    let coordinator = cluster.pid("coordinator");
+    kill(coordinator, libc::SIGSTOP);
     wait_until(
         Duration::from_secs(10),
         "health reports the uplink down",
         || health(&cluster) == 503,
     );
+    kill(coordinator, libc::SIGKILL);
     wait_until(
         Duration::from_secs(120),
         "the agent joined the new coordinator",
