@@ -505,21 +505,28 @@ fn sse(v: &Value, pad: bool) -> Bytes {
     Bytes::from(data(&Value::Object(fields)))
 }
 
-/// The end of a stream, padded as its events are (a comment line, which clients skip).
-fn sse_done(pad: bool) -> Bytes {
-    const DONE: &str = "data: [DONE]\n\n";
-    if !pad {
-        return Bytes::from_static(DONE.as_bytes());
-    }
-    let comment = PAD_BUCKET - DONE.len() - 2;
-    Bytes::from(format!(":{}\n{DONE}", " ".repeat(comment)))
+/// An SSE comment line, which clients skip, then `tail`: one bucket in all.
+fn behind_comment(tail: &str) -> Bytes {
+    let spaces = PAD_BUCKET - tail.len() - 2;
+    Bytes::from(format!(":{}\n{tail}", " ".repeat(spaces)))
 }
 
-/// What a token that streams no text sends when padded: a comment of one bucket, which clients
-/// skip, so that every decode pass is one padded event (a pass without one would show where a
-/// multi-byte character or a held-back stop sequence fell).
+/// The end of a stream, padded as its events are.
+fn sse_done(pad: bool) -> Bytes {
+    const DONE: &str = "data: [DONE]\n\n";
+    if pad {
+        behind_comment(DONE)
+    } else {
+        Bytes::from_static(DONE.as_bytes())
+    }
+}
+
+/// What a token that streams no text sends when padded: a comment of one bucket (its blank line
+/// ends an event with no data, which clients skip), so that every decode pass is one padded
+/// event (a pass without one would show where a multi-byte character or a held-back stop
+/// sequence fell).
 fn sse_filler() -> Bytes {
-    Bytes::from(format!(":{}\n\n", " ".repeat(PAD_BUCKET - 3)))
+    behind_comment("\n")
 }
 
 /// A JSON answer (whole or an error), padded with trailing spaces (insignificant in JSON) to a

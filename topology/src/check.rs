@@ -69,13 +69,8 @@ pub(crate) fn read(text: &str, path: &Path, role: Role) -> Result<Topology, Topo
         // It is in every event an agent streams, as JSON: its length there moves where an
         // event's text outgrows the padding's bucket, and the topology is the cloud's file.
         // Letters, digits, `.`, `_` and `-` are their own JSON, so its length there is this.
-        let key = if raw.model.name.is_some() {
-            "model.name"
-        } else {
-            "model.file"
-        };
         c.problem(
-            key,
+            raw.model.key(),
             format!(
                 "the model's name (the file's stem) must be at most {MAX_MODEL_NAME} bytes of \
                  letters, digits, '.', '_' and '-'"
@@ -485,13 +480,8 @@ fn check_weight_files(
         }
     }
     if model_needed && !model_file.as_os_str().is_empty() && !model_file.is_file() {
-        let key = if model.name.is_some() {
-            "model.name"
-        } else {
-            "model.file"
-        };
         c.problem(
-            key,
+            model.key(),
             format!(
                 "model file {} does not exist (run `talaria fetch-model`)",
                 model_file.display()
@@ -541,6 +531,17 @@ struct RawAttestation {
 struct RawModel {
     name: Option<String>,
     file: Option<String>,
+}
+
+impl RawModel {
+    /// The key a problem with the model is reported at: the one the topology gave it by.
+    fn key(&self) -> &'static str {
+        if self.name.is_some() {
+            "model.name"
+        } else {
+            "model.file"
+        }
+    }
 }
 
 #[derive(Deserialize)]
