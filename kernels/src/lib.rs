@@ -4,10 +4,12 @@
 //! products the cloud (masked rows) and the CVM (pads, Freivalds' vectors) take with it, and
 //! the unprotected engine's decode product on the stored blocks themselves ([`quant`]).
 
+pub mod amx;
 pub mod gemm;
 pub mod quant;
 pub mod ring;
 
+pub use amx::{AmxWeight, amx_matmul};
 pub use quant::{BadQuantWeight, QuantMatrix, QuantType};
 pub use ring::{
     BadIntWeight, INT_BLOCK, IntKernel, IntWeight, block_index, code_index, int_matmul,

@@ -430,6 +430,13 @@ impl IntKernel {
 /// process that asks).
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 pub fn amx_granted() -> bool {
+    static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GRANTED.get_or_init(ask_for_amx)
+}
+
+/// CPUID, then the grant (one system call; the permission holds for the whole process).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn ask_for_amx() -> bool {
     use std::arch::asm;
     use std::arch::x86_64::__cpuid_count;
     const ARCH_REQ_XCOMP_PERM: u64 = 0x1023;
@@ -459,8 +466,8 @@ pub fn amx_granted() -> bool {
 /// unsigned-by-signed 8-bit multiply-adds per second, from four independent 16 × 16 × 64 tile
 /// products; `None` without AMX ([`amx_granted`]) or, never expected, when the sums come out
 /// wrong.
-/// No kernel of [`int_matmul`] uses AMX yet: this states how far above the vector kernels the
-/// machine's integer peak lies (a 64-bit product by a code is eight byte digits on it).
+/// [`crate::amx`]'s product runs on it: a 64-bit product by a weight is one multiply-add per
+/// pair of byte digits whose places sum below 2^64.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 pub fn amx_int8_peak() -> Option<f64> {
     use std::arch::asm;

@@ -47,7 +47,9 @@ struct PassCost {
     u64_over_f64: f64,
     /// The u64 pass on every vector kernel this CPU has, same weights, same rows, each op's
     /// kernels measured back to back right after its `u64_ms` (the widest kernel through the
-    /// node's weights): warm caches and threads, so at 1 row below `u64_ms`.
+    /// node's weights): warm caches and threads, so at 1 row below `u64_ms`. Where the host
+    /// grants AMX, also `amx-int8`: the experimental product on the weights' byte digits
+    /// (`talaria_kernels::amx`, made before timing; no product uses it).
     u64_by_kernel_ms: BTreeMap<&'static str, f64>,
     /// The widest kernel's 16-bit multiply-adds per second (four per 64-bit product by a
     /// code) over the measured peak of all threads.
@@ -64,9 +66,12 @@ struct Report {
     /// 16 × 16-bit multiply-adds per second (`IntKernel::pair_dot_peak`).
     pair_dot_peak_per_thread: BTreeMap<&'static str, f64>,
     /// AMX's int8 tile product, where the CPU and kernel have it: 8-bit multiply-adds per second
-    /// on one thread (`ring::amx_int8_peak`). No kernel uses it yet; a 64-bit product by a code
-    /// would be eight of them.
+    /// on one thread (`ring::amx_int8_peak`).
     amx_int8_peak_per_thread: Option<f64>,
+    /// Byte digits per weight of the AMX experiment (the most any op needs), and the bytes
+    /// they take.
+    amx_digits: Option<usize>,
+    amx_weight_bytes: Option<usize>,
     /// 64-bit products by a code in one row's pass: `Σ d_in · d_out` over the ops.
     u64_products_per_row: usize,
     runs: usize,
@@ -136,6 +141,14 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
             p / 1e9
         );
     }
+    // The AMX experiment's digits, made once for every op (not part of any product's cost).
+    let amx_weights: BTreeMap<OpId, talaria_kernels::AmxWeight> = talaria_cvm_agent::all_ops(&c)
+        .into_iter()
+        .filter_map(|op| {
+            let w = weights.int_weight(op).ok()?;
+            Some((op, talaria_kernels::AmxWeight::new(w)?))
+        })
+        .collect();
     let products_per_row: usize = talaria_cvm_agent::all_ops(&c)
         .into_iter()
         .map(|op| {
@@ -182,6 +195,12 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
                     talaria_kernels::int_matmul_with(k, &xu, rows, w);
                 });
             }
+            if let Some(aw) = amx_weights.get(&op) {
+                *cost.u64_by_kernel_ms.entry("amx-int8").or_default() +=
+                    median_ms(args.runs, || {
+                        talaria_kernels::amx_matmul(&xu, rows, aw);
+                    });
+            }
             *cost.f32_ms.entry(kind(op)).or_default() += a;
             *cost.f64_ms.entry(kind(op)).or_default() += b;
             *cost.u64_ms.entry(kind(op)).or_default() += u;
@@ -211,6 +230,9 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
         u64_kernel: IntKernel::best().name(),
         pair_dot_peak_per_thread: peaks,
         amx_int8_peak_per_thread: amx,
+        amx_digits: amx_weights.values().map(|a| a.digits()).max(),
+        amx_weight_bytes: (!amx_weights.is_empty())
+            .then(|| amx_weights.values().map(|a| a.bytes()).sum()),
         u64_products_per_row: products_per_row,
         runs: args.runs,
         f32_weight_bytes,
