@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    TextEncoder, exponential_buckets,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, TextEncoder, exponential_buckets,
 };
 
 /// A registered gauge, as the statics hold it.
@@ -268,6 +268,23 @@ pub static AGENT_MASK_PAIRS: LazyLock<IntCounterVec> = LazyLock::new(|| {
             &["source"],
         )
         .expect("valid metric"),
+    )
+});
+/// The agent's warm-up before its first tenant (every op set up and checked, Freivalds'
+/// vectors made): how long it took, and the ops that hold check vectors.
+pub static AGENT_WARM_UP_SECONDS: LazyLock<Gauge> = LazyLock::new(|| {
+    register(
+        Gauge::new(
+            "talaria_agent_warm_up_seconds",
+            "Seconds the agent's warm-up took (0 until it succeeds)",
+        )
+        .expect("valid metric"),
+    )
+});
+pub static AGENT_CHECKED_OPS: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "talaria_agent_checked_ops",
+        "Ops whose Freivalds check vectors the agent holds",
     )
 });
 pub static AGENT_MASK_POOL_READY: LazyLock<IntGauge> = LazyLock::new(|| {

@@ -340,10 +340,48 @@ impl AgentShared {
         })
     }
 
+    /// Readies the agent before its first tenant: opens a session with the cloud, which sets
+    /// every op up (each integer weight or `R_pub` checked against the manifest, kept in the
+    /// shared cache, and the shared mask pools started), makes Freivalds' vectors for every op,
+    /// and closes it. Without it the first request pays for all of that (about a second of
+    /// vectors alone for the fetched model), and a cloud serving other weights is found only
+    /// when a tenant asks. On failure the sessions set up as before, each on its own.
+    pub fn warm_up(self: &Arc<Self>) -> Result<WarmUp, AgentError> {
+        let t0 = Instant::now();
+        let mut conversation = self.open(None)?;
+        let setup_s = conversation.linear.timings().setup_s;
+        let (vectors_made, checked_ops) = conversation.linear.prepare_checks();
+        // Closes the session with the cloud; what it set up stays in the shared cache.
+        drop(conversation);
+        let warm = WarmUp {
+            seconds: t0.elapsed().as_secs_f64(),
+            setup_s,
+            vectors_made,
+            checked_ops,
+        };
+        metrics::AGENT_WARM_UP_SECONDS.set(warm.seconds);
+        metrics::AGENT_CHECKED_OPS.set(checked_ops as i64);
+        Ok(warm)
+    }
+
     /// The token ids of a tenant's prompt.
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
         prompt_ids(&self.tokenizer, prompt)
     }
+}
+
+/// What [`AgentShared::warm_up`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WarmUp {
+    /// Seconds it took, in all.
+    pub seconds: f64,
+    /// Seconds of set-up round trips and checks (0 for ops already in the cache).
+    pub setup_s: f64,
+    /// Freivalds' vectors made.
+    pub vectors_made: usize,
+    /// Ops that hold them (every op with the identity basis; none with a basis, where the CVM
+    /// does not hold the weight).
+    pub checked_ops: usize,
 }
 
 /// The token ids of a prompt: text is tokenized (in the chat template as one user message if

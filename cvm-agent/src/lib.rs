@@ -239,6 +239,13 @@ impl<L: CloudLink> RemoLinear<L> {
         })
     }
 
+    /// Makes Freivalds' vectors for every op now (see [`Masker::prepare_checks`]); returns
+    /// how many were made and how many ops hold them.
+    pub fn prepare_checks(&mut self) -> (usize, usize) {
+        let made = self.masker.prepare_checks();
+        (made, self.masker.checks_ready())
+    }
+
     /// A new sequence starts on this session (the in-process engines reuse one for several
     /// generations): its first pass is padded whatever its length.
     pub fn new_sequence(&mut self) {

@@ -239,6 +239,21 @@ fn main() -> Result<()> {
             vocab = shared.config.vocab,
             "admitted and provisioned"
         );
+        // Before the first tenant, not during its request.
+        let warming = shared.clone();
+        match tokio::task::spawn_blocking(move || warming.warm_up()).await? {
+            Ok(w) => tracing::info!(
+                seconds = w.seconds,
+                setup_s = w.setup_s,
+                check_vectors = w.vectors_made,
+                checked_ops = w.checked_ops,
+                "warmed up: every op set up and checked, Freivalds' vectors made"
+            ),
+            Err(e) => tracing::error!(
+                error_type = e.error_type(),
+                "warm-up failed, each session sets up on its own: {e}"
+            ),
+        }
         let max_tokens = shared.config.max_seq;
         let factory: ConversationFactory = Arc::new(move |gone| {
             shared

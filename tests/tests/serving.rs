@@ -109,6 +109,18 @@ fn the_openai_client_gets_the_plain_engines_greedy_answer_streamed_and_whole() {
         "{}",
         String::from_utf8_lossy(&verified.stderr)
     );
+    // Before its first request the agent has set every op up and made Freivalds' vectors for
+    // each (its warm-up): no tenant's request pays for them.
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let metrics = https_get(&ca, addr, "/metrics");
+    let config = talaria_model_file::read_config(
+        &talaria_gguf::GgufFile::open(real_model()).expect("the real model"),
+    )
+    .expect("its configuration");
+    let ops = talaria_cvm_agent::all_ops(&config).len();
+    assert_eq!(metric(&metrics, "talaria_agent_requests_total"), 0.0);
+    assert_eq!(metric(&metrics, "talaria_agent_checked_ops"), ops as f64);
+    assert!(metric(&metrics, "talaria_agent_warm_up_seconds") > 0.0);
     let out = Command::new(python())
         .arg(repo_root().join("tests/python/openai_client.py"))
         .arg(format!("https://127.0.0.1:{port}/v1"))

@@ -388,6 +388,30 @@ impl Masker {
         self.ops.insert(op, Arc::new(Mutex::new(state)));
     }
 
+    /// Makes Freivalds' secret vectors for every installed op that has none yet (what an op's
+    /// first call would do), so that no call pays for them; returns how many were made. With
+    /// shared pools they are the agent's, made once for all its sessions.
+    pub fn prepare_checks(&mut self) -> usize {
+        let precision = self.config.precision;
+        let mut made = 0;
+        for state in self.ops.values() {
+            made += state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .vectors(precision)
+                .1;
+        }
+        made
+    }
+
+    /// Installed ops that hold Freivalds' vectors.
+    pub fn checks_ready(&self) -> usize {
+        self.ops
+            .values()
+            .filter(|s| s.lock().unwrap_or_else(|e| e.into_inner()).check.is_some())
+            .count()
+    }
+
     /// Starts filling the pools in the background (a no-op with a pool size of 0).
     pub fn start_pool(&mut self) {
         if !self.config.enabled || self.config.pool == 0 {
