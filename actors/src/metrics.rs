@@ -270,8 +270,9 @@ pub static AGENT_MASK_PAIRS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         .expect("valid metric"),
     )
 });
-/// The agent's warm-up before its first tenant (every op set up and checked, Freivalds'
-/// vectors made): how long it took, and the ops that hold check vectors.
+/// The agent's warm-up before its first tenant (every op set up, Freivalds' vectors made):
+/// how long it took, and the ops it left holding check vectors. Both are set to 0 before it
+/// starts, so a failed warm-up shows as 0.
 pub static AGENT_WARM_UP_SECONDS: LazyLock<Gauge> = LazyLock::new(|| {
     register(
         Gauge::new(
@@ -284,7 +285,16 @@ pub static AGENT_WARM_UP_SECONDS: LazyLock<Gauge> = LazyLock::new(|| {
 pub static AGENT_CHECKED_OPS: LazyLock<IntGauge> = LazyLock::new(|| {
     gauge(
         "talaria_agent_checked_ops",
-        "Ops whose Freivalds check vectors the agent holds",
+        "Ops holding Freivalds check vectors at the end of the warm-up (0 until it succeeds, \
+         and without the check: ReMO off, or a basis)",
+    )
+});
+/// Freivalds' vectors made during requests (the warm-up makes every op's before the first;
+/// more after a failed check, or for a row with a larger bound).
+pub static AGENT_CHECK_VECTORS_MADE: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "talaria_agent_check_vectors_made_total",
+        "Freivalds check vectors made while serving requests (not in the warm-up)",
     )
 });
 pub static AGENT_MASK_POOL_READY: LazyLock<IntGauge> = LazyLock::new(|| {

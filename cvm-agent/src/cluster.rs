@@ -486,6 +486,8 @@ impl AgentConversation {
         metrics::AGENT_MASK_PAIRS
             .with_label_values(&["pool"])
             .inc_by(stats.pool_hits - stats_before.pool_hits);
+        metrics::AGENT_CHECK_VECTORS_MADE
+            .inc_by(stats.check_vectors_made - stats_before.check_vectors_made);
         metrics::AGENT_MASK_PAIRS
             .with_label_values(&["on_the_spot"])
             .inc_by(stats.pool_misses - stats_before.pool_misses);

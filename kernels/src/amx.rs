@@ -129,9 +129,10 @@ fn signed_digits(v: i64) -> ([i8; 8], usize) {
 }
 
 impl AmxWeight {
-    /// The digits of `w`, or `None` where this process cannot run the AMX product.
+    /// The digits of `w`, or `None` where this process cannot run the AMX product or `w` is
+    /// malformed ([`IntWeight::validate`]).
     pub fn new(w: &IntWeight) -> Option<AmxWeight> {
-        if !available() {
+        if !available() || w.validate().is_err() {
             return None;
         }
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -528,6 +529,8 @@ mod tests {
         // 24 bits (four digits, as the fetched models) and of 64 (eight), rows of every size.
         for (rows, d_in, d_out, bits, digits) in [
             (1, 64, 16, 24, 3..=4),
+            (2, 64, 48, 24, 3..=4),
+            (6, 32, 16, 20, 3..=3),
             (17, 96, 40, 20, 3..=3),
             (33, 576, 64, 27, 4..=4),
             (16, 32, 7, 64, 8..=8),
@@ -560,14 +563,16 @@ mod tests {
     }
 
     #[test]
-    fn place_sums_at_their_bound_stay_exact_across_chunks() {
+    fn sums_past_32_bits_go_to_64_bits_in_chunks() {
         // Every entry's eight digits at -128 (`W_int = -128 · Σ_m 2^(8 m)`) against rows of
-        // bytes 255: place 3's four digit products per input sum past 2^31 over more than
-        // 16448 inputs, so the sums must go to 64 bits in chunks (16512 inputs are 258 steps).
+        // bytes 255: one digit product is -32640, and over 65824 inputs (1029 steps, past a
+        // chunk of 1024) a sum of them leaves 32 bits, so the sums must go to 64 bits in
+        // chunks.
         if !available() {
             return;
         }
-        let (rows, d_in, d_out) = (16, 16512, 16);
+        let (rows, d_in, d_out): (usize, usize, usize) = (4, 65824, 16);
+        assert!(d_in.div_ceil(STEP) > CHUNK_STEPS && 32640 * d_in as i64 > i64::from(i32::MAX));
         let blocks = d_in / INT_BLOCK * d_out;
         let w = IntWeight {
             d_in,
@@ -580,11 +585,46 @@ mod tests {
         };
         let a = AmxWeight::new(&w).expect("available");
         assert_eq!(a.digits(), 8);
-        assert!(
-            a.planes.bytes().iter().all(|&d| d == 0x80),
-            "every digit -128"
+        // Every entry's eight digits are -128; the last step's 32 inputs past `d_in` are zero.
+        let bytes = a.planes.bytes();
+        assert!(bytes.iter().all(|&d| d == 0x80 || d == 0));
+        assert_eq!(
+            bytes.iter().filter(|&&d| d == 0x80).count(),
+            8 * d_in * d_out
         );
         let x = vec![u64::MAX; rows * d_in];
         assert_eq!(amx_matmul(&x, rows, &a), int_matmul(&x, rows, &w));
+    }
+
+    #[test]
+    fn the_digit_count_covers_both_ends_of_every_block() {
+        if !available() {
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let (d_in, d_out) = (64, 16);
+        let blocks = d_in / INT_BLOCK * d_out;
+        let base = weight(&mut rng, d_in, d_out, 12);
+        // The minimum sets the count: the code-255 end is 32 (one digit), the code-0 end
+        // 2^29 (four); counting the code-255 end alone would drop three digits of most entries.
+        let by_min = IntWeight {
+            scales: vec![(-2_105_376i64) as u64; blocks],
+            mins: vec![1 << 29; blocks],
+            ..base.clone()
+        };
+        // `255 D + M` leaves 64 bits: eight digits, exact modulo 2^64.
+        let wrapping = IntWeight {
+            scales: vec![1 << 62; blocks],
+            mins: vec![(-1i64 << 62) as u64; blocks],
+            ..base.clone()
+        };
+        for (w, digits) in [(&by_min, 4), (&wrapping, 8)] {
+            let a = AmxWeight::new(w).expect("available");
+            assert_eq!(a.digits(), digits);
+            let x: Vec<u64> = (0..3 * d_in).map(|_| rng.random()).collect();
+            assert_eq!(amx_matmul(&x, 3, &a), int_matmul(&x, 3, w));
+        }
+        // A malformed weight has no digits.
+        assert!(AmxWeight::new(&IntWeight { d_in: 48, ..base }).is_none());
     }
 }

@@ -138,6 +138,13 @@ fn the_openai_client_gets_the_plain_engines_greedy_answer_streamed_and_whole() {
         String::from_utf8_lossy(&out.stderr)
     );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Its requests made no Freivalds vectors: they use the warm-up's.
+    let metrics = https_get(&ca, addr, "/metrics");
+    assert!(metric(&metrics, "talaria_agent_requests_total") > 0.0);
+    assert_eq!(
+        metric(&metrics, "talaria_agent_check_vectors_made_total"),
+        0.0
+    );
 
     let mut plain = PlainEngine::load(real_model()).unwrap();
     let chat_ids = plain

@@ -372,7 +372,8 @@ fn a_cloud_serving_scaled_weights_is_refused_before_the_prompt_is_used() {
     // warm-up, before any tenant, meets the scaled layer-0 weight and refuses it, typed.
     let log = || std::fs::read_to_string(cluster.run_dir().join("logs/agent-t.log")).unwrap();
     assert!(log().contains("warm-up failed"), "{}", log());
-    assert!(log().contains("model_manifest"), "{}", log());
+    let at_start = log().matches("model_manifest").count();
+    assert!(at_start > 0, "{}", log());
     // A tenant's session sets up again and is refused the same way, before any row of the
     // prompt is masked and sent.
     let o = talaria(
@@ -391,7 +392,11 @@ fn a_cloud_serving_scaled_weights_is_refused_before_the_prompt_is_used() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "served through scaled weights");
     assert!(err.contains("model_manifest"), "{err}");
-    assert!(log().matches("model_manifest").count() >= 2, "{}", log());
+    assert!(
+        log().matches("model_manifest").count() > at_start,
+        "the tenant's session was refused too: {}",
+        log()
+    );
 }
 
 #[test]
