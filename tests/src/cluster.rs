@@ -574,3 +574,56 @@ impl Wiretap {
         std::mem::take(&mut *self.seen.lock().unwrap())
     }
 }
+
+/// A UDP forwarder in the network's place between QUIC clients and `target` (an agent's
+/// tenant port): it relays every datagram both ways, each client on an upstream socket of its
+/// own, and keeps the length of every datagram `target` sent, in order, which is all of the
+/// answer an observer of an encrypted QUIC connection reads besides timing.
+pub struct UdpWiretap {
+    pub addr: SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl UdpWiretap {
+    /// Listens on a free loopback port and relays to `target`.
+    pub fn start(target: SocketAddr) -> Self {
+        use std::net::UdpSocket;
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = front.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let all = seen.clone();
+        std::thread::spawn(move || {
+            let mut upstreams: std::collections::HashMap<SocketAddr, UdpSocket> =
+                std::collections::HashMap::new();
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok((n, client)) = front.recv_from(&mut buf) {
+                let up = upstreams.entry(client).or_insert_with(|| {
+                    let up = UdpSocket::bind("127.0.0.1:0").unwrap();
+                    up.connect(target).unwrap();
+                    let (back, front, all) = (
+                        up.try_clone().unwrap(),
+                        front.try_clone().unwrap(),
+                        all.clone(),
+                    );
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 << 10];
+                        while let Ok(n) = back.recv(&mut buf) {
+                            all.lock().unwrap().push(n);
+                            if front.send_to(&buf[..n], client).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    up
+                });
+                let _ = up.send(&buf[..n]);
+            }
+        });
+        Self { addr, seen }
+    }
+
+    /// The lengths of the datagrams `target` sent since the last call.
+    pub fn take(&self) -> Vec<usize> {
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}

@@ -9,10 +9,10 @@ use std::process::Command;
 use talaria_engine::{ChatMessage, SamplingParams, chat_prompt};
 use talaria_gpu_node::PlainEngine;
 use talaria_tests::cluster::{
-    LocalCluster, Wiretap, ask_agent, free_port, https_get, https_post, metric, scrape,
+    LocalCluster, UdpWiretap, Wiretap, ask_agent, free_port, https_get, https_post, metric, scrape,
 };
 use talaria_tests::{plain_greedy, real_model, repo_root};
-use talaria_wire::{Prompt, TenantRequest};
+use talaria_wire::{Prompt, TenantEvent, TenantRequest, frame};
 
 /// The text the agent answers for generated `ids` (end-of-sequence left out).
 fn text_of(plain: &PlainEngine, ids: &[u32]) -> String {
@@ -363,11 +363,10 @@ fn the_network_reads_token_lengths_from_an_unpadded_stream_and_nothing_from_the_
 
     // The attacker's guesses: the model's greedy answer to each question, as the length of the
     // JSON text of each event the agent would stream.
-    let plain = std::cell::RefCell::new(PlainEngine::load(real_model()).unwrap());
-    let guesses: Vec<Vec<usize>> = questions
+    let mut plain = PlainEngine::load(real_model()).unwrap();
+    let answers: Vec<Vec<u32>> = questions
         .iter()
         .map(|q| {
-            let mut plain = plain.borrow_mut();
             let ids = plain
                 .tokenizer
                 .encode(&chat_prompt(&[ChatMessage {
@@ -375,7 +374,12 @@ fn the_network_reads_token_lengths_from_an_unpadded_stream_and_nothing_from_the_
                     content: (*q).into(),
                 }]))
                 .unwrap();
-            let answer = plain_greedy(&mut plain, ids, max_tokens);
+            plain_greedy(&mut plain, ids, max_tokens)
+        })
+        .collect();
+    let guesses: Vec<Vec<usize>> = answers
+        .iter()
+        .map(|answer| {
             let mut stream = plain.tokenizer.decode_stream();
             answer
                 .iter()
@@ -488,6 +492,83 @@ fn the_network_reads_token_lengths_from_an_unpadded_stream_and_nothing_from_the_
     for view in &padded_views {
         let events: usize = answer(view).iter().map(|r| r / event).sum();
         assert_eq!(events, 1 + max_tokens + 3, "{padded_views:?}");
+    }
+
+    // The QUIC tenant protocol, through a UDP relay in the network's place: it reads every
+    // datagram's length. One `Token` event per decode pass, each its own frame, unpadded a
+    // constant envelope plus the token's id and text.
+    let unpadded = |ids: &[u32]| -> Vec<usize> {
+        let mut stream = plain.tokenizer.decode_stream();
+        ids.iter()
+            .map(|&id| {
+                let piece = stream.step(id).unwrap();
+                frame::encode(&TenantEvent::Token { id, piece }, None::<&()>)
+                    .unwrap()
+                    .len()
+            })
+            .collect()
+    };
+    let quic_guesses: Vec<Vec<usize>> = answers.iter().map(|a| unpadded(a)).collect();
+    // Its power: were the events unpadded, their datagrams (a constant QUIC overhead each)
+    // would name every question.
+    for (asked, guess) in quic_guesses.iter().enumerate() {
+        let wire: Vec<usize> = guess.iter().map(|l| 40 + l).collect();
+        assert_eq!(
+            talaria_attacks::stream::identify(&wire, &quic_guesses),
+            Some(asked)
+        );
+    }
+    let relay = UdpWiretap::start(cluster.topology().agent("tenant-a").unwrap().listen);
+    let tls = cluster.agent_tls("tenant-a");
+    let mut named = 0;
+    let mut views = Vec::new();
+    for (asked, question) in questions.iter().enumerate() {
+        let req = TenantRequest {
+            prompt: Prompt::Text {
+                text: (*question).into(),
+                chat: true,
+            },
+            max_tokens,
+            sampling: SamplingParams::default(),
+            ignore_eos: false,
+            stop: Vec::new(),
+            cache_salt: Some(format!("quic {asked}")),
+        };
+        let ids = ask_agent(&tls, relay.addr, &key, &req).unwrap();
+        assert_eq!(ids, answers[asked], "{question}");
+        let seen = relay.take();
+        // The attacker drops bare acknowledgements (at most 40 bytes here; an event's datagram
+        // is larger even unpadded), which would break the run of event datagrams.
+        let records: Vec<usize> = seen.iter().copied().filter(|&l| l > 40).collect();
+        if talaria_attacks::stream::identify(&records, &quic_guesses) == Some(asked) {
+            named += 1;
+        }
+        views.push(seen);
+    }
+    assert!(named <= 1, "{named} of 4 named through QUIC: {views:?}");
+    // What the relay sees of an answer: one datagram per event, all of one size whatever the
+    // token (one bucket and QUIC's overhead, in every answer; an acknowledgement could ride
+    // along, a few dozen bytes that say nothing of the token), the last possibly sharing a
+    // datagram with the end of the `Done` that follows at once; around them the handshake,
+    // loopback's path-MTU probes, the `Done`'s 64 KiB and bare acknowledgements. Unpadded,
+    // events would be datagrams of 40 to 60 bytes.
+    let bucket = talaria_wire::TENANT_EVENT_BUCKET;
+    let one_bucket = |l: &usize| (bucket..2 * bucket).contains(l);
+    let event = views[0].iter().copied().filter(one_bucket).min().unwrap();
+    let carries_event = |l: &usize| (event..event + 64).contains(l);
+    for (view, answer) in views.iter().zip(&answers) {
+        let events = view.iter().filter(|l| carries_event(l)).count();
+        assert!(
+            events + 1 >= answer.len() && events <= answer.len(),
+            "{events} event datagrams of {event} bytes for {} tokens: {views:?}",
+            answer.len()
+        );
+        for (i, l) in view.iter().enumerate() {
+            assert!(
+                !one_bucket(l) || carries_event(l) || view[i - 1] > 60 << 10,
+                "a datagram of {l} bytes: {views:?}"
+            );
+        }
     }
 }
 
