@@ -546,21 +546,21 @@ fn the_network_reads_token_lengths_from_an_unpadded_stream_and_nothing_from_the_
         views.push(seen);
     }
     assert!(named <= 1, "{named} of 4 named through QUIC: {views:?}");
-    // What the relay sees of an answer: one datagram per event, all of one size whatever the
-    // token (one bucket and QUIC's overhead, in every answer; an acknowledgement could ride
-    // along, a few dozen bytes that say nothing of the token), the last possibly sharing a
-    // datagram with the end of the `Done` that follows at once; around them the handshake,
-    // loopback's path-MTU probes, the `Done`'s 64 KiB and bare acknowledgements. Unpadded,
-    // events would be datagrams of 40 to 60 bytes.
+    // What the relay sees of an answer: one datagram per event, each one bucket and QUIC's
+    // overhead whatever the token, the last possibly sharing a datagram with the end of the
+    // `Done` that follows at once; around them the handshake, loopback's path-MTU probes, the
+    // `Done`'s 64 KiB and bare acknowledgements. The overhead moves by a few bytes with QUIC's
+    // own state (the packet number's and the stream offset's encodings, an acknowledgement
+    // riding along: 290 to 300 bytes on the CI host, 298 on a quiet one), never by a token's
+    // length. Unpadded, events would be datagrams of 40 to 60 bytes.
     let bucket = talaria_wire::TENANT_EVENT_BUCKET;
     let one_bucket = |l: &usize| (bucket..2 * bucket).contains(l);
-    let event = views[0].iter().copied().filter(one_bucket).min().unwrap();
-    let carries_event = |l: &usize| (event..event + 64).contains(l);
+    let carries_event = |l: &usize| (bucket..bucket + 64).contains(l);
     for (view, answer) in views.iter().zip(&answers) {
         let events = view.iter().filter(|l| carries_event(l)).count();
         assert!(
             events + 1 >= answer.len() && events <= answer.len(),
-            "{events} event datagrams of {event} bytes for {} tokens: {views:?}",
+            "{events} event datagrams for {} tokens: {views:?}",
             answer.len()
         );
         for (i, l) in view.iter().enumerate() {
