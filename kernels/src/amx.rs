@@ -318,15 +318,10 @@ fn byte_planes(x: &[u64; INT_BLOCK], out: &mut [u8; 8 * INT_BLOCK]) {
     }
 }
 
-/// Bytes on a 64-byte boundary.
+/// Palette 1, all eight tiles 16 rows of 64 bytes (here: 0–3 the 32-bit sums, 4–5 two pairs
+/// of rows' digits, 6–7 two of the weight's digits).
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-#[repr(C, align(64))]
-struct Aligned<const N: usize>([u8; N]);
-
-/// Palette 1, all eight tiles 16 rows of 64 bytes: 0–3 the 32-bit sums, 4–5 two pairs of
-/// rows' digits, 6–7 two of the weight's digits.
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-static TILES: Aligned<64> = {
+static TILES: Line = {
     let mut c = [0u8; 64];
     c[0] = 1;
     let mut t = 0;
@@ -335,8 +330,38 @@ static TILES: Aligned<64> = {
         c[48 + t] = 16;
         t += 1;
     }
-    Aligned(c)
+    Line(c)
 };
+
+/// Loads [`TILES`] into this thread's tile configuration.
+///
+/// # Safety
+///
+/// The CPU has AMX-TILE and Linux granted this process the tile state ([`amx_granted`]).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub(crate) unsafe fn configure_tiles() {
+    // SAFETY: the caller's promise; the configuration is valid for palette 1.
+    unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) TILES.0.as_ptr(), options(nostack)) };
+}
+
+/// Zeroes tiles 0–3 (the sums).
+///
+/// # Safety
+///
+/// The tiles are configured ([`configure_tiles`]).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub(crate) unsafe fn zero_sum_tiles() {
+    // SAFETY: the caller's promise.
+    unsafe {
+        std::arch::asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack)
+        )
+    };
+}
 
 /// One group of 16 columns for every row, four rows (two pairs) at a time: per two of the
 /// weight's digits `m`, the products of each pair's tile (its rows' eight digits `l`, one per
@@ -359,23 +384,15 @@ unsafe fn group(a: &AmxWeight, rows_digits: &[u8], rows: usize, g: usize, out: &
     let group_bytes = steps * digits.next_multiple_of(2) * TILE_BYTES;
     let weight = &a.planes.bytes()[g * group_bytes..][..group_bytes];
     let mut sums = Sums([0; 4 * 256]);
-    // SAFETY: the caller's promise; the configuration is valid for palette 1.
-    unsafe { asm!("ldtilecfg [{}]", in(reg) TILES.0.as_ptr(), options(nostack)) };
+    // SAFETY: the caller's promise.
+    unsafe { configure_tiles() };
     for quad in 0..rows.div_ceil(4) {
         let left = &rows_digits[2 * quad * steps * TILE_BYTES..][..2 * steps * TILE_BYTES];
         let mut acc = [[0u64; LANES]; 4];
         for m0 in (0..digits).step_by(2) {
             for first in (0..steps).step_by(CHUNK_STEPS) {
                 // SAFETY: the configuration is loaded.
-                unsafe {
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack)
-                    )
-                };
+                unsafe { zero_sum_tiles() };
                 for s in first..steps.min(first + CHUNK_STEPS) {
                     let p0 = left[s * TILE_BYTES..].as_ptr();
                     let p1 = left[(steps + s) * TILE_BYTES..].as_ptr();

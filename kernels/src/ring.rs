@@ -475,13 +475,7 @@ pub fn amx_int8_peak() -> Option<f64> {
     if !amx_granted() {
         return None;
     }
-    // Palette 1; eight tiles of 16 rows of 64 bytes.
-    let mut config = [0u8; 64];
-    config[0] = 1;
-    for t in 0..8 {
-        config[16 + 2 * t] = 64;
-        config[48 + t] = 16;
-    }
+    // Palette 1; eight tiles of 16 rows of 64 bytes (`amx::configure_tiles`).
     let (ones, twos) = ([1u8; 1024], [2u8; 1024]);
     let mut out = [0i32; 256];
     let t0 = std::time::Instant::now();
@@ -489,14 +483,8 @@ pub fn amx_int8_peak() -> Option<f64> {
     // (`amx_granted`); every tile load and store reads or writes 16 rows of 64 bytes
     // of a 1024-byte buffer, and the tiles are released before returning.
     unsafe {
-        asm!("ldtilecfg [{}]", in(reg) config.as_ptr(), options(nostack));
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack)
-        );
+        crate::amx::configure_tiles();
+        crate::amx::zero_sum_tiles();
         asm!("tileloadd tmm4, [{p} + {s}*1]", p = in(reg) ones.as_ptr(), s = in(reg) 64usize,
              options(nostack));
         asm!("tileloadd tmm5, [{p} + {s}*1]", p = in(reg) twos.as_ptr(), s = in(reg) 64usize,
