@@ -347,6 +347,9 @@ impl AgentShared {
     /// vectors alone for the fetched model), and a cloud serving other weights is found only
     /// when a tenant asks. On failure the sessions set up as before, each on its own.
     pub fn warm_up(self: &Arc<Self>) -> Result<WarmUp, AgentError> {
+        // 0 until it succeeds, so that a failed warm-up shows.
+        metrics::AGENT_WARM_UP_SECONDS.set(0.0);
+        metrics::AGENT_CHECKED_OPS.set(0);
         let t0 = Instant::now();
         let mut conversation = self.open(None)?;
         let setup_s = conversation.linear.timings().setup_s;

@@ -245,8 +245,6 @@ fn main() -> Result<()> {
         // Before the first tenant, not during its request; within a budget, so that a cloud
         // answering each set-up just before its deadline cannot hold the agent unready (it
         // then serves, and the warm-up finishes beside the sessions).
-        talaria_actors::metrics::AGENT_WARM_UP_SECONDS.set(0.0);
-        talaria_actors::metrics::AGENT_CHECKED_OPS.set(0);
         let warming = shared.clone();
         let warm_up = tokio::task::spawn_blocking(move || {
             match warming.warm_up() {

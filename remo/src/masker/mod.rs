@@ -389,27 +389,21 @@ impl Masker {
     }
 
     /// Makes Freivalds' secret vectors for every installed op that has none yet (what an op's
-    /// first call would do), so that no call pays for them; returns how many were made. With
+    /// first call would do), so that no call pays for them; returns how many were made and how
+    /// many ops hold them (none with a basis, where the CVM does not hold the weight). With
     /// shared pools they are the agent's, made once for all its sessions.
-    pub fn prepare_checks(&mut self) -> usize {
+    pub fn prepare_checks(&mut self) -> (usize, usize) {
         let precision = self.config.precision;
-        let mut made = 0;
+        let (mut made, mut ready) = (0, 0);
         for state in self.ops.values() {
-            made += state
+            let (vectors, now) = state
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .vectors(precision)
-                .1;
+                .vectors(precision);
+            made += now;
+            ready += usize::from(vectors.is_some());
         }
-        made
-    }
-
-    /// Installed ops that hold Freivalds' vectors.
-    pub fn checks_ready(&self) -> usize {
-        self.ops
-            .values()
-            .filter(|s| s.lock().unwrap_or_else(|e| e.into_inner()).check.is_some())
-            .count()
+        (made, ready)
     }
 
     /// Starts filling the pools in the background (a no-op with a pool size of 0).
