@@ -241,7 +241,13 @@ pub(crate) fn batches(
 
 /// CPU seconds a process has used (user + system), from `/proc/PID/stat`.
 pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// User and system CPU seconds in a `/proc` `stat` file (a process's, or a thread's under
+/// `/proc/self/task`).
+pub(crate) fn stat_cpu_seconds(path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the command name (which may hold spaces) start at its closing ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split(' ').collect();

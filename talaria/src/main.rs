@@ -4,6 +4,7 @@ mod attack;
 mod bench;
 mod bench_chat;
 mod bench_gemm;
+mod bench_hop;
 mod bench_verify;
 mod calibrate;
 mod cluster;
@@ -50,6 +51,10 @@ enum Command {
     /// Time the cloud side's products for one forward pass in f32, f64 and the integer mode's
     /// wrapping u64, on the same weights; prints JSON.
     BenchGemm(bench_gemm::BenchGemmArgs),
+    /// The floor of the cluster's transport on this host: round trips of real QUIC between
+    /// single-threaded event loops that do no work, one hop and through a forwarding relay, a
+    /// stream per call and one stream; prints JSON.
+    BenchHop(bench_hop::BenchHopArgs),
     /// What verifying every product and hiding the prompt's length cost, in process: pad work
     /// and Freivalds' check per decode token with 0 and 2 dummy rows, and each padding
     /// policy's prefill cost against what it hides; prints JSON.
@@ -136,6 +141,7 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::BenchChat(args) => bench_chat::run(args),
         Command::BenchGemm(args) => bench_gemm::run(args),
+        Command::BenchHop(args) => bench_hop::run(args),
         Command::BenchVerify(args) => bench_verify::run(args),
         Command::Calibrate(args) => calibrate::run(args),
         Command::Lossless(args) => lossless::run(args),

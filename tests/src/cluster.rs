@@ -28,6 +28,18 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Runs `cmd` to its end and reads the JSON it wrote to `json`; fails the test, with the
+/// command's error output, if it did not succeed.
+pub fn json_of_run(cmd: &mut Command, json: &Path) -> serde_json::Value {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
 /// A loopback port nobody listens on right now, over UDP (QUIC) or TCP (HTTP, metrics), and
 /// never one this process has handed out before: ports asked for one after the other (a
 /// topology's QUIC and metrics addresses) cannot collide when the kernel gives a just-released

@@ -629,6 +629,45 @@ fn assert_conversation_cache_is_per_key_and_exact(
     assert!(metric(&metrics, "talaria_agent_prefix_cache_bytes") > 0.0);
 }
 
+/// `talaria bench-hop`, short: every case of the transport's floor runs over real QUIC (one hop
+/// and through the relay, a stream per call and one stream, with and without the worker
+/// threads' hand-offs), every answer arrives whole (the bench refuses a short one), and each
+/// role's thread is accounted.
+#[test]
+fn the_transport_floor_bench_runs_every_case_over_real_quic() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("hop.json");
+    let report = talaria_tests::cluster::json_of_run(
+        Command::new(talaria_tests::cluster::bin("talaria"))
+            .args(["bench-hop", "--calls", "40", "--out"])
+            .arg(&json),
+        &json,
+    );
+    let cases = report["cases"].as_array().unwrap();
+    // Two payloads × two path lengths × three ways of calling.
+    assert_eq!(cases.len(), 12, "{report}");
+    for case in cases {
+        let us = case["us_per_call"].as_f64().unwrap();
+        assert!(us.is_finite() && us > 0.0, "{case}");
+        let mut roles: Vec<&str> = case["cpu_us_per_call"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        roles.sort_unstable();
+        let mut want = vec!["client", "server"];
+        if case["hops"] == 2 {
+            want.push("relay");
+        }
+        if case["handoffs"] == true {
+            want.push("caller");
+        }
+        want.sort_unstable();
+        assert_eq!(roles, want, "{case}");
+    }
+}
+
 /// `talaria load --synthetic`, short: sessions of different tenants, opened on the gpu-nodes
 /// directly with no CVM work, are served in shared GEMMs, and every decode step of every session
 /// is answered.
@@ -637,31 +676,25 @@ fn the_synthetic_load_batches_the_calls_of_different_tenants_together() {
     let model = real_model();
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("synthetic.json");
-    let out = Command::new(talaria_tests::cluster::bin("talaria"))
-        .args([
-            "load",
-            "--synthetic",
-            "--tenants",
-            "1,4",
-            "--gen-tokens",
-            "2",
-        ])
-        .arg("--base-port")
-        .arg(free_port().to_string())
-        .arg("--run-dir")
-        .arg(dir.path().join("run"))
-        .arg("--json")
-        .arg(&json)
-        .env("TALARIA_HOME", model.parent().unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let report = talaria_tests::cluster::json_of_run(
+        Command::new(talaria_tests::cluster::bin("talaria"))
+            .args([
+                "load",
+                "--synthetic",
+                "--tenants",
+                "1,4",
+                "--gen-tokens",
+                "2",
+            ])
+            .arg("--base-port")
+            .arg(free_port().to_string())
+            .arg("--run-dir")
+            .arg(dir.path().join("run"))
+            .arg("--json")
+            .arg(&json)
+            .env("TALARIA_HOME", model.parent().unwrap()),
+        &json,
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let steps = report["synthetic"].as_array().unwrap();
     assert_eq!(steps.len(), 2, "{report}");
     assert_eq!(steps[0]["tokens"], 2);
