@@ -35,15 +35,8 @@ fn fuse(
         shift = shift.max(exact_shift(name, t.ty, f.tensor_bytes(name)?)?);
     }
     let nb = d_in / INT_BLOCK;
-    let mut w = IntWeight {
-        d_in,
-        d_out,
-        codes: vec![0; d_in * d_out],
-        scales: vec![0; nb * d_out],
-        mins: vec![0; nb * d_out],
-        shift,
-        gain,
-    };
+    let mut codes = vec![0u8; d_in * d_out];
+    let (mut scales, mut mins) = (vec![0u64; nb * d_out], vec![0u64; nb * d_out]);
     let mut col0 = 0;
     for (name, part_out) in parts {
         let (name, part_out) = (name.as_str(), *part_out);
@@ -54,16 +47,26 @@ fn fuse(
         for o in 0..part_out {
             let col = col0 + o;
             for (i, &q) in ib.codes[o * d_in..(o + 1) * d_in].iter().enumerate() {
-                w.codes[code_index(d_in, d_out, i, col)] = q;
+                codes[code_index(d_in, d_out, i, col)] = q;
             }
             for b in 0..nb {
                 let k = block_index(d_in, d_out, b, col);
-                w.scales[k] = ib.scales[o * nb + b] as u64;
-                w.mins[k] = ib.mins[o * nb + b] as u64;
+                scales[k] = ib.scales[o * nb + b] as u64;
+                mins[k] = ib.mins[o * nb + b] as u64;
             }
         }
         col0 += part_out;
     }
+    // Held four bits a code where the tensor's codes are (Q4_1), a byte where not (Q8_0).
+    let w = IntWeight {
+        d_in,
+        d_out,
+        codes: codes.into(),
+        scales,
+        mins,
+        shift,
+        gain,
+    };
     w.validate()
         .map_err(|e| NodeError::invalid_model(e.to_string()))?;
     Ok(w)

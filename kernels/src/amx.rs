@@ -179,7 +179,7 @@ impl AmxWeight {
                         let k = block_index(d_in, d_out, b, j);
                         let (d, m) = (w.scales[k], w.mins[k]);
                         for i in b * INT_BLOCK..(b + 1) * INT_BLOCK {
-                            let q = u64::from(w.codes[code_index(d_in, d_out, i, j)]);
+                            let q = u64::from(w.codes.get(code_index(d_in, d_out, i, j)));
                             let (ds, _) = signed_digits(d.wrapping_mul(q).wrapping_add(m) as i64);
                             let (s, q, t) = (i / STEP, i % STEP / 4, i % 4);
                             for (dm, &digit) in ds[..digits].iter().enumerate() {
@@ -594,7 +594,7 @@ mod tests {
         let w = IntWeight {
             d_in,
             d_out,
-            codes: vec![255; d_in * d_out],
+            codes: vec![255; d_in * d_out].into(),
             scales: vec![0; blocks],
             mins: vec![0x7f7f_7f7f_7f7f_7f80; blocks],
             shift: 0,

@@ -12,6 +12,6 @@ pub mod ring;
 pub use amx::{AmxWeight, amx_matmul};
 pub use quant::{BadQuantWeight, QuantMatrix, QuantType};
 pub use ring::{
-    BadIntWeight, INT_BLOCK, IntKernel, IntWeight, block_index, code_index, int_matmul,
+    BadIntWeight, Codes, INT_BLOCK, IntKernel, IntWeight, block_index, code_index, int_matmul,
     int_matmul_with, int_weight_times,
 };

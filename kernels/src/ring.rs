@@ -3,7 +3,9 @@
 //!
 //! A weight of the integer mode is `W_int[i][j] = D[b][j] · q[i][j] + M[b][j]` for input `i` in
 //! block `b = i / 32`, with 8-bit codes `q` and per-block integers `D`, `M` (a GGUF block's f16
-//! scale and minimum times `2^shift`, exact). Every product here is taken modulo `2^64`: the cloud
+//! scale and minimum times `2^shift`, exact). Codes below 16 (a Q4_1 tensor's) are held four
+//! bits each ([`Codes`]): a one-row product reads its weight from memory once, so its time is
+//! the weight's bytes. Every product here is taken modulo `2^64`: the cloud
 //! multiplies one-time-padded rows, the CVM multiplies the pads, and the difference is the true
 //! product whenever it fits in 63 bits.
 
@@ -25,8 +27,7 @@ pub struct IntWeight {
     pub d_in: usize,
     pub d_out: usize,
     /// Codes `q[i][j]`, by tiles of 64 columns and in them inputs in pairs (see [`code_index`]).
-    #[serde(with = "serde_bytes")]
-    pub codes: Vec<u8>,
+    pub codes: Codes,
     /// Per block and column (by tiles of 64 columns, see [`block_index`]): the scale times
     /// `2^shift` (two's complement).
     pub scales: Vec<u64>,
@@ -77,7 +78,7 @@ impl IntWeight {
         let b = block_index(self.d_in, self.d_out, i / INT_BLOCK, j);
         (self.scales[b] as i64)
             .wrapping_mul(i64::from(
-                self.codes[code_index(self.d_in, self.d_out, i, j)],
+                self.codes.get(code_index(self.d_in, self.d_out, i, j)),
             ))
             .wrapping_add(self.mins[b] as i64)
     }
@@ -86,6 +87,7 @@ impl IntWeight {
     /// product: `|X·W_int[:, j]| ≤ ‖X‖₂ · this`.
     pub fn column_norm_bound(&self) -> f64 {
         let mut sq = vec![0f64; self.d_out];
+        let mut buf = [0u8; 2 * TILE];
         // In storage order, tile by tile; each column still sums over `i` in increasing order.
         for (j0, width) in tiles(self.d_out) {
             let sq = &mut sq[j0..j0 + width];
@@ -94,8 +96,8 @@ impl IntWeight {
                 let (d, m) = (&self.scales[k..k + width], &self.mins[k..k + width]);
                 for p in 0..PAIRS {
                     let i = b * INT_BLOCK + 2 * p;
-                    let codes =
-                        &self.codes[code_index(self.d_in, self.d_out, i, j0)..][..2 * width];
+                    let k = code_index(self.d_in, self.d_out, i, j0);
+                    let codes = self.codes.run(k, 2 * width, &mut buf);
                     for (jj, (s, pair)) in sq.iter_mut().zip(codes.chunks_exact(2)).enumerate() {
                         for &q in pair {
                             let w = (d[jj] as i64)
@@ -127,7 +129,126 @@ impl IntWeight {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.codes.len() + 8 * (self.scales.len() + self.mins.len())
+        self.codes.held_bytes() + 8 * (self.scales.len() + self.mins.len())
+    }
+}
+
+/// An integer weight's codes, in [`code_index`] order: four bits a code when every code is
+/// below 16 (a Q4_1 tensor's), else a byte a code. Packed, byte `k` holds the codes at `2k` (low
+/// nibble) and `2k + 1` (high nibble), which [`code_index`] makes the two inputs of one pair row
+/// and one column: the two halves of one pair-dot lane. On the wire and in digests a byte a code
+/// either way, so how a side holds them is its own affair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Codes {
+    bytes: Vec<u8>,
+    len: usize,
+    packed: bool,
+}
+
+impl Codes {
+    /// Holds `codes` (one a byte), packed when every one is below 16.
+    pub fn new(codes: Vec<u8>) -> Self {
+        if codes.len().is_multiple_of(2) && codes.iter().all(|&q| q < 16) {
+            Self {
+                bytes: codes.chunks_exact(2).map(|p| p[0] | (p[1] << 4)).collect(),
+                len: codes.len(),
+                packed: true,
+            }
+        } else {
+            Self {
+                len: codes.len(),
+                bytes: codes,
+                packed: false,
+            }
+        }
+    }
+
+    /// How many codes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether they are held four bits each.
+    pub fn packed(&self) -> bool {
+        self.packed
+    }
+
+    /// The bytes they take in memory.
+    pub fn held_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Code `k` (a [`code_index`]).
+    pub fn get(&self, k: usize) -> u8 {
+        if self.packed {
+            (self.bytes[k / 2] >> (4 * (k & 1))) & 15
+        } else {
+            self.bytes[k]
+        }
+    }
+
+    /// Codes `k .. k + n` (`k` even), a byte each: borrowed when held so, else unpacked into
+    /// `buf` (at least `n` long).
+    pub fn run<'a>(&'a self, k: usize, n: usize, buf: &'a mut [u8]) -> &'a [u8] {
+        if !self.packed {
+            return &self.bytes[k..k + n];
+        }
+        debug_assert!(k.is_multiple_of(2));
+        let out = &mut buf[..n];
+        for (pair, &b) in out
+            .chunks_mut(2)
+            .zip(&self.bytes[k / 2..(k + n).div_ceil(2)])
+        {
+            pair[0] = b & 15;
+            if let Some(hi) = pair.get_mut(1) {
+                *hi = b >> 4;
+            }
+        }
+        out
+    }
+
+    /// All of them, a byte each.
+    pub fn unpacked(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self.packed {
+            let mut all = vec![0u8; self.len];
+            self.run(0, self.len, &mut all);
+            std::borrow::Cow::Owned(all)
+        } else {
+            std::borrow::Cow::Borrowed(&self.bytes)
+        }
+    }
+
+    /// The packed bytes (`None` when held a byte a code).
+    fn packed_bytes(&self) -> Option<&[u8]> {
+        self.packed.then_some(self.bytes.as_slice())
+    }
+}
+
+impl From<Vec<u8>> for Codes {
+    fn from(codes: Vec<u8>) -> Self {
+        Self::new(codes)
+    }
+}
+
+impl FromIterator<u8> for Codes {
+    fn from_iter<I: IntoIterator<Item = u8>>(codes: I) -> Self {
+        Self::new(codes.into_iter().collect())
+    }
+}
+
+impl Serialize for Codes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.unpacked())
+    }
+}
+
+impl<'de> Deserialize<'de> for Codes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self::new(serde_bytes::ByteBuf::deserialize(d)?.into_vec()))
     }
 }
 
@@ -297,13 +418,16 @@ pub fn int_weight_times(w: &IntWeight, vs: &[Vec<u64>]) -> Vec<Vec<u64>> {
                 .collect();
             // `[i][t]` for the block's 32 inputs, two inputs (one pair row of codes) at a time.
             let mut out = vec![0u64; INT_BLOCK * k];
+            let mut buf = [0u8; 2 * TILE];
             for p in 0..PAIRS {
                 let i = b * INT_BLOCK + 2 * p;
                 for t in 0..k {
                     let (mut even, mut odd) = (offsets[t], offsets[t]);
                     // The pair row's codes lie in one run per tile of columns.
                     for (j0, width) in tiles(d_out) {
-                        let codes = &w.codes[code_index(d_in, d_out, i, j0)..][..2 * width];
+                        let codes =
+                            w.codes
+                                .run(code_index(d_in, d_out, i, j0), 2 * width, &mut buf);
                         let (e, o) = pair_dot(codes, &scaled[t][2 * j0..2 * (j0 + width)]);
                         (even, odd) = (even.wrapping_add(e), odd.wrapping_add(o));
                     }
@@ -593,7 +717,7 @@ fn tile_portable(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
             for b in 0..a.nb {
                 let mut t = 0u64;
                 for i in b * INT_BLOCK..(b + 1) * INT_BLOCK {
-                    let q = u64::from(w.codes[code_index(w.d_in, w.d_out, i, j)]);
+                    let q = u64::from(w.codes.get(code_index(w.d_in, w.d_out, i, j)));
                     t = t.wrapping_add(a.x[r * w.d_in + i].wrapping_mul(q));
                 }
                 let k = block_index(w.d_in, w.d_out, b, j);
@@ -611,16 +735,15 @@ fn tile_portable(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
 fn tile_pairs(a: &Operands, j0: usize, out: &mut [u64]) {
     let w = a.w;
     let (d_in, d_out) = (w.d_in, w.d_out);
+    let mut buf = [0u8; 2 * TILE];
     for b in 0..a.nb {
         let k0 = block_index(d_in, d_out, b, j0);
         for r in 0..a.rows {
             let xs = &a.x[r * d_in + b * INT_BLOCK..][..INT_BLOCK];
             let mut t = [0u64; TILE];
             for p in 0..PAIRS {
-                let codes: &[u8; 2 * TILE] = w.codes
-                    [code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0)..][..2 * TILE]
-                    .try_into()
-                    .expect("tile");
+                let k = code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0);
+                let codes = w.codes.run(k, 2 * TILE, &mut buf);
                 let (x0, x1) = (xs[2 * p], xs[2 * p + 1]);
                 for (t, q) in t.iter_mut().zip(codes.chunks_exact(2)) {
                     *t = t
@@ -658,13 +781,30 @@ fn tile_vnni(a: &Operands, j0: usize, out: &mut [u64]) {
         let mins = &w.mins[k0..k0 + TILE];
         // The block's codes widened to 16-bit lanes once for every row (4 KiB, in L1), written
         // once (an array zeroed first costs as many stores again).
+        // Packed, a pair row is one byte a column, its two codes the nibbles: each widens to a
+        // 32-bit lane whose low half is the low nibble and whose high half is the high one.
         let wide: [[__m512i; V]; PAIRS] = std::array::from_fn(|p| {
-            let codes = &w.codes[code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0)..][..2 * TILE];
-            std::array::from_fn(|v| {
-                // SAFETY: `codes` holds 2·TILE bytes; this reads 32 of them at 32·v < 2·TILE.
-                let q = unsafe { _mm256_loadu_si256(codes.as_ptr().add(32 * v).cast()) };
-                _mm512_cvtepu8_epi16(q)
-            })
+            let k = code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0);
+            match w.codes.packed_bytes() {
+                Some(packed) => {
+                    let codes = &packed[k / 2..][..TILE];
+                    std::array::from_fn(|v| {
+                        // SAFETY: `codes` holds TILE bytes; this reads 16 of them at 16·v < TILE.
+                        let q = unsafe { _mm_loadu_si128(codes.as_ptr().add(16 * v).cast()) };
+                        let q = _mm512_cvtepu8_epi32(q);
+                        let lo = _mm512_and_si512(q, _mm512_set1_epi32(15));
+                        _mm512_or_si512(lo, _mm512_slli_epi32::<16>(_mm512_srli_epi32::<4>(q)))
+                    })
+                }
+                None => {
+                    let codes = &w.codes.bytes[k..][..2 * TILE];
+                    std::array::from_fn(|v| {
+                        // SAFETY: `codes` holds 2·TILE bytes; this reads 32 of them at 32·v.
+                        let q = unsafe { _mm256_loadu_si256(codes.as_ptr().add(32 * v).cast()) };
+                        _mm512_cvtepu8_epi16(q)
+                    })
+                }
+            }
         });
         for r in 0..a.rows {
             let px = &a.pairs[(r * d_in / 2 + b * PAIRS) * 4..][..PAIRS * 4];
@@ -737,13 +877,28 @@ fn tile_avx2(a: &Operands, j0: usize, out: &mut [u64]) {
         // column group of 16 and pair row, two registers of 8 columns.
         let wide: [[[__m256i; 2]; PAIRS]; TILE / G] = std::array::from_fn(|g| {
             std::array::from_fn(|p| {
-                let codes =
-                    &w.codes[code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0 + G * g)..][..2 * G];
-                std::array::from_fn(|v| {
-                    // SAFETY: `codes` holds 2·G bytes; this reads 16 at 16·v < 2·G.
-                    let q = unsafe { _mm_loadu_si128(codes.as_ptr().add(16 * v).cast()) };
-                    _mm256_cvtepu8_epi16(q)
-                })
+                let k = code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0 + G * g);
+                match w.codes.packed_bytes() {
+                    // Packed: a byte a column, its nibbles the two halves of a 32-bit lane.
+                    Some(packed) => {
+                        let codes = &packed[k / 2..][..G];
+                        std::array::from_fn(|v| {
+                            // SAFETY: `codes` holds G bytes; this reads 8 at 8·v < G.
+                            let q = unsafe { _mm_loadl_epi64(codes.as_ptr().add(8 * v).cast()) };
+                            let q = _mm256_cvtepu8_epi32(q);
+                            let lo = _mm256_and_si256(q, _mm256_set1_epi32(15));
+                            _mm256_or_si256(lo, _mm256_slli_epi32::<16>(_mm256_srli_epi32::<4>(q)))
+                        })
+                    }
+                    None => {
+                        let codes = &w.codes.bytes[k..][..2 * G];
+                        std::array::from_fn(|v| {
+                            // SAFETY: `codes` holds 2·G bytes; this reads 16 at 16·v < 2·G.
+                            let q = unsafe { _mm_loadu_si128(codes.as_ptr().add(16 * v).cast()) };
+                            _mm256_cvtepu8_epi16(q)
+                        })
+                    }
+                }
             })
         });
         for r in 0..a.rows {
@@ -807,11 +962,18 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn random_weight(rng: &mut impl Rng, d_in: usize, d_out: usize) -> IntWeight {
+        random_weight_of(rng, d_in, d_out, u8::MAX)
+    }
+
+    /// A random weight whose codes are at most `max_code` (15: held four bits a code).
+    fn random_weight_of(rng: &mut impl Rng, d_in: usize, d_out: usize, max_code: u8) -> IntWeight {
         let blocks = d_in / INT_BLOCK * d_out;
         IntWeight {
             d_in,
             d_out,
-            codes: (0..d_in * d_out).map(|_| rng.random()).collect(),
+            codes: (0..d_in * d_out)
+                .map(|_| rng.random_range(0..=max_code))
+                .collect(),
             scales: (0..blocks)
                 .map(|_| rng.random_range(-1i64 << 40..1 << 40) as u64)
                 .collect(),
@@ -858,17 +1020,26 @@ mod tests {
         let (fast, slow) = (w.column_norm_bound(), w.column_norm_bound_by_entries());
         assert_eq!(fast.to_bits(), slow.to_bits(), "{fast} against {slow}");
         assert!(fast > (96f64).sqrt() * 2f64.powi(30) * 0.5);
-        // A product's shape, over every tile.
-        let big = random_weight(&mut rng, 576, 3072);
-        let (f, s) = (big.column_norm_bound(), big.column_norm_bound_by_entries());
-        assert_eq!(f.to_bits(), s.to_bits());
+        // A product's shape, over every tile, with codes a byte and four bits each.
+        for max_code in [u8::MAX, 15] {
+            let big = random_weight_of(&mut rng, 576, 3072, max_code);
+            let (f, s) = (big.column_norm_bound(), big.column_norm_bound_by_entries());
+            assert_eq!(f.to_bits(), s.to_bits());
+        }
     }
 
     #[test]
     fn the_weight_times_a_vector_is_the_transpose_of_the_product() {
         // (x · W) · v = x · (W · v) mod 2^64 for every x and v: Freivalds' identity.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        let w = random_weight(&mut rng, 96, 70);
+        for max_code in [u8::MAX, 15] {
+            weight_times_vector_case(&mut rng, max_code);
+        }
+    }
+
+    fn weight_times_vector_case(rng: &mut impl Rng, max_code: u8) {
+        let w = random_weight_of(rng, 96, 70, max_code);
+        assert_eq!(w.codes.packed(), max_code < 16);
         let vs: Vec<Vec<u64>> = (0..3)
             .map(|_| (0..70).map(|_| rng.random()).collect())
             .collect();
@@ -918,14 +1089,53 @@ mod tests {
     fn the_tiled_product_is_the_product_mod_2_64() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         // Full tiles, a ragged last tile, one row and several.
-        for (rows, d_in, d_out) in [(1, 64, 128), (3, 96, 130), (5, 32, 7), (0, 32, 64)] {
-            let w = random_weight(&mut rng, d_in, d_out);
+        for (rows, d_in, d_out, max_code) in [
+            (1, 64, 128, u8::MAX),
+            (3, 96, 130, u8::MAX),
+            (5, 32, 7, u8::MAX),
+            (0, 32, 64, u8::MAX),
+            (1, 64, 128, 15),
+            (3, 96, 130, 15),
+            (5, 32, 7, 15),
+        ] {
+            let w = random_weight_of(&mut rng, d_in, d_out, max_code);
             let x: Vec<u64> = (0..rows * d_in).map(|_| rng.random()).collect();
             assert_eq!(
                 int_matmul(&x, rows, &w),
                 naive(&x, rows, &w),
                 "{rows} x {d_in} x {d_out}"
             );
+        }
+    }
+
+    #[test]
+    fn codes_below_16_are_held_four_bits_each_and_travel_a_byte_each() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        let small: Vec<u8> = (0..96 * 70).map(|_| rng.random_range(0..16)).collect();
+        let mut large = small.clone();
+        large[4321] = 16;
+        for (codes, packed) in [(small, true), (large, false), (vec![3; 7], false)] {
+            let held = Codes::new(codes.clone());
+            assert_eq!(held.packed(), packed);
+            assert_eq!(held.len(), codes.len());
+            assert_eq!(
+                held.held_bytes(),
+                codes.len().div_ceil(1 + usize::from(packed))
+            );
+            assert_eq!(&*held.unpacked(), &codes[..]);
+            for (k, &q) in codes.iter().enumerate() {
+                assert_eq!(held.get(k), q, "code {k}");
+            }
+            let mut buf = [0u8; 2 * TILE];
+            for k in (0..codes.len().saturating_sub(2 * TILE)).step_by(2 * TILE + 2) {
+                assert_eq!(held.run(k, 2 * TILE, &mut buf), &codes[k..k + 2 * TILE]);
+            }
+            // On the wire a byte a code either way: what a byte-a-code field made, and back.
+            let wire = postcard::to_allocvec(&held).unwrap();
+            #[derive(Serialize)]
+            struct Plain<'a>(#[serde(with = "serde_bytes")] &'a [u8]);
+            assert_eq!(wire, postcard::to_allocvec(&Plain(&codes)).unwrap());
+            assert_eq!(postcard::from_bytes::<Codes>(&wire).unwrap(), held);
         }
     }
 
@@ -975,11 +1185,19 @@ mod tests {
         for (rows, d_in, d_out) in [(1, 32, 64), (3, 96, 130), (17, 64, 128), (0, 32, 64)] {
             let random = random_weight(&mut rng, d_in, d_out);
             let saturated = IntWeight {
-                codes: vec![255; d_in * d_out],
+                codes: vec![255; d_in * d_out].into(),
                 scales: vec![u64::MAX; random.scales.len()],
                 mins: vec![1 << 63; random.mins.len()],
                 ..random.clone()
             };
+            // The same two with codes held four bits each (a Q4_1 tensor's).
+            let random4 = random_weight_of(&mut rng, d_in, d_out, 15);
+            let saturated4 = IntWeight {
+                codes: vec![15; d_in * d_out].into(),
+                ..saturated.clone()
+            };
+            assert!(random4.codes.packed() && saturated4.codes.packed());
+            assert!(!random.codes.packed() && !saturated.codes.packed());
             let xs: [Vec<u64>; 4] = [
                 (0..rows * d_in).map(|_| rng.random()).collect(),
                 vec![0x7fff_7fff_7fff_8000; rows * d_in],
@@ -988,7 +1206,7 @@ mod tests {
                     .map(|i| [u64::MAX, 0, 1 << 63, 1][i % 4])
                     .collect(),
             ];
-            for w in [&random, &saturated] {
+            for w in [&random, &saturated, &random4, &saturated4] {
                 for x in &xs {
                     let want = naive(x, rows, w);
                     for &k in &kernels {
@@ -1043,7 +1261,7 @@ mod tests {
                 ..good.clone()
             },
             IntWeight {
-                codes: vec![0; 3],
+                codes: vec![0; 3].into(),
                 ..good.clone()
             },
             IntWeight {

@@ -246,7 +246,7 @@ fn the_integer_mode_is_full_rank_only_and_checks_the_weight_it_gets() {
     };
     assert!(m.install(&req, wrong_shape, 64, 33, 1.0).is_err());
     let short = IntWeight {
-        codes: vec![0; 10],
+        codes: vec![0; 10].into(),
         ..w
     };
     let reply = SetupReply {
