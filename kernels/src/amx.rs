@@ -577,6 +577,16 @@ mod tests {
                 );
             }
         }
+        // Codes held four bits each (a Q4_1 tensor's) make the same digits.
+        let mut w = weight(&mut rng, 96, 40, 24);
+        w.codes = w.codes.unpacked().iter().map(|q| q & 15).collect();
+        assert!(w.codes.packed());
+        let a = AmxWeight::new(&w).expect("available");
+        let x: Vec<u64> = (0..3 * 96).map(|_| rng.random()).collect();
+        assert_eq!(
+            amx_matmul(&x, 3, &a),
+            int_matmul_with(IntKernel::Portable, &x, 3, &w)
+        );
     }
 
     #[test]

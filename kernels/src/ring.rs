@@ -168,6 +168,7 @@ impl Codes {
         self.len
     }
 
+    /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -191,13 +192,20 @@ impl Codes {
         }
     }
 
-    /// Codes `k .. k + n` (`k` even), a byte each: borrowed when held so, else unpacked into
-    /// `buf` (at least `n` long).
+    /// Codes `k .. k + n`, a byte each: borrowed when held so, else unpacked into `buf`.
+    ///
+    /// # Panics
+    ///
+    /// If `k` is odd (a [`code_index`] of an even input is even), `buf` is shorter than `n`, or
+    /// the run ends past the codes.
     pub fn run<'a>(&'a self, k: usize, n: usize, buf: &'a mut [u8]) -> &'a [u8] {
+        assert!(
+            k.is_multiple_of(2),
+            "a run of codes starts at an even index"
+        );
         if !self.packed {
             return &self.bytes[k..k + n];
         }
-        debug_assert!(k.is_multiple_of(2));
         let out = &mut buf[..n];
         for (pair, &b) in out
             .chunks_mut(2)

@@ -22,6 +22,7 @@ const ALPN: &[u8] = b"talaria-bench-hop";
 /// Largest frame any case sends.
 const MAX_FRAME: usize = 1 << 20;
 
+/// `talaria bench-hop`'s options.
 #[derive(Debug, Args)]
 pub struct BenchHopArgs {
     /// Timed round trips per case (each case also makes a tenth of that, untimed, first).
@@ -77,23 +78,16 @@ struct Case {
     calls: usize,
     /// Wall time per round trip as the client saw it.
     us_per_call: f64,
-    /// CPU time per call of each role's thread (client, relay, server), from
-    /// `/proc/self/task/*/stat` (10 ms ticks: a few per cent of resolution over a case).
+    /// CPU time per call of each role's thread (client, relay, server, and with hand-offs the
+    /// client's caller and the server's worker), from `/proc/self/task/*/stat` (10 ms ticks: a
+    /// few per cent of resolution over a case).
     cpu_us_per_call: BTreeMap<&'static str, f64>,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
-    /// What item 2 of issue 25 leaves the transport per masked call: the in-process decode's
-    /// token time over 0.7, less the agent's own work, over the 121 calls of a token
-    /// (docs/performance.md), two hops per call.
-    item2_transport_budget_us: f64,
     cases: Vec<Case>,
 }
-
-/// The budget `item2_transport_budget_us` reports (docs/performance.md, "where a decode call's
-/// time goes"): about 0.17 ms a call.
-const ITEM2_BUDGET_US: f64 = 170.0;
 
 /// A role's thread: its id, for its CPU clock.
 fn tid() -> i32 {
@@ -174,16 +168,19 @@ struct Worker(mpsc::Sender<Job>);
 type Job = (Arc<Vec<u8>>, tokio::sync::oneshot::Sender<Vec<u8>>);
 
 impl Worker {
-    fn start() -> Result<Self> {
+    /// The worker and its thread's id; it stops when the last sender is dropped.
+    fn start() -> Result<(Self, i32)> {
         let (tx, rx) = mpsc::channel::<Job>();
+        let (id_tx, id_rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("bench-hop-worker".into())
             .spawn(move || {
+                let _ = id_tx.send(tid());
                 while let Ok((answer, back)) = rx.recv() {
                     let _ = back.send(answer.to_vec());
                 }
             })?;
-        Ok(Self(tx))
+        Ok((Self(tx), id_rx.recv()?))
     }
 
     async fn answer(&self, answer: Arc<Vec<u8>>) -> Result<Vec<u8>, FrameError> {
@@ -215,7 +212,8 @@ async fn one_stream_call(
 }
 
 /// Runs a server (and, for two hops, a relay in front of it) on threads of their own; returns
-/// the address the client dials and the threads' ids (relay first, if any).
+/// the address the client dials and the threads' ids (relay first, if any; the server's worker
+/// last, with hand-offs).
 fn start(
     tls: &TlsMaterial,
     hops: usize,
@@ -228,7 +226,7 @@ fn start(
     // The server first, then the relay that dials it.
     for hop in (0..hops).rev() {
         let role = if hop + 1 == hops { "server" } else { "relay" };
-        let (tx, rx) = mpsc::channel::<Result<(SocketAddr, i32)>>();
+        let (tx, rx) = mpsc::channel::<Result<(SocketAddr, i32, Option<i32>)>>();
         let tls = tls.clone();
         let upstream_addr = next;
         std::thread::Builder::new()
@@ -246,7 +244,11 @@ fn start(
                             }
                             None => None,
                         };
-                        tx.send(Ok((endpoint.local_addr()?, tid())))
+                        let worker = (handoffs && upstream.is_none())
+                            .then(Worker::start)
+                            .transpose()?;
+                        let worker_id = worker.as_ref().map(|&(_, id)| id);
+                        tx.send(Ok((endpoint.local_addr()?, tid(), worker_id)))
                             .map_err(|_| anyhow!("the bench stopped"))?;
                         let answer = Arc::new(vec![7u8; payload.answer_bytes]);
                         // One client: the bench's, or the relay's.
@@ -255,9 +257,7 @@ fn start(
                             .await
                             .ok_or_else(|| anyhow!("no client"))?
                             .await?;
-                        let worker = (handoffs && upstream.is_none())
-                            .then(Worker::start)
-                            .transpose()?;
+                        let worker = worker.map(|(w, _)| w);
                         serve(conn.clone(), streams, answer, upstream, worker).await;
                         anyhow::Ok(())
                     })
@@ -266,19 +266,24 @@ fn start(
                     let _ = tx.send(Err(e));
                 }
             })?;
-        let (addr, id) = rx.recv().context("a bench thread stopped")??;
+        let (addr, id, worker) = rx.recv().context("a bench thread stopped")??;
         next = Some(addr);
         roles.push((role, id));
+        if let Some(id) = worker {
+            roles.push(("server-worker", id));
+        }
     }
     roles.reverse();
     Ok((next.expect("at least one hop"), roles))
 }
 
 /// The CPU seconds of each role's thread so far.
-fn cpu_of(roles: &[(&'static str, i32)]) -> Vec<f64> {
+fn cpu_of(roles: &[(&'static str, i32)]) -> Result<Vec<f64>> {
     roles
         .iter()
-        .map(|&(_, id)| thread_cpu_seconds(id).unwrap_or(0.0))
+        .map(|&(role, id)| {
+            thread_cpu_seconds(id).ok_or_else(|| anyhow!("no CPU clock for the {role}'s thread"))
+        })
         .collect()
 }
 
@@ -333,10 +338,12 @@ fn case(
                 Ok(t0.elapsed().as_secs_f64() * 1e6 / n as f64)
             };
             calls_of(warm).await?;
-            let before = cpu_of(&roles);
+            let before = cpu_of(&roles)?;
             let us = calls_of(calls).await?;
-            let after = cpu_of(&roles);
+            let after = cpu_of(&roles)?;
             conn.close(0u32.into(), b"done");
+            // The close reaches the relay and server, whose threads then end.
+            client.wait_idle().await;
             return anyhow::Ok::<Out>((us, before, after, roles));
         }
         // The calls come from a worker thread through this event loop, and wait blocked.
@@ -361,9 +368,9 @@ fn case(
                     timed_sync(warm, &mut one, payload.answer_bytes)?;
                     let mut all = client_roles;
                     all.push(("caller", tid()));
-                    let before = cpu_of(&all);
+                    let before = cpu_of(&all)?;
                     let us = timed_sync(calls, &mut one, payload.answer_bytes)?;
-                    Ok((us, before, cpu_of(&all)))
+                    Ok((us, before, cpu_of(&all)?))
                 })();
                 let _ = done_tx.send(result);
             })?;
@@ -376,6 +383,7 @@ fn case(
         let (result, ()) = tokio::join!(done_rx, serving);
         let (us, before, after) = result.map_err(|_| anyhow!("the caller stopped"))??;
         conn.close(0u32.into(), b"done");
+        client.wait_idle().await;
         Ok((us, before, after, roles))
     })?;
     Ok(Case {
@@ -393,7 +401,9 @@ fn case(
     })
 }
 
+/// Runs every case and prints (and with `--out` writes) the report.
 pub fn run(args: BenchHopArgs) -> Result<()> {
+    anyhow::ensure!(args.calls > 0, "--calls must be at least 1");
     let dir = std::env::temp_dir().join(format!("talaria-bench-hop-{}", std::process::id()));
     let tls = TlsMaterial::generate(&dir, "talaria-bench-hop")?;
     let mut cases = Vec::new();
@@ -421,10 +431,7 @@ pub fn run(args: BenchHopArgs) -> Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let report = Report {
-        item2_transport_budget_us: ITEM2_BUDGET_US,
-        cases,
-    };
+    let report = Report { cases };
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(out) = &args.out {
         std::fs::write(out, &json).with_context(|| format!("writing {}", out.display()))?;

@@ -190,6 +190,19 @@ async fn session(
     Ok(tokens * ops.len())
 }
 
+/// The stages' metrics, read on a thread of its own while `rt` keeps serving the driver's
+/// connections: a current-thread runtime runs only inside `block_on`, and a connection left
+/// unserved past the stages' idle timeout (2 s) is dropped.
+fn scrape(
+    rt: &tokio::runtime::Runtime,
+    stages: &[(String, SocketAddr)],
+) -> Result<Vec<crate::load::StageReading>> {
+    let stages = stages.to_vec();
+    rt.block_on(async move {
+        tokio::task::spawn_blocking(move || crate::load::read_stages(&stages)).await
+    })?
+}
+
 /// Runs `counts` concurrent sessions each (in order) on `cluster`'s stages; `stages` are their
 /// metrics addresses.
 pub fn run(
@@ -242,7 +255,7 @@ pub fn run(
     next_session += 1;
     for &n in counts {
         eprintln!("synthetic: {n} session(s) × {tokens} decode steps");
-        let before = crate::load::read_stages(stages)?;
+        let before = scrape(&rt, stages)?;
         let cpu_before = crate::load::cpu_by_role(&stage_pids);
         let me_before = crate::load::cpu_seconds(std::process::id()).unwrap_or(0.0);
         let t0 = Instant::now();
@@ -258,8 +271,8 @@ pub fn run(
             .sum();
         let wall = t0.elapsed().as_secs_f64();
         // The stages read their connections' losses every second.
-        std::thread::sleep(std::time::Duration::from_millis(1100));
-        let after = crate::load::read_stages(stages)?;
+        rt.block_on(async { tokio::time::sleep(std::time::Duration::from_millis(1100)).await });
+        let after = scrape(&rt, stages)?;
         let lost = after
             .iter()
             .zip(&before)

@@ -661,7 +661,7 @@ fn the_transport_floor_bench_runs_every_case_over_real_quic() {
             want.push("relay");
         }
         if case["handoffs"] == true {
-            want.push("caller");
+            want.extend(["caller", "server-worker"]);
         }
         want.sort_unstable();
         assert_eq!(roles, want, "{case}");

@@ -1,5 +1,6 @@
 //! SHA-256 of a message's canonical encoding (postcard, as it crosses the wire), computed as it
-//! is encoded: what a model manifest pins, without a second copy of a 100 MB tensor.
+//! is encoded: what a model manifest pins, without a second copy of the encoding. (An integer
+//! weight whose codes are held four bits each still unpacks them once to encode them.)
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
