@@ -43,14 +43,31 @@ pub fn json_of_run(cmd: &mut Command, json: &Path) -> serde_json::Value {
 /// A loopback port nobody listens on right now, over UDP (QUIC) or TCP (HTTP, metrics), and
 /// never one this process has handed out before: ports asked for one after the other (a
 /// topology's QUIC and metrics addresses) cannot collide when the kernel gives a just-released
-/// port out again.
+/// port out again. Drawn below the kernel's ephemeral range: a port from inside it (what
+/// binding port 0 gives) could be taken by any socket bound to port 0 meanwhile, such as another
+/// test's QUIC client, between this call and the cluster's bind (a CI run lost a test to
+/// "Address already in use" so).
 pub fn free_port() -> u16 {
+    use rand::Rng;
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOWEST: u16 = 10_000;
+    assert!(
+        ephemeral_low > LOWEST + 1000,
+        "the ephemeral port range starts at {ephemeral_low}: no room below it"
+    );
+    let mut rng = rand::rng();
     for _ in 0..1000 {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free UDP port");
-        let port = udp.local_addr().expect("a bound UDP socket").port();
-        if given.contains(&port) || std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+        // A margin below the range: some callers use a block of ports above the one given.
+        let port = rng.random_range(LOWEST..ephemeral_low - 100);
+        if given.contains(&port)
+            || std::net::UdpSocket::bind(("127.0.0.1", port)).is_err()
+            || std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
+        {
             continue;
         }
         given.push(port);
