@@ -395,7 +395,7 @@ fn work(queue: Arc<Queue>, compute: Arc<dyn StageCompute>) {
 pub struct GpuShard {
     queue: Arc<Queue>,
     /// The threads the worker's products run on, the worker itself one of them.
-    _threads: rayon::ThreadPool,
+    threads: rayon::ThreadPool,
 }
 
 impl GpuShard {
@@ -426,10 +426,7 @@ impl GpuShard {
             .map_err(std::io::Error::other)?;
         let q = queue.clone();
         threads.spawn(move || work(q, compute));
-        Ok(Self {
-            queue,
-            _threads: threads,
-        })
+        Ok(Self { queue, threads })
     }
 }
 
@@ -452,7 +449,13 @@ impl Handler<Compute> for GpuShard {
             since: Instant::now(),
             reply: tx,
         });
-        if queued.is_err() {
+        if queued.is_ok() {
+            // Wakes the pool's idle threads now, with the worker, rather than when the product
+            // starts: a sleeping thread takes tens of microseconds to wake on a VM, about as
+            // long as a one-row product, which its first thread then runs alone. Woken, a
+            // rayon thread looks for work a while before it sleeps again.
+            self.threads.spawn(|| {});
+        } else {
             let max = self.queue.limits.max_queued;
             return Box::pin(async move {
                 Err(ErrorReply::new(
