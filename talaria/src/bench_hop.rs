@@ -100,12 +100,6 @@ fn thread_cpu_seconds(tid: i32) -> Option<f64> {
     crate::load::stat_cpu_seconds(&format!("/proc/self/task/{tid}/stat"))
 }
 
-fn current_thread() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
-}
-
 /// Where a relay sends what it receives: the next hop's connection.
 #[derive(Clone)]
 struct Upstream(quinn::Connection);
@@ -233,7 +227,7 @@ fn start(
             .name(format!("bench-hop-{role}"))
             .spawn(move || {
                 let run = || -> Result<()> {
-                    let rt = current_thread()?;
+                    let rt = crate::current_thread_runtime()?;
                     rt.block_on(async {
                         let endpoint =
                             tls.server("127.0.0.1:0".parse()?, ALPN, ClientAuth::Anyone)?;
@@ -320,7 +314,7 @@ fn case(
 ) -> Result<Case> {
     let (addr, mut roles) = start(tls, hops, streams, handoffs, payload)?;
     roles.insert(0, ("client", tid()));
-    let rt = current_thread()?;
+    let rt = crate::current_thread_runtime()?;
     let warm = calls / 10 + 1;
     let (us, before, after, roles) = rt.block_on(async {
         type Out = (f64, Vec<f64>, Vec<f64>, Vec<(&'static str, i32)>);

@@ -275,9 +275,7 @@ impl Running {
     /// recover: agents join again, the coordinator dials the stage again); one that keeps
     /// dying stops the cluster with its error.
     fn wait(&mut self) -> Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let rt = crate::current_thread_runtime()?;
         rt.block_on(async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -621,9 +619,7 @@ pub fn generate(
 ) -> Result<Answer> {
     let (addr, tls, local_key) = agent.resolve_with_key()?;
     let api_key = agent.api_key(local_key)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::current_thread_runtime()?;
     let trust = agent.trust()?;
     rt.block_on(client::generate(
         &tls, addr, &trust, req, &api_key, on_token,
@@ -666,9 +662,7 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
         tls.ca = save.clone();
     }
     let trust = args.agent.trust()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::current_thread_runtime()?;
     let result = rt.block_on(async {
         let (endpoint, conn, verified) = client::connect(&tls, addr, &trust).await?;
         conn.close(0u32.into(), b"verified");

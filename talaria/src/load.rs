@@ -356,10 +356,7 @@ fn session(
     api_key: &str,
     req: &TenantRequest,
 ) -> Result<Trace> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| anyhow!("runtime: {e}"))?;
+    let rt = crate::current_thread_runtime().map_err(|e| anyhow!("runtime: {e}"))?;
     let trust = Trust::development();
     let start = Instant::now();
     let mut tokens = Vec::new();

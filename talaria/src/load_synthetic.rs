@@ -230,9 +230,7 @@ pub fn run(
     // cluster. A multi-threaded runtime of one worker ran the sessions on this thread and
     // quinn's endpoint on the worker, two thread crossings a call: the driver took 8.1 ms of
     // CPU a step at 1 session (2.8 at 16) against 4.4 (1.9) now, on the cores the stages use.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::current_thread_runtime()?;
     let conns: Vec<quinn::Connection> = rt.block_on(async {
         let endpoint = tls.cluster_client(talaria_wire::ALPN_CLOUD)?;
         let mut conns = Vec::new();

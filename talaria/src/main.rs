@@ -93,6 +93,14 @@ enum Command {
     Verify(cluster::VerifyArgs),
 }
 
+/// A runtime on the calling thread, timers and I/O enabled: what every blocking command here
+/// drives its QUIC connections with.
+pub(crate) fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
 /// A salt no earlier request used: the agent then reuses no cached conversation for it.
 pub(crate) fn fresh_salt() -> String {
     hex::encode(rand::random::<[u8; 16]>())
