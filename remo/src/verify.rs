@@ -26,7 +26,7 @@ use std::sync::Arc;
 use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
-use talaria_kernels::{IntWeight, int_weight_times};
+use talaria_kernels::{IntWeight, dots_wrapping, int_weight_times};
 
 /// Every error pattern in a call's real rows passes with probability at most `2^-SOUNDNESS_BITS`
 /// (integer mode).
@@ -89,12 +89,6 @@ pub(crate) struct IntCheck {
     pub u: Vec<Vec<u64>>,
 }
 
-fn dot_wrapping(a: &[u64], b: &[u64]) -> u64 {
-    a.iter()
-        .zip(b)
-        .fold(0u64, |s, (&x, &y)| s.wrapping_add(x.wrapping_mul(y)))
-}
-
 impl IntCheck {
     /// [`COVER_ROW_VECTORS`] fresh vectors from `rng` (real rows use the first
     /// [`REAL_ROW_VECTORS`]).
@@ -108,14 +102,20 @@ impl IntCheck {
 
     /// `x̃·u_t` for the first `k` vectors.
     pub fn sent(&self, x: &[u64], k: usize, out: &mut Vec<u64>) {
-        out.extend(self.u[..k].iter().map(|u| dot_wrapping(x, u)));
+        let at = out.len();
+        out.resize(at + k, 0);
+        dots_wrapping(x, &self.u, &mut out[at..]);
     }
 
-    /// Whether `ỹ·v_t` equals each of `sent` (as many vectors as `sent` has values).
+    /// Whether `ỹ·v_t` equals each of `sent` (as many vectors as `sent` has values). Every
+    /// product is taken, a failure or not, so the check's time does not depend on the reply.
     pub fn passes(&self, y: &[u64], sent: &[u64]) -> bool {
-        sent.iter()
-            .zip(&self.v)
-            .all(|(&s, v)| dot_wrapping(y, v) == s)
+        let mut got = [0u64; COVER_ROW_VECTORS];
+        let Some(got) = got.get_mut(..sent.len()) else {
+            return false;
+        };
+        dots_wrapping(y, &self.v, got);
+        got == sent
     }
 }
 
