@@ -774,94 +774,156 @@ fn tile_pairs(a: &Operands, j0: usize, out: &mut [u64]) {
 /// (16 registers of 16 lanes) take one `vpdpwssd` per digit, 16 columns and input pair; the
 /// codes of a pair row widen from bytes to 16-bit lanes once for all four digits. Then
 /// `T = S_0 + S_1·2^16 + (S_2 + S_3·2^16 mod 2^32)·2^32` in 64-bit lanes, and `D·T + M·Σx`.
-// `v` picks the same column group in each of the four digits' sums.
-#[allow(clippy::needless_range_loop)]
+/// One row (a decode call) widens each pair row of codes as it uses it, in registers; more
+/// rows widen a block's codes once into an array that every row reads.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
 fn tile_vnni(a: &Operands, j0: usize, out: &mut [u64]) {
     use std::arch::x86_64::*;
-    const V: usize = TILE / 16;
     let w = a.w;
     let (d_in, d_out) = (w.d_in, w.d_out);
     for b in 0..a.nb {
         let k0 = block_index(d_in, d_out, b, j0);
         let scales = &w.scales[k0..k0 + TILE];
         let mins = &w.mins[k0..k0 + TILE];
+        // Where pair row `p` of the block starts in the codes (code_index's order).
+        let at = |p: usize| code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0);
+        if a.rows == 1 {
+            let px = &a.pairs[b * PAIRS * 4..][..PAIRS * 4];
+            let mut acc = [[_mm512_setzero_si512(); VNNI_V]; 4];
+            for p in 0..PAIRS {
+                // SAFETY: `at(p)` starts a full tile's pair row: 2·TILE codes, an even index.
+                let c = unsafe { vnni_widen(&w.codes, at(p)) };
+                vnni_pair(&mut acc, &c, &px[p * 4..][..4]);
+            }
+            vnni_finish(&acc, scales, mins, a.sums[b], &mut out[..TILE]);
+            continue;
+        }
         // The block's codes widened to 16-bit lanes once for every row (4 KiB, in L1), written
         // once (an array zeroed first costs as many stores again).
-        // Packed, a pair row is one byte a column, its two codes the nibbles: each widens to a
-        // 32-bit lane whose low half is the low nibble and whose high half is the high one.
-        let wide: [[__m512i; V]; PAIRS] = std::array::from_fn(|p| {
-            let k = code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0);
-            match w.codes.packed_bytes() {
-                Some(packed) => {
-                    let codes = &packed[k / 2..][..TILE];
-                    std::array::from_fn(|v| {
-                        // SAFETY: `codes` holds TILE bytes; this reads 16 of them at 16·v < TILE.
-                        let q = unsafe { _mm_loadu_si128(codes.as_ptr().add(16 * v).cast()) };
-                        let q = _mm512_cvtepu8_epi32(q);
-                        let lo = _mm512_and_si512(q, _mm512_set1_epi32(15));
-                        _mm512_or_si512(lo, _mm512_slli_epi32::<16>(_mm512_srli_epi32::<4>(q)))
-                    })
-                }
-                None => {
-                    let codes = &w.codes.bytes[k..][..2 * TILE];
-                    std::array::from_fn(|v| {
-                        // SAFETY: `codes` holds 2·TILE bytes; this reads 32 of them at 32·v.
-                        let q = unsafe { _mm256_loadu_si256(codes.as_ptr().add(32 * v).cast()) };
-                        _mm512_cvtepu8_epi16(q)
-                    })
-                }
-            }
-        });
+        // SAFETY: as above, for each pair row.
+        let wide: [[__m512i; VNNI_V]; PAIRS] =
+            std::array::from_fn(|p| unsafe { vnni_widen(&w.codes, at(p)) });
         for r in 0..a.rows {
             let px = &a.pairs[(r * d_in / 2 + b * PAIRS) * 4..][..PAIRS * 4];
-            let mut acc = [[_mm512_setzero_si512(); V]; 4];
+            let mut acc = [[_mm512_setzero_si512(); VNNI_V]; 4];
             for (p, c) in wide.iter().enumerate() {
-                for (l, acc) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_set1_epi32(px[p * 4 + l]);
-                    for v in 0..V {
-                        acc[v] = _mm512_dpwssd_epi32(acc[v], c[v], xv);
-                    }
-                }
+                vnni_pair(&mut acc, c, &px[p * 4..][..4]);
             }
-            let s = _mm512_set1_epi64(a.sums[r * a.nb + b] as i64);
             let o = &mut out[r * TILE..(r + 1) * TILE];
-            for v in 0..V {
-                let u = _mm512_add_epi32(acc[2][v], _mm512_slli_epi32::<16>(acc[3][v]));
-                let halves = [
-                    (
-                        _mm512_castsi512_si256(acc[0][v]),
-                        _mm512_castsi512_si256(acc[1][v]),
-                        _mm512_castsi512_si256(u),
-                    ),
-                    (
-                        _mm512_extracti64x4_epi64::<1>(acc[0][v]),
-                        _mm512_extracti64x4_epi64::<1>(acc[1][v]),
-                        _mm512_extracti64x4_epi64::<1>(u),
-                    ),
-                ];
-                for (h, (s0, s1, u)) in halves.into_iter().enumerate() {
-                    let t = _mm512_add_epi64(
-                        _mm512_add_epi64(
-                            _mm512_cvtepi32_epi64(s0),
-                            _mm512_slli_epi64::<16>(_mm512_cvtepi32_epi64(s1)),
-                        ),
-                        _mm512_slli_epi64::<32>(_mm512_cvtepu32_epi64(u)),
-                    );
-                    let at = 16 * v + 8 * h;
-                    // SAFETY: each slice holds TILE values; these access 8 at `at` < TILE.
-                    unsafe {
-                        let d = _mm512_loadu_si512(scales.as_ptr().add(at).cast());
-                        let m = _mm512_loadu_si512(mins.as_ptr().add(at).cast());
-                        let prev = _mm512_loadu_si512(o.as_ptr().add(at).cast());
-                        let sum = _mm512_add_epi64(
-                            prev,
-                            _mm512_add_epi64(_mm512_mullo_epi64(d, t), _mm512_mullo_epi64(m, s)),
-                        );
-                        _mm512_storeu_si512(o.as_mut_ptr().add(at).cast(), sum);
-                    }
-                }
+            vnni_finish(&acc, scales, mins, a.sums[r * a.nb + b], o);
+        }
+    }
+}
+
+/// Registers of 16 columns in a tile.
+#[cfg(target_arch = "x86_64")]
+const VNNI_V: usize = TILE / 16;
+
+/// One pair row of a tile's codes, from code `k` on (two inputs of TILE columns), widened to
+/// 16-bit lanes: each 32-bit lane holds one column's two codes, the even input's low.
+///
+/// # Safety
+///
+/// `codes` holds a full tile's pair row from `k` (2·TILE codes), and `k` is even.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn vnni_widen(codes: &Codes, k: usize) -> [std::arch::x86_64::__m512i; VNNI_V] {
+    use std::arch::x86_64::*;
+    match codes.packed_bytes() {
+        // Packed, a pair row is one byte a column, its two codes the nibbles: each widens to a
+        // 32-bit lane whose low half is the low nibble and whose high half is the high one.
+        Some(packed) => {
+            let codes = &packed[k / 2..][..TILE];
+            std::array::from_fn(|v| {
+                // SAFETY: `codes` holds TILE bytes; this reads 16 of them at 16·v < TILE.
+                let q = unsafe { _mm_loadu_si128(codes.as_ptr().add(16 * v).cast()) };
+                let q = _mm512_cvtepu8_epi32(q);
+                let lo = _mm512_and_si512(q, _mm512_set1_epi32(15));
+                _mm512_or_si512(lo, _mm512_slli_epi32::<16>(_mm512_srli_epi32::<4>(q)))
+            })
+        }
+        None => {
+            let codes = &codes.bytes[k..][..2 * TILE];
+            std::array::from_fn(|v| {
+                // SAFETY: `codes` holds 2·TILE bytes; this reads 32 of them at 32·v.
+                let q = unsafe { _mm256_loadu_si256(codes.as_ptr().add(32 * v).cast()) };
+                _mm512_cvtepu8_epi16(q)
+            })
+        }
+    }
+}
+
+/// Adds one pair row's products to the four digit sums; `px` holds the row's digits of the
+/// pair's two inputs, one lane (two 16-bit digits) per digit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[inline]
+fn vnni_pair(
+    acc: &mut [[std::arch::x86_64::__m512i; VNNI_V]; 4],
+    c: &[std::arch::x86_64::__m512i; VNNI_V],
+    px: &[i32],
+) {
+    use std::arch::x86_64::*;
+    for (acc, &x) in acc.iter_mut().zip(px) {
+        let xv = _mm512_set1_epi32(x);
+        for (acc, &c) in acc.iter_mut().zip(c) {
+            *acc = _mm512_dpwssd_epi32(*acc, c, xv);
+        }
+    }
+}
+
+/// Adds `D·T + M·s` of one row and block to the row's 64 column sums `o`, from the four digit
+/// sums (`s` is the row's sum over the block's inputs).
+// `v` picks the same column group in each of the four digits' sums.
+#[allow(clippy::needless_range_loop)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+#[inline]
+fn vnni_finish(
+    acc: &[[std::arch::x86_64::__m512i; VNNI_V]; 4],
+    scales: &[u64],
+    mins: &[u64],
+    s: u64,
+    o: &mut [u64],
+) {
+    use std::arch::x86_64::*;
+    assert!(scales.len() >= TILE && mins.len() >= TILE && o.len() >= TILE);
+    let s = _mm512_set1_epi64(s as i64);
+    for v in 0..VNNI_V {
+        let u = _mm512_add_epi32(acc[2][v], _mm512_slli_epi32::<16>(acc[3][v]));
+        let halves = [
+            (
+                _mm512_castsi512_si256(acc[0][v]),
+                _mm512_castsi512_si256(acc[1][v]),
+                _mm512_castsi512_si256(u),
+            ),
+            (
+                _mm512_extracti64x4_epi64::<1>(acc[0][v]),
+                _mm512_extracti64x4_epi64::<1>(acc[1][v]),
+                _mm512_extracti64x4_epi64::<1>(u),
+            ),
+        ];
+        for (h, (s0, s1, u)) in halves.into_iter().enumerate() {
+            let t = _mm512_add_epi64(
+                _mm512_add_epi64(
+                    _mm512_cvtepi32_epi64(s0),
+                    _mm512_slli_epi64::<16>(_mm512_cvtepi32_epi64(s1)),
+                ),
+                _mm512_slli_epi64::<32>(_mm512_cvtepu32_epi64(u)),
+            );
+            let at = 16 * v + 8 * h;
+            // SAFETY: each slice holds TILE values (asserted); these access 8 at `at` < TILE.
+            unsafe {
+                let d = _mm512_loadu_si512(scales.as_ptr().add(at).cast());
+                let m = _mm512_loadu_si512(mins.as_ptr().add(at).cast());
+                let prev = _mm512_loadu_si512(o.as_ptr().add(at).cast());
+                let sum = _mm512_add_epi64(
+                    prev,
+                    _mm512_add_epi64(_mm512_mullo_epi64(d, t), _mm512_mullo_epi64(m, s)),
+                );
+                _mm512_storeu_si512(o.as_mut_ptr().add(at).cast(), sum);
             }
         }
     }
