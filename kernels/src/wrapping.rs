@@ -45,9 +45,10 @@ impl DotKernel {
 ///
 /// # Panics
 ///
-/// If `vs` has fewer than `out.len()` vectors, or one of them is not as long as `x`.
+/// If `vs` has fewer than `out.len()` vectors, or one of the first `out.len()` is not as long as
+/// `x` (the others are not read).
 pub fn dots_wrapping(x: &[u64], vs: &[Vec<u64>], out: &mut [u64]) {
-    dots_wrapping_with(DotKernel::best(), x, vs, out)
+    dots(DotKernel::best(), x, vs, out)
 }
 
 /// [`dots_wrapping`] on a named kernel (the tests compare them).
@@ -56,6 +57,15 @@ pub fn dots_wrapping(x: &[u64], vs: &[Vec<u64>], out: &mut [u64]) {
 ///
 /// As [`dots_wrapping`], and if this CPU cannot run `kernel`.
 pub fn dots_wrapping_with(kernel: DotKernel, x: &[u64], vs: &[Vec<u64>], out: &mut [u64]) {
+    assert!(
+        DotKernel::available().contains(&kernel),
+        "this CPU cannot run the {kernel:?} dot kernel"
+    );
+    dots(kernel, x, vs, out)
+}
+
+/// [`dots_wrapping_with`] on a kernel this CPU can run.
+fn dots(kernel: DotKernel, x: &[u64], vs: &[Vec<u64>], out: &mut [u64]) {
     assert!(
         vs.len() >= out.len(),
         "{} vectors for {} dots",
@@ -66,18 +76,14 @@ pub fn dots_wrapping_with(kernel: DotKernel, x: &[u64], vs: &[Vec<u64>], out: &m
         vs[..out.len()].iter().all(|v| v.len() == x.len()),
         "a vector's length differs from the row's"
     );
-    assert!(
-        DotKernel::available().contains(&kernel),
-        "this CPU cannot run the {kernel:?} dot kernel"
-    );
     // Groups of four: the row is read once a group, and four accumulators hide the multiply's
     // latency.
     for (group, out) in vs.chunks(GROUP).zip(out.chunks_mut(GROUP)) {
         let group = &group[..out.len()];
         match kernel {
             DotKernel::Portable => portable(x, group, out),
-            // SAFETY: `available` listed the kernel (asserted above), so the CPU has its
-            // features; every vector of the group is as long as `x` (asserted above).
+            // SAFETY: the kernel is `best()` or was checked against `available()`, so the CPU
+            // has its features; every vector of the group is as long as `x` (asserted above).
             #[cfg(target_arch = "x86_64")]
             DotKernel::Avx2 => unsafe { avx2(x, group, out) },
             // SAFETY: as above.

@@ -108,7 +108,7 @@ impl IntCheck {
     }
 
     /// Whether `ỹ·v_t` equals each of `sent` (as many vectors as `sent` has values). Every
-    /// product is taken, a failure or not, so the check's time does not depend on the reply.
+    /// product of the row is taken, whether an earlier one failed or not.
     pub fn passes(&self, y: &[u64], sent: &[u64]) -> bool {
         let mut got = [0u64; COVER_ROW_VECTORS];
         let Some(got) = got.get_mut(..sent.len()) else {
