@@ -380,8 +380,8 @@ fn small_int_weight() -> IntWeight {
         d_in: 32,
         d_out: 2,
         codes: (0..64).map(|i| i as u8).collect(),
-        scales: vec![3, u64::MAX],
-        mins: vec![7, 1 << 40],
+        scales: vec![3, u64::MAX].into(),
+        mins: vec![7, 1 << 40].into(),
         shift: 12,
         gain: Some(vec![1.0; 32]),
     }

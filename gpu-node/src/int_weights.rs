@@ -62,8 +62,8 @@ fn fuse(
         d_in,
         d_out,
         codes: codes.into(),
-        scales,
-        mins,
+        scales: scales.into(),
+        mins: mins.into(),
         shift,
         gain,
     };

@@ -156,7 +156,10 @@ impl AmxWeight {
         let digits = (0..nb * d_out)
             .into_par_iter()
             .map(|k| {
-                let (d, m) = (i128::from(w.scales[k] as i64), i128::from(w.mins[k] as i64));
+                let (d, m) = (
+                    i128::from(w.scales.get(k) as i64),
+                    i128::from(w.mins.get(k) as i64),
+                );
                 let top = 255 * d + m;
                 match i64::try_from(top) {
                     Ok(top) => signed_digits(top).1.max(signed_digits(m as i64).1),
@@ -177,7 +180,7 @@ impl AmxWeight {
                     let j = g * LANES + n;
                     for b in 0..nb {
                         let k = block_index(d_in, d_out, b, j);
-                        let (d, m) = (w.scales[k], w.mins[k]);
+                        let (d, m) = (w.scales.get(k), w.mins.get(k));
                         for i in b * INT_BLOCK..(b + 1) * INT_BLOCK {
                             let q = u64::from(w.codes.get(code_index(d_in, d_out, i, j)));
                             let (ds, _) = signed_digits(d.wrapping_mul(q).wrapping_add(m) as i64);
@@ -605,8 +608,8 @@ mod tests {
             d_in,
             d_out,
             codes: vec![255; d_in * d_out].into(),
-            scales: vec![0; blocks],
-            mins: vec![0x7f7f_7f7f_7f7f_7f80; blocks],
+            scales: vec![0; blocks].into(),
+            mins: vec![0x7f7f_7f7f_7f7f_7f80; blocks].into(),
             shift: 0,
             gain: None,
         };
@@ -635,14 +638,14 @@ mod tests {
         // The minimum sets the count: the code-255 end is 32 (one digit), the code-0 end
         // 2^29 (four); counting the code-255 end alone would drop three digits of most entries.
         let by_min = IntWeight {
-            scales: vec![(-2_105_376i64) as u64; blocks],
-            mins: vec![1 << 29; blocks],
+            scales: vec![(-2_105_376i64) as u64; blocks].into(),
+            mins: vec![1 << 29; blocks].into(),
             ..base.clone()
         };
         // `255 D + M` leaves 64 bits: eight digits, exact modulo 2^64.
         let wrapping = IntWeight {
-            scales: vec![1 << 62; blocks],
-            mins: vec![(-1i64 << 62) as u64; blocks],
+            scales: vec![1 << 62; blocks].into(),
+            mins: vec![(-1i64 << 62) as u64; blocks].into(),
             ..base.clone()
         };
         for (w, digits) in [(&by_min, 4), (&wrapping, 8)] {

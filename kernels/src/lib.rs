@@ -14,7 +14,7 @@ pub mod wrapping;
 pub use amx::{AmxWeight, amx_matmul};
 pub use quant::{BadQuantWeight, QuantMatrix, QuantType};
 pub use ring::{
-    BadIntWeight, Codes, INT_BLOCK, IntKernel, IntWeight, block_index, code_index, int_matmul,
-    int_matmul_with, int_weight_times,
+    BadIntWeight, BlockInts, Codes, INT_BLOCK, IntKernel, IntWeight, block_index, code_index,
+    int_matmul, int_matmul_with, int_weight_times,
 };
 pub use wrapping::{DotKernel, dots_wrapping};

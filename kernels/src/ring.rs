@@ -30,9 +30,9 @@ pub struct IntWeight {
     pub codes: Codes,
     /// Per block and column (by tiles of 64 columns, see [`block_index`]): the scale times
     /// `2^shift` (two's complement).
-    pub scales: Vec<u64>,
+    pub scales: BlockInts,
     /// The same for the block minimum (the offset every code of the block carries).
-    pub mins: Vec<u64>,
+    pub mins: BlockInts,
     /// `W = W_int · 2^-shift` exactly.
     pub shift: u32,
     /// The norm gain in front of this op, which the integer form cannot fold in: the CVM applies
@@ -76,11 +76,11 @@ impl IntWeight {
     /// `W_int[i][j]`.
     pub fn at(&self, i: usize, j: usize) -> i64 {
         let b = block_index(self.d_in, self.d_out, i / INT_BLOCK, j);
-        (self.scales[b] as i64)
+        (self.scales.get(b) as i64)
             .wrapping_mul(i64::from(
                 self.codes.get(code_index(self.d_in, self.d_out, i, j)),
             ))
-            .wrapping_add(self.mins[b] as i64)
+            .wrapping_add(self.mins.get(b) as i64)
     }
 
     /// The largest Euclidean norm of a column of `W_int` (at least 1), which bounds every
@@ -88,12 +88,14 @@ impl IntWeight {
     pub fn column_norm_bound(&self) -> f64 {
         let mut sq = vec![0f64; self.d_out];
         let mut buf = [0u8; 2 * TILE];
+        let (mut d_buf, mut m_buf) = ([0u64; TILE], [0u64; TILE]);
         // In storage order, tile by tile; each column still sums over `i` in increasing order.
         for (j0, width) in tiles(self.d_out) {
             let sq = &mut sq[j0..j0 + width];
             for b in 0..self.d_in / INT_BLOCK {
                 let k = block_index(self.d_in, self.d_out, b, j0);
-                let (d, m) = (&self.scales[k..k + width], &self.mins[k..k + width]);
+                let d = self.scales.run(k, width, &mut d_buf);
+                let m = self.mins.run(k, width, &mut m_buf);
                 for p in 0..PAIRS {
                     let i = b * INT_BLOCK + 2 * p;
                     let k = code_index(self.d_in, self.d_out, i, j0);
@@ -129,7 +131,7 @@ impl IntWeight {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.codes.held_bytes() + 8 * (self.scales.len() + self.mins.len())
+        self.codes.held_bytes() + self.scales.held_bytes() + self.mins.held_bytes()
     }
 }
 
@@ -257,6 +259,110 @@ impl Serialize for Codes {
 impl<'de> Deserialize<'de> for Codes {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Ok(Self::new(serde_bytes::ByteBuf::deserialize(d)?.into_vec()))
+    }
+}
+
+/// An integer weight's per-block integers (its scales `D` or its minimums `M`), in
+/// [`block_index`] order: 32 bits each when every one fits a signed 32-bit integer (this model's
+/// all do), else 64 (two's complement). A one-row product reads them beside the codes, a pair a
+/// block and column, so their width is part of its time. On the wire and in digests 64 bits
+/// each either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockInts {
+    /// Each fits an `i32`: held sign-extended from 32 bits.
+    Narrow(Vec<i32>),
+    /// Held as they are.
+    Wide(Vec<u64>),
+}
+
+impl BlockInts {
+    /// Holds `values`, narrow when every one fits an `i32`.
+    pub fn new(values: Vec<u64>) -> Self {
+        let narrow = |v: u64| i32::try_from(v as i64).ok();
+        match values
+            .iter()
+            .map(|&v| narrow(v))
+            .collect::<Option<Vec<i32>>>()
+        {
+            Some(n) => BlockInts::Narrow(n),
+            None => BlockInts::Wide(values),
+        }
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        match self {
+            BlockInts::Narrow(v) => v.len(),
+            BlockInts::Wide(v) => v.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes they take in memory.
+    pub fn held_bytes(&self) -> usize {
+        match self {
+            BlockInts::Narrow(v) => 4 * v.len(),
+            BlockInts::Wide(v) => 8 * v.len(),
+        }
+    }
+
+    /// Value `k` (a [`block_index`]), modulo `2^64`.
+    pub fn get(&self, k: usize) -> u64 {
+        match self {
+            BlockInts::Narrow(v) => i64::from(v[k]) as u64,
+            BlockInts::Wide(v) => v[k],
+        }
+    }
+
+    /// Values `k .. k + n`: borrowed when held wide, else widened into `buf`.
+    ///
+    /// # Panics
+    ///
+    /// If `buf` is shorter than `n` or the run ends past the values.
+    pub fn run<'a>(&'a self, k: usize, n: usize, buf: &'a mut [u64]) -> &'a [u64] {
+        match self {
+            BlockInts::Wide(v) => &v[k..k + n],
+            BlockInts::Narrow(v) => {
+                let out = &mut buf[..n];
+                for (o, &x) in out.iter_mut().zip(&v[k..k + n]) {
+                    *o = i64::from(x) as u64;
+                }
+                out
+            }
+        }
+    }
+
+    /// Every value, in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = u64> + '_ {
+        (0..self.len()).map(|k| self.get(k))
+    }
+}
+
+impl From<Vec<u64>> for BlockInts {
+    fn from(values: Vec<u64>) -> Self {
+        Self::new(values)
+    }
+}
+
+impl FromIterator<u64> for BlockInts {
+    fn from_iter<I: IntoIterator<Item = u64>>(values: I) -> Self {
+        Self::new(values.into_iter().collect())
+    }
+}
+
+impl Serialize for BlockInts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for BlockInts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self::new(Vec::<u64>::deserialize(d)?))
     }
 }
 
@@ -401,8 +507,8 @@ pub fn int_weight_times(w: &IntWeight, vs: &[Vec<u64>]) -> Vec<Vec<u64>> {
             let (mut scales, mut mins) = (Vec::with_capacity(d_out), Vec::with_capacity(d_out));
             for (j0, width) in tiles(d_out) {
                 let k = block_index(d_in, d_out, b, j0);
-                scales.extend_from_slice(&w.scales[k..k + width]);
-                mins.extend_from_slice(&w.mins[k..k + width]);
+                scales.extend((k..k + width).map(|k| w.scales.get(k)));
+                mins.extend((k..k + width).map(|k| w.mins.get(k)));
             }
             // `D_bj v_j` per vector, each twice (for the pair row's two codes of column `j`), and
             // the block's constant `Σ_j M_bj v_j`.
@@ -730,8 +836,8 @@ fn tile_portable(a: &Operands, j0: usize, width: usize, out: &mut [u64]) {
                 }
                 let k = block_index(w.d_in, w.d_out, b, j);
                 acc = acc
-                    .wrapping_add(w.scales[k].wrapping_mul(t))
-                    .wrapping_add(w.mins[k].wrapping_mul(a.sums[r * a.nb + b]));
+                    .wrapping_add(w.scales.get(k).wrapping_mul(t))
+                    .wrapping_add(w.mins.get(k).wrapping_mul(a.sums[r * a.nb + b]));
             }
             *o = acc;
         }
@@ -744,8 +850,11 @@ fn tile_pairs(a: &Operands, j0: usize, out: &mut [u64]) {
     let w = a.w;
     let (d_in, d_out) = (w.d_in, w.d_out);
     let mut buf = [0u8; 2 * TILE];
+    let (mut d_buf, mut m_buf) = ([0u64; TILE], [0u64; TILE]);
     for b in 0..a.nb {
         let k0 = block_index(d_in, d_out, b, j0);
+        let d = w.scales.run(k0, TILE, &mut d_buf);
+        let m = w.mins.run(k0, TILE, &mut m_buf);
         for r in 0..a.rows {
             let xs = &a.x[r * d_in + b * INT_BLOCK..][..INT_BLOCK];
             let mut t = [0u64; TILE];
@@ -763,11 +872,63 @@ fn tile_pairs(a: &Operands, j0: usize, out: &mut [u64]) {
             let o = &mut out[r * TILE..(r + 1) * TILE];
             for (j, o) in o.iter_mut().enumerate() {
                 *o = o
-                    .wrapping_add(w.scales[k0 + j].wrapping_mul(t[j]))
-                    .wrapping_add(w.mins[k0 + j].wrapping_mul(s));
+                    .wrapping_add(d[j].wrapping_mul(t[j]))
+                    .wrapping_add(m[j].wrapping_mul(s));
             }
         }
     }
+}
+
+/// Adds `D·T + M·s` of one row and block to the row's 64 column sums `o`, from the four digit
+/// sums `acc` (`s` is the row's sum over the block's inputs; `D` and `M` its TILE scales and
+/// minimums, as [`Lanes8`]). A macro, so that every instance of [`tile_vnni_on`] has it inline
+/// (a call passes the sixteen sums through memory); it runs where AVX-512F and DQ are enabled.
+#[cfg(target_arch = "x86_64")]
+macro_rules! vnni_finish {
+    ($acc:expr, $scales:expr, $mins:expr, $s:expr, $o:expr) => {{
+        let (acc, scales, mins, o): (&[[__m512i; VNNI_V]; 4], _, _, &mut [u64]) =
+            ($acc, $scales, $mins, $o);
+        assert!(scales.len() >= TILE && mins.len() >= TILE && o.len() >= TILE);
+        let s = _mm512_set1_epi64($s as i64);
+        // `v` picks the same column group in each of the four digits' sums.
+        for v in 0..VNNI_V {
+            let u = _mm512_add_epi32(acc[2][v], _mm512_slli_epi32::<16>(acc[3][v]));
+            let halves = [
+                (
+                    _mm512_castsi512_si256(acc[0][v]),
+                    _mm512_castsi512_si256(acc[1][v]),
+                    _mm512_castsi512_si256(u),
+                ),
+                (
+                    _mm512_extracti64x4_epi64::<1>(acc[0][v]),
+                    _mm512_extracti64x4_epi64::<1>(acc[1][v]),
+                    _mm512_extracti64x4_epi64::<1>(u),
+                ),
+            ];
+            for (h, (s0, s1, u)) in halves.into_iter().enumerate() {
+                let t = _mm512_add_epi64(
+                    _mm512_add_epi64(
+                        _mm512_cvtepi32_epi64(s0),
+                        _mm512_slli_epi64::<16>(_mm512_cvtepi32_epi64(s1)),
+                    ),
+                    _mm512_slli_epi64::<32>(_mm512_cvtepu32_epi64(u)),
+                );
+                let at = 16 * v + 8 * h;
+                // SAFETY: each slice holds TILE values (asserted); these access 8 at `at` <
+                // TILE, and the caller runs with AVX-512F.
+                unsafe {
+                    let d = Lanes8::load8(scales.as_ptr().add(at));
+                    let m = Lanes8::load8(mins.as_ptr().add(at));
+                    let prev = _mm512_loadu_si512(o.as_ptr().add(at).cast());
+                    let sum = _mm512_add_epi64(
+                        prev,
+                        _mm512_add_epi64(_mm512_mullo_epi64(d, t), _mm512_mullo_epi64(m, s)),
+                    );
+                    _mm512_storeu_si512(o.as_mut_ptr().add(at).cast(), sum);
+                }
+            }
+        }
+    }};
 }
 
 /// A full tile with AVX-512 VNNI: per block and row, the four digit sums `S_l` of 64 columns
@@ -779,24 +940,44 @@ fn tile_pairs(a: &Operands, j0: usize, out: &mut [u64]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
 fn tile_vnni(a: &Operands, j0: usize, out: &mut [u64]) {
+    use BlockInts::{Narrow, Wide};
+    // One instance for each way the scales and minimums are held.
+    match (&a.w.scales, &a.w.mins) {
+        (Narrow(d), Narrow(m)) => tile_vnni_on(a, j0, out, d, m),
+        (Narrow(d), Wide(m)) => tile_vnni_on(a, j0, out, d, m),
+        (Wide(d), Narrow(m)) => tile_vnni_on(a, j0, out, d, m),
+        (Wide(d), Wide(m)) => tile_vnni_on(a, j0, out, d, m),
+    }
+}
+
+/// [`tile_vnni`] on the weight's scales `ds` and minimums `ms` as they are held.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
+fn tile_vnni_on<D: Lanes8, M: Lanes8>(
+    a: &Operands,
+    j0: usize,
+    out: &mut [u64],
+    ds: &[D],
+    ms: &[M],
+) {
     use std::arch::x86_64::*;
     let w = a.w;
     let (d_in, d_out) = (w.d_in, w.d_out);
     for b in 0..a.nb {
         let k0 = block_index(d_in, d_out, b, j0);
-        let scales = &w.scales[k0..k0 + TILE];
-        let mins = &w.mins[k0..k0 + TILE];
+        let (d, m) = (&ds[k0..k0 + TILE], &ms[k0..k0 + TILE]);
         // Where pair row `p` of the block starts in the codes (code_index's order).
         let at = |p: usize| code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0);
         if a.rows == 1 {
             let px = &a.pairs[b * PAIRS * 4..][..PAIRS * 4];
             let mut acc = [[_mm512_setzero_si512(); VNNI_V]; 4];
             for p in 0..PAIRS {
-                // SAFETY: `at(p)` starts a full tile's pair row: 2·TILE codes, an even index.
+                // SAFETY: the caller's promise (`tile`): the CPU has the features of this
+                // function, which include `vnni_widen`'s.
                 let c = unsafe { vnni_widen(&w.codes, at(p)) };
                 vnni_pair(&mut acc, &c, &px[p * 4..][..4]);
             }
-            vnni_finish(&acc, scales, mins, a.sums[b], &mut out[..TILE]);
+            vnni_finish!(&acc, d, m, a.sums[b], &mut out[..TILE]);
             continue;
         }
         // The block's codes widened to 16-bit lanes once for every row (4 KiB, in L1), written
@@ -804,6 +985,19 @@ fn tile_vnni(a: &Operands, j0: usize, out: &mut [u64]) {
         // SAFETY: as above, for each pair row.
         let wide: [[__m512i; VNNI_V]; PAIRS] =
             std::array::from_fn(|p| unsafe { vnni_widen(&w.codes, at(p)) });
+        // The scales and minimums in 64-bit lanes once for every row, too.
+        let (mut d64, mut m64) = ([0u64; TILE], [0u64; TILE]);
+        for (at, (d64, m64)) in (0..TILE)
+            .step_by(8)
+            .zip(d64.chunks_exact_mut(8).zip(m64.chunks_exact_mut(8)))
+        {
+            // SAFETY: `d` and `m` hold TILE values, `d64` and `m64` 8 from `at` < TILE; the
+            // CPU has AVX-512F (the caller's promise).
+            unsafe {
+                _mm512_storeu_si512(d64.as_mut_ptr().cast(), Lanes8::load8(d.as_ptr().add(at)));
+                _mm512_storeu_si512(m64.as_mut_ptr().cast(), Lanes8::load8(m.as_ptr().add(at)));
+            }
+        }
         for r in 0..a.rows {
             let px = &a.pairs[(r * d_in / 2 + b * PAIRS) * 4..][..PAIRS * 4];
             let mut acc = [[_mm512_setzero_si512(); VNNI_V]; 4];
@@ -811,7 +1005,7 @@ fn tile_vnni(a: &Operands, j0: usize, out: &mut [u64]) {
                 vnni_pair(&mut acc, c, &px[p * 4..][..4]);
             }
             let o = &mut out[r * TILE..(r + 1) * TILE];
-            vnni_finish(&acc, scales, mins, a.sums[r * a.nb + b], o);
+            vnni_finish!(&acc, &d64[..], &m64[..], a.sums[r * a.nb + b], o);
         }
     }
 }
@@ -825,7 +1019,8 @@ const VNNI_V: usize = TILE / 16;
 ///
 /// # Safety
 ///
-/// `codes` holds a full tile's pair row from `k` (2·TILE codes), and `k` is even.
+/// The CPU has AVX-512F and AVX-512BW. (A run past the codes panics; `k` must be even, as a
+/// [`code_index`] of an even input is, or the codes are the wrong ones.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
@@ -874,155 +1069,195 @@ fn vnni_pair(
     }
 }
 
-/// Adds `D·T + M·s` of one row and block to the row's 64 column sums `o`, from the four digit
-/// sums (`s` is the row's sum over the block's inputs).
-// `v` picks the same column group in each of the four digits' sums.
-#[allow(clippy::needless_range_loop)]
+/// A block integer as a [`BlockInts`] holds it, read eight at a time into 64-bit lanes.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq")]
-#[inline]
-fn vnni_finish(
-    acc: &[[std::arch::x86_64::__m512i; VNNI_V]; 4],
-    scales: &[u64],
-    mins: &[u64],
-    s: u64,
-    o: &mut [u64],
-) {
-    use std::arch::x86_64::*;
-    assert!(scales.len() >= TILE && mins.len() >= TILE && o.len() >= TILE);
-    let s = _mm512_set1_epi64(s as i64);
-    for v in 0..VNNI_V {
-        let u = _mm512_add_epi32(acc[2][v], _mm512_slli_epi32::<16>(acc[3][v]));
-        let halves = [
-            (
-                _mm512_castsi512_si256(acc[0][v]),
-                _mm512_castsi512_si256(acc[1][v]),
-                _mm512_castsi512_si256(u),
-            ),
-            (
-                _mm512_extracti64x4_epi64::<1>(acc[0][v]),
-                _mm512_extracti64x4_epi64::<1>(acc[1][v]),
-                _mm512_extracti64x4_epi64::<1>(u),
-            ),
-        ];
-        for (h, (s0, s1, u)) in halves.into_iter().enumerate() {
-            let t = _mm512_add_epi64(
-                _mm512_add_epi64(
-                    _mm512_cvtepi32_epi64(s0),
-                    _mm512_slli_epi64::<16>(_mm512_cvtepi32_epi64(s1)),
-                ),
-                _mm512_slli_epi64::<32>(_mm512_cvtepu32_epi64(u)),
-            );
-            let at = 16 * v + 8 * h;
-            // SAFETY: each slice holds TILE values (asserted); these access 8 at `at` < TILE.
-            unsafe {
-                let d = _mm512_loadu_si512(scales.as_ptr().add(at).cast());
-                let m = _mm512_loadu_si512(mins.as_ptr().add(at).cast());
-                let prev = _mm512_loadu_si512(o.as_ptr().add(at).cast());
-                let sum = _mm512_add_epi64(
-                    prev,
-                    _mm512_add_epi64(_mm512_mullo_epi64(d, t), _mm512_mullo_epi64(m, s)),
-                );
-                _mm512_storeu_si512(o.as_mut_ptr().add(at).cast(), sum);
-            }
-        }
+trait Lanes8: Copy {
+    /// The eight values from `p` on, sign-extended to 64 bits.
+    ///
+    /// # Safety
+    ///
+    /// `p` may be read for eight values, and the CPU has AVX-512F.
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m512i;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes8 for i32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const i32) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's promise.
+        unsafe { _mm512_cvtepi32_epi64(_mm256_loadu_si256(p.cast())) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes8 for u64 {
+    #[inline(always)]
+    unsafe fn load8(p: *const u64) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's promise.
+        unsafe { _mm512_loadu_si512(p.cast()) }
     }
 }
 
 /// A full tile with AVX2: as [`tile_vnni`], 16 columns at a time (8 registers of digit sums),
 /// `vpmaddwd` and an add per digit, 8 columns and input pair; `T` in 64-bit lanes, and the
-/// 64-bit `D·T + M·Σx` per column (AVX2 has no 64-bit vector multiply).
-// `v` picks the same column group in each of the four digits' sums.
-#[allow(clippy::needless_range_loop)]
+/// 64-bit `D·T + M·Σx` per column (AVX2 has no 64-bit vector multiply). One row widens each
+/// pair row of codes in registers as it uses it, as [`tile_vnni`] does.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn tile_avx2(a: &Operands, j0: usize, out: &mut [u64]) {
     use std::arch::x86_64::*;
-    const G: usize = 16;
     let w = a.w;
     let (d_in, d_out) = (w.d_in, w.d_out);
     for b in 0..a.nb {
         let k0 = block_index(d_in, d_out, b, j0);
+        // Where pair row `p` of column group `g` starts in the codes (code_index's order).
+        let at = |g: usize, p: usize| code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0 + G2 * g);
+        let (mut d_buf, mut m_buf) = ([0u64; TILE], [0u64; TILE]);
+        let (d, m) = (
+            w.scales.run(k0, TILE, &mut d_buf),
+            w.mins.run(k0, TILE, &mut m_buf),
+        );
+        let block = |g: usize| (&d[G2 * g..][..G2], &m[G2 * g..][..G2]);
+        if a.rows == 1 {
+            let px = &a.pairs[b * PAIRS * 4..][..PAIRS * 4];
+            for g in 0..TILE / G2 {
+                let mut acc = [[_mm256_setzero_si256(); 2]; 4];
+                for p in 0..PAIRS {
+                    // SAFETY: the CPU has AVX2, as `tile_avx2`'s caller promised.
+                    let c = unsafe { avx2_widen(&w.codes, at(g, p)) };
+                    avx2_pair(&mut acc, &c, &px[p * 4..][..4]);
+                }
+                let (d, m) = block(g);
+                avx2_finish(&acc, d, m, a.sums[b], &mut out[G2 * g..][..G2]);
+            }
+            continue;
+        }
         // The block's codes widened to 16-bit lanes once for every row (4 KiB, in L1): per
         // column group of 16 and pair row, two registers of 8 columns.
-        let wide: [[[__m256i; 2]; PAIRS]; TILE / G] = std::array::from_fn(|g| {
-            std::array::from_fn(|p| {
-                let k = code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0 + G * g);
-                match w.codes.packed_bytes() {
-                    // Packed: a byte a column, its nibbles the two halves of a 32-bit lane.
-                    Some(packed) => {
-                        let codes = &packed[k / 2..][..G];
-                        std::array::from_fn(|v| {
-                            // SAFETY: `codes` holds G bytes; this reads 8 at 8·v < G.
-                            let q = unsafe { _mm_loadl_epi64(codes.as_ptr().add(8 * v).cast()) };
-                            let q = _mm256_cvtepu8_epi32(q);
-                            let lo = _mm256_and_si256(q, _mm256_set1_epi32(15));
-                            _mm256_or_si256(lo, _mm256_slli_epi32::<16>(_mm256_srli_epi32::<4>(q)))
-                        })
-                    }
-                    None => {
-                        let codes = &w.codes.bytes[k..][..2 * G];
-                        std::array::from_fn(|v| {
-                            // SAFETY: `codes` holds 2·G bytes; this reads 16 at 16·v < 2·G.
-                            let q = unsafe { _mm_loadu_si128(codes.as_ptr().add(16 * v).cast()) };
-                            _mm256_cvtepu8_epi16(q)
-                        })
-                    }
-                }
-            })
+        // SAFETY: as above, for each group and pair row.
+        let wide: [[[__m256i; 2]; PAIRS]; TILE / G2] = std::array::from_fn(|g| {
+            std::array::from_fn(|p| unsafe { avx2_widen(&w.codes, at(g, p)) })
         });
         for r in 0..a.rows {
             let px = &a.pairs[(r * d_in / 2 + b * PAIRS) * 4..][..PAIRS * 4];
-            let s = a.sums[r * a.nb + b];
-            for (gi, wide) in wide.iter().enumerate() {
-                let g = G * gi;
+            for (g, wide) in wide.iter().enumerate() {
                 let mut acc = [[_mm256_setzero_si256(); 2]; 4];
                 for (p, c) in wide.iter().enumerate() {
-                    for (l, acc) in acc.iter_mut().enumerate() {
-                        let xv = _mm256_set1_epi32(px[p * 4 + l]);
-                        for v in 0..2 {
-                            acc[v] = _mm256_add_epi32(acc[v], _mm256_madd_epi16(c[v], xv));
-                        }
-                    }
+                    avx2_pair(&mut acc, c, &px[p * 4..][..4]);
                 }
-                let mut t = [0u64; G];
-                for v in 0..2 {
-                    let u = _mm256_add_epi32(acc[2][v], _mm256_slli_epi32::<16>(acc[3][v]));
-                    let halves = [
-                        (
-                            _mm256_castsi256_si128(acc[0][v]),
-                            _mm256_castsi256_si128(acc[1][v]),
-                            _mm256_castsi256_si128(u),
-                        ),
-                        (
-                            _mm256_extracti128_si256::<1>(acc[0][v]),
-                            _mm256_extracti128_si256::<1>(acc[1][v]),
-                            _mm256_extracti128_si256::<1>(u),
-                        ),
-                    ];
-                    for (h, (s0, s1, u)) in halves.into_iter().enumerate() {
-                        let tv = _mm256_add_epi64(
-                            _mm256_add_epi64(
-                                _mm256_cvtepi32_epi64(s0),
-                                _mm256_slli_epi64::<16>(_mm256_cvtepi32_epi64(s1)),
-                            ),
-                            _mm256_slli_epi64::<32>(_mm256_cvtepu32_epi64(u)),
-                        );
-                        // SAFETY: `t` holds G values; this writes 4 at 8·v + 4·h < G.
-                        unsafe {
-                            _mm256_storeu_si256(t.as_mut_ptr().add(8 * v + 4 * h).cast(), tv)
-                        };
-                    }
-                }
-                let o = &mut out[r * TILE + g..][..G];
-                let (d, m) = (&w.scales[k0 + g..][..G], &w.mins[k0 + g..][..G]);
-                for j in 0..G {
-                    o[j] = o[j]
-                        .wrapping_add(d[j].wrapping_mul(t[j]))
-                        .wrapping_add(m[j].wrapping_mul(s));
-                }
+                let (d, m) = block(g);
+                let o = &mut out[r * TILE + G2 * g..][..G2];
+                avx2_finish(&acc, d, m, a.sums[r * a.nb + b], o);
             }
         }
+    }
+}
+
+/// Columns per group of the AVX2 tile.
+#[cfg(target_arch = "x86_64")]
+const G2: usize = 16;
+
+/// One pair row of a column group's codes, from code `k` on (two inputs of G2 columns), widened
+/// to 16-bit lanes as [`vnni_widen`] does: two registers of 8 columns.
+///
+/// # Safety
+///
+/// The CPU has AVX2. (A run past the codes panics; `k` must be even, as for [`vnni_widen`].)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn avx2_widen(codes: &Codes, k: usize) -> [std::arch::x86_64::__m256i; 2] {
+    use std::arch::x86_64::*;
+    match codes.packed_bytes() {
+        // Packed: a byte a column, its nibbles the two halves of a 32-bit lane.
+        Some(packed) => {
+            let codes = &packed[k / 2..][..G2];
+            std::array::from_fn(|v| {
+                // SAFETY: `codes` holds G2 bytes; this reads 8 at 8·v < G2.
+                let q = unsafe { _mm_loadl_epi64(codes.as_ptr().add(8 * v).cast()) };
+                let q = _mm256_cvtepu8_epi32(q);
+                let lo = _mm256_and_si256(q, _mm256_set1_epi32(15));
+                _mm256_or_si256(lo, _mm256_slli_epi32::<16>(_mm256_srli_epi32::<4>(q)))
+            })
+        }
+        None => {
+            let codes = &codes.bytes[k..][..2 * G2];
+            std::array::from_fn(|v| {
+                // SAFETY: `codes` holds 2·G2 bytes; this reads 16 at 16·v < 2·G2.
+                let q = unsafe { _mm_loadu_si128(codes.as_ptr().add(16 * v).cast()) };
+                _mm256_cvtepu8_epi16(q)
+            })
+        }
+    }
+}
+
+/// Adds one pair row's products to a column group's four digit sums (`px` as in
+/// [`vnni_pair`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn avx2_pair(
+    acc: &mut [[std::arch::x86_64::__m256i; 2]; 4],
+    c: &[std::arch::x86_64::__m256i; 2],
+    px: &[i32],
+) {
+    use std::arch::x86_64::*;
+    for (acc, &x) in acc.iter_mut().zip(px) {
+        let xv = _mm256_set1_epi32(x);
+        for (acc, &c) in acc.iter_mut().zip(c) {
+            *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(c, xv));
+        }
+    }
+}
+
+/// Adds `D·T + M·s` of one row and block to a column group's G2 sums `o`: `T` in 64-bit lanes,
+/// then the 64-bit products column by column (AVX2 has no 64-bit vector multiply).
+// `v` picks the same column group in each of the four digits' sums.
+#[allow(clippy::needless_range_loop)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn avx2_finish(
+    acc: &[[std::arch::x86_64::__m256i; 2]; 4],
+    d: &[u64],
+    m: &[u64],
+    s: u64,
+    o: &mut [u64],
+) {
+    use std::arch::x86_64::*;
+    let mut t = [0u64; G2];
+    for v in 0..2 {
+        let u = _mm256_add_epi32(acc[2][v], _mm256_slli_epi32::<16>(acc[3][v]));
+        let halves = [
+            (
+                _mm256_castsi256_si128(acc[0][v]),
+                _mm256_castsi256_si128(acc[1][v]),
+                _mm256_castsi256_si128(u),
+            ),
+            (
+                _mm256_extracti128_si256::<1>(acc[0][v]),
+                _mm256_extracti128_si256::<1>(acc[1][v]),
+                _mm256_extracti128_si256::<1>(u),
+            ),
+        ];
+        for (h, (s0, s1, u)) in halves.into_iter().enumerate() {
+            let tv = _mm256_add_epi64(
+                _mm256_add_epi64(
+                    _mm256_cvtepi32_epi64(s0),
+                    _mm256_slli_epi64::<16>(_mm256_cvtepi32_epi64(s1)),
+                ),
+                _mm256_slli_epi64::<32>(_mm256_cvtepu32_epi64(u)),
+            );
+            // SAFETY: `t` holds G2 values; this writes 4 at 8·v + 4·h < G2.
+            unsafe { _mm256_storeu_si256(t.as_mut_ptr().add(8 * v + 4 * h).cast(), tv) };
+        }
+    }
+    for (j, o) in o.iter_mut().enumerate().take(G2) {
+        *o = o
+            .wrapping_add(d[j].wrapping_mul(t[j]))
+            .wrapping_add(m[j].wrapping_mul(s));
     }
 }
 
@@ -1078,15 +1313,14 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
         // A ragged last tile (70 = 64 + 6 columns), and a bound set by the last column.
         let mut w = random_weight(&mut rng, 96, 70);
-        w.scales
-            .iter_mut()
-            .for_each(|s| *s = (*s as i64 >> 20) as u64);
-        w.mins
-            .iter_mut()
-            .for_each(|m| *m = (*m as i64 >> 44) as u64);
-        for b in 0..3 {
-            w.scales[block_index(96, 70, b, 69)] = 1 << 30;
-        }
+        let last: Vec<usize> = (0..3).map(|b| block_index(96, 70, b, 69)).collect();
+        w.scales = (0..w.scales.len())
+            .map(|k| match last.contains(&k) {
+                true => 1 << 30,
+                false => (w.scales.get(k) as i64 >> 20) as u64,
+            })
+            .collect();
+        w.mins = w.mins.iter().map(|m| (m as i64 >> 44) as u64).collect();
         let (fast, slow) = (w.column_norm_bound(), w.column_norm_bound_by_entries());
         assert_eq!(fast.to_bits(), slow.to_bits(), "{fast} against {slow}");
         assert!(fast > (96f64).sqrt() * 2f64.powi(30) * 0.5);
@@ -1210,6 +1444,34 @@ mod tests {
     }
 
     #[test]
+    fn block_integers_that_fit_32_bits_are_held_so_and_travel_64_bits_each() {
+        let fits = [0, 1, i32::MAX as u64, i32::MIN as i64 as u64, u64::MAX];
+        let wide = [i32::MAX as u64 + 1, (i32::MIN as i64 - 1) as u64, 1 << 63];
+        let narrow = BlockInts::new(fits.to_vec());
+        assert!(matches!(narrow, BlockInts::Narrow(_)));
+        assert_eq!(narrow.held_bytes(), 4 * fits.len());
+        for &w in &wide {
+            let mut values = fits.to_vec();
+            values.push(w);
+            let held = BlockInts::new(values.clone());
+            assert!(matches!(held, BlockInts::Wide(_)), "{w:#x}");
+            assert_eq!(held.iter().collect::<Vec<_>>(), values);
+        }
+        let mut buf = [0u64; 8];
+        for (k, &v) in fits.iter().enumerate() {
+            assert_eq!(narrow.get(k), v, "value {k}");
+        }
+        assert_eq!(narrow.run(1, 3, &mut buf), &fits[1..4]);
+        // On the wire 64 bits each either way: what a `Vec<u64>` made, and back.
+        for held in [narrow, BlockInts::new(wide.to_vec())] {
+            let values: Vec<u64> = held.iter().collect();
+            let wire = postcard::to_allocvec(&held).unwrap();
+            assert_eq!(wire, postcard::to_allocvec(&values).unwrap());
+            assert_eq!(postcard::from_bytes::<BlockInts>(&wire).unwrap(), held);
+        }
+    }
+
+    #[test]
     fn four_signed_digits_make_the_value_again() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
         let extremes = [
@@ -1232,9 +1494,6 @@ mod tests {
         assert_eq!(digits(0x7fff_7fff_7fff_7fff), [i16::MAX; 4]);
     }
 
-    /// Every kernel this CPU has, against the definition: random values, and the extremes of
-    /// the digit sums (every digit of every input at -2^15 or 2^15 - 1 against codes of 255),
-    /// of the codes and of the scales.
     #[test]
     fn where_the_host_grants_amx_its_checked_tile_product_outruns_the_vector_kernels() {
         // Where the host grants AMX, the tile product's sums are right and the machine's integer
@@ -1248,16 +1507,27 @@ mod tests {
         }
     }
 
+    /// Every kernel this CPU has, against the definition: random values, and the extremes of
+    /// the digit sums (every digit of every input at -2^15 or 2^15 - 1 against codes of 255),
+    /// of the codes and of the scales and minimums (64 bits, and 32 bits held narrow).
     #[test]
     fn every_kernel_is_the_product_mod_2_64_at_the_extremes() {
         let kernels = IntKernel::available();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        for (rows, d_in, d_out) in [(1, 32, 64), (3, 96, 130), (17, 64, 128), (0, 32, 64)] {
+        // One row (each kernel's decode path) with one block and with several, a ragged tile.
+        for (rows, d_in, d_out) in [
+            (1, 32, 64),
+            (1, 96, 130),
+            (2, 64, 128),
+            (3, 96, 130),
+            (17, 64, 128),
+            (0, 32, 64),
+        ] {
             let random = random_weight(&mut rng, d_in, d_out);
             let saturated = IntWeight {
                 codes: vec![255; d_in * d_out].into(),
-                scales: vec![u64::MAX; random.scales.len()],
-                mins: vec![1 << 63; random.mins.len()],
+                scales: vec![u64::MAX; random.scales.len()].into(),
+                mins: vec![1 << 63; random.mins.len()].into(),
                 ..random.clone()
             };
             // The same two with codes held four bits each (a Q4_1 tensor's).
@@ -1268,6 +1538,24 @@ mod tests {
             };
             assert!(random4.codes.packed() && saturated4.codes.packed());
             assert!(!random.codes.packed() && !saturated.codes.packed());
+            // Block integers that fit 32 bits (held narrow, as this model's are), random and at
+            // the ends of that range.
+            let narrowed = |w: &IntWeight| IntWeight {
+                scales: w.scales.iter().map(|s| (s as i64 >> 33) as u64).collect(),
+                mins: w.mins.iter().map(|m| (m as i64 >> 33) as u64).collect(),
+                ..w.clone()
+            };
+            let (narrow, narrow4) = (narrowed(&random), narrowed(&random4));
+            let narrow_ends = IntWeight {
+                scales: vec![i32::MIN as i64 as u64; random.scales.len()].into(),
+                mins: vec![i32::MAX as u64; random.mins.len()].into(),
+                ..saturated4.clone()
+            };
+            for w in [&narrow, &narrow4, &narrow_ends] {
+                assert!(matches!(w.scales, BlockInts::Narrow(_)));
+                assert!(matches!(w.mins, BlockInts::Narrow(_)));
+            }
+            assert!(matches!(random.scales, BlockInts::Wide(_)));
             let xs: [Vec<u64>; 4] = [
                 (0..rows * d_in).map(|_| rng.random()).collect(),
                 vec![0x7fff_7fff_7fff_8000; rows * d_in],
@@ -1276,7 +1564,15 @@ mod tests {
                     .map(|i| [u64::MAX, 0, 1 << 63, 1][i % 4])
                     .collect(),
             ];
-            for w in [&random, &saturated, &random4, &saturated4] {
+            for w in [
+                &random,
+                &saturated,
+                &random4,
+                &saturated4,
+                &narrow,
+                &narrow4,
+                &narrow_ends,
+            ] {
                 for x in &xs {
                     let want = naive(x, rows, w);
                     for &k in &kernels {
@@ -1297,8 +1593,8 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
         let w = random_weight(&mut rng, 64, 64);
         let w = IntWeight {
-            scales: w.scales.iter().map(|&s| (s as i64 >> 30) as u64).collect(),
-            mins: w.mins.iter().map(|&m| (m as i64 >> 40) as u64).collect(),
+            scales: w.scales.iter().map(|s| (s as i64 >> 30) as u64).collect(),
+            mins: w.mins.iter().map(|m| (m as i64 >> 40) as u64).collect(),
             ..w
         };
         let x: Vec<i64> = (0..64)
@@ -1335,7 +1631,7 @@ mod tests {
                 ..good.clone()
             },
             IntWeight {
-                mins: vec![],
+                mins: Vec::new().into(),
                 ..good.clone()
             },
             IntWeight {

@@ -316,7 +316,7 @@ fn the_embedded_manifest_pins_the_model_and_scaled_weights_are_refused() {
                     row[*cols - v..].iter_mut().for_each(|w| *w *= 2.0);
                 }
             }
-            RPub::Int(w) => w.scales.iter_mut().for_each(|s| *s = s.wrapping_mul(2)),
+            RPub::Int(w) => w.scales = w.scales.iter().map(|s| s.wrapping_mul(2)).collect(),
             other => panic!("unexpected {other:?}"),
         }
         let e = manifest.check_setup(qkv, &reply).unwrap_err();
