@@ -267,7 +267,7 @@ impl<'de> Deserialize<'de> for Codes {
 /// all do), else 64 (two's complement). A one-row product reads them beside the codes, a pair a
 /// block and column, so their width is part of its time. On the wire and in digests 64 bits
 /// each either way.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum BlockInts {
     /// Each fits an `i32`: held sign-extended from 32 bits.
     Narrow(Vec<i32>),
@@ -278,14 +278,11 @@ pub enum BlockInts {
 impl BlockInts {
     /// Holds `values`, narrow when every one fits an `i32`.
     pub fn new(values: Vec<u64>) -> Self {
-        let narrow = |v: u64| i32::try_from(v as i64).ok();
-        match values
-            .iter()
-            .map(|&v| narrow(v))
-            .collect::<Option<Vec<i32>>>()
-        {
-            Some(n) => BlockInts::Narrow(n),
-            None => BlockInts::Wide(values),
+        // Checked first, so the narrow vector is allocated once at its length.
+        if values.iter().all(|&v| i32::try_from(v as i64).is_ok()) {
+            BlockInts::Narrow(values.iter().map(|&v| v as i64 as i32).collect())
+        } else {
+            BlockInts::Wide(values)
         }
     }
 
@@ -341,6 +338,15 @@ impl BlockInts {
         (0..self.len()).map(|k| self.get(k))
     }
 }
+
+/// Equal when the values are, however each side holds them.
+impl PartialEq for BlockInts {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for BlockInts {}
 
 impl From<Vec<u64>> for BlockInts {
     fn from(values: Vec<u64>) -> Self {
@@ -963,6 +969,7 @@ fn tile_vnni_on<D: Lanes8, M: Lanes8>(
     use std::arch::x86_64::*;
     let w = a.w;
     let (d_in, d_out) = (w.d_in, w.d_out);
+    let (mut d64, mut m64) = ([0u64; TILE], [0u64; TILE]);
     for b in 0..a.nb {
         let k0 = block_index(d_in, d_out, b, j0);
         let (d, m) = (&ds[k0..k0 + TILE], &ms[k0..k0 + TILE]);
@@ -986,16 +993,15 @@ fn tile_vnni_on<D: Lanes8, M: Lanes8>(
         let wide: [[__m512i; VNNI_V]; PAIRS] =
             std::array::from_fn(|p| unsafe { vnni_widen(&w.codes, at(p)) });
         // The scales and minimums in 64-bit lanes once for every row, too.
-        let (mut d64, mut m64) = ([0u64; TILE], [0u64; TILE]);
-        for (at, (d64, m64)) in (0..TILE)
+        for (at, (d8, m8)) in (0..TILE)
             .step_by(8)
             .zip(d64.chunks_exact_mut(8).zip(m64.chunks_exact_mut(8)))
         {
-            // SAFETY: `d` and `m` hold TILE values, `d64` and `m64` 8 from `at` < TILE; the
-            // CPU has AVX-512F (the caller's promise).
+            // SAFETY: `d` and `m` hold TILE values, read 8 from `at` < TILE; each chunk holds
+            // 8; the CPU has AVX-512F (the caller's promise).
             unsafe {
-                _mm512_storeu_si512(d64.as_mut_ptr().cast(), Lanes8::load8(d.as_ptr().add(at)));
-                _mm512_storeu_si512(m64.as_mut_ptr().cast(), Lanes8::load8(m.as_ptr().add(at)));
+                _mm512_storeu_si512(d8.as_mut_ptr().cast(), Lanes8::load8(d.as_ptr().add(at)));
+                _mm512_storeu_si512(m8.as_mut_ptr().cast(), Lanes8::load8(m.as_ptr().add(at)));
             }
         }
         for r in 0..a.rows {
@@ -1072,7 +1078,7 @@ fn vnni_pair(
 /// A block integer as a [`BlockInts`] holds it, read eight at a time into 64-bit lanes.
 #[cfg(target_arch = "x86_64")]
 trait Lanes8: Copy {
-    /// The eight values from `p` on, sign-extended to 64 bits.
+    /// The eight values from `p` on, in 64-bit lanes (two's complement).
     ///
     /// # Safety
     ///
@@ -1110,11 +1116,11 @@ fn tile_avx2(a: &Operands, j0: usize, out: &mut [u64]) {
     use std::arch::x86_64::*;
     let w = a.w;
     let (d_in, d_out) = (w.d_in, w.d_out);
+    let (mut d_buf, mut m_buf) = ([0u64; TILE], [0u64; TILE]);
     for b in 0..a.nb {
         let k0 = block_index(d_in, d_out, b, j0);
         // Where pair row `p` of column group `g` starts in the codes (code_index's order).
         let at = |g: usize, p: usize| code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0 + G2 * g);
-        let (mut d_buf, mut m_buf) = ([0u64; TILE], [0u64; TILE]);
         let (d, m) = (
             w.scales.run(k0, TILE, &mut d_buf),
             w.mins.run(k0, TILE, &mut m_buf),
@@ -1450,6 +1456,9 @@ mod tests {
         let narrow = BlockInts::new(fits.to_vec());
         assert!(matches!(narrow, BlockInts::Narrow(_)));
         assert_eq!(narrow.held_bytes(), 4 * fits.len());
+        // Equal by value, however held.
+        assert_eq!(narrow, BlockInts::Wide(fits.to_vec()));
+        assert_ne!(narrow, BlockInts::Wide(fits[1..].to_vec()));
         for &w in &wide {
             let mut values = fits.to_vec();
             values.push(w);
@@ -1555,7 +1564,25 @@ mod tests {
                 assert!(matches!(w.scales, BlockInts::Narrow(_)));
                 assert!(matches!(w.mins, BlockInts::Narrow(_)));
             }
+            // Each held one way and the other the other way (each pairing is a kernel instance).
+            let wide_narrow = IntWeight {
+                mins: narrow.mins.clone(),
+                ..random.clone()
+            };
+            let wide_narrow_ends = IntWeight {
+                scales: vec![1 << 63; random.scales.len()].into(),
+                mins: vec![i32::MIN as i64 as u64; random.mins.len()].into(),
+                ..random4.clone()
+            };
+            for w in [&wide_narrow, &wide_narrow_ends] {
+                assert!(matches!(w.scales, BlockInts::Wide(_)));
+                assert!(matches!(w.mins, BlockInts::Narrow(_)));
+            }
+            // `u64::MAX` is -1: narrow scales, wide minimums.
+            assert!(matches!(saturated.scales, BlockInts::Narrow(_)));
+            assert!(matches!(saturated.mins, BlockInts::Wide(_)));
             assert!(matches!(random.scales, BlockInts::Wide(_)));
+            assert!(matches!(random.mins, BlockInts::Wide(_)));
             let xs: [Vec<u64>; 4] = [
                 (0..rows * d_in).map(|_| rng.random()).collect(),
                 vec![0x7fff_7fff_7fff_8000; rows * d_in],
@@ -1572,6 +1599,8 @@ mod tests {
                 &narrow,
                 &narrow4,
                 &narrow_ends,
+                &wide_narrow,
+                &wide_narrow_ends,
             ] {
                 for x in &xs {
                     let want = naive(x, rows, w);
