@@ -82,6 +82,40 @@ struct Case {
     /// client's caller and the server's worker), from `/proc/self/task/*/stat` (10 ms ticks: a
     /// few per cent of resolution over a case).
     cpu_us_per_call: BTreeMap<&'static str, f64>,
+    /// The client connection's traffic per call (`quinn::Connection::stats`): at least one
+    /// datagram each way; what is beyond that is ACKs or flow-control credit sent alone.
+    client_per_call: Traffic,
+}
+
+/// A connection's traffic per call between two readings of its statistics.
+#[derive(Debug, Serialize)]
+struct Traffic {
+    datagrams_sent: f64,
+    datagrams_received: f64,
+    ack_frames_sent: f64,
+    ack_frames_received: f64,
+    /// MAX_STREAMS, MAX_DATA and MAX_STREAM_DATA frames received: the peer's credit.
+    credit_frames_received: f64,
+}
+
+impl Traffic {
+    fn between(
+        before: &quinn::ConnectionStats,
+        after: &quinn::ConnectionStats,
+        calls: usize,
+    ) -> Self {
+        let per = |b: u64, a: u64| a.saturating_sub(b) as f64 / calls as f64;
+        let credit = |s: &quinn::ConnectionStats| {
+            s.frame_rx.max_streams_bidi + s.frame_rx.max_data + s.frame_rx.max_stream_data
+        };
+        Self {
+            datagrams_sent: per(before.udp_tx.datagrams, after.udp_tx.datagrams),
+            datagrams_received: per(before.udp_rx.datagrams, after.udp_rx.datagrams),
+            ack_frames_sent: per(before.frame_tx.acks, after.frame_tx.acks),
+            ack_frames_received: per(before.frame_rx.acks, after.frame_rx.acks),
+            credit_frames_received: per(credit(before), credit(after)),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -316,8 +350,14 @@ fn case(
     roles.insert(0, ("client", tid()));
     let rt = crate::current_thread_runtime()?;
     let warm = calls / 10 + 1;
-    let (us, before, after, roles) = rt.block_on(async {
-        type Out = (f64, Vec<f64>, Vec<f64>, Vec<(&'static str, i32)>);
+    let (us, before, after, roles, traffic) = rt.block_on(async {
+        type Out = (
+            f64,
+            Vec<f64>,
+            Vec<f64>,
+            Vec<(&'static str, i32)>,
+            (quinn::ConnectionStats, quinn::ConnectionStats),
+        );
         let client = tls.client(ALPN)?;
         let conn = tls.connect(&client, addr).await?;
         let frame = vec![1u8; payload.request_bytes];
@@ -332,13 +372,13 @@ fn case(
                 Ok(t0.elapsed().as_secs_f64() * 1e6 / n as f64)
             };
             calls_of(warm).await?;
-            let before = cpu_of(&roles)?;
+            let (before, stats_before) = (cpu_of(&roles)?, conn.stats());
             let us = calls_of(calls).await?;
-            let after = cpu_of(&roles)?;
+            let (after, stats_after) = (cpu_of(&roles)?, conn.stats());
             conn.close(0u32.into(), b"done");
             // The close reaches the relay and server, whose threads then end.
             client.wait_idle().await;
-            return anyhow::Ok::<Out>((us, before, after, roles));
+            return anyhow::Ok::<Out>((us, before, after, roles, (stats_before, stats_after)));
         }
         // The calls come from a worker thread through this event loop, and wait blocked.
         type Back = tokio::sync::oneshot::Sender<Result<Vec<u8>, FrameError>>;
@@ -347,6 +387,7 @@ fn case(
         let mut roles = roles;
         let client_roles = roles.clone();
         let (tid_tx, tid_rx) = mpsc::channel();
+        let stats_of = conn.clone();
         std::thread::Builder::new()
             .name("bench-hop-caller".into())
             .spawn(move || {
@@ -358,13 +399,14 @@ fn case(
                     Ok(futures::executor::block_on(answer)??.len())
                 };
                 let mut one = one;
-                let result = (|| -> Result<(f64, Vec<f64>, Vec<f64>)> {
+                type Timed = (f64, Vec<f64>, Vec<f64>, quinn::ConnectionStats);
+                let result = (|| -> Result<(Timed, quinn::ConnectionStats)> {
                     timed_sync(warm, &mut one, payload.answer_bytes)?;
                     let mut all = client_roles;
                     all.push(("caller", tid()));
-                    let before = cpu_of(&all)?;
+                    let (before, stats_before) = (cpu_of(&all)?, stats_of.stats());
                     let us = timed_sync(calls, &mut one, payload.answer_bytes)?;
-                    Ok((us, before, cpu_of(&all)?))
+                    Ok(((us, before, cpu_of(&all)?, stats_before), stats_of.stats()))
                 })();
                 let _ = done_tx.send(result);
             })?;
@@ -375,10 +417,11 @@ fn case(
             }
         };
         let (result, ()) = tokio::join!(done_rx, serving);
-        let (us, before, after) = result.map_err(|_| anyhow!("the caller stopped"))??;
+        let ((us, before, after, stats_before), stats_after) =
+            result.map_err(|_| anyhow!("the caller stopped"))??;
         conn.close(0u32.into(), b"done");
         client.wait_idle().await;
-        Ok((us, before, after, roles))
+        Ok((us, before, after, roles, (stats_before, stats_after)))
     })?;
     Ok(Case {
         hops,
@@ -392,6 +435,7 @@ fn case(
             .zip(before.iter().zip(&after))
             .map(|(&(role, _), (b, a))| (role, (a - b) * 1e6 / calls as f64))
             .collect(),
+        client_per_call: Traffic::between(&traffic.0, &traffic.1, calls),
     })
 }
 

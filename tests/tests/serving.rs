@@ -665,6 +665,12 @@ fn the_transport_floor_bench_runs_every_case_over_real_quic() {
         }
         want.sort_unstable();
         assert_eq!(roles, want, "{case}");
+        // Every call is at least a datagram each way on the client's connection.
+        let traffic = &case["client_per_call"];
+        for way in ["datagrams_sent", "datagrams_received"] {
+            let per_call = traffic[way].as_f64().unwrap();
+            assert!(per_call >= 1.0, "{way} {per_call}: {case}");
+        }
     }
 }
 
