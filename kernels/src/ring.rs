@@ -993,17 +993,10 @@ fn tile_vnni_on<D: Lanes8, M: Lanes8>(
         let wide: [[__m512i; VNNI_V]; PAIRS] =
             std::array::from_fn(|p| unsafe { vnni_widen(&w.codes, at(p)) });
         // The scales and minimums in 64-bit lanes once for every row, too.
-        for (at, (d8, m8)) in (0..TILE)
-            .step_by(8)
-            .zip(d64.chunks_exact_mut(8).zip(m64.chunks_exact_mut(8)))
-        {
-            // SAFETY: `d` and `m` hold TILE values, read 8 from `at` < TILE; each chunk holds
-            // 8; the CPU has AVX-512F (the caller's promise).
-            unsafe {
-                _mm512_storeu_si512(d8.as_mut_ptr().cast(), Lanes8::load8(d.as_ptr().add(at)));
-                _mm512_storeu_si512(m8.as_mut_ptr().cast(), Lanes8::load8(m.as_ptr().add(at)));
-            }
-        }
+        let (d, m) = (
+            w.scales.run(k0, TILE, &mut d64),
+            w.mins.run(k0, TILE, &mut m64),
+        );
         for r in 0..a.rows {
             let px = &a.pairs[(r * d_in / 2 + b * PAIRS) * 4..][..PAIRS * 4];
             let mut acc = [[_mm512_setzero_si512(); VNNI_V]; 4];
@@ -1011,7 +1004,7 @@ fn tile_vnni_on<D: Lanes8, M: Lanes8>(
                 vnni_pair(&mut acc, c, &px[p * 4..][..4]);
             }
             let o = &mut out[r * TILE..(r + 1) * TILE];
-            vnni_finish!(&acc, &d64[..], &m64[..], a.sums[r * a.nb + b], o);
+            vnni_finish!(&acc, d, m, a.sums[r * a.nb + b], o);
         }
     }
 }
