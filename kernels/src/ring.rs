@@ -937,10 +937,78 @@ macro_rules! vnni_finish {
     }};
 }
 
+/// [`vnni_finish!`] where the scales and minimums are held 32 bits each (`&[i32]`): no 64-bit
+/// multiply. With `T = S_0 + 2^16 S_1 + 2^32 u` (`u = S_2 + 2^16 S_3 mod 2^32`) and the row's
+/// block sum `s = s_lo + 2^32 s_hi` (`s_lo` its low half as a signed value), modulo `2^64`
+/// `D·T + M·s = D·S_0 + 2^16·D·S_1 + M·s_lo + 2^32·(D·u + M·s_hi mod 2^32)`: the first three
+/// are signed 32 × 32-bit products (`vpmuldq`, on the even 32-bit lanes and then on the odd ones
+/// shifted down), the last a 32-bit one on all sixteen (`vpmulld`). The even and odd columns are
+/// interleaved back before the sums are added.
+#[cfg(target_arch = "x86_64")]
+macro_rules! vnni_finish_narrow {
+    ($acc:expr, $scales:expr, $mins:expr, $s:expr, $o:expr) => {{
+        let (acc, scales, mins, o): (&[[__m512i; VNNI_V]; 4], &[i32], &[i32], &mut [u64]) =
+            ($acc, $scales, $mins, $o);
+        assert!(scales.len() >= TILE && mins.len() >= TILE && o.len() >= TILE);
+        let s: u64 = $s;
+        let s_lo = i64::from(s as u32 as i32);
+        let s_hi = (s.wrapping_sub(s_lo as u64) >> 32) as u32 as i32;
+        let (s_lo, s_hi) = (_mm512_set1_epi64(s_lo), _mm512_set1_epi32(s_hi));
+        let high = _mm512_set1_epi64(!0xffff_ffff_u64 as i64);
+        // Output lanes of the even products and the odd ones: columns 0..8 and 8..16.
+        let firsts = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
+        let seconds = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
+        for v in 0..VNNI_V {
+            let at = 16 * v;
+            // SAFETY: each slice holds TILE values (asserted); these access 16 at `at` < TILE,
+            // and the caller runs with AVX-512F.
+            let (d, m) = unsafe {
+                (
+                    _mm512_loadu_si512(scales.as_ptr().add(at).cast()),
+                    _mm512_loadu_si512(mins.as_ptr().add(at).cast()),
+                )
+            };
+            let u = _mm512_add_epi32(acc[2][v], _mm512_slli_epi32::<16>(acc[3][v]));
+            let hi = _mm512_add_epi32(_mm512_mullo_epi32(d, u), _mm512_mullo_epi32(m, s_hi));
+            let low = |d: __m512i, m: __m512i, s0: __m512i, s1: __m512i| {
+                _mm512_add_epi64(
+                    _mm512_add_epi64(
+                        _mm512_mul_epi32(d, s0),
+                        _mm512_slli_epi64::<16>(_mm512_mul_epi32(d, s1)),
+                    ),
+                    _mm512_mul_epi32(m, s_lo),
+                )
+            };
+            let even =
+                _mm512_add_epi64(low(d, m, acc[0][v], acc[1][v]), _mm512_slli_epi64::<32>(hi));
+            let odd = _mm512_add_epi64(
+                low(
+                    _mm512_srli_epi64::<32>(d),
+                    _mm512_srli_epi64::<32>(m),
+                    _mm512_srli_epi64::<32>(acc[0][v]),
+                    _mm512_srli_epi64::<32>(acc[1][v]),
+                ),
+                _mm512_and_si512(hi, high),
+            );
+            for (h, lanes) in [firsts, seconds].into_iter().enumerate() {
+                let t = _mm512_permutex2var_epi64(even, lanes, odd);
+                // SAFETY: as above, 8 values at `at + 8 h` < TILE.
+                unsafe {
+                    let p = o.as_mut_ptr().add(at + 8 * h);
+                    let prev = _mm512_loadu_si512(p.cast());
+                    _mm512_storeu_si512(p.cast(), _mm512_add_epi64(prev, t));
+                }
+            }
+        }
+    }};
+}
+
 /// A full tile with AVX-512 VNNI: per block and row, the four digit sums `S_l` of 64 columns
 /// (16 registers of 16 lanes) take one `vpdpwssd` per digit, 16 columns and input pair; the
 /// codes of a pair row widen from bytes to 16-bit lanes once for all four digits. Then
-/// `T = S_0 + S_1·2^16 + (S_2 + S_3·2^16 mod 2^32)·2^32` in 64-bit lanes, and `D·T + M·Σx`.
+/// `T = S_0 + S_1·2^16 + (S_2 + S_3·2^16 mod 2^32)·2^32` in 64-bit lanes, and `D·T + M·Σx`
+/// ([`vnni_finish!`]; with no 64-bit multiply where the scales and minimums are held 32 bits
+/// each, [`vnni_finish_narrow!`]).
 /// One row (a decode call) widens each pair row of codes as it uses it, in registers; more
 /// rows widen a block's codes once into an array that every row reads.
 #[cfg(target_arch = "x86_64")]
@@ -970,6 +1038,11 @@ fn tile_vnni_on<D: Lanes8, M: Lanes8>(
     let w = a.w;
     let (d_in, d_out) = (w.d_in, w.d_out);
     let (mut d64, mut m64) = ([0u64; TILE], [0u64; TILE]);
+    // A block's codes widened to 16-bit lanes once for every row (4 KiB, in L1). Made once for
+    // the tile and overwritten block by block, in a plain loop: built per block (`from_fn`), the
+    // widening ran in a closure the compiler did not inline (4 % of a stage's samples under the
+    // 16-session synthetic load, `perf`).
+    let mut wide = [[_mm512_setzero_si512(); VNNI_V]; PAIRS];
     for b in 0..a.nb {
         let k0 = block_index(d_in, d_out, b, j0);
         let (d, m) = (&ds[k0..k0 + TILE], &ms[k0..k0 + TILE]);
@@ -984,19 +1057,25 @@ fn tile_vnni_on<D: Lanes8, M: Lanes8>(
                 let c = unsafe { vnni_widen(&w.codes, at(p)) };
                 vnni_pair(&mut acc, &c, &px[p * 4..][..4]);
             }
-            vnni_finish!(&acc, d, m, a.sums[b], &mut out[..TILE]);
+            match (D::narrow(d), M::narrow(m)) {
+                (Some(d), Some(m)) => vnni_finish_narrow!(&acc, d, m, a.sums[b], &mut out[..TILE]),
+                _ => vnni_finish!(&acc, d, m, a.sums[b], &mut out[..TILE]),
+            }
             continue;
         }
-        // The block's codes widened to 16-bit lanes once for every row (4 KiB, in L1), written
-        // once (an array zeroed first costs as many stores again).
-        // SAFETY: as above, for each pair row.
-        let wide: [[__m512i; VNNI_V]; PAIRS] =
-            std::array::from_fn(|p| unsafe { vnni_widen(&w.codes, at(p)) });
-        // The scales and minimums in 64-bit lanes once for every row, too.
-        let (d, m) = (
-            w.scales.run(k0, TILE, &mut d64),
-            w.mins.run(k0, TILE, &mut m64),
-        );
+        for (p, c) in wide.iter_mut().enumerate() {
+            // SAFETY: as above.
+            *c = unsafe { vnni_widen(&w.codes, at(p)) };
+        }
+        let narrow = D::narrow(d).zip(M::narrow(m));
+        // Held wide, the scales and minimums in 64-bit lanes once for every row, too.
+        let (d, m) = match narrow {
+            Some(_) => (&d64[..], &m64[..]),
+            None => (
+                w.scales.run(k0, TILE, &mut d64),
+                w.mins.run(k0, TILE, &mut m64),
+            ),
+        };
         for r in 0..a.rows {
             let px = &a.pairs[(r * d_in / 2 + b * PAIRS) * 4..][..PAIRS * 4];
             let mut acc = [[_mm512_setzero_si512(); VNNI_V]; 4];
@@ -1004,7 +1083,11 @@ fn tile_vnni_on<D: Lanes8, M: Lanes8>(
                 vnni_pair(&mut acc, c, &px[p * 4..][..4]);
             }
             let o = &mut out[r * TILE..(r + 1) * TILE];
-            vnni_finish!(&acc, d, m, a.sums[r * a.nb + b], o);
+            let s = a.sums[r * a.nb + b];
+            match narrow {
+                Some((dn, mn)) => vnni_finish_narrow!(&acc, dn, mn, s, o),
+                None => vnni_finish!(&acc, d, m, s, o),
+            }
         }
     }
 }
@@ -1077,6 +1160,9 @@ trait Lanes8: Copy {
     ///
     /// `p` may be read for eight values, and the CPU has AVX-512F.
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m512i;
+
+    /// The values as `i32`, where they are held so.
+    fn narrow(values: &[Self]) -> Option<&[i32]>;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1087,6 +1173,10 @@ impl Lanes8 for i32 {
         // SAFETY: the caller's promise.
         unsafe { _mm512_cvtepi32_epi64(_mm256_loadu_si256(p.cast())) }
     }
+
+    fn narrow(values: &[i32]) -> Option<&[i32]> {
+        Some(values)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1096,6 +1186,10 @@ impl Lanes8 for u64 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's promise.
         unsafe { _mm512_loadu_si512(p.cast()) }
+    }
+
+    fn narrow(_: &[u64]) -> Option<&[i32]> {
+        None
     }
 }
 
@@ -1110,15 +1204,33 @@ fn tile_avx2(a: &Operands, j0: usize, out: &mut [u64]) {
     let w = a.w;
     let (d_in, d_out) = (w.d_in, w.d_out);
     let (mut d_buf, mut m_buf) = ([0u64; TILE], [0u64; TILE]);
+    // A block's codes widened to 16-bit lanes once for every row (4 KiB, in L1): per column
+    // group of 16 and pair row, two registers of 8 columns. Made once for the tile and
+    // overwritten block by block, as in `tile_vnni_on`.
+    let mut wide = [[[_mm256_setzero_si256(); 2]; PAIRS]; TILE / G2];
     for b in 0..a.nb {
         let k0 = block_index(d_in, d_out, b, j0);
         // Where pair row `p` of column group `g` starts in the codes (code_index's order).
         let at = |g: usize, p: usize| code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0 + G2 * g);
-        let (d, m) = (
-            w.scales.run(k0, TILE, &mut d_buf),
-            w.mins.run(k0, TILE, &mut m_buf),
-        );
-        let block = |g: usize| (&d[G2 * g..][..G2], &m[G2 * g..][..G2]);
+        // Held 32 bits each, the scales and minimums as they are; else in 64-bit lanes.
+        let narrow = match (&w.scales, &w.mins) {
+            (BlockInts::Narrow(d), BlockInts::Narrow(m)) => {
+                Some((&d[k0..][..TILE], &m[k0..][..TILE]))
+            }
+            _ => None,
+        };
+        let (d, m) = match narrow {
+            Some(_) => (&d_buf[..], &m_buf[..]),
+            None => (
+                w.scales.run(k0, TILE, &mut d_buf),
+                w.mins.run(k0, TILE, &mut m_buf),
+            ),
+        };
+        // Adds a column group's `D·T + M·s` to its sums `o`.
+        let finish = |g: usize, acc: &[[__m256i; 2]; 4], s: u64, o: &mut [u64]| match narrow {
+            Some((d, m)) => avx2_finish_narrow(acc, &d[G2 * g..][..G2], &m[G2 * g..][..G2], s, o),
+            None => avx2_finish(acc, &d[G2 * g..][..G2], &m[G2 * g..][..G2], s, o),
+        };
         if a.rows == 1 {
             let px = &a.pairs[b * PAIRS * 4..][..PAIRS * 4];
             for g in 0..TILE / G2 {
@@ -1128,17 +1240,16 @@ fn tile_avx2(a: &Operands, j0: usize, out: &mut [u64]) {
                     let c = unsafe { avx2_widen(&w.codes, at(g, p)) };
                     avx2_pair(&mut acc, &c, &px[p * 4..][..4]);
                 }
-                let (d, m) = block(g);
-                avx2_finish(&acc, d, m, a.sums[b], &mut out[G2 * g..][..G2]);
+                finish(g, &acc, a.sums[b], &mut out[G2 * g..][..G2]);
             }
             continue;
         }
-        // The block's codes widened to 16-bit lanes once for every row (4 KiB, in L1): per
-        // column group of 16 and pair row, two registers of 8 columns.
-        // SAFETY: as above, for each group and pair row.
-        let wide: [[[__m256i; 2]; PAIRS]; TILE / G2] = std::array::from_fn(|g| {
-            std::array::from_fn(|p| unsafe { avx2_widen(&w.codes, at(g, p)) })
-        });
+        for (g, wide) in wide.iter_mut().enumerate() {
+            for (p, c) in wide.iter_mut().enumerate() {
+                // SAFETY: as above.
+                *c = unsafe { avx2_widen(&w.codes, at(g, p)) };
+            }
+        }
         for r in 0..a.rows {
             let px = &a.pairs[(r * d_in / 2 + b * PAIRS) * 4..][..PAIRS * 4];
             for (g, wide) in wide.iter().enumerate() {
@@ -1146,9 +1257,8 @@ fn tile_avx2(a: &Operands, j0: usize, out: &mut [u64]) {
                 for (p, c) in wide.iter().enumerate() {
                     avx2_pair(&mut acc, c, &px[p * 4..][..4]);
                 }
-                let (d, m) = block(g);
                 let o = &mut out[r * TILE + G2 * g..][..G2];
-                avx2_finish(&acc, d, m, a.sums[r * a.nb + b], o);
+                finish(g, &acc, a.sums[r * a.nb + b], o);
             }
         }
     }
@@ -1257,6 +1367,81 @@ fn avx2_finish(
         *o = o
             .wrapping_add(d[j].wrapping_mul(t[j]))
             .wrapping_add(m[j].wrapping_mul(s));
+    }
+}
+
+/// [`avx2_finish`] where the scales and minimums are held 32 bits each: the products as in
+/// [`vnni_finish_narrow!`], `vpmuldq` on the even and the odd 32-bit lanes and `vpmulld` on all
+/// eight, with no scalar 64-bit multiply.
+// `v` picks the same column group in each of the four digits' sums.
+#[allow(clippy::needless_range_loop)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn avx2_finish_narrow(
+    acc: &[[std::arch::x86_64::__m256i; 2]; 4],
+    d: &[i32],
+    m: &[i32],
+    s: u64,
+    o: &mut [u64],
+) {
+    use std::arch::x86_64::*;
+    assert!(d.len() >= G2 && m.len() >= G2 && o.len() >= G2);
+    let s_lo = i64::from(s as u32 as i32);
+    let s_hi = (s.wrapping_sub(s_lo as u64) >> 32) as u32 as i32;
+    let (s_lo, s_hi) = (_mm256_set1_epi64x(s_lo), _mm256_set1_epi32(s_hi));
+    let high = _mm256_set1_epi64x(!0xffff_ffff_u64 as i64);
+    let low = |d: __m256i, m: __m256i, s0: __m256i, s1: __m256i| {
+        _mm256_add_epi64(
+            _mm256_add_epi64(
+                _mm256_mul_epi32(d, s0),
+                _mm256_slli_epi64::<16>(_mm256_mul_epi32(d, s1)),
+            ),
+            _mm256_mul_epi32(m, s_lo),
+        )
+    };
+    for v in 0..2 {
+        let at = 8 * v;
+        // SAFETY: each slice holds G2 values (asserted); these access 8 at `at` < G2, and the
+        // caller runs with AVX2.
+        let (dv, mv) = unsafe {
+            (
+                _mm256_loadu_si256(d.as_ptr().add(at).cast()),
+                _mm256_loadu_si256(m.as_ptr().add(at).cast()),
+            )
+        };
+        let u = _mm256_add_epi32(acc[2][v], _mm256_slli_epi32::<16>(acc[3][v]));
+        let hi = _mm256_add_epi32(_mm256_mullo_epi32(dv, u), _mm256_mullo_epi32(mv, s_hi));
+        let even = _mm256_add_epi64(
+            low(dv, mv, acc[0][v], acc[1][v]),
+            _mm256_slli_epi64::<32>(hi),
+        );
+        let odd = _mm256_add_epi64(
+            low(
+                _mm256_srli_epi64::<32>(dv),
+                _mm256_srli_epi64::<32>(mv),
+                _mm256_srli_epi64::<32>(acc[0][v]),
+                _mm256_srli_epi64::<32>(acc[1][v]),
+            ),
+            _mm256_and_si256(hi, high),
+        );
+        // Columns 0, 1, 4, 5 and 2, 3, 6, 7 of the eight; then in order.
+        let (a, b) = (
+            _mm256_unpacklo_epi64(even, odd),
+            _mm256_unpackhi_epi64(even, odd),
+        );
+        let halves = [
+            _mm256_permute2x128_si256::<0x20>(a, b),
+            _mm256_permute2x128_si256::<0x31>(a, b),
+        ];
+        for (h, t) in halves.into_iter().enumerate() {
+            // SAFETY: as above, 4 values at `at + 4 h` < G2.
+            unsafe {
+                let p = o.as_mut_ptr().add(at + 4 * h);
+                let prev = _mm256_loadu_si256(p.cast());
+                _mm256_storeu_si256(p.cast(), _mm256_add_epi64(prev, t));
+            }
+        }
     }
 }
 
@@ -1553,7 +1738,12 @@ mod tests {
                 mins: vec![i32::MAX as u64; random.mins.len()].into(),
                 ..saturated4.clone()
             };
-            for w in [&narrow, &narrow4, &narrow_ends] {
+            let narrow_ends_flipped = IntWeight {
+                scales: vec![i32::MAX as u64; random.scales.len()].into(),
+                mins: vec![i32::MIN as i64 as u64; random.mins.len()].into(),
+                ..random4.clone()
+            };
+            for w in [&narrow, &narrow4, &narrow_ends, &narrow_ends_flipped] {
                 assert!(matches!(w.scales, BlockInts::Narrow(_)));
                 assert!(matches!(w.mins, BlockInts::Narrow(_)));
             }
@@ -1592,6 +1782,7 @@ mod tests {
                 &narrow,
                 &narrow4,
                 &narrow_ends,
+                &narrow_ends_flipped,
                 &wide_narrow,
                 &wide_narrow_ends,
             ] {
