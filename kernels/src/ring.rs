@@ -1194,9 +1194,11 @@ impl Lanes8 for u64 {
 }
 
 /// A full tile with AVX2: as [`tile_vnni`], 16 columns at a time (8 registers of digit sums),
-/// `vpmaddwd` and an add per digit, 8 columns and input pair; `T` in 64-bit lanes, and the
-/// 64-bit `D·T + M·Σx` per column (AVX2 has no 64-bit vector multiply). One row widens each
-/// pair row of codes in registers as it uses it, as [`tile_vnni`] does.
+/// `vpmaddwd` and an add per digit, 8 columns and input pair; then `D·T + M·Σx`: with the
+/// scales and minimums held 32 bits each on vectors ([`avx2_finish_narrow`]), else `T` in
+/// 64-bit lanes and 64-bit products column by column ([`avx2_finish`]: AVX2 has no 64-bit
+/// vector multiply). One row widens each pair row of codes in registers as it uses it, as
+/// [`tile_vnni`] does.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn tile_avx2(a: &Operands, j0: usize, out: &mut [u64]) {
@@ -1726,9 +1728,9 @@ mod tests {
             assert!(random4.codes.packed() && saturated4.codes.packed());
             assert!(!random.codes.packed() && !saturated.codes.packed());
             // Block integers that fit 32 bits (held narrow, as this model's are), random and at
-            // the ends of that range.
+            // the ends of that range (random scales and minimums up to 2^30 in size).
             let narrowed = |w: &IntWeight| IntWeight {
-                scales: w.scales.iter().map(|s| (s as i64 >> 33) as u64).collect(),
+                scales: w.scales.iter().map(|s| (s as i64 >> 10) as u64).collect(),
                 mins: w.mins.iter().map(|m| (m as i64 >> 33) as u64).collect(),
                 ..w.clone()
             };
@@ -1738,10 +1740,11 @@ mod tests {
                 mins: vec![i32::MAX as u64; random.mins.len()].into(),
                 ..saturated4.clone()
             };
+            // The other ends, with the largest byte codes (the largest digit sums).
             let narrow_ends_flipped = IntWeight {
                 scales: vec![i32::MAX as u64; random.scales.len()].into(),
                 mins: vec![i32::MIN as i64 as u64; random.mins.len()].into(),
-                ..random4.clone()
+                ..saturated.clone()
             };
             for w in [&narrow, &narrow4, &narrow_ends, &narrow_ends_flipped] {
                 assert!(matches!(w.scales, BlockInts::Narrow(_)));
