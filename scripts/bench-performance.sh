@@ -81,8 +81,8 @@ for precision in int f32; do
   if [ "${RESUME:-0}" = 1 ] && [ -f "$OUT/$name.json" ]; then continue; fi
   echo "== load --synthetic --precision $precision" >&2
   SYNTH_DIR="$(mktemp -d)"
-  "$TALARIA" load --synthetic --precision "$precision" --tenants 1,4,16 \
-    --gen-tokens "${SYNTH_TOKENS:-8}" --run-dir "$SYNTH_DIR" --json "$OUT/$name.json" > /dev/null
+  "$TALARIA" load --synthetic --precision "$precision" --tenants 1,4,16 --rounds "${SYNTH_ROUNDS:-3}" \
+    --gen-tokens "${SYNTH_TOKENS:-32}" --run-dir "$SYNTH_DIR" --json "$OUT/$name.json" > /dev/null
   rm -rf "$SYNTH_DIR"
 done
 
@@ -126,8 +126,8 @@ flags = set((re.search(r"flags\s*:\s*(.*)", cpuinfo) or [None, ""])[1].split())
 result = {"machine": {"cpu": model_name, "cores": os.cpu_count(),
                       "vector": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"},
           "engines": [], "chat": load("chat"), "gemm": None,
-          "synthetic": (load("synthetic") or {}).get("synthetic"),
-          "synthetic_f32": (load("synthetic-f32") or {}).get("synthetic")}
+          "synthetic": load("synthetic"),
+          "synthetic_f32": load("synthetic-f32")}
 try:
     result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 except OSError:
@@ -181,16 +181,34 @@ if c:
               f"cached over cold: {c['warm_over_cold_ttft']:.3f}; same answer: {c['same_answer']}.")
 if result["synthetic"] or result["synthetic_f32"]:
     md.append("")
-    md.append("| gpu-nodes alone (`load --synthetic`) | steps/s | × one session | calls per GEMM (stage 0, 1) | ms compute per GEMM (stage 0, 1) | stage CPU ms / step | datagrams lost |")
+    md.append("| gpu-nodes alone (`load --synthetic`) | steps/s, median (range) | × one session (medians; each round) | calls per GEMM (stage 0, 1) | ms compute per GEMM (stage 0, 1) | stage CPU ms / step | datagrams lost |")
     md.append("|---|---|---|---|---|---|---|")
-    for mode, steps in (("int", result["synthetic"]), ("f32", result["synthetic_f32"])):
-        for s in steps or []:
-            per = " / ".join(f"{b['calls_per_batch']['mean']:.1f}" for b in s["batches"])
-            gemm = " / ".join(f"{1e3 * b['compute_seconds_per_batch']['mean']:.2f}" for b in s["batches"])
-            cpu = sum(v for k, v in s["cpu_ms_per_token"].items() if k.startswith("stage-"))
-            x = "" if s["speedup_vs_one_session"] is None else f"{s['speedup_vs_one_session']:.2f}"
-            lost = sum(l["lost_packets"] for l in s.get("links", [])) + s.get("answer_datagrams_lost", 0)
-            md.append(f"| {mode}, {s['sessions']} session(s) | {s['tokens_per_s']:.2f} | {x} | {per} | {gemm} | {cpu:.0f} | {lost} |")
+    mean = lambda v: sum(v) / len(v)
+    for mode, report in (("int", result["synthetic"]), ("f32", result["synthetic_f32"])):
+        if not report:
+            continue
+        steps = report.get("synthetic", [])
+        # Reports written before `--rounds` have one step per count and no medians.
+        medians = report.get("synthetic_medians") or [
+            {"sessions": s["sessions"], "rounds": 1, "tokens_per_s": s["tokens_per_s"],
+             "min_tokens_per_s": s["tokens_per_s"], "max_tokens_per_s": s["tokens_per_s"],
+             "speedup_vs_one_session": s["speedup_vs_one_session"], "speedups_by_round": []}
+            for s in steps]
+        for m in medians:
+            mine = [s for s in steps if s["sessions"] == m["sessions"]]
+            stages = range(len(mine[0]["batches"]))
+            per = " / ".join(f"{mean([s['batches'][i]['calls_per_batch']['mean'] for s in mine]):.1f}" for i in stages)
+            gemm = " / ".join(f"{1e3 * mean([s['batches'][i]['compute_seconds_per_batch']['mean'] for s in mine]):.2f}" for i in stages)
+            cpu = mean([sum(v for k, v in s["cpu_ms_per_token"].items() if k.startswith("stage-")) for s in mine])
+            x = "" if m["speedup_vs_one_session"] is None else f"{m['speedup_vs_one_session']:.2f}"
+            if m["speedups_by_round"]:
+                x += " (" + ", ".join(f"{r:.2f}" for r in m["speedups_by_round"]) + ")"
+            # The links' losses count from the connection's start: the last step's cover all.
+            lost = sum(l["lost_packets"] for l in mine[-1].get("links", [])) + sum(s.get("answer_datagrams_lost", 0) for s in mine)
+            rate = f"{m['tokens_per_s']:.2f}"
+            if m["rounds"] > 1:
+                rate += f" ({m['min_tokens_per_s']:.2f}–{m['max_tokens_per_s']:.2f})"
+            md.append(f"| {mode}, {m['sessions']} session(s), {m['rounds']} round(s) | {rate} | {x} | {per} | {gemm} | {cpu:.0f} | {lost} |")
 if result["gemm"]:
     md.append("")
     kernels = sorted({k for p in result["gemm"] for k in p["u64_by_kernel_ms"]})

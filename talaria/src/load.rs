@@ -60,6 +60,12 @@ pub struct LoadArgs {
     /// synthetic load carries no tenant data, so its topology accepts them.
     #[arg(long, default_value_t = talaria_params::Precision::Int, requires = "synthetic")]
     pub precision: talaria_params::Precision,
+    /// With `--synthetic`: measure the whole `--tenants` list this many times, interleaved (1,
+    /// 16, 1, 16, ...), and report each count's median beside every step: one short step of
+    /// one session moves by a tenth between back-to-back runs on a shared VM, and the ratio
+    /// with it.
+    #[arg(long, default_value_t = 1, requires = "synthetic", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
     /// Device of the stages' weights: `cpu` or `cuda:N` (a build with the `cuda` feature). The
     /// integer mode's product runs on the CPU either way.
     #[arg(long, default_value = "cpu")]
@@ -301,6 +307,9 @@ struct Report {
     /// `--synthetic`: the gpu-nodes alone.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     synthetic: Vec<crate::load_synthetic::SyntheticStep>,
+    /// `--synthetic`: each session count's median over the rounds.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    synthetic_medians: Vec<crate::load_synthetic::SyntheticMedian>,
 }
 
 /// The topology of the load cluster: two stages, `tenants` agents.
@@ -470,8 +479,19 @@ pub fn run(args: LoadArgs) -> Result<()> {
         .collect();
 
     if args.synthetic {
-        let synthetic =
-            crate::load_synthetic::run(&cluster, &args.tenants, args.gen_tokens, &stages)?;
+        let synthetic = crate::load_synthetic::run(
+            &cluster,
+            &args.tenants,
+            args.rounds as usize,
+            args.gen_tokens,
+            &stages,
+        )?;
+        let synthetic_medians = crate::load_synthetic::medians(&synthetic);
+        if args.rounds > 1 {
+            for m in &synthetic_medians {
+                eprintln!("{m}");
+            }
+        }
         let model = cluster.topology.model_name.clone();
         drop(cluster);
         return write_report(
@@ -485,6 +505,7 @@ pub fn run(args: LoadArgs) -> Result<()> {
                 cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 steps: Vec::new(),
                 synthetic,
+                synthetic_medians,
             },
         );
     }
@@ -577,6 +598,7 @@ pub fn run(args: LoadArgs) -> Result<()> {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         steps,
         synthetic: Vec::new(),
+        synthetic_medians: Vec::new(),
     };
     write_report(&args, report)
 }

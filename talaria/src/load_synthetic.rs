@@ -21,13 +21,15 @@ use crate::cluster::Running;
 /// One point of the synthetic curve: `sessions` concurrent sessions, each of its own tenant.
 #[derive(Debug, Serialize)]
 pub struct SyntheticStep {
+    /// Which pass over the session counts (from 0; `--rounds`).
+    round: usize,
     sessions: usize,
     /// Decode steps (one call per op) of all sessions.
     tokens: usize,
     wall_s: f64,
     /// Decode steps of all sessions per second: the gpu-nodes' throughput.
     tokens_per_s: f64,
-    /// `tokens_per_s` over the one-session step's, if measured.
+    /// `tokens_per_s` over the one-session step's of the same round, if measured.
     speedup_vs_one_session: Option<f64>,
     /// Masked calls answered per second, all stages together.
     calls_per_s: f64,
@@ -39,6 +41,86 @@ pub struct SyntheticStep {
     links: Vec<LinkStats>,
     /// Datagrams of the stages' answers lost during this step, all stages together.
     answer_datagrams_lost: u64,
+}
+
+/// One session count over every round: the median of its steps' throughput, and the ratio of
+/// medians to one session's (each round measured the counts side by side).
+#[derive(Debug, Serialize)]
+pub struct SyntheticMedian {
+    sessions: usize,
+    rounds: usize,
+    tokens_per_s: f64,
+    min_tokens_per_s: f64,
+    max_tokens_per_s: f64,
+    /// `tokens_per_s` over one session's median, if measured.
+    speedup_vs_one_session: Option<f64>,
+    /// Each round's own ratio, in round order.
+    speedups_by_round: Vec<f64>,
+}
+
+impl std::fmt::Display for SyntheticMedian {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} session(s), median of {} rounds: {:.2} steps/s ({:.2}-{:.2})",
+            self.sessions,
+            self.rounds,
+            self.tokens_per_s,
+            self.min_tokens_per_s,
+            self.max_tokens_per_s
+        )?;
+        if let Some(x) = self.speedup_vs_one_session {
+            write!(f, ", {x:.2}× one session's median")?;
+        }
+        Ok(())
+    }
+}
+
+/// The median of a non-empty sample (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Each session count's median over the rounds of `steps`, in the order the counts were first
+/// measured.
+pub fn medians(steps: &[SyntheticStep]) -> Vec<SyntheticMedian> {
+    let mut counts: Vec<usize> = Vec::new();
+    for s in steps {
+        if !counts.contains(&s.sessions) {
+            counts.push(s.sessions);
+        }
+    }
+    let of =
+        |n: usize| -> Vec<&SyntheticStep> { steps.iter().filter(|s| s.sessions == n).collect() };
+    let one = counts
+        .contains(&1)
+        .then(|| median(of(1).iter().map(|s| s.tokens_per_s).collect()));
+    counts
+        .into_iter()
+        .map(|n| {
+            let mine = of(n);
+            let rates: Vec<f64> = mine.iter().map(|s| s.tokens_per_s).collect();
+            let m = median(rates.clone());
+            SyntheticMedian {
+                sessions: n,
+                rounds: mine.len(),
+                tokens_per_s: m,
+                min_tokens_per_s: rates.iter().copied().fold(f64::INFINITY, f64::min),
+                max_tokens_per_s: rates.iter().copied().fold(0.0, f64::max),
+                speedup_vs_one_session: one.map(|o| m / o),
+                speedups_by_round: mine
+                    .iter()
+                    .filter_map(|s| s.speedup_vs_one_session)
+                    .collect(),
+            }
+        })
+        .collect()
 }
 
 /// What a connection's path looked like: datagrams lost, or an MTU fallen back to 1,200 bytes,
@@ -203,11 +285,12 @@ fn scrape(
     })?
 }
 
-/// Runs `counts` concurrent sessions each (in order) on `cluster`'s stages; `stages` are their
-/// metrics addresses.
+/// Runs `counts` concurrent sessions each (in order, the whole list `rounds` times) on
+/// `cluster`'s stages; `stages` are their metrics addresses.
 pub fn run(
     cluster: &Running,
     counts: &[usize],
+    rounds: usize,
     tokens: usize,
     stages: &[(String, SocketAddr)],
 ) -> Result<Vec<SyntheticStep>> {
@@ -251,8 +334,9 @@ pub fn run(
     // Warm-up, not measured: the stages' first products touch their weights.
     rt.block_on(session(&conns, &ops, &config, kind, next_session, 2))?;
     next_session += 1;
-    for &n in counts {
-        eprintln!("synthetic: {n} session(s) × {tokens} decode steps");
+    let passes = (0..rounds).flat_map(|round| counts.iter().map(move |&n| (round, n)));
+    for (round, n) in passes {
+        eprintln!("synthetic: {n} session(s) × {tokens} decode steps (round {round})");
         let before = scrape(&rt, stages)?;
         let cpu_before = crate::load::cpu_by_role(&stage_pids);
         let me_before = crate::load::cpu_seconds(std::process::id()).unwrap_or(0.0);
@@ -288,9 +372,10 @@ pub fn run(
         let tokens_per_s = generated as f64 / wall;
         let one = steps
             .iter()
-            .find(|s| s.sessions == 1)
+            .find(|s| s.sessions == 1 && s.round == round)
             .map(|s| s.tokens_per_s);
         let step = SyntheticStep {
+            round,
             sessions: n,
             tokens: generated,
             wall_s: wall,

@@ -691,6 +691,8 @@ fn the_synthetic_load_batches_the_calls_of_different_tenants_together() {
                 "1,4",
                 "--gen-tokens",
                 "2",
+                "--rounds",
+                "2",
             ])
             .arg("--base-port")
             .arg(free_port().to_string())
@@ -702,16 +704,44 @@ fn the_synthetic_load_batches_the_calls_of_different_tenants_together() {
         &json,
     );
     let steps = report["synthetic"].as_array().unwrap();
-    assert_eq!(steps.len(), 2, "{report}");
-    assert_eq!(steps[0]["tokens"], 2);
-    assert_eq!(steps[1]["tokens"], 8);
-    for stage in steps[1]["batches"].as_array().unwrap() {
-        // Four sessions of four tenants in step: most GEMMs carry several of them.
-        let calls = stage["calls_per_batch"]["mean"].as_f64().unwrap();
-        let tenants = stage["tenants_per_batch"]["mean"].as_f64().unwrap();
-        assert!(calls > 1.5 && tenants > 1.5, "{stage}");
+    // Two rounds of the list, interleaved: 1, 4, 1, 4.
+    assert_eq!(steps.len(), 4, "{report}");
+    for (step, (round, sessions)) in steps.iter().zip([(0, 1), (0, 4), (1, 1), (1, 4)]) {
+        assert_eq!(step["round"], round, "{step}");
+        assert_eq!(step["sessions"], sessions, "{step}");
+        assert_eq!(step["tokens"], 2 * sessions, "{step}");
     }
-    assert!(steps[1]["speedup_vs_one_session"].as_f64().unwrap() > 0.0);
+    for step in [&steps[1], &steps[3]] {
+        for stage in step["batches"].as_array().unwrap() {
+            // Four sessions of four tenants in step: most GEMMs carry several of them.
+            let calls = stage["calls_per_batch"]["mean"].as_f64().unwrap();
+            let tenants = stage["tenants_per_batch"]["mean"].as_f64().unwrap();
+            assert!(calls > 1.5 && tenants > 1.5, "{stage}");
+        }
+        assert!(step["speedup_vs_one_session"].as_f64().unwrap() > 0.0);
+    }
+    // Each count's median over the rounds, and the ratio of the medians.
+    let medians = report["synthetic_medians"].as_array().unwrap();
+    assert_eq!(medians.len(), 2, "{report}");
+    let rate = |i: usize| steps[i]["tokens_per_s"].as_f64().unwrap();
+    let (one, four) = (&medians[0], &medians[1]);
+    assert_eq!(
+        (one["sessions"].as_u64(), one["rounds"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(
+        (four["sessions"].as_u64(), four["rounds"].as_u64()),
+        (Some(4), Some(2))
+    );
+    let median_one = (rate(0) + rate(2)) / 2.0;
+    let median_four = (rate(1) + rate(3)) / 2.0;
+    assert!((one["tokens_per_s"].as_f64().unwrap() - median_one).abs() < 1e-9 * median_one);
+    assert!((four["tokens_per_s"].as_f64().unwrap() - median_four).abs() < 1e-9 * median_four);
+    let ratio = four["speedup_vs_one_session"].as_f64().unwrap();
+    assert!(
+        (ratio - median_four / median_one).abs() < 1e-9 * ratio,
+        "{four}"
+    );
     // Concurrent answers on one connection lose nothing on loopback (they were lost whole in
     // segmentation-offload batches larger than one IP datagram, and four sessions then ran
     // slower than one), where the kernel grants the endpoints' 4 MiB buffers.
