@@ -412,3 +412,17 @@ pub fn run(
     }
     Ok(steps)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_is_the_middle_value_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![3.0]), 3.0);
+        assert_eq!(median(vec![34.9, 29.9, 32.2]), 32.2);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        // An outlier moves the mean, not the median.
+        assert_eq!(median(vec![30.0, 31.0, 300.0]), 31.0);
+    }
+}
