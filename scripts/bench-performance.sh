@@ -181,7 +181,7 @@ if c:
               f"cached over cold: {c['warm_over_cold_ttft']:.3f}; same answer: {c['same_answer']}.")
 if result["synthetic"] or result["synthetic_f32"]:
     md.append("")
-    md.append("| gpu-nodes alone (`load --synthetic`) | steps/s, median (range) | × one session (medians; each round) | calls per GEMM (stage 0, 1) | ms compute per GEMM (stage 0, 1) | stage CPU ms / step | datagrams lost |")
+    md.append("| gpu-nodes alone (`load --synthetic`) | steps/s, median (range) | × one session (medians; each round) | calls per GEMM (stage 0, 1), mean of the steps | ms compute per GEMM (stage 0, 1), mean | stage CPU ms / step, mean | datagrams lost |")
     md.append("|---|---|---|---|---|---|---|")
     mean = lambda v: sum(v) / len(v)
     for mode, report in (("int", result["synthetic"]), ("f32", result["synthetic_f32"])):
@@ -190,11 +190,18 @@ if result["synthetic"] or result["synthetic_f32"]:
         steps = report.get("synthetic", [])
         # Reports written before `--rounds` have one step per count and no medians.
         medians = report.get("synthetic_medians") or [
-            {"sessions": s["sessions"], "rounds": 1, "tokens_per_s": s["tokens_per_s"],
+            {"sessions": s["sessions"], "steps": 1, "tokens_per_s": s["tokens_per_s"],
              "min_tokens_per_s": s["tokens_per_s"], "max_tokens_per_s": s["tokens_per_s"],
              "speedup_vs_one_session": s["speedup_vs_one_session"], "speedups_by_round": []}
             for s in steps]
+        # A link's losses count from the connection's start (before the first step): each
+        # step's own are the difference from the step before.
+        link_lost = [sum(l["lost_packets"] for l in s.get("links", [])) for s in steps]
+        step_lost = [b - a for a, b in zip([0] + link_lost, link_lost)]
+        for s, lost in zip(steps, step_lost):
+            s["lost_here"] = lost + s.get("answer_datagrams_lost", 0)
         for m in medians:
+            m.setdefault("steps", m.get("rounds", 1))  # the field's first name, in 2747c2f
             mine = [s for s in steps if s["sessions"] == m["sessions"]]
             stages = range(len(mine[0]["batches"]))
             per = " / ".join(f"{mean([s['batches'][i]['calls_per_batch']['mean'] for s in mine]):.1f}" for i in stages)
@@ -203,12 +210,11 @@ if result["synthetic"] or result["synthetic_f32"]:
             x = "" if m["speedup_vs_one_session"] is None else f"{m['speedup_vs_one_session']:.2f}"
             if m["speedups_by_round"]:
                 x += " (" + ", ".join(f"{r:.2f}" for r in m["speedups_by_round"]) + ")"
-            # The links' losses count from the connection's start: the last step's cover all.
-            lost = sum(l["lost_packets"] for l in mine[-1].get("links", [])) + sum(s.get("answer_datagrams_lost", 0) for s in mine)
+            lost = sum(s["lost_here"] for s in mine)
             rate = f"{m['tokens_per_s']:.2f}"
-            if m["rounds"] > 1:
+            if m["steps"] > 1:
                 rate += f" ({m['min_tokens_per_s']:.2f}–{m['max_tokens_per_s']:.2f})"
-            md.append(f"| {mode}, {m['sessions']} session(s), {m['rounds']} round(s) | {rate} | {x} | {per} | {gemm} | {cpu:.0f} | {lost} |")
+            md.append(f"| {mode}, {m['sessions']} session(s), {m['steps']} step(s) | {rate} | {x} | {per} | {gemm} | {cpu:.0f} | {lost} |")
 if result["gemm"]:
     md.append("")
     kernels = sorted({k for p in result["gemm"] for k in p["u64_by_kernel_ms"]})

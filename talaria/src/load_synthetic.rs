@@ -48,13 +48,15 @@ pub struct SyntheticStep {
 #[derive(Debug, Serialize)]
 pub struct SyntheticMedian {
     sessions: usize,
-    rounds: usize,
+    /// Steps measured with this count: one a round (more where `--tenants` lists it twice).
+    steps: usize,
     tokens_per_s: f64,
     min_tokens_per_s: f64,
     max_tokens_per_s: f64,
-    /// `tokens_per_s` over one session's median, if measured.
+    /// `tokens_per_s` over one session's median, if measured (in any round).
     speedup_vs_one_session: Option<f64>,
-    /// Each round's own ratio, in round order.
+    /// Each step's own ratio, against its round's one session, in round order (none for a
+    /// count measured before one session in its round).
     speedups_by_round: Vec<f64>,
 }
 
@@ -62,9 +64,9 @@ impl std::fmt::Display for SyntheticMedian {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} session(s), median of {} rounds: {:.2} steps/s ({:.2}-{:.2})",
+            "{} session(s), median of {} steps: {:.2} steps/s ({:.2}-{:.2})",
             self.sessions,
-            self.rounds,
+            self.steps,
             self.tokens_per_s,
             self.min_tokens_per_s,
             self.max_tokens_per_s
@@ -109,7 +111,7 @@ pub fn medians(steps: &[SyntheticStep]) -> Vec<SyntheticMedian> {
             let m = median(rates.clone());
             SyntheticMedian {
                 sessions: n,
-                rounds: mine.len(),
+                steps: mine.len(),
                 tokens_per_s: m,
                 min_tokens_per_s: rates.iter().copied().fold(f64::INFINITY, f64::min),
                 max_tokens_per_s: rates.iter().copied().fold(0.0, f64::max),
