@@ -201,7 +201,6 @@ if result["synthetic"] or result["synthetic_f32"]:
         for s, lost in zip(steps, step_lost):
             s["lost_here"] = lost + s.get("answer_datagrams_lost", 0)
         for m in medians:
-            m.setdefault("steps", m.get("rounds", 1))  # the field's first name, in 2747c2f
             mine = [s for s in steps if s["sessions"] == m["sessions"]]
             stages = range(len(mine[0]["batches"]))
             per = " / ".join(f"{mean([s['batches'][i]['calls_per_batch']['mean'] for s in mine]):.1f}" for i in stages)

@@ -937,6 +937,41 @@ macro_rules! vnni_finish {
     }};
 }
 
+/// A block's scales and minimums as the epilogues take them: as held where both are 32 bits
+/// each (the epilogues with no 64-bit multiply), else in 64-bit lanes.
+#[cfg(target_arch = "x86_64")]
+enum BlockPair<'a> {
+    Narrow(&'a [i32], &'a [i32]),
+    Wide(&'a [u64], &'a [u64]),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a> BlockPair<'a> {
+    /// The TILE scales and minimums of `w` from block index `k0` on; held wide, copied into
+    /// the buffers.
+    fn of(
+        w: &'a IntWeight,
+        k0: usize,
+        d_buf: &'a mut [u64; TILE],
+        m_buf: &'a mut [u64; TILE],
+    ) -> Self {
+        match (&w.scales, &w.mins) {
+            (BlockInts::Narrow(d), BlockInts::Narrow(m)) => {
+                BlockPair::Narrow(&d[k0..][..TILE], &m[k0..][..TILE])
+            }
+            _ => BlockPair::Wide(w.scales.run(k0, TILE, d_buf), w.mins.run(k0, TILE, m_buf)),
+        }
+    }
+}
+
+/// A row's block sum `s` as `s_lo + 2^32 s_hi (mod 2^64)`, `s_lo` its low half as a signed
+/// value: the split the narrow epilogues multiply by.
+#[cfg(target_arch = "x86_64")]
+fn split_sum(s: u64) -> (i64, i32) {
+    let s_lo = i64::from(s as u32 as i32);
+    (s_lo, (s.wrapping_sub(s_lo as u64) >> 32) as u32 as i32)
+}
+
 /// [`vnni_finish!`] where the scales and minimums are held 32 bits each (`&[i32]`): no 64-bit
 /// multiply. With `T = S_0 + 2^16 S_1 + 2^32 u` (`u = S_2 + 2^16 S_3 mod 2^32`) and the row's
 /// block sum `s = s_lo + 2^32 s_hi` (`s_lo` its low half as a signed value), modulo `2^64`
@@ -950,9 +985,7 @@ macro_rules! vnni_finish_narrow {
         let (acc, scales, mins, o): (&[[__m512i; VNNI_V]; 4], &[i32], &[i32], &mut [u64]) =
             ($acc, $scales, $mins, $o);
         assert!(scales.len() >= TILE && mins.len() >= TILE && o.len() >= TILE);
-        let s: u64 = $s;
-        let s_lo = i64::from(s as u32 as i32);
-        let s_hi = (s.wrapping_sub(s_lo as u64) >> 32) as u32 as i32;
+        let (s_lo, s_hi) = split_sum($s);
         let (s_lo, s_hi) = (_mm512_set1_epi64(s_lo), _mm512_set1_epi32(s_hi));
         let high = _mm512_set1_epi64(!0xffff_ffff_u64 as i64);
         // Output lanes of the even products and the odd ones: columns 0..8 and 8..16.
@@ -1067,15 +1100,8 @@ fn tile_vnni_on<D: Lanes8, M: Lanes8>(
             // SAFETY: as above.
             *c = unsafe { vnni_widen(&w.codes, at(p)) };
         }
-        let narrow = D::narrow(d).zip(M::narrow(m));
         // Held wide, the scales and minimums in 64-bit lanes once for every row, too.
-        let (d, m) = match narrow {
-            Some(_) => (&d64[..], &m64[..]),
-            None => (
-                w.scales.run(k0, TILE, &mut d64),
-                w.mins.run(k0, TILE, &mut m64),
-            ),
-        };
+        let pair = BlockPair::of(w, k0, &mut d64, &mut m64);
         for r in 0..a.rows {
             let px = &a.pairs[(r * d_in / 2 + b * PAIRS) * 4..][..PAIRS * 4];
             let mut acc = [[_mm512_setzero_si512(); VNNI_V]; 4];
@@ -1084,9 +1110,9 @@ fn tile_vnni_on<D: Lanes8, M: Lanes8>(
             }
             let o = &mut out[r * TILE..(r + 1) * TILE];
             let s = a.sums[r * a.nb + b];
-            match narrow {
-                Some((dn, mn)) => vnni_finish_narrow!(&acc, dn, mn, s, o),
-                None => vnni_finish!(&acc, d, m, s, o),
+            match pair {
+                BlockPair::Narrow(d, m) => vnni_finish_narrow!(&acc, d, m, s, o),
+                BlockPair::Wide(d, m) => vnni_finish!(&acc, d, m, s, o),
             }
         }
     }
@@ -1214,24 +1240,13 @@ fn tile_avx2(a: &Operands, j0: usize, out: &mut [u64]) {
         let k0 = block_index(d_in, d_out, b, j0);
         // Where pair row `p` of column group `g` starts in the codes (code_index's order).
         let at = |g: usize, p: usize| code_index(d_in, d_out, b * INT_BLOCK + 2 * p, j0 + G2 * g);
-        // Held 32 bits each, the scales and minimums as they are; else in 64-bit lanes.
-        let narrow = match (&w.scales, &w.mins) {
-            (BlockInts::Narrow(d), BlockInts::Narrow(m)) => {
-                Some((&d[k0..][..TILE], &m[k0..][..TILE]))
-            }
-            _ => None,
-        };
-        let (d, m) = match narrow {
-            Some(_) => (&d_buf[..], &m_buf[..]),
-            None => (
-                w.scales.run(k0, TILE, &mut d_buf),
-                w.mins.run(k0, TILE, &mut m_buf),
-            ),
-        };
+        let pair = BlockPair::of(w, k0, &mut d_buf, &mut m_buf);
         // Adds a column group's `D·T + M·s` to its sums `o`.
-        let finish = |g: usize, acc: &[[__m256i; 2]; 4], s: u64, o: &mut [u64]| match narrow {
-            Some((d, m)) => avx2_finish_narrow(acc, &d[G2 * g..][..G2], &m[G2 * g..][..G2], s, o),
-            None => avx2_finish(acc, &d[G2 * g..][..G2], &m[G2 * g..][..G2], s, o),
+        let finish = |g: usize, acc: &[[__m256i; 2]; 4], s: u64, o: &mut [u64]| match pair {
+            BlockPair::Narrow(d, m) => {
+                avx2_finish_narrow(acc, &d[G2 * g..][..G2], &m[G2 * g..][..G2], s, o)
+            }
+            BlockPair::Wide(d, m) => avx2_finish(acc, &d[G2 * g..][..G2], &m[G2 * g..][..G2], s, o),
         };
         if a.rows == 1 {
             let px = &a.pairs[b * PAIRS * 4..][..PAIRS * 4];
@@ -1389,8 +1404,7 @@ fn avx2_finish_narrow(
 ) {
     use std::arch::x86_64::*;
     assert!(d.len() >= G2 && m.len() >= G2 && o.len() >= G2);
-    let s_lo = i64::from(s as u32 as i32);
-    let s_hi = (s.wrapping_sub(s_lo as u64) >> 32) as u32 as i32;
+    let (s_lo, s_hi) = split_sum(s);
     let (s_lo, s_hi) = (_mm256_set1_epi64x(s_lo), _mm256_set1_epi32(s_hi));
     let high = _mm256_set1_epi64x(!0xffff_ffff_u64 as i64);
     let low = |d: __m256i, m: __m256i, s0: __m256i, s1: __m256i| {
