@@ -181,8 +181,8 @@ if c:
               f"cached over cold: {c['warm_over_cold_ttft']:.3f}; same answer: {c['same_answer']}.")
 if result["synthetic"] or result["synthetic_f32"]:
     md.append("")
-    md.append("| gpu-nodes alone (`load --synthetic`) | steps/s, median (range) | × one session (medians; each round) | calls per GEMM (stage 0, 1), mean of the steps | ms compute per GEMM (stage 0, 1), mean | stage CPU ms / step, mean | datagrams lost |")
-    md.append("|---|---|---|---|---|---|---|")
+    md.append("| gpu-nodes alone (`load --synthetic`) | steps/s, median (range) | × one session (medians; each round) | calls per frame (stage 0, 1), mean of the steps | calls per GEMM (stage 0, 1), mean of the steps | ms compute per GEMM (stage 0, 1), mean | stage CPU ms / step, mean | datagrams lost |")
+    md.append("|---|---|---|---|---|---|---|---|")
     mean = lambda v: sum(v) / len(v)
     for mode, report in (("int", result["synthetic"]), ("f32", result["synthetic_f32"])):
         if not report:
@@ -204,6 +204,7 @@ if result["synthetic"] or result["synthetic_f32"]:
             mine = [s for s in steps if s["sessions"] == m["sessions"]]
             stages = range(len(mine[0]["batches"]))
             per = " / ".join(f"{mean([s['batches'][i]['calls_per_batch']['mean'] for s in mine]):.1f}" for i in stages)
+            frames = " / ".join(f"{mean([s['batches'][i]['calls_per_frame']['mean'] for s in mine]):.1f}" for i in stages)
             gemm = " / ".join(f"{1e3 * mean([s['batches'][i]['compute_seconds_per_batch']['mean'] for s in mine]):.2f}" for i in stages)
             cpu = mean([sum(v for k, v in s["cpu_ms_per_token"].items() if k.startswith("stage-")) for s in mine])
             x = "" if m["speedup_vs_one_session"] is None else f"{m['speedup_vs_one_session']:.2f}"
@@ -213,7 +214,7 @@ if result["synthetic"] or result["synthetic_f32"]:
             rate = f"{m['tokens_per_s']:.2f}"
             if m["steps"] > 1:
                 rate += f" ({m['min_tokens_per_s']:.2f}–{m['max_tokens_per_s']:.2f})"
-            md.append(f"| {mode}, {m['sessions']} session(s), {m['steps']} step(s) | {rate} | {x} | {per} | {gemm} | {cpu:.0f} | {lost} |")
+            md.append(f"| {mode}, {m['sessions']} session(s), {m['steps']} step(s) | {rate} | {x} | {frames} | {per} | {gemm} | {cpu:.0f} | {lost} |")
 if result["gemm"]:
     md.append("")
     kernels = sorted({k for p in result["gemm"] for k in p["u64_by_kernel_ms"]})

@@ -7,7 +7,10 @@
 //! cvm-agent's uplink, sessions and OpenAI API (`talaria_cvm_agent::{session, openai}`). So no
 //! binary carries another process's actors.
 
+mod coalesce;
 pub mod metrics;
+
+pub use coalesce::Coalescer;
 
 use talaria_wire::frame::{self, FrameError};
 use talaria_wire::{ErrorReply, Reply};

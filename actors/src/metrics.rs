@@ -126,6 +126,13 @@ pub static STAGE_COMPUTE_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
         seconds(),
     )
 });
+pub static STAGE_FRAME_CALLS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "talaria_stage_frame_calls",
+        "Masked calls per request frame received (more than one: a coordinator's batch)",
+        sizes(),
+    )
+});
 pub static STAGE_CALLS: LazyLock<IntCounter> =
     LazyLock::new(|| counter("talaria_stage_calls_total", "Masked calls answered"));
 pub static STAGE_ROWS: LazyLock<IntCounter> =

@@ -201,6 +201,7 @@ impl Router {
                 n.send(Forward {
                     frame: frame.clone(),
                     deadline,
+                    batch: false,
                 })
             }))
             .await;
@@ -403,6 +404,7 @@ impl Router {
                     Request::Setup { .. } => self.deadlines.setup,
                     _ => self.deadlines.call,
                 };
+                let batch = talaria_actors::Coalescer::batchable(&head, &frame);
                 let reopen = frame::encode::<_, ()>(
                     &Request::StageOpen {
                         session,
@@ -427,6 +429,7 @@ impl Router {
                                 .send(Forward {
                                     frame: reopen.clone(),
                                     deadline,
+                                    batch: false,
                                 })
                                 .await
                                 .map(|a| {
@@ -451,6 +454,7 @@ impl Router {
                             .send(Forward {
                                 frame: frame.clone(),
                                 deadline,
+                                batch,
                             })
                             .await
                             .unwrap_or_else(|e| {
@@ -464,9 +468,9 @@ impl Router {
                     answer
                 }))
             }
-            Request::StageOpen { .. } => Err(ErrorReply::new(
+            Request::StageOpen { .. } | Request::Batch { .. } => Err(ErrorReply::new(
                 "unexpected_request",
-                "StageOpen is the coordinator's to send",
+                "StageOpen and Batch are the coordinator's to send",
             )),
         }
     }
@@ -574,6 +578,9 @@ impl Handler<AgentGone> for Router {
 pub struct Forward {
     pub frame: Arc<[u8]>,
     pub deadline: Duration,
+    /// It may share a `Batch` frame with other calls waiting for the same stage
+    /// ([`talaria_actors::Coalescer::batchable`]).
+    pub batch: bool,
 }
 
 /// Owns the connection to one gpu-node, reconnecting when it drops; keeps `live` true while
@@ -585,6 +592,8 @@ pub struct NodeLink {
     endpoint: quinn::Endpoint,
     max_frame: usize,
     conn: Option<quinn::Connection>,
+    /// Packs the calls waiting together for this stage into one frame, on `conn`.
+    coalescer: Option<talaria_actors::Coalescer>,
     connecting: bool,
     live: Arc<[AtomicBool]>,
     index: usize,
@@ -638,6 +647,7 @@ impl NodeLink {
             endpoint,
             max_frame,
             conn: None,
+            coalescer: None,
             connecting: false,
             live,
             index,
@@ -666,6 +676,7 @@ impl NodeLink {
         metrics::ROUTER_LINK_MTU
             .with_label_values(&[&self.name])
             .set(0);
+        self.coalescer = None;
         self.conn.take()
     }
 
@@ -711,6 +722,7 @@ impl NodeLink {
         ctx.spawn(dial.into_actor(self).map(|conn, act, ctx| {
             tracing::info!(stage = %act.name, addr = %act.addr, "gpu-node connected");
             act.conn = Some(conn.clone());
+            act.coalescer = Some(talaria_actors::Coalescer::new(conn.clone(), act.max_frame));
             act.path_seen = talaria_actors::PathSeen::default();
             act.connecting = false;
             act.set_live(true);
@@ -754,8 +766,14 @@ impl Handler<Forward> for NodeLink {
         let max = self.max_frame;
         let name = self.name.clone();
         let me = ctx.address();
+        let coalescer = self.coalescer.clone().filter(|_| msg.batch);
         Box::pin(async move {
-            let exchange = talaria_net::request(&conn, &msg.frame, max);
+            let exchange = async {
+                match coalescer {
+                    Some(c) => c.call(msg.frame.clone()).await,
+                    None => talaria_net::request(&conn, &msg.frame, max).await,
+                }
+            };
             match tokio::time::timeout(msg.deadline, exchange).await {
                 Ok(Ok(answer)) => answer,
                 Ok(Err(e)) => {

@@ -320,6 +320,18 @@ pub fn wire(data: &[u8]) -> Vec<u64> {
             if let Request::Hello { evidence, .. } = &req {
                 parts.push(sig("hello_evidence", &frame::body::<Evidence>(evidence)));
             }
+            if let Request::Batch { calls } = req {
+                // What a stage does with a batch: unpack it, split each call's header.
+                let r = frame::unpack(payload, calls as usize);
+                parts.push(sig("batch", &r));
+                for call in r.unwrap_or_default() {
+                    let r = frame::split::<Request>(call);
+                    parts.push(sig("batch_call", &r));
+                    if let Ok((_, p)) = r {
+                        parts.push(sig("batch_call_body", &frame::body::<MaskedCall>(p)));
+                    }
+                }
+            }
             payloads(payload, &mut parts);
         }
         Err(e) => parts.push(signature("request", &e.to_string())),
@@ -524,7 +536,10 @@ pub fn wire_seeds() -> Vec<Vec<u8>> {
         ),
         frame_of(
             &Reply::Ok { compute_us: 33 },
-            Some(&MaskedReply { seq: 5, y: u64s }),
+            Some(&MaskedReply {
+                seq: 5,
+                y: u64s.clone(),
+            }),
         ),
         frame_of(
             &Reply::Err(ErrorReply::new("unknown_session", "session 78 is not open")),
@@ -569,6 +584,27 @@ pub fn wire_seeds() -> Vec<Vec<u8>> {
         bytes_of(&f32s),
         bytes_of(&small_int_weight()),
         (64u32 << 20).to_le_bytes().to_vec(),
+        {
+            // A coordinator's batch of two calls.
+            let call = |seq: u64, x: &Tensor| {
+                frame_of(
+                    &Request::Call {
+                        session: 77,
+                        op,
+                        seq,
+                    },
+                    Some(&MaskedCall {
+                        session: 77,
+                        seq,
+                        op,
+                        x: x.clone(),
+                    }),
+                )
+            };
+            let (a, b) = (call(6, &u64s), call(7, &f32s));
+            let packed = frame::pack([&a[..], &b[..]]).expect("small frames");
+            frame::encode_raw(&Request::Batch { calls: 2 }, &packed).expect("a small batch")
+        },
     ]
 }
 

@@ -159,16 +159,21 @@ impl Queue {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `w`, or gives it back when the queue is full.
-    fn push(&self, w: Waiting) -> Result<(), Waiting> {
+    /// Queues each of `ws` while there is room (one wake-up of the worker for all), and gives
+    /// back those that did not fit.
+    fn push(&self, ws: Vec<Waiting>) -> Vec<Waiting> {
         let mut jobs = self.lock();
-        if jobs.len() >= self.limits.max_queued {
-            return Err(w);
+        let mut full = Vec::new();
+        for w in ws {
+            if jobs.len() >= self.limits.max_queued {
+                full.push(w);
+            } else {
+                jobs.push_back(w);
+            }
         }
-        jobs.push_back(w);
         metrics::STAGE_QUEUE_DEPTH.set(jobs.len() as i64);
         self.ready.notify_one();
-        Ok(())
+        full
     }
 
     /// The next batch, as [`next`] decides it; blocks while it says to wait.
@@ -434,39 +439,50 @@ impl Actor for GpuShard {
     type Context = Context<Self>;
 }
 
-/// One admitted job; answered when its batch has run.
+/// Admitted jobs (one, or a batch frame's calls); each answered, in order, when its GEMM has
+/// run.
 #[derive(Message)]
-#[rtype(result = "JobResult")]
-pub struct Compute(pub Job);
+#[rtype(result = "Vec<JobResult>")]
+pub struct Compute(pub Vec<Job>);
 
 impl Handler<Compute> for GpuShard {
-    type Result = ResponseFuture<JobResult>;
+    type Result = ResponseFuture<Vec<JobResult>>;
 
     fn handle(&mut self, msg: Compute, _: &mut Context<Self>) -> Self::Result {
-        let (tx, rx) = oneshot::channel();
-        let queued = self.queue.push(Waiting {
-            job: msg.0,
-            since: Instant::now(),
-            reply: tx,
-        });
-        if queued.is_ok() {
+        let since = Instant::now();
+        let (waiting, answers): (Vec<Waiting>, Vec<_>) = msg
+            .0
+            .into_iter()
+            .map(|job| {
+                let (reply, rx) = oneshot::channel();
+                (Waiting { job, since, reply }, rx)
+            })
+            .unzip();
+        // The queue fills in order under one lock: the jobs refused are the last ones.
+        let accepted = answers.len() - self.queue.push(waiting).len();
+        if accepted > 0 {
             // Wakes the pool's idle threads now, with the worker, rather than when the product
             // starts: a sleeping thread takes tens of microseconds to wake on a VM, about as
             // long as a one-row product, which its first thread then runs alone. Woken, a
             // rayon thread looks for work a while before it sleeps again.
             self.threads.spawn(|| {});
-        } else {
-            let max = self.queue.limits.max_queued;
-            return Box::pin(async move {
-                Err(ErrorReply::new(
-                    "overloaded",
-                    format!("the stage has {max} jobs waiting (its limit): try again"),
-                ))
-            });
         }
+        let max = self.queue.limits.max_queued;
         Box::pin(async move {
-            rx.await
-                .map_err(|_| ErrorReply::new("internal", "the shard's worker stopped"))?
+            let mut out = Vec::with_capacity(answers.len());
+            for (i, rx) in answers.into_iter().enumerate() {
+                out.push(if i < accepted {
+                    rx.await.unwrap_or_else(|_| {
+                        Err(ErrorReply::new("internal", "the shard's worker stopped"))
+                    })
+                } else {
+                    Err(ErrorReply::new(
+                        "overloaded",
+                        format!("the stage has {max} jobs waiting (its limit): try again"),
+                    ))
+                });
+            }
+            out
         })
     }
 }
@@ -587,10 +603,94 @@ impl Actor for LayerStage {
     type Context = Context<Self>;
 }
 
+impl LayerStage {
+    /// Checks one call of a batch frame: a `Call` of a live session, for this stage.
+    fn check_call(&self, frame: &[u8]) -> Result<Job, ErrorReply> {
+        let (head, _): (Request, &[u8]) = frame::split(frame).map_err(|e| frame_error(&e))?;
+        let Request::Call { session, op, .. } = head else {
+            return Err(ErrorReply::new(
+                "unexpected_request",
+                "a batch carries masked calls only",
+            ));
+        };
+        Ok(Job {
+            tenant: self.admit(session, op)?,
+            op,
+            setup: false,
+            frame: frame.to_vec(),
+        })
+    }
+
+    /// Serves a batch frame: each call admitted and answered on its own, the answers packed in
+    /// the calls' order.
+    fn serve_batch(&self, calls: u32, frame: &[u8]) -> ResponseFuture<Vec<u8>> {
+        let name = self.name.clone();
+        let refuse = move |e: &ErrorReply| {
+            tracing::warn!(stage = %name, error_type = %e.error_type, "refused: {}", e.message);
+            metrics::error(&e.error_type);
+            err_frame(e)
+        };
+        let parts = frame::split::<Request>(frame)
+            .and_then(|(_, payload)| frame::unpack(payload, calls as usize));
+        let parts = match parts {
+            Ok(p) => p,
+            Err(e) => {
+                let answer = refuse(&frame_error(&e));
+                return Box::pin(async move { answer });
+            }
+        };
+        metrics::STAGE_FRAME_CALLS.observe(parts.len() as f64);
+        // Each call's answer, or its place among the jobs run.
+        let mut answers: Vec<Option<Vec<u8>>> = Vec::with_capacity(parts.len());
+        let mut jobs = Vec::new();
+        for part in parts {
+            match self.check_call(part) {
+                Ok(job) => {
+                    jobs.push(job);
+                    answers.push(None);
+                }
+                Err(e) => answers.push(Some(refuse(&e))),
+            }
+        }
+        let shard = self.shard.clone();
+        let n_jobs = jobs.len();
+        Box::pin(async move {
+            let mut results = if jobs.is_empty() {
+                Vec::new()
+            } else {
+                shard.send(Compute(jobs)).await.unwrap_or_else(|e| {
+                    vec![Err(ErrorReply::new("internal", format!("shard: {e}"))); n_jobs]
+                })
+            }
+            .into_iter();
+            let answers: Vec<Vec<u8>> = answers
+                .into_iter()
+                .map(|a| {
+                    a.unwrap_or_else(|| match results.next() {
+                        Some(Ok((payload, us))) => ok_frame(us, &payload),
+                        Some(Err(e)) => refuse(&e),
+                        None => refuse(&ErrorReply::new(
+                            "internal",
+                            "a batch's call went unanswered",
+                        )),
+                    })
+                })
+                .collect();
+            match frame::pack(answers.iter().map(Vec::as_slice)) {
+                Ok(payload) => ok_frame(0, &payload),
+                Err(e) => refuse(&frame_error(&e)),
+            }
+        })
+    }
+}
+
 impl Handler<Serve> for LayerStage {
     type Result = ResponseFuture<Vec<u8>>;
 
     fn handle(&mut self, msg: Serve, _: &mut Context<Self>) -> Self::Result {
+        if let Ok((Request::Batch { calls }, _)) = frame::split::<Request>(&msg.0) {
+            return self.serve_batch(calls, &msg.0);
+        }
         let name = self.name.clone();
         let refuse = move |e: ErrorReply| {
             tracing::warn!(stage = %name, error_type = %e.error_type, "refused: {}", e.message);
@@ -604,11 +704,16 @@ impl Handler<Serve> for LayerStage {
             }
             Ok(Admitted::Answered(answer)) => Box::pin(async move { answer }),
             Ok(Admitted::Run(job)) => {
+                if !job.setup {
+                    metrics::STAGE_FRAME_CALLS.observe(1.0);
+                }
                 let shard = self.shard.clone();
                 Box::pin(async move {
-                    match shard.send(Compute(job)).await {
-                        Ok(Ok((payload, us))) => ok_frame(us, &payload),
-                        Ok(Err(e)) => refuse(e),
+                    let result = shard.send(Compute(vec![job])).await.map(|mut r| r.pop());
+                    match result {
+                        Ok(Some(Ok((payload, us)))) => ok_frame(us, &payload),
+                        Ok(Some(Err(e))) => refuse(e),
+                        Ok(None) => refuse(ErrorReply::new("internal", "the shard gave no answer")),
                         Err(e) => refuse(ErrorReply::new("internal", format!("shard: {e}"))),
                     }
                 })
@@ -697,7 +802,7 @@ mod tests {
     fn push(q: &Queue, tag: u8, op: OpId, tenant: &str, setup: bool) {
         let (reply, _) = oneshot::channel();
         assert!(
-            q.push(Waiting {
+            q.push(vec![Waiting {
                 job: Job {
                     frame: vec![tag],
                     op,
@@ -706,8 +811,8 @@ mod tests {
                 },
                 since: Instant::now(),
                 reply,
-            })
-            .is_ok(),
+            }])
+            .is_empty(),
             "queue full"
         );
     }
@@ -800,9 +905,10 @@ mod tests {
             since: Instant::now(),
             reply,
         };
-        let extra = q.push(extra).expect_err("the ninth job is refused");
+        let extra = q.push(vec![extra]);
+        assert_eq!(extra.len(), 1, "the ninth job is refused");
         assert_eq!(q.next_batch().len(), 8);
-        assert!(q.push(extra).is_ok());
+        assert!(q.push(extra).is_empty());
     }
 
     #[test]

@@ -170,12 +170,13 @@ fn delta(after: &Histogram, before: &Histogram) -> Histogram {
     }
 }
 
-const BATCH_METRICS: [&str; 5] = [
+const BATCH_METRICS: [&str; 6] = [
     "talaria_stage_batch_calls",
     "talaria_stage_batch_tenants",
     "talaria_stage_batch_rows",
     "talaria_stage_queue_seconds",
     "talaria_stage_compute_seconds",
+    "talaria_stage_frame_calls",
 ];
 
 /// One reading of a stage's `/metrics`.
@@ -222,6 +223,8 @@ pub(crate) struct StageBatches {
     pub(crate) queue_seconds_per_call: Histogram,
     /// Seconds of compute per batch.
     pub(crate) compute_seconds_per_batch: Histogram,
+    /// Masked calls per request frame the stage received (more than one: a `Batch` frame).
+    pub(crate) calls_per_frame: Histogram,
 }
 
 /// What each stage's shard did between two readings of its histograms.
@@ -241,6 +244,7 @@ pub(crate) fn batches(
             rows_per_batch: delta(&a[2], &b[2]),
             queue_seconds_per_call: delta(&a[3], &b[3]),
             compute_seconds_per_batch: delta(&a[4], &b[4]),
+            calls_per_frame: delta(&a[5], &b[5]),
         })
         .collect()
 }

@@ -3,8 +3,10 @@
 //! masked-shaped traffic and no CVM work: every decode step is one call per op, in forward-pass
 //! order, each of one row of the cluster's ReMO precision (uniform residues mod 2^64 in the
 //! integer mode; float rows in the float modes) — what a call of one token with no dummy rows is
-//! to the cloud. This shows what cross-tenant batching gives a gpu-node
-//! when the CVMs (and their attention, masking and verification) are elsewhere.
+//! to the cloud. The calls go through one [`Coalescer`] a stage, as the coordinator forwards
+//! them: calls waiting together leave in one `Batch` frame. This shows what cross-tenant
+//! batching gives a gpu-node when the CVMs (and their attention, masking and verification) are
+//! elsewhere.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,6 +14,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
 use serde::Serialize;
+use talaria_actors::Coalescer;
 use talaria_engine::{ModelConfig, OpId};
 use talaria_net::TlsMaterial;
 use talaria_wire::{MaskedCall, Reply, Request, Tensor, frame};
@@ -211,16 +214,29 @@ fn route(cluster: &Running, config: &ModelConfig) -> Result<Vec<(OpId, usize)>> 
 
 /// One request on `conn`; an error unless the answer is `Ok`.
 async fn ask(conn: &quinn::Connection, frame: &[u8], max: usize) -> Result<()> {
-    let answer = talaria_net::request(conn, frame, max).await?;
-    match frame::split::<Reply>(&answer)?.0 {
+    answered(&talaria_net::request(conn, frame, max).await?, max)
+}
+
+/// An error unless `answer` is `Ok` and at most `max` bytes (what a single call's answer may
+/// be, batched or not).
+fn answered(answer: &[u8], max: usize) -> Result<()> {
+    if answer.len() > max {
+        return Err(anyhow!(
+            "an answer of {} bytes (at most {max})",
+            answer.len()
+        ));
+    }
+    match frame::split::<Reply>(answer)?.0 {
         Reply::Ok { .. } => Ok(()),
         Reply::Err(e) => Err(anyhow!("{}: {}", e.error_type, e.message)),
     }
 }
 
-/// One session: opened on every stage, `tokens` decode steps, closed.
+/// One session: opened on every stage, `tokens` decode steps (their calls sent through
+/// `calls`, one coalescer a stage, as the coordinator forwards them), closed.
 async fn session(
     conns: &[quinn::Connection],
+    calls: &[Coalescer],
     ops: &[(OpId, usize)],
     config: &ModelConfig,
     kind: RowKind,
@@ -262,9 +278,8 @@ async fn session(
                 Some(&call),
             )?;
             let max = talaria_wire::max_call_reply(config, *op, 1);
-            ask(&conns[*stage], &frame, max)
-                .await
-                .with_context(|| format!("session {session}, {op}"))?;
+            let answer = calls[*stage].call(frame.into()).await?;
+            answered(&answer, max).with_context(|| format!("session {session}, {op}"))?;
         }
     }
     let close = frame::encode::<_, ()>(&Request::CloseSession { session }, None)?;
@@ -316,13 +331,17 @@ pub fn run(
     // quinn's endpoint on the worker, two thread crossings a call: the driver took 8.1 ms of
     // CPU a step at 1 session (2.8 at 16) against 4.4 (1.9) now, on the cores the stages use.
     let rt = crate::current_thread_runtime()?;
-    let conns: Vec<quinn::Connection> = rt.block_on(async {
+    let max_answer = talaria_wire::max_request_frame(&config);
+    let (conns, calls): (Vec<quinn::Connection>, Vec<Coalescer>) = rt.block_on(async {
         let endpoint = tls.cluster_client(talaria_wire::ALPN_CLOUD)?;
         let mut conns = Vec::new();
+        let mut calls = Vec::new();
         for stage in &cluster.topology.stages {
-            conns.push(tls.connect(&endpoint, stage.listen).await?);
+            let conn = tls.connect(&endpoint, stage.listen).await?;
+            calls.push(Coalescer::new(conn.clone(), max_answer));
+            conns.push(conn);
         }
-        anyhow::Ok(conns)
+        anyhow::Ok((conns, calls))
     })?;
     let stage_pids: Vec<(String, u32)> = cluster
         .info
@@ -334,7 +353,15 @@ pub fn run(
     let mut steps: Vec<SyntheticStep> = Vec::new();
     let mut next_session = 1u64 << 40;
     // Warm-up, not measured: the stages' first products touch their weights.
-    rt.block_on(session(&conns, &ops, &config, kind, next_session, 2))?;
+    rt.block_on(session(
+        &conns,
+        &calls,
+        &ops,
+        &config,
+        kind,
+        next_session,
+        2,
+    ))?;
     next_session += 1;
     let passes = (0..rounds).flat_map(|round| counts.iter().map(move |&n| (round, n)));
     for (round, n) in passes {
@@ -347,8 +374,8 @@ pub fn run(
         next_session += n as u64;
         let calls: usize = rt
             .block_on(async {
-                let runs =
-                    (0..n as u64).map(|i| session(&conns, &ops, &config, kind, first + i, tokens));
+                let runs = (0..n as u64)
+                    .map(|i| session(&conns, &calls, &ops, &config, kind, first + i, tokens));
                 futures::future::try_join_all(runs).await
             })?
             .into_iter()
@@ -403,8 +430,9 @@ pub fn run(
         );
         for b in &step.batches {
             eprintln!(
-                "  {}: {:.2} calls per GEMM, {:.2} ms queued per call, {:.2} ms compute per GEMM",
+                "  {}: {:.2} calls per frame, {:.2} per GEMM, {:.2} ms queued per call, {:.2} ms compute per GEMM",
                 b.stage,
+                b.calls_per_frame.mean,
                 b.calls_per_batch.mean,
                 b.queue_seconds_per_call.mean * 1e3,
                 b.compute_seconds_per_batch.mean * 1e3

@@ -213,6 +213,7 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
             "{}: {answer:?}",
             stage.name
         );
+        batch_frames_are_answered_call_by_call(&peer, session, stage);
         let rss = rss_bytes(cluster.pid(&stage.name));
         eprintln!("{}: RSS {:.0} MB", stage.name, rss as f64 / 1e6);
     }
@@ -404,6 +405,17 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
     };
     let e = bystander.refusal(&head, Some(&wrong));
     assert_eq!(e.error_type, "shape", "{e}");
+    // A batch frame is the coordinator's to send: an agent's would carry calls past the check
+    // that their sessions are its own.
+    let smuggled = talaria_wire::frame::encode(&head, Some(&steal)).unwrap();
+    let packed = talaria_wire::frame::pack([&smuggled[..]]).unwrap();
+    let mut batch = talaria_wire::frame::encode_raw(&Request::Batch { calls: 1 }, &packed).unwrap();
+    batch.splice(0..0, (batch.len() as u32).to_le_bytes());
+    let (reply, _) = intruder.send_raw(&batch).unwrap();
+    assert!(
+        matches!(&reply, Reply::Err(e) if e.error_type == "unexpected_request"),
+        "{reply:?}"
+    );
     // A header and a payload that disagree.
     let e = bystander.refusal(
         &Request::Call {
@@ -469,6 +481,121 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
     assert!(
         err.contains("not trusted") && err.contains("insecure"),
         "{err}"
+    );
+}
+
+/// A `Batch` frame of calls to `stage`, as the coordinator packs them, from a peer with the
+/// cluster's certificate that opened `session` there: each call is admitted and answered on its
+/// own, in order, and a batch that cannot be read is refused whole, leaving the stage serving.
+fn batch_frames_are_answered_call_by_call(
+    peer: &RawPeer,
+    session: u64,
+    stage: &talaria_topology::Stage,
+) {
+    use talaria_wire::frame;
+    let layer = if stage.owns_layer(0) { 0 } else { 15 };
+    let other = if stage.owns_layer(0) { 15 } else { 0 };
+    let call_frame = |session: u64, layer: usize, cols: usize| {
+        let call = MaskedCall {
+            session,
+            seq: 9,
+            op: op(layer),
+            x: Tensor::U64 {
+                rows: 1,
+                cols,
+                data: (0..cols as u64)
+                    .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                    .collect(),
+            },
+        };
+        let head = Request::Call {
+            session,
+            op: call.op,
+            seq: 9,
+        };
+        frame::encode(&head, Some(&call)).unwrap()
+    };
+    let prefixed = |body: Vec<u8>| {
+        let mut bytes = (body.len() as u32).to_le_bytes().to_vec();
+        bytes.extend(body);
+        bytes
+    };
+    let good = call_frame(session, layer, 576);
+    let (reply, alone) = peer.send_raw(&prefixed(good.clone())).unwrap();
+    assert!(matches!(reply, Reply::Ok { .. }), "{reply:?}");
+    let opens = frame::encode::<_, ()>(
+        &Request::StageOpen {
+            session: 31_337,
+            tenant: "smuggled".into(),
+        },
+        None,
+    )
+    .unwrap();
+    let calls: Vec<(Vec<u8>, Option<&str>)> = vec![
+        (good.clone(), None),
+        (call_frame(424_242, layer, 576), Some("unknown_session")),
+        (opens, Some("unexpected_request")),
+        (vec![0xff; 4], Some("malformed_frame")),
+        (call_frame(session, layer, 5), Some("shape")),
+        (call_frame(session, other, 576), Some("layer_not_owned")),
+        (good.clone(), None),
+    ];
+    let packed = frame::pack(calls.iter().map(|(f, _)| &f[..])).unwrap();
+    let head = Request::Batch {
+        calls: calls.len() as u32,
+    };
+    let (reply, payload) = peer
+        .send_raw(&prefixed(frame::encode_raw(&head, &packed).unwrap()))
+        .unwrap();
+    assert!(
+        matches!(reply, Reply::Ok { .. }),
+        "{}: {reply:?}",
+        stage.name
+    );
+    let answers = frame::unpack(&payload, calls.len()).unwrap();
+    for ((_, want), answer) in calls.iter().zip(&answers) {
+        let (reply, body): (Reply, &[u8]) = frame::split(answer).unwrap();
+        match (want, reply) {
+            // Served in a batch, the product is the one served alone, bit for bit.
+            (None, Reply::Ok { .. }) => assert_eq!(body, &alone[..], "{}", stage.name),
+            (Some(want), Reply::Err(e)) => assert_eq!(&e.error_type, want, "{}", stage.name),
+            (want, reply) => panic!("{}: {reply:?}, expected {want:?}", stage.name),
+        }
+    }
+    // The StageOpen inside the batch opened nothing.
+    let e = peer.refusal(
+        &Request::Call {
+            session: 31_337,
+            op: op(layer),
+            seq: 1,
+        },
+        Some(&MaskedCall {
+            session: 31_337,
+            seq: 1,
+            op: op(layer),
+            x: Tensor::U64 {
+                rows: 1,
+                cols: 576,
+                data: vec![1; 576],
+            },
+        }),
+    );
+    assert_eq!(e.error_type, "unknown_session", "{}", stage.name);
+    // A batch that says more calls than it holds, or more than a batch may carry: refused whole.
+    for (count, frames) in [(3, 2), (65, 65)] {
+        let packed = frame::pack(std::iter::repeat_n(&good[..], frames)).unwrap();
+        let bad = frame::encode_raw(&Request::Batch { calls: count }, &packed).unwrap();
+        let (reply, _) = peer.send_raw(&prefixed(bad)).unwrap();
+        assert!(
+            matches!(&reply, Reply::Err(e) if e.error_type == "malformed_frame"),
+            "{}: {reply:?}",
+            stage.name
+        );
+    }
+    let (reply, again) = peer.send_raw(&prefixed(good)).unwrap();
+    assert!(
+        matches!(reply, Reply::Ok { .. }) && again == alone,
+        "{reply:?}"
     );
 }
 

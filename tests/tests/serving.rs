@@ -721,11 +721,27 @@ fn the_synthetic_load_batches_the_calls_of_different_tenants_together() {
             let tenants = stage["tenants_per_batch"]["mean"].as_f64().unwrap();
             assert!(calls > 1.5 && tenants > 1.5, "{stage}");
         }
+        // The driver forwards as the coordinator does: the calls of one op that wait together
+        // leave in one frame.
+        for stage in step["batches"].as_array().unwrap() {
+            let per_frame = stage["calls_per_frame"]["mean"].as_f64().unwrap();
+            assert!(per_frame > 1.5, "{stage}");
+        }
         // Each step's ratio is against its own round's one session.
         let ratio = step["speedup_vs_one_session"].as_f64().unwrap();
         assert!(close(ratio, rate(four) / rate(one)), "{step}");
     }
     // Each count's median over its steps, every round's ratio, and the ratio of the medians.
+    // A lone session's calls go alone, each on its own stream.
+    for one in [&steps[0], &steps[2]] {
+        for stage in one["batches"].as_array().unwrap() {
+            assert_eq!(
+                stage["calls_per_frame"]["mean"].as_f64(),
+                Some(1.0),
+                "{stage}"
+            );
+        }
+    }
     let medians = report["synthetic_medians"].as_array().unwrap();
     assert_eq!(medians.len(), 2, "{report}");
     let (one, four) = (&medians[0], &medians[1]);

@@ -152,6 +152,63 @@ pub fn tenant_event(payload: &[u8]) -> Result<crate::TenantEvent, FrameError> {
     Ok(event)
 }
 
+/// The most calls one [`Request::Batch`](crate::Request::Batch) frame carries.
+pub const MAX_BATCH_CALLS: usize = 64;
+
+/// The largest call frame a coordinator packs into a batch: a decode step's call (one row and
+/// a few dummy rows of the widest input, 8 bytes a value) fits many times over; a prefill's
+/// goes alone, as does its answer, so no batch answer grows past what one call's could be.
+pub const MAX_BATCHED_FRAME: usize = 256 << 10;
+
+/// `frames` as one payload: each behind a little-endian `u32` length, in order. Read with
+/// [`unpack`].
+pub fn pack<'a>(frames: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::new();
+    for f in frames {
+        let len = u32::try_from(f.len()).map_err(|_| FrameError::TooLarge {
+            len: f.len() as u64,
+            max: u32::MAX as usize,
+        })?;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(f);
+    }
+    Ok(out)
+}
+
+/// The `count` frames of a [`pack`]ed payload, borrowed from it: exactly `count` (at most
+/// [`MAX_BATCH_CALLS`]), each length within what is left, nothing after the last.
+pub fn unpack(payload: &[u8], count: usize) -> Result<Vec<&[u8]>, FrameError> {
+    if count > MAX_BATCH_CALLS {
+        return Err(FrameError::Malformed(format!(
+            "a batch of {count} frames (at most {MAX_BATCH_CALLS})"
+        )));
+    }
+    let mut frames = Vec::with_capacity(count);
+    let mut rest = payload;
+    for i in 0..count {
+        let (prefix, tail) = rest.split_first_chunk::<4>().ok_or_else(|| {
+            FrameError::Malformed(format!("a batch ends before frame {i} of {count}"))
+        })?;
+        let len = u32::from_le_bytes(*prefix) as usize;
+        if len > tail.len() {
+            return Err(FrameError::Malformed(format!(
+                "frame {i} of a batch claims {len} bytes, {} are left",
+                tail.len()
+            )));
+        }
+        let (f, tail) = tail.split_at(len);
+        frames.push(f);
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed(format!(
+            "{} trailing bytes after a batch's {count} frames",
+            rest.len()
+        )));
+    }
+    Ok(frames)
+}
+
 /// Checks a length prefix against the limit before anything is allocated for it.
 pub fn check_len(prefix: [u8; 4], max: usize) -> Result<usize, FrameError> {
     let len = u32::from_le_bytes(prefix) as u64;
@@ -228,6 +285,32 @@ mod tests {
         // A value longer than a bucket takes the next one.
         let big = encode_padded(&"x".repeat(300), 256).unwrap();
         assert_eq!(big.len(), 512);
+    }
+
+    #[test]
+    fn packed_frames_round_trip_and_a_bad_pack_is_a_typed_error() {
+        let frames: [&[u8]; 3] = [b"one", b"", &[7; 300]];
+        let packed = pack(frames).unwrap();
+        assert_eq!(packed.len(), 3 * 4 + 3 + 300);
+        assert_eq!(unpack(&packed, 3).unwrap(), frames);
+        // Too few frames, too many, a length past the end, a count over the limit.
+        for (bytes, count) in [
+            (&packed[..], 2),
+            (&packed[..], 4),
+            (&packed[..packed.len() - 1], 3),
+            (&pack(std::iter::repeat_n(&b"x"[..], 65)).unwrap()[..], 65),
+        ] {
+            assert_eq!(
+                unpack(bytes, count).unwrap_err().error_type(),
+                "malformed_frame",
+                "{count} frames of {} bytes",
+                bytes.len()
+            );
+        }
+        let mut huge = packed.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(unpack(&huge, 3).is_err());
+        assert_eq!(unpack(&[], 0).unwrap(), Vec::<&[u8]>::new());
     }
 
     #[test]

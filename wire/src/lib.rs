@@ -14,8 +14,8 @@ mod tensor;
 pub use basis::{BasisSpec, expand_basis};
 pub use error_code::ErrorCode;
 pub use frame::{
-    DEFAULT_MAX_FRAME, FrameError, MAX_TENANT_EVENT, MAX_TENANT_MESSAGE, max_call_reply,
-    max_call_rows, max_request_frame,
+    DEFAULT_MAX_FRAME, FrameError, MAX_BATCH_CALLS, MAX_BATCHED_FRAME, MAX_TENANT_EVENT,
+    MAX_TENANT_MESSAGE, max_call_reply, max_call_rows, max_request_frame,
 };
 pub use link::{CloudLink, LinkError, Loopback};
 pub use protocol::{

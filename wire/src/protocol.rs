@@ -1,8 +1,10 @@
 //! The two protocols of a cluster, named by their ALPN strings.
 //!
-//! - **cloud** (`talaria-cloud/4`): cvm-agent → coordinator → gpu-node. Every request is one
+//! - **cloud** (`talaria-cloud/5`): cvm-agent → coordinator → gpu-node. Every request is one
 //!   QUIC bidirectional stream carrying one frame whose header is a [`Request`]; the answer is
-//!   one frame whose header is a [`Reply`]. The coordinator routes on the header alone.
+//!   one frame whose header is a [`Reply`]. The coordinator routes on the header alone, and
+//!   forwards masked calls that reach it together for one stage as one [`Request::Batch`]
+//!   frame (their frames packed untouched), whose answer packs theirs in the same order.
 //! - **tenant** (`talaria-tenant/3`): tenant → cvm-agent. One stream per generation: a
 //!   [`TenantRequest`], answered by a sequence of [`TenantEvent`]s; every frame is padded with
 //!   zero bytes to a multiple of its bucket (`frame::encode_padded`), and a frame that is not is
@@ -14,12 +16,12 @@ use talaria_engine::{ChatMessage, Generation, OpId, SamplingParams};
 
 use crate::SessionId;
 
-/// ALPN of the cloud protocol, version 4 (version 2: the set-up reply carries
+/// ALPN of the cloud protocol, version 5 (version 2: the set-up reply carries
 /// `engine::CvmProvision`; version 3: an integer weight's codes are stored in input pairs,
 /// `kernels::code_index`; version 4: by tiles of 64 columns, codes, scales and minimums,
-/// `kernels::block_index`). A peer of another version fails the handshake instead of reading
-/// the weight in another order.
-pub const ALPN_CLOUD: &[u8] = b"talaria-cloud/4";
+/// `kernels::block_index`; version 5: [`Request::Batch`]). A peer of another version fails the
+/// handshake instead of reading the weight in another order or a batch it does not know.
+pub const ALPN_CLOUD: &[u8] = b"talaria-cloud/5";
 /// ALPN of the tenant protocol, version 3 (version 2: `TenantRequest` and `Generation` gained
 /// the conversation cache's fields; version 3: events are padded to [`TENANT_EVENT_BUCKET`]).
 pub const ALPN_TENANT: &[u8] = b"talaria-tenant/3";
@@ -80,6 +82,14 @@ pub enum Request {
         op: OpId,
         seq: u64,
     },
+    /// coordinator → stage: `calls` masked calls (of any sessions and ops of the stage) in one
+    /// frame. Payload: their request frames, each a `Call` exactly as its agent sent it, packed
+    /// ([`frame::pack`](crate::frame::pack)); reply payload: their answer frames, packed in the
+    /// same order. Each call is admitted and answered on its own, as if it came alone: one that
+    /// is refused does not touch the others. A stage answers a batch it cannot read at all with
+    /// one error, which then answers every call in it. Never an agent's to send: its calls would
+    /// skip the coordinator's check that the sessions are its own.
+    Batch { calls: u32 },
 }
 
 impl Request {
@@ -90,7 +100,10 @@ impl Request {
             | Request::StageOpen { session, .. }
             | Request::Setup { session, .. }
             | Request::Call { session, .. } => Some(session),
-            Request::Challenge | Request::Hello { .. } | Request::OpenSession => None,
+            Request::Challenge
+            | Request::Hello { .. }
+            | Request::OpenSession
+            | Request::Batch { .. } => None,
         }
     }
 }
