@@ -10,7 +10,7 @@
 mod coalesce;
 pub mod metrics;
 
-pub use coalesce::Coalescer;
+pub use coalesce::{BatchLimits, Coalescer};
 
 use talaria_wire::frame::{self, FrameError};
 use talaria_wire::{ErrorReply, Reply};

@@ -129,7 +129,7 @@ pub static STAGE_COMPUTE_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
 pub static STAGE_FRAME_CALLS: LazyLock<Histogram> = LazyLock::new(|| {
     histogram(
         "talaria_stage_frame_calls",
-        "Masked calls per request frame received (more than one: a coordinator's batch)",
+        "Admitted masked calls per request frame (more than one: a coordinator's batch)",
         sizes(),
     )
 });

@@ -53,6 +53,7 @@ fn main() -> Result<()> {
     // An agent sends requests only: none is larger than the largest call of this model.
     let max_request =
         talaria_wire::max_request_frame(&provision.config).min(topology.max_frame_bytes);
+    let config = provision.config.clone();
     let provision = talaria_wire::frame::encode::<_, ()>(&provision, None)?;
 
     actix::System::new().block_on(async move {
@@ -75,6 +76,8 @@ fn main() -> Result<()> {
                     tls.clone(),
                     client.clone(),
                     topology.max_frame_bytes,
+                    // The stage's own limit (gpu-node's main): what a batch may be.
+                    max_request,
                     live.clone(),
                     i,
                 )
@@ -105,6 +108,7 @@ fn main() -> Result<()> {
         }
         let router = Router::new(
             routes,
+            config,
             nodes,
             live,
             admission,

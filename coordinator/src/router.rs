@@ -125,6 +125,8 @@ pub struct AgentGone(pub AgentId);
 /// Owns the admitted agents, the sessions and which agent owns each, and the route table.
 pub struct Router {
     routes: RouteTable,
+    /// The model's shapes: what a call's answer can be.
+    config: talaria_engine::ModelConfig,
     nodes: Vec<Addr<NodeLink>>,
     admission: Arc<AttestedAdmission>,
     /// The encoded `talaria_engine::CvmProvision` handed to admitted agents.
@@ -166,8 +168,10 @@ fn unreachable_stage(answer: &[u8]) -> bool {
 impl Router {
     /// A router over `nodes` (in topology order, their connection state in `live`); `limits`
     /// caps each tenant's open sessions and names the tenants that may be admitted at all.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         routes: RouteTable,
+        config: talaria_engine::ModelConfig,
         nodes: Vec<Addr<NodeLink>>,
         live: Arc<[AtomicBool]>,
         admission: Arc<AttestedAdmission>,
@@ -180,6 +184,7 @@ impl Router {
             deadlines,
             limits,
             routes,
+            config,
             nodes,
             admission,
             provision,
@@ -201,7 +206,7 @@ impl Router {
                 n.send(Forward {
                     frame: frame.clone(),
                     deadline,
-                    batch: false,
+                    batch: None,
                 })
             }))
             .await;
@@ -404,7 +409,12 @@ impl Router {
                     Request::Setup { .. } => self.deadlines.setup,
                     _ => self.deadlines.call,
                 };
-                let batch = talaria_actors::Coalescer::batchable(&head, &frame);
+                let batch = talaria_actors::Coalescer::batchable(&head, &frame).map(|op| {
+                    (
+                        op,
+                        talaria_wire::frame::max_answer_of(&self.config, op, frame.len()),
+                    )
+                });
                 let reopen = frame::encode::<_, ()>(
                     &Request::StageOpen {
                         session,
@@ -429,7 +439,7 @@ impl Router {
                                 .send(Forward {
                                     frame: reopen.clone(),
                                     deadline,
-                                    batch: false,
+                                    batch: None,
                                 })
                                 .await
                                 .map(|a| {
@@ -578,9 +588,10 @@ impl Handler<AgentGone> for Router {
 pub struct Forward {
     pub frame: Arc<[u8]>,
     pub deadline: Duration,
-    /// It may share a `Batch` frame with other calls waiting for the same stage
-    /// ([`talaria_actors::Coalescer::batchable`]).
-    pub batch: bool,
+    /// A call that may share a `Batch` frame with other calls of its op waiting for the same
+    /// stage ([`talaria_actors::Coalescer::batchable`]): its op and the most its answer can be
+    /// (`talaria_wire::frame::max_answer_of`).
+    pub batch: Option<(OpId, usize)>,
 }
 
 /// Owns the connection to one gpu-node, reconnecting when it drops; keeps `live` true while
@@ -590,7 +601,10 @@ pub struct NodeLink {
     addr: SocketAddr,
     tls: TlsMaterial,
     endpoint: quinn::Endpoint,
+    /// The largest answer read from the stage.
     max_frame: usize,
+    /// The largest request the stage reads (what a batch may be).
+    max_request: usize,
     conn: Option<quinn::Connection>,
     /// Packs the calls waiting together for this stage into one frame, on `conn`.
     coalescer: Option<talaria_actors::Coalescer>,
@@ -629,14 +643,17 @@ impl Handler<Unresponsive> for NodeLink {
 }
 
 impl NodeLink {
-    /// A link to stage `name` at `addr`, dialled from `endpoint`; it is stage `index` of
-    /// `live`.
+    /// A link to stage `name` at `addr`, dialled from `endpoint`, reading answers of at most
+    /// `max_frame` bytes from a stage that reads requests of at most `max_request`; it is stage
+    /// `index` of `live`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: String,
         addr: SocketAddr,
         tls: TlsMaterial,
         endpoint: quinn::Endpoint,
         max_frame: usize,
+        max_request: usize,
         live: Arc<[AtomicBool]>,
         index: usize,
     ) -> Self {
@@ -646,6 +663,7 @@ impl NodeLink {
             tls,
             endpoint,
             max_frame,
+            max_request,
             conn: None,
             coalescer: None,
             connecting: false,
@@ -722,7 +740,13 @@ impl NodeLink {
         ctx.spawn(dial.into_actor(self).map(|conn, act, ctx| {
             tracing::info!(stage = %act.name, addr = %act.addr, "gpu-node connected");
             act.conn = Some(conn.clone());
-            act.coalescer = Some(talaria_actors::Coalescer::new(conn.clone(), act.max_frame));
+            act.coalescer = Some(talaria_actors::Coalescer::new(
+                conn.clone(),
+                talaria_actors::BatchLimits {
+                    request: act.max_request,
+                    answer: act.max_frame,
+                },
+            ));
             act.path_seen = talaria_actors::PathSeen::default();
             act.connecting = false;
             act.set_live(true);
@@ -766,11 +790,11 @@ impl Handler<Forward> for NodeLink {
         let max = self.max_frame;
         let name = self.name.clone();
         let me = ctx.address();
-        let coalescer = self.coalescer.clone().filter(|_| msg.batch);
+        let coalescer = self.coalescer.clone().zip(msg.batch);
         Box::pin(async move {
             let exchange = async {
                 match coalescer {
-                    Some(c) => c.call(msg.frame.clone()).await,
+                    Some((c, (op, bound))) => c.call(msg.frame.clone(), op, bound).await,
                     None => talaria_net::request(&conn, &msg.frame, max).await,
                 }
             };

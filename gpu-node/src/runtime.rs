@@ -41,8 +41,9 @@ pub trait StageCompute: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy)]
 pub struct Arrival {
     pub at: Instant,
-    /// The request frame's length in bytes (header and payload; QUIC adds its own packet
-    /// overhead). `None` where no frame crossed a wire (the in-process engine).
+    /// The request's own frame length in bytes (header and payload; within a coordinator's
+    /// `Batch`, the call's frame, not the batch's; QUIC adds its own packet overhead). `None`
+    /// where no frame crossed a wire (the in-process engine).
     pub frame_bytes: Option<usize>,
 }
 
@@ -639,7 +640,6 @@ impl LayerStage {
                 return Box::pin(async move { answer });
             }
         };
-        metrics::STAGE_FRAME_CALLS.observe(parts.len() as f64);
         // Each call's answer, or its place among the jobs run.
         let mut answers: Vec<Option<Vec<u8>>> = Vec::with_capacity(parts.len());
         let mut jobs = Vec::new();
@@ -654,6 +654,9 @@ impl LayerStage {
         }
         let shard = self.shard.clone();
         let n_jobs = jobs.len();
+        if n_jobs > 0 {
+            metrics::STAGE_FRAME_CALLS.observe(n_jobs as f64);
+        }
         Box::pin(async move {
             let mut results = if jobs.is_empty() {
                 Vec::new()

@@ -278,8 +278,12 @@ async fn session(
                 Some(&call),
             )?;
             let max = talaria_wire::max_call_reply(config, *op, 1);
-            let answer = calls[*stage].call(frame.into()).await?;
-            answered(&answer, max).with_context(|| format!("session {session}, {op}"))?;
+            let bound = talaria_wire::frame::max_answer_of(config, *op, frame.len());
+            let answer = calls[*stage].call(frame.into(), *op, bound).await;
+            answer
+                .map_err(anyhow::Error::from)
+                .and_then(|a| answered(&a, max))
+                .with_context(|| format!("session {session}, {op}"))?;
         }
     }
     let close = frame::encode::<_, ()>(&Request::CloseSession { session }, None)?;
@@ -331,14 +335,19 @@ pub fn run(
     // quinn's endpoint on the worker, two thread crossings a call: the driver took 8.1 ms of
     // CPU a step at 1 session (2.8 at 16) against 4.4 (1.9) now, on the cores the stages use.
     let rt = crate::current_thread_runtime()?;
-    let max_answer = talaria_wire::max_request_frame(&config);
+    // As the coordinator: answers of at most the topology's frame limit, batches of at most
+    // what a stage reads.
+    let limits = talaria_actors::BatchLimits {
+        request: talaria_wire::max_request_frame(&config).min(cluster.topology.max_frame_bytes),
+        answer: cluster.topology.max_frame_bytes,
+    };
     let (conns, calls): (Vec<quinn::Connection>, Vec<Coalescer>) = rt.block_on(async {
         let endpoint = tls.cluster_client(talaria_wire::ALPN_CLOUD)?;
         let mut conns = Vec::new();
         let mut calls = Vec::new();
         for stage in &cluster.topology.stages {
             let conn = tls.connect(&endpoint, stage.listen).await?;
-            calls.push(Coalescer::new(conn.clone(), max_answer));
+            calls.push(Coalescer::new(conn.clone(), limits));
             conns.push(conn);
         }
         anyhow::Ok((conns, calls))

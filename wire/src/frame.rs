@@ -155,10 +155,22 @@ pub fn tenant_event(payload: &[u8]) -> Result<crate::TenantEvent, FrameError> {
 /// The most calls one [`Request::Batch`](crate::Request::Batch) frame carries.
 pub const MAX_BATCH_CALLS: usize = 64;
 
-/// The largest call frame a coordinator packs into a batch: a decode step's call (one row and
-/// a few dummy rows of the widest input, 8 bytes a value) fits many times over; a prefill's
-/// goes alone, as does its answer, so no batch answer grows past what one call's could be.
+/// The largest call frame a coordinator packs into a batch, and the largest batch it sends:
+/// a decode step's call (one row and a few dummy rows of the widest input, 8 bytes a value)
+/// fits many times over, as does a short prefill's; a longer prefill's goes alone.
 pub const MAX_BATCHED_FRAME: usize = 256 << 10;
+
+/// The largest answer a call frame of `frame_len` bytes for `op` can have: its rows are at most
+/// what the frame holds at 4 bytes a value (f32, the narrowest a call carries). What a batch of
+/// calls may need of its answer's limit.
+pub fn max_answer_of(
+    config: &talaria_engine::ModelConfig,
+    op: talaria_engine::OpId,
+    frame_len: usize,
+) -> usize {
+    let d_in = op.shape(config).0.max(1);
+    max_call_reply(config, op, frame_len / d_in.saturating_mul(4) + 1)
+}
 
 /// `frames` as one payload: each behind a little-endian `u32` length, in order. Read with
 /// [`unpack`].

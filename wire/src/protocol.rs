@@ -3,8 +3,9 @@
 //! - **cloud** (`talaria-cloud/5`): cvm-agent → coordinator → gpu-node. Every request is one
 //!   QUIC bidirectional stream carrying one frame whose header is a [`Request`]; the answer is
 //!   one frame whose header is a [`Reply`]. The coordinator routes on the header alone, and
-//!   forwards masked calls that reach it together for one stage as one [`Request::Batch`]
-//!   frame (their frames packed untouched), whose answer packs theirs in the same order.
+//!   forwards masked calls of one op that reach it together for one stage as one
+//!   [`Request::Batch`] frame (their frames packed untouched), whose answer packs theirs in the
+//!   same order.
 //! - **tenant** (`talaria-tenant/3`): tenant → cvm-agent. One stream per generation: a
 //!   [`TenantRequest`], answered by a sequence of [`TenantEvent`]s; every frame is padded with
 //!   zero bytes to a multiple of its bucket (`frame::encode_padded`), and a frame that is not is
@@ -85,8 +86,8 @@ pub enum Request {
     /// coordinator → stage: `calls` masked calls (of any sessions and ops of the stage) in one
     /// frame. Payload: their request frames, each a `Call` exactly as its agent sent it, packed
     /// ([`frame::pack`](crate::frame::pack)); reply payload: their answer frames, packed in the
-    /// same order. Each call is admitted and answered on its own, as if it came alone: one that
-    /// is refused does not touch the others. A stage answers a batch it cannot read at all with
+    /// same order. Each call is admitted and answered on its own, as if it came alone (one that
+    /// is refused does not touch the others), but the answers leave together. A stage answers a batch it cannot read at all with
     /// one error, which then answers every call in it. Never an agent's to send: its calls would
     /// skip the coordinator's check that the sessions are its own.
     Batch { calls: u32 },
