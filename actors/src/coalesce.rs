@@ -40,6 +40,8 @@ const BATCH_HEADER: usize = 16;
 
 /// The batch of one op being gathered.
 struct Gathering {
+    /// Which leader opened it (its `Lead` takes this one only).
+    id: u64,
     /// The calls that joined the leader.
     joined: Vec<Pending>,
     /// The batch's request frame and answer frame as they stand, at most.
@@ -54,6 +56,8 @@ pub struct Coalescer {
     conn: quinn::Connection,
     limits: BatchLimits,
     gathering: Arc<Mutex<HashMap<OpId, Gathering>>>,
+    /// The next gathering's id.
+    next_id: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The leader's hold on the gathering it opened for `op`. Dropped before it took the joined
@@ -62,6 +66,7 @@ pub struct Coalescer {
 struct Lead<'a> {
     coalescer: &'a Coalescer,
     op: OpId,
+    id: u64,
     taken: bool,
 }
 
@@ -73,7 +78,11 @@ impl Lead<'_> {
         }
         self.taken = true;
         let mut g = self.coalescer.lock();
-        g.remove(&self.op).map(|g| g.joined).unwrap_or_default()
+        match g.get(&self.op) {
+            Some(mine) if mine.id == self.id => g.remove(&self.op).map(|g| g.joined),
+            _ => None,
+        }
+        .unwrap_or_default()
     }
 }
 
@@ -105,8 +114,8 @@ enum Join {
     Joined(oneshot::Receiver<Result<Vec<u8>, FrameError>>),
     /// There is no room in it: the call goes on its own.
     Alone,
-    /// There is none: the call opened one, and leads it.
-    Lead,
+    /// There is none: the call opened one (of this id), and leads it.
+    Lead(u64),
 }
 
 impl Coalescer {
@@ -116,6 +125,7 @@ impl Coalescer {
             conn,
             limits,
             gathering: Arc::default(),
+            next_id: Arc::default(),
         }
     }
 
@@ -166,31 +176,36 @@ impl Coalescer {
                     }
                 }
                 None => {
+                    let id = self
+                        .next_id
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     g.insert(
                         op,
                         Gathering {
+                            id,
                             joined: Vec::new(),
-                            request_bytes: BATCH_HEADER + request,
-                            answer_bytes: BATCH_HEADER + answer,
+                            request_bytes: BATCH_HEADER.saturating_add(request),
+                            answer_bytes: BATCH_HEADER.saturating_add(answer),
                         },
                     );
-                    Join::Lead
+                    Join::Lead(id)
                 }
             }
         };
         match joined {
             Join::Joined(rx) => rx.await.map_err(|_| closed())?,
             Join::Alone => talaria_net::request(&self.conn, &frame, self.limits.answer).await,
-            Join::Lead => self.lead(frame, op).await,
+            Join::Lead(id) => self.lead(frame, op, id).await,
         }
     }
 
-    /// Leads a batch of `op`: lets the calls on their way join (one yield of the event loop),
+    /// Leads the batch `id` of `op`: lets the calls on their way join (one yield of the event loop),
     /// then sends them with `frame`, alone as a plain `Call` if none did.
-    async fn lead(&self, frame: Arc<[u8]>, op: OpId) -> Result<Vec<u8>, FrameError> {
+    async fn lead(&self, frame: Arc<[u8]>, op: OpId, id: u64) -> Result<Vec<u8>, FrameError> {
         let mut lead = Lead {
             coalescer: self,
             op,
+            id,
             taken: false,
         };
         tokio::task::yield_now().await;

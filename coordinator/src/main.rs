@@ -76,7 +76,8 @@ fn main() -> Result<()> {
                     tls.clone(),
                     client.clone(),
                     topology.max_frame_bytes,
-                    // The stage's own limit (gpu-node's main): what a batch may be.
+                    // What a stage reads (gpu-node's main computes it the same way, from the
+                    // same topology and model): the most a batch may be.
                     max_request,
                     live.clone(),
                     i,

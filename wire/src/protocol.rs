@@ -83,13 +83,14 @@ pub enum Request {
         op: OpId,
         seq: u64,
     },
-    /// coordinator → stage: `calls` masked calls (of any sessions and ops of the stage) in one
-    /// frame. Payload: their request frames, each a `Call` exactly as its agent sent it, packed
-    /// ([`frame::pack`](crate::frame::pack)); reply payload: their answer frames, packed in the
-    /// same order. Each call is admitted and answered on its own, as if it came alone (one that
-    /// is refused does not touch the others), but the answers leave together. A stage answers a batch it cannot read at all with
-    /// one error, which then answers every call in it. Never an agent's to send: its calls would
-    /// skip the coordinator's check that the sessions are its own.
+    /// coordinator → stage: `calls` masked calls in one frame (a stage accepts any sessions and
+    /// ops of its own; the coordinator packs calls of one op). Payload: their request frames,
+    /// each a `Call` exactly as its agent sent it, packed ([`frame::pack`](crate::frame::pack));
+    /// reply payload: their answer frames, packed in the same order. Each call is admitted and
+    /// answered on its own, as if it came alone (one that is refused does not touch the others),
+    /// but the answers leave together. A stage answers a batch it cannot read at all with one
+    /// error, which then answers every call in it. Never an agent's to send: its calls would skip
+    /// the coordinator's check that the sessions are its own.
     Batch { calls: u32 },
 }
 
