@@ -256,8 +256,7 @@ async fn batched(
     let head = Request::Batch {
         calls: frames.len() as u32,
     };
-    let payload = frame::pack(frames.iter().copied())?;
-    let request = frame::encode_raw(&head, &payload)?;
+    let request = frame::encode_packed(&head, frames.iter().copied())?;
     let answer = talaria_net::request(conn, &request, max_answer).await?;
     let (reply, payload): (Reply, &[u8]) = frame::split(&answer)?;
     match reply {

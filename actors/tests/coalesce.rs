@@ -72,10 +72,11 @@ fn calls_made_together_share_a_frame_and_each_gets_its_own_answer() {
                             let parts = frame::unpack(payload, calls as usize).unwrap();
                             c.fetch_add(parts.len(), Ordering::SeqCst);
                             let answers: Vec<Vec<u8>> = parts.iter().map(|p| echo(p)).collect();
-                            talaria_actors::ok_frame(
-                                0,
-                                &frame::pack(answers.iter().map(Vec::as_slice)).unwrap(),
+                            frame::encode_packed(
+                                &Reply::Ok { compute_us: 0 },
+                                answers.iter().map(Vec::as_slice),
                             )
+                            .unwrap()
                         }
                         _ => {
                             c.fetch_add(1, Ordering::SeqCst);

@@ -602,8 +602,8 @@ pub fn wire_seeds() -> Vec<Vec<u8>> {
                 )
             };
             let (a, b) = (call(6, &u64s), call(7, &f32s));
-            let packed = frame::pack([&a[..], &b[..]]).expect("small frames");
-            frame::encode_raw(&Request::Batch { calls: 2 }, &packed).expect("a small batch")
+            frame::encode_packed(&Request::Batch { calls: 2 }, [&a[..], &b[..]])
+                .expect("a small batch")
         },
     ]
 }

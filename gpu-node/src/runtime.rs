@@ -584,6 +584,7 @@ impl LayerStage {
                 setup: false,
                 frame,
             })),
+            Request::Batch { calls } => Ok(Admitted::Batch { calls, frame }),
             other => Err(ErrorReply::new(
                 "unexpected_request",
                 format!("a gpu-node does not serve {other:?}"),
@@ -598,6 +599,16 @@ enum Admitted {
     Run(Job),
     /// Answered at once (a session opened or closed): the encoded answer frame.
     Answered(Vec<u8>),
+    /// A coordinator's batch of `calls` calls, each admitted on its own
+    /// ([`LayerStage::serve_batch`]).
+    Batch { calls: u32, frame: Vec<u8> },
+}
+
+/// The answer frame refusing a request with `e`, logged and counted for stage `stage`.
+fn refused(stage: &str, e: &ErrorReply) -> Vec<u8> {
+    tracing::warn!(stage, error_type = %e.error_type, "refused: {}", e.message);
+    metrics::error(&e.error_type);
+    err_frame(e)
 }
 
 impl Actor for LayerStage {
@@ -626,11 +637,7 @@ impl LayerStage {
     /// the calls' order.
     fn serve_batch(&self, calls: u32, frame: &[u8]) -> ResponseFuture<Vec<u8>> {
         let name = self.name.clone();
-        let refuse = move |e: &ErrorReply| {
-            tracing::warn!(stage = %name, error_type = %e.error_type, "refused: {}", e.message);
-            metrics::error(&e.error_type);
-            err_frame(e)
-        };
+        let refuse = move |e: &ErrorReply| refused(&name, e);
         let parts = frame::split::<Request>(frame)
             .and_then(|(_, payload)| frame::unpack(payload, calls as usize));
         let parts = match parts {
@@ -679,10 +686,9 @@ impl LayerStage {
                     })
                 })
                 .collect();
-            match frame::pack(answers.iter().map(Vec::as_slice)) {
-                Ok(payload) => ok_frame(0, &payload),
-                Err(e) => refuse(&frame_error(&e)),
-            }
+            let head = talaria_wire::Reply::Ok { compute_us: 0 };
+            frame::encode_packed(&head, answers.iter().map(Vec::as_slice))
+                .unwrap_or_else(|e| refuse(&frame_error(&e)))
         })
     }
 }
@@ -691,21 +697,15 @@ impl Handler<Serve> for LayerStage {
     type Result = ResponseFuture<Vec<u8>>;
 
     fn handle(&mut self, msg: Serve, _: &mut Context<Self>) -> Self::Result {
-        if let Ok((Request::Batch { calls }, _)) = frame::split::<Request>(&msg.0) {
-            return self.serve_batch(calls, &msg.0);
-        }
         let name = self.name.clone();
-        let refuse = move |e: ErrorReply| {
-            tracing::warn!(stage = %name, error_type = %e.error_type, "refused: {}", e.message);
-            metrics::error(&e.error_type);
-            err_frame(&e)
-        };
+        let refuse = move |e: ErrorReply| refused(&name, &e);
         match self.check(msg.0) {
             Err(e) => {
                 let answer = refuse(e);
                 Box::pin(async move { answer })
             }
             Ok(Admitted::Answered(answer)) => Box::pin(async move { answer }),
+            Ok(Admitted::Batch { calls, frame }) => self.serve_batch(calls, &frame),
             Ok(Admitted::Run(job)) => {
                 if !job.setup {
                     metrics::STAGE_FRAME_CALLS.observe(1.0);

@@ -408,8 +408,8 @@ fn the_cluster_answers_like_the_plain_engine_and_refuses_bad_input_per_request()
     // A batch frame is the coordinator's to send: an agent's would carry calls past the check
     // that their sessions are its own.
     let smuggled = talaria_wire::frame::encode(&head, Some(&steal)).unwrap();
-    let packed = talaria_wire::frame::pack([&smuggled[..]]).unwrap();
-    let mut batch = talaria_wire::frame::encode_raw(&Request::Batch { calls: 1 }, &packed).unwrap();
+    let mut batch =
+        talaria_wire::frame::encode_packed(&Request::Batch { calls: 1 }, [&smuggled[..]]).unwrap();
     batch.splice(0..0, (batch.len() as u32).to_le_bytes());
     let (reply, _) = intruder.send_raw(&batch).unwrap();
     assert!(
@@ -540,13 +540,11 @@ fn batch_frames_are_answered_call_by_call(
         (call_frame(session, other, 576), Some("layer_not_owned")),
         (good.clone(), None),
     ];
-    let packed = frame::pack(calls.iter().map(|(f, _)| &f[..])).unwrap();
     let head = Request::Batch {
         calls: calls.len() as u32,
     };
-    let (reply, payload) = peer
-        .send_raw(&prefixed(frame::encode_raw(&head, &packed).unwrap()))
-        .unwrap();
+    let batch = frame::encode_packed(&head, calls.iter().map(|(f, _)| &f[..])).unwrap();
+    let (reply, payload) = peer.send_raw(&prefixed(batch)).unwrap();
     assert!(
         matches!(reply, Reply::Ok { .. }),
         "{}: {reply:?}",
@@ -583,8 +581,11 @@ fn batch_frames_are_answered_call_by_call(
     assert_eq!(e.error_type, "unknown_session", "{}", stage.name);
     // A batch that says more calls than it holds, or more than a batch may carry: refused whole.
     for (count, frames) in [(3, 2), (65, 65)] {
-        let packed = frame::pack(std::iter::repeat_n(&good[..], frames)).unwrap();
-        let bad = frame::encode_raw(&Request::Batch { calls: count }, &packed).unwrap();
+        let bad = frame::encode_packed(
+            &Request::Batch { calls: count },
+            std::iter::repeat_n(&good[..], frames),
+        )
+        .unwrap();
         let (reply, _) = peer.send_raw(&prefixed(bad)).unwrap();
         assert!(
             matches!(&reply, Reply::Err(e) if e.error_type == "malformed_frame"),

@@ -176,6 +176,25 @@ pub fn max_answer_of(
 /// [`unpack`].
 pub fn pack<'a>(frames: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<u8>, FrameError> {
     let mut out = Vec::new();
+    pack_onto(&mut out, frames)?;
+    Ok(out)
+}
+
+/// A frame body of `head` followed by `frames` [`pack`]ed, written once into one buffer (a
+/// batch of LM-head answers is megabytes).
+pub fn encode_packed<'a, H: Serialize>(
+    head: &H,
+    frames: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Vec<u8>, FrameError> {
+    let mut out = postcard::to_allocvec(head).map_err(malformed)?;
+    pack_onto(&mut out, frames)?;
+    Ok(out)
+}
+
+fn pack_onto<'a>(
+    out: &mut Vec<u8>,
+    frames: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<(), FrameError> {
     for f in frames {
         let len = u32::try_from(f.len()).map_err(|_| FrameError::TooLarge {
             len: f.len() as u64,
@@ -184,7 +203,7 @@ pub fn pack<'a>(frames: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<u8>, F
         out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(f);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The `count` frames of a [`pack`]ed payload, borrowed from it: exactly `count` (at most
@@ -303,6 +322,10 @@ mod tests {
     fn packed_frames_round_trip_and_a_bad_pack_is_a_typed_error() {
         let frames: [&[u8]; 3] = [b"one", b"", &[7; 300]];
         let packed = pack(frames).unwrap();
+        assert_eq!(
+            encode_packed(&9u8, frames).unwrap(),
+            encode_raw(&9u8, &packed).unwrap()
+        );
         assert_eq!(packed.len(), 3 * 4 + 3 + 300);
         assert_eq!(unpack(&packed, 3).unwrap(), frames);
         // Too few frames, too many, a length past the end, a count over the limit.
