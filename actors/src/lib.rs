@@ -28,6 +28,15 @@ pub fn accepted_key(keys: &[[u8; 32]], key: &str) -> Option<[u8; 32]> {
     keys.contains(&digest).then_some(digest)
 }
 
+/// The message a panic carried (`panic!` with a literal or a formatted string), if it carried
+/// one: what a thread that caught it, or a panic hook, can log.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+}
+
 /// An answer frame carrying `payload` (already encoded).
 pub fn ok_frame(compute_us: u64, payload: &[u8]) -> Vec<u8> {
     frame::encode_raw(&Reply::Ok { compute_us }, payload)
@@ -194,4 +203,24 @@ pub fn rss_bytes_of(pid: u32) -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::panic_message;
+
+    #[test]
+    fn a_panic_message_is_read_from_literals_and_formatted_strings_only() {
+        let caught = |f: fn()| std::panic::catch_unwind(f).expect_err("it panics");
+        assert_eq!(
+            panic_message(caught(|| panic!("a literal")).as_ref()),
+            Some("a literal")
+        );
+        let n = 7;
+        let formatted =
+            std::panic::catch_unwind(move || panic!("formatted {n}")).expect_err("it panics");
+        assert_eq!(panic_message(formatted.as_ref()), Some("formatted 7"));
+        let other = caught(|| std::panic::panic_any(42u32));
+        assert_eq!(panic_message(other.as_ref()), None);
+    }
 }

@@ -132,12 +132,9 @@ fn install_hook() {
             if !FUZZING.with(|f| f.get()) {
                 return default(info);
             }
-            let message = info
-                .payload()
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "(non-string panic)".into());
+            let message = talaria_actors::panic_message(info.payload())
+                .unwrap_or("(non-string panic)")
+                .to_string();
             let location = info
                 .location()
                 .map_or_else(|| "?".into(), |l| format!("{}:{}", l.file(), l.line()));

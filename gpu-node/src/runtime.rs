@@ -551,7 +551,9 @@ impl LayerStage {
 
     /// Checks a request's header: the job to run, an immediate answer, or why it is refused.
     fn check(&mut self, frame: Vec<u8>) -> Result<Admitted, ErrorReply> {
-        let (head, _): (Request, &[u8]) = frame::split(&frame).map_err(|e| frame_error(&e))?;
+        let (head, payload): (Request, &[u8]) =
+            frame::split(&frame).map_err(|e| frame_error(&e))?;
+        let payload_at = frame.len() - payload.len();
         match head {
             Request::StageOpen { session, tenant } => {
                 tracing::info!(stage = %self.name, session, %tenant, "session opened");
@@ -572,19 +574,17 @@ impl LayerStage {
                 tracing::info!(stage = %self.name, session, "session closed");
                 Ok(Admitted::Answered(ok_frame(0, &[])))
             }
-            Request::Setup { session, op } => Ok(Admitted::Run(Job {
-                tenant: self.admit(session, op)?,
-                op,
-                setup: true,
+            Request::Setup { session, op } => {
+                Ok(Admitted::Run(self.job(session, op, true, frame)?))
+            }
+            Request::Call { session, op, .. } => {
+                Ok(Admitted::Run(self.job(session, op, false, frame)?))
+            }
+            Request::Batch { calls } => Ok(Admitted::Batch {
+                calls,
                 frame,
-            })),
-            Request::Call { session, op, .. } => Ok(Admitted::Run(Job {
-                tenant: self.admit(session, op)?,
-                op,
-                setup: false,
-                frame,
-            })),
-            Request::Batch { calls } => Ok(Admitted::Batch { calls, frame }),
+                payload_at,
+            }),
             other => Err(ErrorReply::new(
                 "unexpected_request",
                 format!("a gpu-node does not serve {other:?}"),
@@ -600,8 +600,12 @@ enum Admitted {
     /// Answered at once (a session opened or closed): the encoded answer frame.
     Answered(Vec<u8>),
     /// A coordinator's batch of `calls` calls, each admitted on its own
-    /// ([`LayerStage::serve_batch`]).
-    Batch { calls: u32, frame: Vec<u8> },
+    /// ([`LayerStage::serve_batch`]); its packed calls start at `payload_at`.
+    Batch {
+        calls: u32,
+        frame: Vec<u8>,
+        payload_at: usize,
+    },
 }
 
 /// The answer frame refusing a request with `e`, logged and counted for stage `stage`.
@@ -625,22 +629,31 @@ impl LayerStage {
                 "a batch carries masked calls only",
             ));
         };
+        self.job(session, op, false, frame.to_vec())
+    }
+
+    /// The job of an admitted set-up or call of `session` for `op` ([`admit`](Self::admit)).
+    fn job(
+        &self,
+        session: SessionId,
+        op: OpId,
+        setup: bool,
+        frame: Vec<u8>,
+    ) -> Result<Job, ErrorReply> {
         Ok(Job {
             tenant: self.admit(session, op)?,
             op,
-            setup: false,
-            frame: frame.to_vec(),
+            setup,
+            frame,
         })
     }
 
-    /// Serves a batch frame: each call admitted and answered on its own, the answers packed in
-    /// the calls' order.
-    fn serve_batch(&self, calls: u32, frame: &[u8]) -> ResponseFuture<Vec<u8>> {
+    /// Serves a batch frame's `calls` packed calls (its payload): each call admitted and
+    /// answered on its own, the answers packed in the calls' order.
+    fn serve_batch(&self, calls: u32, packed: &[u8]) -> ResponseFuture<Vec<u8>> {
         let name = self.name.clone();
         let refuse = move |e: &ErrorReply| refused(&name, e);
-        let parts = frame::split::<Request>(frame)
-            .and_then(|(_, payload)| frame::unpack(payload, calls as usize));
-        let parts = match parts {
+        let parts = match frame::unpack(packed, calls as usize) {
             Ok(p) => p,
             Err(e) => {
                 let answer = refuse(&frame_error(&e));
@@ -705,7 +718,11 @@ impl Handler<Serve> for LayerStage {
                 Box::pin(async move { answer })
             }
             Ok(Admitted::Answered(answer)) => Box::pin(async move { answer }),
-            Ok(Admitted::Batch { calls, frame }) => self.serve_batch(calls, &frame),
+            Ok(Admitted::Batch {
+                calls,
+                frame,
+                payload_at,
+            }) => self.serve_batch(calls, &frame[payload_at..]),
             Ok(Admitted::Run(job)) => {
                 if !job.setup {
                     metrics::STAGE_FRAME_CALLS.observe(1.0);

@@ -348,11 +348,8 @@ impl LinearWeights {
                 match loaded {
                     Ok(stack) => Placed::Cuda(stack?),
                     Err(panic) => {
-                        let why = panic
-                            .downcast_ref::<String>()
-                            .map(String::as_str)
-                            .or_else(|| panic.downcast_ref::<&str>().copied())
-                            .unwrap_or("no message");
+                        let why =
+                            talaria_actors::panic_message(panic.as_ref()).unwrap_or("no message");
                         return Err(NodeError::Backend(format!(
                             "{placement}: loading the weights there failed (no driver, no such \
                              device, or out of its memory): {why}"

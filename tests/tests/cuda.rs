@@ -26,10 +26,9 @@ fn no_device() -> Option<String> {
         Ok(v) if v == 3.0 => None,
         Ok(v) => Some(format!("the probe summed to {v}")),
         Err(e) => Some(
-            e.downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "the CUDA runtime panicked".into()),
+            talaria_actors::panic_message(e.as_ref())
+                .unwrap_or("the CUDA runtime panicked")
+                .to_string(),
         ),
     }
 }
