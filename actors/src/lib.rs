@@ -55,8 +55,10 @@ pub fn frame_error(e: &FrameError) -> ErrorReply {
 }
 
 /// Serves every bidirectional stream of `conn` with `handle`: one request frame in, one answer
-/// frame out. Frames that cannot be read get a typed error answer; the connection stays up.
-pub async fn serve_streams<F, Fut>(conn: quinn::Connection, max_frame: usize, handle: F)
+/// frame out, each read within `intake`'s bounds (this connection's: see
+/// [`talaria_net::Intake::for_connection`]). Frames that cannot be read get a typed error
+/// answer; the connection stays up.
+pub async fn serve_streams<F, Fut>(conn: quinn::Connection, intake: talaria_net::Intake, handle: F)
 where
     F: Fn(Vec<u8>) -> Fut + Clone + 'static,
     Fut: std::future::Future<Output = Vec<u8>> + 'static,
@@ -70,9 +72,9 @@ where
                 return;
             }
         };
-        let handle = handle.clone();
+        let (handle, intake) = (handle.clone(), intake.clone());
         actix_rt::spawn(async move {
-            let answer = match talaria_net::read_frame(&mut recv, max_frame).await {
+            let answer = match talaria_net::read_frame_in(&mut recv, &intake).await {
                 Ok(Some(frame)) => {
                     let answer = handle(frame).await;
                     // Taken last, when a large request's end has surely arrived: the stream is

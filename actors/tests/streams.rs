@@ -30,7 +30,8 @@ fn requests_end_their_streams_without_stop_sending() {
                 .await
                 .expect("handshake");
             // Answers each request with its bytes reversed.
-            talaria_actors::serve_streams(conn.clone(), 1 << 20, |frame: Vec<u8>| async move {
+            let intake = talaria_net::Intake::new(1 << 20, talaria_net::FRAME_DEADLINE);
+            talaria_actors::serve_streams(conn.clone(), intake, |frame: Vec<u8>| async move {
                 frame.into_iter().rev().collect()
             })
             .await;

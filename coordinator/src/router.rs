@@ -117,6 +117,82 @@ impl Handler<AgentCert> for Router {
     }
 }
 
+/// The gate of a new agent connection ([`Gate`]), opened by the router when it admits it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AgentGate(pub AgentId, pub Gate);
+
+impl Handler<AgentGate> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: AgentGate, _: &mut Context<Self>) {
+        self.gates.insert(msg.0, msg.1);
+    }
+}
+
+/// The largest request frame of a connection not yet admitted: a `Challenge`, or a `Hello`
+/// with at most [`MAX_EVIDENCE_BYTES`] of evidence and its names.
+pub const UNADMITTED_FRAME: usize = MAX_EVIDENCE_BYTES + (16 << 10);
+
+/// Bytes of unfinished frames a connection not yet admitted may make the coordinator hold (a
+/// `Challenge` and a `Hello` at once). QUIC's own window bounds what waits beyond it.
+pub const UNADMITTED_BYTES: usize = 2 * UNADMITTED_FRAME;
+
+/// How long a connection may stay without being admitted before the coordinator closes it.
+pub const ADMISSION_WINDOW: Duration = Duration::from_secs(30);
+
+/// The most connections not yet admitted the coordinator keeps at once: a new one beyond them
+/// closes the oldest (an agent is admitted a moment after it connects).
+pub const MAX_UNADMITTED: usize = 64;
+
+/// What an agent's connection may make the coordinator hold. Before admission: frames of at
+/// most [`UNADMITTED_FRAME`] bytes, [`UNADMITTED_BYTES`] of them unfinished at once, so that a
+/// peer nobody has admitted — anyone who can reach the port — holds a Hello's worth of memory,
+/// not the request limit's (about 100 MB a frame, on each of 256 streams). Once admitted, the
+/// request limit and no budget: the agent is attested code.
+#[derive(Clone)]
+pub struct Gate {
+    intake: talaria_net::Intake,
+    conn: quinn::Connection,
+    admitted_limit: usize,
+    admitted: Arc<AtomicBool>,
+}
+
+impl Gate {
+    /// A closed gate on `conn`; `admitted_limit` is the request limit once open.
+    pub fn closed(conn: quinn::Connection, admitted_limit: usize) -> Self {
+        let intake = talaria_net::Intake::new(
+            UNADMITTED_FRAME.min(admitted_limit),
+            talaria_net::FRAME_DEADLINE,
+        )
+        .with_own_budget(UNADMITTED_BYTES)
+        .for_connection();
+        Self {
+            intake,
+            conn,
+            admitted_limit,
+            admitted: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Lets the admitted agent send any request of the protocol.
+    fn open(&self) {
+        self.intake.set_limit(self.admitted_limit);
+        self.intake.lift_own_budget();
+        self.admitted.store(true, Ordering::Release);
+    }
+
+    /// Whether the router admitted the connection.
+    pub fn is_open(&self) -> bool {
+        self.admitted.load(Ordering::Acquire)
+    }
+
+    /// Closes the connection, saying why.
+    fn close(&self, why: &'static str) {
+        self.conn.close(0u32.into(), why.as_bytes());
+    }
+}
+
 /// An agent's connection is gone: close its sessions.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -136,6 +212,8 @@ pub struct Router {
     challenges: HashMap<AgentId, [u8; 32]>,
     /// The certificate (DER) each agent connection proved it holds the key of.
     certs: HashMap<AgentId, Vec<u8>>,
+    /// Each agent connection's gate, opened on admission.
+    gates: HashMap<AgentId, Gate>,
     /// Each open session's agent, tenant and stages.
     sessions: HashMap<SessionId, SessionRoute>,
     /// The most open sessions each tenant may hold.
@@ -191,6 +269,7 @@ impl Router {
             agents: HashMap::new(),
             challenges: HashMap::new(),
             certs: HashMap::new(),
+            gates: HashMap::new(),
             sessions: HashMap::new(),
         }
     }
@@ -310,6 +389,9 @@ impl Router {
             }
             self.admission.admit(tenant, name, evidence, &nonce, key)?;
             tracing::info!(agent, %tenant, name = %name, "agent admitted");
+            if let Some(gate) = self.gates.get(&agent) {
+                gate.open();
+            }
             self.agents.insert(agent, tenant.clone());
             metrics::ROUTER_AGENTS.set(self.agents.len() as i64);
             let answer = ok_frame(0, &self.provision);
@@ -555,6 +637,7 @@ impl Handler<AgentGone> for Router {
         metrics::ROUTER_AGENTS.set(self.agents.len() as i64);
         self.challenges.remove(&msg.0);
         self.certs.remove(&msg.0);
+        self.gates.remove(&msg.0);
         let gone: Vec<(SessionId, Vec<usize>)> = self
             .sessions
             .iter()
@@ -826,22 +909,18 @@ pub struct AgentLink {
     id: AgentId,
     conn: quinn::Connection,
     router: Addr<Router>,
-    max_frame: usize,
+    gate: Gate,
 }
 
 impl AgentLink {
-    /// A link for connection `conn`, known to the router as `id`.
-    pub fn new(
-        id: AgentId,
-        conn: quinn::Connection,
-        router: Addr<Router>,
-        max_frame: usize,
-    ) -> Self {
+    /// A link for connection `conn`, known to the router as `id`, its frames read through
+    /// `gate` (the router opens it on admission).
+    pub fn new(id: AgentId, conn: quinn::Connection, router: Addr<Router>, gate: Gate) -> Self {
         Self {
             id,
             conn,
             router,
-            max_frame,
+            gate,
         }
     }
 }
@@ -855,18 +934,32 @@ impl Actor for AgentLink {
         if let Some(cert) = talaria_net::peer_cert_der(&self.conn) {
             router.do_send(AgentCert(id, cert));
         }
-        let serve =
-            talaria_actors::serve_streams(self.conn.clone(), self.max_frame, move |frame| {
-                let router = router.clone();
-                async move {
-                    router
-                        .send(Route { agent: id, frame })
-                        .await
-                        .unwrap_or_else(|e| {
-                            err_frame(&ErrorReply::new("internal", format!("router: {e}")))
-                        })
-                }
-            });
+        router.do_send(AgentGate(id, self.gate.clone()));
+        // A peer that is not admitted in time is let go.
+        let gate = self.gate.clone();
+        ctx.run_later(ADMISSION_WINDOW, move |act, _| {
+            if !gate.is_open() {
+                tracing::warn!(
+                    agent = act.id,
+                    error_type = "not_admitted",
+                    "closing a connection not admitted within {ADMISSION_WINDOW:?}"
+                );
+                metrics::error("not_admitted");
+                gate.close("not admitted in time");
+            }
+        });
+        let intake = self.gate.intake.clone();
+        let serve = talaria_actors::serve_streams(self.conn.clone(), intake, move |frame| {
+            let router = router.clone();
+            async move {
+                router
+                    .send(Route { agent: id, frame })
+                    .await
+                    .unwrap_or_else(|e| {
+                        err_frame(&ErrorReply::new("internal", format!("router: {e}")))
+                    })
+            }
+        });
         ctx.spawn(serve.into_actor(self).map(|(), act, ctx| {
             act.router.do_send(AgentGone(act.id));
             ctx.stop();
@@ -874,18 +967,37 @@ impl Actor for AgentLink {
     }
 }
 
-/// Accepts cvm-agent connections on `endpoint`, one [`AgentLink`] each.
+/// Accepts cvm-agent connections on `endpoint`, one [`AgentLink`] each. At most
+/// [`MAX_UNADMITTED`] of them wait for admission at once: one more closes the oldest.
 pub async fn serve(endpoint: quinn::Endpoint, router: Addr<Router>, max_frame: usize) {
     let mut next: AgentId = 1;
+    let waiting = Arc::new(std::sync::Mutex::new(
+        std::collections::VecDeque::<Gate>::new(),
+    ));
     while let Some(incoming) = endpoint.accept().await {
         let id = next;
         next += 1;
-        let router = router.clone();
+        let (router, waiting) = (router.clone(), waiting.clone());
         actix_rt::spawn(async move {
             match incoming.await {
                 Ok(conn) => {
                     tracing::info!(agent = id, peer = %conn.remote_address(), "agent connected");
-                    AgentLink::new(id, conn, router, max_frame).start();
+                    let gate = Gate::closed(conn.clone(), max_frame);
+                    {
+                        let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
+                        waiting.retain(|g| !g.is_open() && g.conn.close_reason().is_none());
+                        if waiting.len() >= MAX_UNADMITTED {
+                            let oldest = waiting.pop_front().expect("not empty");
+                            tracing::warn!(
+                                peer = %oldest.conn.remote_address(),
+                                error_type = "overloaded",
+                                "closing the oldest connection not admitted: {MAX_UNADMITTED} wait"
+                            );
+                            oldest.close("too many connections not admitted");
+                        }
+                        waiting.push_back(gate.clone());
+                    }
+                    AgentLink::new(id, conn, router, gate).start();
                 }
                 Err(e) => tracing::warn!("agent handshake failed: {e}"),
             }

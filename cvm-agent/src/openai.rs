@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix_web::http::StatusCode;
 use actix_web::web::{self, Bytes, Json};
@@ -876,6 +876,18 @@ pub fn configure(api: Api) -> impl Fn(&mut web::ServiceConfig) + Clone {
     }
 }
 
+/// TLS handshakes in progress a worker of the HTTPS API keeps at once (actix's default is 256).
+/// A connection that never starts its handshake holds one until [`TLS_HANDSHAKE_TIMEOUT`]: with
+/// the default, a stranger's thousand silent sockets kept the tenant's connection waiting in
+/// the accept queue for seconds.
+pub const TLS_HANDSHAKES_PER_WORKER: usize = 16 << 10;
+
+/// The longest a TLS handshake on the HTTPS API may take (actix's default is 3 s).
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The longest a client may take to send a request's head once connected.
+pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves the API on `addr` over HTTPS with `tls`. Must be called inside an actix `System`.
 pub fn serve(addr: SocketAddr, api: Api, tls: rustls::ServerConfig) -> std::io::Result<()> {
     let routes = configure(api);
@@ -883,6 +895,9 @@ pub fn serve(addr: SocketAddr, api: Api, tls: rustls::ServerConfig) -> std::io::
         actix_web::HttpServer::new(move || actix_web::App::new().configure(routes.clone()))
             .workers(2)
             .disable_signals()
+            .max_connection_rate(TLS_HANDSHAKES_PER_WORKER)
+            .tls_handshake_timeout(TLS_HANDSHAKE_TIMEOUT)
+            .client_request_timeout(REQUEST_HEAD_TIMEOUT)
             .bind_rustls_0_23(addr, tls)?
             .run();
     actix_rt::spawn(server);

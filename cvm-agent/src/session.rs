@@ -560,37 +560,119 @@ fn only(event: TenantEvent) -> mpsc::UnboundedReceiver<TenantEvent> {
     rx
 }
 
-/// The most tenant connections an agent holds at once; more are refused at the handshake.
+/// The most tenant connections an agent holds at once. When they are all open, a new one
+/// closes the oldest that has not presented one of the tenant's API keys; with none such, it is
+/// refused at the handshake.
 pub const MAX_TENANT_CONNECTIONS: usize = 256;
 
+/// How long a tenant connection may stay open without presenting one of the tenant's API keys
+/// (in a `Generate`; an `Attest` needs none, and takes a moment).
+pub const UNAUTHENTICATED_WINDOW: Duration = Duration::from_secs(30);
+
+/// The longest a tenant's request frame may take to arrive whole, from its stream's opening.
+pub const TENANT_FRAME_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Bytes of unfinished request frames one tenant connection may make the agent hold at once
+/// (two frames of the largest size).
+pub const TENANT_CONNECTION_BYTES: usize = 2 * talaria_wire::MAX_TENANT_MESSAGE;
+
+/// Bytes of unfinished request frames all tenant connections together may make the agent hold.
+pub const TENANT_PORT_BYTES: usize = 64 << 20;
+
+/// One open tenant connection, as [`serve`] keeps it.
+struct OpenConnection {
+    id: u64,
+    conn: quinn::Connection,
+    /// Set once the connection presented one of the tenant's API keys.
+    authenticated: Arc<AtomicBool>,
+}
+
+/// The tenant port's open connections, oldest first.
+#[derive(Default)]
+struct OpenConnections {
+    next: u64,
+    open: std::collections::VecDeque<OpenConnection>,
+    /// Handshakes under way (not yet in `open`).
+    pending: usize,
+}
+
+impl OpenConnections {
+    /// Room for one more connection: `false` when every one open has presented a key; else
+    /// the oldest that has not is closed if there is no room.
+    fn make_room(&mut self) -> bool {
+        if self.open.len() + self.pending < MAX_TENANT_CONNECTIONS {
+            return true;
+        }
+        let Some(i) = self
+            .open
+            .iter()
+            .position(|c| !c.authenticated.load(Ordering::Acquire))
+        else {
+            return false;
+        };
+        let oldest = self.open.remove(i).expect("a position in the list");
+        tracing::warn!(
+            peer = %oldest.conn.remote_address(),
+            error_type = "overloaded",
+            "closing the oldest tenant connection without an API key: {MAX_TENANT_CONNECTIONS} open"
+        );
+        oldest.conn.close(0u32.into(), b"too many connections");
+        true
+    }
+}
+
 /// Answers tenants on `endpoint`: each stream carries one [`TenantMessage`] (at most
-/// [`talaria_wire::MAX_TENANT_MESSAGE`] bytes): `Attest` gets evidence from `attestor`,
-/// `Generate` the generation's events from a [`Session`] of its own. A tenant whose connection
-/// closes stops its generations, queued or running.
+/// [`talaria_wire::MAX_TENANT_MESSAGE`] bytes, read within [`TENANT_FRAME_DEADLINE`] and the
+/// budgets [`TENANT_CONNECTION_BYTES`] and [`TENANT_PORT_BYTES`]): `Attest` gets evidence from
+/// `attestor`, `Generate` the generation's events from a [`Session`] of its own. A tenant whose
+/// connection closes stops its generations, queued or running. Anyone who can reach the port
+/// can connect, so what a connection may hold before it presents an API key is bounded:
+/// [`MAX_TENANT_CONNECTIONS`] and [`UNAUTHENTICATED_WINDOW`].
 pub async fn serve(
     endpoint: quinn::Endpoint,
     tenancy: Tenancy,
     attestor: Attestor,
     api_keys: Arc<Vec<[u8; 32]>>,
 ) {
-    let connections = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(std::sync::Mutex::new(OpenConnections::default()));
+    let port = talaria_net::Intake::new(talaria_wire::MAX_TENANT_MESSAGE, TENANT_FRAME_DEADLINE)
+        .with_own_budget(TENANT_CONNECTION_BYTES)
+        .with_shared_budget(TENANT_PORT_BYTES);
     while let Some(incoming) = endpoint.accept().await {
-        if connections.load(Ordering::Acquire) >= MAX_TENANT_CONNECTIONS {
-            tracing::warn!(
-                peer = %incoming.remote_address(),
-                error_type = "overloaded",
-                "tenant connection refused: {MAX_TENANT_CONNECTIONS} open"
-            );
-            incoming.refuse();
-            continue;
-        }
-        connections.fetch_add(1, Ordering::AcqRel);
+        let id = {
+            let mut open = connections.lock().unwrap_or_else(|e| e.into_inner());
+            if !open.make_room() {
+                tracing::warn!(
+                    peer = %incoming.remote_address(),
+                    error_type = "overloaded",
+                    "tenant connection refused: {MAX_TENANT_CONNECTIONS} open, each with an API key"
+                );
+                incoming.refuse();
+                continue;
+            }
+            open.pending += 1;
+            open.next += 1;
+            open.next
+        };
         let (tenancy, attestor) = (tenancy.clone(), attestor.clone());
         let api_keys = api_keys.clone();
         let connections = connections.clone();
+        let intake = port.for_connection();
         actix_rt::spawn(async move {
-            let _open = Counted(&connections);
-            let conn = match incoming.await {
+            let handshake = incoming.await;
+            let authenticated = Arc::new(AtomicBool::new(false));
+            {
+                let mut open = connections.lock().unwrap_or_else(|e| e.into_inner());
+                open.pending -= 1;
+                if let Ok(conn) = &handshake {
+                    open.open.push_back(OpenConnection {
+                        id,
+                        conn: conn.clone(),
+                        authenticated: authenticated.clone(),
+                    });
+                }
+            }
+            let conn = match handshake {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!("tenant handshake failed: {e}");
@@ -599,12 +681,37 @@ pub async fn serve(
             };
             let peer = conn.remote_address();
             tracing::info!(%peer, "tenant connected");
+            let window = {
+                let (conn, authenticated) = (conn.clone(), authenticated.clone());
+                actix_rt::spawn(async move {
+                    tokio::time::sleep(UNAUTHENTICATED_WINDOW).await;
+                    if !authenticated.load(Ordering::Acquire) {
+                        tracing::info!(
+                            %peer,
+                            "closing a tenant connection without an API key after {UNAUTHENTICATED_WINDOW:?}"
+                        );
+                        conn.close(0u32.into(), b"no API key in time");
+                    }
+                })
+            };
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let (tenancy, attestor) = (tenancy.clone(), attestor.clone());
-                let api_keys = api_keys.clone();
+                let (api_keys, intake) = (api_keys.clone(), intake.clone());
+                let authenticated = authenticated.clone();
                 let closed = conn.clone();
                 actix_rt::spawn(async move {
-                    let stream = answer_stream(send, recv, peer, tenancy, attestor, api_keys);
+                    let stream = answer_stream(
+                        send,
+                        recv,
+                        peer,
+                        Tenant {
+                            tenancy,
+                            attestor,
+                            api_keys,
+                            intake,
+                            authenticated,
+                        },
+                    );
                     tokio::select! {
                         () = stream => {}
                         // Dropping the stream's work drops its events' receiver: the
@@ -613,8 +720,22 @@ pub async fn serve(
                     }
                 });
             }
+            window.abort();
+            let mut open = connections.lock().unwrap_or_else(|e| e.into_inner());
+            open.open.retain(|c| c.id != id);
         });
     }
+}
+
+/// What a tenant connection's streams are answered with.
+struct Tenant {
+    tenancy: Tenancy,
+    attestor: Attestor,
+    api_keys: Arc<Vec<[u8; 32]>>,
+    /// The connection's bounds on reading requests.
+    intake: talaria_net::Intake,
+    /// Set when the connection presents one of the tenant's API keys.
+    authenticated: Arc<AtomicBool>,
 }
 
 /// Answers one tenant stream.
@@ -622,11 +743,16 @@ async fn answer_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     peer: std::net::SocketAddr,
-    tenancy: Tenancy,
-    attestor: Attestor,
-    api_keys: Arc<Vec<[u8; 32]>>,
+    tenant: Tenant,
 ) {
-    let first = match talaria_net::read_frame(&mut recv, talaria_wire::MAX_TENANT_MESSAGE).await {
+    let Tenant {
+        tenancy,
+        attestor,
+        api_keys,
+        intake,
+        authenticated,
+    } = tenant;
+    let first = match talaria_net::read_frame_in(&mut recv, &intake).await {
         // Padded by the tenant's client: one that stopped padding is refused, as its requests'
         // lengths would tell the network its prompts'.
         Ok(Some(f)) => frame::body_padded::<TenantMessage>(&f, talaria_wire::TENANT_REQUEST_BUCKET),
@@ -636,6 +762,7 @@ async fn answer_stream(
     let mut rx = match first {
         Ok(TenantMessage::Generate { request, api_key }) => {
             if let Some(digest) = talaria_actors::accepted_key(&api_keys, &api_key) {
+                authenticated.store(true, Ordering::Release);
                 tenancy.generate(request, Principal(digest)).await
             } else {
                 tracing::warn!(%peer, error_type = "invalid_api_key", "generation refused");

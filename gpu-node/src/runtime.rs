@@ -774,7 +774,8 @@ pub async fn serve(endpoint: quinn::Endpoint, stage: Addr<LayerStage>, max_frame
             };
             tracing::info!(peer = %conn.remote_address(), "connected");
             actix_rt::spawn(count_path_losses(conn.clone()));
-            talaria_actors::serve_streams(conn, max_frame, move |frame| {
+            let intake = talaria_net::Intake::new(max_frame, talaria_net::FRAME_DEADLINE);
+            talaria_actors::serve_streams(conn, intake, move |frame| {
                 let stage = stage.clone();
                 async move {
                     stage.send(Serve(frame)).await.unwrap_or_else(|e| {

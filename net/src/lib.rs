@@ -4,11 +4,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use talaria_wire::frame::{FrameError, check_len};
 
@@ -704,17 +706,27 @@ fn conn_err(e: impl std::fmt::Display) -> FrameError {
 /// `Ok(None)`: the stream ended cleanly before a frame began.
 pub async fn read_frame(recv: &mut RecvStream, max: usize) -> Result<Option<Vec<u8>>, FrameError> {
     let mut prefix = [0u8; 4];
-    match recv.read_exact(&mut prefix).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(quinn::ReadExactError::FinishedEarly(n)) => {
-            return Err(FrameError::Malformed(format!(
-                "stream ended inside a length prefix ({n} of 4 bytes)"
-            )));
-        }
-        Err(quinn::ReadExactError::ReadError(e)) => return Err(conn_err(e)),
+    if !read_prefix(recv, &mut prefix).await? {
+        return Ok(None);
     }
     let len = check_len(prefix, max)?;
+    read_body(recv, len).await.map(Some)
+}
+
+/// Reads a frame's length prefix into `prefix`; `false` where the stream ended cleanly first.
+async fn read_prefix(recv: &mut RecvStream, prefix: &mut [u8; 4]) -> Result<bool, FrameError> {
+    match recv.read_exact(prefix).await {
+        Ok(()) => Ok(true),
+        Err(quinn::ReadExactError::FinishedEarly(0)) => Ok(false),
+        Err(quinn::ReadExactError::FinishedEarly(n)) => Err(FrameError::Malformed(format!(
+            "stream ended inside a length prefix ({n} of 4 bytes)"
+        ))),
+        Err(quinn::ReadExactError::ReadError(e)) => Err(conn_err(e)),
+    }
+}
+
+/// Reads a frame's `len` bytes after its prefix, growing the buffer as they arrive.
+async fn read_body(recv: &mut RecvStream, len: usize) -> Result<Vec<u8>, FrameError> {
     let mut buf = Vec::with_capacity(len.min(READ_CHUNK));
     while buf.len() < len {
         let want = (len - buf.len()).min(READ_CHUNK);
@@ -728,7 +740,149 @@ pub async fn read_frame(recv: &mut RecvStream, max: usize) -> Result<Option<Vec<
             }
         }
     }
-    Ok(Some(buf))
+    Ok(buf)
+}
+
+/// The longest a request frame of the cluster may take to arrive whole ([`Intake`]): a call of
+/// the largest prefill is about 100 MB, a second on a 1 Gbit/s link.
+pub const FRAME_DEADLINE: Duration = Duration::from_secs(30);
+
+/// What a server lets its peers make it hold while their request frames arrive, for frames it
+/// reads with [`read_frame_in`].
+///
+/// [`read_frame`] keeps memory to the bytes that actually arrive, but a peer decides how many
+/// arrive: one that sends all of a large frame but its last byte, on every stream it may open,
+/// would otherwise hold that much for as long as it likes. An intake bounds it three ways:
+/// - the largest frame, which its owner may change while it serves (a coordinator raises it
+///   when a peer is admitted);
+/// - bytes of unfinished frames at once, per connection (`own`) and across every connection
+///   that shares `shared`: a frame's body is read only once its whole length is reserved in
+///   both, and stays reserved until it is read;
+/// - a deadline for each frame, from its stream's first byte awaited to its last one read,
+///   waiting for a reservation included.
+#[derive(Debug, Clone)]
+pub struct Intake {
+    limit: Arc<AtomicUsize>,
+    /// (The budget, its size.)
+    own: Option<(Arc<Semaphore>, usize)>,
+    /// Set when the connection's budget no longer applies ([`lift_own_budget`](Self::lift_own_budget)).
+    own_lifted: Arc<AtomicBool>,
+    shared: Option<(Arc<Semaphore>, usize)>,
+    deadline: Duration,
+}
+
+impl Intake {
+    /// Frames of at most `limit` bytes, each read within `deadline`; no budget of bytes.
+    pub fn new(limit: usize, deadline: Duration) -> Self {
+        Self {
+            limit: Arc::new(AtomicUsize::new(limit)),
+            own: None,
+            own_lifted: Arc::new(AtomicBool::new(false)),
+            shared: None,
+            deadline,
+        }
+    }
+
+    /// The same, with at most `bytes` of unfinished frames on each connection it serves (each
+    /// connection's intake is made with [`for_connection`](Self::for_connection)).
+    pub fn with_own_budget(mut self, bytes: usize) -> Self {
+        self.own = Some((Arc::new(Semaphore::new(bytes)), bytes));
+        self
+    }
+
+    /// The same, with at most `bytes` of unfinished frames across every connection whose
+    /// intake comes from this one.
+    pub fn with_shared_budget(mut self, bytes: usize) -> Self {
+        self.shared = Some((Arc::new(Semaphore::new(bytes)), bytes));
+        self
+    }
+
+    /// The intake of one more connection: a fresh budget of its own and a limit of its own
+    /// (so that one connection's can be raised alone), the shared budget shared.
+    pub fn for_connection(&self) -> Self {
+        Self {
+            limit: Arc::new(AtomicUsize::new(self.limit())),
+            own: self
+                .own
+                .as_ref()
+                .map(|&(_, bytes)| (Arc::new(Semaphore::new(bytes)), bytes)),
+            own_lifted: Arc::new(AtomicBool::new(false)),
+            shared: self.shared.clone(),
+            deadline: self.deadline,
+        }
+    }
+
+    /// The largest frame read now.
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Acquire)
+    }
+
+    /// Reads frames of at most `limit` bytes from now on.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Release);
+    }
+
+    /// Frames on this connection no longer need room in its own budget (the shared one still
+    /// applies): for a peer trusted from now on, such as an admitted agent.
+    pub fn lift_own_budget(&self) {
+        self.own_lifted.store(true, Ordering::Release);
+    }
+
+    /// Reserves `len` bytes in each budget, waiting for room. A frame larger than a budget
+    /// reserves all of it.
+    async fn reserve(&self, len: usize) -> Result<Vec<OwnedSemaphorePermit>, FrameError> {
+        let own = self
+            .own
+            .as_ref()
+            .filter(|_| !self.own_lifted.load(Ordering::Acquire));
+        let mut held = Vec::with_capacity(2);
+        for (budget, bytes) in [own, self.shared.as_ref()].into_iter().flatten() {
+            let n = u32::try_from(len.min(*bytes)).unwrap_or(u32::MAX);
+            // The budgets are never closed.
+            let permit = budget
+                .clone()
+                .acquire_many_owned(n)
+                .await
+                .map_err(|e| FrameError::Connection(e.to_string()))?;
+            held.push(permit);
+        }
+        Ok(held)
+    }
+}
+
+/// Reads one length-prefixed frame within `intake`'s bounds ([`Intake`]): too large a frame is
+/// refused from its prefix as [`read_frame`] does; one that does not arrive whole by its
+/// deadline, waiting for room in the budgets included, is refused as `deadline_exceeded`.
+/// Frames wait for room in the order they asked for it, so a frame waits at most for those that
+/// asked before it, each held at most until its own (earlier) deadline.
+/// `Ok(None)`: the stream ended cleanly before a frame began.
+pub async fn read_frame_in(
+    recv: &mut RecvStream,
+    intake: &Intake,
+) -> Result<Option<Vec<u8>>, FrameError> {
+    let deadline = intake.deadline;
+    // How far the frame got, for the error.
+    let mut waiting_for_room = None;
+    let read = async {
+        let mut prefix = [0u8; 4];
+        if !read_prefix(recv, &mut prefix).await? {
+            return Ok(None);
+        }
+        let len = check_len(prefix, intake.limit())?;
+        waiting_for_room = Some(len);
+        let reserved = intake.reserve(len).await?;
+        waiting_for_room = None;
+        let frame = read_body(recv, len).await?;
+        drop(reserved);
+        Ok(Some(frame))
+    };
+    let outcome = tokio::time::timeout(deadline, read).await;
+    outcome.unwrap_or_else(|_| {
+        Err(FrameError::TimedOut(match waiting_for_room {
+            Some(len) => format!("no room for a frame of {len} bytes within {deadline:?}"),
+            None => format!("a frame must arrive whole within {deadline:?}"),
+        }))
+    })
 }
 
 /// The most bytes taken from a stream at once while reading a frame.

@@ -57,6 +57,9 @@ pub enum FrameError {
     Malformed(String),
     #[error("connection: {0}")]
     Connection(String),
+    /// The frame did not arrive whole within the receiver's deadline.
+    #[error("frame not read in time: {0}")]
+    TimedOut(String),
 }
 
 impl FrameError {
@@ -66,6 +69,7 @@ impl FrameError {
             FrameError::TooLarge { .. } => "frame_too_large",
             FrameError::Malformed(_) => "malformed_frame",
             FrameError::Connection(_) => "connection",
+            FrameError::TimedOut(_) => "deadline_exceeded",
         }
     }
 }
