@@ -135,7 +135,8 @@ impl Handler<AgentGate> for Router {
 pub const UNADMITTED_FRAME: usize = MAX_EVIDENCE_BYTES + (16 << 10);
 
 /// Bytes of unfinished frames a connection not yet admitted may make the coordinator hold (a
-/// `Challenge` and a `Hello` at once). QUIC's own window bounds what waits beyond it.
+/// `Challenge` and a `Hello` at once). QUIC's window bounds what waits unread beyond it
+/// (`talaria_net::UNTRUSTED_RECEIVE_WINDOW` until admission).
 pub const UNADMITTED_BYTES: usize = 2 * UNADMITTED_FRAME;
 
 /// How long a connection may stay without being admitted before the coordinator closes it.
@@ -149,7 +150,7 @@ pub const MAX_UNADMITTED: usize = 64;
 /// most [`UNADMITTED_FRAME`] bytes, [`UNADMITTED_BYTES`] of them unfinished at once, so that a
 /// peer nobody has admitted — anyone who can reach the port — holds a Hello's worth of memory,
 /// not the request limit's (about 100 MB a frame, on each of 256 streams). Once admitted, the
-/// request limit and no budget: the agent is attested code.
+/// request limit, no budget and QUIC's full receive window: the agent is attested code.
 #[derive(Clone)]
 pub struct Gate {
     intake: talaria_net::Intake,
@@ -179,6 +180,7 @@ impl Gate {
     fn open(&self) {
         self.intake.set_limit(self.admitted_limit);
         self.intake.lift_own_budget();
+        talaria_net::trust_connection(&self.conn);
         self.admitted.store(true, Ordering::Release);
     }
 

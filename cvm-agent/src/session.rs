@@ -579,46 +579,80 @@ pub const TENANT_CONNECTION_BYTES: usize = 2 * talaria_wire::MAX_TENANT_MESSAGE;
 /// Bytes of unfinished request frames all tenant connections together may make the agent hold.
 pub const TENANT_PORT_BYTES: usize = 64 << 20;
 
-/// One open tenant connection, as [`serve`] keeps it.
-struct OpenConnection {
+/// One tenant connection, as [`serve`] keeps it: from its first packet, its handshake under way,
+/// then open.
+struct Slot {
     id: u64,
-    conn: quinn::Connection,
     /// Set once the connection presented one of the tenant's API keys.
     authenticated: Arc<AtomicBool>,
+    /// Once the handshake is done.
+    conn: Option<quinn::Connection>,
+    /// The task that runs the connection (its handshake first): aborted, it drops a handshake
+    /// under way.
+    task: Option<tokio::task::AbortHandle>,
 }
 
-/// The tenant port's open connections, oldest first.
+/// The tenant port's connections, handshakes under way included, oldest first.
 #[derive(Default)]
-struct OpenConnections {
+struct Slots {
     next: u64,
-    open: std::collections::VecDeque<OpenConnection>,
-    /// Handshakes under way (not yet in `open`).
-    pending: usize,
+    slots: std::collections::VecDeque<Slot>,
 }
 
-impl OpenConnections {
-    /// Room for one more connection: `false` when every one open has presented a key; else
-    /// the oldest that has not is closed if there is no room.
-    fn make_room(&mut self) -> bool {
-        if self.open.len() + self.pending < MAX_TENANT_CONNECTIONS {
-            return true;
+impl Slots {
+    /// A slot for one more connection, its id; `None` when all [`MAX_TENANT_CONNECTIONS`]
+    /// have presented a key. Else, if they are all taken, the oldest without a key is let go:
+    /// a handshake under way is dropped, an open connection closed.
+    fn take(&mut self) -> Option<(u64, Arc<AtomicBool>)> {
+        if self.slots.len() >= MAX_TENANT_CONNECTIONS {
+            let i = self
+                .slots
+                .iter()
+                .position(|c| !c.authenticated.load(Ordering::Acquire))?;
+            let oldest = self.slots.remove(i).expect("a position in the list");
+            match &oldest.conn {
+                Some(conn) => {
+                    tracing::warn!(
+                        peer = %conn.remote_address(),
+                        error_type = "overloaded",
+                        "closing the oldest tenant connection without an API key: \
+                         {MAX_TENANT_CONNECTIONS} taken"
+                    );
+                    conn.close(0u32.into(), b"too many connections");
+                }
+                None => tracing::warn!(
+                    error_type = "overloaded",
+                    "dropping the oldest tenant handshake under way: {MAX_TENANT_CONNECTIONS} taken"
+                ),
+            }
+            if let Some(task) = &oldest.task {
+                task.abort();
+            }
         }
-        let Some(i) = self
-            .open
-            .iter()
-            .position(|c| !c.authenticated.load(Ordering::Acquire))
-        else {
-            return false;
-        };
-        let oldest = self.open.remove(i).expect("a position in the list");
-        tracing::warn!(
-            peer = %oldest.conn.remote_address(),
-            error_type = "overloaded",
-            "closing the oldest tenant connection without an API key: {MAX_TENANT_CONNECTIONS} open"
-        );
-        oldest.conn.close(0u32.into(), b"too many connections");
-        true
+        self.next += 1;
+        let authenticated = Arc::new(AtomicBool::new(false));
+        self.slots.push_back(Slot {
+            id: self.next,
+            authenticated: authenticated.clone(),
+            conn: None,
+            task: None,
+        });
+        Some((self.next, authenticated))
     }
+
+    fn get(&mut self, id: u64) -> Option<&mut Slot> {
+        self.slots.iter_mut().find(|c| c.id == id)
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.slots.retain(|c| c.id != id);
+    }
+}
+
+/// The slots, locked. They are only pushed to, updated and taken from: a panic elsewhere
+/// leaves the list whole.
+fn lock(slots: &std::sync::Mutex<Slots>) -> std::sync::MutexGuard<'_, Slots> {
+    slots.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Answers tenants on `endpoint`: each stream carries one [`TenantMessage`] (at most
@@ -634,51 +668,42 @@ pub async fn serve(
     attestor: Attestor,
     api_keys: Arc<Vec<[u8; 32]>>,
 ) {
-    let connections = Arc::new(std::sync::Mutex::new(OpenConnections::default()));
+    let slots = Arc::new(std::sync::Mutex::new(Slots::default()));
     let port = talaria_net::Intake::new(talaria_wire::MAX_TENANT_MESSAGE, TENANT_FRAME_DEADLINE)
         .with_own_budget(TENANT_CONNECTION_BYTES)
         .with_shared_budget(TENANT_PORT_BYTES);
     while let Some(incoming) = endpoint.accept().await {
-        let id = {
-            let mut open = connections.lock().unwrap_or_else(|e| e.into_inner());
-            if !open.make_room() {
-                tracing::warn!(
-                    peer = %incoming.remote_address(),
-                    error_type = "overloaded",
-                    "tenant connection refused: {MAX_TENANT_CONNECTIONS} open, each with an API key"
-                );
-                incoming.refuse();
-                continue;
-            }
-            open.pending += 1;
-            open.next += 1;
-            open.next
+        let mut taken = lock(&slots);
+        let Some((id, authenticated)) = taken.take() else {
+            tracing::warn!(
+                peer = %incoming.remote_address(),
+                error_type = "overloaded",
+                "tenant connection refused: {MAX_TENANT_CONNECTIONS} open, each with an API key"
+            );
+            incoming.refuse();
+            continue;
         };
         let (tenancy, attestor) = (tenancy.clone(), attestor.clone());
-        let api_keys = api_keys.clone();
-        let connections = connections.clone();
-        let intake = port.for_connection();
-        actix_rt::spawn(async move {
-            let handshake = incoming.await;
-            let authenticated = Arc::new(AtomicBool::new(false));
-            {
-                let mut open = connections.lock().unwrap_or_else(|e| e.into_inner());
-                open.pending -= 1;
-                if let Ok(conn) = &handshake {
-                    open.open.push_back(OpenConnection {
-                        id,
-                        conn: conn.clone(),
-                        authenticated: authenticated.clone(),
-                    });
-                }
-            }
-            let conn = match handshake {
+        let (api_keys, intake) = (api_keys.clone(), port.for_connection());
+        let slots_of_task = slots.clone();
+        let task = actix_rt::spawn(async move {
+            let slots = slots_of_task;
+            let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!("tenant handshake failed: {e}");
+                    lock(&slots).remove(id);
                     return;
                 }
             };
+            match lock(&slots).get(id) {
+                Some(slot) => slot.conn = Some(conn.clone()),
+                // Let go while its handshake finished.
+                None => {
+                    conn.close(0u32.into(), b"too many connections");
+                    return;
+                }
+            }
             let peer = conn.remote_address();
             tracing::info!(%peer, "tenant connected");
             let window = {
@@ -695,23 +720,17 @@ pub async fn serve(
                 })
             };
             while let Ok((send, recv)) = conn.accept_bi().await {
-                let (tenancy, attestor) = (tenancy.clone(), attestor.clone());
-                let (api_keys, intake) = (api_keys.clone(), intake.clone());
-                let authenticated = authenticated.clone();
+                let tenant = Tenant {
+                    tenancy: tenancy.clone(),
+                    attestor: attestor.clone(),
+                    api_keys: api_keys.clone(),
+                    intake: intake.clone(),
+                    authenticated: authenticated.clone(),
+                    conn: conn.clone(),
+                };
                 let closed = conn.clone();
                 actix_rt::spawn(async move {
-                    let stream = answer_stream(
-                        send,
-                        recv,
-                        peer,
-                        Tenant {
-                            tenancy,
-                            attestor,
-                            api_keys,
-                            intake,
-                            authenticated,
-                        },
-                    );
+                    let stream = answer_stream(send, recv, peer, tenant);
                     tokio::select! {
                         () = stream => {}
                         // Dropping the stream's work drops its events' receiver: the
@@ -721,9 +740,11 @@ pub async fn serve(
                 });
             }
             window.abort();
-            let mut open = connections.lock().unwrap_or_else(|e| e.into_inner());
-            open.open.retain(|c| c.id != id);
+            lock(&slots).remove(id);
         });
+        if let Some(slot) = taken.get(id) {
+            slot.task = Some(task.abort_handle());
+        }
     }
 }
 
@@ -736,6 +757,7 @@ struct Tenant {
     intake: talaria_net::Intake,
     /// Set when the connection presents one of the tenant's API keys.
     authenticated: Arc<AtomicBool>,
+    conn: quinn::Connection,
 }
 
 /// Answers one tenant stream.
@@ -751,6 +773,7 @@ async fn answer_stream(
         api_keys,
         intake,
         authenticated,
+        conn,
     } = tenant;
     let first = match talaria_net::read_frame_in(&mut recv, &intake).await {
         // Padded by the tenant's client: one that stopped padding is refused, as its requests'
@@ -762,7 +785,9 @@ async fn answer_stream(
     let mut rx = match first {
         Ok(TenantMessage::Generate { request, api_key }) => {
             if let Some(digest) = talaria_actors::accepted_key(&api_keys, &api_key) {
-                authenticated.store(true, Ordering::Release);
+                if !authenticated.swap(true, Ordering::AcqRel) {
+                    talaria_net::trust_connection(&conn);
+                }
                 tenancy.generate(request, Principal(digest)).await
             } else {
                 tracing::warn!(%peer, error_type = "invalid_api_key", "generation refused");

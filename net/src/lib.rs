@@ -191,11 +191,17 @@ pub enum ClientAuth {
     AnyCertificate,
 }
 
-/// A QUIC server endpoint on `addr` with `tls`.
-fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig) -> Result<Endpoint, TlsError> {
+/// A QUIC server endpoint on `addr` with `tls`, whose connections start with `window` bytes of
+/// receive window ([`RECEIVE_WINDOW`] for the cluster's own peers, [`UNTRUSTED_RECEIVE_WINDOW`]
+/// where anyone may connect).
+fn server_endpoint(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    window: u32,
+) -> Result<Endpoint, TlsError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport());
+    config.transport_config(transport_with(window));
     server_socket(addr)
         .and_then(|socket| endpoint_on(socket, Some(config)))
         .map_err(|e| TlsError::Bind {
@@ -302,9 +308,10 @@ impl TenantIdentity {
         cluster.client_presenting(alpn, Some((vec![self.cert_der.clone().into()], self.key())))
     }
 
-    /// A server endpoint on `addr` speaking `alpn`.
+    /// A server endpoint on `addr` speaking `alpn`, for anyone: its connections start with
+    /// [`UNTRUSTED_RECEIVE_WINDOW`] ([`trust_connection`] widens one).
     pub fn server(&self, addr: SocketAddr, alpn: &[u8]) -> Result<Endpoint, TlsError> {
-        server_endpoint(addr, self.server_config(alpn)?)
+        server_endpoint(addr, self.server_config(alpn)?, UNTRUSTED_RECEIVE_WINDOW)
     }
 }
 
@@ -482,9 +489,26 @@ pub fn idle_timeout() -> Duration {
 
 /// The most stream data a peer may have sent beyond what this side has read, per connection
 /// and per stream.
-const RECEIVE_WINDOW: u32 = 2 << 20;
+pub const RECEIVE_WINDOW: u32 = 2 << 20;
+
+/// The receive window of a connection to a server anyone may reach, until the server trusts its
+/// peer ([`trust_connection`]): what waits unread on a connection is held in memory, and a
+/// server of untrusted peers holds many connections (256 tenant connections at 2 MiB each were
+/// 512 MiB of a stranger's bytes).
+pub const UNTRUSTED_RECEIVE_WINDOW: u32 = 256 << 10;
+
+/// Widens the receive window of `conn` to [`RECEIVE_WINDOW`]: its peer proved who it is (an
+/// admitted agent, a tenant with an API key).
+pub fn trust_connection(conn: &Connection) {
+    conn.set_receive_window(RECEIVE_WINDOW.into());
+}
 
 fn transport() -> Arc<quinn::TransportConfig> {
+    transport_with(RECEIVE_WINDOW)
+}
+
+/// [`transport`] with a connection receive window of `window` bytes.
+fn transport_with(window: u32) -> Arc<quinn::TransportConfig> {
     let idle = idle_timeout();
     let mut t = quinn::TransportConfig::default();
     // Flow control bounds what a peer can make this side buffer, whatever frame lengths it
@@ -497,7 +521,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.max_concurrent_bidi_streams(MAX_STREAMS.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window(RECEIVE_WINDOW.into())
-        .receive_window(RECEIVE_WINDOW.into())
+        .receive_window(window.into())
         .send_window(64 << 20)
         .keep_alive_interval(Some(idle / 4))
         // Masked rows are bulk data: on a path with a large MTU (loopback, jumbo frames) far
@@ -629,7 +653,11 @@ impl TlsMaterial {
             .then(|| self.roots())
             .transpose()?;
         let tls = server_config_with(certs(&self.cert)?, self.private_key()?, alpn, auth, roots)?;
-        server_endpoint(addr, tls)
+        let window = match auth {
+            ClientAuth::Cluster => RECEIVE_WINDOW,
+            ClientAuth::Anyone | ClientAuth::AnyCertificate => UNTRUSTED_RECEIVE_WINDOW,
+        };
+        server_endpoint(addr, tls, window)
     }
 
     /// A client endpoint that trusts the cluster's CA, speaks `alpn`, and presents the

@@ -11,6 +11,9 @@
 //! (actix's per-worker cap on TLS handshakes in progress). Each test failed before the fix
 //! (docs/reliability.md has the numbers before and after).
 
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use talaria_engine::SamplingParams;
@@ -33,6 +36,85 @@ fn greedy(max_tokens: usize) -> TenantRequest {
         stop: Vec::new(),
         cache_salt: None,
     }
+}
+
+/// The tenant's request (greedy, 4 tokens) now, its outcome and time logged as `when`.
+fn tenant_asks(
+    tls: &talaria_net::TlsMaterial,
+    addr: SocketAddr,
+    key: &str,
+    when: &str,
+) -> Result<Vec<u32>, String> {
+    let t0 = Instant::now();
+    let got = ask_agent(tls, addr, key, &greedy(4));
+    eprintln!(
+        "the tenant's request {when}: {:?} after {:.2} s",
+        got.as_ref().map(Vec::len),
+        t0.elapsed().as_secs_f64()
+    );
+    got
+}
+
+/// Closes a stranger's connections on `rt` and waits until its endpoint is idle.
+fn close_all(
+    rt: &tokio::runtime::Runtime,
+    conns: Vec<quinn::Connection>,
+    endpoint: quinn::Endpoint,
+) {
+    rt.block_on(async move {
+        for c in conns {
+            c.close(0u32.into(), b"bye");
+        }
+        endpoint.wait_idle().await;
+    });
+}
+
+/// The tenant got `want` `during` the attack, and the process grew from `rss0` to `peak` by
+/// less than [`BOUND`] (`what` grew it).
+fn assert_served_and_bounded(
+    during: Result<Vec<u32>, String>,
+    want: &[u32],
+    rss0: u64,
+    peak: u64,
+    what: &str,
+) {
+    assert_eq!(during.as_deref(), Ok(want), "the tenant is still served");
+    assert!(
+        peak < rss0 + BOUND,
+        "{what} grew the process by {} MiB (bound {} MiB)",
+        peak.saturating_sub(rss0) / MIB,
+        BOUND / MIB
+    );
+}
+
+/// A stranger's runtime (one worker thread).
+fn stranger_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A stranger's endpoint and up to `n` connections of it to the tenant port at `addr` (fewer
+/// when the agent refuses one).
+async fn tenant_connections(
+    tls: &talaria_net::TlsMaterial,
+    addr: SocketAddr,
+    n: usize,
+) -> (quinn::Endpoint, Vec<quinn::Connection>) {
+    let endpoint = tls.client(talaria_wire::ALPN_TENANT).unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        match tls.connect(&endpoint, addr).await {
+            Ok(c) => conns.push(c),
+            Err(e) => {
+                eprintln!("stranger's connection {} refused: {e}", conns.len());
+                break;
+            }
+        }
+    }
+    (endpoint, conns)
 }
 
 /// Polls the resident memory of `pid` until it exceeds `base + stop_above` or stops growing
@@ -102,17 +184,7 @@ fn stalled_frames_stay_bounded(
     );
     // The tenant's own request while the stranger holds its streams.
     let during = ask_agent(&tls, addr, &key, &greedy(4));
-    assert_eq!(
-        during.as_deref(),
-        Ok(&want[..]),
-        "the tenant is still served"
-    );
-    assert!(
-        rss1 < rss0 + BOUND,
-        "unfinished frames grew {name} by {} MiB (bound {} MiB)",
-        (rss1.saturating_sub(rss0)) / MIB,
-        BOUND / MIB
-    );
+    assert_served_and_bounded(during, &want, rss0, rss1, "unfinished frames");
 }
 
 /// A peer that is *not admitted* — a fresh self-signed key, no Hello, no attestation — opens
@@ -146,42 +218,14 @@ fn a_stranger_holding_idle_connections_does_not_lock_the_tenant_out() {
     let (tls, key) = (cluster.agent_tls("t"), cluster.api_key("t"));
     let want = ask_agent(&tls, addr, &key, &greedy(4)).expect("served before");
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = stranger_runtime();
     let cap = talaria_cvm_agent::session::MAX_TENANT_CONNECTIONS;
-    let (endpoint, held) = rt.block_on(async {
-        let endpoint = tls.client(talaria_wire::ALPN_TENANT).unwrap();
-        let mut held = Vec::new();
-        for _ in 0..cap {
-            match tls.connect(&endpoint, addr).await {
-                Ok(c) => held.push(c),
-                Err(e) => {
-                    eprintln!("stranger's connection {} refused: {e}", held.len());
-                    break;
-                }
-            }
-        }
-        (endpoint, held)
-    });
+    let (endpoint, held) = rt.block_on(tenant_connections(&tls, addr, cap));
     eprintln!("a stranger holds {} idle tenant connections", held.len());
     // Longer than the idle timeout: the connections are kept alive, not timed out.
     std::thread::sleep(Duration::from_secs(3));
-    let t0 = Instant::now();
-    let during = ask_agent(&tls, addr, &key, &greedy(4));
-    eprintln!(
-        "the tenant's request while they are held: {:?} after {:.1} s",
-        during.as_ref().map(Vec::len),
-        t0.elapsed().as_secs_f64()
-    );
-    rt.block_on(async move {
-        for c in held {
-            c.close(0u32.into(), b"bye");
-        }
-        endpoint.wait_idle().await;
-    });
+    let during = tenant_asks(&tls, addr, &key, "while they are held");
+    close_all(&rt, held, endpoint);
     assert_eq!(
         during.as_deref(),
         Ok(&want[..]),
@@ -266,4 +310,311 @@ fn silent_tcp_connections_from_a_stranger_do_not_stall_the_https_api() {
             "the tenant waited {s:.1} s (before: {base:.2} s)"
         );
     }
+}
+
+// What a stranger could still do after the first fix, found by a second helper; each test
+// failed on that fix (docs/reliability.md).
+
+/// A stranger that starts QUIC handshakes with the agent's tenant port and never finishes them:
+/// a real QUIC client dials a socket of the stranger's, which forwards what the client sends to
+/// the agent and drops every answer. Each such handshake is "under way" on the agent until its
+/// idle timeout (2 s), `rate` new ones a second. Returns a flag to stop it and the count sent.
+fn stall_handshakes(
+    tls: &talaria_net::TlsMaterial,
+    target: SocketAddr,
+    rate: usize,
+) -> (
+    Arc<AtomicBool>,
+    Arc<AtomicUsize>,
+    Vec<std::thread::JoinHandle<()>>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicUsize::new(0));
+    // The one-way relay: what reaches `relay` goes to the agent from `out`; nothing comes back.
+    let relay = UdpSocket::bind("127.0.0.1:0").unwrap();
+    relay
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let out = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let forward = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, _)) = relay.recv_from(&mut buf) {
+                    let _ = out.send_to(&buf[..n], target);
+                }
+            }
+        })
+    };
+    let dial = {
+        let (stop, started, tls) = (stop.clone(), started.clone(), tls.clone());
+        std::thread::spawn(move || {
+            let rt = stranger_runtime();
+            rt.block_on(async {
+                let endpoint = tls.client(talaria_wire::ALPN_TENANT).unwrap();
+                let tick = Duration::from_millis(100);
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..rate / 10 {
+                        if let Ok(connecting) = endpoint.connect(relay_addr, &tls.server_name) {
+                            started.fetch_add(1, Ordering::Relaxed);
+                            tokio::spawn(async move {
+                                let _ = connecting.await;
+                            });
+                        }
+                    }
+                    tokio::time::sleep(tick).await;
+                }
+                endpoint.close(0u32.into(), b"");
+            });
+        })
+    };
+    (stop, started, vec![forward, dial])
+}
+
+/// An unauthenticated stranger keeps ~300 QUIC handshakes with the agent's tenant port under
+/// way (250 new Initial packets a second, ~300 KB/s, each dying at the agent's 2 s idle
+/// timeout), never completing one. The agent counts handshakes under way towards
+/// `MAX_TENANT_CONNECTIONS` (256) but can close only *open* connections without an API key to
+/// make room: the tenant's own connection is refused at the handshake. The rule the fix states:
+/// "a stranger's idle connections cannot lock the tenant out".
+#[test]
+fn half_open_handshakes_from_a_stranger_do_not_lock_the_tenant_out() {
+    let model = real_model();
+    let cluster = LocalCluster::start(&topology(&model, STAGES, &["t"]));
+    let addr = cluster.topology().agent("t").unwrap().listen;
+    let (tls, key) = (cluster.agent_tls("t"), cluster.api_key("t"));
+    let want = ask_agent(&tls, addr, &key, &greedy(4)).expect("served before");
+
+    let (stop, started, threads) = stall_handshakes(&tls, addr, 250);
+    std::thread::sleep(Duration::from_secs(3));
+    let mut during = Vec::new();
+    for _ in 0..3 {
+        during.push(tenant_asks(&tls, addr, &key, "while handshakes stall"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    eprintln!(
+        "the stranger started {} handshakes",
+        started.load(Ordering::Relaxed)
+    );
+    for got in during {
+        assert_eq!(
+            got.as_deref(),
+            Ok(&want[..]),
+            "the tenant is locked out by a stranger's unfinished handshakes"
+        );
+    }
+}
+
+/// The coordinator's `UNADMITTED_FRAME` (`MAX_EVIDENCE_BYTES` + 16 KiB): the largest frame a
+/// peer not admitted may send.
+const UNADMITTED_FRAME: usize = (64 << 10) + (16 << 10);
+
+/// Peak resident memory of `pid` while `f` runs, sampled every 100 ms on a thread of its own.
+fn peak_rss_during<T>(pid: u32, f: impl FnOnce() -> T) -> (u64, T) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut peak, mut series, t0) = (0, Vec::new(), Instant::now());
+            while !stop.load(Ordering::Relaxed) {
+                let now = talaria_tests::cluster::rss_bytes(pid);
+                peak = peak.max(now);
+                let second = t0.elapsed().as_secs() as usize;
+                if series.len() <= second {
+                    series.push(0);
+                }
+                series[second] = series[second].max(now / MIB);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            eprintln!("RSS of {pid}, MiB, the most each second: {series:?}");
+            peak
+        })
+    };
+    let out = f();
+    stop.store(true, Ordering::Relaxed);
+    (sampler.join().unwrap(), out)
+}
+
+/// A peer nobody admitted (its own self-signed key, which the coordinator's handshake accepts)
+/// keeps `MAX_UNADMITTED` (64) connections and then some, for `run_for`: each sends, on 32
+/// streams, frames of `UNADMITTED_FRAME` bytes but their last, so each connection fills its
+/// 160 KiB budget and QUIC's 2 MiB window. Each new connection closes the oldest waiting one,
+/// and the stranger at once opens another. (Connections opened, closed by the coordinator.)
+fn churn_unadmitted(
+    cloud: talaria_net::TlsMaterial,
+    coord: SocketAddr,
+    run_for: Duration,
+) -> std::thread::JoinHandle<(usize, usize)> {
+    const LIVE: usize = 96;
+    const STREAMS: usize = 32;
+    std::thread::spawn(move || {
+        let rt = stranger_runtime();
+        rt.block_on(async {
+            let me = talaria_net::TenantIdentity::generate(&cloud.server_name, &[]).unwrap();
+            let endpoint = me.client(&cloud, talaria_wire::ALPN_CLOUD).unwrap();
+            let live = Arc::new(tokio::sync::Semaphore::new(LIVE));
+            let (opened, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let t0 = Instant::now();
+            while t0.elapsed() < run_for {
+                let permit = live.clone().acquire_owned().await.unwrap();
+                let Ok(conn) = cloud.connect(&endpoint, coord).await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                opened.fetch_add(1, Ordering::Relaxed);
+                let closed = closed.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let mut held = Vec::new();
+                    for _ in 0..STREAMS {
+                        let Ok((mut send, recv)) = conn.open_bi().await else {
+                            break;
+                        };
+                        held.push(tokio::spawn(async move {
+                            let _recv = recv;
+                            let mut frame = (UNADMITTED_FRAME as u32).to_le_bytes().to_vec();
+                            frame.resize(4 + UNADMITTED_FRAME - 1, 0);
+                            let _ = send.write_all(&frame).await;
+                            let _ = send.stopped().await;
+                        }));
+                    }
+                    conn.closed().await;
+                    closed.fetch_add(1, Ordering::Relaxed);
+                    for h in held {
+                        h.abort();
+                    }
+                });
+            }
+            endpoint.close(0u32.into(), b"");
+            (
+                opened.load(Ordering::Relaxed),
+                closed.load(Ordering::Relaxed),
+            )
+        })
+    })
+}
+
+/// [`churn_unadmitted`] for 30 s. The coordinator must hold at most 64 × ~2.2 MiB of it, which
+/// holds only if a closed connection's buffers go when it is closed (bound: 200 MiB, as in
+/// `hostile.rs`). Meanwhile the agent's own link drops (SIGSTOP past the 2 s idle timeout) and
+/// it rejoins: its new connection is one more not admitted, and the stranger's churn, which
+/// closes the oldest waiting connection, must not keep it out.
+#[test]
+fn churning_unadmitted_connections_keep_the_coordinator_bounded_and_the_agent_admitted() {
+    let model = real_model();
+    let cluster = LocalCluster::start(&topology(&model, STAGES, &["t"]));
+    let topo = cluster.topology();
+    let (addr, coord) = (topo.agent("t").unwrap().listen, topo.coordinator);
+    let (tls, key) = (cluster.agent_tls("t"), cluster.api_key("t"));
+    let want = ask_agent(&tls, addr, &key, &greedy(4)).expect("served before");
+    let pid = cluster.pid("coordinator");
+    let agent = cluster.pid("agent-t") as i32;
+    let rss0 = talaria_tests::cluster::rss_bytes(pid);
+    let run_for = Duration::from_secs(30);
+    // The stranger's growth, before the agent's link drops (a new admission sends the
+    // provision, ~100 MB for this model, a moment: the honest cost, not the stranger's).
+    let (peak, churn) = peak_rss_during(pid, || {
+        let churn = churn_unadmitted(cluster.tls(), coord, run_for);
+        std::thread::sleep(Duration::from_secs(8));
+        churn
+    });
+    // SAFETY: signals to the agent this test's cluster started.
+    unsafe { libc::kill(agent, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(4));
+    unsafe { libc::kill(agent, libc::SIGCONT) };
+    // It notices its link is gone and rejoins (backoff at most 2 s), the churn going on.
+    let t0 = Instant::now();
+    let mut during = ask_agent(&tls, addr, &key, &greedy(4));
+    while during.is_err() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(500));
+        during = ask_agent(&tls, addr, &key, &greedy(4));
+    }
+    eprintln!(
+        "the tenant's request after the agent's link dropped, during the churn: {:?} after \
+         {:.1} s",
+        during.as_ref().map(Vec::len),
+        t0.elapsed().as_secs_f64()
+    );
+    let served_at = Instant::now();
+    let (opened, closed) = churn.join().unwrap();
+    assert!(
+        served_at.elapsed() > Duration::from_secs(1),
+        "the churn was over before the tenant was served"
+    );
+    eprintln!(
+        "coordinator RSS {} MiB -> peak {} MiB over {} s of churn: {opened} connections opened, \
+         {closed} closed by the coordinator",
+        rss0 / MIB,
+        peak / MIB,
+        run_for.as_secs()
+    );
+    // Served: the agent was admitted again.
+    assert_served_and_bounded(during, &want, rss0, peak, "unadmitted connections");
+}
+
+/// An unauthenticated stranger opens `CONNS` (240, below `MAX_TENANT_CONNECTIONS`) connections
+/// to the tenant port and on each sends 3 frames of `MAX_TENANT_MESSAGE` (4 MiB) but their last
+/// byte. The shared budget (`TENANT_PORT_BYTES`, 64 MiB) bounds the frames the agent *reads*;
+/// a frame waiting for room is not read, but QUIC has already taken what its 2 MiB connection
+/// window let the peer send, and holds it for the frame's 10 s deadline: 240 × 2 MiB beyond the
+/// budget. Bound: 200 MiB, as in `hostile.rs`.
+#[test]
+fn many_tenant_connections_waiting_for_room_keep_the_agent_bounded() {
+    const CONNS: usize = 240;
+    const STREAMS: usize = 3;
+    let model = real_model();
+    let cluster = LocalCluster::start(&topology(&model, STAGES, &["t"]));
+    let addr = cluster.topology().agent("t").unwrap().listen;
+    let (tls, key) = (cluster.agent_tls("t"), cluster.api_key("t"));
+    let want = ask_agent(&tls, addr, &key, &greedy(4)).expect("served before");
+    let pid = cluster.pid("agent-t");
+    let rss0 = talaria_tests::cluster::rss_bytes(pid);
+    let claim = talaria_wire::MAX_TENANT_MESSAGE;
+    let rt = stranger_runtime();
+    let (peak, (conns, endpoint)) = peak_rss_during(pid, || {
+        let out = rt.block_on(async {
+            let (endpoint, conns) = tenant_connections(&tls, addr, CONNS).await;
+            static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+            for conn in &conns {
+                for _ in 0..STREAMS {
+                    let Ok((mut send, recv)) = conn.open_bi().await else {
+                        break;
+                    };
+                    tokio::spawn(async move {
+                        let _recv = recv;
+                        if send.write_all(&(claim as u32).to_le_bytes()).await.is_err() {
+                            return;
+                        }
+                        let mut left = claim - 1;
+                        while left > 0 {
+                            let n = left.min(ZEROS.len());
+                            if send.write_all(&ZEROS[..n]).await.is_err() {
+                                return;
+                            }
+                            left -= n;
+                        }
+                        let _ = send.stopped().await;
+                    });
+                }
+            }
+            (conns, endpoint)
+        });
+        std::thread::sleep(Duration::from_secs(9));
+        out
+    });
+    eprintln!(
+        "agent RSS {} MiB -> peak {} MiB: {} connections × {STREAMS} unfinished 4 MiB frames",
+        rss0 / MIB,
+        peak / MIB,
+        conns.len()
+    );
+    let during = tenant_asks(&tls, addr, &key, "after");
+    close_all(&rt, conns, endpoint);
+    assert_served_and_bounded(during, &want, rss0, peak, "frames waiting for room");
 }
