@@ -484,8 +484,13 @@ fn product(kernel: IntKernel, x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64>
         .par_iter()
         .map(|&(j0, width)| {
             let mut out = vec![0u64; rows * width];
-            // SAFETY: `kernel` is `best()` or was checked against `available()`.
-            unsafe { tile(kernel, &operands, j0, width, &mut out) };
+            // A tile's rows [`ROW_CHUNK`] at a time, each range's sums in the first-level cache.
+            for (c, out) in out.chunks_mut(ROW_CHUNK * width).enumerate() {
+                let r0 = c * ROW_CHUNK;
+                let part = operands.rows(r0, r0 + out.len() / width);
+                // SAFETY: `kernel` is `best()` or was checked against `available()`.
+                unsafe { tile(kernel, &part, j0, width, out) };
+            }
             out
         })
         .collect();
@@ -598,6 +603,28 @@ struct Operands<'a> {
     pairs: &'a [i32],
     nb: usize,
 }
+
+impl<'a> Operands<'a> {
+    /// The same product restricted to rows `r0..r1`.
+    fn rows(&self, r0: usize, r1: usize) -> Operands<'a> {
+        let d_in = self.w.d_in;
+        Operands {
+            x: &self.x[r0 * d_in..r1 * d_in],
+            rows: r1 - r0,
+            w: self.w,
+            sums: &self.sums[r0 * self.nb..r1 * self.nb],
+            pairs: &self.pairs[r0 * d_in * 2..r1 * d_in * 2],
+            nb: self.nb,
+        }
+    }
+}
+
+/// Rows a tile runs at once. A tile adds each block's products to every row's 64 sums; with all
+/// of a 130-row prefill's rows at once those sums (66 KB) left the first-level cache between
+/// blocks. 32 rows' (16 KB) stay, and the range widens its tile's codes again, which costs
+/// little beside 32 rows' products. `bench-gemm`'s 130-row pass and the one-op
+/// microbenchmarks in docs/performance.md measured it; at 16 rows nothing changes.
+const ROW_CHUNK: usize = 32;
 
 /// The kernels of [`int_matmul`]'s full tiles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1592,8 +1619,11 @@ mod tests {
     #[test]
     fn the_tiled_product_is_the_product_mod_2_64() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        // Full tiles, a ragged last tile, one row and several.
+        // Full tiles, a ragged last tile, one row and several, and more rows than a tile runs
+        // at once (`ROW_CHUNK`: two whole ranges and a ragged one).
         for (rows, d_in, d_out, max_code) in [
+            (2 * ROW_CHUNK + 6, 96, 130, u8::MAX),
+            (2 * ROW_CHUNK + 6, 64, 128, 15),
             (1, 64, 128, u8::MAX),
             (3, 96, 130, u8::MAX),
             (5, 32, 7, u8::MAX),
@@ -1724,6 +1754,7 @@ mod tests {
             (2, 64, 128),
             (3, 96, 130),
             (17, 64, 128),
+            (ROW_CHUNK + 1, 64, 128),
             (0, 32, 64),
         ] {
             let random = random_weight(&mut rng, d_in, d_out);
