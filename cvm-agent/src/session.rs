@@ -562,7 +562,7 @@ fn only(event: TenantEvent) -> mpsc::UnboundedReceiver<TenantEvent> {
 
 /// The most tenant connections an agent holds at once, handshakes under way included. When
 /// they are all taken, a new one lets go of the oldest that has not presented one of the
-/// tenant's API keys (see [`Slots::take`]); with none such, it is refused at the handshake.
+/// tenant's API keys; with none such, it is refused at the handshake.
 pub const MAX_TENANT_CONNECTIONS: usize = 256;
 
 /// How long a tenant connection may stay open without presenting one of the tenant's API keys
