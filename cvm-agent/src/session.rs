@@ -569,6 +569,16 @@ pub const MAX_TENANT_CONNECTIONS: usize = 256;
 /// (in a `Generate`; an `Attest` needs none, and takes a moment).
 pub const UNAUTHENTICATED_WINDOW: Duration = Duration::from_secs(30);
 
+/// Attestations one tenant connection may ask for; the next is refused as `overloaded` and the
+/// connection closed. A client attests once per connection; an `Attest` needs no key, so
+/// without a cap a stranger's streams of them took a core and slowed the tenant's generation
+/// 15–47× (`tests/hostile.rs`).
+pub const ATTESTS_PER_CONNECTION: usize = 2;
+
+/// Attestations the agent makes at once, across all connections; more are refused as
+/// `overloaded` (a report is a serialised call to the security processor).
+pub const ATTESTS_AT_ONCE: usize = 4;
+
 /// The longest a tenant's request frame may take to arrive whole, from its stream's opening.
 pub const TENANT_FRAME_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -672,6 +682,7 @@ pub async fn serve(
     let port = talaria_net::Intake::new(talaria_wire::MAX_TENANT_MESSAGE, TENANT_FRAME_DEADLINE)
         .with_own_budget(TENANT_CONNECTION_BYTES)
         .with_shared_budget(TENANT_PORT_BYTES);
+    let attesting = Arc::new(Semaphore::new(ATTESTS_AT_ONCE));
     while let Some(incoming) = endpoint.accept().await {
         let mut taken = lock(&slots);
         let Some((id, authenticated)) = taken.take() else {
@@ -686,6 +697,7 @@ pub async fn serve(
         let (tenancy, attestor) = (tenancy.clone(), attestor.clone());
         let (api_keys, intake) = (api_keys.clone(), port.for_connection());
         let slots_of_task = slots.clone();
+        let attesting = attesting.clone();
         let task = actix_rt::spawn(async move {
             let slots = slots_of_task;
             let conn = match incoming.await {
@@ -719,8 +731,11 @@ pub async fn serve(
                     }
                 })
             };
+            let attests = Arc::new(AtomicUsize::new(0));
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let tenant = Tenant {
+                    attests: attests.clone(),
+                    attesting: attesting.clone(),
                     tenancy: tenancy.clone(),
                     attestor: attestor.clone(),
                     api_keys: api_keys.clone(),
@@ -758,6 +773,10 @@ struct Tenant {
     /// Set when the connection presents one of the tenant's API keys.
     authenticated: Arc<AtomicBool>,
     conn: quinn::Connection,
+    /// Attestations this connection asked for.
+    attests: Arc<AtomicUsize>,
+    /// Room for attestations across the port ([`ATTESTS_AT_ONCE`]).
+    attesting: Arc<Semaphore>,
 }
 
 /// Answers one tenant stream.
@@ -774,7 +793,10 @@ async fn answer_stream(
         intake,
         authenticated,
         conn,
+        attests,
+        attesting,
     } = tenant;
+    let mut close_after = false;
     let first = match talaria_net::read_frame_in(&mut recv, &intake).await {
         // Padded by the tenant's client: one that stopped padding is refused, as its requests'
         // lengths would tell the network its prompts'.
@@ -797,13 +819,27 @@ async fn answer_stream(
                 )))
             }
         }
-        Ok(TenantMessage::Attest { nonce }) => only(
-            match tokio::task::spawn_blocking(move || attestor(nonce)).await {
-                Ok(Ok((evidence, claims))) => TenantEvent::Attestation { evidence, claims },
-                Ok(Err(e)) => TenantEvent::Error(e),
-                Err(e) => TenantEvent::Error(ErrorReply::new("internal", e.to_string())),
-            },
-        ),
+        Ok(TenantMessage::Attest { nonce }) => {
+            let refuse = |why: &str| {
+                tracing::warn!(%peer, error_type = "overloaded", "attestation refused: {why}");
+                metrics::error("overloaded");
+                only(TenantEvent::Error(ErrorReply::new("overloaded", why)))
+            };
+            if attests.fetch_add(1, Ordering::AcqRel) >= ATTESTS_PER_CONNECTION {
+                close_after = true;
+                refuse("too many attestations on one connection")
+            } else if let Ok(_permit) = attesting.try_acquire_owned() {
+                only(
+                    match tokio::task::spawn_blocking(move || attestor(nonce)).await {
+                        Ok(Ok((evidence, claims))) => TenantEvent::Attestation { evidence, claims },
+                        Ok(Err(e)) => TenantEvent::Error(e),
+                        Err(e) => TenantEvent::Error(ErrorReply::new("internal", e.to_string())),
+                    },
+                )
+            } else {
+                refuse("too many attestations at once")
+            }
+        }
         Err(e) => {
             tracing::warn!(%peer, error_type = e.error_type(), "bad tenant request: {e}");
             let _ = recv.stop(0u32.into());
@@ -824,4 +860,9 @@ async fn answer_stream(
         }
     }
     let _ = send.finish();
+    if close_after {
+        // The refusal first, then the connection: its asker must pay a handshake again.
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        conn.close(0u32.into(), b"too many attestations");
+    }
 }

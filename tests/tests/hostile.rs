@@ -618,3 +618,73 @@ fn many_tenant_connections_waiting_for_room_keep_the_agent_bounded() {
     close_all(&rt, conns, endpoint);
     assert_served_and_bounded(during, &want, rss0, peak, "frames waiting for room");
 }
+
+/// One `Attest` on a new stream of `conn`: the agent's answer event, or why there was none.
+async fn attest_once(conn: &quinn::Connection) -> Result<talaria_wire::TenantEvent, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let frame = talaria_wire::frame::encode_padded(
+        &talaria_wire::TenantMessage::Attest { nonce: [7; 32] },
+        talaria_wire::TENANT_REQUEST_BUCKET,
+    )
+    .unwrap();
+    talaria_net::write_frame(&mut send, &frame)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let answer = talaria_net::read_frame(&mut recv, talaria_wire::MAX_TENANT_EVENT)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no answer")?;
+    talaria_wire::frame::tenant_event(&answer).map_err(|e| e.to_string())
+}
+
+/// An `Attest` needs no API key, and a stranger's streams of them on a few connections took a
+/// core of the agent and slowed the tenant's generation 15–47× (a helper's measurement,
+/// docs/reliability.md). A connection gets `ATTESTS_PER_CONNECTION` (2) attestations; the
+/// next is refused as `overloaded` and the connection closed, so a flood costs the stranger a
+/// handshake every two. The tenant is served after.
+#[test]
+fn a_connection_gets_two_attestations_and_then_is_closed() {
+    use talaria_wire::TenantEvent;
+    let model = real_model();
+    let cluster = LocalCluster::start(&topology(&model, STAGES, &["t"]));
+    let addr = cluster.topology().agent("t").unwrap().listen;
+    let (tls, key) = (cluster.agent_tls("t"), cluster.api_key("t"));
+    let want = ask_agent(&tls, addr, &key, &greedy(4)).expect("served before");
+    let rt = stranger_runtime();
+    let (outcomes, closed) = rt.block_on(async {
+        let (_endpoint, conns) = tenant_connections(&tls, addr, 1).await;
+        let conn = conns.into_iter().next().expect("a connection");
+        let mut outcomes = Vec::new();
+        for _ in 0..3 {
+            outcomes.push(attest_once(&conn).await);
+        }
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+            .await
+            .is_ok();
+        (outcomes, closed)
+    });
+    let allowed = talaria_cvm_agent::session::ATTESTS_PER_CONNECTION;
+    for (i, o) in outcomes.iter().enumerate() {
+        match o {
+            Ok(TenantEvent::Attestation { .. }) => {
+                assert!(
+                    i < allowed,
+                    "attestation {} of one connection answered",
+                    i + 1
+                )
+            }
+            Ok(TenantEvent::Error(e)) => {
+                assert!(i >= allowed, "attestation {} refused: {e:?}", i + 1);
+                assert_eq!(e.error_type, "overloaded");
+            }
+            other => panic!("attestation {}: {other:?}", i + 1),
+        }
+    }
+    assert!(
+        closed,
+        "the connection stays open after its refused attestation"
+    );
+    let during = tenant_asks(&tls, addr, &key, "after a stranger's attestations");
+    assert_eq!(during.as_deref(), Ok(&want[..]));
+}
