@@ -575,9 +575,13 @@ pub const UNAUTHENTICATED_WINDOW: Duration = Duration::from_secs(30);
 /// 15–47× (`tests/hostile.rs`).
 pub const ATTESTS_PER_CONNECTION: usize = 2;
 
-/// Attestations the agent makes at once, across all connections; more are refused as
-/// `overloaded` (a report is a serialised call to the security processor).
+/// Attestations the agent makes at once, across all connections (a report is a serialised call
+/// to the security processor); more wait for room, at most [`ATTEST_WAIT`], then are refused
+/// as `overloaded`. Tenants' concurrent sessions each attest on a connection of their own.
 pub const ATTESTS_AT_ONCE: usize = 4;
+
+/// The longest an attestation waits for room among [`ATTESTS_AT_ONCE`].
+pub const ATTEST_WAIT: Duration = Duration::from_secs(10);
 
 /// The longest a tenant's request frame may take to arrive whole, from its stream's opening.
 pub const TENANT_FRAME_DEADLINE: Duration = Duration::from_secs(10);
@@ -828,7 +832,9 @@ async fn answer_stream(
             if attests.fetch_add(1, Ordering::AcqRel) >= ATTESTS_PER_CONNECTION {
                 close_after = true;
                 refuse("too many attestations on one connection")
-            } else if let Ok(_permit) = attesting.try_acquire_owned() {
+            } else if let Ok(Ok(_permit)) =
+                tokio::time::timeout(ATTEST_WAIT, attesting.acquire_owned()).await
+            {
                 only(
                     match tokio::task::spawn_blocking(move || attestor(nonce)).await {
                         Ok(Ok((evidence, claims))) => TenantEvent::Attestation { evidence, claims },
