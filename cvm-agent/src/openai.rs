@@ -63,6 +63,7 @@ fn authorize(
         code: "invalid_api_key".into(),
         message: message.into(),
         param: None,
+        counted: false,
     };
     let Some(key) = presented else {
         return Err(refuse(
@@ -84,6 +85,10 @@ pub struct ApiError {
     code: String,
     message: String,
     param: Option<&'static str>,
+    /// Already in `talaria_errors_total`: an error the generation answered with is counted
+    /// where it was made (the session, or the admission), so the response does not count it
+    /// again.
+    counted: bool,
 }
 
 impl ApiError {
@@ -94,6 +99,7 @@ impl ApiError {
             code: "invalid_value".into(),
             message: message.into(),
             param: Some(param),
+            counted: false,
         }
     }
 
@@ -122,6 +128,7 @@ impl ApiError {
             code: e.error_type.clone(),
             message: e.message.clone(),
             param: None,
+            counted: true,
         }
     }
 
@@ -160,7 +167,9 @@ impl ResponseError for ApiError {
             param = self.param.unwrap_or("-"),
             "API request refused"
         );
-        metrics::error(&self.code);
+        if !self.counted {
+            metrics::error(&self.code);
+        }
         let mut response = HttpResponse::build(self.status);
         if matches!(
             self.status,
@@ -292,6 +301,7 @@ impl Limits<'_> {
                     c.model, self.model
                 ),
                 param: Some("model"),
+                counted: false,
             });
         }
         if c.n.is_some_and(|n| n != 1) {
@@ -550,7 +560,12 @@ async fn answer(
 ) -> Result<HttpResponse, ApiError> {
     let request = api.limits().request(common, prompt, default_max)?;
     let stops = request.stop.clone();
-    let mut events = api.tenancy.generate(request, principal).await;
+    // Refused before any header: a busy agent answers 429 to a streaming request too.
+    let mut events = api
+        .tenancy
+        .generate(request, principal)
+        .await
+        .map_err(|e| ApiError::from_reply(&e))?;
     let prefix = if kind == Kind::Chat {
         "chatcmpl"
     } else {
@@ -770,6 +785,7 @@ pub fn decode_body(limits: Limits<'_>, chat: bool, json: &[u8]) -> Result<Tenant
         code: "invalid_json".into(),
         message: format!("the body is not a valid request: {e}"),
         param: None,
+        counted: false,
     };
     if chat {
         let body: ChatBody = serde_json::from_slice(json).map_err(bad)?;
@@ -828,6 +844,7 @@ fn json_error(
         code: "invalid_json".into(),
         message: format!("the body is not a valid request: {err}"),
         param: None,
+        counted: false,
     }
     .into()
 }

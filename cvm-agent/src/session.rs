@@ -473,11 +473,15 @@ impl Tenancy {
     /// Starts `principal`'s `request` in a session of its own once a slot is free. Its events
     /// arrive on the receiver; dropping the receiver (or this future, while it waits) cancels
     /// the generation.
+    ///
+    /// A request that is not admitted (`overloaded`: too many already wait) is an `Err`, counted
+    /// in the error metrics here, before anything was sent: the HTTP API answers it with 429
+    /// whether or not the request streams.
     pub async fn generate(
         &self,
         request: TenantRequest,
         principal: Principal,
-    ) -> mpsc::UnboundedReceiver<TenantEvent> {
+    ) -> Result<mpsc::UnboundedReceiver<TenantEvent>, ErrorReply> {
         let arrived = Instant::now();
         metrics::AGENT_REQUESTS.inc();
         let slot = match self.slots.clone().try_acquire_owned() {
@@ -493,7 +497,7 @@ impl Tenancy {
                         ),
                     );
                     metrics::error(&e.error_type);
-                    return only(TenantEvent::Error(e));
+                    return Err(e);
                 }
                 let _waiting = Raised::new(&metrics::AGENT_WAITING);
                 let _count = Counted(&self.waiting);
@@ -506,10 +510,9 @@ impl Tenancy {
                         slot
                     }
                     Err(_) => {
-                        return only(TenantEvent::Error(ErrorReply::new(
-                            "internal",
-                            "the session slots are closed",
-                        )));
+                        let e = ErrorReply::new("internal", "the session slots are closed");
+                        metrics::error(&e.error_type);
+                        return Err(e);
                     }
                 }
             }
@@ -524,7 +527,7 @@ impl Tenancy {
                 arrived,
                 slot: Some(slot),
             });
-        rx
+        Ok(rx)
     }
 }
 
@@ -814,7 +817,10 @@ async fn answer_stream(
                 if !authenticated.swap(true, Ordering::AcqRel) {
                     talaria_net::trust_connection(&conn);
                 }
-                tenancy.generate(request, Principal(digest)).await
+                tenancy
+                    .generate(request, Principal(digest))
+                    .await
+                    .unwrap_or_else(|e| only(TenantEvent::Error(e)))
             } else {
                 tracing::warn!(%peer, error_type = "invalid_api_key", "generation refused");
                 only(TenantEvent::Error(ErrorReply::new(

@@ -402,6 +402,25 @@ fn abandoned_requests_stop_and_oversized_or_malformed_input_is_refused_with_memo
         .ask(&greedy(PROMPT.to_vec(), 4), |_| {})
         .expect_err("full");
     assert_eq!(err, "overloaded");
+    // Over the OpenAI API the same refusal is HTTP 429 (which clients retry), streaming or
+    // not: a streaming request is refused before its headers, never `200` and an error event.
+    // Each refusal is counted once.
+    let overloaded = || agent_metrics("talaria_errors_total{type=\"overloaded\"}");
+    let counted = overloaded();
+    for stream in [false, true] {
+        let status = talaria_tests::cluster::https_post(
+            &cluster.agent_tls("t").ca,
+            topo.agent("t").unwrap().http.unwrap(),
+            "/v1/completions",
+            &tenant.key,
+            &format!(
+                r#"{{"model": "{}", "prompt": [504, 3575], "max_tokens": 4, "stream": {stream}}}"#,
+                topo.model_name
+            ),
+        );
+        assert_eq!(status, "429", "stream: {stream}");
+    }
+    assert_eq!(overloaded(), counted + 2.0, "one count per refusal");
     hang_up.notify_waiters();
     for c in clients {
         c.join().expect("a client hung up");
