@@ -307,4 +307,8 @@ impl<L: CloudLink> LinearOps for RemoLinear<L> {
             e.into()
         })
     }
+
+    fn prefill_parts(&mut self, rows: usize) -> Vec<usize> {
+        self.masker.prefill_parts(rows)
+    }
 }

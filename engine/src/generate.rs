@@ -168,6 +168,19 @@ pub fn generate_cached(
     let mut prefill_ms = 0.0;
     let mut t_decode = t0;
     let mut input = req.prompt_ids[cached..].to_vec();
+    // The prefill's passes but the last: their logits are not needed.
+    let mut parts = linear.prefill_parts(input.len());
+    if parts.iter().sum::<usize>() != input.len() || parts.contains(&0) {
+        return Err(EngineError::BadOp {
+            op: "prefill".into(),
+            reason: format!("passes {parts:?} for {} tokens", input.len()),
+        });
+    }
+    parts.pop();
+    for part in parts {
+        model.forward(linear, cache, &input[..part])?;
+        input.drain(..part);
+    }
     while ids.len() < req.max_tokens {
         if cache.len() + input.len() > cache.capacity() {
             stop_reason = StopReason::Context;

@@ -158,11 +158,22 @@ impl Rows {
 pub trait LinearOps {
     /// Computes `x · W_op` for every row of `x`.
     fn linear(&mut self, op: OpId, x: &Rows) -> Result<Rows, EngineError>;
+
+    /// How a prefill of `rows` new tokens runs: the tokens of each causal pass, in order,
+    /// summing to `rows`. One pass unless the implementation splits it (ReMO's
+    /// `prefill_chunk`, so that a long prompt does not hold the cloud's workers in one call).
+    fn prefill_parts(&mut self, rows: usize) -> Vec<usize> {
+        vec![rows]
+    }
 }
 
 impl<T: LinearOps + ?Sized> LinearOps for &mut T {
     fn linear(&mut self, op: OpId, x: &Rows) -> Result<Rows, EngineError> {
         (**self).linear(op, x)
+    }
+
+    fn prefill_parts(&mut self, rows: usize) -> Vec<usize> {
+        (**self).prefill_parts(rows)
     }
 }
 

@@ -170,6 +170,9 @@ impl std::fmt::Display for PadRows {
     }
 }
 
+/// The least [`RemoConfig::prefill_chunk`] but 0.
+pub const MIN_PREFILL_CHUNK: usize = 16;
+
 /// The least bucket of the default padding (`docs/remo.md`, "Length hiding").
 pub const DEFAULT_PAD_MIN: usize = 16;
 
@@ -274,6 +277,12 @@ pub struct RemoConfig {
     /// product could overflow 63 bits gets fewer).
     #[serde(default = "default_frac_bits")]
     pub frac_bits: u32,
+    /// Fairness: a prefill whose padded rows exceed this many runs as passes of this many rows
+    /// (a power of two; 0: one pass), so that one tenant's long prompt does not hold a stage's
+    /// worker for the whole prompt while others' decode steps wait. The cloud sees as many rows
+    /// as in one pass: the bucket's, in calls of exactly this many ([`RemoConfig::prefill_parts`]).
+    #[serde(default = "default_prefill_chunk")]
+    pub prefill_chunk: usize,
 }
 
 fn default_pad_rows() -> PadRows {
@@ -283,6 +292,14 @@ fn default_pad_rows() -> PadRows {
 fn default_frac_bits() -> u32 {
     RemoConfig::default().frac_bits
 }
+
+fn default_prefill_chunk() -> usize {
+    RemoConfig::default().prefill_chunk
+}
+
+/// The default [`RemoConfig::prefill_chunk`]: a pass of this many rows holds a stage's worker
+/// for a few milliseconds per call (`docs/serving.md`, "Fairness").
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
 /// The least float-mode σ an agent runs with unless its tenant accepts less: measured against
 /// the ideal attacker, σ = 30 leaks 1.2–1.5 bits per token with shuffled rows (every float
@@ -305,6 +322,7 @@ impl Default for RemoConfig {
             shuffle: true,
             pool: 32,
             frac_bits: 32,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
         }
     }
 }
@@ -341,6 +359,17 @@ impl RemoConfig {
             return Err(ParamsError::new(
                 "pad_rows",
                 format!("pad_rows pow2:{min}: the least bucket must be 1..={MAX_PAD_MIN}"),
+            ));
+        }
+        if self.prefill_chunk != 0
+            && !(self.prefill_chunk.is_power_of_two() && self.prefill_chunk >= MIN_PREFILL_CHUNK)
+        {
+            return Err(ParamsError::new(
+                "prefill_chunk",
+                format!(
+                    "prefill_chunk {}: a power of two, at least {MIN_PREFILL_CHUNK} (0: one pass)",
+                    self.prefill_chunk
+                ),
             ));
         }
         if self.precision.is_int() {
@@ -403,6 +432,49 @@ impl RemoConfig {
             }
         }
         why
+    }
+
+    /// How a prefill of `rows` new rows runs, in a session of context `context`: the real rows
+    /// of each pass, in order, and the rows each pass's calls are padded to (`None`: one pass,
+    /// padded to its [`PadRows`] bucket as usual).
+    ///
+    /// A prefill whose bucket `P` exceeds [`prefill_chunk`](Self::prefill_chunk) `C` runs as
+    /// `⌈P / C⌉` passes, every call of each padded to exactly `C` rows, the real rows spread as
+    /// evenly as they go (a prefill within the least `pow2` bucket is one pass). What the cloud can count — the passes, the rows of each call, their
+    /// total — is a function of `P` alone, which one pass shows anyway. Under `pad_rows =
+    /// "max"` a prefill is not split: `P` is the context whatever the prompt, and a pass with
+    /// no real row has nothing to run. Under `off` the cloud reads the length anyway: the
+    /// passes are `C` rows but the last.
+    pub fn prefill_parts(&self, rows: usize, context: usize) -> (Vec<usize>, Option<usize>) {
+        let c = self.prefill_chunk;
+        let one = (vec![rows], None);
+        if c == 0 || rows <= 1 || !self.enabled {
+            return one;
+        }
+        match self.pad_rows {
+            PadRows::Max => one,
+            PadRows::Off if rows > c => {
+                let mut parts = vec![c; rows / c];
+                if !rows.is_multiple_of(c) {
+                    parts.push(rows % c);
+                }
+                (parts, None)
+            }
+            PadRows::Off => one,
+            PadRows::Pow2(min) => {
+                let padded = self.pad_rows.bucket(rows, context);
+                // Above the least bucket, `padded` is the next power of two or the context
+                // (a power of two or not), so more than half of it is real rows: every pass
+                // has more than C/2. The least bucket can be mostly padding: it is one pass.
+                if padded <= c.max(min) {
+                    return one;
+                }
+                let passes = padded.div_ceil(c);
+                let (each, extra) = (rows / passes, rows % passes);
+                let parts = (0..passes).map(|i| each + usize::from(i < extra)).collect();
+                (parts, Some(c))
+            }
+        }
     }
 
     /// The basis rank for an op of input width `d_in`.
@@ -519,6 +591,79 @@ mod floor_tests {
         for (config, why) in cases {
             let reasons = config.below_floor();
             assert!(reasons.iter().any(|r| r.contains(why)), "{reasons:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod prefill_parts_tests {
+    use super::*;
+
+    /// What the cloud counts of a prefill split into passes: how many, and the rows each
+    /// call is padded to.
+    fn seen(c: &RemoConfig, rows: usize, context: usize) -> (usize, Option<usize>) {
+        let (parts, pad) = c.prefill_parts(rows, context);
+        assert_eq!(parts.iter().sum::<usize>(), rows, "{rows} rows");
+        assert!(parts.iter().all(|&p| p > 0 && pad.is_none_or(|c| p <= c)));
+        (parts.len(), pad)
+    }
+
+    #[test]
+    fn passes_depend_on_the_bucket_alone() {
+        for (pad_rows, chunk, context) in [
+            (PadRows::Pow2(16), 256, 8192),
+            (PadRows::Pow2(16), 16, 8192),
+            (PadRows::Pow2(1024), 256, 8192),
+            (PadRows::Pow2(16), 256, 3000),
+        ] {
+            let c = RemoConfig {
+                pad_rows,
+                prefill_chunk: chunk,
+                ..Default::default()
+            };
+            c.validate().unwrap();
+            let mut by_bucket = BTreeMap::new();
+            for rows in 1..=context {
+                let view = seen(&c, rows, context);
+                let bucket = pad_rows.bucket(rows, context);
+                assert_eq!(
+                    *by_bucket.entry(bucket).or_insert(view),
+                    view,
+                    "{pad_rows} chunk {chunk}: {rows} rows"
+                );
+                if let (n, Some(pad)) = view {
+                    assert!(n * pad >= bucket && (n - 1) * pad < bucket, "{rows} rows");
+                }
+            }
+            assert!(by_bucket.values().any(|v| v.0 > 1), "some prefill is split");
+        }
+    }
+
+    #[test]
+    fn max_and_zero_are_one_pass_and_off_splits_the_exact_length() {
+        for c in [
+            RemoConfig {
+                pad_rows: PadRows::Max,
+                ..Default::default()
+            },
+            RemoConfig {
+                prefill_chunk: 0,
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(c.prefill_parts(5000, 8192), (vec![5000], None));
+        }
+        let off = RemoConfig {
+            pad_rows: PadRows::Off,
+            ..Default::default()
+        };
+        assert_eq!(off.prefill_parts(600, 8192), (vec![256, 256, 88], None));
+        for bad in [3, 100, 8] {
+            let c = RemoConfig {
+                prefill_chunk: bad,
+                ..Default::default()
+            };
+            assert_eq!(c.validate().unwrap_err().field, "prefill_chunk");
         }
     }
 }

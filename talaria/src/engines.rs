@@ -58,6 +58,10 @@ pub struct RemoArgs {
     /// two, at least MIN), `max` (the context length) or `off` (the cloud reads the length).
     #[arg(long, default_value_t = RemoConfig::default().pad_rows, value_parser = parse_pad_rows)]
     pub remo_pad_rows: PadRows,
+    /// Fairness: a prefill padded past this many rows runs in passes of this many (a power of
+    /// two, at least 16; 0: one pass). The cloud sees the same rows either way.
+    #[arg(long, default_value_t = RemoConfig::default().prefill_chunk)]
+    pub remo_prefill_chunk: usize,
     /// Shuffle the rows of every call.
     #[arg(long, default_value_t = RemoConfig::default().shuffle, action = clap::ArgAction::Set)]
     pub remo_shuffle: bool,
@@ -100,6 +104,7 @@ impl RemoArgs {
             remo_precision: c.precision,
             remo_dummy_rows: None,
             remo_pad_rows: c.pad_rows,
+            remo_prefill_chunk: c.prefill_chunk,
             remo_shuffle: c.shuffle,
             remo_pool: c.pool,
             remo_frac_bits: c.frac_bits,
@@ -124,6 +129,7 @@ impl RemoArgs {
             shuffle: self.remo_shuffle,
             pool: self.remo_pool,
             frac_bits: self.remo_frac_bits,
+            prefill_chunk: self.remo_prefill_chunk,
         }
     }
 

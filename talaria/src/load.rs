@@ -70,6 +70,15 @@ pub struct LoadArgs {
     /// integer mode's product runs on the CPU either way.
     #[arg(long, default_value = "cpu")]
     pub backend: talaria_topology::Backend,
+    /// Fairness: one more tenant (its own agent) sends back-to-back prompts of this many tokens
+    /// (one generated token each) while the measured sessions decode; every step is measured
+    /// alone, then beside it, in the same run (0: no neighbour).
+    #[arg(long, default_value_t = 0, conflicts_with = "synthetic")]
+    pub neighbour_prompt_tokens: usize,
+    /// The cluster's ReMO `prefill_chunk`: a prefill padded past this many rows runs in passes
+    /// of this many (0: one pass).
+    #[arg(long, default_value_t = talaria_params::RemoConfig::default().prefill_chunk)]
+    pub prefill_chunk: usize,
 }
 
 /// Percentiles of a sample, in milliseconds.
@@ -78,6 +87,7 @@ struct Percentiles {
     p50: f64,
     p90: f64,
     p99: f64,
+    max: f64,
     mean: f64,
     n: usize,
 }
@@ -95,6 +105,7 @@ fn percentiles(mut v: Vec<f64>) -> Percentiles {
         p50: at(0.5),
         p90: at(0.9),
         p99: at(0.99),
+        max: at(1.0),
         mean: if v.is_empty() {
             0.0
         } else {
@@ -297,6 +308,22 @@ struct Step {
     batches: Vec<StageBatches>,
     /// CPU milliseconds per generated token, by process kind: where the machine's cores went.
     cpu_ms_per_token: BTreeMap<String, f64>,
+    /// `--neighbour-prompt-tokens`: the same sessions again, beside the neighbour's prefills.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    beside_neighbour: Option<Beside>,
+}
+
+/// A step's sessions run again while a neighbour tenant sends long prompts.
+#[derive(Debug, Serialize)]
+struct Beside {
+    tokens_per_s: f64,
+    ttft_ms: Percentiles,
+    inter_token_ms: Percentiles,
+    /// `inter_token_ms.p50` over the step's alone.
+    inter_token_p50_ratio: f64,
+    /// The neighbour's requests that finished while the sessions ran, and how long each took.
+    neighbour_requests: usize,
+    neighbour_request_ms: Option<Percentiles>,
 }
 
 #[derive(Debug, Serialize)]
@@ -304,6 +331,8 @@ struct Report {
     model: String,
     gen_tokens: usize,
     sessions_per_tenant: usize,
+    prefill_chunk: usize,
+    neighbour_prompt_tokens: usize,
     max_calls: usize,
     max_wait_us: u64,
     cores: usize,
@@ -347,10 +376,12 @@ fn topology_text(args: &LoadArgs, tenants: usize) -> String {
     let _ = writeln!(
         t,
         "[batching]\nmax_calls = {}\nmax_wait_us = {}\n\n[tls]\ngenerate = true\n\n\
-         [admission]\nallow_insecure = true\n\n[remo]\nprecision = \"{}\"\ntenant_accepts_below_floor = {}",
+         [admission]\nallow_insecure = true\n\n[remo]\nprecision = \"{}\"\nprefill_chunk = {}\n\
+         tenant_accepts_below_floor = {}",
         args.max_calls,
         args.max_wait_us,
         args.precision,
+        args.prefill_chunk,
         !args.precision.is_int()
     );
     t
@@ -443,13 +474,17 @@ pub fn run(args: LoadArgs) -> Result<()> {
     } else {
         *args.tenants.iter().max().expect("not empty")
     };
+    let neighbour = args.neighbour_prompt_tokens > 0;
     let run_dir = args
         .run_dir
         .clone()
         .unwrap_or_else(|| talaria_model_store::home().join("load"));
     std::fs::create_dir_all(&run_dir)?;
     let topo_path = run_dir.join("load.toml");
-    std::fs::write(&topo_path, topology_text(&args, most))?;
+    std::fs::write(
+        &topo_path,
+        topology_text(&args, most + usize::from(neighbour)),
+    )?;
     let cluster: Running = crate::cluster::start(&UpArgs {
         topology: topo_path.clone(),
         run_dir: Some(run_dir.clone()),
@@ -504,6 +539,8 @@ pub fn run(args: LoadArgs) -> Result<()> {
                 model,
                 gen_tokens: args.gen_tokens,
                 sessions_per_tenant: 1,
+                prefill_chunk: args.prefill_chunk,
+                neighbour_prompt_tokens: 0,
                 max_calls: args.max_calls,
                 max_wait_us: args.max_wait_us,
                 cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -522,6 +559,12 @@ pub fn run(args: LoadArgs) -> Result<()> {
     }
     eprintln!("  warm in {:.1} s", t0.elapsed().as_secs_f64());
 
+    let (agents, neighbour) = if neighbour {
+        let (last, rest) = agents.split_last().expect("the neighbour's agent");
+        (rest.to_vec(), Some(last.clone()))
+    } else {
+        (agents, None)
+    };
     let mut steps: Vec<Step> = Vec::new();
     for &k in &args.tenants {
         eprintln!(
@@ -542,14 +585,7 @@ pub fn run(args: LoadArgs) -> Result<()> {
                 k * args.sessions * args.gen_tokens
             );
         }
-        let ttft = traces
-            .iter()
-            .filter_map(|t| t.tokens.first().map(|f| (*f - t.start).as_secs_f64()))
-            .collect();
-        let itl = traces
-            .iter()
-            .flat_map(|t| t.tokens.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()))
-            .collect();
+        let (ttft, itl) = latencies(&traces);
         let batches = batches(&stages, &before, &after);
         let tokens_per_s = generated as f64 / wall;
         let one = steps
@@ -563,8 +599,8 @@ pub fn run(args: LoadArgs) -> Result<()> {
             wall_s: wall,
             tokens_per_s,
             speedup_vs_one_tenant: one.map(|o| tokens_per_s / o),
-            ttft_ms: percentiles(ttft),
-            inter_token_ms: percentiles(itl),
+            ttft_ms: ttft,
+            inter_token_ms: itl,
             batches,
             cpu_ms_per_token: cpu_after
                 .iter()
@@ -575,6 +611,7 @@ pub fn run(args: LoadArgs) -> Result<()> {
                     )
                 })
                 .collect(),
+            beside_neighbour: None,
         };
         eprintln!(
             "  {:.2} tok/s in {:.1} s; TTFT p50 {:.0} ms; ITL p50 {:.0} ms; calls/batch {}",
@@ -588,6 +625,19 @@ pub fn run(args: LoadArgs) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let mut step = step;
+        if let Some(n) = &neighbour {
+            let beside = beside_neighbour(&agents[..k], n, &args, step.inter_token_ms.p50)?;
+            eprintln!(
+                "  beside the neighbour: ITL p50 {:.0} ms ({:.2}x), p90 {:.0}, max {:.0}; {} of its prompts",
+                beside.inter_token_ms.p50,
+                beside.inter_token_p50_ratio,
+                beside.inter_token_ms.p90,
+                beside.inter_token_ms.max,
+                beside.neighbour_requests
+            );
+            step.beside_neighbour = Some(beside);
+        }
         steps.push(step);
     }
     let model = cluster.topology.model_name.clone();
@@ -597,6 +647,8 @@ pub fn run(args: LoadArgs) -> Result<()> {
         model,
         gen_tokens: args.gen_tokens,
         sessions_per_tenant: args.sessions,
+        prefill_chunk: args.prefill_chunk,
+        neighbour_prompt_tokens: args.neighbour_prompt_tokens,
         max_calls: args.max_calls,
         max_wait_us: args.max_wait_us,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -605,6 +657,78 @@ pub fn run(args: LoadArgs) -> Result<()> {
         synthetic_medians: Vec::new(),
     };
     write_report(&args, report)
+}
+
+/// Each trace's time to first token, and every gap between two tokens.
+fn latencies(traces: &[Trace]) -> (Percentiles, Percentiles) {
+    let ttft = traces
+        .iter()
+        .filter_map(|t| t.tokens.first().map(|f| (*f - t.start).as_secs_f64()))
+        .collect();
+    let itl = traces
+        .iter()
+        .flat_map(|t| t.tokens.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()))
+        .collect();
+    (percentiles(ttft), percentiles(itl))
+}
+
+/// Runs the sessions of `agents` while `neighbour` sends prompts of
+/// `--neighbour-prompt-tokens` back to back (its first is under way before they start).
+fn beside_neighbour(
+    agents: &[(SocketAddr, TlsMaterial, String)],
+    neighbour: &(SocketAddr, TlsMaterial, String),
+    args: &LoadArgs,
+    alone_p50: f64,
+) -> Result<Beside> {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let prompt: Vec<u32> = (0..args.neighbour_prompt_tokens as u32)
+        .map(|i| 1000 + i * 7919 % 20_000)
+        .collect();
+    let req = TenantRequest {
+        prompt: Prompt::Ids(prompt),
+        max_tokens: 1,
+        sampling: SamplingParams::default(),
+        ignore_eos: true,
+        stop: Vec::new(),
+        cache_salt: Some(crate::fresh_salt()),
+    };
+    let (traces, wall, done) = std::thread::scope(|scope| {
+        let prefills = scope.spawn(|| {
+            let mut took = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                // A fresh salt each time: every prompt is prefilled whole.
+                let req = TenantRequest {
+                    cache_salt: Some(crate::fresh_salt()),
+                    ..req.clone()
+                };
+                let t = session(&neighbour.1, neighbour.0, &neighbour.2, &req)?;
+                took.push(t.start.elapsed().as_secs_f64());
+            }
+            Ok::<_, anyhow::Error>(took)
+        });
+        // The neighbour's first prompt is in the cloud before the sessions start.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let t0 = Instant::now();
+        let traces = run_all(agents, args.sessions, args.gen_tokens);
+        let wall = t0.elapsed().as_secs_f64();
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let done = prefills
+            .join()
+            .map_err(|_| anyhow!("the neighbour's thread panicked"));
+        (traces, wall, done)
+    });
+    let traces = traces?;
+    let done = done??;
+    let generated: usize = traces.iter().map(|t| t.tokens.len()).sum();
+    let (ttft, itl) = latencies(&traces);
+    Ok(Beside {
+        tokens_per_s: generated as f64 / wall,
+        ttft_ms: ttft,
+        inter_token_p50_ratio: itl.p50 / alone_p50,
+        inter_token_ms: itl,
+        neighbour_requests: done.len(),
+        neighbour_request_ms: (!done.is_empty()).then(|| percentiles(done)),
+    })
 }
 
 /// Writes and prints the report.

@@ -735,3 +735,71 @@ fn a_second_turn_on_the_first_turns_cache_equals_running_the_whole_history() {
     let reused = warm_and_cold(branch, &mut conversations);
     assert_eq!(reused, parted, "cut back to the shared prefix");
 }
+
+/// An honest cloud that notes the op and row count of every call it answers.
+struct Shapes(CloudExecutor, Vec<(OpId, usize)>);
+
+impl CloudLink for Shapes {
+    fn setup(&mut self, req: &SetupRequest) -> Result<SetupReply, LinkError> {
+        CloudLink::setup(&mut self.0, req)
+    }
+    fn call(&mut self, call: &MaskedCall) -> Result<MaskedReply, LinkError> {
+        self.1.push((call.op, call.x.shape().0));
+        CloudLink::call(&mut self.0, call)
+    }
+}
+
+/// A prompt of 300 tokens with `prefill_chunk = 128`: its bucket (512 rows) runs as four
+/// passes whose every block call has exactly 128 rows, so the cloud counts the bucket and
+/// nothing finer; the integer mode is exact row by row, so the ids are those of one pass.
+#[test]
+fn a_prefill_in_passes_shows_the_cloud_its_bucket_only_and_answers_the_same() {
+    let run = |prefill_chunk: usize| {
+        let config = RemoConfig {
+            prefill_chunk,
+            ..Default::default()
+        };
+        let mut split = remo_split(&real_model(), config, None, |c| Shapes(c, Vec::new())).unwrap();
+        let text = "The history of the Roman Empire spans many centuries of conquest. ".repeat(30);
+        let mut prompt = split.tokenizer.encode(&text).unwrap();
+        assert!(prompt.len() >= 300, "{}", prompt.len());
+        prompt.truncate(300);
+        let req = GenerateRequest {
+            prompt_ids: prompt,
+            max_tokens: 3,
+            sampling: SamplingParams::default(),
+            stop_ids: vec![],
+        };
+        let g = generate(&split.model, &mut split.linear, &req, |_| Ok(()), None).unwrap();
+        (g.ids, std::mem::take(&mut split.linear.link_mut().1))
+    };
+    let (one_pass, one_shapes) = run(0);
+    let (passes, shapes) = run(128);
+    assert_eq!(passes, one_pass, "the same greedy ids");
+    let rows_of = |shapes: &[(OpId, usize)], op: OpId| -> Vec<usize> {
+        shapes
+            .iter()
+            .filter(|(o, _)| *o == op)
+            .map(|&(_, r)| r)
+            .collect()
+    };
+    let qkv = OpId::Block {
+        layer: 0,
+        op: talaria_engine::BlockOp::Qkv,
+    };
+    assert_eq!(rows_of(&one_shapes, qkv), [512, 1, 1]);
+    assert_eq!(rows_of(&shapes, qkv), [128, 128, 128, 128, 1, 1]);
+    assert_eq!(
+        rows_of(&shapes, OpId::LmHead),
+        [1; 6],
+        "a head call per pass"
+    );
+    // Every block call of the prefill, of every op, has exactly the chunk's rows.
+    let prefill = &shapes[..shapes.len() - 2 * 121];
+    assert_eq!(prefill.len(), 4 * 121);
+    assert!(
+        prefill
+            .iter()
+            .all(|&(op, r)| r == if op == OpId::LmHead { 1 } else { 128 })
+    );
+}

@@ -636,6 +636,7 @@ struct RawRemo {
     pad_rows: Option<String>,
     shuffle: Option<bool>,
     pool: Option<usize>,
+    prefill_chunk: Option<usize>,
     enabled: Option<bool>,
     tenant_accepts_below_floor: Option<bool>,
 }
@@ -737,6 +738,7 @@ fn check_remo(c: &mut Checker, r: &RawRemo) -> RemoSection {
         shuffle: r.shuffle.unwrap_or(d.shuffle),
         pool: r.pool.unwrap_or(d.pool),
         frac_bits: r.frac_bits.unwrap_or(d.frac_bits),
+        prefill_chunk: r.prefill_chunk.unwrap_or(d.prefill_chunk),
     };
     if let Err(e) = config.validate() {
         c.problem(format!("remo.{}", e.field), e.message);

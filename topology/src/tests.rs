@@ -134,6 +134,7 @@ fn missing_model_file_unknown_keys_and_bad_tls_are_refused() {
         ("dummy_rows = 65", "remo.dummy_rows"),
         ("frac_bits = 61", "remo.frac_bits"),
         ("pad_rows = \"pow2:0\"", "remo.pad_rows"),
+        ("prefill_chunk = 100", "remo.prefill_chunk"),
     ] {
         let text = format!("{}\n[remo]\n{section}", local(m.path(), TWO_STAGES));
         assert_eq!(keys(&text), vec![key], "{section}");

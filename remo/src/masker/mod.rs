@@ -151,6 +151,9 @@ pub struct Masker {
     context: Option<usize>,
     /// Whether the session's first pass (the prefill) has reached the LM head.
     prefilled: bool,
+    /// A prefill split into passes ([`Masker::prefill_parts`]): the rows every block call of
+    /// its passes is padded to, and how many passes are left to reach the LM head.
+    passes: Option<(usize, usize)>,
 }
 
 impl Masker {
@@ -178,6 +181,7 @@ impl Masker {
             verify_clock: OfflineClock::default(),
             context: None,
             prefilled: false,
+            passes: None,
         })
     }
 
@@ -191,6 +195,18 @@ impl Masker {
     /// even if it has one row.
     pub fn new_sequence(&mut self) {
         self.prefilled = false;
+        self.passes = None;
+    }
+
+    /// The passes a prefill of `rows` new rows runs as, their real rows in order
+    /// ([`RemoConfig::prefill_parts`]); the block calls of the next `parts.len()` passes (up to
+    /// their LM head calls) are padded as it says.
+    pub fn prefill_parts(&mut self, rows: usize) -> Vec<usize> {
+        let (parts, pad) = self
+            .config
+            .prefill_parts(rows, self.context.unwrap_or(usize::MAX));
+        self.passes = pad.map(|c| (c, parts.len()));
+        parts
     }
 
     /// The rows a call of `n` real rows is sent with before dummies: padded to its bucket when
@@ -198,6 +214,14 @@ impl Masker {
     /// op of the session's first pass (a one-token prompt). A causal pass's LM head call has
     /// one row whatever the prompt, and so do decode steps.
     fn padded_rows(&mut self, op: OpId, n: usize) -> Result<usize, RemoError> {
+        if let Some((rows, left)) = self.passes {
+            if op != OpId::LmHead {
+                return Ok(rows.max(n));
+            }
+            self.passes = (left > 1).then_some((rows, left - 1));
+            self.prefilled = true;
+            return Ok(n);
+        }
         let prefill = n > 1 || (!self.prefilled && op != OpId::LmHead);
         if op == OpId::LmHead {
             self.prefilled = true;
