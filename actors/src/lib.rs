@@ -8,9 +8,11 @@
 //! binary carries another process's actors.
 
 mod coalesce;
+mod doorway;
 pub mod metrics;
 
 pub use coalesce::{BatchLimits, Coalescer};
+pub use doorway::{Doorway, Ticket};
 
 use talaria_wire::frame::{self, FrameError};
 use talaria_wire::{ErrorReply, Reply};

@@ -154,14 +154,16 @@ pub const MAX_UNADMITTED: usize = 64;
 #[derive(Clone)]
 pub struct Gate {
     intake: talaria_net::Intake,
-    conn: quinn::Connection,
+    /// The connection's place among those waiting for admission ([`MAX_UNADMITTED`],
+    /// [`ADMISSION_WINDOW`]); trusted on admission.
+    ticket: Arc<talaria_actors::Ticket>,
     admitted_limit: usize,
-    admitted: Arc<AtomicBool>,
 }
 
 impl Gate {
-    /// A closed gate on `conn`; `admitted_limit` is the request limit once open.
-    pub fn closed(conn: quinn::Connection, admitted_limit: usize) -> Self {
+    /// A closed gate on the connection that holds `ticket`; `admitted_limit` is the request
+    /// limit once open.
+    pub fn closed(ticket: Arc<talaria_actors::Ticket>, admitted_limit: usize) -> Self {
         let intake = talaria_net::Intake::new(
             UNADMITTED_FRAME.min(admitted_limit),
             talaria_net::FRAME_DEADLINE,
@@ -170,9 +172,8 @@ impl Gate {
         .for_connection();
         Self {
             intake,
-            conn,
+            ticket,
             admitted_limit,
-            admitted: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -180,18 +181,7 @@ impl Gate {
     fn open(&self) {
         self.intake.set_limit(self.admitted_limit);
         self.intake.lift_own_budget();
-        talaria_net::trust_connection(&self.conn);
-        self.admitted.store(true, Ordering::Release);
-    }
-
-    /// Whether the router admitted the connection.
-    pub fn is_open(&self) -> bool {
-        self.admitted.load(Ordering::Acquire)
-    }
-
-    /// Closes the connection, saying why.
-    fn close(&self, why: &'static str) {
-        self.conn.close(0u32.into(), why.as_bytes());
+        self.ticket.trust();
     }
 }
 
@@ -499,29 +489,31 @@ impl Router {
                         talaria_wire::frame::max_answer_of(&self.config, op, frame.len()),
                     )
                 });
-                let reopen = frame::encode::<_, ()>(
-                    &Request::StageOpen {
-                        session,
-                        tenant: route.tenant.clone(),
-                    },
-                    None,
-                )
-                .map_err(|e| frame_error(&e))?;
+                let tenant = route.tenant.clone();
                 metrics::ROUTER_REQUESTS.inc();
                 let t0 = std::time::Instant::now();
                 // One buffer for every attempt: a request resent to another replica is the very
                 // bytes first sent (a fresh mask of the same rows would give the cloud a second
                 // view of them).
                 let frame: Arc<[u8]> = frame.into();
-                let reopen: Arc<[u8]> = reopen.into();
                 Ok(Box::pin(async move {
                     let mut answer = Vec::new();
                     for (i, (n, node)) in attempts.into_iter().enumerate() {
                         if i > 0 {
                             // The replica may not know the session: open it there first.
+                            let reopen = match frame::encode::<_, ()>(
+                                &Request::StageOpen {
+                                    session,
+                                    tenant: tenant.clone(),
+                                },
+                                None,
+                            ) {
+                                Ok(f) => Arc::<[u8]>::from(f),
+                                Err(e) => return err_frame(&frame_error(&e)),
+                            };
                             let opened = node
                                 .send(Forward {
-                                    frame: reopen.clone(),
+                                    frame: reopen,
                                     deadline,
                                     batch: None,
                                 })
@@ -937,19 +929,6 @@ impl Actor for AgentLink {
             router.do_send(AgentCert(id, cert));
         }
         router.do_send(AgentGate(id, self.gate.clone()));
-        // A peer that is not admitted in time is let go.
-        let gate = self.gate.clone();
-        ctx.run_later(ADMISSION_WINDOW, move |act, _| {
-            if !gate.is_open() {
-                tracing::warn!(
-                    agent = act.id,
-                    error_type = "not_admitted",
-                    "closing a connection not admitted within {ADMISSION_WINDOW:?}"
-                );
-                metrics::error("not_admitted");
-                gate.close("not admitted in time");
-            }
-        });
         let intake = self.gate.intake.clone();
         let serve = talaria_actors::serve_streams(self.conn.clone(), intake, move |frame| {
             let router = router.clone();
@@ -970,39 +949,32 @@ impl Actor for AgentLink {
 }
 
 /// Accepts cvm-agent connections on `endpoint`, one [`AgentLink`] each. At most
-/// [`MAX_UNADMITTED`] of them wait for admission at once: one more closes the oldest.
+/// [`MAX_UNADMITTED`] of them wait for admission at once, handshakes under way included: one
+/// more lets the oldest go. One not admitted within [`ADMISSION_WINDOW`] is closed.
 pub async fn serve(endpoint: quinn::Endpoint, router: Addr<Router>, max_frame: usize) {
+    let door = talaria_actors::Doorway::new("agent", MAX_UNADMITTED, ADMISSION_WINDOW);
     let mut next: AgentId = 1;
-    let waiting = Arc::new(std::sync::Mutex::new(
-        std::collections::VecDeque::<Gate>::new(),
-    ));
     while let Some(incoming) = endpoint.accept().await {
+        // Admitted agents do not count: there is always a place.
+        let Some(ticket) = door.knock().map(Arc::new) else {
+            incoming.refuse();
+            continue;
+        };
         let id = next;
         next += 1;
-        let (router, waiting) = (router.clone(), waiting.clone());
-        actix_rt::spawn(async move {
+        let (router, held) = (router.clone(), ticket.clone());
+        let task = actix_rt::spawn(async move {
             match incoming.await {
                 Ok(conn) => {
-                    tracing::info!(agent = id, peer = %conn.remote_address(), "agent connected");
-                    let gate = Gate::closed(conn.clone(), max_frame);
-                    {
-                        let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
-                        waiting.retain(|g| !g.is_open() && g.conn.close_reason().is_none());
-                        if waiting.len() >= MAX_UNADMITTED {
-                            let oldest = waiting.pop_front().expect("not empty");
-                            tracing::warn!(
-                                peer = %oldest.conn.remote_address(),
-                                error_type = "overloaded",
-                                "closing the oldest connection not admitted: {MAX_UNADMITTED} wait"
-                            );
-                            oldest.close("too many connections not admitted");
-                        }
-                        waiting.push_back(gate.clone());
+                    if !ticket.connected(&conn) {
+                        return;
                     }
-                    AgentLink::new(id, conn, router, gate).start();
+                    tracing::info!(agent = id, peer = %conn.remote_address(), "agent connected");
+                    AgentLink::new(id, conn, router, Gate::closed(ticket, max_frame)).start();
                 }
                 Err(e) => tracing::warn!("agent handshake failed: {e}"),
             }
         });
+        held.hold(task.abort_handle());
     }
 }

@@ -596,82 +596,6 @@ pub const TENANT_CONNECTION_BYTES: usize = 2 * talaria_wire::MAX_TENANT_MESSAGE;
 /// Bytes of unfinished request frames all tenant connections together may make the agent hold.
 pub const TENANT_PORT_BYTES: usize = 64 << 20;
 
-/// One tenant connection, as [`serve`] keeps it: from its first packet, its handshake under way,
-/// then open.
-struct Slot {
-    id: u64,
-    /// Set once the connection presented one of the tenant's API keys.
-    authenticated: Arc<AtomicBool>,
-    /// Once the handshake is done.
-    conn: Option<quinn::Connection>,
-    /// The task that runs the connection (its handshake first): aborted, it drops a handshake
-    /// under way.
-    task: Option<tokio::task::AbortHandle>,
-}
-
-/// The tenant port's connections, handshakes under way included, oldest first.
-#[derive(Default)]
-struct Slots {
-    next: u64,
-    slots: std::collections::VecDeque<Slot>,
-}
-
-impl Slots {
-    /// A slot for one more connection, its id; `None` when all [`MAX_TENANT_CONNECTIONS`]
-    /// have presented a key. Else, if they are all taken, the oldest without a key is let go:
-    /// a handshake under way is dropped, an open connection closed.
-    fn take(&mut self) -> Option<(u64, Arc<AtomicBool>)> {
-        if self.slots.len() >= MAX_TENANT_CONNECTIONS {
-            let i = self
-                .slots
-                .iter()
-                .position(|c| !c.authenticated.load(Ordering::Acquire))?;
-            let oldest = self.slots.remove(i).expect("a position in the list");
-            match &oldest.conn {
-                Some(conn) => {
-                    tracing::warn!(
-                        peer = %conn.remote_address(),
-                        error_type = "overloaded",
-                        "closing the oldest tenant connection without an API key: \
-                         {MAX_TENANT_CONNECTIONS} taken"
-                    );
-                    conn.close(0u32.into(), b"too many connections");
-                }
-                None => tracing::warn!(
-                    error_type = "overloaded",
-                    "dropping the oldest tenant handshake under way: {MAX_TENANT_CONNECTIONS} taken"
-                ),
-            }
-            if let Some(task) = &oldest.task {
-                task.abort();
-            }
-        }
-        self.next += 1;
-        let authenticated = Arc::new(AtomicBool::new(false));
-        self.slots.push_back(Slot {
-            id: self.next,
-            authenticated: authenticated.clone(),
-            conn: None,
-            task: None,
-        });
-        Some((self.next, authenticated))
-    }
-
-    fn get(&mut self, id: u64) -> Option<&mut Slot> {
-        self.slots.iter_mut().find(|c| c.id == id)
-    }
-
-    fn remove(&mut self, id: u64) {
-        self.slots.retain(|c| c.id != id);
-    }
-}
-
-/// The slots, locked. They are only pushed to, updated and taken from: a panic elsewhere
-/// leaves the list whole.
-fn lock(slots: &std::sync::Mutex<Slots>) -> std::sync::MutexGuard<'_, Slots> {
-    slots.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Answers tenants on `endpoint`: each stream carries one [`TenantMessage`] (at most
 /// [`talaria_wire::MAX_TENANT_MESSAGE`] bytes, read within [`TENANT_FRAME_DEADLINE`] and the
 /// budgets [`TENANT_CONNECTION_BYTES`] and [`TENANT_PORT_BYTES`]): `Attest` gets evidence from
@@ -685,14 +609,17 @@ pub async fn serve(
     attestor: Attestor,
     api_keys: Arc<Vec<[u8; 32]>>,
 ) {
-    let slots = Arc::new(std::sync::Mutex::new(Slots::default()));
+    let door = talaria_actors::Doorway::counting_trusted(
+        "tenant",
+        MAX_TENANT_CONNECTIONS,
+        UNAUTHENTICATED_WINDOW,
+    );
     let port = talaria_net::Intake::new(talaria_wire::MAX_TENANT_MESSAGE, TENANT_FRAME_DEADLINE)
         .with_own_budget(TENANT_CONNECTION_BYTES)
         .with_shared_budget(TENANT_PORT_BYTES);
     let attesting = Arc::new(Semaphore::new(ATTESTS_AT_ONCE));
     while let Some(incoming) = endpoint.accept().await {
-        let mut taken = lock(&slots);
-        let Some((id, authenticated)) = taken.take() else {
+        let Some(ticket) = door.knock().map(Arc::new) else {
             tracing::warn!(
                 peer = %incoming.remote_address(),
                 error_type = "overloaded",
@@ -703,41 +630,21 @@ pub async fn serve(
         };
         let (tenancy, attestor) = (tenancy.clone(), attestor.clone());
         let (api_keys, intake) = (api_keys.clone(), port.for_connection());
-        let slots_of_task = slots.clone();
         let attesting = attesting.clone();
+        let held = ticket.clone();
         let task = actix_rt::spawn(async move {
-            let slots = slots_of_task;
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!("tenant handshake failed: {e}");
-                    lock(&slots).remove(id);
                     return;
                 }
             };
-            match lock(&slots).get(id) {
-                Some(slot) => slot.conn = Some(conn.clone()),
-                // Let go while its handshake finished.
-                None => {
-                    conn.close(0u32.into(), b"too many connections");
-                    return;
-                }
+            if !ticket.connected(&conn) {
+                return;
             }
             let peer = conn.remote_address();
             tracing::info!(%peer, "tenant connected");
-            let window = {
-                let (conn, authenticated) = (conn.clone(), authenticated.clone());
-                actix_rt::spawn(async move {
-                    tokio::time::sleep(UNAUTHENTICATED_WINDOW).await;
-                    if !authenticated.load(Ordering::Acquire) {
-                        tracing::info!(
-                            %peer,
-                            "closing a tenant connection without an API key after {UNAUTHENTICATED_WINDOW:?}"
-                        );
-                        conn.close(0u32.into(), b"no API key in time");
-                    }
-                })
-            };
             let attests = Arc::new(AtomicUsize::new(0));
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let tenant = Tenant {
@@ -747,7 +654,7 @@ pub async fn serve(
                     attestor: attestor.clone(),
                     api_keys: api_keys.clone(),
                     intake: intake.clone(),
-                    authenticated: authenticated.clone(),
+                    ticket: ticket.clone(),
                     conn: conn.clone(),
                 };
                 let closed = conn.clone();
@@ -761,12 +668,8 @@ pub async fn serve(
                     }
                 });
             }
-            window.abort();
-            lock(&slots).remove(id);
         });
-        if let Some(slot) = taken.get(id) {
-            slot.task = Some(task.abort_handle());
-        }
+        held.hold(task.abort_handle());
     }
 }
 
@@ -777,8 +680,9 @@ struct Tenant {
     api_keys: Arc<Vec<[u8; 32]>>,
     /// The connection's bounds on reading requests.
     intake: talaria_net::Intake,
-    /// Set when the connection presents one of the tenant's API keys.
-    authenticated: Arc<AtomicBool>,
+    /// The connection's place on the port, trusted once it presents one of the tenant's API
+    /// keys.
+    ticket: Arc<talaria_actors::Ticket>,
     conn: quinn::Connection,
     /// Attestations this connection asked for.
     attests: Arc<AtomicUsize>,
@@ -798,7 +702,7 @@ async fn answer_stream(
         attestor,
         api_keys,
         intake,
-        authenticated,
+        ticket,
         conn,
         attests,
         attesting,
@@ -814,9 +718,7 @@ async fn answer_stream(
     let mut rx = match first {
         Ok(TenantMessage::Generate { request, api_key }) => {
             if let Some(digest) = talaria_actors::accepted_key(&api_keys, &api_key) {
-                if !authenticated.swap(true, Ordering::AcqRel) {
-                    talaria_net::trust_connection(&conn);
-                }
+                ticket.trust();
                 tenancy
                     .generate(request, Principal(digest))
                     .await
