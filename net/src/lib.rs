@@ -202,8 +202,14 @@ fn server_endpoint(
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport_with(window));
+    // Where anyone may connect, the datagrams a peer sends are kept to an Ethernet path's size.
+    let payload = if window == UNTRUSTED_RECEIVE_WINDOW {
+        UNTRUSTED_UDP_PAYLOAD
+    } else {
+        MAX_UDP_PAYLOAD
+    };
     server_socket(addr)
-        .and_then(|socket| endpoint_on(socket, Some(config)))
+        .and_then(|socket| endpoint_on(socket, Some(config), payload))
         .map_err(|e| TlsError::Bind {
             addr,
             message: e.to_string(),
@@ -322,15 +328,24 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// The largest UDP payload an endpoint sends (after discovery) or accepts: what IPv6 allows.
 const MAX_UDP_PAYLOAD: u16 = 65_527;
 
-/// An endpoint on `socket` that accepts datagrams up to [`MAX_UDP_PAYLOAD`] (quinn's default
-/// of 1472 would cap what MTU discovery can find).
+/// The largest UDP payload a server anyone may reach accepts (quinn's default, an Ethernet
+/// path's). A peer's MTU discovery climbs no higher than the `max_udp_payload_size` this side
+/// announces, and every probe is filled with one-byte PADDING frames, which quinn-proto 0.11
+/// parses one at a time: a stranger reconnecting in a loop made loopback probes of up to 64 KiB
+/// each, and parsing their padding took 81 % of the agent's event loop (`perf`, the flood
+/// measured in `tests/tests/hostile.rs`).
+pub const UNTRUSTED_UDP_PAYLOAD: u16 = 1472;
+
+/// An endpoint on `socket` that accepts datagrams up to `max_payload` bytes ([`MAX_UDP_PAYLOAD`]
+/// for the cluster's own peers: quinn's default of 1472 would cap what MTU discovery can find).
 fn endpoint_on(
     socket: std::net::UdpSocket,
     server: Option<quinn::ServerConfig>,
+    max_payload: u16,
 ) -> std::io::Result<Endpoint> {
     let mut config = quinn::EndpointConfig::default();
     config
-        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .max_udp_payload_size(max_payload)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
@@ -699,7 +714,7 @@ impl TlsMaterial {
         // Dual-stack where the host allows it, else IPv4.
         let mut endpoint = client_socket(any)
             .or_else(|_| client_socket(any4))
-            .and_then(|socket| endpoint_on(socket, None))
+            .and_then(|socket| endpoint_on(socket, None, MAX_UDP_PAYLOAD))
             .map_err(|e| TlsError::Bind {
                 addr: any4,
                 message: e.to_string(),

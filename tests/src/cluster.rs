@@ -462,6 +462,13 @@ impl RawPeer {
         }
     }
 
+    /// The connection's path MTU (the largest datagram it sends) after `wait`, in which its
+    /// MTU discovery runs.
+    pub fn path_mtu_after(&self, wait: Duration) -> u16 {
+        self.rt.block_on(async { tokio::time::sleep(wait).await });
+        self.conn.stats().path.current_mtu
+    }
+
     /// Sends `bytes` and `filler` zero bytes on a new stream, finished; the answer frame's
     /// header, decoded as a cloud `Reply` or a `TenantEvent`, in debug form (or why there was
     /// none).
