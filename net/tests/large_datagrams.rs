@@ -27,7 +27,7 @@ fn concurrent_large_answers_lose_no_datagram_and_keep_the_mtu() {
         .expect("runtime");
     rt.block_on(async {
         let server = tls
-            .server("127.0.0.1:0".parse().unwrap(), ALPN, ClientAuth::Anyone)
+            .server("127.0.0.1:0".parse().unwrap(), ALPN, ClientAuth::Cluster)
             .expect("server endpoint");
         let addr: SocketAddr = server.local_addr().expect("server address");
         // Answers every stream with ANSWER bytes, and reports its side's statistics at the end.
@@ -56,7 +56,9 @@ fn concurrent_large_answers_lose_no_datagram_and_keep_the_mtu() {
             conn.stats()
         });
 
-        let client = tls.client(ALPN).expect("client endpoint");
+        // The cluster's own link (a coordinator's to a gpu-node): servers anyone may reach keep
+        // a peer's datagrams to 1472 bytes (`UNTRUSTED_UDP_PAYLOAD`).
+        let client = tls.cluster_client(ALPN).expect("client endpoint");
         let conn = tls.connect(&client, addr).await.expect("connect");
         // Discovery climbs to loopback's MTU within a few round trips.
         let t0 = Instant::now();
