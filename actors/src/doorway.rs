@@ -20,7 +20,9 @@ use tokio::task::AbortHandle;
 ///   bound; a coordinator keeps any number of admitted agents.
 ///
 /// So a stranger who opens connections, or starts handshakes it never finishes, holds at most
-/// `max` of them, each for at most `window`, and never pushes out a trusted peer.
+/// `max` of them, each for at most `window`, and never pushes out a trusted peer. Each
+/// connection let go counts in `talaria_errors_total` as its log line says: `overloaded` (a
+/// newcomer took its place) or `not_admitted` (its window ended).
 #[derive(Clone)]
 pub struct Doorway {
     inner: Arc<Inner>,
@@ -68,6 +70,7 @@ impl Slot {
         if let Some(task) = &self.task {
             task.abort();
         }
+        crate::metrics::error("overloaded");
     }
 }
 
@@ -186,6 +189,7 @@ impl Ticket {
                     error_type = "not_admitted",
                     "closing a {who} connection not trusted within {window:?}"
                 );
+                crate::metrics::error("not_admitted");
                 conn.close(0u32.into(), b"not trusted in time");
             }
         });

@@ -76,6 +76,12 @@ impl Setup {
     }
 }
 
+/// `talaria_errors_total{type=...}` of this process.
+fn errors(error_type: &str) -> f64 {
+    let name = format!("talaria_errors_total{{type=\"{error_type}\"}}");
+    talaria_actors::metrics::value(&talaria_actors::metrics::render(), &name).unwrap_or(0.0)
+}
+
 /// Whether `conn` is closed within a moment.
 async fn closed_soon(conn: &quinn::Connection) -> bool {
     tokio::time::timeout(Duration::from_millis(500), conn.closed())
@@ -94,8 +100,14 @@ async fn a_newcomer_lets_the_oldest_untrusted_connection_go_never_a_trusted_one(
     // a proved who it is; b is now the oldest untrusted one.
     assert!(ta.as_ref().unwrap().trust());
     assert!(!ta.as_ref().unwrap().trust(), "trusted once");
+    let overloaded = errors("overloaded");
     let (d, _td) = s.connect().await;
     assert!(closed_soon(&b).await, "the oldest untrusted one is let go");
+    assert_eq!(
+        errors("overloaded"),
+        overloaded + 1.0,
+        "counted as its log says"
+    );
     assert!(!closed_soon(&a).await, "a trusted one stays");
     assert!(!closed_soon(&c).await);
     assert_eq!(door.held(), 3);
@@ -122,11 +134,13 @@ async fn an_untrusted_connection_is_closed_at_the_end_of_its_window_a_trusted_on
     let (a, b) = (a.unwrap(), b.unwrap());
     tb.as_ref().unwrap().trust();
     assert_eq!(door.held(), 1, "a trusted connection does not count here");
+    let not_admitted = errors("not_admitted");
     assert!(
         tokio::time::timeout(Duration::from_secs(3), a.closed())
             .await
             .is_ok(),
         "closed at the end of its window"
     );
+    assert_eq!(errors("not_admitted"), not_admitted + 1.0);
     assert!(!closed_soon(&b).await, "the trusted one stays");
 }

@@ -625,6 +625,7 @@ pub async fn serve(
                 error_type = "overloaded",
                 "tenant connection refused: {MAX_TENANT_CONNECTIONS} open, each with an API key"
             );
+            metrics::error("overloaded");
             incoming.refuse();
             continue;
         };
