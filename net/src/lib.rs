@@ -191,23 +191,23 @@ pub enum ClientAuth {
     AnyCertificate,
 }
 
-/// A QUIC server endpoint on `addr` with `tls`, whose connections start with `window` bytes of
-/// receive window ([`RECEIVE_WINDOW`] for the cluster's own peers, [`UNTRUSTED_RECEIVE_WINDOW`]
-/// where anyone may connect).
+/// A QUIC server endpoint on `addr` with `tls`. Where anyone may connect (`untrusted`), its
+/// connections start with [`UNTRUSTED_RECEIVE_WINDOW`] and take datagrams of at most
+/// [`UNTRUSTED_UDP_PAYLOAD`]; for the cluster's own peers, [`RECEIVE_WINDOW`] and
+/// [`MAX_UDP_PAYLOAD`].
 fn server_endpoint(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
-    window: u32,
+    untrusted: bool,
 ) -> Result<Endpoint, TlsError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport_with(window));
-    // Where anyone may connect, the datagrams a peer sends are kept to an Ethernet path's size.
-    let payload = if window == UNTRUSTED_RECEIVE_WINDOW {
-        UNTRUSTED_UDP_PAYLOAD
+    let (window, payload) = if untrusted {
+        (UNTRUSTED_RECEIVE_WINDOW, UNTRUSTED_UDP_PAYLOAD)
     } else {
-        MAX_UDP_PAYLOAD
+        (RECEIVE_WINDOW, MAX_UDP_PAYLOAD)
     };
+    config.transport_config(transport_with(window));
     server_socket(addr)
         .and_then(|socket| endpoint_on(socket, Some(config), payload))
         .map_err(|e| TlsError::Bind {
@@ -315,9 +315,10 @@ impl TenantIdentity {
     }
 
     /// A server endpoint on `addr` speaking `alpn`, for anyone: its connections start with
-    /// [`UNTRUSTED_RECEIVE_WINDOW`] ([`trust_connection`] widens one).
+    /// [`UNTRUSTED_RECEIVE_WINDOW`] ([`trust_connection`] widens one) and take datagrams of at
+    /// most [`UNTRUSTED_UDP_PAYLOAD`].
     pub fn server(&self, addr: SocketAddr, alpn: &[u8]) -> Result<Endpoint, TlsError> {
-        server_endpoint(addr, self.server_config(alpn)?, UNTRUSTED_RECEIVE_WINDOW)
+        server_endpoint(addr, self.server_config(alpn)?, true)
     }
 }
 
@@ -668,11 +669,11 @@ impl TlsMaterial {
             .then(|| self.roots())
             .transpose()?;
         let tls = server_config_with(certs(&self.cert)?, self.private_key()?, alpn, auth, roots)?;
-        let window = match auth {
-            ClientAuth::Cluster => RECEIVE_WINDOW,
-            ClientAuth::Anyone | ClientAuth::AnyCertificate => UNTRUSTED_RECEIVE_WINDOW,
+        let untrusted = match auth {
+            ClientAuth::Cluster => false,
+            ClientAuth::Anyone | ClientAuth::AnyCertificate => true,
         };
-        server_endpoint(addr, tls, window)
+        server_endpoint(addr, tls, untrusted)
     }
 
     /// A client endpoint that trusts the cluster's CA, speaks `alpn`, and presents the
