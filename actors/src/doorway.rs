@@ -133,7 +133,6 @@ impl Doorway {
             door: self.clone(),
             id,
             trusted,
-            conn: OnceLock::new(),
             window: OnceLock::new(),
         })
     }
@@ -149,8 +148,6 @@ pub struct Ticket {
     door: Doorway,
     id: u64,
     trusted: Arc<AtomicBool>,
-    /// The connection, once its handshake finished.
-    conn: OnceLock<Connection>,
     /// The task that closes the connection at the end of the window.
     window: OnceLock<AbortHandle>,
 }
@@ -178,7 +175,6 @@ impl Ticket {
                 return false;
             }
         }
-        let _ = self.conn.set(conn.clone());
         let (conn, trusted) = (conn.clone(), self.trusted.clone());
         let (window, who) = (self.door.inner.window, self.door.inner.who);
         let timer = tokio::spawn(async move {
@@ -204,11 +200,14 @@ impl Ticket {
         if self.trusted.swap(true, Ordering::AcqRel) {
             return false;
         }
-        if let Some(conn) = self.conn.get() {
-            talaria_net::trust_connection(conn);
-        }
-        if !self.door.inner.counts_trusted {
-            self.door.lock().list.retain(|s| s.id != self.id);
+        let mut slots = self.door.lock();
+        if let Some(i) = slots.list.iter().position(|s| s.id == self.id) {
+            if let Some(conn) = &slots.list[i].conn {
+                talaria_net::trust_connection(conn);
+            }
+            if !self.door.inner.counts_trusted {
+                slots.list.remove(i);
+            }
         }
         true
     }
