@@ -752,6 +752,25 @@ impl CloudLink for Shapes {
 /// A prompt of 300 tokens with `prefill_chunk = 128`: its bucket (512 rows) runs as four
 /// passes whose every block call has exactly 128 rows, so the cloud counts the bucket and
 /// nothing finer; the integer mode is exact row by row, so the ids are those of one pass.
+/// A greedy request of a prompt of exactly `tokens` tokens of English prose.
+fn long_prompt(
+    tokenizer: &talaria_engine::Tokenizer,
+    tokens: usize,
+    max_tokens: usize,
+) -> GenerateRequest {
+    let text =
+        "The history of the Roman Empire spans many centuries of conquest. ".repeat(tokens / 8);
+    let mut prompt = tokenizer.encode(&text).unwrap();
+    assert!(prompt.len() >= tokens, "{}", prompt.len());
+    prompt.truncate(tokens);
+    GenerateRequest {
+        prompt_ids: prompt,
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop_ids: vec![],
+    }
+}
+
 #[test]
 fn a_prefill_in_passes_shows_the_cloud_its_bucket_only_and_answers_the_same() {
     let run = |prefill_chunk: usize| {
@@ -760,16 +779,7 @@ fn a_prefill_in_passes_shows_the_cloud_its_bucket_only_and_answers_the_same() {
             ..Default::default()
         };
         let mut split = remo_split(&real_model(), config, None, |c| Shapes(c, Vec::new())).unwrap();
-        let text = "The history of the Roman Empire spans many centuries of conquest. ".repeat(30);
-        let mut prompt = split.tokenizer.encode(&text).unwrap();
-        assert!(prompt.len() >= 300, "{}", prompt.len());
-        prompt.truncate(300);
-        let req = GenerateRequest {
-            prompt_ids: prompt,
-            max_tokens: 3,
-            sampling: SamplingParams::default(),
-            stop_ids: vec![],
-        };
+        let req = long_prompt(&split.tokenizer, 300, 3);
         let g = generate(&split.model, &mut split.linear, &req, |_| Ok(()), None).unwrap();
         (g.ids, std::mem::take(&mut split.linear.link_mut().1))
     };
@@ -802,4 +812,116 @@ fn a_prefill_in_passes_shows_the_cloud_its_bucket_only_and_answers_the_same() {
             .iter()
             .all(|&(op, r)| r == if op == OpId::LmHead { 1 } else { 128 })
     );
+}
+
+/// How [`PassCheat`] cheats in a later pass of a prefill in passes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PassCheatKind {
+    /// From the second pass on, answers `op` with its answer of the pass before: the same op,
+    /// the same shape (every pass's calls have the chunk's rows), an honest product of other
+    /// masked rows.
+    ReplayThePassBefore(OpId),
+    /// Adds 1 to one value of `op`'s answer in pass `pass` (0-based).
+    Nudge { op: OpId, pass: usize },
+}
+
+/// A cloud honest except for one call of a prefill in passes; counts the passes by the LM-head
+/// calls that end them.
+struct PassCheat {
+    cloud: CloudExecutor,
+    kind: PassCheatKind,
+    calls: usize,
+    heads: usize,
+    before: std::collections::HashMap<OpId, Tensor>,
+    /// The call (1-based) it cheated in.
+    cheated: Option<usize>,
+}
+
+impl CloudLink for PassCheat {
+    fn setup(&mut self, req: &SetupRequest) -> Result<SetupReply, LinkError> {
+        CloudLink::setup(&mut self.cloud, req)
+    }
+    fn call(&mut self, call: &MaskedCall) -> Result<MaskedReply, LinkError> {
+        let mut reply = CloudLink::call(&mut self.cloud, call)?;
+        self.calls += 1;
+        let pass = self.heads;
+        if call.op == OpId::LmHead {
+            self.heads += 1;
+        }
+        if self.cheated.is_some() {
+            return Ok(reply);
+        }
+        match self.kind {
+            PassCheatKind::ReplayThePassBefore(op) if call.op == op => {
+                if let Some(old) = self.before.insert(op, reply.y.clone()) {
+                    assert_eq!(old.shape(), reply.y.shape(), "passes of one shape");
+                    reply.y = old;
+                    self.cheated = Some(self.calls);
+                }
+            }
+            PassCheatKind::Nudge { op, pass: p } if call.op == op && pass == p => {
+                let Tensor::U64 { data, .. } = &mut reply.y else {
+                    panic!("the default is the integer mode")
+                };
+                data[0] = data[0].wrapping_add(1);
+                self.cheated = Some(self.calls);
+            }
+            _ => {}
+        }
+        Ok(reply)
+    }
+}
+
+#[test]
+fn a_cloud_that_cheats_in_a_later_pass_of_a_prefill_is_caught_at_once() {
+    // 200 tokens, bucket 256, passes of 64: four passes of 121 calls.
+    let config = RemoConfig {
+        prefill_chunk: 64,
+        ..Default::default()
+    };
+    let block = |layer, op| OpId::Block { layer, op };
+    use talaria_engine::BlockOp::{AttnOut, Down, Qkv};
+    let cheats = [
+        PassCheatKind::ReplayThePassBefore(block(3, Qkv)),
+        PassCheatKind::ReplayThePassBefore(block(29, Down)),
+        PassCheatKind::Nudge {
+            op: OpId::LmHead,
+            pass: 1,
+        },
+        PassCheatKind::Nudge {
+            op: block(17, AttnOut),
+            pass: 3,
+        },
+    ];
+    for kind in cheats {
+        let mut split = remo_split(&real_model(), config.clone(), None, |cloud| PassCheat {
+            cloud,
+            kind,
+            calls: 0,
+            heads: 0,
+            before: Default::default(),
+            cheated: None,
+        })
+        .unwrap();
+        let req = long_prompt(&split.tokenizer, 200, 2);
+        let err = generate(&split.model, &mut split.linear, &req, |_| Ok(()), None).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                EngineError::Outsourced {
+                    error_type: "integrity",
+                    ..
+                }
+            ),
+            "{kind:?}: {err}"
+        );
+        let link = split.linear.link_mut();
+        let cheated = link.cheated.expect("the cloud cheated");
+        assert!(cheated > 121, "{kind:?}: in a later pass (call {cheated})");
+        assert_eq!(link.calls, cheated, "{kind:?}: stopped at once");
+        assert!(
+            link.heads < 4,
+            "{kind:?}: before the prefill's last pass ended"
+        );
+    }
 }
