@@ -311,7 +311,11 @@ impl TenantIdentity {
     /// certificate (an agent dialling the coordinator: the key its admission binds is then the
     /// one this connection proves).
     pub fn client(&self, cluster: &TlsMaterial, alpn: &[u8]) -> Result<Endpoint, TlsError> {
-        cluster.client_presenting(alpn, Some((vec![self.cert_der.clone().into()], self.key())))
+        cluster.client_presenting(
+            alpn,
+            Some((vec![self.cert_der.clone().into()], self.key())),
+            transport_batching_acks(),
+        )
     }
 
     /// A server endpoint on `addr` speaking `alpn`, for anyone: its connections start with
@@ -525,6 +529,12 @@ fn transport() -> Arc<quinn::TransportConfig> {
 
 /// [`transport`] with a connection receive window of `window` bytes.
 fn transport_with(window: u32) -> Arc<quinn::TransportConfig> {
+    Arc::new(transport_config(window))
+}
+
+/// The transport every endpoint of the project uses, with a connection receive window of
+/// `window` bytes.
+fn transport_config(window: u32) -> quinn::TransportConfig {
     let idle = idle_timeout();
     let mut t = quinn::TransportConfig::default();
     // Flow control bounds what a peer can make this side buffer, whatever frame lengths it
@@ -551,28 +561,54 @@ fn transport_with(window: u32) -> Arc<quinn::TransportConfig> {
         }))
         .max_idle_timeout(Some(quinn::IdleTimeout::try_from(idle).unwrap_or_else(
             |_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(2_000)),
-        )))
-        // A call's request may be several datagrams (always, towards a port anyone may reach,
-        // whose datagrams are Ethernet-sized): asked to acknowledge every other one, the peer
-        // sent an ACK-only datagram back for nearly every call, one more send and one more
-        // wake-up of this side each time. Up to ACK_ELICITING_THRESHOLD of them now wait for
-        // the ACK that rides with the call's answer. The delay keeps its default (the
-        // peer's 25 ms): a shorter one shortens the probe timeout of a loaded 2-core host
-        // below how long a process may wait for a core.
-        .ack_frequency_config(Some({
-            let mut a = quinn::AckFrequencyConfig::default();
-            a.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
-            a
-        }));
+        )));
+    t
+}
+
+/// [`transport`] for a client whose calls go to a port anyone may reach (an agent's link to its
+/// coordinator), where every datagram is at most [`UNTRUSTED_UDP_PAYLOAD`] bytes: a decode
+/// request is then four to nine datagrams, and asked by quinn's default to acknowledge every
+/// other ack-eliciting one at once, the coordinator sent an ACK-only datagram back for nearly
+/// every call, one more send for it and one more wake-up of the agent. This side asks its peer,
+/// by QUIC's ACK frequency extension, to wait for up to [`ACK_ELICITING_THRESHOLD`] of them, so
+/// the ACK rides with the call's answer.
+///
+/// A peer that waits must not make the sender wait: with fewer datagrams in flight than the
+/// threshold and the congestion window full, nothing would be acknowledged before the peer's
+/// maximum ACK delay (25 ms). So the initial window holds one more datagram than the threshold
+/// ([`BATCHED_ACKS_INITIAL_WINDOW`]; quinn's default, 12 000 bytes, holds eight of 1472 bytes).
+/// The window falls below that only after a loss: then a few flights wait for the delay until
+/// slow start has grown it again. The delay keeps its default: a shorter one shortens the
+/// sender's probe timeout below how long a process of a loaded 2-core host may wait for a core.
+/// The cluster's own links (datagrams of up to 64 KiB, whose windows may hold only two of them)
+/// keep quinn's default.
+fn transport_batching_acks() -> Arc<quinn::TransportConfig> {
+    let mut t = transport_config(RECEIVE_WINDOW);
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
+    let mut cubic = quinn::congestion::CubicConfig::default();
+    cubic.initial_window(BATCHED_ACKS_INITIAL_WINDOW);
+    t.ack_frequency_config(Some(acks))
+        .congestion_controller_factory(Arc::new(cubic));
     Arc::new(t)
 }
 
-/// How many ack-eliciting datagrams a peer may receive before it must acknowledge them at once
-/// (QUIC's ACK frequency extension; quinn's default is 1). The largest decode request of the
-/// model's ops (`down`, 1536 values of 8 bytes) is nine datagrams of 1472 bytes; quinn's
-/// initial congestion window is ten of them, so a sender's first window is still acknowledged
-/// as soon as it has all arrived.
+/// How many ack-eliciting datagrams the coordinator may receive from an agent before it must
+/// acknowledge them at once (quinn's default is 1): the largest decode request of the model's
+/// ops (`down`, 1536 values of 8 bytes) is nine datagrams of [`UNTRUSTED_UDP_PAYLOAD`] bytes.
 pub const ACK_ELICITING_THRESHOLD: u32 = 9;
+
+/// The initial congestion window of [`transport_batching_acks`]: quinn sends a datagram while
+/// what is in flight plus it stays below the window, so this lets `ACK_ELICITING_THRESHOLD + 1`
+/// datagrams of [`UNTRUSTED_UDP_PAYLOAD`] bytes fly, the last of which the peer acknowledges at
+/// once.
+pub const BATCHED_ACKS_INITIAL_WINDOW: u64 =
+    (ACK_ELICITING_THRESHOLD as u64 + 2) * UNTRUSTED_UDP_PAYLOAD as u64;
+
+const _: () = assert!(
+    (ACK_ELICITING_THRESHOLD as u64 + 1) * (UNTRUSTED_UDP_PAYLOAD as u64)
+        < BATCHED_ACKS_INITIAL_WINDOW
+);
 
 impl TlsMaterial {
     /// Generates a CA and a server certificate for `server_name` into `dir` (a local cluster:
@@ -698,21 +734,27 @@ impl TlsMaterial {
     /// A client endpoint that trusts the cluster's CA, speaks `alpn`, and presents the
     /// cluster's certificate (a cloud process dialling another: the coordinator to a gpu-node).
     pub fn cluster_client(&self, alpn: &[u8]) -> Result<Endpoint, TlsError> {
-        self.client_presenting(alpn, Some((certs(&self.cert)?, self.private_key()?)))
+        self.client_presenting(
+            alpn,
+            Some((certs(&self.cert)?, self.private_key()?)),
+            transport(),
+        )
     }
 
     /// A client endpoint that trusts the cluster's CA and speaks `alpn`, presenting no client
     /// certificate (a tenant dialling an agent).
     pub fn client(&self, alpn: &[u8]) -> Result<Endpoint, TlsError> {
-        self.client_presenting(alpn, None)
+        self.client_presenting(alpn, None, transport())
     }
 
-    /// A client endpoint that trusts the CA and presents `identity` (chain, key) if given.
+    /// A client endpoint that trusts the CA, presents `identity` (chain, key) if given, and
+    /// dials with `transport`.
     #[allow(clippy::type_complexity)]
     fn client_presenting(
         &self,
         alpn: &[u8],
         identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+        transport: Arc<quinn::TransportConfig>,
     ) -> Result<Endpoint, TlsError> {
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -728,7 +770,7 @@ impl TlsMaterial {
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(transport());
+        config.transport_config(transport);
         let any: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
         let any4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
         // Dual-stack where the host allows it, else IPv4.
