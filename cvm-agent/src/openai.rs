@@ -57,13 +57,13 @@ fn authorize(
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let refuse = |message: &str| ApiError {
-        status: StatusCode::UNAUTHORIZED,
-        kind: "invalid_request_error",
-        code: "invalid_api_key".into(),
-        message: message.into(),
-        param: None,
-        counted: false,
+    let refuse = |message: &str| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            message,
+        )
     };
     let Some(key) = presented else {
         return Err(refuse(
@@ -92,15 +92,47 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+    /// An error this API makes (not yet counted).
+    fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
-            kind: "invalid_request_error",
-            code: "invalid_value".into(),
+            status,
+            kind,
+            code: code.into(),
             message: message.into(),
-            param: Some(param),
+            param: None,
             counted: false,
         }
+    }
+
+    /// The same, naming the request's parameter at fault.
+    fn with_param(mut self, param: &'static str) -> Self {
+        self.param = Some(param);
+        self
+    }
+
+    fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_value",
+            message,
+        )
+        .with_param(param)
+    }
+
+    /// A body that is not a request of this API's shape.
+    fn invalid_json(e: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_json",
+            format!("the body is not a valid request: {e}"),
+        )
     }
 
     /// The HTTP form of an error the generation answered with.
@@ -123,12 +155,8 @@ impl ApiError {
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
         };
         Self {
-            status,
-            kind,
-            code: e.error_type.clone(),
-            message: e.message.clone(),
-            param: None,
             counted: true,
+            ..Self::new(status, kind, e.error_type.clone(), e.message.clone())
         }
     }
 
@@ -292,17 +320,16 @@ impl Limits<'_> {
         default_max: usize,
     ) -> Result<TenantRequest, ApiError> {
         if c.model != self.model {
-            return Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                kind: "invalid_request_error",
-                code: "model_not_found".into(),
-                message: format!(
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                format!(
                     "The model `{}` does not exist (this agent serves `{}`)",
                     c.model, self.model
                 ),
-                param: Some("model"),
-                counted: false,
-            });
+            )
+            .with_param("model"));
         }
         if c.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid("n", "only n = 1 is supported"));
@@ -779,14 +806,7 @@ const COMPLETION_DEFAULT_MAX: usize = 16;
 /// `/v1/chat/completions`) as the routes do: the tenant request it asks for, or the error the
 /// API answers. Pure (no session is started): what the fuzz targets drive.
 pub fn decode_body(limits: Limits<'_>, chat: bool, json: &[u8]) -> Result<TenantRequest, ApiError> {
-    let bad = |e: serde_json::Error| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        kind: "invalid_request_error",
-        code: "invalid_json".into(),
-        message: format!("the body is not a valid request: {e}"),
-        param: None,
-        counted: false,
-    };
+    let bad = ApiError::invalid_json;
     if chat {
         let body: ChatBody = serde_json::from_slice(json).map_err(bad)?;
         limits.request(&body.common, chat_prompt(body.messages)?, limits.max_tokens)
@@ -838,15 +858,7 @@ fn json_error(
     err: actix_web::error::JsonPayloadError,
     _: &actix_web::HttpRequest,
 ) -> actix_web::Error {
-    ApiError {
-        status: StatusCode::BAD_REQUEST,
-        kind: "invalid_request_error",
-        code: "invalid_json".into(),
-        message: format!("the body is not a valid request: {err}"),
-        param: None,
-        counted: false,
-    }
-    .into()
+    ApiError::invalid_json(err).into()
 }
 
 /// The app: the three OpenAI routes and `/metrics`.
