@@ -576,14 +576,23 @@ fn transport_config(window: u32) -> quinn::TransportConfig {
 /// A peer that waits must not make the sender wait: with fewer datagrams in flight than the
 /// threshold and the congestion window full, nothing would be acknowledged before the peer's
 /// maximum ACK delay (25 ms). So the initial window holds one more datagram than the threshold
-/// ([`BATCHED_ACKS_INITIAL_WINDOW`]; quinn's default, 12 000 bytes, holds eight of 1472 bytes).
-/// The window falls below that only after a loss: then a few flights wait for the delay until
-/// slow start has grown it again. The delay keeps its default: a shorter one shortens the
-/// sender's probe timeout below how long a process of a loaded 2-core host may wait for a core.
-/// The cluster's own links (datagrams of up to 64 KiB, whose windows may hold only two of them)
-/// keep quinn's default.
+/// ([`BATCHED_ACKS_INITIAL_WINDOW`]; quinn's default, 12 000 bytes, holds eight of 1472 bytes),
+/// and this side's datagrams stay at 1472 bytes whatever its peer announces. After a congestion
+/// event (a loss, an ECN mark) the window may fall below that; a flight that then fills it waits
+/// for the delay, but is not app-limited, so its ACK grows the window again (Cubic's congestion
+/// avoidance, or slow start after persistent congestion): one to about four waits of 25 ms
+/// with a datacenter's round trip. Tail-loss probes ask for an immediate ACK, so batching never
+/// delays loss recovery. The delay keeps its default: a shorter one shortens the sender's probe
+/// timeout below how long a process of a loaded 2-core host may wait for a core. The cluster's
+/// own links (datagrams of up to 64 KiB, whose windows may hold only two of them) keep quinn's
+/// default.
 fn transport_batching_acks() -> Arc<quinn::TransportConfig> {
     let mut t = transport_config(RECEIVE_WINDOW);
+    t.mtu_discovery_config(Some({
+        let mut m = quinn::MtuDiscoveryConfig::default();
+        m.upper_bound(UNTRUSTED_UDP_PAYLOAD);
+        m
+    }));
     let mut acks = quinn::AckFrequencyConfig::default();
     acks.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
     let mut cubic = quinn::congestion::CubicConfig::default();
@@ -598,7 +607,7 @@ fn transport_batching_acks() -> Arc<quinn::TransportConfig> {
 /// ops (`down`, 1536 values of 8 bytes) is nine datagrams of [`UNTRUSTED_UDP_PAYLOAD`] bytes.
 pub const ACK_ELICITING_THRESHOLD: u32 = 9;
 
-/// The initial congestion window of [`transport_batching_acks`]: quinn sends a datagram while
+/// The initial congestion window of an agent's link to its coordinator: quinn sends a datagram while
 /// what is in flight plus it stays below the window, so this lets `ACK_ELICITING_THRESHOLD + 1`
 /// datagrams of [`UNTRUSTED_UDP_PAYLOAD`] bytes fly, the last of which the peer acknowledges at
 /// once.
