@@ -101,6 +101,31 @@ where
     }
 }
 
+/// Adds what `conn` lost of the datagrams this side sent, and its black-hole fallbacks, to
+/// `lost` and `black_holes`, every second and once more when it closes.
+pub async fn count_path_losses(
+    conn: quinn::Connection,
+    lost: &'static prometheus::IntCounter,
+    black_holes: &'static prometheus::IntCounter,
+) {
+    let peer = conn.remote_address().to_string();
+    let mut seen = PathSeen::default();
+    // Exported (as 0) from the start, not at the first second's read.
+    lost.inc_by(0);
+    black_holes.inc_by(0);
+    loop {
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(1), conn.closed())
+            .await
+            .is_ok();
+        let delta = seen.read(&conn, &peer);
+        lost.inc_by(delta.lost);
+        black_holes.inc_by(delta.black_holes);
+        if closed {
+            return;
+        }
+    }
+}
+
 /// A connection's path statistics as last read: what quinn counts of this side's sends (it
 /// sees the sender's losses only, so each side reports its own).
 #[derive(Debug, Default, Clone, Copy)]

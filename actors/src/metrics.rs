@@ -205,6 +205,21 @@ pub static AGENT_UPLINK_UP: LazyLock<IntGauge> = LazyLock::new(|| {
         "1 while the agent is connected to and admitted by the coordinator",
     )
 });
+/// Datagrams the agent sent on its uplink (its requests) that were lost: quinn sees losses on the
+/// sender's side only, so the coordinator's count does not include them.
+pub static AGENT_LINK_LOST: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "talaria_agent_link_datagrams_lost_total",
+        "Datagrams the agent sent to the coordinator that were lost",
+    )
+});
+/// Times the agent's uplink fell back to 1,200-byte datagrams (quinn's black-hole detection).
+pub static AGENT_LINK_BLACK_HOLES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "talaria_agent_link_black_holes_total",
+        "Times the agent's uplink fell back to 1200-byte datagrams",
+    )
+});
 pub static AGENT_RECONNECTS: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
         "talaria_agent_reconnects_total",

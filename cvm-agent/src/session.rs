@@ -219,6 +219,11 @@ impl Uplink {
             }
             act.conn = Some(conn.clone());
             act.health.set(true);
+            actix_rt::spawn(talaria_actors::count_path_losses(
+                conn.clone(),
+                &metrics::AGENT_LINK_LOST,
+                &metrics::AGENT_LINK_BLACK_HOLES,
+            ));
             ctx.spawn(async move { conn.closed().await }.into_actor(act).map(
                 |reason, act, ctx| {
                     tracing::warn!("uplink to the coordinator lost: {reason}");

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix::prelude::*;
 use talaria_engine::OpId;
@@ -742,24 +742,6 @@ impl Handler<Serve> for LayerStage {
     }
 }
 
-/// Adds what `conn` lost of the datagrams this stage sent (and its black-hole fallbacks) to the
-/// stage's metrics, every second and once more when it closes.
-async fn count_path_losses(conn: quinn::Connection) {
-    let peer = conn.remote_address().to_string();
-    let mut seen = talaria_actors::PathSeen::default();
-    loop {
-        let closed = tokio::time::timeout(Duration::from_secs(1), conn.closed())
-            .await
-            .is_ok();
-        let delta = seen.read(&conn, &peer);
-        metrics::STAGE_LINK_LOST.inc_by(delta.lost);
-        metrics::STAGE_LINK_BLACK_HOLES.inc_by(delta.black_holes);
-        if closed {
-            return;
-        }
-    }
-}
-
 /// Serves a stage on `endpoint` until it closes: every connection, every stream.
 pub async fn serve(endpoint: quinn::Endpoint, stage: Addr<LayerStage>, max_frame: usize) {
     while let Some(incoming) = endpoint.accept().await {
@@ -773,7 +755,11 @@ pub async fn serve(endpoint: quinn::Endpoint, stage: Addr<LayerStage>, max_frame
                 }
             };
             tracing::info!(peer = %conn.remote_address(), "connected");
-            actix_rt::spawn(count_path_losses(conn.clone()));
+            actix_rt::spawn(talaria_actors::count_path_losses(
+                conn.clone(),
+                &metrics::STAGE_LINK_LOST,
+                &metrics::STAGE_LINK_BLACK_HOLES,
+            ));
             let intake = talaria_net::Intake::new(max_frame, talaria_net::FRAME_DEADLINE);
             talaria_actors::serve_streams(conn, intake, move |frame| {
                 let stage = stage.clone();

@@ -224,6 +224,24 @@ fn the_openai_client_gets_the_plain_engines_greedy_answer_streamed_and_whole() {
         (0.0..=4.0 * 121.0).contains(&ready),
         "{ready} pairs ready in pools of 4 for 121 ops"
     );
+    // The agent counts what its own requests lost on its uplink (quinn sees losses on the
+    // sender's side only): none on loopback where the kernel grants the 4 MiB buffers, and no
+    // fall back to small datagrams.
+    for name in [
+        "talaria_agent_link_datagrams_lost_total",
+        "talaria_agent_link_black_holes_total",
+    ] {
+        assert!(
+            text.contains(&format!("\n{name} ")),
+            "{name} missing: {text}"
+        );
+    }
+    assert_eq!(metric(text, "talaria_agent_link_black_holes_total"), 0.0);
+    let lost = metric(text, "talaria_agent_link_datagrams_lost_total");
+    assert!(
+        !talaria_net::full_socket_buffers() || lost == 0.0,
+        "{lost} request datagrams lost on loopback"
+    );
 }
 
 #[test]
