@@ -529,12 +529,12 @@ fn transport() -> Arc<quinn::TransportConfig> {
 
 /// [`transport`] with a connection receive window of `window` bytes.
 fn transport_with(window: u32) -> Arc<quinn::TransportConfig> {
-    Arc::new(transport_config(window))
+    Arc::new(transport_config(window, MAX_UDP_PAYLOAD))
 }
 
 /// The transport every endpoint of the project uses, with a connection receive window of
-/// `window` bytes.
-fn transport_config(window: u32) -> quinn::TransportConfig {
+/// `window` bytes, sending datagrams of at most `max_payload` bytes.
+fn transport_config(window: u32, max_payload: u16) -> quinn::TransportConfig {
     let idle = idle_timeout();
     let mut t = quinn::TransportConfig::default();
     // Flow control bounds what a peer can make this side buffer, whatever frame lengths it
@@ -556,7 +556,7 @@ fn transport_config(window: u32) -> quinn::TransportConfig {
         // ~1452.
         .mtu_discovery_config(Some({
             let mut m = quinn::MtuDiscoveryConfig::default();
-            m.upper_bound(MAX_UDP_PAYLOAD);
+            m.upper_bound(max_payload);
             m
         }))
         .max_idle_timeout(Some(quinn::IdleTimeout::try_from(idle).unwrap_or_else(
@@ -587,12 +587,7 @@ fn transport_config(window: u32) -> quinn::TransportConfig {
 /// own links (datagrams of up to 64 KiB, whose windows may hold only two of them) keep quinn's
 /// default.
 fn transport_batching_acks() -> Arc<quinn::TransportConfig> {
-    let mut t = transport_config(RECEIVE_WINDOW);
-    t.mtu_discovery_config(Some({
-        let mut m = quinn::MtuDiscoveryConfig::default();
-        m.upper_bound(UNTRUSTED_UDP_PAYLOAD);
-        m
-    }));
+    let mut t = transport_config(RECEIVE_WINDOW, UNTRUSTED_UDP_PAYLOAD);
     let mut acks = quinn::AckFrequencyConfig::default();
     acks.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
     let mut cubic = quinn::congestion::CubicConfig::default();
