@@ -1,10 +1,12 @@
-//! The integer product on AMX's 8-bit tiles: an experiment measured beside the vector kernels
-//! (`talaria bench-gemm`'s `amx-int8` column), which no product uses (docs/performance.md has
-//! the numbers and why).
+//! The integer product on AMX's 8-bit tiles from the weight's own byte digits: an experiment
+//! measured beside the kernels (`talaria bench-gemm`'s `amx-int8` column), which no product uses
+//! (docs/performance.md has the numbers and why). The products use `ring`'s `amx` kernel
+//! instead ([`IntKernel::Amx`](crate::ring::IntKernel)), which multiplies the codes on the tiles
+//! and keeps each block's `D·T + M·Σx` on the vectors.
 //!
 //! [`ring::int_matmul`](crate::ring::int_matmul) multiplies by the codes and takes each block's
-//! `D·T + M·Σx` in 64-bit lanes; on AMX that per-block step would be nearly all the work (a
-//! block is 32 inputs, half a tile's depth). Here the weight is made once into signed byte
+//! `D·T + M·Σx` in 64-bit lanes; on AMX that per-block step is most of the work (a block is 32
+//! inputs, half a tile's depth). Here the weight is made once into signed byte
 //! digits instead, `W_int = Σ_m w_m · 2^(8 m) (mod 2^64)` with `w_m ∈ [-128, 127]`, as many as
 //! the weight's largest entry needs (four for the fetched model: its entries span 23 to 27
 //! bits), and the rows into unsigned byte digits `x = Σ_l x_l · 2^(8 l)`. Then
@@ -57,25 +59,25 @@ pub struct AmxWeight {
 
 /// Bytes on whole 64-byte lines: a tile row split across two lines loads at about half speed
 /// (a 2 × 2 tile product step from 16-byte aligned buffers ran 21 ns a product against 9).
-struct Lines(Vec<Line>);
+pub(crate) struct Lines(Vec<Line>);
 
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([u8; 64]);
+pub(crate) struct Line(pub(crate) [u8; 64]);
 
 impl Lines {
     /// `len` zero bytes (`len` a multiple of 64).
-    fn zeroed(len: usize) -> Lines {
+    pub(crate) fn zeroed(len: usize) -> Lines {
         assert!(len.is_multiple_of(64), "whole lines");
         Lines(vec![Line([0; 64]); len / 64])
     }
 
-    fn bytes(&self) -> &[u8] {
+    pub(crate) fn bytes(&self) -> &[u8] {
         // SAFETY: a `Line` is 64 bytes (`repr(C)`, no padding), the lines are contiguous.
         unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), 64 * self.0.len()) }
     }
 
-    fn bytes_mut(&mut self) -> &mut [u8] {
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `bytes`, borrowed mutably.
         unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), 64 * self.0.len()) }
     }
@@ -284,7 +286,7 @@ fn row_digits(x: &[u64], rows: usize, a: &AmxWeight) -> Lines {
 /// put each plane's four 8-byte pieces together.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-fn byte_planes(x: &[u64; INT_BLOCK], out: &mut [u8; 8 * INT_BLOCK]) {
+pub(crate) fn byte_planes(x: &[u64; INT_BLOCK], out: &mut [u8; 8 * INT_BLOCK]) {
     use std::arch::x86_64::*;
     // Byte `8 l + c` of the result is byte `l` of value `c`.
     let gather: [u8; 64] = std::array::from_fn(|p| ((p % 8) * 8 + p / 8) as u8);

@@ -435,7 +435,7 @@ fn digits(x: u64) -> [i16; 4] {
 /// add) takes 32 of those 16 × 16-bit products per instruction, against 8 (AVX-512) or 4 (AVX2)
 /// 32 × 32-bit multiplies for the same work on the 32-bit halves of `x`.
 pub fn int_matmul(x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64> {
-    product(IntKernel::best(), x, rows, w)
+    product(IntKernel::for_rows(rows), x, rows, w)
 }
 
 /// [`int_matmul`] on a named kernel (the benchmark compares them side by side).
@@ -457,16 +457,35 @@ fn product(kernel: IntKernel, x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64>
     let (d_in, d_out) = (w.d_in, w.d_out);
     assert_eq!(x.len(), rows * d_in, "lhs shape");
     let nb = d_in / INT_BLOCK;
+    // AMX's epilogue is the narrow one: scales and minimums held wide go to the vectors.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    let kernel = match (kernel, &w.scales, &w.mins) {
+        (IntKernel::Amx, BlockInts::Narrow(_), BlockInts::Narrow(_)) => IntKernel::Amx,
+        (IntKernel::Amx, _, _) => IntKernel::Vnni,
+        (k, _, _) => k,
+    };
     let sums: Vec<u64> = x
         .chunks_exact(INT_BLOCK)
         .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
         .collect();
-    // Per row, input pair and digit: the pair's two digits, one 32-bit lane to broadcast.
-    let mut pairs = vec![0i32; x.len() * 2];
-    for (p, out) in x.chunks_exact(2).zip(pairs.chunks_exact_mut(4)) {
-        let (a, b) = (digits(p[0]), digits(p[1]));
-        for l in 0..4 {
-            out[l] = (u32::from(a[l] as u16) | (u32::from(b[l] as u16) << 16)) as i32;
+    // Per row, input pair and digit: the pair's two digits, one 32-bit lane to broadcast (the
+    // vector kernels' operand); AMX's is the rows' byte digits instead.
+    let mut pairs = Vec::new();
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    let planes = match kernel {
+        // SAFETY: `IntKernel::Amx` is available only with AVX-512 F, BW and VBMI.
+        IntKernel::Amx => Some(unsafe { amx_tile::row_planes(x, rows, d_in) }),
+        _ => None,
+    };
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    let planes: Option<crate::amx::Lines> = None;
+    if planes.is_none() {
+        pairs = vec![0i32; x.len() * 2];
+        for (p, out) in x.chunks_exact(2).zip(pairs.chunks_exact_mut(4)) {
+            let (a, b) = (digits(p[0]), digits(p[1]));
+            for l in 0..4 {
+                out[l] = (u32::from(a[l] as u16) | (u32::from(b[l] as u16) << 16)) as i32;
+            }
         }
     }
     let operands = Operands {
@@ -475,32 +494,58 @@ fn product(kernel: IntKernel, x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64>
         w,
         sums: &sums,
         pairs: &pairs,
+        planes: planes.as_ref().map_or(&[], |p| p.bytes()),
         nb,
     };
-    let strips: Vec<(usize, usize)> = tiles(d_out).collect();
-    // Each tile accumulates into a buffer of its own, contiguous: written in place into `y`, a
-    // tile's rows lie `d_out` values apart, and at 130 rows the product took 1.5× as long.
-    let parts: Vec<Vec<u64>> = strips
-        .par_iter()
-        .map(|&(j0, width)| {
-            let mut out = vec![0u64; rows * width];
+    // Each tile accumulates into a buffer of its own, contiguous, and copies each range of rows
+    // into `y` while it is hot: accumulated in place in `y`, a tile's rows lie `d_out` values
+    // apart, and at 130 rows the product took 1.5× as long; copied after every tile was done,
+    // from cold memory and on one thread, the copy took 10-20 % of a 16- or 130-row product.
+    let mut y: Vec<u64> = Vec::with_capacity(rows * d_out);
+    let dst = Columns(y.as_mut_ptr());
+    tiles(d_out)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .for_each(|(j0, width)| {
+            let mut buf = vec![0u64; ROW_CHUNK.min(rows) * width];
             // A tile's rows [`ROW_CHUNK`] at a time, each range's sums in the first-level cache.
-            for (c, out) in out.chunks_mut(ROW_CHUNK * width).enumerate() {
-                let r0 = c * ROW_CHUNK;
-                let part = operands.rows(r0, r0 + out.len() / width);
+            for r0 in (0..rows).step_by(ROW_CHUNK) {
+                let r1 = rows.min(r0 + ROW_CHUNK);
+                let out = &mut buf[..(r1 - r0) * width];
+                out.fill(0);
                 // SAFETY: `kernel` is `best()` or was checked against `available()`.
-                unsafe { tile(kernel, &part, j0, width, out) };
+                unsafe { tile(kernel, &operands.rows(r0, r1), j0, width, out) };
+                for (r, src) in out.chunks_exact(width).enumerate() {
+                    // SAFETY: row `r0 + r`'s columns `j0 .. j0 + width` of `y`, within its
+                    // capacity; no other tile writes them.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            src.as_ptr(),
+                            dst.at((r0 + r) * d_out + j0),
+                            width,
+                        )
+                    };
+                }
             }
-            out
-        })
-        .collect();
-    let mut y = vec![0u64; rows * d_out];
-    for (&(j0, width), part) in strips.iter().zip(&parts) {
-        for (r, src) in part.chunks_exact(width).enumerate() {
-            y[r * d_out + j0..r * d_out + j0 + width].copy_from_slice(src);
-        }
-    }
+        });
+    // SAFETY: the tiles cover every column of every row once, so all `rows × d_out` values of
+    // the capacity are written (plain integers: nothing to drop).
+    unsafe { y.set_len(rows * d_out) };
     y
+}
+
+/// The product's output shared by its tiles, each writing only its own columns.
+struct Columns(*mut u64);
+
+// SAFETY: the tiles write disjoint values through it, and the product waits for every tile
+// before it reads the output.
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// Where value `k` goes.
+    fn at(&self, k: usize) -> *mut u64 {
+        self.0.wrapping_add(k)
+    }
 }
 
 /// `W_int · v` modulo `2^64` for each of `vs` (every one `d_out` long): the `d_in`-long vectors
@@ -599,8 +644,12 @@ struct Operands<'a> {
     w: &'a IntWeight,
     /// Per row and block, `Σ_i x_i` of the block.
     sums: &'a [u64],
-    /// Per row, input pair and digit `l`: `d_l(x_2p) | d_l(x_2p+1) << 16`, `[rows][d_in/2][4]`.
+    /// Per row, input pair and digit `l`: `d_l(x_2p) | d_l(x_2p+1) << 16`, `[rows][d_in/2][4]`
+    /// (empty for AMX).
     pairs: &'a [i32],
+    /// AMX's operand instead: per pair of rows and block, the rows' byte digits (empty for the
+    /// vector kernels).
+    planes: &'a [u8],
     nb: usize,
 }
 
@@ -613,11 +662,20 @@ impl<'a> Operands<'a> {
             rows: r1 - r0,
             w: self.w,
             sums: &self.sums[r0 * self.nb..r1 * self.nb],
-            pairs: &self.pairs[r0 * d_in * 2..r1 * d_in * 2],
+            pairs: self.pairs.get(r0 * d_in * 2..r1 * d_in * 2).unwrap_or(&[]),
+            // `r0` is even: ranges are ROW_CHUNK rows.
+            planes: self
+                .planes
+                .get(r0 / 2 * self.nb * PAIR_BLOCK..)
+                .unwrap_or(&[]),
             nb: self.nb,
         }
     }
 }
+
+/// Bytes of a pair of rows' byte digits of one block: AMX's left operand, a tile of 16 rows of
+/// 32 bytes.
+const PAIR_BLOCK: usize = 16 * INT_BLOCK;
 
 /// Rows a tile runs at once. A tile adds each block's products to every row's 64 sums; with all
 /// of a 130-row prefill's rows at once those sums (66 KB) left the first-level cache between
@@ -637,7 +695,18 @@ pub enum IntKernel {
     /// `vpdpwssd` on 512-bit vectors.
     #[cfg(target_arch = "x86_64")]
     Vnni,
+    /// AMX's 8-bit tile product for the digit sums, the VNNI kernel's epilogue on 512-bit
+    /// vectors (`amx_tile`); only where the scales and minimums are held 32 bits each (else the
+    /// VNNI kernel runs).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    Amx,
 }
+
+/// Rows from which [`int_matmul`] takes the AMX kernel where it has it: a tile product sums two
+/// rows' eight digits whatever the rows, and below four rows the vector kernel is as fast or
+/// faster (`talaria bench-gemm --rows 2,3,4,6,8` on a Xeon with AMX: 2 rows 13.5 ms against 11.5,
+/// 3 rows 11.8 against 12.5, 4 rows 13.2 against 15.3 a pass).
+pub const AMX_MIN_ROWS: usize = 4;
 
 impl IntKernel {
     /// Every kernel this CPU can run, the widest last.
@@ -651,9 +720,25 @@ impl IntKernel {
             }
             if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vnni") {
                 all.push(IntKernel::Vnni);
+                #[cfg(target_os = "linux")]
+                if crate::amx::available() {
+                    all.push(IntKernel::Amx);
+                }
             }
         }
         all
+    }
+
+    /// The kernel [`int_matmul`] runs for `rows` rows: AMX from [`AMX_MIN_ROWS`] where it is
+    /// available, else the widest vector kernel.
+    pub fn for_rows(rows: usize) -> IntKernel {
+        let best = IntKernel::best();
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if best == IntKernel::Amx && rows < AMX_MIN_ROWS {
+            return IntKernel::Vnni;
+        }
+        let _ = rows;
+        best
     }
 
     /// The widest this CPU has: the one [`int_matmul`] runs.
@@ -662,7 +747,8 @@ impl IntKernel {
         *BEST.get_or_init(|| *IntKernel::available().last().expect("portable"))
     }
 
-    /// `avx512-vnni` (`vpdpwssd`), `avx2` (`vpmaddwd`) or `portable` (64-bit multiplies).
+    /// `amx` (`tdpbusd`), `avx512-vnni` (`vpdpwssd`), `avx2` (`vpmaddwd`) or `portable` (64-bit
+    /// multiplies).
     pub fn name(self) -> &'static str {
         match self {
             IntKernel::Portable => "portable",
@@ -670,6 +756,8 @@ impl IntKernel {
             IntKernel::Avx2 => "avx2",
             #[cfg(target_arch = "x86_64")]
             IntKernel::Vnni => "avx512-vnni",
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            IntKernel::Amx => "amx",
         }
     }
 
@@ -691,6 +779,9 @@ impl IntKernel {
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             IntKernel::Vnni => unsafe { peak_vnni(ITERS) },
+            // Its inner step is the tile product ([`amx_int8_peak`]).
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            IntKernel::Amx => return None,
         };
         Some(macs as f64 / t0.elapsed().as_secs_f64())
     }
@@ -846,6 +937,18 @@ unsafe fn tile(kernel: IntKernel, a: &Operands, j0: usize, width: usize, out: &m
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         IntKernel::Avx2 if width == TILE => unsafe { tile_avx2(a, j0, out) },
+        // SAFETY: as above; `product` runs AMX only on scales and minimums held narrow.
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        IntKernel::Amx if width == TILE => match (&a.w.scales, &a.w.mins) {
+            (BlockInts::Narrow(d), BlockInts::Narrow(m)) => unsafe {
+                if a.w.codes.packed() {
+                    amx_tile::tile_amx::<false>(a, a.planes, j0, out, d, m)
+                } else {
+                    amx_tile::tile_amx::<true>(a, a.planes, j0, out, d, m)
+                }
+            },
+            _ => unreachable!("AMX on scales held wide"),
+        },
         _ => tile_portable(a, j0, width, out),
     }
 }
@@ -1487,6 +1590,9 @@ fn avx2_finish_narrow(
         }
     }
 }
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx_tile;
 
 #[cfg(test)]
 mod tests {

@@ -36,6 +36,8 @@ pub struct BenchGemmArgs {
 #[derive(Debug, Serialize)]
 struct PassCost {
     rows: usize,
+    /// The kernel the node's u64 product runs at this many rows (`IntKernel::for_rows`).
+    u64_kernel: &'static str,
     /// Per op kind (`qkv`, `attn_out`, `gate_up`, `down`, `lm_head`), summed over layers.
     f32_ms: BTreeMap<String, f64>,
     f64_ms: BTreeMap<String, f64>,
@@ -45,14 +47,15 @@ struct PassCost {
     total_u64_ms: f64,
     u64_over_f32: f64,
     u64_over_f64: f64,
-    /// The u64 pass on every vector kernel this CPU has, same weights, same rows, each op's
-    /// kernels measured back to back right after its `u64_ms` (the widest kernel through the
-    /// node's weights): warm caches and threads, so at 1 row below `u64_ms`. Where the host
-    /// grants AMX, also `amx-int8`: the experimental product on the weights' byte digits
-    /// (`talaria_kernels::amx`, made before timing; no product uses it).
+    /// The u64 pass on every kernel this CPU has (`amx` where the host grants AMX), same
+    /// weights, same rows, each op's kernels measured back to back right after its `u64_ms`
+    /// (the node's own choice through its weights): warm caches and threads, so at 1 row below
+    /// `u64_ms`. Where the host grants AMX, also `amx-int8`: the experimental product on the
+    /// weights' byte digits (`talaria_kernels::amx`, made before timing; no product uses it).
     u64_by_kernel_ms: BTreeMap<&'static str, f64>,
-    /// The widest kernel's 16-bit multiply-adds per second (four per 64-bit product by a
-    /// code) over the measured peak of all threads.
+    /// `u64_kernel`'s multiply-adds per second over the measured peak of all threads: for a
+    /// vector kernel 16-bit ones (four per 64-bit product by a code) against its pair dot's
+    /// peak, for `amx` 8-bit ones (eight per product) against the tile product's.
     u64_fraction_of_peak: f64,
 }
 
@@ -60,7 +63,7 @@ struct PassCost {
 struct Report {
     model: String,
     threads: usize,
-    /// The kernel the u64 product runs on this CPU.
+    /// The kernel the u64 product runs on this CPU for many rows (each pass names its own).
     u64_kernel: &'static str,
     /// The machine's peak for each vector kernel's inner step, measured on one thread:
     /// 16 × 16-bit multiply-adds per second (`IntKernel::pair_dot_peak`).
@@ -120,11 +123,11 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let mut passes = Vec::new();
     let threads = rayon::current_num_threads();
-    let vector_kernels: Vec<IntKernel> = IntKernel::available()
+    let fast_kernels: Vec<IntKernel> = IntKernel::available()
         .into_iter()
         .filter(|k| *k != IntKernel::Portable)
         .collect();
-    let peaks: BTreeMap<&'static str, f64> = vector_kernels
+    let peaks: BTreeMap<&'static str, f64> = fast_kernels
         .iter()
         .filter_map(|k| Some((k.name(), k.pair_dot_peak()?)))
         .collect();
@@ -157,8 +160,10 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
         })
         .sum();
     for &rows in &args.rows {
+        let kernel = IntKernel::for_rows(rows);
         let mut cost = PassCost {
             rows,
+            u64_kernel: kernel.name(),
             f32_ms: BTreeMap::new(),
             f64_ms: BTreeMap::new(),
             u64_ms: BTreeMap::new(),
@@ -189,7 +194,7 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
             let u = median_ms(args.runs, || {
                 weights.int_matmul(op, rows, &xu).expect("u64 product");
             });
-            for &k in &vector_kernels {
+            for &k in &fast_kernels {
                 let w = weights.int_weight(op)?;
                 *cost.u64_by_kernel_ms.entry(k.name()).or_default() += median_ms(args.runs, || {
                     talaria_kernels::int_matmul_with(k, &xu, rows, w);
@@ -210,8 +215,12 @@ pub fn run(args: BenchGemmArgs) -> Result<()> {
         }
         cost.u64_over_f32 = cost.total_u64_ms / cost.total_f32_ms;
         cost.u64_over_f64 = cost.total_u64_ms / cost.total_f64_ms;
-        if let Some(peak) = peaks.get(IntKernel::best().name()) {
-            let macs = 4.0 * (rows * products_per_row) as f64;
+        let peak = match peaks.get(kernel.name()) {
+            Some(&p) => Some((4.0, p)),
+            None => amx.filter(|_| kernel.name() == "amx").map(|p| (8.0, p)),
+        };
+        if let Some((per_product, peak)) = peak {
+            let macs = per_product * (rows * products_per_row) as f64;
             cost.u64_fraction_of_peak = macs / (cost.total_u64_ms / 1e3) / (peak * threads as f64);
         }
         eprintln!(
