@@ -199,6 +199,9 @@ fn pack_onto<'a>(
     out: &mut Vec<u8>,
     frames: impl IntoIterator<Item = &'a [u8]>,
 ) -> Result<(), FrameError> {
+    // Sized once: grown as it went, a batch of megabytes was copied again at each doubling.
+    let frames: Vec<&[u8]> = frames.into_iter().collect();
+    out.reserve_exact(frames.iter().map(|f| 4 + f.len()).sum());
     for f in frames {
         let len = u32::try_from(f.len()).map_err(|_| FrameError::TooLarge {
             len: f.len() as u64,
