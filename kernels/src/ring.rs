@@ -501,7 +501,10 @@ fn product(kernel: IntKernel, x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64>
     // into `y` while it is hot: accumulated in place in `y`, a tile's rows lie `d_out` values
     // apart, and at 130 rows the product took 1.5× as long; copied after every tile was done,
     // from cold memory and on one thread, the copy took 10-20 % of a 16- or 130-row product.
-    let mut y: Vec<u64> = Vec::with_capacity(rows * d_out);
+    let len = rows
+        .checked_mul(d_out)
+        .expect("the product's size fits memory");
+    let mut y: Vec<u64> = Vec::with_capacity(len);
     let dst = Columns(y.as_mut_ptr());
     tiles(d_out)
         .collect::<Vec<_>>()
@@ -530,7 +533,7 @@ fn product(kernel: IntKernel, x: &[u64], rows: usize, w: &IntWeight) -> Vec<u64>
         });
     // SAFETY: the tiles cover every column of every row once, so all `rows × d_out` values of
     // the capacity are written (plain integers: nothing to drop).
-    unsafe { y.set_len(rows * d_out) };
+    unsafe { y.set_len(len) };
     y
 }
 
@@ -663,7 +666,7 @@ impl<'a> Operands<'a> {
             w: self.w,
             sums: &self.sums[r0 * self.nb..r1 * self.nb],
             pairs: self.pairs.get(r0 * d_in * 2..r1 * d_in * 2).unwrap_or(&[]),
-            // `r0` is even: ranges are ROW_CHUNK rows.
+            // `r0` is a multiple of 4 (ranges are ROW_CHUNK rows, asserted): whole quads.
             planes: self
                 .planes
                 .get(r0 / 2 * self.nb * PAIR_BLOCK..)
@@ -683,6 +686,9 @@ const PAIR_BLOCK: usize = 16 * INT_BLOCK;
 /// little beside 32 rows' products. `bench-gemm`'s 130-row pass and the one-op
 /// microbenchmarks in docs/performance.md measured it; at 16 rows nothing changes.
 const ROW_CHUNK: usize = 32;
+
+// The AMX kernel takes rows four at a time, and a range's digits from pair `r0 / 2` on.
+const _: () = assert!(ROW_CHUNK.is_multiple_of(4));
 
 /// The kernels of [`int_matmul`]'s full tiles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1839,7 +1845,12 @@ mod tests {
         // peak lies above what the vector kernels reach, per multiply-add; elsewhere no peak.
         if amx_granted() {
             let amx = amx_int8_peak().expect("the tile product's sums are right");
-            let vector = IntKernel::best().pair_dot_peak().unwrap_or(0.0);
+            // The widest vector kernel's (the AMX kernel has no pair-dot peak of its own).
+            let vector = IntKernel::available()
+                .into_iter()
+                .filter_map(IntKernel::pair_dot_peak)
+                .fold(0.0, f64::max);
+            assert!(vector > 0.0, "a host with AMX has vector kernels");
             assert!(amx > vector, "amx {amx:e} against {vector:e}");
         } else {
             assert_eq!(amx_int8_peak(), None);
@@ -1949,6 +1960,79 @@ mod tests {
                             "{} on {rows} x {d_in} x {d_out}",
                             k.name()
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AMX kernel (where the host grants it) over whole and ragged ranges of rows, through
+    /// [`int_matmul`] too, on byte codes at their ends (0: every code -128 on the tiles, 255) and
+    /// on four-bit ones, with block sums whose `128 · s` lands on the edges of its split.
+    #[test]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn the_amx_kernel_is_the_product_over_ranges_of_rows_and_at_its_offsets_edges() {
+        if !IntKernel::available().contains(&IntKernel::Amx) {
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(99);
+        for rows in [AMX_MIN_ROWS, 7, ROW_CHUNK + 3, 2 * ROW_CHUNK + 6] {
+            for (d_in, d_out) in [(32, 64), (96, 200)] {
+                let blocks = d_in / INT_BLOCK * d_out;
+                let narrow = |rng: &mut rand_chacha::ChaCha8Rng| -> BlockInts {
+                    (0..blocks)
+                        .map(|_| rng.random::<i32>() as i64 as u64)
+                        .collect()
+                };
+                let mut ends: Vec<u8> = (0..d_in * d_out)
+                    .map(|_| [0u8, 255, 127, 128][rng.random_range(0..4)])
+                    .collect();
+                ends[0] = 16;
+                let mut zeros = vec![0u8; d_in * d_out];
+                zeros[1] = 16;
+                let weight = |codes: Vec<u8>, scales: BlockInts, mins: BlockInts| IntWeight {
+                    d_in,
+                    d_out,
+                    codes: codes.into(),
+                    scales,
+                    mins,
+                    shift: 18,
+                    gain: None,
+                };
+                let low = vec![i32::MIN as i64 as u64; blocks];
+                let ws = [
+                    weight(ends, narrow(&mut rng), narrow(&mut rng)),
+                    weight(zeros, low.clone().into(), low.into()),
+                    weight(
+                        (0..d_in * d_out).map(|_| rng.random_range(0..16)).collect(),
+                        narrow(&mut rng),
+                        narrow(&mut rng),
+                    ),
+                ];
+                assert!(!ws[0].codes.packed() && !ws[1].codes.packed() && ws[2].codes.packed());
+                // One value a block, so `128 · s` has the low half 2^31, 0x7fff_ff80 (its
+                // second part 2^15) or 0xffff_8000.
+                let sums = |t: u64| -> Vec<u64> {
+                    (0..rows * d_in)
+                        .map(|i| if i % INT_BLOCK == 0 { t } else { 0 })
+                        .collect()
+                };
+                let xs = [
+                    (0..rows * d_in).map(|_| rng.random()).collect(),
+                    vec![u64::MAX; rows * d_in],
+                    sums(0x0100_0000),
+                    sums(0x00ff_ffff),
+                    sums(0x01ff_ff00),
+                ];
+                for w in &ws {
+                    for x in &xs {
+                        let want = naive(x, rows, w);
+                        assert_eq!(
+                            int_matmul_with(IntKernel::Amx, x, rows, w),
+                            want,
+                            "amx, {rows} x {d_in} x {d_out}"
+                        );
+                        assert_eq!(int_matmul(x, rows, w), want, "int_matmul, {rows} rows");
                     }
                 }
             }

@@ -36,7 +36,9 @@ pub struct BenchGemmArgs {
 #[derive(Debug, Serialize)]
 struct PassCost {
     rows: usize,
-    /// The kernel the node's u64 product runs at this many rows (`IntKernel::for_rows`).
+    /// The kernel the node's u64 product runs at this many rows (`IntKernel::for_rows`; where a
+    /// weight's scales or minimums are held 64 bits wide, `amx` runs the VNNI kernel instead,
+    /// which this model's never are).
     u64_kernel: &'static str,
     /// Per op kind (`qkv`, `attn_out`, `gate_up`, `down`, `lm_head`), summed over layers.
     f32_ms: BTreeMap<String, f64>,
