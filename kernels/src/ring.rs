@@ -849,9 +849,9 @@ pub fn amx_int8_peak() -> Option<f64> {
     let t0 = std::time::Instant::now();
     // SAFETY: the CPU has AMX-TILE and AMX-INT8 and the kernel granted the tile state
     // (`amx_granted`); every tile load and store reads or writes 16 rows of 64 bytes
-    // of a 1024-byte buffer, and the tiles are released before returning.
+    // of a 1024-byte buffer, and the tiles are released when `_tiles` is dropped.
+    let _tiles = unsafe { crate::amx::configure_tiles() };
     unsafe {
-        crate::amx::configure_tiles();
         crate::amx::zero_sum_tiles();
         asm!("tileloadd tmm4, [{p} + {s}*1]", p = in(reg) ones.as_ptr(), s = in(reg) 64usize,
              options(nostack));
@@ -870,7 +870,6 @@ pub fn amx_int8_peak() -> Option<f64> {
         }
         asm!("tilestored [{p} + {s}*1], tmm0", p = in(reg) out.as_mut_ptr(), s = in(reg) 64usize,
              options(nostack));
-        asm!("tilerelease", options(nostack));
     }
     let seconds = t0.elapsed().as_secs_f64();
     // Each product adds 64 × (1 · 2) to every element: a wrong sum is no measurement.

@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 use super::{
     INT_BLOCK, Operands, PAIR_BLOCK, PAIRS, TILE, VNNI_V, block_index, code_index, split_sum,
 };
-use crate::amx::{Line, Lines, byte_planes};
+use crate::amx::{Line, Lines, byte_planes, load_tiles};
 
 /// Column groups of 16 in a tile: one code tile and one sum tile each.
 const GROUPS: usize = TILE / 16;
@@ -173,10 +173,7 @@ pub(super) unsafe fn tile_amx<const OFFSET: bool>(
     ];
     let quads = a.rows.div_ceil(4);
     // SAFETY: the caller's promise; the configuration is valid for palette 1.
-    unsafe { asm!("ldtilecfg [{}]", in(reg) CODES_TILES.0.as_ptr(), options(nostack)) };
-    // Released on the way out, a panic's included: a thread holding tile state saves 8 KiB
-    // more at each switch.
-    let _release = Release;
+    let _tiles = unsafe { load_tiles(&CODES_TILES) };
     for b in 0..nb {
         let k0 = block_index(d_in, d_out, b, j0);
         let (d, m) = (&ds[k0..k0 + TILE], &ms[k0..k0 + TILE]);
@@ -292,16 +289,5 @@ pub(super) unsafe fn tile_amx<const OFFSET: bool>(
                 }
             }
         }
-    }
-}
-
-/// Returns this thread's tiles to their initial state when dropped.
-struct Release;
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        // SAFETY: made only after the tile configuration was loaded (so the CPU has AMX-TILE
-        // and the state was granted); `tilerelease` touches nothing else.
-        unsafe { asm!("tilerelease", options(nostack)) };
     }
 }
