@@ -135,6 +135,12 @@ pub static STAGE_FRAME_CALLS: LazyLock<Histogram> = LazyLock::new(|| {
 });
 pub static STAGE_CALLS: LazyLock<IntCounter> =
     LazyLock::new(|| counter("talaria_stage_calls_total", "Masked calls answered"));
+pub static STAGE_EVENT_LOOP_CALLS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "talaria_stage_event_loop_calls_total",
+        "Masked calls computed on the event loop (a lone session's small calls)",
+    )
+});
 pub static STAGE_ROWS: LazyLock<IntCounter> =
     LazyLock::new(|| counter("talaria_stage_rows_total", "Masked rows multiplied"));
 

@@ -132,6 +132,13 @@ impl StageCompute for Faulty {
         }
     }
 
+    /// A hung stage is one whose worker is stuck while its connection and event loop live on
+    /// (an active cloud answering nothing in time); computed on the event loop, the hang would
+    /// freeze the whole process instead, which `reliability.rs` covers with SIGSTOP.
+    fn may_run_on_event_loop(&self) -> bool {
+        !matches!(self.fault, Fault::HangAfterCalls(_))
+    }
+
     fn open(&self, session: SessionId, tenant: &str) {
         self.inner.open(session, tenant);
     }

@@ -1,7 +1,7 @@
 //! The gpu-node's actors: [`LayerStage`] admits requests for its layers, [`GpuShard`] computes.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -16,7 +16,8 @@ use tokio::sync::oneshot;
 use talaria_actors::{err_frame, frame_error, metrics, ok_frame};
 
 /// The weight-dependent work of a stage, implemented by the gpu-node crate. Computes on the
-/// shard's worker thread; the stage's event loop asks it only `owns` and `close`.
+/// shard's worker thread, or on the stage's event loop for a lone small call (see
+/// [`GpuShard`]); the event loop otherwise asks it only `owns`, `open` and `close`.
 pub trait StageCompute: Send + Sync + 'static {
     /// Whether this stage holds the weights of `op`.
     fn owns(&self, op: OpId) -> bool;
@@ -34,6 +35,11 @@ pub trait StageCompute: Send + Sync + 'static {
     fn open(&self, _session: SessionId, _tenant: &str) {}
     /// A session is over (e.g. to flush what a tap recorded for it).
     fn close(&self, _session: SessionId) {}
+    /// Whether a lone small call may be computed on the stage's event loop instead of the
+    /// shard's worker (see [`GpuShard`]).
+    fn may_run_on_event_loop(&self) -> bool {
+        true
+    }
 }
 
 /// What a stage sees of a request besides its content: when it arrived and how large its frame
@@ -138,6 +144,8 @@ struct Queue {
     ready: Condvar,
     /// Live sessions of the stage: how many calls of one op could possibly arrive together.
     sessions: AtomicUsize,
+    /// The worker is running a batch (set under the lock when it takes one).
+    working: AtomicBool,
     policy: Batching,
     limits: ShardLimits,
 }
@@ -155,7 +163,27 @@ pub struct ShardLimits {
 /// serves (each has one in flight), far less than memory allows.
 pub const DEFAULT_MAX_QUEUED: usize = 1024;
 
+/// Largest call frame the event loop computes itself (a decode call is a few KiB).
+const INLINE_MAX_FRAME: usize = 64 << 10;
+
 impl Queue {
+    /// Whether `jobs` is a lone small call that the event loop may run itself: at most one
+    /// session live, nothing queued, the worker idle. Handing it to the worker and back would
+    /// cost two cross-thread wake-ups, each of tens of microseconds on a VM, for a product of
+    /// about a hundred. Only the event loop queues jobs, so while it computes nothing can start
+    /// beside it.
+    fn lone(&self, jobs: &[Job], compute: &dyn StageCompute) -> bool {
+        let [job] = jobs else { return false };
+        if job.setup
+            || job.frame.len() > INLINE_MAX_FRAME
+            || self.sessions.load(Ordering::Relaxed) > 1
+            || !compute.may_run_on_event_loop()
+        {
+            return false;
+        }
+        self.lock().is_empty() && !self.working.load(Ordering::Acquire)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiting>> {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -200,11 +228,13 @@ impl Queue {
                         .0;
                 }
                 Next::Setup(i) => {
+                    self.working.store(true, Ordering::Release);
                     let setup = jobs.remove(i).expect("a position in the queue");
                     metrics::STAGE_QUEUE_DEPTH.set(jobs.len() as i64);
                     return vec![setup];
                 }
                 Next::Batch(take) => {
+                    self.working.store(true, Ordering::Release);
                     let mut take = take.into_iter().peekable();
                     let mut batch = Vec::new();
                     let mut rest = VecDeque::with_capacity(jobs.len());
@@ -326,82 +356,94 @@ fn unpanicked<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, ErrorReply> {
 
 /// Runs batches from `queue` for the life of the process.
 fn work(queue: Arc<Queue>, compute: Arc<dyn StageCompute>) {
-    let max_rows = queue.limits.max_rows;
     loop {
         let batch = queue.next_batch();
-        let started = Instant::now();
-        for w in &batch {
-            metrics::STAGE_QUEUE_SECONDS.observe((started - w.since).as_secs_f64());
-        }
-        if batch[0].job.setup {
-            let w = batch.into_iter().next().expect("one job");
-            let answer = unpanicked("set-up", || {
-                run_setup(compute.as_ref(), &w.job.frame, w.since)
-            })
-            .and_then(|a| a);
-            let _ = w.reply.send(answer);
-            continue;
-        }
-        // Decode every call; one that fails is answered alone, the others still run.
-        let mut calls = Vec::with_capacity(batch.len());
-        let mut seen = Vec::with_capacity(batch.len());
-        let mut owners = Vec::with_capacity(batch.len());
-        for w in batch {
-            match decode_call(&w.job.frame, max_rows) {
-                Ok(call) => {
-                    calls.push(call);
-                    seen.push(Arrival {
-                        at: w.since,
-                        frame_bytes: Some(w.job.frame.len()),
-                    });
-                    owners.push(w);
-                }
-                Err(e) => {
-                    let _ = w.reply.send(Err(e));
-                }
+        run_batch(compute.as_ref(), batch, queue.limits.max_rows);
+        queue.working.store(false, Ordering::Release);
+    }
+}
+
+/// Runs one batch (a set-up alone, or calls of one op) and answers each of its jobs.
+fn run_batch(compute: &dyn StageCompute, batch: Vec<Waiting>, max_rows: usize) {
+    let started = Instant::now();
+    for w in &batch {
+        metrics::STAGE_QUEUE_SECONDS.observe((started - w.since).as_secs_f64());
+    }
+    if batch[0].job.setup {
+        let w = batch.into_iter().next().expect("one job");
+        let answer =
+            unpanicked("set-up", || run_setup(compute, &w.job.frame, w.since)).and_then(|a| a);
+        let _ = w.reply.send(answer);
+        return;
+    }
+    // Decode every call; one that fails is answered alone, the others still run.
+    let mut calls = Vec::with_capacity(batch.len());
+    let mut seen = Vec::with_capacity(batch.len());
+    let mut owners = Vec::with_capacity(batch.len());
+    for w in batch {
+        match decode_call(&w.job.frame, max_rows) {
+            Ok(call) => {
+                calls.push(call);
+                seen.push(Arrival {
+                    at: w.since,
+                    frame_bytes: Some(w.job.frame.len()),
+                });
+                owners.push(w);
+            }
+            Err(e) => {
+                let _ = w.reply.send(Err(e));
             }
         }
-        if calls.is_empty() {
-            continue;
-        }
-        let tenants = distinct_tenants(owners.iter().map(|w| &*w.job.tenant));
-        let rows: usize = calls.iter().map(|c| c.x.shape().0).sum();
-        let t0 = Instant::now();
-        let mut replies = match unpanicked("batch", || compute.call_batch(&calls, &seen)) {
-            Ok(replies) => replies,
-            Err(e) => vec![Err(e); owners.len()],
-        };
-        let elapsed = t0.elapsed();
-        metrics::STAGE_BATCH_CALLS.observe(calls.len() as f64);
-        metrics::STAGE_BATCH_TENANTS.observe(tenants as f64);
-        metrics::STAGE_BATCH_ROWS.observe(rows as f64);
-        metrics::STAGE_COMPUTE_SECONDS.observe(elapsed.as_secs_f64());
-        metrics::STAGE_CALLS.inc_by(calls.len() as u64);
-        metrics::STAGE_ROWS.inc_by(rows as u64);
-        if replies.len() != owners.len() {
-            replies = vec![
-                Err(ErrorReply::new(
-                    "internal",
-                    "the batch's answers do not match its calls",
-                ));
-                owners.len()
-            ];
-        }
-        let us = elapsed.as_micros() as u64;
-        // Answers go back to the call they answer, by position: each owner's reply channel
-        // leads to its own session's stream only.
-        for (w, reply) in owners.into_iter().zip(replies) {
-            let _ = w.reply.send(reply.map(|payload| (payload, us)));
-        }
+    }
+    if calls.is_empty() {
+        return;
+    }
+    let tenants = distinct_tenants(owners.iter().map(|w| &*w.job.tenant));
+    let rows: usize = calls.iter().map(|c| c.x.shape().0).sum();
+    let t0 = Instant::now();
+    let mut replies = match unpanicked("batch", || compute.call_batch(&calls, &seen)) {
+        Ok(replies) => replies,
+        Err(e) => vec![Err(e); owners.len()],
+    };
+    let elapsed = t0.elapsed();
+    metrics::STAGE_BATCH_CALLS.observe(calls.len() as f64);
+    metrics::STAGE_BATCH_TENANTS.observe(tenants as f64);
+    metrics::STAGE_BATCH_ROWS.observe(rows as f64);
+    metrics::STAGE_COMPUTE_SECONDS.observe(elapsed.as_secs_f64());
+    metrics::STAGE_CALLS.inc_by(calls.len() as u64);
+    metrics::STAGE_ROWS.inc_by(rows as u64);
+    if replies.len() != owners.len() {
+        replies = vec![
+            Err(ErrorReply::new(
+                "internal",
+                "the batch's answers do not match its calls",
+            ));
+            owners.len()
+        ];
+    }
+    let us = elapsed.as_micros() as u64;
+    // Answers go back to the call they answer, by position: each owner's reply channel
+    // leads to its own session's stream only.
+    for (w, reply) in owners.into_iter().zip(replies) {
+        let _ = w.reply.send(reply.map(|payload| (payload, us)));
     }
 }
 
 /// Owns one device's compute: a queue of admitted jobs that a worker thread takes in batches,
-/// so the event loop only ever moves frames.
+/// so the event loop moves frames while products run. The one exception is a decode-sized call
+/// when at most one session is live, nothing is queued and the worker is idle: the event loop
+/// computes it itself, on a rayon pool of its own thread, and answers it without a hand-off
+/// (two cross-thread wake-ups saved a call; +13 % cluster decode, docs/performance.md). Nothing
+/// else waits on the loop meanwhile but that session's next frame. A stuck product then freezes
+/// the whole process rather than the worker alone, which the cluster treats like any silent
+/// stage: deadlines and failover to a replica.
 pub struct GpuShard {
     queue: Arc<Queue>,
     /// The threads the worker's products run on, the worker itself one of them.
     threads: rayon::ThreadPool,
+    compute: Arc<dyn StageCompute>,
+    /// A pool of the event loop's own thread, for a lone call run there (built on first use).
+    inline: Option<rayon::ThreadPool>,
 }
 
 impl GpuShard {
@@ -416,6 +458,7 @@ impl GpuShard {
             jobs: Mutex::new(VecDeque::new()),
             ready: Condvar::new(),
             sessions: AtomicUsize::new(0),
+            working: AtomicBool::new(false),
             policy,
             limits,
         });
@@ -431,8 +474,14 @@ impl GpuShard {
             .build()
             .map_err(std::io::Error::other)?;
         let q = queue.clone();
-        threads.spawn(move || work(q, compute));
-        Ok(Self { queue, threads })
+        let c = compute.clone();
+        threads.spawn(move || work(q, c));
+        Ok(Self {
+            queue,
+            threads,
+            compute,
+            inline: None,
+        })
     }
 }
 
@@ -451,6 +500,33 @@ impl Handler<Compute> for GpuShard {
 
     fn handle(&mut self, msg: Compute, _: &mut Context<Self>) -> Self::Result {
         let since = Instant::now();
+        if self.queue.lone(&msg.0, self.compute.as_ref()) {
+            let pool = match &self.inline {
+                Some(p) => Some(p),
+                None => {
+                    self.inline = rayon::ThreadPoolBuilder::new()
+                        .num_threads(1)
+                        .use_current_thread()
+                        .build()
+                        .ok();
+                    self.inline.as_ref()
+                }
+            };
+            if let Some(pool) = pool {
+                let job = msg.0.into_iter().next().expect("one job");
+                let (reply, rx) = oneshot::channel();
+                let waiting = Waiting { job, since, reply };
+                let max_rows = self.queue.limits.max_rows;
+                let compute = self.compute.as_ref();
+                pool.install(|| run_batch(compute, vec![waiting], max_rows));
+                metrics::STAGE_EVENT_LOOP_CALLS.inc();
+                return Box::pin(async move {
+                    vec![rx.await.unwrap_or_else(|_| {
+                        Err(ErrorReply::new("internal", "the call went unanswered"))
+                    })]
+                });
+            }
+        }
         let (waiting, answers): (Vec<Waiting>, Vec<_>) = msg
             .0
             .into_iter()
@@ -794,6 +870,7 @@ mod tests {
             jobs: Mutex::new(VecDeque::new()),
             ready: Condvar::new(),
             sessions: AtomicUsize::new(sessions),
+            working: AtomicBool::new(false),
             policy: Batching {
                 max_calls,
                 max_wait,
@@ -916,6 +993,53 @@ mod tests {
         assert_eq!(extra.len(), 1, "the ninth job is refused");
         assert_eq!(q.next_batch().len(), 8);
         assert!(q.push(extra).is_empty());
+    }
+
+    struct Nothing(bool);
+
+    impl StageCompute for Nothing {
+        fn owns(&self, _: OpId) -> bool {
+            true
+        }
+        fn setup(&self, _: &SetupRequest, _: Arrival) -> Result<Vec<u8>, ErrorReply> {
+            unreachable!()
+        }
+        fn call_batch(&self, _: &[MaskedCall], _: &[Arrival]) -> Vec<Result<Vec<u8>, ErrorReply>> {
+            unreachable!()
+        }
+        fn may_run_on_event_loop(&self) -> bool {
+            self.0
+        }
+    }
+
+    #[test]
+    fn only_a_lone_small_call_with_nothing_else_to_do_runs_on_the_event_loop() {
+        let job = |bytes: usize, setup: bool| Job {
+            frame: vec![0; bytes],
+            op: op(0),
+            tenant: "a".into(),
+            setup,
+        };
+        let q = queue(1, 8, Duration::ZERO);
+        let yes = Nothing(true);
+        assert!(q.lone(&[job(4096, false)], &yes));
+        assert!(q.lone(&[job(INLINE_MAX_FRAME, false)], &yes));
+        // Not a set-up, not a large frame, not two calls, not a compute that asks for its worker.
+        assert!(!q.lone(&[job(4096, true)], &yes));
+        assert!(!q.lone(&[job(INLINE_MAX_FRAME + 1, false)], &yes));
+        assert!(!q.lone(&[job(8, false), job(8, false)], &yes));
+        assert!(!q.lone(&[job(4096, false)], &Nothing(false)));
+        // Not beside another session, a queued job, or a worker running a batch.
+        q.sessions.store(2, Ordering::Relaxed);
+        assert!(!q.lone(&[job(4096, false)], &yes));
+        q.sessions.store(0, Ordering::Relaxed);
+        assert!(q.lone(&[job(4096, false)], &yes));
+        push(&q, 1, op(0), "a", false);
+        assert!(!q.lone(&[job(4096, false)], &yes));
+        assert_eq!(tags(&q.next_batch()), [1]);
+        assert!(!q.lone(&[job(4096, false)], &yes), "the worker is busy");
+        q.working.store(false, Ordering::Release);
+        assert!(q.lone(&[job(4096, false)], &yes));
     }
 
     #[test]

@@ -173,7 +173,8 @@ pub fn topology(model: &Path, stages: &[(&str, &str, bool)], tenants: &[&str]) -
     );
     for (name, layers, lm_head) in stages {
         t += &format!(
-            "[[stage]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{}\"\nlayers = \"{layers}\"\nlm_head = {lm_head}\n",
+            "[[stage]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{}\"\nlayers = \"{layers}\"\nlm_head = {lm_head}\nmetrics = \"127.0.0.1:{}\"\n",
+            free_port(),
             free_port()
         );
     }

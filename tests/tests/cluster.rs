@@ -5,7 +5,9 @@ use std::process::Command;
 
 use talaria_engine::{BlockOp, OpId, SamplingParams};
 use talaria_gpu_node::PlainEngine;
-use talaria_tests::cluster::{LocalCluster, RawPeer, Who, ask_agent, bin, rss_bytes, topology};
+use talaria_tests::cluster::{
+    LocalCluster, RawPeer, Who, ask_agent, bin, metric, rss_bytes, scrape, topology,
+};
 use talaria_tests::{golden_cases, ids, plain_greedy, real_model};
 use talaria_wire::{
     BasisSpec, MaskedCall, Prompt, Reply, Request, SetupRequest, TenantRequest, Tensor,
@@ -660,6 +662,22 @@ fn a_cluster_in_the_integer_mode_answers_like_the_plain_engine() {
             assert!(t >= last, "{stage}: arrival times go back: {c}");
             last = t;
         }
+    }
+    // With one session live, each stage computed its calls on its event loop (no hand-off to
+    // the shard's worker and back), and only its calls.
+    for stage in &cluster.topology().stages {
+        let text = scrape(stage.metrics.unwrap());
+        let calls = metric(&text, "talaria_stage_calls_total");
+        let on_loop = metric(&text, "talaria_stage_event_loop_calls_total");
+        eprintln!(
+            "{}: {on_loop} of {calls} calls on the event loop",
+            stage.name
+        );
+        assert!(
+            on_loop > 0.0 && on_loop <= calls,
+            "{}: {on_loop} of {calls} calls on the event loop",
+            stage.name
+        );
     }
     // Each stage loaded the integer form of its own layers.
     for stage in ["stage-0", "stage-1"] {
