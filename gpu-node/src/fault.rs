@@ -21,8 +21,14 @@ pub const ALLOW_FAULTS_ENV: &str = "TALARIA_ALLOW_TEST_FAULTS";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// Computes every call it receives (its tap records them), but from call `n` on never
-    /// answers: its connection stays alive, its worker is stuck. A hung stage.
+    /// answers: its connection stays alive, its worker is stuck. A hung stage. Its calls
+    /// always run on the shard's worker, never on the event loop, so that the event loop does
+    /// stay alive.
     HangAfterCalls(u64),
+    /// The same, except that its calls run where the stage's own would: a lone session's
+    /// small calls on the event loop, which then freezes with the product and takes the whole
+    /// process with it (its connections go silent). A device that hangs during a lone call.
+    FreezeAfterCalls(u64),
     /// Answers every call, but from call `n` on changes one value of each reply (the first
     /// element: `+2^20` in the integer mode, doubled plus one in the float modes). A cloud
     /// returning wrong products.
@@ -53,10 +59,11 @@ impl Fault {
         };
         match fault.split_once('=') {
             Some(("hang-after-calls", n)) => Ok(Some(Fault::HangAfterCalls(count(n)?))),
+            Some(("freeze-after-calls", n)) => Ok(Some(Fault::FreezeAfterCalls(count(n)?))),
             Some(("corrupt-after-calls", n)) => Ok(Some(Fault::CorruptAfterCalls(count(n)?))),
             _ => Err(format!(
                 "{FAULT_ENV}: unknown fault {fault:?} (known: hang-after-calls=N, \
-                 corrupt-after-calls=N)"
+                 freeze-after-calls=N, corrupt-after-calls=N)"
             )),
         }
     }
@@ -114,13 +121,15 @@ impl StageCompute for Faulty {
         let before = self.calls.fetch_add(calls.len() as u64, Ordering::Relaxed);
         let answers = self.inner.call_batch(calls, seen);
         match self.fault {
-            Fault::HangAfterCalls(n) if before + calls.len() as u64 > n => {
+            Fault::HangAfterCalls(n) | Fault::FreezeAfterCalls(n)
+                if before + calls.len() as u64 > n =>
+            {
                 tracing::error!("TEST FAULT: hanging for good");
                 loop {
                     std::thread::park();
                 }
             }
-            Fault::HangAfterCalls(_) => answers,
+            Fault::HangAfterCalls(_) | Fault::FreezeAfterCalls(_) => answers,
             Fault::CorruptAfterCalls(n) => answers
                 .into_iter()
                 .enumerate()
@@ -132,11 +141,10 @@ impl StageCompute for Faulty {
         }
     }
 
-    /// A hung stage is one whose worker is stuck while its connection and event loop live on
-    /// (an active cloud answering nothing in time); computed on the event loop, the hang would
-    /// freeze the whole process instead, which `reliability.rs` covers with SIGSTOP.
+    /// [`Fault::HangAfterCalls`] keeps its event loop alive (see there);
+    /// [`Fault::FreezeAfterCalls`] is the stage's own choice.
     fn may_run_on_event_loop(&self) -> bool {
-        !matches!(self.fault, Fault::HangAfterCalls(_))
+        !matches!(self.fault, Fault::HangAfterCalls(_)) && self.inner.may_run_on_event_loop()
     }
 
     fn open(&self, session: SessionId, tenant: &str) {

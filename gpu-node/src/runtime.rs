@@ -358,13 +358,14 @@ fn unpanicked<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, ErrorReply> {
 fn work(queue: Arc<Queue>, compute: Arc<dyn StageCompute>) {
     loop {
         let batch = queue.next_batch();
-        run_batch(compute.as_ref(), batch, queue.limits.max_rows);
+        let _ = run_batch(compute.as_ref(), batch, queue.limits.max_rows);
         queue.working.store(false, Ordering::Release);
     }
 }
 
-/// Runs one batch (a set-up alone, or calls of one op) and answers each of its jobs.
-fn run_batch(compute: &dyn StageCompute, batch: Vec<Waiting>, max_rows: usize) {
+/// Runs one batch (a set-up alone, or calls of one op) and answers each of its jobs; returns
+/// how many masked calls it computed (those that decoded).
+fn run_batch(compute: &dyn StageCompute, batch: Vec<Waiting>, max_rows: usize) -> usize {
     let started = Instant::now();
     for w in &batch {
         metrics::STAGE_QUEUE_SECONDS.observe((started - w.since).as_secs_f64());
@@ -374,7 +375,7 @@ fn run_batch(compute: &dyn StageCompute, batch: Vec<Waiting>, max_rows: usize) {
         let answer =
             unpanicked("set-up", || run_setup(compute, &w.job.frame, w.since)).and_then(|a| a);
         let _ = w.reply.send(answer);
-        return;
+        return 0;
     }
     // Decode every call; one that fails is answered alone, the others still run.
     let mut calls = Vec::with_capacity(batch.len());
@@ -396,7 +397,7 @@ fn run_batch(compute: &dyn StageCompute, batch: Vec<Waiting>, max_rows: usize) {
         }
     }
     if calls.is_empty() {
-        return;
+        return 0;
     }
     let tenants = distinct_tenants(owners.iter().map(|w| &*w.job.tenant));
     let rows: usize = calls.iter().map(|c| c.x.shape().0).sum();
@@ -424,9 +425,11 @@ fn run_batch(compute: &dyn StageCompute, batch: Vec<Waiting>, max_rows: usize) {
     let us = elapsed.as_micros() as u64;
     // Answers go back to the call they answer, by position: each owner's reply channel
     // leads to its own session's stream only.
+    let computed = owners.len();
     for (w, reply) in owners.into_iter().zip(replies) {
         let _ = w.reply.send(reply.map(|payload| (payload, us)));
     }
+    computed
 }
 
 /// Owns one device's compute: a queue of admitted jobs that a worker thread takes in batches,
@@ -442,8 +445,15 @@ pub struct GpuShard {
     /// The threads the worker's products run on, the worker itself one of them.
     threads: rayon::ThreadPool,
     compute: Arc<dyn StageCompute>,
-    /// A pool of the event loop's own thread, for a lone call run there (built on first use).
-    inline: Option<rayon::ThreadPool>,
+    /// The pool a lone call runs on, the event loop's own thread one of its threads.
+    inline: InlinePool,
+}
+
+/// [`GpuShard`]'s pool for lone calls ([`InlinePool::get`]), built on the event loop's first one.
+enum InlinePool {
+    Unbuilt,
+    Ready(rayon::ThreadPool),
+    Unavailable,
 }
 
 impl GpuShard {
@@ -480,8 +490,39 @@ impl GpuShard {
             queue,
             threads,
             compute,
-            inline: None,
+            inline: InlinePool::Unbuilt,
         })
+    }
+}
+
+impl InlinePool {
+    /// The pool a lone call runs on: `threads` threads (the worker's pool's count), the event
+    /// loop's own thread the first of them, so a product started there (`install`) runs at once
+    /// on the event loop and its other threads take their share. Built on the event loop's
+    /// first lone call; that thread stays a member of this pool for the life of the process
+    /// (rayon cannot undo it), so any rayon call made on the event loop outside `install` runs
+    /// there too. If the pool cannot be built, every call goes to the worker.
+    fn get(&mut self, threads: usize) -> Option<&rayon::ThreadPool> {
+        if matches!(self, InlinePool::Unbuilt) {
+            *self = match rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("gpu-loop-{i}"))
+                .use_current_thread()
+                .build()
+            {
+                Ok(pool) => InlinePool::Ready(pool),
+                Err(e) => {
+                    tracing::warn!(
+                        "no pool for the event loop, every call goes to the worker: {e}"
+                    );
+                    InlinePool::Unavailable
+                }
+            };
+        }
+        match self {
+            InlinePool::Ready(pool) => Some(pool),
+            _ => None,
+        }
     }
 }
 
@@ -500,32 +541,25 @@ impl Handler<Compute> for GpuShard {
 
     fn handle(&mut self, msg: Compute, _: &mut Context<Self>) -> Self::Result {
         let since = Instant::now();
-        if self.queue.lone(&msg.0, self.compute.as_ref()) {
-            let pool = match &self.inline {
-                Some(p) => Some(p),
-                None => {
-                    self.inline = rayon::ThreadPoolBuilder::new()
-                        .num_threads(1)
-                        .use_current_thread()
-                        .build()
-                        .ok();
-                    self.inline.as_ref()
-                }
-            };
-            if let Some(pool) = pool {
-                let job = msg.0.into_iter().next().expect("one job");
-                let (reply, rx) = oneshot::channel();
-                let waiting = Waiting { job, since, reply };
-                let max_rows = self.queue.limits.max_rows;
-                let compute = self.compute.as_ref();
-                pool.install(|| run_batch(compute, vec![waiting], max_rows));
-                metrics::STAGE_EVENT_LOOP_CALLS.inc();
-                return Box::pin(async move {
-                    vec![rx.await.unwrap_or_else(|_| {
-                        Err(ErrorReply::new("internal", "the call went unanswered"))
-                    })]
-                });
+        if self.queue.lone(&msg.0, self.compute.as_ref())
+            && let Some(pool) = self.inline.get(self.threads.current_num_threads())
+        {
+            let job = msg.0.into_iter().next().expect("one job");
+            let (reply, rx) = oneshot::channel();
+            let waiting = Waiting { job, since, reply };
+            let max_rows = self.queue.limits.max_rows;
+            let compute = self.compute.as_ref();
+            if pool.current_num_threads() > 1 {
+                // Wakes the pool's other threads now, as for the worker below.
+                pool.spawn(|| {});
             }
+            let computed = pool.install(|| run_batch(compute, vec![waiting], max_rows));
+            metrics::STAGE_EVENT_LOOP_CALLS.inc_by(computed as u64);
+            return Box::pin(async move {
+                vec![rx.await.unwrap_or_else(|_| {
+                    Err(ErrorReply::new("internal", "the call went unanswered"))
+                })]
+            });
         }
         let (waiting, answers): (Vec<Waiting>, Vec<_>) = msg
             .0

@@ -1,5 +1,5 @@
-//! Staying up with real processes on loopback: a replica takes over a killed or hung gpu-node
-//! (the resent call is the very bytes first sent), a hung stage without a replica is an error
+//! Staying up with real processes on loopback: a replica takes over a killed, hung or frozen
+//! gpu-node (the resent call is the very bytes first sent), a hung stage without a replica is an error
 //! within the deadline, the agent survives a coordinator restart, abandoned requests stop
 //! consuming the cloud, and oversized or malformed input is refused with memory bounded; a
 //! gpu-node that corrupts its replies is caught by the agent's Freivalds check.
@@ -299,6 +299,45 @@ fn a_hung_stage_is_left_for_its_replica_with_the_same_bytes_and_without_one_is_a
         !replica.iter().any(|(s, _, _)| *s < seq),
         "the replica saw only the calls from the failover on"
     );
+}
+
+/// A product that never returns on a stage's event loop (a lone session's calls run there)
+/// freezes the whole process; its connections go silent, and the coordinator moves the session
+/// to the replica in seconds, well within the call deadline (60 s by default) that a stuck worker
+/// with a live event loop takes (the test above).
+#[test]
+fn a_stage_frozen_by_a_product_on_its_event_loop_is_left_for_its_replica_in_seconds() {
+    let model = real_model();
+    // stage-1a computes its first 150 calls, then the next one never returns.
+    let cluster = LocalCluster::start_with_env(
+        &replicated(&model, ""),
+        &[],
+        &[
+            (FAULT_ENV, "stage-1a:freeze-after-calls=150"),
+            (ALLOW_FAULTS_ENV, "1"),
+        ],
+    );
+    let tenant = Tenant::of(&cluster);
+    let want = want_for(&model, 6);
+    let t0 = Instant::now();
+    let ids = tenant
+        .ask(&greedy(PROMPT.to_vec(), 6), |_| {})
+        .expect("the replica takes over the frozen stage's calls");
+    let took = t0.elapsed();
+    assert_eq!(ids, want, "same tokens as the plain engine");
+    let failovers = metric(
+        &scrape(coordinator_metrics(&cluster)),
+        "talaria_router_failovers_total",
+    );
+    assert!(failovers >= 1.0, "{failovers}");
+    // The frozen stage did compute its lone session's calls on its event loop (its metrics
+    // server has threads of its own and still answers)...
+    let frozen = scrape(stage_metrics(&cluster, "stage-1a"));
+    let on_loop = metric(&frozen, "talaria_stage_event_loop_calls_total");
+    assert!(on_loop > 0.0, "{on_loop} calls on stage-1a's event loop");
+    // ...and the call that froze it was not left to the call deadline.
+    assert!(took < Duration::from_secs(20), "failover took {took:?}");
+    eprintln!("frozen stage left for its replica after {took:?}");
 }
 
 /// The events of a stage's tap index, in order.
