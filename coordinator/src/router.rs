@@ -230,8 +230,15 @@ struct SessionRoute {
 fn unreachable_stage(answer: &[u8]) -> bool {
     matches!(
         frame::split::<talaria_wire::Reply>(answer),
-        Ok((talaria_wire::Reply::Err(e), _))
-            if matches!(e.code(), ErrorCode::NodeUnavailable | ErrorCode::Connection | ErrorCode::DeadlineExceeded)
+        Ok((talaria_wire::Reply::Err(e), _)) if unreachable(&e)
+    )
+}
+
+/// Whether an error says the stage could not be reached or did not answer in time.
+fn unreachable(e: &ErrorReply) -> bool {
+    matches!(
+        e.code(),
+        ErrorCode::NodeUnavailable | ErrorCode::Connection | ErrorCode::DeadlineExceeded
     )
 }
 
@@ -290,6 +297,94 @@ impl Router {
                 }
             }
             Ok(())
+        })
+    }
+
+    /// Opens `session` of `tenant` on one stage of every part: `first[part]` first, then the
+    /// part's other replicas in topology order where a stage cannot be reached or does not
+    /// answer in time (a dead or frozen stage, still counted connected until its idle timeout,
+    /// must not fail new sessions while a replica is live). The stage each part opened on, or
+    /// the first refusal.
+    fn open_on(
+        &self,
+        session: SessionId,
+        tenant: &str,
+        first: &[usize],
+    ) -> ResponseFuture<Result<Vec<usize>, ErrorReply>> {
+        let frame = frame::encode::<_, ()>(
+            &Request::StageOpen {
+                session,
+                tenant: tenant.to_string(),
+            },
+            None,
+        )
+        .map_err(|e| frame_error(&e));
+        let deadline = self.deadlines.setup;
+        let close = frame::encode::<_, ()>(&Request::CloseSession { session }, None)
+            .map_err(|e| frame_error(&e));
+        let nodes = self.nodes.clone();
+        let parts: Vec<Vec<(usize, Addr<NodeLink>)>> = first
+            .iter()
+            .enumerate()
+            .map(|(part, &n)| {
+                self.routes
+                    .attempts(part, n)
+                    .into_iter()
+                    .map(|n| (n, self.nodes[n].clone()))
+                    .collect()
+            })
+            .collect();
+        Box::pin(async move {
+            let frame: Arc<[u8]> = frame?.into();
+            let placed = futures::future::join_all(parts.into_iter().map(|attempts| {
+                let frame = frame.clone();
+                async move {
+                    let mut last =
+                        ErrorReply::new("node_unavailable", "no stage of a part answered");
+                    for (i, (n, node)) in attempts.into_iter().enumerate() {
+                        let answer = node
+                            .send(Forward {
+                                frame: frame.clone(),
+                                deadline,
+                                batch: None,
+                            })
+                            .await
+                            .map_err(|e| ErrorReply::new("internal", format!("node link: {e}")))?;
+                        let (reply, _): (talaria_wire::Reply, &[u8]) =
+                            frame::split(&answer).map_err(|e| frame_error(&e))?;
+                        match reply {
+                            talaria_wire::Reply::Ok { .. } => {
+                                if i > 0 {
+                                    metrics::ROUTER_FAILOVERS.inc();
+                                    tracing::warn!(
+                                        session,
+                                        stage = n,
+                                        "session opened on a replica"
+                                    );
+                                }
+                                return Ok(n);
+                            }
+                            talaria_wire::Reply::Err(e) if unreachable(&e) => last = e,
+                            talaria_wire::Reply::Err(e) => return Err(e),
+                        }
+                    }
+                    Err(last)
+                }
+            }))
+            .await;
+            if placed.iter().any(Result::is_err) {
+                // The stages that did open it are told it is over: a session left open there
+                // would count as live in their batching, which waits for its calls.
+                let close: Arc<[u8]> = close?.into();
+                for &n in placed.iter().flatten() {
+                    nodes[n].do_send(Forward {
+                        frame: close.clone(),
+                        deadline,
+                        batch: None,
+                    });
+                }
+            }
+            placed.into_iter().collect()
         })
     }
 
@@ -435,17 +530,19 @@ impl Router {
                     },
                 );
                 metrics::ROUTER_SESSIONS.set(self.sessions.len() as i64);
-                let open = self.broadcast(
-                    &Request::StageOpen {
-                        session,
-                        tenant: tenant.clone(),
-                    },
-                    &stages,
-                );
+                let open = self.open_on(session, &tenant, &stages);
                 Ok(Box::pin(async move {
                     match open.await {
-                        Ok(()) => {
-                            tracing::info!(session, %tenant, ?stages, "session opened");
+                        Ok(placed) => {
+                            if placed != stages {
+                                // Queued before the answer leaves: the session's first
+                                // request finds it placed.
+                                me.do_send(Placed {
+                                    session,
+                                    stages: placed.clone(),
+                                });
+                            }
+                            tracing::info!(session, %tenant, stages = ?placed, "session opened");
                             ok_frame(0, &encoded(&session))
                         }
                         Err(e) => {
@@ -606,6 +703,26 @@ impl Handler<Rebind> for Router {
             if !r.opened.contains(&msg.stage) {
                 r.opened.push(msg.stage);
             }
+        }
+    }
+}
+
+/// A session opened on other stages than first chosen (`stages`, per part): its requests go
+/// there, and only those stages are told when it closes.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Placed {
+    session: SessionId,
+    stages: Vec<usize>,
+}
+
+impl Handler<Placed> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: Placed, _: &mut Context<Self>) {
+        if let Some(r) = self.sessions.get_mut(&msg.session) {
+            r.opened = msg.stages.clone();
+            r.stages = msg.stages;
         }
     }
 }

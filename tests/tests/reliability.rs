@@ -1,5 +1,5 @@
 //! Staying up with real processes on loopback: a replica takes over a killed, hung or frozen
-//! gpu-node (the resent call is the very bytes first sent), a hung stage without a replica is an error
+//! gpu-node (the resent call is the very bytes first sent) and new sessions of a stopped one, a hung stage without a replica is an error
 //! within the deadline, the agent survives a coordinator restart, abandoned requests stop
 //! consuming the cloud, and oversized or malformed input is refused with memory bounded; a
 //! gpu-node that corrupts its replies is caught by the agent's Freivalds check.
@@ -44,12 +44,13 @@ fn replicated(model: &Path, extra: &str) -> String {
     let port = free_port;
     format!(
         "[model]\nfile = \"{}\"\n[coordinator]\nlisten = \"127.0.0.1:{}\"\nmetrics = \"127.0.0.1:{}\"\n\
-         [[stage]]\nname = \"stage-0\"\nlisten = \"127.0.0.1:{}\"\nlayers = \"0-14\"\n\
+         [[stage]]\nname = \"stage-0\"\nlisten = \"127.0.0.1:{}\"\nlayers = \"0-14\"\nmetrics = \"127.0.0.1:{}\"\n\
          [[stage]]\nname = \"stage-1a\"\nlisten = \"127.0.0.1:{}\"\nlayers = \"15-29\"\nlm_head = true\nmetrics = \"127.0.0.1:{}\"\n\
          [[stage]]\nname = \"stage-1b\"\nlisten = \"127.0.0.1:{}\"\nlayers = \"15-29\"\nlm_head = true\nmetrics = \"127.0.0.1:{}\"\n\
          [[agent]]\ntenant = \"t\"\nlisten = \"127.0.0.1:{}\"\nhttp = \"127.0.0.1:{}\"\nmax_sessions = 2\nmax_waiting = 2\n\
          [tls]\ngenerate = true\n[admission]\nallow_insecure = true\n{extra}",
         model.display(),
+        port(),
         port(),
         port(),
         port(),
@@ -338,6 +339,58 @@ fn a_stage_frozen_by_a_product_on_its_event_loop_is_left_for_its_replica_in_seco
     // ...and the call that froze it was not left to the call deadline.
     assert!(took < Duration::from_secs(20), "failover took {took:?}");
     eprintln!("frozen stage left for its replica after {took:?}");
+}
+
+/// A stopped stage (SIGSTOP) counts as connected until its 2 s idle timeout, and with no
+/// sessions anywhere it is the first choice of its part: a session opened meanwhile is opened on
+/// the live replica instead of failing.
+#[test]
+fn a_session_opened_while_a_stage_is_stopped_is_opened_on_its_replica() {
+    let model = real_model();
+    let cluster = LocalCluster::start(&replicated(&model, ""));
+    let tenant = Tenant::of(&cluster);
+    let want = want_for(&model, 4);
+    let stopped = cluster.pid("stage-1a");
+    kill(stopped, libc::SIGSTOP);
+    let t0 = Instant::now();
+    let got = tenant.ask(&greedy(PROMPT.to_vec(), 4), |_| {});
+    let took = t0.elapsed();
+    kill(stopped, libc::SIGCONT);
+    assert_eq!(
+        got,
+        Ok(want),
+        "same tokens as the plain engine, from stage-1b"
+    );
+    let failovers = metric(
+        &scrape(coordinator_metrics(&cluster)),
+        "talaria_router_failovers_total",
+    );
+    assert!(failovers >= 1.0, "{failovers}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    eprintln!("session opened on the replica after {took:?}");
+
+    // With both replicas of a part stopped the open fails, and the stage that did open the
+    // session (stage-0) is told it is over: left open, it would count as live in its batching.
+    let others = [cluster.pid("stage-1a"), cluster.pid("stage-1b")];
+    for &p in &others {
+        kill(p, libc::SIGSTOP);
+    }
+    let err = tenant.ask(&greedy(PROMPT.to_vec(), 4), |_| {});
+    for &p in &others {
+        kill(p, libc::SIGCONT);
+    }
+    assert!(
+        err.as_ref().is_err_and(|e| {
+            ["connection", "node_unavailable", "deadline_exceeded"].contains(&e.as_str())
+        }),
+        "{err:?}"
+    );
+    wait_until(Duration::from_secs(5), "stage-0 closed the session", || {
+        metric(
+            &scrape(stage_metrics(&cluster, "stage-0")),
+            "talaria_stage_sessions",
+        ) == 0.0
+    });
 }
 
 /// The events of a stage's tap index, in order.
