@@ -234,6 +234,27 @@ fn unreachable_stage(answer: &[u8]) -> bool {
     )
 }
 
+/// Tells `stages` that `session` is over, without waiting for their answers (a stage whose
+/// link is down never hears it).
+fn tell_closed(
+    nodes: &[Addr<NodeLink>],
+    session: SessionId,
+    stages: impl IntoIterator<Item = usize>,
+    deadline: Duration,
+) {
+    let Ok(close) = frame::encode::<_, ()>(&Request::CloseSession { session }, None) else {
+        return;
+    };
+    let close: Arc<[u8]> = close.into();
+    for n in stages {
+        nodes[n].do_send(Forward {
+            frame: close.clone(),
+            deadline,
+            batch: None,
+        });
+    }
+}
+
 /// Whether an error says the stage could not be reached or did not answer in time.
 fn unreachable(e: &ErrorReply) -> bool {
     matches!(
@@ -320,8 +341,6 @@ impl Router {
         )
         .map_err(|e| frame_error(&e));
         let deadline = self.deadlines.setup;
-        let close = frame::encode::<_, ()>(&Request::CloseSession { session }, None)
-            .map_err(|e| frame_error(&e));
         let nodes = self.nodes.clone();
         let parts: Vec<Vec<(usize, Addr<NodeLink>)>> = first
             .iter()
@@ -339,19 +358,30 @@ impl Router {
             let placed = futures::future::join_all(parts.into_iter().map(|attempts| {
                 let frame = frame.clone();
                 async move {
+                    // The stages tried that did not answer: they may hold the session anyway
+                    // (a late answer, or a stopped process that reads its socket later).
+                    let mut tried = Vec::new();
                     let mut last =
                         ErrorReply::new("node_unavailable", "no stage of a part answered");
                     for (i, (n, node)) in attempts.into_iter().enumerate() {
-                        let answer = node
+                        let answer = match node
                             .send(Forward {
                                 frame: frame.clone(),
                                 deadline,
                                 batch: None,
                             })
                             .await
-                            .map_err(|e| ErrorReply::new("internal", format!("node link: {e}")))?;
-                        let (reply, _): (talaria_wire::Reply, &[u8]) =
-                            frame::split(&answer).map_err(|e| frame_error(&e))?;
+                        {
+                            Ok(a) => a,
+                            Err(e) => {
+                                let e = ErrorReply::new("internal", format!("node link: {e}"));
+                                return (Err(e), tried);
+                            }
+                        };
+                        let reply = match frame::split::<talaria_wire::Reply>(&answer) {
+                            Ok((reply, _)) => reply,
+                            Err(e) => return (Err(frame_error(&e)), tried),
+                        };
                         match reply {
                             talaria_wire::Reply::Ok { .. } => {
                                 if i > 0 {
@@ -362,28 +392,29 @@ impl Router {
                                         "session opened on a replica"
                                     );
                                 }
-                                return Ok(n);
+                                return (Ok(n), tried);
                             }
-                            talaria_wire::Reply::Err(e) if unreachable(&e) => last = e,
-                            talaria_wire::Reply::Err(e) => return Err(e),
+                            talaria_wire::Reply::Err(e) if unreachable(&e) => {
+                                tried.push(n);
+                                last = e;
+                            }
+                            talaria_wire::Reply::Err(e) => return (Err(e), tried),
                         }
                     }
-                    Err(last)
+                    (Err(last), tried)
                 }
             }))
             .await;
+            let (placed, tried): (Vec<Result<usize, ErrorReply>>, Vec<Vec<usize>>) =
+                placed.into_iter().unzip();
+            // Every stage that may hold the session and will not serve it is told it is over:
+            // a session left open there would count as live in its batching, which waits for
+            // its calls. If the open failed, that is every stage.
+            let mut stale: Vec<usize> = tried.into_iter().flatten().collect();
             if placed.iter().any(Result::is_err) {
-                // The stages that did open it are told it is over: a session left open there
-                // would count as live in their batching, which waits for its calls.
-                let close: Arc<[u8]> = close?.into();
-                for &n in placed.iter().flatten() {
-                    nodes[n].do_send(Forward {
-                        frame: close.clone(),
-                        deadline,
-                        batch: None,
-                    });
-                }
+                stale.extend(placed.iter().flatten());
             }
+            tell_closed(&nodes, session, stale, deadline);
             placed.into_iter().collect()
         })
     }
@@ -720,9 +751,13 @@ impl Handler<Placed> for Router {
     type Result = ();
 
     fn handle(&mut self, msg: Placed, _: &mut Context<Self>) {
-        if let Some(r) = self.sessions.get_mut(&msg.session) {
-            r.opened = msg.stages.clone();
-            r.stages = msg.stages;
+        match self.sessions.get_mut(&msg.session) {
+            Some(r) => {
+                r.opened = msg.stages.clone();
+                r.stages = msg.stages;
+            }
+            // Its agent left while it opened: the stages it opened on are told at once.
+            None => tell_closed(&self.nodes, msg.session, msg.stages, self.deadlines.setup),
         }
     }
 }
