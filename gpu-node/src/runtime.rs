@@ -163,21 +163,41 @@ pub struct ShardLimits {
 /// serves (each has one in flight), far less than memory allows.
 pub const DEFAULT_MAX_QUEUED: usize = 1024;
 
-/// Largest call frame the event loop computes itself (a decode call is a few KiB).
-const INLINE_MAX_FRAME: usize = 64 << 10;
+/// The most request bytes the event loop computes itself at once: sixteen sessions' decode
+/// calls of this model's widest input (1536 values of 8 bytes) fit; a long prefill does not.
+const INLINE_MAX_BYTES: usize = 256 << 10;
 
 impl Queue {
-    /// Whether `jobs` is a lone small call that the event loop may run itself: at most one
-    /// session live, nothing queued, the worker idle. Handing it to the worker and back would
-    /// cost two cross-thread wake-ups, each of tens of microseconds on a VM, for a product of
-    /// about a hundred. Only the event loop queues jobs, so while it computes nothing can start
-    /// beside it.
+    /// Whether the event loop may run `jobs` itself, at once: the batching policy would take
+    /// exactly them as the next batch (calls of one op, every live session's call among them,
+    /// so nothing more can join; no set-up), they are small, nothing is queued and the worker
+    /// is idle. Handing them to the worker and back would cost two cross-thread wake-ups, each
+    /// of tens of microseconds on a VM, against a decode product of about a hundred. Only the
+    /// event loop queues jobs, so while it computes nothing can start beside it.
     fn lone(&self, jobs: &[Job], compute: &dyn StageCompute) -> bool {
-        let [job] = jobs else { return false };
-        if job.setup
-            || job.frame.len() > INLINE_MAX_FRAME
-            || self.sessions.load(Ordering::Relaxed) > 1
+        if jobs.is_empty()
+            || jobs.iter().map(|j| j.frame.len()).sum::<usize>() > INLINE_MAX_BYTES
             || !compute.may_run_on_event_loop()
+        {
+            return false;
+        }
+        let now = Instant::now();
+        let view: Vec<Queued<'_>> = jobs
+            .iter()
+            .map(|j| Queued {
+                op: j.op,
+                tenant: &j.tenant,
+                setup: j.setup,
+                since: now,
+            })
+            .collect();
+        let all = Next::Batch((0..jobs.len()).collect());
+        if next(
+            &view,
+            self.sessions.load(Ordering::Relaxed),
+            &self.policy,
+            now,
+        ) != all
         {
             return false;
         }
@@ -433,13 +453,16 @@ fn run_batch(compute: &dyn StageCompute, batch: Vec<Waiting>, max_rows: usize) -
 }
 
 /// Owns one device's compute: a queue of admitted jobs that a worker thread takes in batches,
-/// so the event loop moves frames while products run. The one exception is a decode-sized call
-/// when at most one session is live, nothing is queued and the worker is idle: the event loop
-/// computes it itself, on a rayon pool of its own thread, and answers it without a hand-off
-/// (two cross-thread wake-ups saved a call; +13 % cluster decode, docs/performance.md). Nothing
-/// else waits on the loop meanwhile but that session's next frame. A stuck product then freezes
-/// the whole process rather than the worker alone, which the cluster treats like any silent
-/// stage: deadlines and failover to a replica.
+/// so the event loop moves frames while products run. The exception ([`Queue::lone`]): small
+/// calls that the batching policy would take at once as they are (every live session's call of
+/// one op, a lone session's decode call among them), arriving while nothing is queued and the
+/// worker is idle, are computed by the event loop itself, on a pool whose first thread is its
+/// own ([`InlinePool`]), and answered without a hand-off: two cross-thread wake-ups saved a
+/// frame (cluster decode about +12 %, sixteen synthetic sessions about +9 %;
+/// docs/performance.md). No session can send more until they are answered, but QUIC's
+/// acknowledgements and other sessions' opens wait for the product. A stuck product then
+/// freezes the whole process rather than the worker alone, which the cluster treats like any
+/// silent stage: its connections time out and a replica takes over.
 pub struct GpuShard {
     queue: Arc<Queue>,
     /// The threads the worker's products run on, the worker itself one of them.
@@ -541,26 +564,7 @@ impl Handler<Compute> for GpuShard {
 
     fn handle(&mut self, msg: Compute, _: &mut Context<Self>) -> Self::Result {
         let since = Instant::now();
-        if self.queue.lone(&msg.0, self.compute.as_ref())
-            && let Some(pool) = self.inline.get(self.threads.current_num_threads())
-        {
-            let job = msg.0.into_iter().next().expect("one job");
-            let (reply, rx) = oneshot::channel();
-            let waiting = Waiting { job, since, reply };
-            let max_rows = self.queue.limits.max_rows;
-            let compute = self.compute.as_ref();
-            if pool.current_num_threads() > 1 {
-                // Wakes the pool's other threads now, as for the worker below.
-                pool.spawn(|| {});
-            }
-            let computed = pool.install(|| run_batch(compute, vec![waiting], max_rows));
-            metrics::STAGE_EVENT_LOOP_CALLS.inc_by(computed as u64);
-            return Box::pin(async move {
-                vec![rx.await.unwrap_or_else(|_| {
-                    Err(ErrorReply::new("internal", "the call went unanswered"))
-                })]
-            });
-        }
+        let on_loop = self.queue.lone(&msg.0, self.compute.as_ref());
         let (waiting, answers): (Vec<Waiting>, Vec<_>) = msg
             .0
             .into_iter()
@@ -569,15 +573,28 @@ impl Handler<Compute> for GpuShard {
                 (Waiting { job, since, reply }, rx)
             })
             .unzip();
-        // The queue fills in order under one lock: the jobs refused are the last ones.
-        let accepted = answers.len() - self.queue.push(waiting).len();
-        if accepted > 0 {
-            // Wakes the pool's idle threads now, with the worker, rather than when the product
-            // starts: a sleeping thread takes tens of microseconds to wake on a VM, about as
-            // long as a one-row product, which its first thread then runs alone. Woken, a
-            // rayon thread looks for work a while before it sleeps again.
-            self.threads.spawn(|| {});
-        }
+        let accepted =
+            if on_loop && let Some(pool) = self.inline.get(self.threads.current_num_threads()) {
+                if pool.current_num_threads() > 1 {
+                    // Wakes the pool's other threads now, as for the worker below.
+                    pool.spawn(|| {});
+                }
+                let (compute, max_rows) = (self.compute.as_ref(), self.queue.limits.max_rows);
+                let computed = pool.install(|| run_batch(compute, waiting, max_rows));
+                metrics::STAGE_EVENT_LOOP_CALLS.inc_by(computed as u64);
+                answers.len()
+            } else {
+                // The queue fills in order under one lock: the jobs refused are the last ones.
+                let accepted = answers.len() - self.queue.push(waiting).len();
+                if accepted > 0 {
+                    // Wakes the pool's idle threads now, with the worker, rather than when the
+                    // product starts: a sleeping thread takes tens of microseconds to wake on a VM,
+                    // about as long as a one-row product, which its first thread then runs alone.
+                    // Woken, a rayon thread looks for work a while before it sleeps again.
+                    self.threads.spawn(|| {});
+                }
+                accepted
+            };
         let max = self.queue.limits.max_queued;
         Box::pin(async move {
             let mut out = Vec::with_capacity(answers.len());
@@ -1047,33 +1064,44 @@ mod tests {
     }
 
     #[test]
-    fn only_a_lone_small_call_with_nothing_else_to_do_runs_on_the_event_loop() {
-        let job = |bytes: usize, setup: bool| Job {
+    fn only_small_calls_that_the_policy_would_take_at_once_run_on_the_event_loop() {
+        let job = |bytes: usize, layer: usize, setup: bool| Job {
             frame: vec![0; bytes],
-            op: op(0),
+            op: op(layer),
             tenant: "a".into(),
             setup,
         };
-        let q = queue(1, 8, Duration::ZERO);
+        let q = queue(1, 8, Duration::from_millis(10));
         let yes = Nothing(true);
-        assert!(q.lone(&[job(4096, false)], &yes));
-        assert!(q.lone(&[job(INLINE_MAX_FRAME, false)], &yes));
-        // Not a set-up, not a large frame, not two calls, not a compute that asks for its worker.
-        assert!(!q.lone(&[job(4096, true)], &yes));
-        assert!(!q.lone(&[job(INLINE_MAX_FRAME + 1, false)], &yes));
-        assert!(!q.lone(&[job(8, false), job(8, false)], &yes));
-        assert!(!q.lone(&[job(4096, false)], &Nothing(false)));
-        // Not beside another session, a queued job, or a worker running a batch.
-        q.sessions.store(2, Ordering::Relaxed);
-        assert!(!q.lone(&[job(4096, false)], &yes));
-        q.sessions.store(0, Ordering::Relaxed);
-        assert!(q.lone(&[job(4096, false)], &yes));
+        assert!(q.lone(&[job(4096, 0, false)], &yes));
+        assert!(q.lone(&[job(INLINE_MAX_BYTES, 0, false)], &yes));
+        // Not a set-up, not too many bytes, not a compute that asks for its worker.
+        assert!(!q.lone(&[job(4096, 0, true)], &yes));
+        assert!(!q.lone(&[job(INLINE_MAX_BYTES + 1, 0, false)], &yes));
+        let half = INLINE_MAX_BYTES / 2 + 1;
+        assert!(!q.lone(&[job(half, 0, false), job(half, 0, false)], &yes));
+        assert!(!q.lone(&[job(4096, 0, false)], &Nothing(false)));
+        // Several calls: of one op, every live session's, at most a batch.
+        q.sessions.store(3, Ordering::Relaxed);
+        let three: Vec<Job> = (0..3).map(|_| job(4096, 2, false)).collect();
+        assert!(q.lone(&three, &yes));
+        assert!(
+            !q.lone(&three[..2], &yes),
+            "a live session may still send one"
+        );
+        let mixed = [job(8, 2, false), job(8, 3, false), job(8, 2, false)];
+        assert!(!q.lone(&mixed, &yes), "two ops");
+        q.sessions.store(9, Ordering::Relaxed);
+        let nine: Vec<Job> = (0..9).map(|_| job(8, 2, false)).collect();
+        assert!(!q.lone(&nine, &yes), "more than max_calls");
+        // Not beside a queued job or a worker running a batch.
+        q.sessions.store(1, Ordering::Relaxed);
         push(&q, 1, op(0), "a", false);
-        assert!(!q.lone(&[job(4096, false)], &yes));
+        assert!(!q.lone(&[job(4096, 0, false)], &yes));
         assert_eq!(tags(&q.next_batch()), [1]);
-        assert!(!q.lone(&[job(4096, false)], &yes), "the worker is busy");
+        assert!(!q.lone(&[job(4096, 0, false)], &yes), "the worker is busy");
         q.working.store(false, Ordering::Release);
-        assert!(q.lone(&[job(4096, false)], &yes));
+        assert!(q.lone(&[job(4096, 0, false)], &yes));
     }
 
     #[test]

@@ -196,6 +196,8 @@ pub(crate) struct StageReading {
     histograms: Vec<Histogram>,
     /// Datagrams it sent and lost so far, over all its connections.
     pub(crate) datagrams_lost: u64,
+    /// Masked calls it computed on its event loop so far.
+    event_loop_calls: u64,
 }
 
 /// Every stage's reading now, one scrape each.
@@ -213,6 +215,11 @@ pub(crate) fn read_stages(stages: &[(String, SocketAddr)]) -> Result<Vec<StageRe
                 datagrams_lost: talaria_actors::metrics::value(
                     &text,
                     "talaria_stage_link_datagrams_lost_total",
+                )
+                .unwrap_or(0.0) as u64,
+                event_loop_calls: talaria_actors::metrics::value(
+                    &text,
+                    "talaria_stage_event_loop_calls_total",
                 )
                 .unwrap_or(0.0) as u64,
             })
@@ -236,6 +243,8 @@ pub(crate) struct StageBatches {
     pub(crate) compute_seconds_per_batch: Histogram,
     /// Masked calls per request frame the stage received (more than one: a `Batch` frame).
     pub(crate) calls_per_frame: Histogram,
+    /// Masked calls computed on the stage's event loop rather than its shard's worker.
+    calls_on_event_loop: u64,
 }
 
 /// What each stage's shard did between two readings of its histograms.
@@ -247,9 +256,18 @@ pub(crate) fn batches(
     stages
         .iter()
         .zip(before.iter().zip(after))
-        .map(|((name, _), (b, a))| (name, &b.histograms, &a.histograms))
-        .map(|(name, b, a)| StageBatches {
+        .map(|((name, _), (b, a))| (name, b, a))
+        .map(|(name, rb, ra)| {
+            (
+                name,
+                &rb.histograms,
+                &ra.histograms,
+                ra.event_loop_calls.saturating_sub(rb.event_loop_calls),
+            )
+        })
+        .map(|(name, b, a, on_loop)| StageBatches {
             stage: name.clone(),
+            calls_on_event_loop: on_loop,
             calls_per_batch: delta(&a[0], &b[0]),
             tenants_per_batch: delta(&a[1], &b[1]),
             rows_per_batch: delta(&a[2], &b[2]),

@@ -744,6 +744,10 @@ fn the_synthetic_load_batches_the_calls_of_different_tenants_together() {
         for stage in step["batches"].as_array().unwrap() {
             let per_frame = stage["calls_per_frame"]["mean"].as_f64().unwrap();
             assert!(per_frame > 1.5, "{stage}");
+            // A frame with every live session's call, small, is computed on the stage's event
+            // loop when its worker is idle: nothing else can join the batch.
+            let on_loop = stage["calls_on_event_loop"].as_u64().unwrap();
+            assert!(on_loop > 0, "{stage}");
         }
         // Each step's ratio is against its own round's one session.
         let ratio = step["speedup_vs_one_session"].as_f64().unwrap();
