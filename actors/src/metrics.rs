@@ -138,7 +138,7 @@ pub static STAGE_CALLS: LazyLock<IntCounter> =
 pub static STAGE_EVENT_LOOP_CALLS: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
         "talaria_stage_event_loop_calls_total",
-        "Masked calls computed on the event loop (a lone session's small calls)",
+        "Masked calls computed on the stage's event loop rather than its worker",
     )
 });
 pub static STAGE_ROWS: LazyLock<IntCounter> =

@@ -147,6 +147,10 @@ impl StageCompute for Faulty {
         !matches!(self.fault, Fault::HangAfterCalls(_)) && self.inner.may_run_on_event_loop()
     }
 
+    fn out_width(&self, op: OpId) -> Option<usize> {
+        self.inner.out_width(op)
+    }
+
     fn open(&self, session: SessionId, tenant: &str) {
         self.inner.open(session, tenant);
     }

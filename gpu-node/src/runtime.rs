@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use talaria_actors::{err_frame, frame_error, metrics, ok_frame};
 
 /// The weight-dependent work of a stage, implemented by the gpu-node crate. Computes on the
-/// shard's worker thread, or on the stage's event loop for a lone small call (see
+/// shard's worker thread, or on the stage's event loop for small calls taken at once (see
 /// [`GpuShard`]); the event loop otherwise asks it only `owns`, `open` and `close`.
 pub trait StageCompute: Send + Sync + 'static {
     /// Whether this stage holds the weights of `op`.
@@ -35,10 +35,15 @@ pub trait StageCompute: Send + Sync + 'static {
     fn open(&self, _session: SessionId, _tenant: &str) {}
     /// A session is over (e.g. to flush what a tap recorded for it).
     fn close(&self, _session: SessionId) {}
-    /// Whether a lone small call may be computed on the stage's event loop instead of the
-    /// shard's worker (see [`GpuShard`]).
+    /// Whether small calls may be computed on the stage's event loop instead of the shard's
+    /// worker (see [`GpuShard`]).
     fn may_run_on_event_loop(&self) -> bool {
         true
+    }
+    /// The output width of `op`'s weight, if held here: what a call's work is judged by before
+    /// it is decoded. `None` keeps its calls on the worker.
+    fn out_width(&self, _op: OpId) -> Option<usize> {
+        None
     }
 }
 
@@ -163,22 +168,34 @@ pub struct ShardLimits {
 /// serves (each has one in flight), far less than memory allows.
 pub const DEFAULT_MAX_QUEUED: usize = 1024;
 
-/// The most request bytes the event loop computes itself at once: sixteen sessions' decode
-/// calls of this model's widest input (1536 values of 8 bytes) fit; a long prefill does not.
-const INLINE_MAX_BYTES: usize = 256 << 10;
+/// The most multiply-adds the event loop computes itself at once, each request's every 4 bytes
+/// counted as an input value (an integer row's 8-byte values count twice): about a millisecond
+/// of products here. Sixteen sessions' decode calls of any block op fit, and a lone session's
+/// LM-head decode call (1 row × 576 × 49 152, counted twice); sixteen LM-head calls or a
+/// prefill of more than 16 rows of `gate_up` do not.
+const INLINE_MAX_WORK: u64 = 64 << 20;
 
 impl Queue {
-    /// Whether the event loop may run `jobs` itself, at once: the batching policy would take
-    /// exactly them as the next batch (calls of one op, every live session's call among them,
-    /// so nothing more can join; no set-up), they are small, nothing is queued and the worker
-    /// is idle. Handing them to the worker and back would cost two cross-thread wake-ups, each
-    /// of tens of microseconds on a VM, against a decode product of about a hundred. Only the
-    /// event loop queues jobs, so while it computes nothing can start beside it.
+    /// Whether the event loop may run `jobs` itself, at once: nothing is queued, the worker is
+    /// idle, and its batching policy would take exactly these jobs as its next batch right away
+    /// (calls of one op, and every live session's call among them, or a full batch, or no wait
+    /// configured; no set-up), whose work is small ([`INLINE_MAX_WORK`]). Handing them to the
+    /// worker and back would cost two cross-thread wake-ups, each of tens of microseconds on a
+    /// VM, against a decode product of about a hundred. Only the event loop queues jobs, so
+    /// while it computes nothing can start beside it.
     fn lone(&self, jobs: &[Job], compute: &dyn StageCompute) -> bool {
         if jobs.is_empty()
-            || jobs.iter().map(|j| j.frame.len()).sum::<usize>() > INLINE_MAX_BYTES
             || !compute.may_run_on_event_loop()
+            || !self.lock().is_empty()
+            || self.working.load(Ordering::Acquire)
         {
+            return false;
+        }
+        let work = jobs.iter().try_fold(0u64, |sum, j| {
+            let values = (j.frame.len() / 4) as u64;
+            sum.checked_add(values.checked_mul(compute.out_width(j.op)? as u64)?)
+        });
+        if work.is_none_or(|w| w > INLINE_MAX_WORK) {
             return false;
         }
         let now = Instant::now();
@@ -192,16 +209,12 @@ impl Queue {
             })
             .collect();
         let all = Next::Batch((0..jobs.len()).collect());
-        if next(
+        next(
             &view,
             self.sessions.load(Ordering::Relaxed),
             &self.policy,
             now,
-        ) != all
-        {
-            return false;
-        }
-        self.lock().is_empty() && !self.working.load(Ordering::Acquire)
+        ) == all
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiting>> {
@@ -453,16 +466,16 @@ fn run_batch(compute: &dyn StageCompute, batch: Vec<Waiting>, max_rows: usize) -
 }
 
 /// Owns one device's compute: a queue of admitted jobs that a worker thread takes in batches,
-/// so the event loop moves frames while products run. The exception ([`Queue::lone`]): small
-/// calls that the batching policy would take at once as they are (every live session's call of
-/// one op, a lone session's decode call among them), arriving while nothing is queued and the
-/// worker is idle, are computed by the event loop itself, on a pool whose first thread is its
-/// own ([`InlinePool`]), and answered without a hand-off: two cross-thread wake-ups saved a
-/// frame (cluster decode about +12 %, sixteen synthetic sessions about +9 %;
-/// docs/performance.md). No session can send more until they are answered, but QUIC's
-/// acknowledgements and other sessions' opens wait for the product. A stuck product then
-/// freezes the whole process rather than the worker alone, which the cluster treats like any
-/// silent stage: its connections time out and a replica takes over.
+/// so the event loop moves frames while products run. The exception ([`Queue::lone`]): calls
+/// that the worker's batching policy would take at once as they are (one op; every live
+/// session's call among them, or a full batch), of at most [`INLINE_MAX_WORK`] multiply-adds,
+/// arriving while nothing is queued and the worker is idle, are computed by the event loop
+/// itself, on a pool whose first thread is its own ([`InlinePool`]), and answered without a
+/// hand-off: two cross-thread wake-ups saved a frame (cluster decode about +12 %, sixteen
+/// synthetic sessions about +9 %; docs/performance.md). QUIC's acknowledgements, keep-alives
+/// and other sessions' frames wait for the product meanwhile, about a millisecond at most
+/// here. A stuck product freezes the whole process rather than the worker alone, which the
+/// cluster treats like any silent stage: its connections time out and a replica takes over.
 pub struct GpuShard {
     queue: Arc<Queue>,
     /// The threads the worker's products run on, the worker itself one of them.
@@ -1061,6 +1074,29 @@ mod tests {
         fn may_run_on_event_loop(&self) -> bool {
             self.0
         }
+        fn out_width(&self, _: OpId) -> Option<usize> {
+            Some(WIDTH)
+        }
+    }
+
+    /// Every op's output width to [`Nothing`]: a request of `LIMIT` bytes is the most work
+    /// the event loop takes.
+    const WIDTH: usize = 1024;
+    const LIMIT: usize = (INLINE_MAX_WORK as usize) * 4 / WIDTH;
+
+    /// Knows no op's width.
+    struct Unknown;
+
+    impl StageCompute for Unknown {
+        fn owns(&self, _: OpId) -> bool {
+            true
+        }
+        fn setup(&self, _: &SetupRequest, _: Arrival) -> Result<Vec<u8>, ErrorReply> {
+            unreachable!()
+        }
+        fn call_batch(&self, _: &[MaskedCall], _: &[Arrival]) -> Vec<Result<Vec<u8>, ErrorReply>> {
+            unreachable!()
+        }
     }
 
     #[test]
@@ -1074,13 +1110,15 @@ mod tests {
         let q = queue(1, 8, Duration::from_millis(10));
         let yes = Nothing(true);
         assert!(q.lone(&[job(4096, 0, false)], &yes));
-        assert!(q.lone(&[job(INLINE_MAX_BYTES, 0, false)], &yes));
-        // Not a set-up, not too many bytes, not a compute that asks for its worker.
+        assert!(q.lone(&[job(LIMIT, 0, false)], &yes));
+        // Not a set-up, not too much work, not a compute that asks for its worker or cannot
+        // judge the work.
         assert!(!q.lone(&[job(4096, 0, true)], &yes));
-        assert!(!q.lone(&[job(INLINE_MAX_BYTES + 1, 0, false)], &yes));
-        let half = INLINE_MAX_BYTES / 2 + 1;
+        assert!(!q.lone(&[job(LIMIT + 4, 0, false)], &yes));
+        let half = LIMIT / 2 + 4;
         assert!(!q.lone(&[job(half, 0, false), job(half, 0, false)], &yes));
         assert!(!q.lone(&[job(4096, 0, false)], &Nothing(false)));
+        assert!(!q.lone(&[job(4096, 0, false)], &Unknown));
         // Several calls: of one op, every live session's, at most a batch.
         q.sessions.store(3, Ordering::Relaxed);
         let three: Vec<Job> = (0..3).map(|_| job(4096, 2, false)).collect();

@@ -35,6 +35,10 @@ impl StageCompute for CloudExecutor {
             .collect()
     }
 
+    fn out_width(&self, op: OpId) -> Option<usize> {
+        self.holds(op).then(|| op.shape(self.weights().config()).1)
+    }
+
     fn open(&self, session: SessionId, tenant: &str) {
         self.record_open(session, tenant);
         // The index is current at every session's start and end: a session that never closes
