@@ -1059,7 +1059,8 @@ mod tests {
         assert!(q.push(extra).is_empty());
     }
 
-    struct Nothing(bool);
+    /// A compute that allows the event loop or not, and gives every op this width or none.
+    struct Nothing(bool, Option<usize>);
 
     impl StageCompute for Nothing {
         fn owns(&self, _: OpId) -> bool {
@@ -1075,29 +1076,14 @@ mod tests {
             self.0
         }
         fn out_width(&self, _: OpId) -> Option<usize> {
-            Some(WIDTH)
+            self.1
         }
     }
 
-    /// Every op's output width to [`Nothing`]: a request of `LIMIT` bytes is the most work
+    /// Every op's output width to `yes` below: a request of `LIMIT` bytes is the most work
     /// the event loop takes.
     const WIDTH: usize = 1024;
     const LIMIT: usize = (INLINE_MAX_WORK as usize) * 4 / WIDTH;
-
-    /// Knows no op's width.
-    struct Unknown;
-
-    impl StageCompute for Unknown {
-        fn owns(&self, _: OpId) -> bool {
-            true
-        }
-        fn setup(&self, _: &SetupRequest, _: Arrival) -> Result<Vec<u8>, ErrorReply> {
-            unreachable!()
-        }
-        fn call_batch(&self, _: &[MaskedCall], _: &[Arrival]) -> Vec<Result<Vec<u8>, ErrorReply>> {
-            unreachable!()
-        }
-    }
 
     #[test]
     fn only_small_calls_that_the_policy_would_take_at_once_run_on_the_event_loop() {
@@ -1108,7 +1094,7 @@ mod tests {
             setup,
         };
         let q = queue(1, 8, Duration::from_millis(10));
-        let yes = Nothing(true);
+        let yes = Nothing(true, Some(WIDTH));
         assert!(q.lone(&[job(4096, 0, false)], &yes));
         assert!(q.lone(&[job(LIMIT, 0, false)], &yes));
         // Not a set-up, not too much work, not a compute that asks for its worker or cannot
@@ -1117,8 +1103,8 @@ mod tests {
         assert!(!q.lone(&[job(LIMIT + 4, 0, false)], &yes));
         let half = LIMIT / 2 + 4;
         assert!(!q.lone(&[job(half, 0, false), job(half, 0, false)], &yes));
-        assert!(!q.lone(&[job(4096, 0, false)], &Nothing(false)));
-        assert!(!q.lone(&[job(4096, 0, false)], &Unknown));
+        assert!(!q.lone(&[job(4096, 0, false)], &Nothing(false, Some(WIDTH))));
+        assert!(!q.lone(&[job(4096, 0, false)], &Nothing(true, None)));
         // Several calls: of one op, every live session's, at most a batch.
         q.sessions.store(3, Ordering::Relaxed);
         let three: Vec<Job> = (0..3).map(|_| job(4096, 2, false)).collect();
