@@ -255,6 +255,17 @@ fn tell_closed(
     }
 }
 
+/// The `StageOpen` frame of `session` of `tenant`: one buffer for every stage told.
+fn stage_open(session: SessionId, tenant: &str) -> Result<Arc<[u8]>, ErrorReply> {
+    let open = Request::StageOpen {
+        session,
+        tenant: tenant.to_string(),
+    };
+    Ok(frame::encode::<_, ()>(&open, None)
+        .map_err(|e| frame_error(&e))?
+        .into())
+}
+
 /// Whether an error says the stage could not be reached or did not answer in time.
 fn unreachable(e: &ErrorReply) -> bool {
     matches!(
@@ -332,39 +343,26 @@ impl Router {
         tenant: &str,
         first: &[usize],
     ) -> ResponseFuture<Result<Vec<usize>, ErrorReply>> {
-        let frame = frame::encode::<_, ()>(
-            &Request::StageOpen {
-                session,
-                tenant: tenant.to_string(),
-            },
-            None,
-        )
-        .map_err(|e| frame_error(&e));
+        let frame = stage_open(session, tenant);
         let deadline = self.deadlines.setup;
         let nodes = self.nodes.clone();
-        let parts: Vec<Vec<(usize, Addr<NodeLink>)>> = first
+        let parts: Vec<Vec<usize>> = first
             .iter()
             .enumerate()
-            .map(|(part, &n)| {
-                self.routes
-                    .attempts(part, n)
-                    .into_iter()
-                    .map(|n| (n, self.nodes[n].clone()))
-                    .collect()
-            })
+            .map(|(part, &n)| self.routes.attempts(part, n))
             .collect();
         Box::pin(async move {
-            let frame: Arc<[u8]> = frame?.into();
+            let frame = frame?;
             let placed = futures::future::join_all(parts.into_iter().map(|attempts| {
-                let frame = frame.clone();
+                let (frame, nodes) = (frame.clone(), &nodes);
                 async move {
                     // The stages tried that did not answer: they may hold the session anyway
                     // (a late answer, or a stopped process that reads its socket later).
                     let mut tried = Vec::new();
                     let mut last =
                         ErrorReply::new("node_unavailable", "no stage of a part answered");
-                    for (i, (n, node)) in attempts.into_iter().enumerate() {
-                        let answer = match node
+                    for (i, n) in attempts.into_iter().enumerate() {
+                        let answer = match nodes[n]
                             .send(Forward {
                                 frame: frame.clone(),
                                 deadline,
@@ -629,15 +627,9 @@ impl Router {
                     for (i, (n, node)) in attempts.into_iter().enumerate() {
                         if i > 0 {
                             // The replica may not know the session: open it there first.
-                            let reopen = match frame::encode::<_, ()>(
-                                &Request::StageOpen {
-                                    session,
-                                    tenant: tenant.clone(),
-                                },
-                                None,
-                            ) {
-                                Ok(f) => Arc::<[u8]>::from(f),
-                                Err(e) => return err_frame(&frame_error(&e)),
+                            let reopen = match stage_open(session, &tenant) {
+                                Ok(f) => f,
+                                Err(e) => return err_frame(&e),
                             };
                             let opened = node
                                 .send(Forward {

@@ -183,7 +183,7 @@ impl Queue {
     /// worker and back would cost two cross-thread wake-ups, each of tens of microseconds on a
     /// VM, against a decode product of about a hundred. Only the event loop queues jobs, so
     /// while it computes nothing can start beside it.
-    fn lone(&self, jobs: &[Job], compute: &dyn StageCompute) -> bool {
+    fn lone(&self, jobs: &[Waiting], compute: &dyn StageCompute) -> bool {
         if jobs.is_empty()
             || !compute.may_run_on_event_loop()
             || !self.lock().is_empty()
@@ -191,29 +191,20 @@ impl Queue {
         {
             return false;
         }
-        let work = jobs.iter().try_fold(0u64, |sum, j| {
-            let values = (j.frame.len() / 4) as u64;
-            sum.checked_add(values.checked_mul(compute.out_width(j.op)? as u64)?)
+        let work = jobs.iter().try_fold(0u64, |sum, w| {
+            let values = (w.job.frame.len() / 4) as u64;
+            sum.checked_add(values.checked_mul(compute.out_width(w.job.op)? as u64)?)
         });
         if work.is_none_or(|w| w > INLINE_MAX_WORK) {
             return false;
         }
-        let now = Instant::now();
-        let view: Vec<Queued<'_>> = jobs
-            .iter()
-            .map(|j| Queued {
-                op: j.op,
-                tenant: &j.tenant,
-                setup: j.setup,
-                since: now,
-            })
-            .collect();
+        let view: Vec<Queued<'_>> = jobs.iter().map(Queued::of).collect();
         let all = Next::Batch((0..jobs.len()).collect());
         next(
             &view,
             self.sessions.load(Ordering::Relaxed),
             &self.policy,
-            now,
+            Instant::now(),
         ) == all
     }
 
@@ -577,7 +568,6 @@ impl Handler<Compute> for GpuShard {
 
     fn handle(&mut self, msg: Compute, _: &mut Context<Self>) -> Self::Result {
         let since = Instant::now();
-        let on_loop = self.queue.lone(&msg.0, self.compute.as_ref());
         let (waiting, answers): (Vec<Waiting>, Vec<_>) = msg
             .0
             .into_iter()
@@ -586,6 +576,7 @@ impl Handler<Compute> for GpuShard {
                 (Waiting { job, since, reply }, rx)
             })
             .unzip();
+        let on_loop = self.queue.lone(&waiting, self.compute.as_ref());
         let accepted =
             if on_loop && let Some(pool) = self.inline.get(self.threads.current_num_threads()) {
                 if pool.current_num_threads() > 1 {
@@ -1087,11 +1078,15 @@ mod tests {
 
     #[test]
     fn only_small_calls_that_the_policy_would_take_at_once_run_on_the_event_loop() {
-        let job = |bytes: usize, layer: usize, setup: bool| Job {
-            frame: vec![0; bytes],
-            op: op(layer),
-            tenant: "a".into(),
-            setup,
+        let job = |bytes: usize, layer: usize, setup: bool| Waiting {
+            job: Job {
+                frame: vec![0; bytes],
+                op: op(layer),
+                tenant: "a".into(),
+                setup,
+            },
+            since: Instant::now(),
+            reply: oneshot::channel().0,
         };
         let q = queue(1, 8, Duration::from_millis(10));
         let yes = Nothing(true, Some(WIDTH));
@@ -1107,7 +1102,7 @@ mod tests {
         assert!(!q.lone(&[job(4096, 0, false)], &Nothing(true, None)));
         // Several calls: of one op, every live session's, at most a batch.
         q.sessions.store(3, Ordering::Relaxed);
-        let three: Vec<Job> = (0..3).map(|_| job(4096, 2, false)).collect();
+        let three: Vec<Waiting> = (0..3).map(|_| job(4096, 2, false)).collect();
         assert!(q.lone(&three, &yes));
         assert!(
             !q.lone(&three[..2], &yes),
@@ -1116,7 +1111,7 @@ mod tests {
         let mixed = [job(8, 2, false), job(8, 3, false), job(8, 2, false)];
         assert!(!q.lone(&mixed, &yes), "two ops");
         q.sessions.store(9, Ordering::Relaxed);
-        let nine: Vec<Job> = (0..9).map(|_| job(8, 2, false)).collect();
+        let nine: Vec<Waiting> = (0..9).map(|_| job(8, 2, false)).collect();
         assert!(!q.lone(&nine, &yes), "more than max_calls");
         // Not beside a queued job or a worker running a batch.
         q.sessions.store(1, Ordering::Relaxed);

@@ -256,24 +256,18 @@ pub(crate) fn batches(
     stages
         .iter()
         .zip(before.iter().zip(after))
-        .map(|((name, _), (b, a))| (name, b, a))
-        .map(|(name, rb, ra)| {
-            (
-                name,
-                &rb.histograms,
-                &ra.histograms,
-                ra.event_loop_calls.saturating_sub(rb.event_loop_calls),
-            )
-        })
-        .map(|(name, b, a, on_loop)| StageBatches {
-            stage: name.clone(),
-            calls_on_event_loop: on_loop,
-            calls_per_batch: delta(&a[0], &b[0]),
-            tenants_per_batch: delta(&a[1], &b[1]),
-            rows_per_batch: delta(&a[2], &b[2]),
-            queue_seconds_per_call: delta(&a[3], &b[3]),
-            compute_seconds_per_batch: delta(&a[4], &b[4]),
-            calls_per_frame: delta(&a[5], &b[5]),
+        .map(|((name, _), (rb, ra))| {
+            let (b, a) = (&rb.histograms, &ra.histograms);
+            StageBatches {
+                stage: name.clone(),
+                calls_on_event_loop: ra.event_loop_calls.saturating_sub(rb.event_loop_calls),
+                calls_per_batch: delta(&a[0], &b[0]),
+                tenants_per_batch: delta(&a[1], &b[1]),
+                rows_per_batch: delta(&a[2], &b[2]),
+                queue_seconds_per_call: delta(&a[3], &b[3]),
+                compute_seconds_per_batch: delta(&a[4], &b[4]),
+                calls_per_frame: delta(&a[5], &b[5]),
+            }
         })
         .collect()
 }

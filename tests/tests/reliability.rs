@@ -63,6 +63,16 @@ fn replicated(model: &Path, extra: &str) -> String {
     )
 }
 
+/// [`replicated`] (with `extra`) started with `args` for `talaria up` and the test fault
+/// `fault` (`<stage>:<fault>`, `talaria_gpu_node::FAULT_ENV`) allowed.
+fn with_fault(model: &Path, extra: &str, args: &[&str], fault: &str) -> LocalCluster {
+    LocalCluster::start_with_env(
+        &replicated(model, extra),
+        args,
+        &[(FAULT_ENV, fault), (ALLOW_FAULTS_ENV, "1")],
+    )
+}
+
 struct Tenant {
     tls: TlsMaterial,
     addr: SocketAddr,
@@ -221,13 +231,11 @@ fn tapped_calls(dir: &Path, session: u64) -> Vec<(u64, String, Vec<u8>)> {
 fn a_hung_stage_is_left_for_its_replica_with_the_same_bytes_and_without_one_is_an_error_in_time() {
     let model = real_model();
     // stage-1a computes (and records) its first 150 calls, then never answers again.
-    let cluster = LocalCluster::start_with_env(
-        &replicated(&model, "[deadlines]\ncall_ms = 1500\nsetup_ms = 3000\n"),
+    let cluster = with_fault(
+        &model,
+        "[deadlines]\ncall_ms = 1500\nsetup_ms = 3000\n",
         &["--tap", "{dir}/tap"],
-        &[
-            (FAULT_ENV, "stage-1a:hang-after-calls=150"),
-            (ALLOW_FAULTS_ENV, "1"),
-        ],
+        "stage-1a:hang-after-calls=150",
     );
     let tenant = Tenant::of(&cluster);
     let want = want_for(&model, 6);
@@ -310,14 +318,7 @@ fn a_hung_stage_is_left_for_its_replica_with_the_same_bytes_and_without_one_is_a
 fn a_stage_frozen_by_a_product_on_its_event_loop_is_left_for_its_replica_in_seconds() {
     let model = real_model();
     // stage-1a computes its first 150 calls, then the next one never returns.
-    let cluster = LocalCluster::start_with_env(
-        &replicated(&model, ""),
-        &[],
-        &[
-            (FAULT_ENV, "stage-1a:freeze-after-calls=150"),
-            (ALLOW_FAULTS_ENV, "1"),
-        ],
-    );
+    let cluster = with_fault(&model, "", &[], "stage-1a:freeze-after-calls=150");
     let tenant = Tenant::of(&cluster);
     let want = want_for(&model, 6);
     let t0 = Instant::now();
@@ -686,14 +687,7 @@ fn a_gpu_node_that_corrupts_its_replies_is_caught_through_the_cluster() {
     let model = real_model();
     // stage-0 (layers 0-14, no replica: 60 calls a pass) answers its first 150 calls honestly,
     // then changes one value of every reply: the third pass's 31st call is the first wrong one.
-    let cluster = LocalCluster::start_with_env(
-        &replicated(&model, ""),
-        &[],
-        &[
-            (FAULT_ENV, "stage-0:corrupt-after-calls=150"),
-            (ALLOW_FAULTS_ENV, "1"),
-        ],
-    );
+    let cluster = with_fault(&model, "", &[], "stage-0:corrupt-after-calls=150");
     let tenant = Tenant::of(&cluster);
     let mut tokens = 0;
     let err = tenant
