@@ -226,6 +226,19 @@ pub static AGENT_LINK_BLACK_HOLES: LazyLock<IntCounter> = LazyLock::new(|| {
         "Times the agent's uplink fell back to 1200-byte datagrams",
     )
 });
+pub static AGENT_UPLINK_CALLS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "talaria_agent_uplink_calls_total",
+                "Requests on the uplink by who drove its event loop meanwhile: the calling worker \
+                 itself (the only session open) or the uplink's own thread",
+            ),
+            &["driver"],
+        )
+        .expect("valid metric"),
+    )
+});
 pub static AGENT_RECONNECTS: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
         "talaria_agent_reconnects_total",

@@ -91,6 +91,8 @@ pub struct ClusterLink {
     gpu_us: u64,
     bounds: LinkBounds,
     gone: Option<Gone>,
+    /// Counted open on the uplink while it lives (how its calls are driven, `net_loop`).
+    _open: crate::net_loop::SessionOpen,
 }
 
 fn cancelled() -> LinkError {
@@ -110,6 +112,7 @@ impl ClusterLink {
         if gone.as_ref().is_some_and(|g| g()) {
             return Err(cancelled());
         }
+        let open = uplink.session();
         let (session, _) = exchange::<(), SessionId>(
             &uplink,
             &Request::OpenSession,
@@ -123,6 +126,7 @@ impl ClusterLink {
             gpu_us: 0,
             bounds,
             gone,
+            _open: open,
         })
     }
 

@@ -6,6 +6,7 @@ pub mod claims;
 pub mod client;
 pub mod cluster;
 pub mod manifest;
+pub mod net_loop;
 pub mod openai;
 pub mod session;
 

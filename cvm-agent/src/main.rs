@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Actor;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use talaria_attestation::{Bound, Evidence, Purpose, hardware_evidence};
 use talaria_cvm_agent::claims::{AgentClaims, check_floor};
 use talaria_cvm_agent::cluster::AgentShared;
 use talaria_cvm_agent::manifest::ModelManifest;
+use talaria_cvm_agent::net_loop::NetLoop;
 use talaria_cvm_agent::openai::Api;
 use talaria_cvm_agent::session::{
     BlockingUplink, ConversationFactory, HelloFn, Join, Joined, Tenancy, Uplink, UplinkHealth,
@@ -165,7 +165,13 @@ fn main() -> Result<()> {
     actix::System::new().block_on(async move {
         // The agent presents its tenant-facing certificate on the cloud connection too: the
         // coordinator admits it only if the attested key is the one this connection proves.
-        let client = identity.client(&tls, talaria_wire::ALPN_CLOUD)?;
+        // The uplink's endpoint and connections live on a runtime of their own, which the
+        // sessions' workers drive while they wait for the cloud (`net_loop`).
+        let net = NetLoop::start().context("the uplink's runtime")?;
+        let client = {
+            let _on = net.handle().enter();
+            identity.client(&tls, talaria_wire::ALPN_CLOUD)?
+        };
         let tenant = agent.tenant.clone();
         let insecure = args.insecure_no_attestation;
         // The key the reports bind: the certificate this agent serves its tenant with.
@@ -190,7 +196,7 @@ fn main() -> Result<()> {
             })
         });
         let health = UplinkHealth::default();
-        let uplink = Uplink::new(
+        let uplink = BlockingUplink::start(Uplink::new(
             Join {
                 endpoint: client,
                 tls: tls.clone(),
@@ -199,11 +205,11 @@ fn main() -> Result<()> {
                 max_frame,
             },
             health.clone(),
-        )
-        .start();
+            net,
+        ));
         let provision = tokio::time::timeout(
             Duration::from_secs(args.connect_timeout_s),
-            uplink.send(Joined),
+            uplink.actor().send(Joined),
         )
         .await
         .map_err(|_| {
@@ -217,7 +223,6 @@ fn main() -> Result<()> {
         .map_err(|e| anyhow!("{e}"))?;
         let provision: CvmProvision =
             talaria_wire::frame::body(&provision).context("the coordinator's provision")?;
-        let uplink = BlockingUplink(uplink);
         let deadlines = topology.deadlines.clone();
         // Split evenly between the API keys: no key's conversations can push out another's.
         let conversation_bytes = agent.conversation_cache_bytes / api_key_digests.len().max(1);

@@ -13,6 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use talaria_actors::metrics;
 
 use crate::cluster::{AgentConversation, Principal};
+use crate::net_loop::NetLoop;
 
 /// A request frame for the coordinator, whose answer may be at most `max_reply` bytes and must
 /// come within `deadline`; the result is the answer frame.
@@ -131,6 +132,10 @@ impl Join {
 pub struct Uplink {
     join: Join,
     conn: Option<quinn::Connection>,
+    /// `conn`, for the workers that make their calls on it themselves ([`BlockingUplink`]).
+    shared: SharedConn,
+    /// The runtime the endpoint and its connections live on.
+    net: Arc<NetLoop>,
     joining: bool,
     /// The first admission's provision: what every later one must equal.
     provision: Option<Arc<Vec<u8>>>,
@@ -143,11 +148,14 @@ pub struct Uplink {
 }
 
 impl Uplink {
-    /// An uplink that joins as `join` says once started; `health` follows its state.
-    pub fn new(join: Join, health: UplinkHealth) -> Self {
+    /// An uplink that joins as `join` says once started; `health` follows its state. `join`'s
+    /// endpoint lives on `net` (made within [`NetLoop::handle`]), and so does every admission.
+    pub fn new(join: Join, health: UplinkHealth, net: Arc<NetLoop>) -> Self {
         Self {
             join,
             conn: None,
+            shared: SharedConn::default(),
+            net,
             joining: false,
             provision: None,
             waiting: Vec::new(),
@@ -163,6 +171,8 @@ impl Uplink {
         self.joining = true;
         let join = self.join.clone();
         let first = self.provision.is_none();
+        let net = self.net.handle().clone();
+        // On the uplink's runtime: the connection and its driver belong there.
         let attempt = async move {
             let mut wait = Duration::from_millis(100);
             loop {
@@ -180,6 +190,14 @@ impl Uplink {
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
+        };
+        let attempt = async move {
+            net.spawn(attempt).await.unwrap_or_else(|e| {
+                Err(ErrorReply::new(
+                    "internal",
+                    format!("joining the cluster stopped: {e}"),
+                ))
+            })
         };
         ctx.spawn(attempt.into_actor(self).map(|joined, act, ctx| {
             act.joining = false;
@@ -218,6 +236,7 @@ impl Uplink {
                 }
             }
             act.conn = Some(conn.clone());
+            act.shared.set(Some(conn.clone()));
             act.health.set(true);
             actix_rt::spawn(talaria_actors::count_path_losses(
                 conn.clone(),
@@ -228,6 +247,7 @@ impl Uplink {
                 |reason, act, ctx| {
                     tracing::warn!("uplink to the coordinator lost: {reason}");
                     act.conn = None;
+                    act.shared.set(None);
                     act.health.set(false);
                     act.rejoin(ctx);
                 },
@@ -283,28 +303,75 @@ impl Handler<Exchange> for Uplink {
             );
             return Box::pin(async move { Err(FrameError::Connection(why)) });
         };
-        Box::pin(async move {
-            tokio::time::timeout(
-                msg.deadline,
-                talaria_net::request(&conn, &msg.frame, msg.max_reply),
-            )
-            .await
-            .map_err(|_| {
-                FrameError::Connection(format!(
-                    "no answer from the coordinator within {} ms",
-                    msg.deadline.as_millis()
-                ))
-            })?
-        })
+        Box::pin(async move { exchange_on(&conn, msg).await })
+    }
+}
+
+/// Answers `msg` on `conn` within its deadline.
+async fn exchange_on(conn: &quinn::Connection, msg: Exchange) -> Result<Vec<u8>, FrameError> {
+    tokio::time::timeout(
+        msg.deadline,
+        talaria_net::request(conn, &msg.frame, msg.max_reply),
+    )
+    .await
+    .map_err(|_| {
+        FrameError::Connection(format!(
+            "no answer from the coordinator within {} ms",
+            msg.deadline.as_millis()
+        ))
+    })?
+}
+
+/// The uplink's live connection, as its [`Uplink`] last set it.
+#[derive(Clone, Default)]
+pub struct SharedConn(Arc<std::sync::Mutex<Option<quinn::Connection>>>);
+
+impl SharedConn {
+    fn set(&self, conn: Option<quinn::Connection>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = conn;
+    }
+
+    fn live(&self) -> Option<quinn::Connection> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|c| c.close_reason().is_none())
     }
 }
 
 /// A blocking handle on the uplink for code running on a worker thread (never on the event
-/// loop: it waits for the answer).
+/// loop: it waits for the answer). While the uplink is connected, the worker makes its calls
+/// itself, driving the uplink's runtime ([`NetLoop::drive`]); otherwise they go through the
+/// [`Uplink`] actor, which dials again and answers with a typed error.
 #[derive(Clone)]
-pub struct BlockingUplink(pub Addr<Uplink>);
+pub struct BlockingUplink {
+    uplink: Addr<Uplink>,
+    shared: SharedConn,
+    net: Arc<NetLoop>,
+}
 
 impl BlockingUplink {
+    /// Starts `uplink` (in the current actix system): the blocking handle on it.
+    pub fn start(uplink: Uplink) -> Self {
+        let (shared, net) = (uplink.shared.clone(), uplink.net.clone());
+        Self {
+            uplink: uplink.start(),
+            shared,
+            net,
+        }
+    }
+
+    /// Counts a session open on the uplink while the guard lives (see [`NetLoop::session`]).
+    pub fn session(&self) -> crate::net_loop::SessionOpen {
+        self.net.session()
+    }
+
+    /// The actor.
+    pub fn actor(&self) -> &Addr<Uplink> {
+        &self.uplink
+    }
+
     /// Sends `frame` and waits, at most `deadline`, for an answer frame of at most `max_reply`
     /// bytes.
     pub fn exchange(
@@ -313,12 +380,16 @@ impl BlockingUplink {
         max_reply: usize,
         deadline: Duration,
     ) -> Result<Vec<u8>, FrameError> {
-        futures::executor::block_on(self.0.send(Exchange {
+        let msg = Exchange {
             frame,
             max_reply,
             deadline,
-        }))
-        .map_err(|e| FrameError::Connection(format!("uplink: {e}")))?
+        };
+        if let Some(conn) = self.shared.live() {
+            return self.net.drive(async move { exchange_on(&conn, msg).await });
+        }
+        futures::executor::block_on(self.uplink.send(msg))
+            .map_err(|e| FrameError::Connection(format!("uplink: {e}")))?
     }
 }
 

@@ -464,7 +464,14 @@ fn abandoned_requests_stop_and_oversized_or_malformed_input_is_refused_with_memo
                 .unwrap();
             let trust = talaria_cvm_agent::client::Trust::development();
             let mut told = false;
-            let request = greedy(PROMPT.to_vec(), 2000);
+            // Past the end of sequence: the running requests must still run when their
+            // tenants hang up. The model's answer to the prompt ends after a few dozen tokens,
+            // and a fast enough agent finished it before the hang-up (then one of the waiting
+            // requests ran in its slot, and fewer than four were cancelled).
+            let request = TenantRequest {
+                ignore_eos: true,
+                ..greedy(PROMPT.to_vec(), 2000)
+            };
             rt.block_on(async {
                 let ask = talaria_cvm_agent::client::generate(
                     &tls,

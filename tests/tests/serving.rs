@@ -145,6 +145,18 @@ fn the_openai_client_gets_the_plain_engines_greedy_answer_streamed_and_whole() {
         metric(&metrics, "talaria_agent_check_vectors_made_total"),
         0.0
     );
+    // One request at a time: its worker sent its calls and waited for their answers itself,
+    // driving the uplink's event loop (`net_loop`), with no hand-off to another thread.
+    let by_worker = metric(
+        &metrics,
+        "talaria_agent_uplink_calls_total{driver=\"worker\"}",
+    );
+    let by_uplink = metric(
+        &metrics,
+        "talaria_agent_uplink_calls_total{driver=\"uplink\"}",
+    );
+    eprintln!("uplink calls driven by the worker {by_worker}, by the uplink's thread {by_uplink}");
+    assert!(by_worker > by_uplink, "{by_worker} {by_uplink}");
 
     let mut plain = PlainEngine::load(real_model()).unwrap();
     let chat_ids = plain
