@@ -8,9 +8,9 @@
 //! runtime itself for each call ([`NetLoop::drive`]): it sends on its own thread and sleeps in
 //! `epoll_wait` until the answer arrives, then goes on computing. With more sessions open, a
 //! background thread drives the runtime and wakes each caller, as the agent's event loop did for
-//! every call: handing the runtime from one worker to the next would cost a wake-up of its own. The background thread also drives it whenever no worker has for
-//! [`LINGER`] (keep-alives, a connection that closes, an admission), and steps aside when a lone
-//! call asks for the runtime.
+//! every call: handing the runtime from one worker to the next would cost a wake-up of its own.
+//! The background thread also drives it whenever no worker has for [`LINGER`] (keep-alives, a
+//! connection that closes, an admission), and steps aside when a lone call asks for it.
 
 use std::future::Future;
 use std::sync::{Condvar, Mutex};
@@ -160,9 +160,8 @@ impl NetLoop {
     }
 
     /// Runs `future` to its end on this thread. The only call in flight of the only session
-    /// open drives the uplink's
-    /// runtime itself meanwhile; another waits to be woken by whoever drives it. Never on an
-    /// event loop: it blocks the thread.
+    /// open drives the uplink's runtime itself meanwhile; another waits to be woken by whoever
+    /// drives it. Never on an event loop: it blocks the thread.
     pub fn drive<F: Future>(&self, future: F) -> F::Output {
         let call = {
             let mut lease = self.lease();

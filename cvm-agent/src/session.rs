@@ -131,8 +131,8 @@ impl Join {
 /// requests fail with a typed error, new ones are served.
 pub struct Uplink {
     join: Join,
-    conn: Option<quinn::Connection>,
-    /// `conn`, for the workers that make their calls on it themselves ([`BlockingUplink`]).
+    /// The connection once admitted, shared with the workers that make their calls on it
+    /// themselves ([`BlockingUplink`]).
     shared: SharedConn,
     /// The runtime the endpoint and its connections live on.
     net: Arc<NetLoop>,
@@ -153,7 +153,6 @@ impl Uplink {
     pub fn new(join: Join, health: UplinkHealth, net: Arc<NetLoop>) -> Self {
         Self {
             join,
-            conn: None,
             shared: SharedConn::default(),
             net,
             joining: false,
@@ -235,7 +234,6 @@ impl Uplink {
                     act.provision = Some(first);
                 }
             }
-            act.conn = Some(conn.clone());
             act.shared.set(Some(conn.clone()));
             act.health.set(true);
             actix_rt::spawn(talaria_actors::count_path_losses(
@@ -246,7 +244,6 @@ impl Uplink {
             ctx.spawn(async move { conn.closed().await }.into_actor(act).map(
                 |reason, act, ctx| {
                     tracing::warn!("uplink to the coordinator lost: {reason}");
-                    act.conn = None;
                     act.shared.set(None);
                     act.health.set(false);
                     act.rejoin(ctx);
@@ -294,8 +291,7 @@ impl Handler<Exchange> for Uplink {
     type Result = ResponseFuture<Result<Vec<u8>, FrameError>>;
 
     fn handle(&mut self, msg: Exchange, ctx: &mut Context<Self>) -> Self::Result {
-        let live = self.conn.clone().filter(|c| c.close_reason().is_none());
-        let Some(conn) = live else {
+        let Some(conn) = self.shared.live() else {
             self.rejoin(ctx);
             let why = self.refused.as_ref().map_or_else(
                 || "the agent is not connected to the coordinator".to_string(),
